@@ -1,0 +1,151 @@
+"""The cart: units reserved atomically in Redis (Lua), mirrored in the database (SPEC §4)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from decimal import Decimal
+
+from pulse.errors import Conflict, NotFound, Unavailable
+from pulse.infra import db, keys
+
+log = logging.getLogger(__name__)
+
+RESERVED, NOT_ENOUGH, CACHE_MISS = 1, 0, -1
+
+
+class CartService:
+    """Adds items (Redis reservation, Redis cart, then the DB cart) and reads carts back."""
+
+    def __init__(self, deps):
+        self.deps = deps
+
+    def add_item(self, user_id: uuid.UUID, product_id: uuid.UUID, quantity: int) -> dict:
+        """Reserve ``quantity`` more units of a product for this user's cart; returns the cart.
+
+        Redis is written first because the reservation must be atomic across all users; if the
+        database write then fails, the Redis side is undone so no units stay held by a cart that
+        the database never saw. A crash in between (fault ``cart.after_redis``) leaves Redis ahead
+        of the database: that is the drift reconciliation repairs.
+        """
+        self._require_product(product_id)
+        self.reserve(product_id, quantity)
+        r, cart_key = self.deps.redis, keys.cart(user_id)
+        expires_ms = int((time.time() + self.deps.settings.cart_ttl_s) * 1000)
+        try:
+            pipe = r.pipeline(transaction=True)
+            pipe.hincrby(cart_key, str(product_id), quantity)
+            pipe.zadd(keys.CLEANUP_QUEUE, {str(user_id): expires_ms})
+            pipe.execute()
+            self.deps.faults.point("cart.after_redis")
+            self._save_db(user_id, product_id, quantity)
+        except Exception as exc:
+            self._undo(user_id, product_id, quantity)
+            log.error("cart add for %s failed after the Redis reservation; undone: %s", user_id, exc)
+            raise Unavailable("The cart could not be saved; nothing was reserved, please retry.") from exc
+        return self.get(user_id)
+
+    def reserve(self, product_id, quantity: int) -> None:
+        """Hold units in ``reserved:{productId}`` if ``stock - reserved`` allows it, atomically."""
+        stock_key, reserved_key = keys.stock(product_id), keys.reserved(product_id)
+        if self.deps.naive("reserve-get-set"):
+            return self._reserve_get_set(product_id, quantity)
+        result = self.deps.scripts.reserve_stock([stock_key, reserved_key], [quantity])
+        if result == CACHE_MISS:
+            # SET NX: of several requests missing together, the first load wins and none overwrites a newer value.
+            self.deps.redis.set(stock_key, self._db_stock(product_id), nx=True)
+            result = self.deps.scripts.reserve_stock([stock_key, reserved_key], [quantity])
+        if result != RESERVED:
+            raise Conflict(f"Not enough stock of product {product_id} for {quantity} more unit(s).")
+
+    def _reserve_get_set(self, product_id, quantity: int) -> None:
+        """The naive race the Lua script prevents: read, decide, write, with a gap between."""
+        r = self.deps.redis
+        stock = r.get(keys.stock(product_id))
+        if stock is None:
+            r.set(keys.stock(product_id), self._db_stock(product_id), nx=True)
+            stock = r.get(keys.stock(product_id))
+        reserved = int(r.get(keys.reserved(product_id)) or 0)
+        if int(stock) - reserved < quantity:
+            raise Conflict(f"Not enough stock of product {product_id} for {quantity} more unit(s).")
+        time.sleep(0.002)  # widens the window so the lab shows the oversell reliably
+        r.set(keys.reserved(product_id), reserved + quantity)
+
+    def _save_db(self, user_id, product_id, quantity: int) -> None:
+        with db.transaction(self.deps.pool) as conn:
+            cart = conn.execute(
+                "INSERT INTO inventory.carts (user_id) VALUES (%s) ON CONFLICT (user_id) "
+                "DO UPDATE SET updated_at = now() RETURNING id", (user_id,)).fetchone()
+            conn.execute(
+                "INSERT INTO inventory.cart_items (cart_id, product_id, quantity) VALUES (%s, %s, %s) "
+                "ON CONFLICT (cart_id, product_id) DO UPDATE SET "
+                "quantity = inventory.cart_items.quantity + EXCLUDED.quantity, updated_at = now()",
+                (cart["id"], product_id, quantity))
+
+    def _undo(self, user_id, product_id, quantity: int) -> None:
+        r, cart_key = self.deps.redis, keys.cart(user_id)
+        try:
+            self.deps.scripts.release_reservation([keys.reserved(product_id)], [quantity])
+            if r.hincrby(cart_key, str(product_id), -quantity) <= 0:
+                r.hdel(cart_key, str(product_id))
+            if not r.exists(cart_key):
+                r.zrem(keys.CLEANUP_QUEUE, str(user_id))
+        except Exception as exc:  # Redis itself failing: reconciliation will restore it from the DB
+            log.error("undo of the Redis reservation for %s failed: %s", user_id, exc)
+
+    def get(self, user_id: uuid.UUID) -> dict:
+        """The cart with names, prices and totals; read from Redis, else from the DB (and cached again)."""
+        raw = self.deps.redis.hgetall(keys.cart(user_id))
+        quantities = {pid: int(q) for pid, q in raw.items() if int(q) > 0}
+        if not quantities:
+            quantities = self._load_and_cache(user_id)
+        return self._describe(user_id, quantities)
+
+    def _load_and_cache(self, user_id) -> dict[str, int]:
+        with self.deps.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT ci.product_id, ci.quantity, c.updated_at FROM inventory.carts c "
+                "JOIN inventory.cart_items ci ON ci.cart_id = c.id WHERE c.user_id = %s AND ci.quantity > 0",
+                (user_id,)).fetchall()
+        if not rows:
+            return {}
+        quantities = {str(r["product_id"]): r["quantity"] for r in rows}
+        expires_ms = int((rows[0]["updated_at"].timestamp() + self.deps.settings.cart_ttl_s) * 1000)
+        pipe = self.deps.redis.pipeline(transaction=True)
+        pipe.hset(keys.cart(user_id), mapping=quantities)
+        pipe.zadd(keys.CLEANUP_QUEUE, {str(user_id): expires_ms}, nx=True)
+        pipe.execute()
+        return quantities
+
+    def _describe(self, user_id, quantities: dict[str, int]) -> dict:
+        products = self._products(list(quantities))
+        items, total = [], Decimal("0.00")
+        for pid, qty in sorted(quantities.items()):
+            product = products.get(pid)
+            if product is None:
+                continue
+            sub = product["base_price"] * qty
+            total += sub
+            items.append({"productId": pid, "name": product["name"], "quantity": qty,
+                          "unitPrice": float(product["base_price"]), "subTotal": float(sub)})
+        return {"userId": str(user_id), "items": items, "total": float(total)}
+
+    def _products(self, ids: list[str]) -> dict[str, dict]:
+        if not ids:
+            return {}
+        with self.deps.pool.connection() as conn:
+            rows = conn.execute("SELECT id, name, base_price FROM inventory.products WHERE id = ANY(%s::uuid[])",
+                                (ids,)).fetchall()
+        return {str(r["id"]): r for r in rows}
+
+    def _require_product(self, product_id) -> None:
+        with self.deps.pool.connection() as conn:
+            if conn.execute("SELECT 1 FROM inventory.products WHERE id = %s", (product_id,)).fetchone() is None:
+                raise NotFound(f"Product {product_id} does not exist.")
+
+    def _db_stock(self, product_id) -> int:
+        with self.deps.pool.connection() as conn:
+            row = conn.execute("SELECT available_quantity FROM inventory.inventory_items WHERE product_id = %s",
+                               (product_id,)).fetchone()
+        return 0 if row is None else row["available_quantity"]

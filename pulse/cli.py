@@ -1,0 +1,163 @@
+"""The ``pulse`` command (also ``python -m pulse``): serve, db, reconcile, sweep, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from pulse import config
+from pulse.errors import PulseError
+
+log = logging.getLogger("pulse")
+
+EPILOG = """Settings come from PULSE_* environment variables (see README): PULSE_DATABASE_URL, PULSE_REDIS_URL,
+PULSE_AMQP_URL, PULSE_STRATEGY (optimistic | post-payment), PULSE_OUTBOX_MODE (cdc | polling),
+PULSE_PAYMENT_DECLINE_RATE (0..1). Options given here override them."""
+
+
+def _settings(args) -> config.Settings:
+    s = config.from_env()
+    changes = {k: v for k, v in (("strategy", getattr(args, "strategy", None)),
+                                 ("outbox_mode", getattr(args, "outbox_mode", None))) if v}
+    return s.replace(**changes) if changes else s
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from pulse import bootstrap
+    from pulse.api.app import create_app
+
+    settings = _settings(args)
+    roles = set(args.role.split(","))
+    system = bootstrap.build(settings)
+    workers = roles & {"workers", "relay", "consumers", "schedulers"}
+    if workers:
+        every = "workers" in roles
+        system.start_workers(relay=every or "relay" in roles, consumers=every or "consumers" in roles,
+                             schedulers=every or "schedulers" in roles)
+    log.info("pulse serve: strategy=%s outbox=%s roles=%s", settings.strategy, settings.outbox_mode, args.role)
+    try:
+        if "api" in roles:
+            server = uvicorn.Server(uvicorn.Config(create_app(system), host=args.host, port=args.port,
+                                                   log_level="warning", access_log=False))
+            server.run()  # returns after SIGINT/SIGTERM, which uvicorn turns into a graceful shutdown
+        else:
+            signal.signal(signal.SIGTERM, lambda *_: system.stop.set())
+            try:
+                system.stop.wait()
+            except KeyboardInterrupt:
+                pass
+    finally:
+        system.close()
+    return 0
+
+
+def cmd_db(args) -> int:
+    from pulse.infra import migrate
+
+    settings = config.from_env()
+    if args.action == "migrate":
+        applied = migrate.migrate(settings.database_url)
+        print(json.dumps({"applied": applied}))
+    else:
+        migrate.migrate(settings.database_url)
+        print(json.dumps({"products": migrate.seed(settings.database_url, reset=args.reset), "reset": args.reset}))
+    return 0
+
+
+def _build_light(settings):
+    from pulse import bootstrap
+
+    return bootstrap.build(settings, pool_size=4)
+
+
+def cmd_reconcile(args) -> int:
+    system = _build_light(config.from_env())
+    try:
+        print(json.dumps(system.reconciler.run_once(args.cooldown)))
+    finally:
+        system.close()
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from pulse.cart.sweeper import sweep_once
+
+    system = _build_light(config.from_env())
+    try:
+        print(json.dumps(sweep_once(system.deps)))
+    finally:
+        system.close()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pulse.lab.demo import run_demo
+
+    return run_demo(outbox_mode=args.outbox_mode)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pulse", description="Checkout Pulse: a checkout system built to be broken "
+                                "on purpose, and the lab around it.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the HTTP API and every worker in one process (the modular monolith)",
+                       description="Run the API (docs at /docs) with the outbox relay, the queue consumers, the "
+                       "cart sweeper and the reconciler. SIGTERM or Ctrl-C shuts down cleanly.")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    s.add_argument("--strategy", choices=sorted(config.STRATEGIES), help="saga strategy (default: PULSE_STRATEGY)")
+    s.add_argument("--outbox-mode", choices=config.OUTBOX_MODES, help="outbox relay (default: PULSE_OUTBOX_MODE)")
+    s.add_argument("--role", default="api,workers",
+                   help="comma-separated parts to run: api, workers (= relay, consumers, schedulers) "
+                        "(default api,workers)")
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("db", help="create the database and schema, or load the seed catalogue")
+    d.add_argument("action", choices=("migrate", "seed"), help="migrate: apply sql/ (idempotent); seed: the 5 products")
+    d.add_argument("--reset", action="store_true", help="with seed: put the seed products' stock back to its start")
+    d.set_defaults(func=cmd_db)
+
+    r = sub.add_parser("reconcile", help="repair Redis from PostgreSQL once and print the fixes as JSON",
+                       description="One reconciliation pass. A fresh process has no previous run, so the pass "
+                       "covers everything older than the cooldown.")
+    r.add_argument("--once", action="store_true", required=True, help="run one pass (the server runs it periodically)")
+    r.add_argument("--cooldown", type=float, default=None,
+                   help="seconds of recent changes to leave alone as in flight (default 10)")
+    r.set_defaults(func=cmd_reconcile)
+
+    w = sub.add_parser("sweep", help="release expired carts once and print the counts as JSON")
+    w.add_argument("--once", action="store_true", required=True, help="run one pass (the server runs it every 60 s)")
+    w.set_defaults(func=cmd_sweep)
+
+    m = sub.add_parser("demo", help="start the system and take checkouts through every saga path, printing outcomes")
+    m.add_argument("--outbox-mode", choices=config.OUTBOX_MODES, default=None,
+                   help="outbox relay to demonstrate (default: PULSE_OUTBOX_MODE)")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (PulseError, config.ConfigError) as exc:
+        print(f"pulse: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # service unavailable and the like: one sentence, the log has the rest
+        log.debug("failed", exc_info=True)
+        print(f"pulse: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,1 @@
+"""Shared infrastructure: database, migrations, outbox, inbox, broker, Redis scripts, relays, workers."""

@@ -1,0 +1,75 @@
+"""PostgreSQL access: a connection pool, database creation, and one-transaction helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseUnavailable(RuntimeError):
+    """PostgreSQL did not answer at the configured URL."""
+
+
+def ensure_database(url: str) -> bool:
+    """Create the database named in ``url`` if it is missing; return True when it was created."""
+    params = conninfo_to_dict(url)
+    name = params.get("dbname", "postgres")
+    admin = make_conninfo(url, dbname="postgres")
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+                return False
+            conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+            log.info("created database %s", name)
+            return True
+    except psycopg.errors.DuplicateDatabase:
+        return False
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"PostgreSQL is not reachable at {redact(url)}: {first_line(exc)}") from exc
+
+
+def make_pool(url: str, *, min_size: int = 1, max_size: int = 20, name: str = "pulse") -> ConnectionPool:
+    """An opened pool whose connections return rows as dicts."""
+    pool = ConnectionPool(url, min_size=min_size, max_size=max_size, name=name, open=False,
+                          kwargs={"row_factory": dict_row, "connect_timeout": 5})
+    try:
+        pool.open(wait=True, timeout=10)
+    except Exception as exc:
+        pool.close()
+        raise DatabaseUnavailable(f"PostgreSQL is not reachable at {redact(url)}: {first_line(exc)}") from exc
+    return pool
+
+
+@contextlib.contextmanager
+def transaction(pool: ConnectionPool):
+    """A connection inside one transaction: committed on exit, rolled back on any exception."""
+    with pool.connection() as conn:
+        with conn.transaction():
+            yield conn
+
+
+def connect(url: str, **kwargs) -> psycopg.Connection:
+    """A single dict-row connection, for tools that need one outside the pool (relays, checks)."""
+    return psycopg.connect(url, row_factory=dict_row, connect_timeout=5, **kwargs)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, fit for a message."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}@{host}"
+    return url
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

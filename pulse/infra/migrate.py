@@ -1,0 +1,56 @@
+"""Apply the ordered, re-runnable SQL files of ``sql/`` and load the seed catalogue."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pulse.config import PROJECT_ROOT
+from pulse.infra import db
+
+log = logging.getLogger(__name__)
+SQL_DIR = PROJECT_ROOT / "sql"
+
+SEED_PRODUCTS = [
+    ("e0e0e0e0-e0e0-4e0e-a0e0-000000000001", "iPhone 15 Pro", "999.00", 50),
+    ("e0e0e0e0-e0e0-4e0e-a0e0-000000000002", "AirPods Pro 2", "249.00", 120),
+    ("e0e0e0e0-e0e0-4e0e-a0e0-000000000003", "MacBook Air M3", "1299.00", 15),
+    ("e0e0e0e0-e0e0-4e0e-a0e0-000000000004", "Kindle Paperwhite", "139.00", 200),
+    ("e0e0e0e0-e0e0-4e0e-a0e0-000000000005", "Mechanical Keyboard", "150.00", 0),
+]
+
+
+def sql_files(directory: Path = SQL_DIR) -> list[Path]:
+    """The migration files in the order they are applied (by file name)."""
+    return sorted(directory.glob("*.sql"))
+
+
+def migrate(url: str, directory: Path = SQL_DIR) -> list[str]:
+    """Create the database if missing and apply every SQL file; safe to run any number of times."""
+    db.ensure_database(url)
+    applied = []
+    with db.connect(url, autocommit=True) as conn:
+        # Two migrators at once (two `pulse serve` starting together) would race on CREATE IF NOT EXISTS.
+        conn.execute("SELECT pg_advisory_lock(hashtext('pulse.migrate'))")
+        try:
+            for path in sql_files(directory):
+                with conn.transaction():
+                    conn.execute(path.read_text())
+                applied.append(path.name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtext('pulse.migrate'))")
+    log.info("applied %d migration files", len(applied))
+    return applied
+
+
+def seed(url: str, *, reset: bool = False) -> int:
+    """Insert the five seed products; with ``reset``, also put their stock back to the seed quantities."""
+    on_conflict = ("DO UPDATE SET available_quantity = EXCLUDED.available_quantity, "
+                   "version = inventory.inventory_items.version + 1, updated_at = now()") if reset else "DO NOTHING"
+    with db.connect(url) as conn, conn.transaction():
+        for pid, name, price, qty in SEED_PRODUCTS:
+            conn.execute("INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s) "
+                         "ON CONFLICT (id) DO NOTHING", (pid, name, price))
+            conn.execute("INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s) "
+                         f"ON CONFLICT (product_id) {on_conflict}", (pid, qty))
+    return len(SEED_PRODUCTS)

@@ -1,0 +1,105 @@
+"""inventory.queue: reserve stock for an order (optimistic locking) and restock after a declined payment."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+
+from pulse.events import EventType as E
+from pulse.infra import db, inbox, outbox
+
+log = logging.getLogger(__name__)
+MAX_VERSION_RETRIES = 8
+
+
+class VersionConflict(Exception):
+    """Another transaction changed the inventory row between our read and our write."""
+
+
+class OutOfStock(Exception):
+    def __init__(self, shortages: list[dict]):
+        super().__init__(f"not enough stock for {len(shortages)} product(s)")
+        self.shortages = shortages
+
+
+def _with_version_retries(work):
+    """Run ``work()`` again on VersionConflict, with jitter, a bounded number of times."""
+    for attempt in range(1, MAX_VERSION_RETRIES + 1):
+        try:
+            return work()
+        except VersionConflict:
+            if attempt == MAX_VERSION_RETRIES:
+                raise
+            time.sleep(random.uniform(0, 0.004 * attempt))
+
+
+def _take(conn, items: list[dict]) -> None:
+    """Decrement every item's stock or none: the caller's savepoint undoes a partial reservation."""
+    shortages = []
+    for item in sorted(items, key=lambda i: i["productId"]):  # a fixed order keeps concurrent reservers deadlock-free
+        row = conn.execute("SELECT available_quantity, version FROM inventory.inventory_items WHERE product_id = %s",
+                           (item["productId"],)).fetchone()
+        if row is None or row["available_quantity"] < item["quantity"]:
+            shortages.append({"productId": item["productId"], "requested": item["quantity"],
+                              "available": 0 if row is None else row["available_quantity"]})
+            continue
+        updated = conn.execute(
+            "UPDATE inventory.inventory_items SET available_quantity = available_quantity - %s, "
+            "version = version + 1, updated_at = now() WHERE product_id = %s AND version = %s",
+            (item["quantity"], item["productId"], row["version"]))
+        if updated.rowcount == 0:
+            raise VersionConflict(item["productId"])
+    if shortages:
+        raise OutOfStock(shortages)
+
+
+def on_reserve(deps, envelope) -> None:
+    """ORDER_CREATED (optimistic) or PAYMENT_PROCESSED (post-payment): reserve the order's items."""
+    p = envelope.payload
+    base = {k: p.get(k) for k in ("orderId", "userId", "items", "totalPrice", "strategy")}
+
+    def attempt():
+        with db.transaction(deps.pool) as conn:
+            if not inbox.claim(conn, "inventory.inbox", envelope.id, enabled=not deps.naive("no-inbox")):
+                return
+            if conn.execute("SELECT 1 FROM inventory.reservations WHERE order_id = %s",
+                            (p["orderId"],)).fetchone() and not deps.naive("no-inbox"):
+                return  # reserved already under another event id (e.g. a re-driven saga)
+            try:
+                with conn.transaction():
+                    _take(conn, p["items"])
+                    conn.execute("INSERT INTO inventory.reservations (order_id, items, status) "
+                                 "VALUES (%s, %s::jsonb, 'RESERVED') ON CONFLICT (order_id) DO NOTHING",
+                                 (p["orderId"], json.dumps(p["items"])))
+            except OutOfStock as exc:
+                outbox.append(conn, E.STOCK_FAILED, "ORDER", p["orderId"],
+                              {**base, "reason": "OUT_OF_STOCK", "shortages": exc.shortages})
+                return
+            outbox.append(conn, E.STOCK_RESERVED, "ORDER", p["orderId"], base)
+
+    _with_version_retries(attempt)
+
+
+def on_restock(deps, envelope) -> None:
+    """PAYMENT_FAILED (optimistic): give back exactly what this order reserved, once."""
+    p = envelope.payload
+    with db.transaction(deps.pool) as conn:
+        if not inbox.claim(conn, "inventory.inbox", envelope.id, enabled=not deps.naive("no-inbox")):
+            return
+        reservation = conn.execute("SELECT items FROM inventory.reservations WHERE order_id = %s "
+                                   "AND status = 'RESERVED' FOR UPDATE", (p["orderId"],)).fetchone()
+        if reservation is None:
+            return  # nothing was taken for this order (e.g. the payment failed before any reservation)
+        for item in reservation["items"]:
+            # An increment needs no version check, but bumping the version makes concurrent
+            # reservers that read the old quantity retry instead of overwriting it.
+            conn.execute("UPDATE inventory.inventory_items SET available_quantity = available_quantity + %s, "
+                         "version = version + 1, updated_at = now() WHERE product_id = %s",
+                         (item["quantity"], item["productId"]))
+        conn.execute("UPDATE inventory.reservations SET status = 'RELEASED', updated_at = now() WHERE order_id = %s",
+                     (p["orderId"],))
+        outbox.append(conn, E.STOCK_RELEASED, "ORDER", p["orderId"],
+                      {"orderId": p["orderId"], "userId": p.get("userId"), "items": reservation["items"],
+                       "strategy": p.get("strategy"), "reason": "PAYMENT_FAILED"})

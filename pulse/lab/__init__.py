@@ -1,0 +1,1 @@
+"""The lab's Python API: launch the system, drive checkouts, break things and watch them heal."""

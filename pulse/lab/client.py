@@ -1,0 +1,91 @@
+"""A small HTTP client for the lab: the same calls a shop front-end would make, plus waiting for sagas."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+
+TERMINAL = {"COMPLETED", "FAILED"}
+
+
+class PulseError(RuntimeError):
+    """The API answered with an error; ``status`` is the HTTP status, the message its one-sentence body."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+class PulseClient:
+    """Talks to one ``pulse serve`` over HTTP.
+
+    >>> client = PulseClient("http://127.0.0.1:8080")
+    >>> user = client.new_user(); client.add_item(user, IPHONE, 1); order = client.checkout(user)
+    >>> client.wait_settled(order["orderId"])["displayStatus"]
+    'COMPLETED'
+    """
+
+    def __init__(self, url: str, timeout_s: float = 10.0):
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s)
+
+    @staticmethod
+    def new_user() -> str:
+        """A fresh random user id (so nothing depends on earlier runs)."""
+        return str(uuid.uuid4())
+
+    def _call(self, method: str, path: str, **kwargs):
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise PulseError(response.status_code, response.json().get("error", response.text))
+        return response.json()
+
+    def products(self) -> list[dict]:
+        return self._call("GET", "/api/products")
+
+    def create_product(self, name: str, base_price: float, stock: int) -> dict:
+        return self._call("POST", "/api/products", json={"name": name, "basePrice": base_price, "stock": stock})
+
+    def add_item(self, user_id: str, product_id: str, quantity: int = 1) -> dict:
+        """PUT /api/cart/{userId}/items: reserve ``quantity`` more units in the user's cart."""
+        return self._call("PUT", f"/api/cart/{user_id}/items", json={"productId": product_id, "quantity": quantity})
+
+    def cart(self, user_id: str) -> dict:
+        return self._call("GET", f"/api/cart/{user_id}")
+
+    def checkout(self, user_id: str, idempotency_key: str | None = None) -> dict:
+        """POST /api/orders; a random idempotency key unless you pass one (pass the same to retry safely)."""
+        key = idempotency_key or str(uuid.uuid4())
+        return self._call("POST", "/api/orders", json={"userId": user_id, "idempotencyKey": key})
+
+    def order(self, order_id: str) -> dict:
+        return self._call("GET", f"/api/orders/{order_id}")
+
+    def wait_settled(self, order_id: str, timeout_s: float = 30.0, poll_s: float = 0.05) -> dict:
+        """Poll the order until the saga is over: terminal status, compensation finished, view caught up."""
+        deadline = time.monotonic() + timeout_s
+        order = self.order(order_id)
+        while time.monotonic() < deadline:
+            if settled(order):
+                return order
+            time.sleep(poll_s)
+            order = self.order(order_id)
+        raise TimeoutError(f"order {order_id} did not settle within {timeout_s:.0f}s; last state: {order}")
+
+    def close(self):
+        self.http.close()
+
+
+def settled(order: dict) -> bool:
+    """True once nothing more will happen to this order (including restock/refund and the view)."""
+    if order["status"] not in TERMINAL or order["displayStatus"] is None:
+        return False
+    if order["status"] == "COMPLETED":
+        return order["displayStatus"] == "COMPLETED"
+    if order["failureReason"] == "PAYMENT_FAILED" and order["strategy"] == "OPTIMISTIC":
+        return order["inventoryStatus"] == "RELEASED" and order["displayStatus"] == "FAILED_PAYMENT"
+    if order["failureReason"] == "OUT_OF_STOCK" and order["strategy"] == "POST_PAYMENT":
+        return order["paymentStatus"] == "REFUNDED" and order["displayStatus"] == "REFUNDED"
+    return order["displayStatus"] in {"FAILED_PAYMENT", "FAILED_OUT_OF_STOCK", "REFUNDED"}

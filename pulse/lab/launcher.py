@@ -1,0 +1,92 @@
+"""Run ``pulse serve`` as a child process, so a crash fault never takes the caller (a kernel, a test) with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """One ``pulse serve`` child with its own settings; ``url`` is its API base address.
+
+    >>> with ServeProcess(strategy="post-payment") as server:
+    ...     httpx.get(server.url + "/health").json()
+    """
+
+    def __init__(self, *, strategy: str = "optimistic", outbox_mode: str | None = None, port: int | None = None,
+                 env: dict | None = None, log_path: str | Path | None = None, args: tuple = ()):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PULSE_STRATEGY": strategy, **({"PULSE_OUTBOX_MODE": outbox_mode} if outbox_mode else {}),
+                    **(env or {})}
+        self.log_path = Path(log_path) if log_path else None
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60.0) -> "ServeProcess":
+        """Start the child and wait until its /health answers; raises RuntimeError with its log tail if not."""
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen([sys.executable, "-m", "pulse", "serve", "--host", "127.0.0.1",
+                                      "--port", str(self.port), *self.args],
+                                     env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pulse serve exited with status {self.proc.returncode} while starting"
+                                   f"{self._tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"pulse serve did not answer on {self.url} within {timeout_s:.0f}s{self._tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM (a clean shutdown), then SIGKILL if it has not exited in time; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+    def _tail(self) -> str:
+        if self.log_path and self.log_path.exists():
+            lines = self.log_path.read_text(errors="replace").splitlines()[-15:]
+            return ":\n" + "\n".join(lines)
+        return ""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

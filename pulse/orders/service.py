@@ -1,0 +1,108 @@
+"""Order creation from the cart, idempotent per key (SPEC §5), and order reads."""
+
+from __future__ import annotations
+
+import decimal
+import json
+import logging
+import uuid
+
+import psycopg
+
+from pulse.errors import Conflict, Invalid, NotFound
+from pulse.events import EventType as E
+from pulse.infra import db, keys, outbox
+from pulse.orders.handlers import snapshot
+
+log = logging.getLogger(__name__)
+
+
+class OrderService:
+    """Creates orders and reads them back with their CQRS display status."""
+
+    def __init__(self, deps):
+        self.deps = deps
+
+    def create(self, user_id: uuid.UUID, idempotency_key: str) -> dict:
+        """Turn the user's cart into an order; a repeated key returns the first response and creates nothing.
+
+        The Redis lock only keeps concurrent duplicates apart (409); the truth is the idempotency
+        record, committed in the same transaction as the order. The lock expires after its TTL, and
+        nothing is ever stored "in progress" in the database, so a request that died half way
+        cannot block its key forever (the original's TODO).
+        """
+        stored = self._stored_response(idempotency_key, user_id)
+        if stored is not None:
+            return stored
+        lock_key, token = keys.lock(idempotency_key), uuid.uuid4().hex
+        if not self.deps.redis.set(lock_key, token, nx=True, ex=self.deps.settings.idempotency_lock_ttl_s):
+            raise Conflict("An order with this idempotency key is already being created; retry in a moment.")
+        try:
+            return self._create_locked(user_id, idempotency_key)
+        finally:
+            if self.deps.naive("lock-no-owner"):
+                self.deps.redis.delete(lock_key)
+            else:
+                self.deps.scripts.release_lock([lock_key], [token])
+
+    def _create_locked(self, user_id, idempotency_key) -> dict:
+        try:
+            with db.transaction(self.deps.pool) as conn:
+                items = conn.execute(
+                    "SELECT ci.product_id, ci.quantity, p.base_price FROM inventory.carts c "
+                    "JOIN inventory.cart_items ci ON ci.cart_id = c.id "
+                    "JOIN inventory.products p ON p.id = ci.product_id "
+                    "WHERE c.user_id = %s AND ci.quantity > 0 ORDER BY ci.product_id", (user_id,)).fetchall()
+                if not items:
+                    raise NotFound(f"User {user_id} has no cart to order from; add items first.")
+                return self._insert_order(conn, user_id, idempotency_key, items)
+        except psycopg.errors.UniqueViolation:
+            # A concurrent request with the same key committed first (its lock had expired).
+            stored = self._stored_response(idempotency_key, user_id)
+            if stored is None:
+                raise
+            return stored
+
+    def _insert_order(self, conn, user_id, idempotency_key, items) -> dict:
+        order_id = uuid.uuid4()
+        strategy = self.deps.settings.strategy_name
+        total = sum((i["base_price"] * i["quantity"] for i in items), decimal.Decimal("0.00"))
+        order = conn.execute(
+            "INSERT INTO orders.orders (id, user_id, status, strategy, total_amount) "
+            "VALUES (%s, %s, 'CREATED', %s, %s) RETURNING *", (order_id, user_id, strategy, total)).fetchone()
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO orders.order_items (order_id, product_id, quantity, unit_price) "
+                            "VALUES (%s, %s, %s, %s)",
+                            [(order_id, i["product_id"], i["quantity"], i["base_price"]) for i in items])
+        response = {"orderId": str(order_id), "status": "CREATED", "totalAmount": float(total)}
+        conn.execute("INSERT INTO orders.idempotency_records (key, status, response_body, user_id) "
+                     "VALUES (%s, 'COMPLETED', %s::jsonb, %s)", (idempotency_key, json.dumps(response), user_id))
+        payload = {"orderId": str(order_id), "userId": str(user_id), "strategy": strategy,
+                   "totalPrice": total, "items": [{"productId": str(i["product_id"]), "quantity": i["quantity"]}
+                                                  for i in items]}
+        outbox.append(conn, E.ORDER_CREATED, "ORDER", order_id, payload)
+        outbox.append(conn, E.ORDER_UPDATED, "ORDER", order_id, snapshot(order))
+        return response
+
+    def _stored_response(self, idempotency_key: str, user_id) -> dict | None:
+        with self.deps.pool.connection() as conn:
+            row = conn.execute("SELECT response_body, user_id FROM orders.idempotency_records WHERE key = %s",
+                               (idempotency_key,)).fetchone()
+        if row is None:
+            return None
+        if row["user_id"] is not None and str(row["user_id"]) != str(user_id):
+            raise Invalid("This idempotency key was already used by another user; choose a new key.")
+        return row["response_body"]
+
+    def get(self, order_id: uuid.UUID) -> dict:
+        """The order with its display status from the CQRS view (null until the view has caught up)."""
+        with self.deps.pool.connection() as conn:
+            row = conn.execute(
+                "SELECT o.*, v.display_status FROM orders.orders o "
+                "LEFT JOIN orders.order_views v ON v.order_id = o.id WHERE o.id = %s", (order_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"Order {order_id} does not exist.")
+        return {"orderId": str(row["id"]), "status": row["status"], "displayStatus": row["display_status"],
+                "paymentStatus": row["payment_status"], "inventoryStatus": row["inventory_status"],
+                "failureReason": row["failure_reason"], "strategy": row["strategy"],
+                "totalAmount": float(row["total_amount"])}

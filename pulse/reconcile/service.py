@@ -1,0 +1,185 @@
+"""Redis ↔ PostgreSQL reconciliation: PostgreSQL is the truth, Redis is repaired where it drifted (SPEC §4)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from pulse.infra import keys
+
+log = logging.getLogger(__name__)
+MARKER_KEY = "pulse:reconcile:marker"
+
+
+class Reconciler:
+    """Repairs ``stock:``, ``reserved:``, ``cart:`` and the cleanup queue from the rows changed since the last run.
+
+    Each run looks at the window (last upper bound, now − cooldown]. Rows younger than the cooldown
+    belong to requests still in flight: their Redis write may already be done while their database
+    commit is not, so "fixing" them from the database would undo a correct reservation. Products and
+    carts touched inside the cooldown are deferred to a later run instead. The window's upper bound is
+    remembered here and in a Redis marker: a Redis that lost its keys also lost the marker, and the
+    next run then covers everything, as does the first run after start.
+    """
+
+    def __init__(self, deps):
+        self.deps = deps
+        self.upper = None
+        self.deferred_products: set[str] = set()
+        self.deferred_users: set[str] = set()
+        self._marker = uuid.uuid4().hex
+
+    def run_once(self, cooldown_s: float | None = None, *, full: bool = False) -> dict:
+        """One pass; returns counts of fixes per kind and the window it covered."""
+        started = time.perf_counter()
+        naive = self.deps.naive("reconcile-full-scan")
+        cooldown = 0.0 if naive else (self.deps.settings.reconcile_cooldown_s if cooldown_s is None else cooldown_s)
+        r = self.deps.redis
+        full = full or naive or self.upper is None or r.get(MARKER_KEY) != self._marker
+        lower = None if full else self.upper
+        with self.deps.pool.connection() as conn:
+            upper = conn.execute("SELECT now() - make_interval(secs => %s) AS t", (cooldown,)).fetchone()["t"]
+            fixes = self._reconcile(conn, lower, upper, full)
+        self.upper = upper
+        r.set(MARKER_KEY, self._marker)
+        result = {**fixes, "full": full, "windowFrom": lower.isoformat() if lower else None,
+                  "windowTo": upper.isoformat(), "durationMs": round((time.perf_counter() - started) * 1000, 2)}
+        if any(fixes[k] for k in ("stock", "reserved", "carts", "cleanupQueue")):
+            log.warning("reconciliation fixed Redis: %s", result)
+        return result
+
+    def _reconcile(self, conn, lower, upper, full: bool) -> dict:
+        ttl_ms = int(self.deps.settings.cart_ttl_s * 1000)
+        window = "updated_at <= %(upper)s" + ("" if lower is None else " AND updated_at > %(lower)s")
+        args = {"upper": upper, "lower": lower}
+        stock_rows = conn.execute(
+            f"SELECT product_id, available_quantity FROM inventory.inventory_items WHERE {window}", args).fetchall()
+        if full:
+            products = {str(r["product_id"]) for r in stock_rows}
+            users = {str(r["user_id"]) for r in conn.execute(
+                "SELECT DISTINCT c.user_id FROM inventory.carts c JOIN inventory.cart_items ci ON ci.cart_id = c.id"
+            ).fetchall()}
+            users |= self._redis_cart_users()
+        else:
+            changed = conn.execute(
+                f"SELECT c.user_id, ci.product_id FROM inventory.cart_items ci JOIN inventory.carts c "
+                f"ON c.id = ci.cart_id WHERE ci.{window}", args).fetchall()
+            products = {str(r["product_id"]) for r in changed}
+            users = {str(r["user_id"]) for r in changed}
+            lo_ms = int(lower.timestamp() * 1000) + ttl_ms
+            users |= set(self.deps.redis.zrangebyscore(keys.CLEANUP_QUEUE, f"({lo_ms}",
+                                                       int(upper.timestamp() * 1000) + ttl_ms))
+        users |= self.deferred_users
+        redis_carts = self._redis_carts(users)
+        for items in redis_carts.values():
+            products |= set(items)
+        products |= self.deferred_products
+        busy_products, busy_users = self._in_flight(conn, upper, ttl_ms)
+        self.deferred_products = products & busy_products
+        self.deferred_users = users & busy_users
+        fixes = {"stock": self._fix_stock(stock_rows),
+                 "reserved": self._fix_reserved(conn, products - busy_products, full, busy_products),
+                 **self._fix_carts(conn, users - busy_users, redis_carts, ttl_ms),
+                 "deferred": len(self.deferred_products) + len(self.deferred_users)}
+        return fixes
+
+    def _in_flight(self, conn, upper, ttl_ms) -> tuple[set[str], set[str]]:
+        """Products and users with activity newer than the window: in the DB, or only in Redis so far."""
+        rows = conn.execute("SELECT c.user_id, ci.product_id FROM inventory.cart_items ci JOIN inventory.carts c "
+                            "ON c.id = ci.cart_id WHERE ci.updated_at > %s", (upper,)).fetchall()
+        users = {str(r["user_id"]) for r in rows}
+        products = {str(r["product_id"]) for r in rows}
+        recent = self.deps.redis.zrangebyscore(keys.CLEANUP_QUEUE, f"({int(upper.timestamp() * 1000) + ttl_ms}", "+inf")
+        users |= set(recent)
+        for items in self._redis_carts(set(recent)).values():
+            products |= set(items)
+        return products, users
+
+    def _fix_stock(self, rows) -> int:
+        if not rows:
+            return 0
+        r = self.deps.redis
+        current = r.mget([keys.stock(row["product_id"]) for row in rows])
+        wrong = {keys.stock(row["product_id"]): row["available_quantity"]
+                 for row, value in zip(rows, current) if value != str(row["available_quantity"])}
+        if wrong:
+            r.mset(wrong)
+        return len(wrong)
+
+    def _fix_reserved(self, conn, products: set[str], full: bool, busy: set[str]) -> int:
+        if full:
+            rows = conn.execute("SELECT p.id AS product_id, COALESCE(SUM(ci.quantity), 0) AS held "
+                                "FROM inventory.products p LEFT JOIN inventory.cart_items ci ON ci.product_id = p.id "
+                                "GROUP BY p.id").fetchall()
+            held = {str(r["product_id"]): int(r["held"]) for r in rows}
+            held.update({p: 0 for p in products - set(held)})
+            held = {p: n for p, n in held.items() if p not in busy}
+        else:
+            if not products:
+                return 0
+            held = {p: 0 for p in products}
+            for r in conn.execute("SELECT product_id, SUM(quantity) AS held FROM inventory.cart_items "
+                                  "WHERE product_id = ANY(%s::uuid[]) GROUP BY product_id", (list(products),)):
+                held[str(r["product_id"])] = int(r["held"])
+        ids = sorted(held)
+        current = self.deps.redis.mget([keys.reserved(p) for p in ids])
+        wrong = {keys.reserved(p): held[p] for p, value in zip(ids, current)
+                 if int(value or 0) != held[p]}
+        if wrong:
+            self.deps.redis.mset(wrong)
+        return len(wrong)
+
+    def _fix_carts(self, conn, users: set[str], redis_carts: dict, ttl_ms: int) -> dict:
+        if not users:
+            return {"carts": 0, "cleanupQueue": 0}
+        rows = conn.execute(
+            "SELECT c.user_id, c.updated_at, ci.product_id, ci.quantity FROM inventory.carts c "
+            "JOIN inventory.cart_items ci ON ci.cart_id = c.id WHERE c.user_id = ANY(%s::uuid[]) AND ci.quantity > 0",
+            (list(users),)).fetchall()
+        db_carts: dict[str, dict[str, int]] = {}
+        touched: dict[str, float] = {}
+        for row in rows:
+            db_carts.setdefault(str(row["user_id"]), {})[str(row["product_id"])] = row["quantity"]
+            touched[str(row["user_id"])] = row["updated_at"].timestamp()
+        r = self.deps.redis
+        queued = dict(zip(sorted(users), r.zmscore(keys.CLEANUP_QUEUE, sorted(users))))
+        carts = queue = 0
+        pipe = r.pipeline(transaction=False)
+        for user in users:
+            want, have = db_carts.get(user, {}), redis_carts.get(user, {})
+            if want != have:
+                carts += 1
+                pipe.delete(keys.cart(user))
+                if want:
+                    pipe.hset(keys.cart(user), mapping=want)
+            if want and queued.get(user) is None:
+                queue += 1
+                pipe.zadd(keys.CLEANUP_QUEUE, {user: int(touched[user] * 1000) + ttl_ms})
+            elif not want and queued.get(user) is not None:
+                queue += 1
+                pipe.zrem(keys.CLEANUP_QUEUE, user)
+        pipe.execute()
+        return {"carts": carts, "cleanupQueue": queue}
+
+    def _redis_carts(self, users: set[str]) -> dict[str, dict[str, int]]:
+        ordered = sorted(users)
+        pipe = self.deps.redis.pipeline(transaction=False)
+        for user in ordered:
+            pipe.hgetall(keys.cart(user))
+        return {u: {p: int(q) for p, q in h.items() if int(q) > 0}
+                for u, h in zip(ordered, pipe.execute()) if h}
+
+    def _redis_cart_users(self) -> set[str]:
+        users = {k.split(":", 1)[1] for k in self.deps.redis.scan_iter(match="cart:*", count=1000)
+                 if k != keys.CLEANUP_QUEUE and k.count(":") == 1}
+        users |= set(self.deps.redis.zrange(keys.CLEANUP_QUEUE, 0, -1))
+        return {u for u in users if _is_uuid(u)}
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,24 @@
+"""order-view.queue: the CQRS read model, one row per order, fed only by ORDER_UPDATED."""
+
+from __future__ import annotations
+
+from pulse.infra import db, inbox
+from pulse.views.model import display_status
+
+
+def on_order_updated(deps, envelope) -> None:
+    """Upsert the order's display status unless a newer update was already projected.
+
+    Two ORDER_UPDATED events of one order can arrive out of order (several consumers, redelivery);
+    the order's updated_at travels in the event and the row keeps the newest one.
+    """
+    p = envelope.payload
+    status = display_status(p["strategy"], p["paymentStatus"], p["inventoryStatus"])
+    with db.transaction(deps.pool) as conn:
+        if not inbox.claim(conn, "orders.order_view_inbox", envelope.id, enabled=not deps.naive("no-inbox")):
+            return
+        conn.execute(
+            "INSERT INTO orders.order_views (order_id, display_status, last_updated) VALUES (%s, %s, %s) "
+            "ON CONFLICT (order_id) DO UPDATE SET display_status = EXCLUDED.display_status, "
+            "last_updated = EXCLUDED.last_updated WHERE orders.order_views.last_updated <= EXCLUDED.last_updated",
+            (p["orderId"], status, p["updatedAt"]))
