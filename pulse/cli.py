@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import logging
 import signal
@@ -12,6 +14,9 @@ from pulse import config
 from pulse.errors import PulseError
 
 log = logging.getLogger("pulse")
+
+# Each module adds its subcommands with register(subparsers); each parser sets func(args) -> exit status.
+COMMAND_MODULES = ("pulse.cli_relay", "pulse.cli_faults", "pulse.cli_chaos", "pulse.cli_load")
 
 EPILOG = """Settings come from PULSE_* environment variables (see README): PULSE_DATABASE_URL, PULSE_REDIS_URL,
 PULSE_AMQP_URL, PULSE_STRATEGY (optimistic | post-payment), PULSE_OUTBOX_MODE (cdc | polling),
@@ -141,6 +146,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--outbox-mode", choices=config.OUTBOX_MODES, default=None,
                    help="outbox relay to demonstrate (default: PULSE_OUTBOX_MODE)")
     m.set_defaults(func=cmd_demo)
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(sub)
     return p
 
 

@@ -95,5 +95,6 @@ def from_env(env=None) -> Settings:
         relay_batch=int(_float(env, "PULSE_RELAY_BATCH", d.relay_batch)),
         relay_poll_s=_float(env, "PULSE_RELAY_POLL_S", d.relay_poll_s),
         cdc_slot=env.get("PULSE_CDC_SLOT") or d.cdc_slot,
+        cdc_publication=env.get("PULSE_CDC_PUBLICATION") or d.cdc_publication,
         naive=naive,
     ))
