@@ -37,8 +37,10 @@ def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.05, messa
 
 
 def _lease_redis_db(base_url: str, token: str) -> int:
+    root = base_url.rsplit("/", 1)[0]
     for index in range(1, 16):
-        client = redis.Redis.from_url(base_url, db=index)
+        # The URL's own /N would win over a db= argument, so the index goes into the URL.
+        client = redis.Redis.from_url(f"{root}/{index}")
         try:
             if client.set(LEASE_KEY, token, nx=True, ex=4 * 3600):
                 client.flushdb()

@@ -38,7 +38,9 @@ class OrderService:
         if not self.deps.redis.set(lock_key, token, nx=True, ex=self.deps.settings.idempotency_lock_ttl_s):
             raise Conflict("An order with this idempotency key is already being created; retry in a moment.")
         try:
-            return self._create_locked(user_id, idempotency_key)
+            # The request that held the lock before us may have finished in between.
+            stored = self._stored_response(idempotency_key, user_id)
+            return stored if stored is not None else self._create_locked(user_id, idempotency_key)
         finally:
             if self.deps.naive("lock-no-owner"):
                 self.deps.redis.delete(lock_key)

@@ -8,23 +8,23 @@ APPLIED_TTL_S = 7 * 24 * 3600
 
 
 def on_order_created(deps, envelope) -> None:
-    """Clear the user's cart in Redis (releasing its reservation) and in the database.
+    """Clear the user's cart in the database and in Redis (releasing its reservation).
 
-    The Redis side runs first, guarded by a per-event marker inside the same Lua call, so a
-    redelivery after a crash between the two steps neither releases the units twice nor skips
-    the database side (the inbox row is committed with the database change).
+    The database side commits first, with the inbox row. The Redis side then runs on every delivery,
+    even a duplicate one, because a crash may have come between the two; a per-event marker set in
+    the same Lua call keeps it to one effect. Doing Redis first instead would open a window where a
+    cart read finds Redis empty, falls back to the not-yet-cleared database cart and caches it again.
     """
     user_id = envelope.payload["userId"]
+    with db.transaction(deps.pool) as conn:
+        if inbox.claim(conn, "infra.redis_stock_inbox", envelope.id, enabled=not deps.naive("no-inbox")):
+            cart = conn.execute("UPDATE inventory.carts SET updated_at = now() WHERE user_id = %s RETURNING id",
+                                (user_id,)).fetchone()
+            if cart is not None:
+                conn.execute("UPDATE inventory.cart_items SET quantity = 0, updated_at = now() "
+                             "WHERE cart_id = %s AND quantity > 0", (cart["id"],))
     deps.scripts.clear_cart([keys.cart(user_id), keys.CLEANUP_QUEUE, keys.applied(envelope.id)],
                             [user_id, APPLIED_TTL_S])
-    with db.transaction(deps.pool) as conn:
-        if not inbox.claim(conn, "infra.redis_stock_inbox", envelope.id, enabled=not deps.naive("no-inbox")):
-            return
-        cart = conn.execute("UPDATE inventory.carts SET updated_at = now() WHERE user_id = %s RETURNING id",
-                            (user_id,)).fetchone()
-        if cart is not None:
-            conn.execute("UPDATE inventory.cart_items SET quantity = 0, updated_at = now() "
-                         "WHERE cart_id = %s AND quantity > 0", (cart["id"],))
 
 
 def on_stock_changed(deps, envelope) -> None:
