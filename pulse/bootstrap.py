@@ -12,7 +12,7 @@ from pulse.cart.service import CartService
 from pulse.cart.sweeper import sweep_once
 from pulse.deps import Deps
 from pulse.events import EventType as E
-from pulse.faults import NoFaults
+from pulse import faults as fault_registry
 from pulse.infra import broker, db, redis_scripts
 from pulse.infra.consumer import Consumer, make_dispatch
 from pulse.inventory import handlers as inventory
@@ -87,6 +87,11 @@ class System:
         if schedulers:
             self._spawn("sweeper", every, s.sweep_interval_s, lambda: sweep_once(self.deps), self.stop)
             self._spawn("reconciler", every, s.reconcile_interval_s, self.reconciler.run_once, self.stop)
+            from pulse.orders.watchdog import Watchdog  # issue 4: re-drives sagas whose events were lost
+            watchdog = Watchdog(self.deps)
+            self._spawn("saga-watchdog", every, watchdog.interval_s, watchdog.run_once, self.stop)
+            if hasattr(self.deps.faults, "tick"):
+                self._spawn("fault-ticker", every, 0.5, self.deps.faults.tick, self.stop)
 
     def _spawn(self, name, target, *args):
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -100,6 +105,7 @@ class System:
             t.join(timeout)
         self.deps.pool.close()
         self.deps.redis.close()
+        getattr(self.deps.faults, "close", lambda: None)()
 
 
 def every(interval_s: float, job, stop: threading.Event) -> None:
@@ -120,7 +126,7 @@ def make_relay(settings: config.Settings, faults):
         return CdcRelay(settings, publisher, faults=faults)
     from pulse.infra.relay_polling import PollingRelay
     return PollingRelay(settings.database_url, publisher, batch=settings.relay_batch, poll_s=settings.relay_poll_s,
-                        faults=faults)
+                        faults=faults, naive=settings.naive)
 
 
 def build(settings: config.Settings | None = None, *, faults=None, migrate: bool = True, pool_size: int = 20) -> System:
@@ -132,7 +138,7 @@ def build(settings: config.Settings | None = None, *, faults=None, migrate: bool
         migrations.migrate(settings.database_url)
     pool = db.make_pool(settings.database_url, max_size=pool_size)
     client = redis_scripts.make_client(settings.redis_url)
-    faults = faults or NoFaults()
+    faults = faults if faults is not None else fault_registry.from_settings(settings)
     deps = Deps(settings=settings, pool=pool, redis=client, scripts=redis_scripts.Scripts(client), faults=faults,
                 provider=SimulatedProvider(decline_rate=settings.payment_decline_rate,
                                            latency_ms=settings.payment_latency_ms,

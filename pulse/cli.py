@@ -49,6 +49,9 @@ def cmd_serve(args) -> int:
         if "api" in roles:
             server = uvicorn.Server(uvicorn.Config(create_app(system), host=args.host, port=args.port,
                                                    log_level="warning", access_log=False))
+            # uvicorn restores the previous SIGTERM handler after its graceful shutdown and raises the signal
+            # again; with the default action that would kill us before the workers are closed.
+            signal.signal(signal.SIGTERM, lambda *_: system.stop.set())
             server.run()  # returns after SIGINT/SIGTERM, which uvicorn turns into a graceful shutdown
         else:
             signal.signal(signal.SIGTERM, lambda *_: system.stop.set())
@@ -66,7 +69,7 @@ def cmd_db(args) -> int:
 
     settings = config.from_env()
     if args.action == "migrate":
-        applied = migrate.migrate(settings.database_url)
+        applied = migrate.migrate(settings.database_url, settings=settings)
         print(json.dumps({"applied": applied}))
     else:
         migrate.migrate(settings.database_url)

@@ -21,7 +21,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     strategy: str = "optimistic"
-    outbox_mode: str = "polling"
+    outbox_mode: str = "cdc"
     payment_decline_rate: float = 0.0
     payment_latency_ms: float = 0.0
     payment_error_rate: float = 0.0
@@ -60,6 +60,12 @@ def _float(env, name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}.") from None
 
 
+# Zero consumer threads would stall every saga silently and a zero interval makes a scheduler spin.
+_AT_LEAST = {"consumer_threads": 1, "relay_batch": 1, "handler_retries": 1, "idempotency_lock_ttl_s": 1,
+             "consumer_prefetch": 0, "reconcile_cooldown_s": 0, "relay_poll_s": 0, "payment_latency_ms": 0}
+_POSITIVE = ("cart_ttl_s", "sweep_interval_s", "reconcile_interval_s")
+
+
 def _validated(s: Settings) -> Settings:
     if s.strategy not in STRATEGIES:
         raise ConfigError(f"PULSE_STRATEGY must be one of {', '.join(STRATEGIES)}, got {s.strategy!r}.")
@@ -68,6 +74,12 @@ def _validated(s: Settings) -> Settings:
     for name in ("payment_decline_rate", "payment_error_rate"):
         if not 0.0 <= getattr(s, name) <= 1.0:
             raise ConfigError(f"PULSE_{name.upper()} must be between 0 and 1, got {getattr(s, name)}.")
+    for name, least in _AT_LEAST.items():
+        if getattr(s, name) < least:
+            raise ConfigError(f"PULSE_{name.upper()} must be at least {least}, got {getattr(s, name)}.")
+    for name in _POSITIVE:
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"PULSE_{name.upper()} must be greater than 0, got {getattr(s, name)}.")
     return s
 
 

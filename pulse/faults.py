@@ -1,6 +1,59 @@
-"""Named fault points. This module is the hook every component calls; with nothing armed each call is free."""
+"""Named fault points. This module is the hook every component calls; with nothing armed each call is free.
+
+Components call four hooks: ``point(name, **ctx)`` where a fault may crash, raise or delay;
+``fires(name)`` where a fault changes a decision (a declined card); ``lose_message(queue)`` where the
+consumer may ack without handling; ``naive(name)`` where a pattern may be switched off.
+
+:class:`NoFaults` is what tests get when they pass it explicitly. :class:`FaultRegistry` reads the
+armed faults from ``infra.faults`` (at most one SELECT per ``refresh_s``, shared by all threads), so
+``pulse faults arm`` takes effect in every running process within half a second, without a restart.
+A fault that strikes is first logged in ``infra.fault_log`` on its own autocommit connection, then acts:
+a crash is counted even though the process is gone a moment later.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import threading
+import time
+
+from pulse.errors import Invalid
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("crash", "error", "drop", "delay", "trigger", "naive")
+CRASH_STATUS = 137  # what a shell reports for SIGKILL, which a crash fault imitates
+
+# Each named point and the action it gets when arm() is not told one.
+POINTS = {
+    "cart.after_redis": "crash",
+    "relay.after_publish": "crash",
+    "consumer.before_ack": "crash",
+    "consumer.lose": "drop",
+    "redis.flush": "trigger",
+    "broker.restart": "trigger",
+    "db.restart": "trigger",
+    "payment.decline": "drop",
+    "payment.timeout": "error",
+    "payment.latency": "delay",
+}
+# Faults that are events in the environment rather than places in the code: a process with a registry
+# fires them from its refresh, with their probability per refresh tick.
+ENVIRONMENT_FAULTS = ("redis.flush", "broker.restart", "db.restart")
+NAIVE_SWITCHES = ("reserve-get-set", "publish-no-confirm", "no-inbox", "reconcile-full-scan", "unguarded-state",
+                  "lock-no-owner")
+
+
+class FaultInjected(RuntimeError):
+    """An armed fault made this operation fail on purpose (the ``error`` action)."""
+
+
+class UnknownFault(Invalid):
+    """A fault name, action or parameter that the registry does not accept."""
 
 
 class NoFaults:
@@ -9,13 +62,336 @@ class NoFaults:
     def point(self, name: str, **context) -> None:
         """Where a named fault may strike (crash, error, delay) when armed."""
 
-    def fires(self, name: str) -> bool:
+    def fires(self, name: str, **context) -> bool:
         """True when an armed fault of this name strikes now (for faults that change a decision)."""
         return False
 
-    def lose_message(self, queue: str) -> bool:
+    def lose_message(self, queue: str, **context) -> bool:
         """True when the consumer should ack this message without handling it (a lost event)."""
         return False
 
     def naive(self, name: str) -> bool:
         return False
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+@dataclasses.dataclass
+class Fault:
+    """One armed fault as read from ``infra.faults``, with its own seeded random stream."""
+
+    name: str
+    action: str
+    probability: float
+    params: dict
+    seed: int
+    armed_at: str
+    rng: random.Random
+    fired: int = 0
+
+    def strikes(self) -> bool:
+        limit = self.params.get("max")
+        if limit is not None and self.fired >= int(limit):
+            return False
+        return self.rng.random() < self.probability
+
+
+class FaultRegistry(NoFaults):
+    """Faults armed in PostgreSQL, refreshed at most every ``refresh_s`` by whichever thread asks first.
+
+    ``redis_url``/``amqp_url`` enable the environment faults (``redis.flush``, ``broker.restart``,
+    ``db.restart``); they strike only from :meth:`tick`, which the server's scheduler calls.
+    """
+
+    def __init__(self, database_url: str, *, refresh_s: float = 0.5, redis_url: str | None = None,
+                 amqp_url: str | None = None):
+        self.database_url, self.refresh_s = database_url, refresh_s
+        self.redis_url, self.amqp_url = redis_url, amqp_url
+        self._armed: dict[str, Fault] = {}
+        self._loaded_at = 0.0
+        self._lock = threading.Lock()
+        self._log_lock = threading.Lock()
+        self._conn = None
+
+    # -- the hooks ------------------------------------------------------------------------------
+    def point(self, name: str, **context) -> None:
+        fault = self._strike(name, context)
+        if fault is None:
+            return
+        if fault.action == "delay":
+            time.sleep(float(fault.params.get("ms", 1000)) / 1000)
+        elif fault.action == "crash":
+            crash(name)
+        elif fault.action in ("error", "drop"):
+            raise FaultInjected(f"fault {name} injected")
+
+    def fires(self, name: str, **context) -> bool:
+        return self._strike(name, context) is not None
+
+    def lose_message(self, queue: str, **context) -> bool:
+        fault = self._current().get("consumer.lose")
+        if fault is None or not _queue_matches(fault.params, queue):
+            return False
+        return self._strike("consumer.lose", {"queue": queue, **context}) is not None
+
+    def naive(self, name: str) -> bool:
+        fault = self._current().get(name)
+        return fault is not None and fault.action == "naive"
+
+    def armed(self) -> dict[str, Fault]:
+        """The faults armed right now, as this process last read them."""
+        return dict(self._current())
+
+    def close(self) -> None:
+        with self._log_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    # -- internals ------------------------------------------------------------------------------
+    def _strike(self, name: str, context: dict) -> Fault | None:
+        fault = self._current().get(name)
+        if fault is None or fault.action == "naive":
+            return None
+        with self._lock:
+            if not fault.strikes():
+                return None
+            fault.fired += 1
+        self._log(fault, context)
+        return fault
+
+    def _current(self) -> dict[str, Fault]:
+        if time.monotonic() - self._loaded_at >= self.refresh_s and self._lock.acquire(blocking=False):
+            # One thread refreshes; the others keep using what was read last rather than wait.
+            try:
+                self._refresh()
+            finally:
+                self._lock.release()
+        return self._armed
+
+    def _refresh(self) -> None:
+        self._loaded_at = time.monotonic()
+        try:
+            with self._log_lock:
+                rows = self._connection().execute(
+                    "SELECT f.name, f.action, f.probability, f.params, f.seed, f.armed_at::text AS armed_at, "
+                    "(SELECT count(*) FROM infra.fault_log l WHERE l.name = f.name AND l.fired_at >= f.armed_at) "
+                    "AS fired FROM infra.faults f").fetchall()
+        except Exception as exc:  # the database being down must not stop the process; keep the last view
+            log.debug("fault registry refresh failed: %s", exc)
+            self._drop_connection()
+            return
+        armed = {}
+        for name, action, probability, params, seed, armed_at, fired in rows:
+            old = self._armed.get(name)
+            if old is not None and old.armed_at == armed_at:
+                old.fired = max(old.fired, int(fired))
+                armed[name] = old
+                continue
+            # Seeded by what already struck, so a restarted process continues the sequence instead of
+            # replaying its first draw (which, for a crash, would crash every restart).
+            rng = random.Random(f"{seed}:{name}:{fired}")
+            armed[name] = Fault(name, action, float(probability), params or {}, int(seed), armed_at, rng, int(fired))
+        self._armed = armed
+
+    def _environment_tick(self) -> None:
+        if self.redis_url is None:
+            return
+        for name in ENVIRONMENT_FAULTS:
+            fault = self._armed.get(name)
+            if fault is None or fault.action != "trigger":
+                continue
+            with self._lock:
+                if not fault.strikes():
+                    continue
+                fault.fired += 1
+            # Off the caller's thread: a broker restart takes rabbitmqctl a few seconds.
+            threading.Thread(target=self._act, args=(fault,), name=f"fault:{name}", daemon=True).start()
+
+    def _act(self, fault: Fault) -> None:
+        try:
+            context = ENVIRONMENT_ACTIONS[fault.name](self, fault.params)
+        except Exception as exc:
+            context = {"failed": str(exc)[:200]}
+            log.warning("fault %s could not act: %s", fault.name, exc)
+        self._log(fault, context)
+        log.warning("fault %s struck: %s", fault.name, context)
+
+    def tick(self) -> None:
+        """Refresh if due, then give each armed environment fault its chance to strike.
+
+        Only the server's scheduler thread calls this (twice a second), so a short-lived CLI command
+        that reads the registry never flushes Redis by accident.
+        """
+        self._current()
+        self._environment_tick()
+
+    def _log(self, fault: Fault, context: dict) -> None:
+        payload = json.dumps({k: str(v) for k, v in context.items()})
+        try:
+            with self._log_lock:
+                self._connection().execute(
+                    "INSERT INTO infra.fault_log (name, action, pid, context) VALUES (%s, %s, %s, %s::jsonb)",
+                    (fault.name, fault.action, os.getpid(), payload))
+        except Exception as exc:
+            log.warning("could not log fault %s: %s", fault.name, exc)
+            self._drop_connection()
+
+    def _connection(self):
+        if self._conn is None or self._conn.closed:
+            import psycopg
+
+            self._conn = psycopg.connect(self.database_url, autocommit=True, connect_timeout=3)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        try:
+            if self._conn is not None:
+                self._conn.close()
+        except Exception:  # it is broken already; we only discard it
+            pass
+        self._conn = None
+
+
+def crash(name: str) -> None:
+    """Exit at once, as if killed: no cleanup, no flush, no finally blocks (the fault's whole point)."""
+    log.critical("fault %s: crashing process %d", name, os.getpid())
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # a crash must happen even if the log cannot be written
+            pass
+    os._exit(CRASH_STATUS)
+
+
+def _queue_matches(params: dict, queue: str) -> bool:
+    wanted = params.get("queue") or params.get("queues")
+    if not wanted:
+        return True
+    return queue in ([wanted] if isinstance(wanted, str) else wanted)
+
+
+# -- environment faults ------------------------------------------------------------------------------
+def flush_redis(registry: FaultRegistry, params: dict) -> dict:
+    """FLUSHDB on the configured Redis database only (never FLUSHALL: other databases are not ours)."""
+    import redis
+
+    client = redis.Redis.from_url(registry.redis_url, socket_connect_timeout=3)
+    try:
+        keys = client.dbsize()
+        client.flushdb()
+    finally:
+        client.close()
+    return {"keysLost": keys}
+
+
+def restart_broker_connections(registry: FaultRegistry, params: dict) -> dict:
+    """What clients see of a broker restart: RabbitMQ closes every connection of our virtual host.
+
+    The broker itself is shared with other users of this machine, so it is never restarted; the
+    connections of our vhost are force-closed with ``rabbitmqctl close_connection`` instead. On the
+    default vhost ``/`` other programs may be connected too, so that is refused unless the fault was
+    armed with ``{"allow_default_vhost": true}`` (the lab's own broker).
+    """
+    import subprocess
+    from urllib.parse import unquote, urlparse
+
+    vhost = unquote(urlparse(registry.amqp_url).path[1:] or "/") or "/"
+    if vhost == "/" and not params.get("allow_default_vhost"):
+        return {"refused": "the default vhost may be shared; arm with allow_default_vhost=true to allow"}
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "vhost"], capture_output=True,
+                            text=True, timeout=30, check=True).stdout.splitlines()
+    closed = 0
+    for line in listed:
+        parts = line.split("\t")
+        if len(parts) == 2 and parts[1] == vhost:
+            subprocess.run(["rabbitmqctl", "-q", "close_connection", parts[0], "pulse fault broker.restart"],
+                           capture_output=True, timeout=30)
+            closed += 1
+    return {"vhost": vhost, "connectionsClosed": closed}
+
+
+def restart_database_connections(registry: FaultRegistry, params: dict) -> dict:
+    """What clients see of a PostgreSQL restart: every session on our database is terminated.
+
+    The server is shared, so it is not restarted; ``pg_terminate_backend`` ends the sessions of this
+    database only (including a CDC relay's replication connection). Refused for ``postgres``.
+    """
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    name = conninfo_to_dict(registry.database_url).get("dbname", "postgres")
+    if name in ("postgres", "template0", "template1"):
+        return {"refused": f"database {name} is not the lab's own"}
+    with psycopg.connect(registry.database_url, autocommit=True, connect_timeout=3) as conn:
+        rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                            "AND pid <> pg_backend_pid()", (name,)).fetchall()
+    registry._drop_connection()
+    return {"database": name, "sessionsTerminated": len(rows)}
+
+
+ENVIRONMENT_ACTIONS = {"redis.flush": flush_redis, "broker.restart": restart_broker_connections,
+                       "db.restart": restart_database_connections}
+
+
+# -- the Python API used by the CLI and the lab ------------------------------------------------------
+def arm(database_url: str, name: str, action: str | None = None, probability: float = 1.0, seed: int = 0,
+        **params) -> dict:
+    """Arm (or re-arm) fault ``name``; running processes pick it up within half a second.
+
+    ``action`` defaults to the point's natural one (see ``POINTS``); a naive switch's action is ``naive``.
+    ``params``: ``ms`` for delay, ``queue`` for consumer.lose, ``max`` to stop after that many strikes.
+    """
+    action = action or (POINTS.get(name) if name in POINTS else "naive" if name in NAIVE_SWITCHES else None)
+    if action not in ACTIONS:
+        raise UnknownFault(f"Unknown fault {name!r}: name one of {', '.join(list(POINTS) + list(NAIVE_SWITCHES))}, "
+                           f"or give an action ({', '.join(ACTIONS)}).")
+    if not 0.0 <= float(probability) <= 1.0:
+        raise UnknownFault(f"The probability of {name} must be between 0 and 1, got {probability}.")
+    with _connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO infra.faults (name, action, probability, params, seed) VALUES (%s, %s, %s, %s::jsonb, %s) "
+            "ON CONFLICT (name) DO UPDATE SET action = EXCLUDED.action, probability = EXCLUDED.probability, "
+            "params = EXCLUDED.params, seed = EXCLUDED.seed, armed_at = clock_timestamp()",
+            (name, action, float(probability), json.dumps(params), int(seed)))
+    return {"name": name, "action": action, "probability": float(probability), "params": params, "seed": int(seed)}
+
+
+def disarm(database_url: str, name: str | None = None) -> int:
+    """Disarm fault ``name`` (every fault when ``name`` is None); returns how many were disarmed."""
+    with _connect(database_url) as conn:
+        if name is None:
+            return conn.execute("DELETE FROM infra.faults").rowcount
+        return conn.execute("DELETE FROM infra.faults WHERE name = %s", (name,)).rowcount
+
+
+def list_armed(database_url: str) -> list[dict]:
+    """The armed faults, each with how often it struck since it was armed."""
+    with _connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT f.name, f.action, f.probability, f.params, f.seed, f.armed_at, "
+            "(SELECT count(*) FROM infra.fault_log l WHERE l.name = f.name AND l.fired_at >= f.armed_at) AS fired "
+            "FROM infra.faults f ORDER BY f.name").fetchall()
+    return [{"name": r[0], "action": r[1], "probability": r[2], "params": r[3], "seed": r[4],
+             "armedAt": r[5].isoformat(), "fired": r[6]} for r in rows]
+
+
+def fired_counts(database_url: str, since=None) -> dict[str, int]:
+    """How many times each fault struck (since ``since``, a datetime, when given), from ``infra.fault_log``."""
+    with _connect(database_url) as conn:
+        rows = conn.execute("SELECT name, count(*) FROM infra.fault_log WHERE fired_at >= COALESCE(%s, '-infinity') "
+                            "GROUP BY name ORDER BY name", (since,)).fetchall()
+    return {name: n for name, n in rows}
+
+
+def _connect(database_url: str):
+    import psycopg
+
+    return psycopg.connect(database_url, autocommit=True, connect_timeout=5)
+
+
+def from_settings(settings, *, environment: bool = True) -> FaultRegistry:
+    """The registry a process built from ``settings`` uses; ``environment`` lets it execute environment faults."""
+    return FaultRegistry(settings.database_url, redis_url=settings.redis_url if environment else None,
+                         amqp_url=settings.amqp_url if environment else None)

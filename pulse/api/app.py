@@ -39,7 +39,9 @@ class OrderIn(Camel):
 
 
 def _sentence(error: dict) -> str:
-    where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "path", "query"))
+    # Path parameters are snake_case in Python; the client spells every field in camelCase.
+    where = ".".join(to_camel(p) if isinstance(p, str) else str(p)
+                     for p in error.get("loc", ()) if p not in ("body", "path", "query"))
     kind, msg = error.get("type", ""), error.get("msg", "is invalid")
     if kind == "missing":
         return f"{where or 'The request body'} is required."

@@ -60,7 +60,7 @@ class Consumer(threading.Thread):
                 conn.close()
 
     def _process(self, channel, method, props, body):
-        if self.faults is not None and self.faults.lose_message(self.queue):
+        if self.faults is not None and self.faults.lose_message(self.queue, event_id=props.message_id):
             channel.basic_ack(method.delivery_tag)  # the lab's "lost event": acked, never handled
             return
         try:
@@ -94,7 +94,8 @@ class Consumer(threading.Thread):
     def _dead_letter(self, channel, method, props, body, reason: str):
         headers = dict(props.headers or {})
         headers.update({"x-pulse-reason": reason[:1000], "x-pulse-queue": self.queue,
-                        "x-pulse-failed-at": time.time()})
+                        # AMQP tables have no float type (pika refuses to encode one): whole epoch ms.
+                        "x-pulse-failed-at": int(time.time() * 1000)})
         dlq_props = pika.BasicProperties(content_type=props.content_type, delivery_mode=2,
                                          message_id=props.message_id, type=props.type, headers=headers)
         # Published before the ack: a crash in between leaves a duplicate in the DLQ, never a loss.

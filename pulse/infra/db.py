@@ -37,7 +37,9 @@ def ensure_database(url: str) -> bool:
 
 def make_pool(url: str, *, min_size: int = 1, max_size: int = 20, name: str = "pulse") -> ConnectionPool:
     """An opened pool whose connections return rows as dicts."""
+    # check: a connection killed by a database restart is replaced before use instead of failing one request.
     pool = ConnectionPool(url, min_size=min_size, max_size=max_size, name=name, open=False,
+                          check=ConnectionPool.check_connection,
                           kwargs={"row_factory": dict_row, "connect_timeout": 5})
     try:
         pool.open(wait=True, timeout=10)

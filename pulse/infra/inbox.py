@@ -14,7 +14,7 @@ INBOX_TABLES = {
 def claim(conn, table: str, event_id, *, enabled: bool = True) -> bool:
     """True if this event is new for the module; False if its effect was already committed.
 
-    ON CONFLICT DO NOTHING waits for a concurrent transaction holding the same id: if that one
+    ON CONFLICT waits for a concurrent transaction holding the same id: if that one
     commits we see a duplicate, if it rolls back our insert goes through, so two deliveries of
     one event never both take effect. ``enabled=False`` is the lab's naive mode without an inbox.
     """
@@ -22,6 +22,8 @@ def claim(conn, table: str, event_id, *, enabled: bool = True) -> bool:
         raise ValueError(f"unknown inbox table {table!r}")
     if not enabled:
         return True
-    row = conn.execute(f"INSERT INTO {table} (event_id) VALUES (%s) ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+    # A duplicate bumps the row's counter (the delivery check reports it); xmax = 0 only on a fresh insert.
+    row = conn.execute(f"INSERT INTO {table} AS t (event_id) VALUES (%s) ON CONFLICT (event_id) "
+                       "DO UPDATE SET duplicates = t.duplicates + 1 RETURNING (xmax = 0) AS inserted",
                        (event_id,)).fetchone()
-    return row is not None
+    return bool(row[0] if isinstance(row, tuple) else row["inserted"])

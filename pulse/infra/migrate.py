@@ -25,8 +25,12 @@ def sql_files(directory: Path = SQL_DIR) -> list[Path]:
     return sorted(directory.glob("*.sql"))
 
 
-def migrate(url: str, directory: Path = SQL_DIR) -> list[str]:
-    """Create the database if missing and apply every SQL file; safe to run any number of times."""
+def migrate(url: str, directory: Path = SQL_DIR, *, settings=None) -> list[str]:
+    """Create the database if missing and apply every SQL file; safe to run any number of times.
+
+    With ``settings`` in cdc outbox mode, also create the configured publication and replication slot (the
+    slot only then: an unread slot keeps WAL forever, so polling mode and test sessions never get one).
+    """
     db.ensure_database(url)
     applied = []
     with db.connect(url, autocommit=True) as conn:
@@ -40,6 +44,9 @@ def migrate(url: str, directory: Path = SQL_DIR) -> list[str]:
         finally:
             conn.execute("SELECT pg_advisory_unlock(hashtext('pulse.migrate'))")
     log.info("applied %d migration files", len(applied))
+    if settings is not None and settings.outbox_mode == "cdc":
+        from pulse.infra import relay_cdc  # only cdc mode needs it
+        relay_cdc.prepare(url, settings.cdc_slot, settings.cdc_publication)
     return applied
 
 

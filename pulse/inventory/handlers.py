@@ -74,6 +74,10 @@ def on_reserve(deps, envelope) -> None:
                                  "VALUES (%s, %s::jsonb, 'RESERVED') ON CONFLICT (order_id) DO NOTHING",
                                  (p["orderId"], json.dumps(p["items"])))
             except OutOfStock as exc:
+                # Recorded so a re-driven trigger event cannot reserve an order that already failed.
+                conn.execute("INSERT INTO inventory.reservations (order_id, items, status) "
+                             "VALUES (%s, %s::jsonb, 'FAILED') ON CONFLICT (order_id) DO NOTHING",
+                             (p["orderId"], json.dumps(p["items"])))
                 outbox.append(conn, E.STOCK_FAILED, "ORDER", p["orderId"],
                               {**base, "reason": "OUT_OF_STOCK", "shortages": exc.shortages})
                 return

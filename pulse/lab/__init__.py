@@ -1,1 +1,12 @@
-"""The lab's Python API: launch the system, drive checkouts, break things and watch them heal."""
+"""The lab's Python API: launch the system, drive checkouts, break things and watch them heal.
+
+Start with ``Lab`` (``Lab?`` in a notebook): ``lab = Lab(strategy="optimistic").start()``.
+Nothing here connects to a service at import time.
+"""
+
+from pulse.lab.client import PulseClient, PulseError
+from pulse.lab.lab import AIRPODS, IPHONE, KEYBOARD, KINDLE, MACBOOK, Lab, LabError
+from pulse.lab.record import record
+
+__all__ = ["Lab", "LabError", "PulseClient", "PulseError", "record",
+           "IPHONE", "AIRPODS", "MACBOOK", "KINDLE", "KEYBOARD"]

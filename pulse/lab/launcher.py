@@ -60,6 +60,13 @@ class ServeProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def healthy(self) -> bool:
+        """True when the child answers on /health right now."""
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM (a clean shutdown), then SIGKILL if it has not exited in time; returns the exit status."""
         if self.proc is None:

@@ -51,10 +51,14 @@ class Reconciler:
 
     def _reconcile(self, conn, lower, upper, full: bool) -> dict:
         ttl_ms = int(self.deps.settings.cart_ttl_s * 1000)
-        window = "updated_at <= %(upper)s" + ("" if lower is None else " AND updated_at > %(lower)s")
+
+        def window(alias: str = "") -> str:
+            column = f"{alias}updated_at"  # qualified where a join would make it ambiguous
+            return f"{column} <= %(upper)s" + ("" if lower is None else f" AND {column} > %(lower)s")
+
         args = {"upper": upper, "lower": lower}
         stock_rows = conn.execute(
-            f"SELECT product_id, available_quantity FROM inventory.inventory_items WHERE {window}", args).fetchall()
+            f"SELECT product_id, available_quantity FROM inventory.inventory_items WHERE {window()}", args).fetchall()
         if full:
             products = {str(r["product_id"]) for r in stock_rows}
             users = {str(r["user_id"]) for r in conn.execute(
@@ -64,7 +68,7 @@ class Reconciler:
         else:
             changed = conn.execute(
                 f"SELECT c.user_id, ci.product_id FROM inventory.cart_items ci JOIN inventory.carts c "
-                f"ON c.id = ci.cart_id WHERE ci.{window}", args).fetchall()
+                f"ON c.id = ci.cart_id WHERE {window('ci.')}", args).fetchall()
             products = {str(r["product_id"]) for r in changed}
             users = {str(r["user_id"]) for r in changed}
             lo_ms = int(lower.timestamp() * 1000) + ttl_ms

@@ -1,0 +1,80 @@
+"""BENCHMARKS.md from a results dict: the headline table, each figure beside its limit, and the goals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _fmt(value, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        value = f"{value:,.1f}" if abs(value) >= 10 else f"{value:,.2f}"
+    elif isinstance(value, int):
+        value = f"{value:,}"
+    return f"{value}{unit}"
+
+
+def _why(r: dict, key: str) -> str:
+    return r.get(f"{key}_reason", "") if r.get(key) is None else ""
+
+
+def rows(r: dict) -> list[tuple[str, str, str, str, str]]:
+    ratio = r["ratios"]
+    return [
+        ("Cart adds through the API (closed loop)", _fmt(r["cart_adds_per_s"], "/s"),
+         "`pgbench -N`, same concurrency", _fmt(r["pgbench_tps"], " TPS"),
+         _fmt(ratio["cart_adds_vs_pgbench"]) + " " + _why(r, "cart_adds_per_s")),
+        ("Reservations via CartService.reserve (4 threads)", _fmt(r["python_reservations_per_s"], "/s"),
+         "`redis-benchmark` EVALSHA reserve_stock, -c 4", _fmt(r["redis_benchmark_evalsha_per_s"], "/s"),
+         _fmt(ratio["reservations_vs_redis_benchmark"])),
+        ("Polling relay with publisher confirms", _fmt(r["relay_events_per_s"], " events/s"),
+         "raw unconfirmed pika publishes", _fmt(r["raw_publish_per_s"], "/s"),
+         _fmt(ratio["relay_vs_raw_publish"])),
+        ("Commit→consumer p50 / p99, polling relay, 1,000 events/s",
+         f"{_fmt(r['polling_p50_ms'])} / {_fmt(r['polling_p99_ms'], ' ms')}", "—", "—", _why(r, "polling_p99_ms")),
+        ("Commit→consumer p50 / p99, CDC relay, 1,000 events/s",
+         f"{_fmt(r['cdc_p50_ms'])} / {_fmt(r['cdc_p99_ms'], ' ms')}", "goal", "≤ 50 ms", _why(r, "cdc_p99_ms")),
+        (f"End-to-end sustained checkouts/s ({r['e2e_config']})", _fmt(r["e2e_checkouts_per_s"], "/s"),
+         "goal", "≥ 250/s", _why(r, "e2e_checkouts_per_s")),
+        ("create→COMPLETED p50 / p99 at half that load", f"{_fmt(r['e2e_p50_ms'])} / {_fmt(r['e2e_p99_ms'], ' ms')}",
+         "goal", "p99 ≤ 200 ms", _why(r, "e2e_p99_ms")),
+        ("Reconciliation, 1k changed rows in 1M products", _fmt(r["reconcile_ms_1m_catalog"], " ms"),
+         "full scan of the same catalogue", _fmt(r["full_scan_ms_1m_catalog"], " ms"),
+         (_fmt(ratio["full_scan_vs_delta_1m"], "× faster") if ratio["full_scan_vs_delta_1m"] else "")
+         + " " + _why(r, "reconcile_ms_1m_catalog")),
+        ("Scaling 1 → 2 `pulse serve` (competing consumers)", _fmt(r["scaling_speedup_2_processes"], "×"),
+         "—", "—", _why(r, "scaling_speedup_2_processes")),
+    ]
+
+
+def write_markdown(r: dict, path: Path) -> None:
+    """Write the table of the run ``r`` (a results dict of bench/suite.py) to ``path``."""
+    lines = ["# Benchmarks", "",
+             "Produced by `bench/run` (`--quick`: under 5 minutes). Each figure stands beside a limit measured in the",
+             "same run on the same machine; the raw numbers, CPU use per component and the load average are in",
+             "`bench/results/latest.json`. A missing figure shows — and the reason.", "",
+             f"Run: {r['started_at']}, plan `{r['plan']}`, {r['machine']['cpus']} CPUs, load average at start "
+             f"{r['machine']['loadavg_start']}, at end {r['loadavg_end']}, {r.get('total_s', '?')} s in all.", "",
+             "| measurement | figure | limit | limit value | ratio / note |", "|---|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} | {e.strip()} |" for a, b, c, d, e in rows(r)]
+    lines += ["", "## End to end, per strategy and outbox mode", "",
+              "| configuration | sustained checkouts/s | half-load rate | p50 ms | p99 ms | server CPU at saturation |",
+              "|---|---|---|---|---|---|"]
+    for name, e in (r["sections"].get("e2e") or {}).items():
+        if isinstance(e, dict) and "sustained_checkouts_per_s" in e:
+            cores = e["cpu_at_saturation"]["by_component_cores"].get("pulse serve")
+            lines.append(f"| {name} | {_fmt(e['sustained_checkouts_per_s'])} | {_fmt(e['half_load_rate'])} | "
+                         f"{_fmt(e['p50_ms'])} | {_fmt(e['p99_ms'])} | {_fmt(cores, ' cores')} |")
+    lines += ["", "## Reconciliation vs catalogue size (1,000 changed rows)", "",
+              "| products | delta run ms | full scan ms | speedup |", "|---|---|---|---|"]
+    for size, rec in (r["sections"].get("reconcile") or {}).items():
+        if isinstance(rec, dict) and "delta_ms" in rec:
+            lines.append(f"| {int(size):,} | {_fmt(rec['delta_ms'])} | {_fmt(rec['full_scan_ms'])} | "
+                         f"{_fmt(rec['speedup'], '×')} |")
+    lines += ["", "## Goals of issue 6", "", "| goal | met |", "|---|---|"]
+    lines += [f"| {g} | {'yes' if ok else 'no' if ok is False else 'not measured'} |" for g, ok in r["goals"].items()]
+    notes = Path(__file__).with_name("NOTES.md")
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    path.write_text("\n".join(lines) + "\n")

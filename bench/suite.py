@@ -1,0 +1,239 @@
+"""``bench/run [--quick] [--only NAME,...]``: every figure of issue 6 next to a limit measured in the same run.
+
+Results go to ``bench/results/<timestamp>.json`` and ``bench/results/latest.json``; BENCHMARKS.md gets the table.
+A measurement that cannot run leaves its keys null with the reason in ``<key>_reason``; nothing is made up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import measure  # noqa: E402  (needs the project root on sys.path first)
+from bench.private import Private  # noqa: E402
+from pulse import config  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+HEADLINE = ("cart_adds_per_s", "pgbench_tps", "e2e_checkouts_per_s", "e2e_p99_ms", "relay_events_per_s",
+            "cdc_p99_ms", "reconcile_ms_1m_catalog", "full_scan_ms_1m_catalog")
+
+PLANS = {  # quick: under 5 minutes on the 2-core box; full: longer runs, the catalogue sizes of the issue
+    "quick": {"duration_s": 4, "concurrency": 8, "e2e_concurrency": 16, "relay_events": 20_000,
+              "latency_s": 4, "redis_requests": 50_000, "sizes": [10_000, 100_000, 1_000_000]},
+    "full": {"duration_s": 15, "concurrency": 8, "e2e_concurrency": 16, "relay_events": 100_000,
+             "latency_s": 10, "redis_requests": 200_000, "sizes": [10_000, 100_000, 1_000_000]},
+}
+SECTIONS = ("cart", "redis", "relay", "e2e", "reconcile", "scaling")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_section(name: str, results: dict, fn) -> None:
+    """Run one section; a failure is recorded with its reason and the suite goes on."""
+    log(f"{name} ...")
+    started = time.perf_counter()
+    try:
+        results["sections"][name] = fn()
+    except Exception as exc:  # one broken measurement must not lose the others
+        results["sections"][name] = {"error": f"{type(exc).__name__}: {exc}",
+                                     "traceback": traceback.format_exc(limit=5)}
+        log(f"{name} failed: {exc}")
+    results["sections"][name]["section_s"] = round(time.perf_counter() - started, 1)
+    results["sections"][name]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    log(f"{name} done in {results['sections'][name]['section_s']}s")
+
+
+def cdc_available() -> str | None:
+    """None when the CDC relay can run here, else why not."""
+    if importlib.util.find_spec("pulse.infra.relay_cdc") is None:
+        return "pulse/infra/relay_cdc.py does not exist yet (issue 3)"
+    return None
+
+
+def run(plan_name: str, only: set[str]) -> dict:
+    plan = PLANS[plan_name]
+    d, c = plan["duration_s"], plan["concurrency"]
+    logs = RESULTS / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    serve_log = str(logs / "serve.log")
+    results = {"started_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "plan": plan_name, "params": plan, "machine": machine(), "sections": {}}
+    cdc_reason = cdc_available()
+    with Private() as p:
+        results["private"] = {"database": p.tag, "vhost": p.vhost, "redis_db": p.redis_db}
+        sections = {
+            "cart": lambda: {"pgbench": measure.pgbench_tps(p, concurrency=c, duration_s=d),
+                             "api": measure.cart_adds(p, concurrency=c, duration_s=d, log=serve_log)},
+            "redis": lambda: measure.reservations(p, concurrency=4, duration_s=d, requests=plan["redis_requests"]),
+            "relay": lambda: relay_section(p, plan, cdc_reason),
+            "e2e": lambda: {f"{s}/{m}": measure.end_to_end(p, strategy=s, outbox_mode=m,
+                                                          concurrency=plan["e2e_concurrency"], duration_s=d,
+                                                          log=serve_log)
+                            for s in ("optimistic", "post-payment")
+                            for m in (("polling", "cdc") if cdc_reason is None else ("polling",))},
+            "reconcile": lambda: measure.reconciliation(p, sizes=plan["sizes"], changed=1000),
+            "scaling": lambda: measure.scaling(p, concurrency=plan["e2e_concurrency"], duration_s=d, log=serve_log),
+        }
+        for name in SECTIONS:
+            if not only or name in only:
+                run_section(name, results, sections[name])
+    results["finished_at"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    headline(results, cdc_reason)
+    return results
+
+
+def relay_section(p, plan: dict, cdc_reason: str | None) -> dict:
+    out = {"throughput": measure.relay_throughput(p, events=plan["relay_events"])}
+    helper = ROOT / "bench" / "relay_bench.py"
+    out["latency"] = {"polling": measure.relay_latency(p, mode="polling", rate=1000, duration_s=plan["latency_s"])}
+    if cdc_reason is None:
+        out["latency"]["cdc"] = measure.relay_latency(p, mode="cdc", rate=1000, duration_s=plan["latency_s"])
+    relay_json = RESULTS / "relay.json"
+    if helper.exists() and relay_json.exists():
+        out["relay_bench_json"] = json.loads(relay_json.read_text())  # the CDC helper's own, fuller measurement
+    return out
+
+
+def machine() -> dict:
+    return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "note": "services, servers and load generator share these CPUs; see each section's cpu breakdown"}
+
+
+def _get(results: dict, *path):
+    node = results["sections"]
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _why(results: dict, section: str, default: str) -> str:
+    err = _get(results, section, "error")
+    if err:
+        return f"the {section} section failed: {err}"
+    if section not in results["sections"]:
+        return f"the {section} section was not run (--only)"
+    return default
+
+
+def headline(results: dict, cdc_reason: str | None) -> None:
+    """The keys of issue 6 at the top level, each with its limit and ratio; null plus ``*_reason`` when missing."""
+    h = {}
+    default_mode = config.Settings().outbox_mode
+    e2e = _get(results, "e2e", f"optimistic/{default_mode}") or {}
+    rec = _get(results, "reconcile", "1000000") or {}
+    values = {
+        "cart_adds_per_s": _get(results, "cart", "api", "cart_adds_per_s"),
+        "pgbench_tps": _get(results, "cart", "pgbench", "tps"),
+        "python_reservations_per_s": _get(results, "redis", "python_reservations_per_s"),
+        "redis_benchmark_evalsha_per_s": _get(results, "redis", "redis_benchmark_evalsha_per_s"),
+        "relay_events_per_s": _get(results, "relay", "throughput", "relay_events_per_s"),
+        "raw_publish_per_s": _get(results, "relay", "throughput", "raw_unconfirmed_per_s"),
+        "polling_p50_ms": _get(results, "relay", "latency", "polling", "latency_ms", "p50"),
+        "polling_p99_ms": _get(results, "relay", "latency", "polling", "latency_ms", "p99"),
+        "cdc_p50_ms": _get(results, "relay", "latency", "cdc", "latency_ms", "p50"),
+        "cdc_p99_ms": _get(results, "relay", "latency", "cdc", "latency_ms", "p99"),
+        "e2e_checkouts_per_s": e2e.get("sustained_checkouts_per_s"),
+        "e2e_p50_ms": e2e.get("p50_ms"),
+        "e2e_p99_ms": e2e.get("p99_ms"),
+        "reconcile_ms_1m_catalog": rec.get("delta_ms"),
+        "full_scan_ms_1m_catalog": rec.get("full_scan_ms"),
+        "scaling_speedup_2_processes": _get(results, "scaling", "speedup"),
+    }
+    sections = {"cart_adds_per_s": "cart", "pgbench_tps": "cart", "python_reservations_per_s": "redis",
+                "redis_benchmark_evalsha_per_s": "redis", "relay_events_per_s": "relay", "raw_publish_per_s": "relay",
+                "polling_p50_ms": "relay", "polling_p99_ms": "relay", "cdc_p50_ms": "relay", "cdc_p99_ms": "relay",
+                "e2e_checkouts_per_s": "e2e", "e2e_p50_ms": "e2e", "e2e_p99_ms": "e2e",
+                "reconcile_ms_1m_catalog": "reconcile", "full_scan_ms_1m_catalog": "reconcile",
+                "scaling_speedup_2_processes": "scaling"}
+    for key, value in values.items():
+        h[key] = value
+        if value is None:
+            default = "not measured"
+            if key.startswith("cdc_") and cdc_reason:
+                default = cdc_reason
+            h[f"{key}_reason"] = _why(results, sections[key], default)
+    h["e2e_config"] = f"optimistic/{default_mode}"
+    h["ratios"] = {
+        "cart_adds_vs_pgbench": _ratio(h["cart_adds_per_s"], h["pgbench_tps"]),
+        "reservations_vs_redis_benchmark": _ratio(h["python_reservations_per_s"], h["redis_benchmark_evalsha_per_s"]),
+        "relay_vs_raw_publish": _ratio(h["relay_events_per_s"], h["raw_publish_per_s"]),
+        "full_scan_vs_delta_1m": _ratio(h["full_scan_ms_1m_catalog"], h["reconcile_ms_1m_catalog"]),
+    }
+    h["goals"] = goals(h)
+    results.update(h)
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def goals(h: dict) -> dict:
+    """Issue 6's goals, each met (True), missed (False) or unknown (None)."""
+    def check(cond, *values):
+        return None if any(v is None for v in values) else bool(cond())
+    r = h["ratios"]
+    return {
+        "cart_adds >= 60% of pgbench": check(lambda: r["cart_adds_vs_pgbench"] >= 0.6, r["cart_adds_vs_pgbench"]),
+        "e2e >= 250 checkouts/s": check(lambda: h["e2e_checkouts_per_s"] >= 250, h["e2e_checkouts_per_s"]),
+        "e2e p99 <= 200 ms at half load": check(lambda: h["e2e_p99_ms"] <= 200, h["e2e_p99_ms"]),
+        "relay >= 5000 events/s with confirms": check(lambda: h["relay_events_per_s"] >= 5000, h["relay_events_per_s"]),
+        "cdc p99 <= 50 ms at 1000 events/s": check(lambda: h["cdc_p99_ms"] <= 50, h["cdc_p99_ms"]),
+        "reconcile 1k changed in 1M <= 500 ms": check(lambda: h["reconcile_ms_1m_catalog"] <= 500,
+                                                      h["reconcile_ms_1m_catalog"]),
+        "reconcile >= 20x faster than full scan": check(lambda: r["full_scan_vs_delta_1m"] >= 20,
+                                                        r["full_scan_vs_delta_1m"]),
+    }
+
+
+def write(results: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = results["started_at"].replace(":", "").replace("-", "")[:15]
+    path = RESULTS / f"{stamp}-{results['plan']}.json"
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    path.write_text(text)
+    (RESULTS / "latest.json").write_text(text)
+    from bench.report import write_markdown
+    write_markdown(results, ROOT / "BENCHMARKS.md")
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short runs (under 5 minutes)")
+    ap.add_argument("--only", default="", help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    args = ap.parse_args(argv)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - set(SECTIONS)
+    if unknown:
+        print(f"bench/run: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}.",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    results = run("quick" if args.quick else "full", only)
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    path = write(results)
+    print(json.dumps({k: results.get(k) for k in (*HEADLINE, "ratios", "goals", "total_s")}, indent=2))
+    log(f"wrote {path.relative_to(ROOT)}, bench/results/latest.json and BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Cells of the workshop notebooks (exercises); :mod:`_build` writes them. Solutions live in workshops/solutions/."""
+
+PARAMS = "USE_REFERENCE_SOLUTION = True   # set False to check YOUR code below (True: the instructor's solution)"
+
+START = """from pulse.lab import Lab, record
+from pulse.lab import workshop
+lab = Lab(strategy=STRATEGY, outbox_mode=OUTBOX_MODE).start(serve=False)   # services ready, schema migrated"""
+
+RESERVE = [
+    ("md", """# Workshop 1 · The reservation Lua script
+Write `reserve_stock.lua`: `KEYS[1]` = `stock:{id}`, `KEYS[2]` = `reserved:{id}`, `ARGV[1]` = quantity.
+Return **-1** when the stock key is missing, **0** when `stock − reserved < qty` (change nothing), **1** after
+incrementing `reserved`. Redis runs a script atomically: that is the whole point. (~20 minutes)"""),
+    ("params", PARAMS),
+    ("code", START),
+    ("md", "## Your script"),
+    ("code", '''MY_SCRIPT = """
+-- your Lua here
+return -1
+"""'''),
+    ("code", "source = workshop.solution('reserve_stock.lua') if USE_REFERENCE_SOLUTION else MY_SCRIPT"),
+    ("md", "## Auto-check\nRuns your script on the real Redis: the three answers, then 40 shoppers racing for 10 units."),
+    ("code", "result = workshop.check_reserve_script(lab, source)\nresult"),
+    ("code", "lab.stop()"),
+    ("code", 'record({"exercise": "reserve_stock", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
+             'notebook="workshop_01_reserve_lua")'),
+]
+
+INBOX = [
+    ("md", """# Workshop 2 · The inbox check
+Write `claim(conn, table, event_id) -> bool`, called inside the handler's transaction before its effect:
+True when this event is new for the module, False when its effect was already committed. It must stay
+correct when two deliveries of one event race, and when the effect's transaction rolls back. (~20 minutes)"""),
+    ("params", PARAMS),
+    ("code", START),
+    ("md", "## Your function"),
+    ("code", '''def my_claim(conn, table, event_id):
+    # your code here: one statement is enough
+    raise NotImplementedError("write the inbox claim")'''),
+    ("code", "if USE_REFERENCE_SOLUTION:\n    namespace = {}\n    exec(workshop.solution('inbox_claim.py'), namespace)\n"
+             "    claim = namespace['claim']\nelse:\n    claim = my_claim"),
+    ("md", "## Auto-check\nRuns against the real `orders.inbox`: first delivery, redelivery, rollback, and 8 racing deliveries."),
+    ("code", "result = workshop.check_inbox(lab, claim)\nresult"),
+    ("code", "lab.stop()"),
+    ("code", 'record({"exercise": "inbox", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
+             'notebook="workshop_02_inbox")'),
+]
+
+COMPENSATION = [
+    ("md", """# Workshop 3 · The compensation handler
+Optimistic saga, the card was declined: inventory receives `PAYMENT_FAILED` and must give back exactly what
+this order reserved (`inventory.reservations`), **once**, mark the reservation RELEASED and announce
+`STOCK_RELEASED` through the outbox — all in one transaction. (~30 minutes)"""),
+    ("params", PARAMS),
+    ("code", START),
+    ("md", "## Your handler"),
+    ("code", '''from pulse.events import EventType
+from pulse.infra import db, inbox, outbox
+
+def my_on_restock(deps, envelope):
+    p = envelope.payload            # {"orderId": ..., "items": [...], ...}
+    with db.transaction(deps.pool) as conn:
+        # 1. inbox.claim(conn, "inventory.inbox", envelope.id) — return if already handled
+        # 2. read this order's RESERVED reservation (FOR UPDATE)
+        # 3. add its quantities back, mark it RELEASED, outbox.append(... STOCK_RELEASED ...)
+        raise NotImplementedError("write the restock")'''),
+    ("code", "if USE_REFERENCE_SOLUTION:\n    namespace = {}\n    exec(workshop.solution('compensation.py'), namespace)\n"
+             "    on_restock = namespace['on_restock']\nelse:\n    on_restock = my_on_restock"),
+    ("md", "## Auto-check\nRuns the real saga in this kernel with your handler plugged into inventory, every card declined, "
+           "then delivers PAYMENT_FAILED a second time."),
+    ("code", "result = workshop.check_compensation(lab, on_restock)\nresult"),
+    ("code", "lab.stop()"),
+    ("code", 'record({"exercise": "compensation", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
+             'notebook="workshop_03_compensation")'),
+]
+
+DELTA = [
+    ("md", """# Workshop 4 · The reconciliation delta query
+The reconciler repairs Redis from PostgreSQL but must not scan a million products every time. Write the query
+that returns only the inventory rows changed since the last run (`%(lower)s`) and before the cooldown edge
+(`%(upper)s` = now − cooldown): `product_id, available_quantity`. (~15 minutes)"""),
+    ("params", PARAMS),
+    ("code", START),
+    ("md", "## Your query"),
+    ("code", '''MY_SQL = """
+SELECT product_id, available_quantity
+FROM inventory.inventory_items
+-- WHERE ...
+"""'''),
+    ("code", "sql = workshop.solution('delta_query.sql') if USE_REFERENCE_SOLUTION else MY_SQL"),
+    ("md", "## Auto-check\nThree products changed before, inside and after a window on the real database."),
+    ("code", "result = workshop.check_delta_query(lab, sql)\nresult"),
+    ("code", "lab.stop()"),
+    ("code", 'record({"exercise": "delta_query", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
+             'notebook="workshop_04_delta_query")'),
+]
+
+WORKSHOPS = {"workshops/01_reserve_lua.ipynb": RESERVE, "workshops/02_inbox_check.ipynb": INBOX,
+             "workshops/03_compensation_handler.ipynb": COMPENSATION, "workshops/04_reconcile_delta_query.ipynb": DELTA}

@@ -1,0 +1,282 @@
+"""The chaos campaign: checkouts over contended products while faults strike, then every invariant.
+
+``pulse chaos --orders N --seed S`` starts ``pulse serve`` under a :class:`~pulse.supervise.Supervisor`
+(so crash faults restart it), creates a few fresh products with scarce stock, drives N checkouts from a
+thread pool over HTTP while a second thread arms faults at random (each for a moment, most with a cap
+on how often they strike), then disarms everything, waits until every order of the campaign is settled
+(the saga watchdog re-drives what ``consumer.lose`` dropped), reconciles Redis with cooldown 0 and runs
+every invariant on the campaign's orders and products. The summary is one JSON document.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+
+from pulse import config, faults
+from pulse.check import invariants as inv
+from pulse.infra import db, migrate
+
+log = logging.getLogger(__name__)
+
+# How each fault kind is armed during a campaign: (action, probability, params). Crashes strike once per arming.
+FAULT_PLANS = {
+    "cart.after_redis": ("crash", 0.2, {"max": 1}),
+    "relay.after_publish": ("crash", 0.5, {"max": 1}),
+    "consumer.before_ack": ("crash", 0.1, {"max": 1}),
+    "consumer.lose": ("drop", 0.1, {"max": 4}),
+    "redis.flush": ("trigger", 1.0, {"max": 1}),
+    "broker.restart": ("trigger", 1.0, {"max": 1}),
+    "db.restart": ("trigger", 1.0, {"max": 1}),
+    "payment.decline": ("drop", 0.3, {}),
+    "payment.timeout": ("error", 0.3, {}),
+    "payment.latency": ("delay", 0.5, {"ms": 150}),
+}
+DEFAULT_FAULTS = tuple(FAULT_PLANS)
+SETTLED_CHECK_S = 0.5
+
+
+class Campaign:
+    """One campaign; :meth:`run` returns the summary (``violations`` empty when every invariant held)."""
+
+    def __init__(self, *, orders: int = 200, seed: int = 1, fault_kinds=DEFAULT_FAULTS, strategy: str | None = None,
+                 outbox_mode: str | None = None, url: str | None = None, products: int = 3, threads: int = 8,
+                 quiesce_timeout_s: float = 120.0, naive: str = "", progress: bool = True, env: dict | None = None,
+                 fault_every_s: float = 1.5, log_dir: str | None = None):
+        self.env = {**os.environ, **(env or {})}
+        base = config.from_env(self.env)
+        changes = {k: v for k, v in (("strategy", strategy), ("outbox_mode", outbox_mode)) if v}
+        self.settings = base.replace(**changes) if changes else base
+        self.orders, self.seed, self.url = orders, seed, url
+        self.fault_kinds = [f for f in fault_kinds if f and f != "none"]
+        unknown = set(self.fault_kinds) - set(FAULT_PLANS)
+        if unknown:
+            raise faults.UnknownFault(f"Unknown fault kind(s) {', '.join(sorted(unknown))}; "
+                                      f"choose from {', '.join(FAULT_PLANS)}.")
+        self.n_products, self.threads = products, threads
+        self.quiesce_timeout_s, self.naive, self.progress = quiesce_timeout_s, naive, progress
+        self.fault_every_s = fault_every_s
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pulse-chaos-"))
+        self.rng = random.Random(seed)
+        self.outcomes: collections.Counter = collections.Counter()
+        self.order_ids: list[str] = []
+        self._lock = threading.Lock()
+        self._driving = threading.Event()
+        self.pace_s = 0.0
+
+    @classmethod
+    def from_args(cls, args) -> "Campaign":
+        return cls(orders=args.orders, seed=args.seed, fault_kinds=args.faults.split(","), strategy=args.strategy,
+                   outbox_mode=args.outbox_mode, url=args.url, products=args.products, threads=args.threads,
+                   quiesce_timeout_s=args.quiesce_timeout, naive=args.naive, progress=not args.no_progress)
+
+    # -- the campaign ---------------------------------------------------------------------------------
+    def run(self) -> dict:
+        started = time.monotonic()
+        url = self.settings.database_url
+        migrate.migrate(url)
+        faults.disarm(url)
+        since = self._db_now()
+        products = self._create_products()
+        supervisor, thread = self._start_server() if self.url is None else (None, None)
+        server_url = self.url or self._server_url
+        try:
+            self._wait_healthy(server_url, 90)
+            self._driving.set()
+            injector = threading.Thread(target=self._inject, name="chaos-faults", daemon=True)
+            injector.start()
+            self._drive(server_url, products)
+            self._driving.clear()
+            injector.join()
+            faults.disarm(url)
+            quiet = self._quiesce(since, products)
+            outcome = inv.check_all(self.settings, inv.Scope(since=since, products=products))
+        finally:
+            self._driving.clear()
+            faults.disarm(url)
+            if supervisor is not None:
+                supervisor.stop()
+                thread.join(30)
+        return self._summary(since, outcome, quiet, supervisor, time.monotonic() - started)
+
+    def _create_products(self) -> list[str]:
+        # Scarce on purpose: some checkouts must find the shelf empty.
+        stock = max(3, int(self.orders * 0.8 / self.n_products))
+        ids = []
+        with db.connect(self.settings.database_url) as conn, conn.transaction():
+            for i in range(self.n_products):
+                pid = str(uuid.uuid4())
+                conn.execute("INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s)",
+                             (pid, f"Chaos item {i} ({pid[:8]})", Decimal(10 + 5 * i)))
+                conn.execute("INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s)",
+                             (pid, stock))
+                ids.append(pid)
+        return ids
+
+    def _start_server(self):
+        from pulse.lab.launcher import free_port
+        from pulse.supervise import Supervisor, serve_command
+
+        port = free_port()
+        self._server_url = f"http://127.0.0.1:{port}"
+        env = {**self.env, "PULSE_STRATEGY": self.settings.strategy, "PULSE_OUTBOX_MODE": self.settings.outbox_mode,
+               "PULSE_WATCHDOG_DEADLINE_S": self.env.get("PULSE_WATCHDOG_DEADLINE_S", "3"),
+               "PULSE_WATCHDOG_INTERVAL_S": self.env.get("PULSE_WATCHDOG_INTERVAL_S", "1"),
+               "PULSE_NAIVE": self.naive}
+        supervisor = Supervisor(serve_command(["--port", str(port)]), env=env, backoff_s=0.2,
+                                log_path=str(self.log_dir / "serve.log"))
+        thread = threading.Thread(target=supervisor.run, name="chaos-supervisor", daemon=True)
+        thread.start()
+        return supervisor, thread
+
+    # -- traffic --------------------------------------------------------------------------------------
+    def _drive(self, server_url: str, products: list[str]) -> None:
+        from tqdm import tqdm
+
+        plans = [(self.rng.choice(products), self.rng.choice((1, 1, 2))) for _ in range(self.orders)]
+        # Spread the checkouts so every fault kind gets its turn while traffic flows.
+        wanted_s = len(self.fault_kinds) * (self.fault_every_s + 0.3) * 1.2
+        self.pace_s = wanted_s * self.threads / max(self.orders, 1) / 2 if self.fault_kinds else 0.0
+        bar = tqdm(total=self.orders, desc="chaos", unit="order", disable=not self.progress, leave=False)
+        with httpx.Client(base_url=server_url, timeout=15) as http, ThreadPoolExecutor(self.threads) as pool:
+            for outcome in pool.map(lambda plan: self._checkout(http, *plan), plans):
+                with self._lock:
+                    self.outcomes[outcome] += 1
+                bar.update(1)
+        bar.close()
+
+    def _checkout(self, http, product: str, quantity: int) -> str:
+        user, key = str(uuid.uuid4()), str(uuid.uuid4())
+        if self.pace_s:
+            time.sleep(self.rng_for(user).uniform(0, 2 * self.pace_s))
+        added = self._call(http, "PUT", f"/api/cart/{user}/items", {"productId": product, "quantity": quantity})
+        if added != 200 and not self._has_cart(http, user):
+            # A retried add may find the shelf empty although an earlier attempt, whose answer was lost to a
+            # crash, did fill the cart: like a real shopper, look before walking away.
+            return "cart-rejected" if added == 409 else "cart-failed"
+        for _ in range(60):
+            status = self._call(http, "POST", "/api/orders", {"userId": user, "idempotencyKey": key}, order=True)
+            if status == 200:
+                return "ordered"
+            if status == 404:
+                return "no-cart"
+            time.sleep(0.2)  # 409: our own earlier attempt still holds the lock
+        return "order-failed"
+
+    def _has_cart(self, http, user: str) -> bool:
+        for _ in range(20):
+            try:
+                response = http.get(f"/api/cart/{user}")
+                if response.status_code == 200:
+                    return bool(response.json()["items"])
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        return False
+
+    @staticmethod
+    def rng_for(user: str) -> random.Random:
+        return random.Random(user)
+
+    def _call(self, http, method: str, path: str, body: dict, order: bool = False) -> int:
+        """Retry through crashes and restarts (connection errors, 5xx) for up to a minute."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                response = http.request(method, path, json=body)
+                if response.status_code < 500:
+                    if order and response.status_code == 200:
+                        with self._lock:
+                            self.order_ids.append(response.json()["orderId"])
+                    return response.status_code
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                return 599
+            time.sleep(0.3)
+
+    # -- faults ---------------------------------------------------------------------------------------
+    def _inject(self) -> None:
+        url = self.settings.database_url
+        kinds, queue = list(self.fault_kinds), []
+        while self._driving.is_set() and kinds:
+            if not queue:
+                queue = self.rng.sample(kinds, len(kinds))  # every kind once per round, in a seeded order
+            name = queue.pop()
+            action, probability, params = FAULT_PLANS[name]
+            try:
+                faults.arm(url, name, action=action, probability=probability, seed=self.rng.randrange(1 << 30),
+                           **params)
+                self._driving.wait(self.fault_every_s)
+                faults.disarm(url, name)
+            except Exception as exc:  # db.restart may cut this very connection; the next round goes on
+                log.info("chaos: arming %s failed: %s", name, exc)
+            self._driving.wait(0.3)
+
+    # -- the end --------------------------------------------------------------------------------------
+    def _quiesce(self, since, products) -> bool:
+        """Wait until the outbox is empty and every campaign order is settled; False on timeout."""
+        deadline = time.monotonic() + self.quiesce_timeout_s
+        scope = inv.Scope(since=since, products=products)
+        while time.monotonic() < deadline:
+            try:
+                with db.connect(self.settings.database_url, autocommit=True) as conn:
+                    if inv.outbox_drained(conn, scope).passed and inv.orders_terminal(conn, scope).passed:
+                        return True
+            except Exception as exc:  # the server restarting is not our failure
+                log.debug("quiescence probe failed: %s", exc)
+            time.sleep(SETTLED_CHECK_S)
+        return False
+
+    def _summary(self, since, outcome, quiet, supervisor, duration_s: float) -> dict:
+        results = outcome["results"]
+        with db.connect(self.settings.database_url, autocommit=True) as conn:
+            states = conn.execute(
+                "SELECT o.status || COALESCE('/' || o.failure_reason, '') AS state, count(*) AS n "
+                "FROM orders.orders o WHERE o.id = ANY(%s::uuid[]) GROUP BY 1 ORDER BY 1",
+                (list(set(self.order_ids)),)).fetchall()
+            redrives = conn.execute("SELECT COALESCE(SUM(attempts), 0) AS n FROM infra.saga_redrives "
+                                    "WHERE redriven_at >= %s", (since,)).fetchone()["n"]
+        delivery = next(r for r in results if r.name == "delivery")
+        reconcile = outcome["reconcile"] or {}
+        return {
+            "strategy": self.settings.strategy, "outboxMode": self.settings.outbox_mode, "seed": self.seed,
+            "naive": self.naive or None, "ordersRequested": self.orders, "checkouts": dict(self.outcomes),
+            "ordersByState": {r["state"]: r["n"] for r in states},
+            "faultsInjected": faults.fired_counts(self.settings.database_url, since),
+            "fixes": {"sagaRedrives": int(redrives),
+                      "reconcile": {k: reconcile.get(k, 0) for k in ("stock", "reserved", "carts", "cleanupQueue")},
+                      "serverRestarts": supervisor.restarts if supervisor else None},
+            "delivery": delivery.data, "quiesced": quiet,
+            "violations": [r.to_dict() for r in results if not r.passed],
+            "invariants": {r.name: r.passed for r in results},
+            "durationS": round(duration_s, 1), "serverLog": str(self.log_dir / "serve.log") if supervisor else None,
+        }
+
+    def _db_now(self) -> dt.datetime:
+        with db.connect(self.settings.database_url) as conn:
+            return conn.execute("SELECT now() AS t").fetchone()["t"]
+
+    @staticmethod
+    def _wait_healthy(url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"pulse serve did not answer on {url} within {timeout_s:.0f}s.")

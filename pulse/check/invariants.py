@@ -1,0 +1,351 @@
+"""The invariants of issue 4, each a function returning a :class:`Result` (name, passed, details, offending ids).
+
+Run them once the system is quiet (faults disarmed, queues drained). They read PostgreSQL, Redis and
+the broker's dead-letter queues directly, so they judge the system from outside rather than trusting
+its own counters. A :class:`Scope` limits them to one campaign (orders created since a moment, a set
+of products), so a database that also holds older, deliberately broken runs can still be checked.
+
+What is checkable, and how:
+- Stock conservation needs each product's initial stock: ``infra.stock_baseline`` records it when the
+  inventory row is created (a trigger). Conservation is then initial = available + units held by
+  RESERVED reservations. Stock changed by hand in the database (``pulse db seed --reset``, the demo's
+  damaged unit) is not a movement the system knows of and shows up as a violation for that product.
+- Delivery (Jepsen's total queue): ``infra.event_log`` (an AFTER INSERT trigger on the outbox) is the
+  set of published events; the inbox tables are the set each module consumed. An event is expected on
+  every queue its type is bound to under the order's strategy.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+from decimal import Decimal
+
+from pulse.infra import broker, keys
+from pulse.orders.model import TERMINAL
+from pulse.orders.watchdog import next_event
+
+QUEUE_INBOX = {"order.queue": "orders.inbox", "inventory.queue": "inventory.inbox", "payment.queue": "payment.inbox",
+               "order-view.queue": "orders.order_view_inbox", "redis-stock.queue": "infra.redis_stock_inbox"}
+STRATEGY_KEYS = {"OPTIMISTIC": "optimistic", "POST_PAYMENT": "post-payment"}
+MAX_IDS = 20
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    passed: bool
+    details: str
+    offending: list = dataclasses.field(default_factory=list)
+    data: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "passed": self.passed, "details": self.details,
+                "offending": [str(i) for i in self.offending[:MAX_IDS]], "offendingCount": len(self.offending),
+                **({"data": self.data} if self.data else {})}
+
+
+@dataclasses.dataclass
+class Scope:
+    """What to check: orders/events since ``since`` (None: all) and these ``products`` (None: all)."""
+
+    since: dt.datetime | None = None
+    products: list[str] | None = None
+
+    def sql(self) -> dict:
+        return {"since": self.since or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc),
+                "products": None if self.products is None else [str(p) for p in self.products]}
+
+
+PRODUCT_FILTER = "(%(products)s::uuid[] IS NULL OR {col} = ANY(%(products)s::uuid[]))"
+
+
+def _result(name, offending, ok_text, bad_text, **data) -> Result:
+    return Result(name, not offending, ok_text if not offending else bad_text.format(n=len(offending)),
+                  list(offending), data)
+
+
+# -- stock --------------------------------------------------------------------------------------------
+def no_oversell(conn, scope: Scope) -> Result:
+    """available_quantity >= 0, and carts never hold more units than the database has available."""
+    args = scope.sql()
+    negative = [r["product_id"] for r in conn.execute(
+        "SELECT product_id FROM inventory.inventory_items WHERE available_quantity < 0 AND "
+        + PRODUCT_FILTER.format(col="product_id"), args)]
+    over = conn.execute(
+        "SELECT i.product_id, i.available_quantity, SUM(ci.quantity) AS held FROM inventory.inventory_items i "
+        "JOIN inventory.cart_items ci ON ci.product_id = i.product_id AND ci.quantity > 0 WHERE "
+        + PRODUCT_FILTER.format(col="i.product_id") + " GROUP BY i.product_id, i.available_quantity "
+        "HAVING SUM(ci.quantity) > i.available_quantity", args).fetchall()
+    offending = negative + [r["product_id"] for r in over]
+    return _result("no-oversell", offending, "no negative stock; carts hold no more than is available",
+                   "{n} product(s) oversold (negative stock, or carts holding more units than available)",
+                   overPromised={str(r["product_id"]): {"available": r["available_quantity"], "heldInCarts": int(r["held"])}
+                                 for r in over[:MAX_IDS]})
+
+
+def stock_conservation(conn, scope: Scope) -> Result:
+    """initial stock = available + units held by RESERVED reservations, per product."""
+    rows = conn.execute(
+        "WITH held AS (SELECT (item->>'productId')::uuid AS product_id, SUM((item->>'quantity')::int) AS units "
+        "FROM inventory.reservations r, jsonb_array_elements(r.items) item WHERE r.status = 'RESERVED' GROUP BY 1) "
+        "SELECT i.product_id, b.initial, i.available_quantity, COALESCE(h.units, 0) AS held "
+        "FROM inventory.inventory_items i JOIN infra.stock_baseline b ON b.product_id = i.product_id "
+        "LEFT JOIN held h ON h.product_id = i.product_id WHERE b.initial <> i.available_quantity + COALESCE(h.units, 0) "
+        "AND " + PRODUCT_FILTER.format(col="i.product_id"), scope.sql()).fetchall()
+    return _result("stock-conservation", [r["product_id"] for r in rows],
+                   "initial = available + reserved for every product",
+                   "{n} product(s) where initial stock != available + units held by RESERVED orders",
+                   mismatches={str(r["product_id"]): {"initial": r["initial"], "available": r["available_quantity"],
+                                                      "reserved": int(r["held"])} for r in rows[:MAX_IDS]})
+
+
+# -- money --------------------------------------------------------------------------------------------
+ORDERS_IN_SCOPE = ("SELECT o.* FROM orders.orders o WHERE o.created_at >= %(since)s AND (%(products)s::uuid[] IS NULL "
+                   "OR EXISTS (SELECT 1 FROM orders.order_items oi WHERE oi.order_id = o.id "
+                   "AND oi.product_id = ANY(%(products)s::uuid[])))")
+
+
+def one_charge_per_order(conn, scope: Scope) -> Result:
+    rows = conn.execute(f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT p.order_id FROM payment.payments p JOIN o "
+                        "ON o.id = p.order_id WHERE p.status IN ('SUCCESS', 'REFUNDED') GROUP BY p.order_id "
+                        "HAVING count(*) > 1", scope.sql()).fetchall()
+    return _result("one-charge-per-order", [r["order_id"] for r in rows], "no order was charged twice",
+                   "{n} order(s) charged more than once")
+
+
+def failed_orders_refunded(conn, scope: Scope) -> Result:
+    rows = conn.execute(f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT o.id FROM o JOIN payment.payments p ON p.order_id = o.id "
+                        "WHERE o.status = 'FAILED' AND p.status = 'SUCCESS'", scope.sql()).fetchall()
+    return _result("failed-orders-refunded", [r["id"] for r in rows], "every charged FAILED order was refunded",
+                   "{n} FAILED order(s) charged and not refunded")
+
+
+def money_balance(conn, scope: Scope) -> Result:
+    """Σ charged − Σ refunded = Σ totals of COMPLETED orders."""
+    args = scope.sql()
+    totals = conn.execute(
+        f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT "
+        "COALESCE((SELECT SUM(p.amount) FROM payment.payments p JOIN o ON o.id = p.order_id "
+        "          WHERE p.status IN ('SUCCESS', 'REFUNDED')), 0) AS charged, "
+        "COALESCE((SELECT SUM(p.amount) FROM payment.payments p JOIN o ON o.id = p.order_id "
+        "          WHERE p.status = 'REFUNDED'), 0) AS refunded, "
+        "COALESCE((SELECT SUM(total_amount) FROM o WHERE status = 'COMPLETED'), 0) AS completed", args).fetchone()
+    offending = [r["id"] for r in conn.execute(
+        f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT o.id FROM o LEFT JOIN payment.payments p ON p.order_id = o.id "
+        "WHERE (o.status = 'COMPLETED') <> (p.status IS NOT DISTINCT FROM 'SUCCESS')", args)]
+    net = Decimal(totals["charged"]) - Decimal(totals["refunded"])
+    balanced = net == Decimal(totals["completed"]) and not offending
+    data = {"charged": str(totals["charged"]), "refunded": str(totals["refunded"]),
+            "completedTotal": str(totals["completed"])}
+    text = (f"charged {totals['charged']} - refunded {totals['refunded']} = completed {totals['completed']}"
+            if balanced else f"charged {totals['charged']} - refunded {totals['refunded']} = {net}, but COMPLETED "
+            f"orders total {totals['completed']}; {len(offending)} order(s) whose payment and status disagree")
+    return Result("money-balance", balanced, text, offending, data)
+
+
+# -- sagas --------------------------------------------------------------------------------------------
+def orders_terminal(conn, scope: Scope, older_than_s: float = 0.0) -> Result:
+    """Every order COMPLETED or FAILED with compensation done, its view and its user's cart caught up."""
+    rows = conn.execute(
+        f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT o.*, r.status AS inv_decision, pay.status AS pay_decision, "
+        "v.display_status AS view_status, EXISTS (SELECT 1 FROM inventory.carts c JOIN inventory.cart_items ci "
+        "ON ci.cart_id = c.id WHERE c.user_id = o.user_id AND ci.quantity > 0 AND ci.updated_at <= o.created_at) "
+        "AS cart_left FROM o LEFT JOIN inventory.reservations r ON r.order_id = o.id "
+        "LEFT JOIN payment.payments pay ON pay.order_id = o.id LEFT JOIN orders.order_views v ON v.order_id = o.id "
+        "WHERE o.updated_at < now() - make_interval(secs => %(older)s)",
+        {**scope.sql(), "older": older_than_s}).fetchall()
+    stuck = {}
+    for row in rows:
+        step = next_event(row)
+        if row["status"] not in TERMINAL or step is not None:
+            stuck[row["id"]] = f"{row['status']}/{row['payment_status']}/{row['inventory_status']} next={step and step.value}"
+    return _result("orders-terminal", list(stuck), f"all {len(rows)} order(s) settled",
+                   "{n} order(s) not settled (non-terminal, compensation pending, stale view or uncleared cart)",
+                   examples={str(k): v for k, v in list(stuck.items())[:MAX_IDS]})
+
+
+EFFECT_TYPES = ("ORDER_CREATED", "STOCK_RESERVED", "STOCK_FAILED", "STOCK_RELEASED", "PAYMENT_PROCESSED",
+                "PAYMENT_FAILED", "PAYMENT_REFUNDED")
+
+
+def effects_once(conn, scope: Scope) -> Result:
+    """Each module's effect on an order happened at most once (a second effect = a duplicate processed twice)."""
+    rows = conn.execute(
+        f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT e.aggregate_id, e.event_type, count(*) AS n FROM infra.event_log e "
+        "JOIN o ON o.id::text = e.aggregate_id WHERE NOT e.redriven AND e.event_type = ANY(%(types)s) "
+        "GROUP BY 1, 2 HAVING count(*) > 1", {**scope.sql(), "types": list(EFFECT_TYPES)}).fetchall()
+    return _result("effects-once", sorted({r["aggregate_id"] for r in rows}),
+                   "every module acted at most once per order",
+                   "{n} order(s) with an effect applied more than once",
+                   examples=[f"{r['aggregate_id']} {r['event_type']} x{r['n']}" for r in rows[:MAX_IDS]])
+
+
+def outbox_drained(conn, scope: Scope) -> Result:
+    n = conn.execute("SELECT count(*) AS n FROM shared.outbox").fetchone()["n"]
+    return Result("outbox-drained", n == 0, "the outbox is empty" if n == 0 else f"{n} event(s) still in the outbox")
+
+
+# -- delivery -----------------------------------------------------------------------------------------
+def delivery(conn, scope: Scope, dead_lettered: dict[str, set[str]] | None = None) -> Result:
+    """Every published event consumed by each module bound to it: lost = 0, unexpected = 0, duplicates counted."""
+    args = scope.sql()
+    explained = collections.defaultdict(set)
+    for r in conn.execute("SELECT context->>'queue' AS q, context->>'event_id' AS e FROM infra.fault_log "
+                          "WHERE name = 'consumer.lose' AND fired_at >= %(since)s", args):
+        explained[r["q"]].add(r["e"])
+    lost, injected, dlq, expected = [], 0, 0, 0
+    for strategy_name, strategy in STRATEGY_KEYS.items():
+        for queue, types in broker.BINDINGS[strategy].items():
+            rows = conn.execute(
+                f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT e.event_id::text AS id, "
+                f"EXISTS (SELECT 1 FROM {QUEUE_INBOX[queue]} i WHERE i.event_id = e.event_id) AS consumed "
+                "FROM infra.event_log e JOIN o ON o.id::text = e.aggregate_id "
+                "WHERE o.strategy = %(strategy)s AND e.event_type = ANY(%(types)s) AND e.created_at >= %(since)s",
+                {**args, "strategy": strategy_name, "types": [t.value for t in types]}).fetchall()
+            expected += len(rows)
+            for r in rows:
+                if r["consumed"]:
+                    continue
+                if r["id"] in explained[queue]:
+                    injected += 1
+                elif r["id"] in (dead_lettered or {}).get(queue, ()):
+                    dlq += 1
+                else:
+                    lost.append(f"{queue}:{r['id']}")
+    unexpected, duplicates = [], 0
+    for queue, table in QUEUE_INBOX.items():
+        unexpected += [f"{queue}:{r['event_id']}" for r in conn.execute(
+            f"SELECT i.event_id FROM {table} i WHERE i.processed_at >= %(since)s AND NOT EXISTS "
+            "(SELECT 1 FROM infra.event_log e WHERE e.event_id = i.event_id)", args)]
+        duplicates += conn.execute(f"SELECT COALESCE(SUM(duplicates), 0) AS n FROM {table} "
+                                   "WHERE processed_at >= %(since)s", args).fetchone()["n"]
+    data = {"expected": expected, "lost": len(lost), "unexpected": len(unexpected), "duplicates": int(duplicates),
+            "lostByInjection": injected, "deadLettered": dlq}
+    passed = not lost and not unexpected
+    text = (f"{expected} deliveries expected, lost 0, unexpected 0, duplicates {duplicates} absorbed by inboxes"
+            f" ({injected} lost on purpose by consumer.lose and re-driven)" if passed else
+            f"lost {len(lost)}, unexpected {len(unexpected)} of {expected} expected deliveries")
+    return Result("delivery", passed, text, lost + unexpected, data)
+
+
+def replication_slot(conn, scope: Scope, slot: str) -> Result:
+    row = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+    if row is None:
+        return Result("replication-slot", True, f"no slot {slot} (polling relay)")
+    ok = row["wal_status"] != "lost"
+    return Result("replication-slot", ok, f"slot {slot} wal_status = {row['wal_status']}", [] if ok else [slot])
+
+
+# -- dead letters -------------------------------------------------------------------------------------
+def peek_dead_letters(amqp_url: str, limit: int = 1000, since_epoch: float | None = None) -> dict[str, list[dict]]:
+    """Read (without removing) the dead-lettered messages of every queue: id and reason."""
+    conn = broker.connect(amqp_url)
+    found: dict[str, list[dict]] = {}
+    try:
+        for queue in broker.QUEUES:
+            channel = conn.channel()
+            messages = []
+            try:
+                while len(messages) < limit:
+                    method, props, _body = channel.basic_get(broker.dead_letter_queue(queue), auto_ack=False)
+                    if method is None:
+                        break
+                    headers = props.headers or {}
+                    if since_epoch is not None and float(headers.get("x-pulse-failed-at", 0)) < since_epoch:
+                        continue
+                    messages.append({"id": props.message_id, "reason": str(headers.get("x-pulse-reason", ""))})
+            except Exception:  # the DLQ may not exist yet (topology never declared): nothing dead-lettered
+                pass
+            finally:
+                if channel.is_open:
+                    channel.close()  # unacked messages go back to the queue untouched
+            found[queue] = messages
+    finally:
+        conn.close()
+    return found
+
+
+def dlq_explained(dead: dict[str, list[dict]]) -> Result:
+    unexplained = [f"{q}:{m['id']}" for q, ms in dead.items() for m in ms if "FaultInjected" not in m["reason"]]
+    total = sum(len(ms) for ms in dead.values())
+    reasons = collections.Counter(m["reason"][:120] for ms in dead.values() for m in ms)
+    return _result("dlq-explained", unexplained,
+                   f"{total} dead-lettered message(s), all caused by injected faults" if total else "dead-letter queues empty",
+                   "{n} dead-lettered message(s) not caused by an injected fault", reasons=dict(reasons.most_common(5)))
+
+
+# -- Redis --------------------------------------------------------------------------------------------
+def redis_matches_db(conn, redis, scope: Scope) -> Result:
+    """``stock:``, ``reserved:`` and ``cart:`` equal the database (run after a reconcile with cooldown 0)."""
+    args = scope.sql()
+    stock = conn.execute("SELECT product_id::text AS p, available_quantity AS q FROM inventory.inventory_items WHERE "
+                         + PRODUCT_FILTER.format(col="product_id"), args).fetchall()
+    held = {r["p"]: int(r["q"]) for r in conn.execute(
+        "SELECT product_id::text AS p, SUM(quantity) AS q FROM inventory.cart_items WHERE quantity > 0 AND "
+        + PRODUCT_FILTER.format(col="product_id") + " GROUP BY 1", args)}
+    ids = [r["p"] for r in stock]
+    offending = []
+    if ids:
+        cached = redis.mget([keys.stock(p) for p in ids])
+        offending += [keys.stock(r["p"]) for r, v in zip(stock, cached) if v is not None and int(v) != r["q"]]
+        reserved = redis.mget([keys.reserved(p) for p in ids])
+        offending += [keys.reserved(p) for p, v in zip(ids, reserved) if int(v or 0) != held.get(p, 0)]
+    carts = collections.defaultdict(dict)
+    for r in conn.execute(
+            "SELECT c.user_id::text AS u, ci.product_id::text AS p, ci.quantity AS q FROM inventory.carts c "
+            "JOIN inventory.cart_items ci ON ci.cart_id = c.id WHERE ci.quantity > 0 AND "
+            + PRODUCT_FILTER.format(col="ci.product_id"), args):
+        carts[r["u"]][r["p"]] = r["q"]
+    users = set(carts)
+    for key in redis.scan_iter(match="cart:*", count=1000):
+        if key != keys.CLEANUP_QUEUE and key.count(":") == 1:
+            users.add(key.split(":", 1)[1])
+    wanted = set(ids) if scope.products is not None else None
+    for user in users:
+        have = {p: int(q) for p, q in redis.hgetall(keys.cart(user)).items() if int(q) > 0}
+        if wanted is not None:
+            have = {p: q for p, q in have.items() if p in wanted}
+        if have != carts.get(user, {}):
+            offending.append(keys.cart(user))
+    return _result("redis-matches-db", offending,
+                   f"stock:, reserved: and cart: equal the database ({len(ids)} products, {len(users)} carts)",
+                   "{n} Redis key(s) differ from the database")
+
+
+# -- all of them --------------------------------------------------------------------------------------
+def check_all(settings, scope: Scope | None = None, *, reconcile: bool = True, older_than_s: float = 0.0) -> dict:
+    """Run every invariant; returns ``{"results": [Result...], "reconcile": fixes or None}``.
+
+    With ``reconcile`` a full reconciliation pass with cooldown 0 runs first (the checker's own, with
+    every naive switch off), so ``redis-matches-db`` judges the repaired state, and its fixes are reported.
+    """
+    import redis as redis_lib
+
+    from pulse import bootstrap
+    from pulse.faults import NoFaults
+    from pulse.infra import db
+
+    scope = scope or Scope()
+    fixes = None
+    if reconcile:
+        system = bootstrap.build(settings.replace(naive=frozenset()), faults=NoFaults(), migrate=False, pool_size=2)
+        try:
+            fixes = system.reconciler.run_once(0.0, full=True)
+        finally:
+            system.close()
+    since_epoch = scope.since.timestamp() if scope.since else None
+    dead = peek_dead_letters(settings.amqp_url, since_epoch=since_epoch)
+    dead_ids = {q: {m["id"] for m in ms} for q, ms in dead.items()}
+    r = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=3)
+    try:
+        with db.connect(settings.database_url, autocommit=True) as conn:
+            results = [no_oversell(conn, scope), stock_conservation(conn, scope), one_charge_per_order(conn, scope),
+                       failed_orders_refunded(conn, scope), money_balance(conn, scope),
+                       orders_terminal(conn, scope, older_than_s), effects_once(conn, scope),
+                       outbox_drained(conn, scope), dlq_explained(dead), delivery(conn, scope, dead_ids),
+                       redis_matches_db(conn, r, scope), replication_slot(conn, scope, settings.cdc_slot)]
+    finally:
+        r.close()
+    return {"results": results, "reconcile": fixes}

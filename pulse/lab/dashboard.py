@@ -1,0 +1,209 @@
+"""The live dashboard: controls to drive and break the system, charts that show what it did.
+
+``dash = lab.dashboard(); dash.show()`` displays the controls and starts a background thread that
+redraws the charts every ``interval_s`` seconds, so the kernel stays free for the next cell.
+``dash.render()`` draws everything once as static output: that is what a headless run (papermill,
+CI) records, and what a notebook calls at the end of an experiment.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pandas as pd
+
+from pulse.lab import charts
+from pulse.lab import faults as lab_faults
+from pulse.lab.load import LoadDriver
+
+log = logging.getLogger(__name__)
+
+
+class Dashboard:
+    """Charts (terminal states, compensations, drift and reconciliation fixes, relay lag, one order's
+    sequence) and controls (strategy, outbox mode, decline rate, naive switches, load rate, fault
+    probabilities, reconcile / sweep / flush / crash buttons) for one :class:`pulse.lab.Lab`."""
+
+    def __init__(self, lab, *, interval_s: float = 2.0, products: list[str] | None = None, bucket_s: float = 1.0):
+        from pulse.lab.lab import AIRPODS, IPHONE, KINDLE, MACBOOK
+
+        self.lab, self.interval_s, self.bucket_s = lab, interval_s, bucket_s
+        self.products = products or [IPHONE, AIRPODS, MACBOOK, KINDLE]
+        self.lag_history: list[tuple[float, int, float]] = []
+        self.traced_order: str | None = None
+        self.load = LoadDriver(lambda: lab.url, self.products, rate=0)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._widgets = None
+        self.errors: list[str] = []
+
+    # ----- data -------------------------------------------------------------------------------------
+
+    def trace(self, order_id: str) -> None:
+        """Show this order in the sequence chart (default: the latest order the tap saw)."""
+        self.traced_order = str(order_id)
+
+    def _traced(self) -> str | None:
+        if self.traced_order:
+            return self.traced_order
+        tap = self.lab.tap
+        created = [e["orderId"] for e in (tap.events if tap else []) if e["eventType"] == "ORDER_CREATED"]
+        return created[-1] if created else None
+
+    def snapshot(self) -> dict:
+        """Everything the charts show, read now (DataFrames and lists)."""
+        q = self.lab.q
+        lag = q.relay_lag()
+        self.lag_history.append((time.time(), lag["rows"], lag["oldestAgeS"]))
+        del self.lag_history[:-300]
+        order = self._traced()
+        timeline = self.lab.timeline(order) if order else pd.DataFrame(
+            columns=["eventId", "eventType", "stage", "at", "derived"])
+        return {"terminal": q.terminal_over_time(self.bucket_s), "compensations": q.compensations_over_time(self.bucket_s),
+                "drift": q.drift(self.products), "reconcile_runs": list(self.lab.reconcile_runs),
+                "lag_history": list(self.lag_history), "timeline": timeline,
+                "timeline_title": f"Order {order[:8]}…: outbox → broker → inboxes" if order else "One order's messages",
+                "lag": lag, "outcomes": q.outcome_totals(), "compensation_totals": q.compensation_totals(),
+                "drift_summary": q.drift_summary(self.products), "status_counts": q.status_counts()}
+
+    def summary(self, snap: dict | None = None) -> dict:
+        """The numbers behind the charts, fit for :func:`pulse.lab.record`."""
+        snap = snap or self.snapshot()
+        return {"outcomes": snap["outcomes"], "compensations": snap["compensation_totals"],
+                "drift": snap["drift_summary"], "relayLag": snap["lag"], "restarts": self.lab.restarts,
+                "reconcileRuns": len(snap["reconcile_runs"]), "load": dict(self.load.counts)}
+
+    # ----- static output ----------------------------------------------------------------------------
+
+    def render(self) -> dict:
+        """Draw every chart and table once as static output (works headless); returns :meth:`summary`."""
+        from IPython.display import HTML, Image, display
+
+        snap = self.snapshot()
+        display(Image(data=charts.png(charts.dashboard_figure(snap))))
+        display(HTML("<b>Orders</b>" + snap["status_counts"].to_html(index=False)))
+        display(HTML("<b>Redis vs PostgreSQL</b>" + _drift_table(snap["drift"]).to_html(index=False)))
+        return self.summary(snap)
+
+    # ----- live widgets -----------------------------------------------------------------------------
+
+    def show(self) -> None:
+        """Display the controls and charts and keep them updating in a background thread."""
+        from IPython.display import display
+
+        if self._widgets is None:
+            self._widgets = self._build()
+        display(self._widgets["root"])
+        self.start()
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="pulse-lab-dashboard", daemon=True)
+            self._thread.start()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self.interval_s)
+
+    def refresh(self) -> None:
+        """Redraw the live widgets once (the background thread calls this every ``interval_s``)."""
+        if self._widgets is None or not self.lab.running:
+            return
+        try:
+            snap = self.snapshot()
+            w = self._widgets
+            w["chart"].value = charts.png(charts.dashboard_figure(snap))
+            w["tables"].value = ("<b>Orders</b>" + snap["status_counts"].to_html(index=False)
+                                 + "<b>Redis vs PostgreSQL</b>" + _drift_table(snap["drift"]).to_html(index=False))
+            w["status"].value = self._status_text()
+        except Exception as exc:  # a refresh during a restart may find the server away; the next one retries
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            log.debug("dashboard refresh failed", exc_info=True)
+
+    def _status_text(self) -> str:
+        s = self.lab.settings
+        load = ", ".join(f"{k} {v}" for k, v in self.load.counts.items())
+        return (f"<b>{s.strategy}</b> saga, <b>{s.outbox_mode}</b> relay, decline rate {s.payment_decline_rate:g}, "
+                f"naive: {', '.join(sorted(s.naive)) or 'none'} · restarts {self.lab.restarts} · load: {load}")
+
+    def stop(self) -> None:
+        """Stop redrawing and stop the load; safe to call twice."""
+        self._stop.set()
+        self.load.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def _build(self) -> dict:
+        import ipywidgets as W
+
+        s = self.lab.settings
+        from pulse.lab.lab import cdc_available
+
+        strategy = W.Dropdown(options=["optimistic", "post-payment"], value=s.strategy, description="strategy")
+        modes = ["polling", "cdc"] if cdc_available() else ["polling"]
+        mode = W.Dropdown(options=modes, value=s.outbox_mode if s.outbox_mode in modes else "polling",
+                          description="outbox")
+        decline = W.FloatSlider(value=s.payment_decline_rate, min=0, max=1, step=0.05, description="decline rate")
+        naive = {n: W.Checkbox(value=n in s.naive, description=n, indent=False) for n in lab_faults.NAIVE_SWITCHES}
+        apply = W.Button(description="Apply (restart)", button_style="warning")
+        rate = W.FloatSlider(value=0, min=0, max=50, step=1, description="orders/s")
+        faults_ok = self.lab.faults_available()
+        probs = {n: W.FloatSlider(value=0, min=0, max=1, step=0.05, description=n, disabled=not faults_ok,
+                                  style={"description_width": "140px"}) for n in lab_faults.KNOWN_FAULTS}
+        arm = W.Button(description="Arm faults", button_style="danger", disabled=not faults_ok)
+        buttons = {name: W.Button(description=name) for name in ("Reconcile now", "Sweep now", "Flush Redis", "Crash")}
+        message = W.HTML()
+        status = W.HTML(self._status_text())
+        chart = W.Image(format="png", layout=W.Layout(width="100%"))
+        tables = W.HTML()
+
+        def act(label, action):
+            def handler(_):
+                try:
+                    message.value = f"{label}: {action()}"
+                except Exception as exc:  # shown in the panel: a control must never raise into the frontend
+                    message.value = f"<span style='color:red'>{label} failed: {exc}</span>"
+                self.refresh()
+            return handler
+
+        apply.on_click(act("restarted", lambda: self.lab.switch(
+            strategy=strategy.value, outbox_mode=mode.value, decline_rate=decline.value,
+            naive={n for n, box in naive.items() if box.value}) and "ok"))
+        rate.observe(lambda change: self._set_rate(change["new"]), names="value")
+        arm.on_click(act("faults", lambda: self._arm({n: p.value for n, p in probs.items()})))
+        buttons["Reconcile now"].on_click(act("reconcile", lambda: self.lab.reconcile_now()))
+        buttons["Sweep now"].on_click(act("sweep", lambda: self.lab.sweep_now()))
+        buttons["Flush Redis"].on_click(act("flushed keys", lambda: self.lab.flush_redis()))
+        buttons["Crash"].on_click(act("crash", lambda: self.lab.crash() or "SIGKILL sent; the supervisor restarts it"))
+        fault_note = W.HTML("" if faults_ok else "<i>No run-time fault registry in this checkout.</i>")
+        controls = W.Tab(children=[
+            W.VBox([W.HBox([strategy, mode]), decline, W.HBox(list(naive.values())), apply]),
+            W.VBox([rate]),
+            W.VBox([fault_note, *probs.values(), arm]),
+            W.HBox(list(buttons.values()))])
+        for i, title in enumerate(("System", "Load", "Faults", "Actions")):
+            controls.set_title(i, title)
+        root = W.VBox([status, controls, message, chart, tables])
+        return {"root": root, "chart": chart, "tables": tables, "status": status, "message": message,
+                "rate": rate, "probs": probs}
+
+    def _set_rate(self, rate: float) -> None:
+        self.load.rate = rate
+        if rate > 0:
+            self.load.start()
+
+    def _arm(self, probabilities: dict[str, float]) -> str:
+        for name, p in probabilities.items():
+            if p > 0:
+                self.lab.arm(name, p)
+            else:
+                self.lab.disarm(name)
+        return ", ".join(f"{n}={p:g}" for n, p in probabilities.items() if p > 0) or "all disarmed"
+
+
+def _drift_table(df: pd.DataFrame) -> pd.DataFrame:
+    return df[["name", "db_stock", "redis_stock", "db_reserved", "redis_reserved", "stock_drift", "reserved_drift"]]

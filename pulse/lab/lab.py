@@ -1,0 +1,434 @@
+"""The :class:`Lab`: one object a notebook holds to run, break, switch and inspect the checkout system."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from pulse import config
+from pulse.lab import faults as lab_faults
+from pulse.lab.client import PulseClient
+from pulse.lab.launcher import ServeProcess
+from pulse.lab.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+IPHONE = "e0e0e0e0-e0e0-4e0e-a0e0-000000000001"
+AIRPODS = "e0e0e0e0-e0e0-4e0e-a0e0-000000000002"
+MACBOOK = "e0e0e0e0-e0e0-4e0e-a0e0-000000000003"
+KINDLE = "e0e0e0e0-e0e0-4e0e-a0e0-000000000004"
+KEYBOARD = "e0e0e0e0-e0e0-4e0e-a0e0-000000000005"
+
+# Rows of a previous run; the catalogue's seed products stay (their stock is reset by the seed).
+WIPED_TABLES = ("inventory.cart_items", "inventory.carts", "inventory.reservations", "inventory.inbox",
+                "orders.order_items", "orders.orders", "orders.idempotency_records", "orders.inbox",
+                "orders.order_views", "orders.order_view_inbox", "payment.payments", "payment.inbox",
+                "shared.outbox", "infra.redis_stock_inbox")
+# Bookkeeping of the fault/invariant machinery (issue 4), wiped too where the schema has it.
+OPTIONAL_WIPED_TABLES = ("infra.event_log", "infra.fault_log", "infra.saga_redrives")
+# The system's Redis keys; anything else in the database (a test session's lease, say) is left alone.
+SYSTEM_KEY_PATTERNS = ("stock:*", "reserved:*", "cart:*", "lock:*", "pulse:applied:*", "pulse:reconcile:*")
+
+
+class LabError(RuntimeError):
+    """Something the lab cannot do right now; the message says what and what to try."""
+
+
+class Lab:
+    """Runs the real checkout system for a notebook: services checked, schema migrated, catalogue seeded,
+    ``pulse serve`` started in a supervised child process (a crash fault restarts it, the kernel survives).
+
+    >>> lab = Lab(strategy="optimistic").start()
+    >>> order = lab.checkout({IPHONE: 1})          # one checkout, waited until the saga settled
+    >>> lab.switch(strategy="post-payment")        # restart the child under the other saga
+    >>> lab.stop()                                 # also done at interpreter exit
+
+    Service URLs default to ``PULSE_*`` environment variables; pass ``database_url``, ``redis_url``,
+    ``amqp_url`` (or ``env``) to point the lab at other services, e.g. a test session's private ones.
+    Every change of strategy, outbox mode, decline rate or naive switches restarts the child with
+    the new environment; faults (see :meth:`arm`) apply at run time without a restart.
+    """
+
+    def __init__(self, strategy: str = "optimistic", outbox_mode: str | None = None, *,
+                 decline_rate: float = 0.0, naive: tuple | list | set = (), database_url: str | None = None,
+                 redis_url: str | None = None, amqp_url: str | None = None, env: dict | None = None,
+                 reconcile_interval_s: float = 3600.0, sweep_interval_s: float = 3600.0,
+                 log_dir: str | Path | None = None):
+        base = {**os.environ, **(env or {})}
+        urls = {"PULSE_DATABASE_URL": database_url, "PULSE_REDIS_URL": redis_url, "PULSE_AMQP_URL": amqp_url}
+        self.env = {k: v for k, v in base.items() if k.startswith("PULSE_")}
+        self.env.update({k: v for k, v in urls.items() if v})
+        self.env.update({"PULSE_RECONCILE_INTERVAL_S": str(reconcile_interval_s),
+                         "PULSE_SWEEP_INTERVAL_S": str(sweep_interval_s)})
+        self.env.setdefault("PULSE_RELAY_POLL_S", "0.02")
+        mode = outbox_mode or self.env.get("PULSE_OUTBOX_MODE") or config.Settings.outbox_mode
+        self.settings = config.from_env({**self.env, "PULSE_STRATEGY": strategy, "PULSE_OUTBOX_MODE": mode,
+                                         "PULSE_PAYMENT_DECLINE_RATE": str(decline_rate),
+                                         "PULSE_NAIVE": ",".join(sorted(naive))})
+        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="pulse-lab-"))
+        self.supervisor: Supervisor | None = None
+        self.client: PulseClient | None = None
+        self.reconcile_runs: list[dict] = []
+        self.sweep_runs: list[dict] = []
+        self.tap = None
+        self._system = None
+        self._queries = None
+        self._dashboards: list = []
+        self._past_restarts = 0
+        self._atexit = False
+
+    # ----- life cycle -------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Base URL of the running API (OpenAPI docs at ``url + '/docs'``)."""
+        self._require_running()
+        return self.supervisor.url
+
+    @property
+    def running(self) -> bool:
+        return self.supervisor is not None
+
+    @property
+    def restarts(self) -> int:
+        """How many times the supervisor restarted a crashed ``pulse serve``."""
+        return self._past_restarts + (self.supervisor.restarts if self.supervisor else 0)
+
+    def check_services(self) -> dict[str, str]:
+        """Ping PostgreSQL, Redis and RabbitMQ; returns ``{service: 'ok' | error}``, raises LabError if any is down."""
+        from pulse.lab import services
+
+        status = services.check(self.settings)
+        down = [f"{name} ({state})" for name, state in status.items() if state != "ok"]
+        if down:
+            raise LabError("Not reachable: " + ", ".join(down) + ". Start the services first (scripts/services.sh up).")
+        return status
+
+    def start(self, *, fresh: bool = True, tap: bool = True, serve: bool = True) -> "Lab":
+        """Check services, migrate, seed and start ``pulse serve`` under supervision.
+
+        ``fresh=True`` empties the previous run's carts, orders, payments, inboxes, outbox, queues and
+        Redis keys, and puts the seed catalogue's stock back, so charts start from zero.
+        ``tap=True`` also records every event the broker carries (for :meth:`timeline`).
+        ``serve=False`` only prepares the services (workshops run their own in-kernel system).
+        """
+        from pulse.infra import migrate
+
+        if self.running:
+            return self
+        self.check_services()
+        migrate.migrate(self.settings.database_url)
+        if fresh:
+            self.reset()
+        else:
+            migrate.seed(self.settings.database_url)
+        if not serve:
+            return self
+        self._start_child()
+        if tap:
+            self.start_tap()
+        if not self._atexit:
+            atexit.register(self.stop)
+            self._atexit = True
+        return self
+
+    def _child_env(self) -> dict:
+        s = self.settings
+        return {**self.env, "PULSE_DATABASE_URL": s.database_url, "PULSE_REDIS_URL": s.redis_url,
+                "PULSE_AMQP_URL": s.amqp_url, "PULSE_PAYMENT_DECLINE_RATE": str(s.payment_decline_rate),
+                "PULSE_NAIVE": ",".join(sorted(s.naive)), "PULSE_CONSUMER_THREADS": str(s.consumer_threads),
+                "PULSE_RECONCILE_COOLDOWN_S": str(s.reconcile_cooldown_s)}
+
+    def _start_child(self, port: int | None = None) -> None:
+        if self.settings.outbox_mode == "cdc" and not cdc_available():
+            raise LabError("The CDC relay (pulse.infra.relay_cdc) is not installed in this checkout; "
+                           "use outbox_mode='polling'.")
+        env, s = self._child_env(), self.settings
+        name = f"serve-{s.strategy}-{s.outbox_mode}.log"
+
+        def make(port):
+            return ServeProcess(strategy=s.strategy, outbox_mode=s.outbox_mode, port=port, env=env,
+                                log_path=self.log_dir / name)
+
+        self.supervisor = Supervisor(make).start(port)
+        self.client = PulseClient(self.supervisor.url)
+
+    def restart(self, **changes) -> "Lab":
+        """Stop the child and start it again, optionally with changed settings (see :meth:`switch`)."""
+        self._require_running()
+        port = self.supervisor.process.port
+        self.supervisor.stop()
+        self._past_restarts += self.supervisor.restarts
+        self.client.close()
+        if changes:
+            self.settings = self.settings.replace(**changes)
+        self._start_child(port)
+        return self
+
+    def switch(self, *, strategy: str | None = None, outbox_mode: str | None = None,
+               decline_rate: float | None = None, naive: tuple | list | set | None = None,
+               consumer_threads: int | None = None) -> "Lab":
+        """Restart under another saga strategy, outbox mode, payment decline rate, set of naive switches
+        or number of consumer threads per queue (competing consumers).
+
+        Messages already in the queues stay there and are handled by the new child: switching in
+        the middle of a load run is allowed and is itself an experiment.
+        """
+        changes = {k: v for k, v in (("strategy", strategy), ("outbox_mode", outbox_mode),
+                                     ("payment_decline_rate", decline_rate),
+                                     ("consumer_threads", consumer_threads)) if v is not None}
+        if naive is not None:
+            changes["naive"] = frozenset(naive)
+        return self.restart(**changes)
+
+    def crash(self) -> None:
+        """SIGKILL the child, as a crash would; the supervisor restarts it (see :meth:`wait_up`)."""
+        self._require_running()
+        self.supervisor.process.kill()
+
+    def wait_up(self, timeout_s: float = 60.0) -> None:
+        """Wait until the (restarted) child answers again."""
+        self._require_running()
+        self.supervisor.wait_up(timeout_s)
+
+    def stop(self) -> None:
+        """Stop dashboards, the tap, the child and every connection the lab opened; safe to call again."""
+        for dashboard in self._dashboards:
+            dashboard.stop()
+        if self.tap is not None:
+            self.tap.stop()
+            self.tap = None
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self._past_restarts += self.supervisor.restarts
+            self.supervisor = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self._system is not None:
+            self._system.close()
+            self._system = None
+        if self._queries is not None:
+            self._queries.close()
+            self._queries = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _require_running(self):
+        if not self.running:
+            raise LabError("The lab is not running; call lab.start() first.")
+
+    # ----- state ------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Empty the previous run's rows, queues and Redis keys, and reset the seed catalogue's stock."""
+        from pulse.infra import broker, db, migrate
+
+        faults = lab_faults.registry()
+        with db.connect(self.settings.database_url) as conn, conn.transaction():
+            present = [t for t in OPTIONAL_WIPED_TABLES
+                       if conn.execute("SELECT to_regclass(%s) AS t", (t,)).fetchone()["t"] is not None]
+            conn.execute("TRUNCATE " + ", ".join(WIPED_TABLES + tuple(present)))
+            seed_ids = [p[0] for p in migrate.SEED_PRODUCTS]
+            conn.execute("DELETE FROM inventory.inventory_items WHERE NOT (product_id = ANY(%s::uuid[]))", (seed_ids,))
+            conn.execute("DELETE FROM inventory.products WHERE NOT (id = ANY(%s::uuid[]))", (seed_ids,))
+            if conn.execute("SELECT to_regclass('infra.stock_baseline') AS t").fetchone()["t"] is not None:
+                conn.execute("DELETE FROM infra.stock_baseline WHERE NOT (product_id = ANY(%s::uuid[]))", (seed_ids,))
+        migrate.seed(self.settings.database_url, reset=True)
+        if faults is not None:
+            lab_faults.disarm_all(self.settings)
+        self.flush_redis()
+        broker.setup(self.settings.amqp_url, self.settings.strategy)
+        self._purge_queues()
+        self.reconcile_runs.clear()
+        self.sweep_runs.clear()
+        if self._system is not None:  # its reconciler remembers a window of the old run
+            self._system.close()
+            self._system = None
+
+    def _purge_queues(self) -> None:
+        from pulse.infra import broker
+
+        conn = broker.connect(self.settings.amqp_url)
+        try:
+            channel = conn.channel()
+            for queue in broker.QUEUES:
+                channel.queue_purge(queue)
+                channel.queue_purge(broker.dead_letter_queue(queue))
+        finally:
+            conn.close()
+
+    def execute(self, sql: str, params: tuple | dict = ()) -> list[dict]:
+        """Run one SQL statement on the lab's database and commit it (e.g. the warehouse writing off stock)."""
+        from pulse.infra import db
+
+        with db.connect(self.settings.database_url, autocommit=True) as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def redis(self):
+        """A Redis client (strings decoded) on the lab's Redis database."""
+        import redis
+
+        return redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+
+    def flush_redis(self) -> int:
+        """Delete every key the system keeps in Redis, as a Redis restart without persistence would;
+        returns how many keys went. Reconciliation rebuilds them from PostgreSQL."""
+        r, deleted = self.redis(), 0
+        try:
+            for pattern in SYSTEM_KEY_PATTERNS:
+                found = list(r.scan_iter(match=pattern, count=1000))
+                for start in range(0, len(found), 500):
+                    deleted += r.delete(*found[start:start + 500])
+        finally:
+            r.close()
+        return deleted
+
+    @property
+    def system(self):
+        """An in-kernel system without workers (pool, Redis, reconciler) for one-off passes and checks."""
+        if self._system is None:
+            from pulse import bootstrap
+
+            self._system = bootstrap.build(self.settings, migrate=False, pool_size=3)
+        return self._system
+
+    @property
+    def q(self):
+        """The chart queries (:class:`pulse.lab.queries.Queries`) on this lab's database and Redis."""
+        if self._queries is None:
+            from pulse.lab.queries import Queries
+
+            self._queries = Queries(self.settings.database_url, self.settings.redis_url)
+        return self._queries
+
+    # ----- actions ----------------------------------------------------------------------------------
+
+    def reconcile_now(self, cooldown_s: float | None = None, *, full: bool = False) -> dict:
+        """One reconciliation pass (PostgreSQL → Redis) from the kernel; returns and remembers its fix counts.
+
+        The reconciler keeps its window between calls, so a second call only looks at rows changed
+        since the first one, minus the cooldown (rows younger than ``cooldown_s`` are in flight).
+        """
+        result = {"at": time.time(), **self.system.reconciler.run_once(cooldown_s, full=full)}
+        self.reconcile_runs.append(result)
+        return result
+
+    def sweep_now(self) -> dict:
+        """One pass of the expired-cart sweeper; returns its counts."""
+        from pulse.cart.sweeper import sweep_once
+
+        result = {"at": time.time(), **sweep_once(self.system.deps)}
+        self.sweep_runs.append(result)
+        return result
+
+    def new_product(self, stock: int, price: float = 10.0, name: str | None = None) -> str:
+        """Create a product through the API; returns its id."""
+        self._require_running()
+        return self.client.create_product(name or f"Lab product {time.strftime('%H%M%S')}", price, stock)["id"]
+
+    def checkout(self, items: dict[str, int], *, wait: bool = True, idempotency_key: str | None = None,
+                 user_id: str | None = None) -> dict:
+        """Add ``{productId: quantity}`` to a new user's cart and order it; waits for the saga unless ``wait=False``."""
+        self._require_running()
+        user = user_id or self.client.new_user()
+        for product, quantity in items.items():
+            self.client.add_item(user, product, quantity)
+        created = self.client.checkout(user, idempotency_key)
+        return self.client.wait_settled(created["orderId"]) if wait else created
+
+    def run_orders(self, count: int, products: list[str], *, quantity: int = 1, concurrency: int = 4,
+                   seed: int = 1) -> dict:
+        """Place ``count`` checkouts over ``products`` with ``concurrency`` clients; returns counts by outcome."""
+        from pulse.lab.load import run_orders
+
+        self._require_running()
+        return run_orders(self.url, count, products, quantity=quantity, concurrency=concurrency, seed=seed,
+                          wait_up=self.supervisor.wait_up)
+
+    def wait_quiet(self, timeout_s: float = 60.0) -> dict:
+        """Wait until every order settled (compensations and view included) and the outbox is empty."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = {"unsettled": self.q.unsettled_count(), "outbox": self.q.relay_lag()["rows"]}
+            if state["unsettled"] == 0 and state["outbox"] == 0:
+                return state
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the system did not settle within {timeout_s:.0f}s: {state}")
+            time.sleep(0.2)
+
+    # ----- faults (run time, no restart) ------------------------------------------------------------
+
+    def faults_available(self) -> bool:
+        """True when this checkout has the run-time fault registry (``pulse.faults.arm``)."""
+        return lab_faults.registry() is not None
+
+    def arm(self, name: str, probability: float = 1.0, **options) -> None:
+        """Arm a named fault (``cart.after_redis``, ``consumer.lose``, ``payment.decline``, ...) at run time.
+
+        ``options`` go to the registry: ``action``, ``seed``, ``max`` (strikes before it stops), ``queue``,
+        ``ms``. Running processes re-read the registry every half second; this waits that long, so the
+        next cell already meets the fault.
+        """
+        lab_faults.arm(self.settings, name, probability, **options)
+        time.sleep(lab_faults.REFRESH_WAIT_S)
+
+    def disarm(self, name: str | None = None) -> None:
+        """Disarm one fault, or every fault when no name is given."""
+        if name is None:
+            lab_faults.disarm_all(self.settings)
+        else:
+            lab_faults.disarm(self.settings, name)
+        time.sleep(lab_faults.REFRESH_WAIT_S)
+
+    def armed(self) -> list:
+        """The faults armed right now."""
+        return lab_faults.list_armed(self.settings)
+
+    # ----- observation ------------------------------------------------------------------------------
+
+    def start_tap(self) -> None:
+        """Record every event crossing the broker (a private queue bound to every routing key)."""
+        from pulse.lab.tap import EventTap
+
+        if self.tap is None:
+            self.tap = EventTap(self.settings.amqp_url).start()
+
+    def timeline(self, order_id: str):
+        """One order's events as a DataFrame: outbox write, broker, and each module's inbox (see queries)."""
+        taps = self.tap.events_for(order_id) if self.tap else []
+        return self.q.order_timeline(order_id, taps)
+
+    def dashboard(self, **options):
+        """Live charts and controls for this lab (:class:`pulse.lab.dashboard.Dashboard`)."""
+        from pulse.lab.dashboard import Dashboard
+
+        dashboard = Dashboard(self, **options)
+        self._dashboards.append(dashboard)
+        return dashboard
+
+    def check(self, initial_stock: dict[str, int] | None = None) -> list[dict]:
+        """Run the invariants (see :mod:`pulse.lab.checks`); returns one dict per invariant."""
+        from pulse.lab import checks
+
+        return checks.run(self, initial_stock)
+
+
+def cdc_available() -> bool:
+    """True when the WAL-based outbox relay is part of this checkout."""
+    import importlib
+
+    try:
+        importlib.import_module("pulse.infra.relay_cdc")
+    except ModuleNotFoundError:
+        return False
+    return True

@@ -1,0 +1,53 @@
+"""Fixtures of the e2e tier: real `pulse serve` children on this session's private services.
+
+Two servers on one vhost would consume each other's events (and declare different bindings), so
+each test module starts at most one, module-scoped, and stops it before the next module begins.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from pulse.lab.launcher import ServeProcess
+
+
+@pytest.fixture(scope="session")
+def e2e_env(settings):
+    """Like ``serve_env`` (which is per test), for servers that live for a whole module."""
+    return {"PULSE_DATABASE_URL": settings.database_url, "PULSE_REDIS_URL": settings.redis_url,
+            "PULSE_AMQP_URL": settings.amqp_url, "PULSE_CDC_SLOT": settings.cdc_slot,
+            "PULSE_CDC_PUBLICATION": settings.cdc_publication, "PULSE_OUTBOX_MODE": settings.outbox_mode,
+            "PULSE_SWEEP_INTERVAL_S": "3600", "PULSE_RECONCILE_INTERVAL_S": "3600", "PULSE_RELAY_POLL_S": "0.02"}
+
+
+@pytest.fixture(scope="module")
+def launch(e2e_env, tmp_path_factory):
+    """``launch(strategy, **env)`` starts a `pulse serve` child (log under a tmp dir); all are stopped after the module."""
+    started = []
+
+    def start(strategy: str = "optimistic", **env) -> ServeProcess:
+        log = tmp_path_factory.mktemp("serve") / f"serve-{strategy}.log"
+        server = ServeProcess(strategy=strategy, env={**e2e_env, **{k: str(v) for k, v in env.items()}},
+                              log_path=log)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def http_for():
+    """``http_for(server)``: an httpx client on the server's base URL, closed after the test."""
+    clients = []
+
+    def make(server):
+        client = httpx.Client(base_url=server.url, timeout=10)
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.close()

@@ -1,0 +1,26 @@
+"""Fixtures of the integration tier (on top of tests/conftest.py): an in-process event bus and outbox tidying."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.support import Bus
+
+
+@pytest.fixture
+def bus_for(db):
+    """``bus_for(system)``: deliver a system's outbox events to its handlers in-process (see Bus)."""
+    return lambda system: Bus(system, db)
+
+
+@pytest.fixture
+def tidy_outbox(db):
+    """Aggregate ids whose leftover outbox rows are deleted after the test.
+
+    Tests that create orders without running the saga leave events behind; a later test's relay
+    would otherwise publish them (harmless, but it adds work and, for synthetic orders, retries).
+    """
+    ids: list = []
+    yield ids
+    if ids:
+        db.execute("DELETE FROM shared.outbox WHERE aggregate_id = ANY(%s)", ([str(i) for i in ids],))

@@ -1,0 +1,133 @@
+"""RabbitMQ topology per strategy, and the dead-letter queue that keeps the reason."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from pulse.infra import broker
+from tests.conftest import wait_for
+from tests.integration.support import envelope, order_row
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def channel(settings):
+    conn = broker.connect(settings.amqp_url)
+    yield conn.channel()
+    conn.close()
+
+
+def ready(channel, queue) -> int:
+    return channel.queue_declare(queue, passive=True).method.message_count
+
+
+def publish(settings, envelopes, **kwargs):
+    publisher = broker.ConfirmingPublisher(settings.amqp_url)
+    try:
+        assert publisher.publish_batch(envelopes, **kwargs) == [True] * len(envelopes)
+    finally:
+        publisher.close()
+
+
+def test_setup_declares_every_queue_with_its_dead_letter_queue(settings, channel):
+    bound = broker.setup(settings.amqp_url, "optimistic")
+    assert bound["inventory.queue"] == ["ORDER_CREATED", "PAYMENT_FAILED"]
+    for queue in broker.QUEUES:
+        assert channel.queue_declare(queue, passive=True).method.queue == queue
+        assert channel.queue_declare(f"{queue}.dlq", passive=True).method.queue == f"{queue}.dlq"
+    channel.exchange_declare(broker.EXCHANGE, exchange_type="topic", passive=True)
+
+
+def test_switching_strategy_removes_the_other_strategys_bindings(system, settings, new_product, channel, tidy_outbox):
+    user = uuid.uuid4()
+    system.carts.add_item(user, uuid.UUID(new_product(stock=5)), 1)
+    order_id = system.orders.create(user, f"k-{user}")["orderId"]  # a real order: the events stay harmless
+    tidy_outbox.append(order_id)
+
+    def routed(strategy):
+        """Declare the topology of ``strategy``, publish a PAYMENT_FAILED; which queues got one more message?"""
+        broker.setup(settings.amqp_url, strategy)
+        before = {q: ready(channel, q) for q in broker.QUEUES}
+        publish(settings, [envelope("PAYMENT_FAILED", {"orderId": order_id, "userId": str(user),
+                                                       "strategy": "OPTIMISTIC", "reason": "DECLINED"})])
+        return {q for q in broker.QUEUES if ready(channel, q) == before[q] + 1}
+
+    assert routed("optimistic") == {"order.queue", "inventory.queue"}
+    assert routed("post-payment") == {"order.queue"}  # inventory no longer hears PAYMENT_FAILED
+    assert routed("optimistic") == {"order.queue", "inventory.queue"}
+    broker.setup(settings.amqp_url, "post-payment")
+    before = {q: ready(channel, q) for q in broker.QUEUES}
+    publish(settings, [envelope("STOCK_RESERVED", {"orderId": order_id, "userId": str(user), "items": [],
+                                                   "strategy": "POST_PAYMENT", "totalPrice": "0"})])
+    got = {q for q in broker.QUEUES if ready(channel, q) == before[q] + 1}
+    assert got == {"order.queue", "redis-stock.queue"}  # payment no longer charges on STOCK_RESERVED
+    broker.setup(settings.amqp_url, "optimistic")
+
+
+def fetch(channel, queue, message_id, timeout_s=15.0):
+    """Take one message by id from ``queue``; every other message is put back untouched."""
+    others, deadline = [], time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            method, props, body = channel.basic_get(queue, auto_ack=False)
+            if method is None:
+                time.sleep(0.05)
+                continue
+            if props.message_id == message_id:
+                channel.basic_ack(method.delivery_tag)
+                return props, body
+            others.append(method.delivery_tag)
+        pytest.fail(f"no message {message_id} in {queue} within {timeout_s:.0f}s")
+    finally:
+        for tag in others:
+            channel.basic_nack(tag, requeue=True)
+
+
+def test_a_poison_message_is_dead_lettered_with_its_reason_after_bounded_retries(make_system, settings, channel,
+                                                                                  new_product, db):
+    system = make_system(workers=True, handler_retries=3)
+    order_consumer = next(c for c in system.threads if getattr(c, "queue", None) == "order.queue")
+    missing = str(uuid.uuid4())
+    poison = envelope("STOCK_RESERVED", {"orderId": missing, "items": []})
+    started = time.monotonic()
+    publish(settings, [poison], exchange="", routing_key="order.queue")
+    props, body = fetch(channel, "order.queue.dlq", str(poison.id))
+    assert json.loads(body)["id"] == str(poison.id)  # the message itself, unchanged
+    assert props.headers["x-pulse-queue"] == "order.queue"
+    assert "LookupError" in props.headers["x-pulse-reason"] and missing in props.headers["x-pulse-reason"]
+    assert props.type == "STOCK_RESERVED" and props.delivery_mode == 2
+    # three attempts with backoff in between (0.1 s, 0.2 s), not an endless requeue loop
+    assert time.monotonic() - started >= 0.3
+    assert order_consumer.dead_lettered >= 1 and order_consumer.is_alive()
+    # The consumer goes on with the next message.
+    user = uuid.uuid4()
+    system.carts.add_item(user, uuid.UUID(new_product(stock=3)), 1)
+    order_id = system.orders.create(user, f"k-{user}")["orderId"]
+    wait_for(lambda: order_row(db, order_id)["status"] == "COMPLETED", message="next order COMPLETED")
+
+
+def test_a_malformed_body_and_an_unexpected_type_go_to_the_dead_letter_queue(make_system, settings, channel):
+    make_system(workers=True, handler_retries=2)
+    conn = broker.connect(settings.amqp_url)
+    try:
+        import pika
+
+        ch = conn.channel()
+        ch.confirm_delivery()
+        garbage_id = str(uuid.uuid4())
+        ch.basic_publish("", "payment.queue", b"{this is not an envelope",
+                         pika.BasicProperties(message_id=garbage_id, delivery_mode=2))
+    finally:
+        conn.close()
+    props, body = fetch(channel, "payment.queue.dlq", garbage_id)
+    assert body == b"{this is not an envelope"
+    assert "not an event envelope" in props.headers["x-pulse-reason"]
+    stray = envelope("ORDER_UPDATED", {"orderId": str(uuid.uuid4())})
+    publish(settings, [stray], exchange="", routing_key="payment.queue")
+    props, _ = fetch(channel, "payment.queue.dlq", str(stray.id))
+    assert "no handler for ORDER_UPDATED" in props.headers["x-pulse-reason"]

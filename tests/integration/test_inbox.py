@@ -1,0 +1,211 @@
+"""Inboxes: a redelivered event has no second effect, in every module, Redis effects included."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from pulse.events import Envelope, EventType as E
+from pulse.infra import broker
+from tests.conftest import wait_for
+from tests.integration.support import (db_cart, db_stock, envelope, order_row, outbox_rows, reserved, set_db_stock,
+                                       view_status)
+
+pytestmark = pytest.mark.integration
+
+
+def checkout(system, new_product, quantity=2, stock=10):
+    product, user = new_product(stock=stock), uuid.uuid4()
+    system.carts.add_item(user, uuid.UUID(product), quantity)
+    order_id = system.orders.create(user, f"k-{user}")["orderId"]
+    return order_id, product, user
+
+
+def inbox_count(db, table, event_id):
+    return db.execute(f"SELECT count(*) AS n FROM {table} WHERE event_id = %s", (event_id,)).fetchone()["n"]
+
+
+def take(bus, order_id, event_type):
+    """Deliver everything of the order up to (not including) the first ``event_type``; return that envelope."""
+    while True:
+        bus.collect(order_id)
+        for i, (queue, env) in enumerate(bus.pending):
+            if env.event_type == event_type:
+                return env
+        if not bus.pending:
+            raise AssertionError(f"no {event_type} produced")
+        queue, env = bus.pending.pop(0)
+        bus.deliver(queue, env)
+
+
+def test_inventory_reserves_once(system, new_product, db, bus_for):
+    bus = bus_for(system)
+    order_id, product, _ = checkout(system, new_product, quantity=2)
+    created = take(bus, order_id, "ORDER_CREATED")
+    handler = bus.handlers["inventory.queue"]["ORDER_CREATED"]
+    handler(created)
+    handler(created)
+    assert db_stock(db, product) == 8
+    assert inbox_count(db, "inventory.inbox", created.id) == 1
+    assert [r["event_type"] for r in outbox_rows(db, order_id)].count("STOCK_RESERVED") == 1
+    bus.pending.clear()
+    bus.run(order_id)
+
+
+def test_inventory_restocks_once(make_system, new_product, db, bus_for):
+    system = make_system(payment_decline_rate=1.0)
+    bus = bus_for(system)
+    order_id, product, _ = checkout(system, new_product, quantity=3)
+    failed = take(bus, order_id, "PAYMENT_FAILED")
+    assert db_stock(db, product) == 7
+    restock = bus.handlers["inventory.queue"]["PAYMENT_FAILED"]
+    restock(failed)
+    restock(failed)
+    restock(envelope("PAYMENT_FAILED", failed.payload))  # same order, another event id: still only once
+    assert db_stock(db, product) == 10
+    assert [r["event_type"] for r in outbox_rows(db, order_id)].count("STOCK_RELEASED") == 1
+    bus.pending = [(q, e) for q, e in bus.pending if q != "inventory.queue"]
+    bus.run(order_id)
+
+
+def test_payment_charges_once(system, new_product, db, bus_for):
+    bus = bus_for(system)
+    order_id, _, _ = checkout(system, new_product)
+    reserved_event = take(bus, order_id, "STOCK_RESERVED")
+    charge = bus.handlers["payment.queue"]["STOCK_RESERVED"]
+    charge(reserved_event)
+    charge(reserved_event)
+    charge(envelope("STOCK_RESERVED", reserved_event.payload))  # a re-driven saga: new id, same order
+    assert db.execute("SELECT count(*) AS n FROM payment.payments WHERE order_id = %s", (order_id,)).fetchone()["n"] == 1
+    assert [r["event_type"] for r in outbox_rows(db, order_id)].count("PAYMENT_PROCESSED") == 1
+    bus.pending = [(q, e) for q, e in bus.pending if q != "payment.queue"]
+    bus.run(order_id)
+    assert order_row(db, order_id)["status"] == "COMPLETED"
+
+
+def test_payment_refunds_once(make_system, new_product, db, bus_for):
+    system = make_system(strategy="post-payment")
+    bus = bus_for(system)
+    order_id, product, _ = checkout(system, new_product, quantity=1, stock=1)
+    set_db_stock(db, product, 0)
+    stock_failed = take(bus, order_id, "STOCK_FAILED")
+    refund = bus.handlers["payment.queue"]["STOCK_FAILED"]
+    refund(stock_failed)
+    refund(stock_failed)
+    refund(envelope("STOCK_FAILED", stock_failed.payload))
+    assert [r["event_type"] for r in outbox_rows(db, order_id)].count("PAYMENT_REFUNDED") == 1
+    bus.pending = [(q, e) for q, e in bus.pending if q != "payment.queue"]
+    bus.run(order_id)
+    assert order_row(db, order_id)["payment_status"] == "REFUNDED"
+
+
+def test_the_order_applies_an_event_once(system, new_product, db, bus_for):
+    bus = bus_for(system)
+    order_id, _, _ = checkout(system, new_product)
+    reserved_event = take(bus, order_id, "STOCK_RESERVED")
+    on_saga = bus.handlers["order.queue"]["STOCK_RESERVED"]
+    on_saga(reserved_event)
+    updated_at = order_row(db, order_id)["updated_at"]
+    on_saga(reserved_event)
+    assert order_row(db, order_id)["updated_at"] == updated_at
+    assert inbox_count(db, "orders.inbox", reserved_event.id) == 1
+    updates = [r for r in outbox_rows(db, order_id) if r["event_type"] == "ORDER_UPDATED"]
+    assert [u["payload"]["inventoryStatus"] for u in updates].count("RESERVED") == 1
+    bus.pending = [(q, e) for q, e in bus.pending if q != "order.queue"]
+    bus.run(order_id)
+
+
+def test_the_view_projects_an_event_once(system, new_product, db, bus_for):
+    bus = bus_for(system)
+    order_id, _, _ = checkout(system, new_product)
+    update = take(bus, order_id, "ORDER_UPDATED")
+    project = bus.handlers["order-view.queue"]["ORDER_UPDATED"]
+    project(update)
+    project(update)
+    assert inbox_count(db, "orders.order_view_inbox", update.id) == 1
+    assert view_status(db, order_id) == "PROCESSING"
+    bus.run(order_id)
+
+
+def test_redis_stock_clears_the_cart_and_releases_once(system, new_product, db, rds, bus_for):
+    bus = bus_for(system)
+    product = new_product(stock=10)
+    buyer, other = uuid.uuid4(), uuid.uuid4()
+    system.carts.add_item(buyer, uuid.UUID(product), 2)
+    system.carts.add_item(other, uuid.UUID(product), 3)
+    order_id = system.orders.create(buyer, f"k-{buyer}")["orderId"]
+    created = take(bus, order_id, "ORDER_CREATED")
+    clear = bus.handlers["redis-stock.queue"]["ORDER_CREATED"]
+    clear(created)
+    assert reserved(rds, product) == 3 and db_cart(db, buyer) == {}
+    system.carts.add_item(buyer, uuid.UUID(product), 1)  # the buyer starts a new cart
+    clear(created)  # a late redelivery must neither release twice nor clear the new cart
+    assert reserved(rds, product) == 4
+    assert db_cart(db, buyer) == {product: 1} and rds.hget(f"cart:{buyer}", product) == "1"
+    assert db_cart(db, other) == {product: 3}
+    assert inbox_count(db, "infra.redis_stock_inbox", created.id) == 1
+    bus.pending = [(q, e) for q, e in bus.pending if q != "redis-stock.queue"]
+    bus.run(order_id)
+
+
+def test_a_duplicate_on_the_broker_has_one_effect(make_system, new_product, db, rds):
+    """The relay publishes an ORDER_CREATED, the saga completes, then the broker delivers it again.
+
+    A second order, published after the duplicate, is the sentinel: each queue has one consumer
+    that handles messages in order, so once the second order completed the duplicate was handled.
+    """
+    system = make_system(workers=True)
+    order_id, product, user = checkout(system, new_product, quantity=2, stock=10)
+    original = next(r for r in outbox_rows(db, order_id) if r["event_type"] == "ORDER_CREATED")
+    wait_for(lambda: order_row(db, order_id)["status"] == "COMPLETED", message="first order COMPLETED")
+    assert db_stock(db, product) == 8
+    system.carts.add_item(user, uuid.UUID(product), 1)  # a new cart the duplicate must not clear
+    duplicate = Envelope(id=original["id"], event_type="ORDER_CREATED", aggregate_id=order_id,
+                         payload=original["payload"])
+    publisher = broker.ConfirmingPublisher(system.settings.amqp_url)
+    try:
+        assert publisher.publish_batch([duplicate]) == [True]
+    finally:
+        publisher.close()
+    sentinel = uuid.uuid4()
+    system.carts.add_item(sentinel, uuid.UUID(product), 3)
+    second = system.orders.create(sentinel, f"k-{sentinel}")["orderId"]
+    wait_for(lambda: order_row(db, second)["status"] == "COMPLETED" and view_status(db, second) == "COMPLETED",
+             message="sentinel order COMPLETED")
+    wait_for(lambda: db_cart(db, sentinel) == {}, message="sentinel cart cleared")
+    assert db_stock(db, product) == 10 - 2 - 3  # the duplicate reserved nothing
+    assert db.execute("SELECT count(*) AS n FROM payment.payments WHERE order_id = %s", (order_id,)).fetchone()["n"] == 1
+    assert inbox_count(db, "inventory.inbox", original["id"]) == 1
+    assert db_cart(db, user) == {product: 1} and rds.hget(f"cart:{user}", product) == "1"
+    assert reserved(rds, product) == 1  # only the new cart's unit is held
+
+
+def test_a_late_stock_reserved_leaves_a_failed_order_failed(system, new_product, db, bus_for):
+    bus = bus_for(system)
+    order_id, _, _ = checkout(system, new_product)
+    bus.run(order_id, hold={"inventory.queue", "payment.queue"})
+    on_saga = bus.handlers["order.queue"]
+    payload = {"orderId": order_id, "strategy": "OPTIMISTIC"}
+    on_saga["PAYMENT_FAILED"](envelope(E.PAYMENT_FAILED, payload))
+    on_saga["STOCK_RESERVED"](envelope(E.STOCK_RESERVED, payload))
+    order = order_row(db, order_id)
+    assert (order["status"], order["failure_reason"]) == ("FAILED", "PAYMENT_FAILED")
+    bus.pending.clear()
+    bus.run(order_id, hold={"inventory.queue", "payment.queue"})
+    assert view_status(db, order_id) == "FAILED_PAYMENT"
+    bus.pending.clear()
+
+
+def test_the_naive_unguarded_mode_shows_why_the_guard_exists(make_system, new_product, db, bus_for):
+    system = make_system(naive=frozenset({"unguarded-state"}))
+    bus = bus_for(system)
+    order_id, _, _ = checkout(system, new_product)
+    bus.run(order_id, hold={"inventory.queue", "payment.queue"})
+    payload = {"orderId": order_id, "strategy": "OPTIMISTIC"}
+    bus.handlers["order.queue"]["PAYMENT_FAILED"](envelope(E.PAYMENT_FAILED, payload))
+    bus.handlers["order.queue"]["STOCK_RESERVED"](envelope(E.STOCK_RESERVED, payload))
+    assert order_row(db, order_id)["status"] == "PROCESSING"  # the bug the guard prevents
+    bus.pending.clear()
+    bus.run(order_id, hold={"inventory.queue", "payment.queue"})
+    bus.pending.clear()

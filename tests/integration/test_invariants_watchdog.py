@@ -1,0 +1,45 @@
+"""The saga watchdog heals an order whose event a consumer lost (consumer.lose), and the checker agrees."""
+
+import datetime as dt
+import time
+import uuid
+
+import pytest
+
+from pulse import faults
+from pulse.check.invariants import Scope, check_all
+from pulse.orders.watchdog import Watchdog
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_lost_event_is_re_driven_and_every_invariant_holds(settings, make_system, new_product):
+    since = dt.datetime.now(dt.timezone.utc)
+    system = make_system(workers=True)
+    product = new_product(stock=5)
+    faults.arm(settings.database_url, "consumer.lose", queue="payment.queue", max=1)
+    time.sleep(0.7)
+    try:
+        user = uuid.uuid4()
+        system.carts.add_item(user, uuid.UUID(product), 1)
+        order_id = uuid.UUID(system.orders.create(user, f"k-{user}")["orderId"])
+        wait_for(lambda: system.orders.get(order_id)["inventoryStatus"] == "RESERVED", 20, message="reserved")
+        time.sleep(1.0)
+        assert system.orders.get(order_id)["status"] == "PROCESSING"  # STOCK_RESERVED never reached payment
+    finally:
+        faults.disarm(settings.database_url)
+    result = Watchdog(system.deps, deadline_s=0.5).run_once()
+    assert result["redriven"] == {"STOCK_RESERVED": 1}
+    wait_for(lambda: system.orders.get(order_id)["displayStatus"] == "COMPLETED", 20, message="re-driven to COMPLETED")
+    wait_for(lambda: _outbox_empty(system), 20, message="outbox drained")
+    time.sleep(0.5)
+    results = check_all(settings, Scope(since=since, products=[product]))["results"]
+    assert [r.to_dict() for r in results if not r.passed] == []
+    delivery = next(r for r in results if r.name == "delivery")
+    assert delivery.data["lostByInjection"] == 1
+
+
+def _outbox_empty(system):
+    with system.deps.pool.connection() as conn:
+        return conn.execute("SELECT count(*) AS n FROM shared.outbox").fetchone()["n"] == 0

@@ -1,0 +1,110 @@
+"""Inventory updates use optimistic locking on ``version`` with bounded retries; stock never goes below zero."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from pulse.inventory.handlers import MAX_VERSION_RETRIES, VersionConflict
+from tests.integration.support import db_stock, envelope
+
+pytestmark = pytest.mark.integration
+
+
+def test_concurrent_reservations_of_one_product_all_succeed_or_fail_cleanly(system, new_product, db, tidy_outbox):
+    product = new_product(stock=8)
+    reserve = system.handlers()["inventory.queue"]["ORDER_CREATED"]
+    orders = [str(uuid.uuid4()) for _ in range(20)]
+    tidy_outbox.extend(orders)
+    events = {o: envelope("ORDER_CREATED", {"orderId": o, "userId": str(uuid.uuid4()), "strategy": "OPTIMISTIC",
+                                            "totalPrice": "10.00", "items": [{"productId": product, "quantity": 1}]})
+              for o in orders}
+    start, conflicts, errors = threading.Barrier(len(orders)), [], []
+
+    def run(order_id):
+        start.wait()
+        try:
+            reserve(events[order_id])
+        except VersionConflict:
+            conflicts.append(order_id)  # bounded retries exhausted: nothing committed, the consumer retries
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(o,)) for o in orders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    for order_id in conflicts:  # what the consumer's redelivery would do
+        reserve(events[order_id])
+
+    outcomes = db.execute("SELECT aggregate_id, event_type FROM shared.outbox WHERE aggregate_id = ANY(%s)",
+                          (orders,)).fetchall()
+    by_order = {}
+    for row in outcomes:
+        by_order.setdefault(row["aggregate_id"], []).append(row["event_type"])
+    assert sorted(by_order) == sorted(orders) and all(len(v) == 1 for v in by_order.values())
+    kinds = [v[0] for v in by_order.values()]
+    assert kinds.count("STOCK_RESERVED") == 8 and kinds.count("STOCK_FAILED") == 12
+    assert db_stock(db, product) == 0
+    reservations = db.execute("SELECT count(*) AS n FROM inventory.reservations WHERE order_id = ANY(%s::uuid[]) "
+                              "AND status = 'RESERVED'", (orders,)).fetchone()["n"]
+    assert reservations == 8
+    version = db.execute("SELECT version FROM inventory.inventory_items WHERE product_id = %s",
+                         (product,)).fetchone()["version"]
+    assert version == 8  # one bump per successful decrement, none for a failed or lost attempt
+
+
+def test_a_version_conflict_is_retried_and_then_gives_up(system, new_product, db, tidy_outbox):
+    """Another writer bumps the version between our read and our write on every attempt."""
+    from pulse.infra import db as pulse_db
+
+    product, order_id = new_product(stock=5), str(uuid.uuid4())
+    tidy_outbox.append(order_id)
+    reserve = system.handlers()["inventory.queue"]["ORDER_CREATED"]
+    event = envelope("ORDER_CREATED", {"orderId": order_id, "userId": str(uuid.uuid4()), "strategy": "OPTIMISTIC",
+                                       "totalPrice": "1.00", "items": [{"productId": product, "quantity": 1}]})
+    attempts = []
+    real_transaction = pulse_db.transaction
+
+    def interfering(pool):
+        """The real transaction, plus a concurrent writer that commits a version bump inside it."""
+        cm = real_transaction(pool)
+        conn = cm.__enter__()
+        original_execute = conn.execute
+
+        def execute(query, params=None, *a, **kw):
+            result = original_execute(query, params, *a, **kw)
+            if query.startswith("SELECT available_quantity, version"):
+                attempts.append(1)
+                db.execute("UPDATE inventory.inventory_items SET version = version + 1 WHERE product_id = %s",
+                           (product,))
+            return result
+
+        conn.execute = execute
+
+        class Wrapper:
+            def __enter__(self):
+                return conn
+
+            def __exit__(self, *exc):
+                conn.execute = original_execute
+                return cm.__exit__(*exc)
+
+        return Wrapper()
+
+    import pulse.inventory.handlers as handlers
+    handlers.db.transaction = interfering
+    try:
+        with pytest.raises(VersionConflict):
+            reserve(event)
+    finally:
+        handlers.db.transaction = real_transaction
+    assert len(attempts) == MAX_VERSION_RETRIES
+    assert db_stock(db, product) == 5
+    assert db.execute("SELECT 1 FROM inventory.inbox WHERE event_id = %s", (event.id,)).fetchone() is None
+    reserve(event)  # without interference the redelivery goes through
+    assert db_stock(db, product) == 4

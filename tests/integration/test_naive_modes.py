@@ -1,0 +1,224 @@
+"""Each naive switch breaks an invariant visibly; with the switch off the same scenario keeps it."""
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from pulse import faults
+from pulse.check import invariants as inv
+from pulse.errors import Conflict, Unavailable
+from pulse.events import Envelope
+from pulse.infra import db as pulse_db
+from pulse.inventory import handlers as inventory
+from pulse.orders.watchdog import Watchdog
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+ON_OFF = [pytest.param(True, id="naive-on"), pytest.param(False, id="naive-off")]
+
+
+def _scope(products, since=None):
+    return inv.Scope(since=since or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5), products=products)
+
+
+def _conn(settings):
+    return pulse_db.connect(settings.database_url, autocommit=True)
+
+
+def _naive(flag, name):
+    return frozenset({name}) if flag else frozenset()
+
+
+@pytest.mark.parametrize("naive", ON_OFF)
+def test_reserve_get_set_oversells_carts(settings, make_system, new_product, naive):
+    system = make_system(naive=_naive(naive, "reserve-get-set"))
+    product = new_product(stock=5)
+
+    def add(_):
+        try:
+            system.carts.add_item(uuid.uuid4(), uuid.UUID(product), 1)
+        except Conflict:
+            pass
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(add, range(40)))
+    with _conn(settings) as conn:
+        result = inv.no_oversell(conn, _scope([product]))
+    assert result.passed is not naive, result.to_dict()
+
+
+@pytest.mark.parametrize("naive", ON_OFF)
+def test_no_inbox_applies_a_redelivered_event_twice(settings, make_system, new_product, naive):
+    since = dt.datetime.now(dt.timezone.utc)
+    system = make_system(naive=_naive(naive, "no-inbox"))
+    product = new_product(stock=10)
+    user = uuid.uuid4()
+    system.carts.add_item(user, uuid.UUID(product), 2)
+    order = system.orders.create(user, f"k-{user}")
+    with _conn(settings) as conn:
+        row = conn.execute("SELECT * FROM shared.outbox WHERE aggregate_id = %s AND event_type = 'ORDER_CREATED'",
+                           (order["orderId"],)).fetchone()
+    envelope = Envelope(row["id"], row["event_type"], row["aggregate_id"], row["payload"])
+    inventory.on_reserve(system.deps, envelope)
+    inventory.on_reserve(system.deps, envelope)  # the broker redelivers after a crash before the ack
+    with _conn(settings) as conn:
+        results = [inv.stock_conservation(conn, _scope([product], since)), inv.effects_once(conn, _scope([product], since))]
+        conn.execute("DELETE FROM shared.outbox WHERE aggregate_id = %s", (order["orderId"],))  # no relay here
+    assert [r.passed for r in results] == [not naive, not naive], [r.to_dict() for r in results]
+
+
+@pytest.mark.parametrize("naive", ON_OFF)
+def test_reconcile_full_scan_overwrites_an_in_flight_reservation(settings, make_system, new_product, naive):
+    system = make_system(naive=_naive(naive, "reconcile-full-scan"))
+    product = uuid.UUID(new_product(stock=2))
+    faults.arm(settings.database_url, "cart.after_redis", action="delay", ms=800)
+    try:
+        time.sleep(0.7)  # the system's registry refreshes every 0.5 s
+        slow = threading.Thread(target=system.carts.add_item, args=(uuid.uuid4(), product, 1))
+        slow.start()
+        time.sleep(0.3)  # the first unit is reserved in Redis, its DB row not yet committed
+        system.reconciler.run_once()
+        slow.join()
+    finally:
+        faults.disarm(settings.database_url, "cart.after_redis")
+    time.sleep(0.6)
+    for _ in range(2):
+        try:
+            system.carts.add_item(uuid.uuid4(), product, 1)
+        except Conflict:
+            pass
+    with _conn(settings) as conn:
+        result = inv.no_oversell(conn, _scope([str(product)]))
+    assert result.passed is not naive, result.to_dict()
+
+
+@pytest.mark.parametrize("naive", ON_OFF)
+def test_unguarded_state_lets_a_late_event_revive_a_failed_order(settings, make_system, new_product, naive):
+    since = dt.datetime.now(dt.timezone.utc)
+    system = make_system(workers=True, payment_decline_rate=1.0, naive=_naive(naive, "unguarded-state"))
+    product = new_product(stock=5)
+    user = uuid.uuid4()
+    system.carts.add_item(user, uuid.UUID(product), 1)
+    order_id = system.orders.create(user, f"k-{user}")["orderId"]
+    wait_for(lambda: system.orders.get(uuid.UUID(order_id))["displayStatus"] == "FAILED_PAYMENT"
+             and system.orders.get(uuid.UUID(order_id))["inventoryStatus"] == "RELEASED", 30, message="declined")
+    # A late STOCK_RESERVED (a duplicate published under a new id) reaches the FAILED order.
+    from pulse.infra import outbox
+    with pulse_db.transaction(system.deps.pool) as conn:
+        outbox.append(conn, "STOCK_RESERVED", "ORDER", order_id,
+                      {"orderId": order_id, "userId": str(user), "items": [{"productId": product, "quantity": 1}],
+                       "strategy": "OPTIMISTIC", "totalPrice": "10.00"})
+    watchdog = Watchdog(system.deps, deadline_s=0.2)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        watchdog.run_once()
+        with _conn(settings) as conn:
+            result = inv.orders_terminal(conn, _scope([product], since))
+        if result.passed:
+            break
+    assert result.passed is not naive, result.to_dict()
+
+
+@pytest.mark.parametrize("naive", ON_OFF)
+def test_lock_no_owner_lets_a_concurrent_duplicate_in(settings, make_system, new_product, naive):
+    system = make_system(naive=_naive(naive, "lock-no-owner"), idempotency_lock_ttl_s=1)
+    product = new_product(stock=5)
+    user = uuid.uuid4()
+    system.carts.add_item(user, uuid.UUID(product), 1)
+    inside, overlaps, calls = [], [], []
+    original = system.orders._create_locked
+
+    def slow_create(*args):
+        first = not overlaps and not inside and not calls
+        calls.append(1)
+        if inside:
+            overlaps.append(len(inside))
+        inside.append(1)
+        try:
+            time.sleep(1.5)
+            if first:
+                raise Unavailable("request A dies half way; it commits nothing")
+            return original(*args)
+        finally:
+            inside.pop()
+
+    system.orders._create_locked = slow_create
+    key = f"k-{user}"
+    a = threading.Thread(target=_quietly, args=(system.orders.create, user, key))
+    a.start()
+    time.sleep(1.1)  # A's lock expired (TTL 1 s) while A is still working
+    b = threading.Thread(target=system.orders.create, args=(user, key))
+    b.start()
+    a.join()  # A releases "its" lock: without an owner token it deletes B's
+    try:
+        system.orders.create(user, key)  # C, while B still works
+        c_admitted = True
+    except Conflict:
+        c_admitted = False
+    b.join()
+    # The invariant: a lock is held by one request at a time, so C (B's duplicate) must get 409.
+    assert c_admitted is naive
+    assert bool(overlaps[1:]) is naive  # A and B overlap by TTL in both modes; B and C only without owner
+
+
+def _quietly(function, *args):
+    try:
+        function(*args)
+    except Unavailable:
+        pass
+
+
+@pytest.mark.parametrize("naive", ON_OFF)
+def test_publish_no_confirm_loses_events_in_a_relay_crash(settings, serve_env, make_system, new_product, naive,
+                                                          tmp_path):
+    since = dt.datetime.now(dt.timezone.utc)
+    system = make_system()
+    system.start_workers(relay=False, schedulers=False)
+    product = new_product(stock=5)
+    env = {**os.environ, **serve_env, "PULSE_NAIVE": "publish-no-confirm" if naive else ""}
+
+    def relay():
+        return subprocess.Popen([sys.executable, "-m", "pulse", "serve", "--role", "relay"], env=env,
+                                stdout=open(tmp_path / "relay.log", "ab"), stderr=subprocess.STDOUT)
+
+    first = relay()
+    try:
+        wait_for(lambda: _outbox_empty(settings), 30, message="leftovers of earlier tests relayed")
+        faults.arm(settings.database_url, "relay.after_publish", action="crash", max=1)
+        time.sleep(0.8)  # the relay's registry reads the fault
+        user = uuid.uuid4()
+        system.carts.add_item(user, uuid.UUID(product), 1)
+        order_id = system.orders.create(user, f"k-{user}")["orderId"]
+        assert first.wait(30) == faults.CRASH_STATUS
+    finally:
+        faults.disarm(settings.database_url, "relay.after_publish")
+        if first.poll() is None:
+            first.kill()
+    second = relay()  # the supervisor's restart
+    try:
+        wait_for(lambda: _outbox_empty(settings), 30, message="outbox drained by the restarted relay")
+        time.sleep(2)  # let consumers finish what was delivered
+        if not naive:
+            wait_for(lambda: system.orders.get(uuid.UUID(order_id))["displayStatus"] == "COMPLETED", 30,
+                     message="order completed from the re-published events")
+        with _conn(settings) as conn:
+            result = inv.delivery(conn, _scope([product], since))
+    finally:
+        second.terminate()
+        second.wait(30)
+    assert result.passed is not naive, result.to_dict()
+    if not naive:
+        assert result.data["duplicates"] >= 1  # the crash made the relay publish the batch twice
+
+
+def _outbox_empty(settings):
+    with _conn(settings) as conn:
+        return conn.execute("SELECT count(*) AS n FROM shared.outbox").fetchone()["n"] == 0

@@ -1,0 +1,119 @@
+"""The order state machine (pulse/orders/model.py): every transition, the terminal guard, the naive switch."""
+
+import pytest
+
+from pulse.events import EventType as E
+from pulse.orders.model import TERMINAL, apply_event
+
+
+def order(status="CREATED", payment="NOT_STARTED", inventory="NOT_STARTED", reason=None):
+    return {"id": "o-1", "status": status, "payment_status": payment, "inventory_status": inventory,
+            "failure_reason": reason}
+
+
+def run(events, start=None, guarded=True):
+    """Fold events over an order the way the orders handler does (apply the returned changes)."""
+    state = dict(start or order())
+    for event in events:
+        state.update(apply_event(state, event, guarded=guarded))
+    return state
+
+
+@pytest.mark.parametrize("start, event, changes", [
+    # first half of the saga arrives: the order is in progress
+    (order(), E.PAYMENT_PROCESSED, {"payment_status": "SUCCESS", "status": "PROCESSING"}),
+    (order(), E.STOCK_RESERVED, {"inventory_status": "RESERVED", "status": "PROCESSING"}),
+    # second half arrives, in either order: completed
+    (order("PROCESSING", inventory="RESERVED"), E.PAYMENT_PROCESSED, {"payment_status": "SUCCESS", "status": "COMPLETED"}),
+    (order("PROCESSING", payment="SUCCESS"), E.STOCK_RESERVED, {"inventory_status": "RESERVED", "status": "COMPLETED"}),
+    # failures
+    (order(), E.PAYMENT_FAILED, {"payment_status": "DECLINED", "status": "FAILED", "failure_reason": "PAYMENT_FAILED"}),
+    (order("PROCESSING", inventory="RESERVED"), E.PAYMENT_FAILED,
+     {"payment_status": "DECLINED", "status": "FAILED", "failure_reason": "PAYMENT_FAILED"}),
+    (order(), E.STOCK_FAILED, {"inventory_status": "OUT_OF_STOCK", "status": "FAILED", "failure_reason": "OUT_OF_STOCK"}),
+    (order("PROCESSING", payment="SUCCESS"), E.STOCK_FAILED,
+     {"inventory_status": "OUT_OF_STOCK", "status": "FAILED", "failure_reason": "OUT_OF_STOCK"}),
+    # compensations only touch their half; the failed status stays
+    (order("FAILED", payment="DECLINED", inventory="RESERVED", reason="PAYMENT_FAILED"), E.STOCK_RELEASED,
+     {"inventory_status": "RELEASED"}),
+    (order("FAILED", payment="SUCCESS", inventory="OUT_OF_STOCK", reason="OUT_OF_STOCK"), E.PAYMENT_REFUNDED,
+     {"payment_status": "REFUNDED"}),
+])
+def test_every_transition(start, event, changes):
+    assert apply_event(start, event) == changes
+
+
+def test_event_types_as_plain_strings_work_like_the_enum():
+    assert apply_event(order(), "STOCK_RESERVED") == apply_event(order(), E.STOCK_RESERVED)
+
+
+def test_only_changed_fields_are_returned_so_a_redelivery_is_a_no_op():
+    once = run([E.STOCK_RESERVED])
+    assert apply_event(once, E.STOCK_RESERVED) == {}
+    done = run([E.STOCK_RESERVED, E.PAYMENT_PROCESSED])
+    assert apply_event(done, E.PAYMENT_PROCESSED) == {}
+
+
+def test_the_input_order_is_not_modified():
+    start = order()
+    copy = dict(start)
+    apply_event(start, E.PAYMENT_FAILED)
+    assert start == copy
+
+
+def test_events_the_orders_module_does_not_handle_are_rejected():
+    with pytest.raises(ValueError, match="ORDER_CREATED"):
+        apply_event(order(), E.ORDER_CREATED)
+    with pytest.raises(ValueError):
+        apply_event(order(), "SOMETHING_ELSE")
+
+
+@pytest.mark.parametrize("events, final", [
+    ([E.STOCK_RESERVED, E.PAYMENT_PROCESSED], ("COMPLETED", "SUCCESS", "RESERVED", None)),  # optimistic happy
+    ([E.STOCK_RESERVED, E.PAYMENT_FAILED, E.STOCK_RELEASED], ("FAILED", "DECLINED", "RELEASED", "PAYMENT_FAILED")),
+    ([E.STOCK_FAILED], ("FAILED", "NOT_STARTED", "OUT_OF_STOCK", "OUT_OF_STOCK")),  # optimistic out of stock
+    ([E.PAYMENT_PROCESSED, E.STOCK_RESERVED], ("COMPLETED", "SUCCESS", "RESERVED", None)),  # post-payment happy
+    ([E.PAYMENT_PROCESSED, E.STOCK_FAILED, E.PAYMENT_REFUNDED], ("FAILED", "REFUNDED", "OUT_OF_STOCK", "OUT_OF_STOCK")),
+    ([E.PAYMENT_FAILED], ("FAILED", "DECLINED", "NOT_STARTED", "PAYMENT_FAILED")),  # post-payment decline
+])
+def test_every_saga_path_ends_in_its_outcome(events, final):
+    s = run(events)
+    assert (s["status"], s["payment_status"], s["inventory_status"], s["failure_reason"]) == final
+
+
+def test_a_failed_order_is_never_turned_back_into_processing_by_a_late_event():
+    failed = run([E.PAYMENT_FAILED])
+    for late in (E.STOCK_RESERVED, E.PAYMENT_PROCESSED, E.STOCK_FAILED, E.STOCK_RELEASED, E.PAYMENT_REFUNDED):
+        changes = apply_event(failed, late)
+        assert "status" not in changes and "failure_reason" not in changes, late
+    assert run([E.STOCK_RESERVED, E.PAYMENT_PROCESSED], start=failed)["status"] == "FAILED"
+
+
+def test_the_first_failure_reason_is_kept():
+    out_of_stock = run([E.STOCK_FAILED])
+    assert run([E.PAYMENT_FAILED], start=out_of_stock)["failure_reason"] == "OUT_OF_STOCK"
+
+
+def test_a_completed_order_stays_completed():
+    completed = run([E.STOCK_RESERVED, E.PAYMENT_PROCESSED])
+    for late in (E.PAYMENT_FAILED, E.STOCK_FAILED, E.STOCK_RESERVED):
+        s = run([late], start=completed)
+        assert s["status"] == "COMPLETED" and s["failure_reason"] is None, late
+
+
+def test_terminal_statuses():
+    assert TERMINAL == {"COMPLETED", "FAILED"}
+
+
+def test_unguarded_naive_mode_lets_a_late_event_revive_a_failed_order():
+    failed = run([E.PAYMENT_FAILED])
+    assert apply_event(failed, E.STOCK_RESERVED, guarded=False)["status"] == "PROCESSING"
+    out_of_stock = run([E.STOCK_FAILED])
+    assert run([E.PAYMENT_FAILED], start=out_of_stock, guarded=False)["failure_reason"] == "PAYMENT_FAILED"
+
+
+def test_the_guard_changes_nothing_for_orders_in_progress():
+    for events in ([], [E.STOCK_RESERVED], [E.PAYMENT_PROCESSED]):
+        start = run(events)
+        for event in (E.PAYMENT_PROCESSED, E.STOCK_RESERVED, E.PAYMENT_FAILED, E.STOCK_FAILED):
+            assert apply_event(start, event) == apply_event(start, event, guarded=False)
