@@ -37,6 +37,7 @@ from pulse.infra import broker, outbox
 RESULTS = Path(__file__).resolve().parent / "results" / "relay.json"
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+BENCH_EVENT = "RELAY_BENCH_EVENT"  # bound to no saga queue: only the bench's own queue receives it
 
 
 class Tap(threading.Thread):
@@ -98,7 +99,7 @@ class Relay:
 
 def insert(url: str, n: int) -> list[str]:
     with psycopg.connect(url) as conn, conn.transaction():
-        return [str(outbox.append(conn, "ORDER_UPDATED", "order", uuid.uuid4(), {"i": i})) for i in range(n)]
+        return [str(outbox.append(conn, BENCH_EVENT, "order", uuid.uuid4(), {"i": i})) for i in range(n)]
 
 
 def wait_ready(url: str, tap: Tap, timeout_s: float = 60) -> None:
@@ -124,7 +125,7 @@ def offered_load(url: str, rate: float, seconds: float, threads: int = 4) -> dic
                 due = start + n / rate
                 if (delay := due - time.monotonic()) > 0:
                     time.sleep(delay)
-                eid = outbox.append(conn, "ORDER_UPDATED", "order", uuid.uuid4(), {"n": n})
+                eid = outbox.append(conn, BENCH_EVENT, "order", uuid.uuid4(), {"n": n})
                 now = time.monotonic()
                 with lock:
                     committed[str(eid)] = now
@@ -240,6 +241,8 @@ def main(argv=None) -> int:
     doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(), "python": platform.python_version(),
            "postgres": pg_version, "pollS": args.poll_s, "relayBatch": p.settings.relay_batch,
            "latencyMeasures": "COMMIT returned -> message received by a consumer of the exchange",
+           "cdcReader": "logical replication stream (START_REPLICATION over psycopg.pq), pgoutput protocol 1",
+           "loadAverage1m": round(os.getloadavg()[0], 2),
            "goal": {"cdcP99Ms": 50, "eventsPerS": 5000}, "modes": results}
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
     print(table(doc))

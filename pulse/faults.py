@@ -380,7 +380,7 @@ def list_armed(database_url: str) -> list[dict]:
 def fired_counts(database_url: str, since=None) -> dict[str, int]:
     """How many times each fault struck (since ``since``, a datetime, when given), from ``infra.fault_log``."""
     with _connect(database_url) as conn:
-        rows = conn.execute("SELECT name, count(*) FROM infra.fault_log WHERE fired_at >= COALESCE(%s, '-infinity') "
+        rows = conn.execute("SELECT name, count(*) FROM infra.fault_log WHERE fired_at >= COALESCE(%s::timestamptz, '-infinity') "
                             "GROUP BY name ORDER BY name", (since,)).fetchall()
     return {name: n for name, n in rows}
 

@@ -6,7 +6,7 @@ import logging
 import uuid
 from decimal import Decimal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -85,24 +85,25 @@ def create_app(system) -> FastAPI:
     def list_products():
         return system.products.list()
 
-    @app.get("/api/products/{product_id}")
-    def get_product(product_id: uuid.UUID):
+    # Path parameters carry the SPEC's camelCase names, so /docs matches the contract.
+    @app.get("/api/products/{productId}")
+    def get_product(product_id: uuid.UUID = Path(alias="productId")):
         return system.products.get(product_id)
 
-    @app.put("/api/cart/{user_id}/items")
-    def add_cart_item(user_id: uuid.UUID, body: CartItemIn):
+    @app.put("/api/cart/{userId}/items")
+    def add_cart_item(body: CartItemIn, user_id: uuid.UUID = Path(alias="userId")):
         return system.carts.add_item(user_id, body.product_id, body.quantity)
 
-    @app.get("/api/cart/{user_id}")
-    def get_cart(user_id: uuid.UUID):
+    @app.get("/api/cart/{userId}")
+    def get_cart(user_id: uuid.UUID = Path(alias="userId")):
         return system.carts.get(user_id)
 
     @app.post("/api/orders")
     def create_order(body: OrderIn):
         return system.orders.create(body.user_id, body.idempotency_key)
 
-    @app.get("/api/orders/{order_id}")
-    def get_order(order_id: uuid.UUID):
+    @app.get("/api/orders/{orderId}")
+    def get_order(order_id: uuid.UUID = Path(alias="orderId")):
         return system.orders.get(order_id)
 
     @app.get("/health")

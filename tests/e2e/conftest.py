@@ -23,7 +23,7 @@ def e2e_env(settings):
 
 @pytest.fixture(scope="module")
 def launch(e2e_env, tmp_path_factory):
-    """``launch(strategy, **env)`` starts a `pulse serve` child (log under a tmp dir); all are stopped after the module."""
+    """``launch(strategy, **env)``: start a `pulse serve` child (its log in a tmp dir); stopped after the module."""
     started = []
 
     def start(strategy: str = "optimistic", **env) -> ServeProcess:

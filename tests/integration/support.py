@@ -33,7 +33,8 @@ class Bus:
     def __init__(self, system, db):
         self.system, self.db = system, db
         self.handlers = system.handlers()
-        self.bindings = {q: {e.value for e in events} for q, events in broker.BINDINGS[system.settings.strategy].items()}
+        bound = broker.BINDINGS[system.settings.strategy]
+        self.bindings = {q: {e.value for e in events} for q, events in bound.items()}
         self.pending: list[tuple[str, Envelope]] = []
         self.delivered: list[tuple[str, str]] = []
 

@@ -99,16 +99,18 @@ def test_a_poison_message_is_dead_lettered_with_its_reason_after_bounded_retries
     props, body = fetch(channel, "order.queue.dlq", str(poison.id))
     assert json.loads(body)["id"] == str(poison.id)  # the message itself, unchanged
     assert props.headers["x-pulse-queue"] == "order.queue"
-    assert "LookupError" in props.headers["x-pulse-reason"] and missing in props.headers["x-pulse-reason"]
+    reason = props.headers["x-pulse-reason"]
+    assert "LookupError" in reason and missing in reason, reason
     assert props.type == "STOCK_RESERVED" and props.delivery_mode == 2
     # three attempts with backoff in between (0.1 s, 0.2 s), not an endless requeue loop
     assert time.monotonic() - started >= 0.3
-    assert order_consumer.dead_lettered >= 1 and order_consumer.is_alive()
+    assert order_consumer.is_alive() and order_consumer.dead_lettered >= 1, order_consumer.dead_lettered
     # The consumer goes on with the next message.
     user = uuid.uuid4()
     system.carts.add_item(user, uuid.UUID(new_product(stock=3)), 1)
     order_id = system.orders.create(user, f"k-{user}")["orderId"]
-    wait_for(lambda: order_row(db, order_id)["status"] == "COMPLETED", message="next order COMPLETED")
+    wait_for(lambda: order_row(db, order_id)["status"] == "COMPLETED",
+             message="the next order to complete after the poison message")
 
 
 def test_a_malformed_body_and_an_unexpected_type_go_to_the_dead_letter_queue(make_system, settings, channel):

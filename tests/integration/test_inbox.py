@@ -26,11 +26,15 @@ def inbox_count(db, table, event_id):
     return db.execute(f"SELECT count(*) AS n FROM {table} WHERE event_id = %s", (event_id,)).fetchone()["n"]
 
 
+def payments(db, order_id) -> int:
+    return db.execute("SELECT count(*) AS n FROM payment.payments WHERE order_id = %s", (order_id,)).fetchone()["n"]
+
+
 def take(bus, order_id, event_type):
     """Deliver everything of the order up to (not including) the first ``event_type``; return that envelope."""
     while True:
         bus.collect(order_id)
-        for i, (queue, env) in enumerate(bus.pending):
+        for _, env in bus.pending:
             if env.event_type == event_type:
                 return env
         if not bus.pending:
@@ -77,7 +81,7 @@ def test_payment_charges_once(system, new_product, db, bus_for):
     charge(reserved_event)
     charge(reserved_event)
     charge(envelope("STOCK_RESERVED", reserved_event.payload))  # a re-driven saga: new id, same order
-    assert db.execute("SELECT count(*) AS n FROM payment.payments WHERE order_id = %s", (order_id,)).fetchone()["n"] == 1
+    assert payments(db, order_id) == 1
     assert [r["event_type"] for r in outbox_rows(db, order_id)].count("PAYMENT_PROCESSED") == 1
     bus.pending = [(q, e) for q, e in bus.pending if q != "payment.queue"]
     bus.run(order_id)
@@ -175,7 +179,7 @@ def test_a_duplicate_on_the_broker_has_one_effect(make_system, new_product, db, 
              message="sentinel order COMPLETED")
     wait_for(lambda: db_cart(db, sentinel) == {}, message="sentinel cart cleared")
     assert db_stock(db, product) == 10 - 2 - 3  # the duplicate reserved nothing
-    assert db.execute("SELECT count(*) AS n FROM payment.payments WHERE order_id = %s", (order_id,)).fetchone()["n"] == 1
+    assert payments(db, order_id) == 1
     assert inbox_count(db, "inventory.inbox", original["id"]) == 1
     assert db_cart(db, user) == {product: 1} and rds.hget(f"cart:{user}", product) == "1"
     assert reserved(rds, product) == 1  # only the new cart's unit is held

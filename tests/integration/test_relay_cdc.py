@@ -132,7 +132,11 @@ class Proxy:
                     pass
 
 
-def insert_events(url: str, n: int = 1, event_type: str = "ORDER_CREATED") -> list[str]:
+# No queue binds this type: the session's saga queues (declared by other tests) must not receive test events.
+TEST_EVENT = "RELAY_TEST_EVENT"
+
+
+def insert_events(url: str, n: int = 1, event_type: str = TEST_EVENT) -> list[str]:
     """Insert ``n`` outbox events in one transaction; returns their ids in insert order."""
     with psycopg.connect(url) as conn, conn.transaction():
         return [str(outbox.append(conn, event_type, "order", uuid.uuid4(), {"n": i})) for i in range(n)]
@@ -251,7 +255,7 @@ def test_insert_is_published_and_the_row_deleted(relays, cdc, tap, db):
     assert tap.wait_ids(ids) == ids
     wait_for(lambda: not outbox_ids(db, ids), message="published rows deleted")
     m = tap.messages[0]
-    assert m["eventType"] == "ORDER_CREATED" and m["payload"] == {"n": 0} and m["aggregateId"]
+    assert m["eventType"] == TEST_EVENT and m["payload"] == {"n": 0} and m["aggregateId"]
     wait_for(lambda: relay.published == 3 and relay.last_publish_at, message="relay counted the events")
 
 
@@ -263,7 +267,7 @@ def test_events_keep_commit_order_across_transactions(relays, cdc, tap):
     # Commit order, not insert order: the first transaction inserts first but commits last.
     first = psycopg.connect(cdc.database_url)
     with first.transaction():
-        late = str(outbox.append(first, "ORDER_CREATED", "order", uuid.uuid4(), {"late": True}))
+        late = str(outbox.append(first, TEST_EVENT, "order", uuid.uuid4(), {"late": True}))
         early = insert_events(cdc.database_url, 1)[0]
     first.close()
     expected += [early, late]

@@ -24,13 +24,15 @@ def run(events, start=None, guarded=True):
     (order(), E.PAYMENT_PROCESSED, {"payment_status": "SUCCESS", "status": "PROCESSING"}),
     (order(), E.STOCK_RESERVED, {"inventory_status": "RESERVED", "status": "PROCESSING"}),
     # second half arrives, in either order: completed
-    (order("PROCESSING", inventory="RESERVED"), E.PAYMENT_PROCESSED, {"payment_status": "SUCCESS", "status": "COMPLETED"}),
+    (order("PROCESSING", inventory="RESERVED"), E.PAYMENT_PROCESSED,
+     {"payment_status": "SUCCESS", "status": "COMPLETED"}),
     (order("PROCESSING", payment="SUCCESS"), E.STOCK_RESERVED, {"inventory_status": "RESERVED", "status": "COMPLETED"}),
     # failures
     (order(), E.PAYMENT_FAILED, {"payment_status": "DECLINED", "status": "FAILED", "failure_reason": "PAYMENT_FAILED"}),
     (order("PROCESSING", inventory="RESERVED"), E.PAYMENT_FAILED,
      {"payment_status": "DECLINED", "status": "FAILED", "failure_reason": "PAYMENT_FAILED"}),
-    (order(), E.STOCK_FAILED, {"inventory_status": "OUT_OF_STOCK", "status": "FAILED", "failure_reason": "OUT_OF_STOCK"}),
+    (order(), E.STOCK_FAILED,
+     {"inventory_status": "OUT_OF_STOCK", "status": "FAILED", "failure_reason": "OUT_OF_STOCK"}),
     (order("PROCESSING", payment="SUCCESS"), E.STOCK_FAILED,
      {"inventory_status": "OUT_OF_STOCK", "status": "FAILED", "failure_reason": "OUT_OF_STOCK"}),
     # compensations only touch their half; the failed status stays
