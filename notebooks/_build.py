@@ -281,10 +281,15 @@ the next pass sees it and removes it."""),
     code("time.sleep(COOLDOWN_S + 0.5)\nfixes['crash-after-cooldown'] = lab.reconcile_now(cooldown_s=COOLDOWN_S)\n"
          "sc.show_drift(lab, [product], 'after reconciliation')"),
     md("""## 2 · Lost events
-`consumer.lose` acks `redis-stock.queue` messages without handling them: the carts of those orders are
-never released in Redis and `stock:` is never refreshed. The orders themselves complete."""),
-    code("lab.arm('consumer.lose', 1.0, queue='redis-stock.queue', max=3)\nlab.run_orders(ORDERS, [product])\nlab.wait_quiet()\n"
-         "lab.disarm('consumer.lose')\nlost_drift = sc.show_drift(lab, [product], 'after lost redis-stock events')\nlost_drift"),
+First some ordinary orders: each one's `STOCK_RESERVED` also reaches `redis-stock.queue`, which refreshes
+`stock:` from the database. Then `consumer.lose` acks the next two `redis-stock.queue` messages without
+handling them — one order's `ORDER_CREATED` and `STOCK_RESERVED`. The order itself completes, but Redis
+still promises the units PostgreSQL has handed out (`stock:` too high), and the cart is not cleared
+(the saga watchdog re-drives that later; the reconciler sees DB and Redis agree on the cart)."""),
+    code("lab.run_orders(ORDERS, [product])\nlab.wait_quiet()\n"
+         "lab.arm('consumer.lose', 1.0, queue='redis-stock.queue', max=2)\n"
+         "lost_order = lab.checkout({product: 3})\nlab.disarm('consumer.lose')\n"
+         "lost_drift = sc.show_drift(lab, [product], 'after lost redis-stock events')\nlost_drift"),
     code("fixes['lost-events'] = lab.reconcile_now(cooldown_s=0)\nsc.show_drift(lab, [product], 'after reconciliation')"),
     md("""## 3 · Redis loses everything
 A Redis restart without persistence: every `stock:`, `reserved:` and `cart:` key is gone — including the
@@ -296,11 +301,12 @@ reconciler's marker, so the next pass knows it must cover everything, not just t
     *finish("05_crash_lost_events_flush", """
 - A crash between Redis and PostgreSQL left a ghost reservation; the first pass left it alone (inside the
   cooldown window), the pass after the cooldown removed it.
-- Lost `redis-stock` events left stale `stock:`/`reserved:` values; one pass repaired them.
+- Lost `redis-stock` events left a stale `stock:` value (Redis promised sold units); one pass repaired it.
 - A flushed Redis lost every key and the reconciler's marker, so the next pass was a full one and rebuilt it all.""",
             '{"fixes": {k: {f: v[f] for f in ("stock", "reserved", "carts", "cleanupQueue", "deferred", "full")} '
-            'for k, v in fixes.items()}, "flushedKeys": flushed, "finalDrift": lab.q.drift_summary([product]), '
-            '"restarts": lab.restarts}'),
+            'for k, v in fixes.items()}, "lostDrift": int(lost_drift.stock_drift.fillna(0).abs().sum()), '
+            '"lostOrder": lost_order["displayStatus"], "flushedKeys": flushed, '
+            '"finalDrift": lab.q.drift_summary([product]), "restarts": lab.restarts}'),
 ]
 
 NB06 = [

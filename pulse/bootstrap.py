@@ -80,8 +80,12 @@ class System:
         if consumers:
             for queue, hs in self.handlers().items():
                 for n in range(s.consumer_threads):
+                    # Batched (one transaction per batch) except payment: its provider call must stay outside
+                    # any open transaction, so it keeps one transaction per message.
+                    pool = None if queue == "payment.queue" else self.deps.pool
                     c = Consumer(s.amqp_url, queue, make_dispatch(hs), stop=self.stop, prefetch=s.consumer_prefetch,
-                                 retries=s.handler_retries, faults=self.deps.faults, name=f"consumer:{queue}:{n}")
+                                 retries=s.handler_retries, faults=self.deps.faults, name=f"consumer:{queue}:{n}",
+                                 pool=pool)
                     c.start()
                     self.threads.append(c)
         if schedulers:

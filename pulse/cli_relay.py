@@ -1,4 +1,4 @@
-"""``pulse relay status`` and ``pulse relay drop-slot``: what the outbox relay is doing, and removing an abandoned slot."""
+"""``pulse relay status`` (what the outbox relay is doing) and ``pulse relay drop-slot`` (remove an abandoned slot)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def _holder(row) -> dict | None:
     if row is None:
         return None
     return {"backendPid": row["backend_pid"], "application": row["application_name"],
-            "clientAddr": row["client_addr"], "since": row["backend_start"].isoformat() if row["backend_start"] else None}
+            "clientAddr": row["client_addr"],
+            "since": row["backend_start"].isoformat() if row["backend_start"] else None}
 
 
 def _heartbeat(row) -> dict | None:
@@ -117,7 +118,7 @@ def render(status: dict) -> str:
     """The status as a small human-readable table, warnings last."""
     slot, holder, beat = status["slot"], status["holder"], status["heartbeat"]
     rows = [("mode", status["mode"]), ("wal_level", status["walLevel"]),
-            ("publication", f"{status['publication']['name']} ({'exists' if status['publication']['exists'] else 'missing'})"),
+            ("publication", status["publication"]["name"] + ("" if status["publication"]["exists"] else " (missing)")),
             ("slot", slot["name"] + ("" if slot["exists"] else " (missing)"))]
     if slot["exists"]:
         rows += [("slot lag", _size(slot["lagBytes"])), ("retained WAL", _size(slot["retainedBytes"])),

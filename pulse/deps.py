@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pulse.infra import db
+
 
 @dataclasses.dataclass
 class Deps:
@@ -18,3 +20,11 @@ class Deps:
     def naive(self, name: str) -> bool:
         """True when the lab switched this pattern off (``PULSE_NAIVE`` or a fault-registry switch)."""
         return name in self.settings.naive or self.faults.naive(name)
+
+    def transaction(self):
+        """A handler's transaction: a savepoint inside its consumer's batch, else a transaction of its own."""
+        return db.unit(self.pool)
+
+    def after_commit(self, fn) -> None:
+        """Run a side effect outside the database (Redis) only once the handler's effects are committed."""
+        db.after_commit(fn)

@@ -7,8 +7,10 @@ mocks of PostgreSQL, Redis or RabbitMQ in the integration tier).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import tempfile
 import subprocess
 import time
 import uuid
@@ -36,18 +38,33 @@ def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.05, messa
         time.sleep(interval_s)
 
 
+_LEASE_LOCKS: list = []  # open lock files, one per leased Redis DB, held until the session ends
+
+
 def _lease_redis_db(base_url: str, token: str) -> int:
+    # The lease is a file lock, not only a key: a test that flushes its Redis DB (the redis.flush fault)
+    # also deletes the key, and another session would then lease — and flush — a DB still in use.
+    # The OS drops the lock when this process ends, however it ends. The key stays for sessions
+    # started by an older conftest that only know the key.
     root = base_url.rsplit("/", 1)[0]
     for index in range(1, 16):
+        lock = open(os.path.join(tempfile.gettempdir(), f"pulse-test-redis-{index}.lock"), "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
         # The URL's own /N would win over a db= argument, so the index goes into the URL.
         client = redis.Redis.from_url(f"{root}/{index}")
         try:
             if client.set(LEASE_KEY, token, nx=True, ex=4 * 3600):
                 client.flushdb()
                 client.set(LEASE_KEY, token, ex=4 * 3600)
+                _LEASE_LOCKS.append(lock)
                 return index
         finally:
             client.close()
+        lock.close()
     pytest.exit("every Redis DB 1..15 is leased by another test session; wait for one to finish", returncode=3)
 
 

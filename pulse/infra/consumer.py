@@ -8,10 +8,11 @@ import time
 import traceback
 
 import pika
+import psycopg
 from pika.exceptions import AMQPError
 
 from pulse.events import Envelope, MalformedEnvelope
-from pulse.infra import broker
+from pulse.infra import broker, db
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +25,14 @@ class Consumer(threading.Thread):
     """
 
     def __init__(self, url: str, queue: str, dispatch, *, stop: threading.Event, prefetch: int = 50,
-                 retries: int = 5, faults=None, name: str | None = None):
+                 retries: int = 5, faults=None, name: str | None = None, pool=None, batch: int = 50):
         super().__init__(name=name or f"consumer:{queue}", daemon=True)
         self.url, self.queue, self.dispatch = url, queue, dispatch
         self.stop, self.prefetch, self.retries = stop, prefetch, retries
         self.faults = faults
+        # With a pool, messages already prefetched are handled together in one transaction (see _process_batch).
+        self.pool, self.batch = pool, max(1, min(batch, prefetch or batch))
+        self.batches = 0
         self.handled = 0
         self.dead_lettered = 0
 
@@ -48,12 +52,21 @@ class Consumer(threading.Thread):
         try:
             channel = conn.channel()
             channel.basic_qos(prefetch_count=self.prefetch)
-            for method, props, body in channel.consume(self.queue, inactivity_timeout=0.5):
+            deliveries = channel.consume(self.queue, inactivity_timeout=0.5)
+            for method, props, body in deliveries:
                 if self.stop.is_set():
                     break
                 if method is None:
                     continue
-                self._process(channel, method, props, body)
+                if self.pool is None or self.batch == 1:
+                    self._process(channel, method, props, body)
+                    continue
+                taken = [(method, props, body)]
+                # Only what has already arrived: a batch never waits for messages, so latency stays put.
+                conn.process_data_events(time_limit=0)
+                while len(taken) < self.batch and channel.get_waiting_message_count() > 0:
+                    taken.append(next(deliveries))
+                self._process_batch(channel, taken)
             channel.cancel()
         finally:
             if conn.is_open:
@@ -90,6 +103,67 @@ class Consumer(threading.Thread):
             self.faults.point("consumer.before_ack", queue=self.queue)
         channel.basic_ack(method.delivery_tag)
         self.handled += 1
+
+    def _process_batch(self, channel, taken: list) -> None:
+        """Handle several deliveries in one database transaction, each handler inside its own savepoint.
+
+        Exactly-once holds as for one message: inbox rows commit with the effects, acks follow the commit.
+        A handler that fails is undone to its savepoint and then takes the one-message path (retries, DLQ);
+        if the batch itself fails (e.g. the connection dropped), every message takes that path.
+        """
+        if len(taken) == 1:
+            self._process(channel, *taken[0])
+            return
+        done, failed, settled = [], [], set()  # settled: acked inside the batch (lost or dead-lettered)
+        try:
+            with db.batch(self.pool) as current:
+                for method, props, body in taken:
+                    if self.faults is not None and self.faults.lose_message(self.queue, event_id=props.message_id):
+                        channel.basic_ack(method.delivery_tag)  # the lab's "lost event": acked, never handled
+                        settled.add(method.delivery_tag)
+                        continue
+                    try:
+                        envelope = Envelope.from_json(body)
+                    except MalformedEnvelope as exc:
+                        self._dead_letter(channel, method, props, body, str(exc))
+                        settled.add(method.delivery_tag)
+                        continue
+                    current.callbacks = []
+                    try:
+                        self.dispatch(envelope)
+                    except Exception as exc:  # the handler's savepoint already undid its statements
+                        if current.conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+                            raise  # the shared transaction itself is broken: the whole batch starts over
+                        log.info("%s: %s %s failed in a batch (%s); retrying it alone", self.name,
+                                 envelope.event_type, envelope.id, exc)
+                        failed.append((method, props, body))
+                        continue
+                    done.append((method, props, body, current.callbacks))
+        except Exception as exc:
+            log.warning("%s: batch of %d failed (%s); handling its messages one by one", self.name, len(taken), exc)
+            for method, props, body in taken:
+                if method.delivery_tag not in settled:
+                    self._process(channel, method, props, body)
+            return
+        self.batches += 1
+        acked = []
+        for method, props, body, callbacks in done:
+            try:
+                for fn in callbacks:
+                    fn()
+            except Exception as exc:  # e.g. Redis down: the one-message path retries the handler, inbox dedupes
+                log.warning("%s: after-commit work of %s failed (%s)", self.name, props.message_id, exc)
+                failed.append((method, props, body))
+                continue
+            if self.faults is not None:
+                self.faults.point("consumer.before_ack", queue=self.queue)
+            acked.append(method.delivery_tag)
+        # Failed ones first: the multiple ack below must not cover a message that is still unhandled.
+        for method, props, body in sorted(failed, key=lambda d: d[0].delivery_tag):
+            self._process(channel, method, props, body)
+        if acked:
+            channel.basic_ack(max(acked), multiple=True)
+            self.handled += len(acked)
 
     def _dead_letter(self, channel, method, props, body, reason: str):
         headers = dict(props.headers or {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -55,6 +56,58 @@ def transaction(pool: ConnectionPool):
     with pool.connection() as conn:
         with conn.transaction():
             yield conn
+
+
+class Batch:
+    """One consumer's shared transaction: the connection, and the after-commit work of the message in hand."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.callbacks: list = []
+
+
+# The batch a consumer thread has open; handlers find it here so their signatures stay handler(deps, envelope).
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def batch(pool: ConnectionPool):
+    """One transaction for many messages on this thread: :func:`unit` inside it is a savepoint, not a commit.
+
+    Committed when the block exits normally (one WAL flush and one pool checkout for the whole batch).
+    """
+    with pool.connection() as conn:
+        with conn.transaction():
+            current = Batch(conn)
+            _local.batch = current
+            try:
+                yield current
+            finally:
+                _local.batch = None
+
+
+@contextlib.contextmanager
+def unit(pool: ConnectionPool):
+    """A handler's transaction: a savepoint of the thread's open batch, else a transaction of its own.
+
+    The savepoint makes a failed handler (or a retried attempt) undo only its own statements.
+    """
+    current = getattr(_local, "batch", None)
+    if current is None:
+        with transaction(pool) as conn:
+            yield conn
+        return
+    with current.conn.transaction():
+        yield current.conn
+
+
+def after_commit(fn) -> None:
+    """Run ``fn()`` once the effects are committed: now outside a batch, after the batch's commit inside one."""
+    current = getattr(_local, "batch", None)
+    if current is None:
+        fn()
+    else:
+        current.callbacks.append(fn)
 
 
 def connect(url: str, **kwargs) -> psycopg.Connection:

@@ -8,7 +8,9 @@ psycopg 3 has no streaming-replication API (psycopg/psycopg#71), so the plan was
 advance is a new decoding session that re-reads the WAL from the slot's restart point, which trails by one or
 two running-xacts snapshots (15-30 s of the whole cluster's WAL; ~0.8 kB per event). At ~600 events/s with the
 other lab processes writing, the restart lag reached 14-35 MB and one peek took 22-90 ms, an advance as long
-again: cdc p99 92 ms (273 ms on a busier run) against the 50 ms goal.
+again, so the cost of a cycle grows with everyone's WAL: the peek relay's p99 was 92 ms (273 ms on a busier run)
+against the 50 ms goal. Streaming, in the same benchmark at 1,000 events/s: p50 1.2 ms, p99 5.7 ms on a calm
+machine (p99 64 ms while other sessions kept both cores busy; polling: 54 ms in both).
 
 So the relay streams instead, still with psycopg 3 alone: its libpq layer (``psycopg.pq``) speaks the
 replication protocol's COPY BOTH mode. One ``START_REPLICATION ... LOGICAL`` session decodes the WAL once, as
@@ -283,7 +285,7 @@ class CdcRelay:
     standby_retry_s = 1.0
     heartbeat_s = 1.0
     idle_confirm_s = 1.0
-    catch_up_limit_s = 5.0
+    catch_up_limit_s = 15.0  # the walsender may decode other databases' WAL for seconds without sending anything
     max_backoff_s = 5.0
 
     def __init__(self, settings, publisher: broker.ConfirmingPublisher, faults=None):
@@ -300,7 +302,8 @@ class CdcRelay:
         self._stream: WalStream | None = None
         self._confirmed_lsn = 0  # the slot's position: every event before it was confirmed by the broker
         self._last_confirm = 0.0
-        self._sweep_after: tuple[int, float] | None = None  # (LSN to catch up to, deadline) before the sweep
+        # Before the start-up sweep: (LSN to catch up to, stream position last seen, deadline without progress).
+        self._sweep_after: tuple[int, int, float] | None = None
         self._beat = (0.0, 0)
         self._check_wal_level()
 
@@ -374,7 +377,7 @@ class CdcRelay:
         self._wait_slot_released(conn)
         # Read the slot up to the present before sweeping the table, so the sweep sees only what the slot misses.
         now_lsn = lsn_int(conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0])
-        self._sweep_after = (now_lsn, time.monotonic() + self.catch_up_limit_s)
+        self._sweep_after = (now_lsn, self._confirmed_lsn, time.monotonic() + self.catch_up_limit_s)
         self._stream = WalStream(self.settings.database_url, self.slot, self.publication, self._confirmed_lsn,
                                  self.app_name)
         log.info("cdc relay streaming slot %s (publication %s) from %s", self.slot, self.publication,
@@ -389,10 +392,16 @@ class CdcRelay:
             time.sleep(0.05)
 
     def _caught_up(self) -> bool:
-        target, deadline = self._sweep_after
-        stream = self._stream
-        done = stream.wal_end >= target and not stream.in_transaction
-        return done or time.monotonic() > deadline  # late is fine: the sweep may then repeat some, never lose any
+        """True once the stream has passed the WAL position of the start-up, or has stopped making progress
+        for ``catch_up_limit_s`` (late is fine: the sweep may then repeat some events, never lose any)."""
+        target, progress, deadline = self._sweep_after
+        stream, now = self._stream, time.monotonic()
+        if stream.wal_end >= target and not stream.in_transaction:
+            return True
+        if stream.wal_end > progress:
+            self._sweep_after = (target, stream.wal_end, now + self.catch_up_limit_s)
+            return False
+        return now > deadline
 
     def _sweep(self, conn) -> int:
         """Publish rows the slot will not deliver: committed before the slot existed (polling mode, or a slot
@@ -416,7 +425,8 @@ class CdcRelay:
             self._count(len(ids))
             count += len(ids)
             if len(ids) < len(envs):
-                raise broker.BrokerUnavailable("RabbitMQ refused events of the start-up sweep; they stay in the outbox.")
+                raise broker.BrokerUnavailable("RabbitMQ refused events of the start-up sweep; "
+                                               "they stay in the outbox.")
         if count:
             log.info("cdc relay published %d outbox rows the slot does not cover (left by polling mode or a crash)",
                      count)

@@ -8,7 +8,7 @@ import random
 import time
 
 from pulse.events import EventType as E
-from pulse.infra import db, inbox, outbox
+from pulse.infra import inbox, outbox
 
 log = logging.getLogger(__name__)
 MAX_VERSION_RETRIES = 8
@@ -61,7 +61,7 @@ def on_reserve(deps, envelope) -> None:
     base = {k: p.get(k) for k in ("orderId", "userId", "items", "totalPrice", "strategy")}
 
     def attempt():
-        with db.transaction(deps.pool) as conn:
+        with deps.transaction() as conn:
             if not inbox.claim(conn, "inventory.inbox", envelope.id, enabled=not deps.naive("no-inbox")):
                 return
             if conn.execute("SELECT 1 FROM inventory.reservations WHERE order_id = %s",
@@ -89,7 +89,7 @@ def on_reserve(deps, envelope) -> None:
 def on_restock(deps, envelope) -> None:
     """PAYMENT_FAILED (optimistic): give back exactly what this order reserved, once."""
     p = envelope.payload
-    with db.transaction(deps.pool) as conn:
+    with deps.transaction() as conn:
         if not inbox.claim(conn, "inventory.inbox", envelope.id, enabled=not deps.naive("no-inbox")):
             return
         reservation = conn.execute("SELECT items FROM inventory.reservations WHERE order_id = %s "

@@ -27,6 +27,9 @@ def cumulative(ax, df: pd.DataFrame, title: str, empty: str) -> None:
         return
     for column in df.columns:
         ax.step(df.index, df[column], where="post", label=column, color=COLORS.get(column))
+    if len(df.index) == 1:  # one point: matplotlib would span years around it
+        ax.set_xlim(df.index[0] - pd.Timedelta(seconds=5), df.index[0] + pd.Timedelta(seconds=5))
+    ax.set_ylim(bottom=0)
     ax.legend(fontsize=7, loc="upper left")
     ax.tick_params(axis="x", labelsize=7, rotation=30)
 

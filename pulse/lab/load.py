@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -12,20 +13,41 @@ import httpx
 from pulse.lab.client import PulseClient, PulseError
 
 
-def one_checkout(client: PulseClient, product: str, quantity: int) -> tuple[str, str | None]:
+def one_checkout(client: PulseClient, product: str, quantity: int, *, wait_up=None,
+                 retry_for_s: float = 20.0) -> tuple[str, str | None]:
     """Cart add then order for a new user; returns ``(outcome, orderId)``.
 
     Outcomes: ``placed``; ``cart-rejected`` (409, not enough stock: nothing was reserved);
     ``error`` (any other API error); ``no-answer`` (the server died mid-request, e.g. a crash fault).
+
+    With ``wait_up`` (a function that waits for the restarted server) it behaves as a careful shop
+    front-end: after a request got no answer it waits, then places the order with the same
+    idempotency key until it gets an answer (a 409 "in flight" from the dead attempt's lock is
+    retried too), so no cart is left behind by a crash. Without it, the first failure is the outcome.
     """
-    user = client.new_user()
+    user, key = client.new_user(), str(uuid.uuid4())
     try:
         client.add_item(user, product, quantity)
-        return "placed", client.checkout(user)["orderId"]
     except PulseError as exc:
         return ("cart-rejected" if exc.status == 409 else "error"), None
     except httpx.TransportError:
-        return "no-answer", None
+        if wait_up is None:
+            return "no-answer", None
+        wait_up()  # the add may have committed or not: the order below finds out (404: no cart)
+    deadline = time.monotonic() + retry_for_s
+    while True:
+        try:
+            return "placed", client.checkout(user, key)["orderId"]
+        except PulseError as exc:
+            if exc.status == 404:
+                return "no-answer", None  # the add that got no answer never reached the database
+            if exc.status != 409 or wait_up is None or time.monotonic() > deadline:
+                return "error", None
+            time.sleep(0.5)
+        except httpx.TransportError:
+            if wait_up is None or time.monotonic() > deadline:
+                return "no-answer", None
+            wait_up()
 
 
 def run_orders(url: str, count: int, products: list[str], *, quantity: int = 1, concurrency: int = 4,
@@ -33,7 +55,8 @@ def run_orders(url: str, count: int, products: list[str], *, quantity: int = 1, 
     """Place ``count`` checkouts over ``products`` (chosen with a seeded RNG) with ``concurrency`` clients.
 
     Returns ``{'placed', 'cart-rejected', 'error', 'no-answer', 'orderIds', 'seconds'}``. When a
-    request finds the server down, ``wait_up()`` (if given) waits for the supervisor's restart.
+    request finds the server down, ``wait_up()`` (if given) waits for the supervisor's restart and
+    the checkout is retried with its idempotency key (see :func:`one_checkout`).
     """
     rng = random.Random(seed)
     picks = [rng.choice(products) for _ in range(count)]
@@ -46,9 +69,7 @@ def run_orders(url: str, count: int, products: list[str], *, quantity: int = 1, 
         client = PulseClient(url)
         try:
             for product in chunk:
-                outcome, order_id = one_checkout(client, product, quantity)
-                if outcome == "no-answer" and wait_up is not None:
-                    wait_up()
+                outcome, order_id = one_checkout(client, product, quantity, wait_up=wait_up)
                 with lock:
                     counts[outcome] += 1
                     if order_id:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from pulse.events import EventType as E
-from pulse.infra import db, inbox, outbox
+from pulse.infra import inbox, outbox
 from pulse.orders.model import apply_event
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ def snapshot(order: dict) -> dict:
 def on_saga_event(deps, envelope) -> None:
     """Apply one saga event to its order, at most once (orders.inbox), announcing the new state."""
     order_id = envelope.payload["orderId"]
-    with db.transaction(deps.pool) as conn:
+    with deps.transaction() as conn:
         if not inbox.claim(conn, "orders.inbox", envelope.id, enabled=not deps.naive("no-inbox")):
             return
         order = conn.execute("SELECT * FROM orders.orders WHERE id = %s FOR UPDATE", (order_id,)).fetchone()

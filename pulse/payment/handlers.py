@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pulse.events import EventType as E
-from pulse.infra import db, inbox, outbox
+from pulse.infra import inbox, outbox
 
 
 def on_charge(deps, envelope) -> None:
@@ -21,7 +21,7 @@ def on_charge(deps, envelope) -> None:
             return
     result = deps.provider.charge(order_id, p["totalPrice"])
     base = {k: p.get(k) for k in ("orderId", "userId", "items", "totalPrice", "strategy")}
-    with db.transaction(deps.pool) as conn:
+    with deps.transaction() as conn:
         if not inbox.claim(conn, "payment.inbox", envelope.id, enabled=not deps.naive("no-inbox")):
             return
         status = "SUCCESS" if result.approved else "DECLINED"
@@ -39,14 +39,14 @@ def on_charge(deps, envelope) -> None:
 
 
 def _claim_only(deps, envelope):
-    with db.transaction(deps.pool) as conn:
+    with deps.transaction() as conn:
         inbox.claim(conn, "payment.inbox", envelope.id)
 
 
 def on_refund(deps, envelope) -> None:
     """STOCK_FAILED (post-payment): refund the successful charge of this order, once."""
     p = envelope.payload
-    with db.transaction(deps.pool) as conn:
+    with deps.transaction() as conn:
         if not inbox.claim(conn, "payment.inbox", envelope.id, enabled=not deps.naive("no-inbox")):
             return
         payment = conn.execute("SELECT id, provider_payment_id FROM payment.payments WHERE order_id = %s "

@@ -6,10 +6,16 @@ import logging
 import time
 import uuid
 
+import redis
+
 from pulse.infra import keys
 
 log = logging.getLogger(__name__)
+# A hash: reconciler instance id → epoch of its last run. One field per instance, because several
+# reconcilers share a Redis (each `pulse serve`, the lab's kernel, `pulse reconcile --once`): with one
+# shared value, each run of one instance made every other one believe Redis had been flushed.
 MARKER_KEY = "pulse:reconcile:marker"
+MARKER_TTL_S = 7 * 24 * 3600  # fields of instances idle longer (long gone, mostly) are dropped
 
 
 class Reconciler:
@@ -19,8 +25,8 @@ class Reconciler:
     belong to requests still in flight: their Redis write may already be done while their database
     commit is not, so "fixing" them from the database would undo a correct reservation. Products and
     carts touched inside the cooldown are deferred to a later run instead. The window's upper bound is
-    remembered here and in a Redis marker: a Redis that lost its keys also lost the marker, and the
-    next run then covers everything, as does the first run after start.
+    remembered here and in this instance's field of a Redis marker: a Redis that lost its keys also
+    lost the marker, and the next run then covers everything, as does the first run after start.
     """
 
     def __init__(self, deps):
@@ -35,19 +41,36 @@ class Reconciler:
         started = time.perf_counter()
         naive = self.deps.naive("reconcile-full-scan")
         cooldown = 0.0 if naive else (self.deps.settings.reconcile_cooldown_s if cooldown_s is None else cooldown_s)
-        r = self.deps.redis
-        full = full or naive or self.upper is None or r.get(MARKER_KEY) != self._marker
+        full = full or naive or self.upper is None or not self._marked()
         lower = None if full else self.upper
         with self.deps.pool.connection() as conn:
             upper = conn.execute("SELECT now() - make_interval(secs => %s) AS t", (cooldown,)).fetchone()["t"]
             fixes = self._reconcile(conn, lower, upper, full)
         self.upper = upper
-        r.set(MARKER_KEY, self._marker)
+        self._mark()
         result = {**fixes, "full": full, "windowFrom": lower.isoformat() if lower else None,
                   "windowTo": upper.isoformat(), "durationMs": round((time.perf_counter() - started) * 1000, 2)}
         if any(fixes[k] for k in ("stock", "reserved", "carts", "cleanupQueue")):
             log.warning("reconciliation fixed Redis: %s", result)
         return result
+
+    def _marked(self) -> bool:
+        try:
+            return bool(self.deps.redis.hexists(MARKER_KEY, self._marker))
+        except redis.ResponseError:  # a marker in an older format: unknown, so this run is a full one
+            return False
+
+    def _mark(self) -> None:
+        r, now = self.deps.redis, int(time.time())
+        if r.type(MARKER_KEY) not in ("hash", "none"):
+            r.delete(MARKER_KEY)
+        stale = [k for k, v in r.hgetall(MARKER_KEY).items() if now - int(v) > MARKER_TTL_S]
+        pipe = r.pipeline(transaction=False)
+        if stale:
+            pipe.hdel(MARKER_KEY, *stale)
+        pipe.hset(MARKER_KEY, self._marker, now)
+        pipe.expire(MARKER_KEY, MARKER_TTL_S)
+        pipe.execute()
 
     def _reconcile(self, conn, lower, upper, full: bool) -> dict:
         ttl_ms = int(self.deps.settings.cart_ttl_s * 1000)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pulse.infra import db, inbox
+from pulse.infra import inbox
 from pulse.views.model import display_status
 
 
@@ -14,7 +14,7 @@ def on_order_updated(deps, envelope) -> None:
     """
     p = envelope.payload
     status = display_status(p["strategy"], p["paymentStatus"], p["inventoryStatus"])
-    with db.transaction(deps.pool) as conn:
+    with deps.transaction() as conn:
         if not inbox.claim(conn, "orders.order_view_inbox", envelope.id, enabled=not deps.naive("no-inbox")):
             return
         conn.execute(

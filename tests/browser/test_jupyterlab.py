@@ -6,6 +6,7 @@ the system Chromium through ``executable_path``). Skipped with the reason when e
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -48,17 +49,22 @@ def jupyterlab(serve_env, tmp_path):
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     params.source += "\nSMALL = True"
     nbformat.write(nb, work / NOTEBOOK)
+    # No "get notified about Jupyter news?" toast over the screenshot.
+    news = tmp_path / "jupyter-config" / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True)
+    (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     port, token = _free_port(), uuid.uuid4().hex
     env = {**os.environ, **serve_env, "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"), "PULSE_LAB_RECORD_DIR": str(tmp_path / "records")}
     log = open(tmp_path / "jupyterlab.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
                              f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}",
-                             "--ServerApp.open_browser=False", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+                             "--ServerApp.open_browser=False", "--ServerApp.allow_root=True", "--LabApp.news_url=",
+                             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{base}/api/status?token={token}", timeout=2).status_code == 200:
                 break
@@ -67,7 +73,7 @@ def jupyterlab(serve_env, tmp_path):
     else:
         proc.terminate()
         pytest.fail("JupyterLab did not start: " + (tmp_path / "jupyterlab.log").read_text()[-2000:])
-    yield base, token
+    yield base, token, tmp_path / "records" / "00_setup_and_tour.json"
     proc.terminate()
     try:
         proc.wait(20)
@@ -76,35 +82,48 @@ def jupyterlab(serve_env, tmp_path):
     log.close()
 
 
+ERRORS_JS = """() => [...document.querySelectorAll(
+    ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")]
+    .map(e => e.innerText).filter(t => /Traceback|Error/.test(t))"""
+# A rendered image has pixels: naturalWidth is 0 while the data has not been decoded (or was invalid).
+IMAGES_JS = """(selector) => [...document.querySelectorAll(selector)].filter(i => i.complete && i.naturalWidth > 0).length"""
+
+
 def test_guided_notebook_runs_in_jupyterlab(jupyterlab):
+    import re
+
     from playwright.sync_api import sync_playwright
 
-    base, token = jupyterlab
+    base, token, record = jupyterlab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "jupyterlab_00_setup_and_tour.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}")
-            page.wait_for_selector(".jp-Notebook", timeout=90_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
-            page.click("text=Run", timeout=30_000)
-            page.click("text=Run All Cells", timeout=30_000)
-            # The last cell records the results: its JSON output appears once everything above it ran.
-            page.wait_for_function(
-                "() => document.querySelectorAll('.jp-Cell').length > 0 && "
-                "[...document.querySelectorAll('.jp-Cell')].slice(-1)[0].querySelector('.jp-OutputArea-output') !== null"
-                " || document.querySelector('.jp-OutputArea-output[data-mime-type=\"application/vnd.jupyter.stderr\"]') !== null",
-                timeout=240_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
-            error_texts = [t for t in errors.all_inner_texts() if "Traceback" in t or "Error" in t]
-            widgets = page.locator(".jupyter-widgets, .widget-tab, .lm-TabBar.widget-tab").count()
-            page.locator(".widget-image, .jp-RenderedImage img").first.scroll_into_view_if_needed(timeout=30_000)
-            charts = page.locator(".widget-image, .jp-RenderedImage img").count()
-            page.screenshot(path=str(ARTIFACTS / "jupyterlab_00_setup_and_tour.png"), full_page=False)
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
+            # The kernel is ready once the status bar says so; Run All before that would queue behind it anyway.
+            page.wait_for_function("() => /Idle/.test(document.querySelector('#jp-main-statusbar')?.innerText || '')",
+                                   timeout=60_000)
+            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+            page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
+            deadline, errors = time.monotonic() + 150, []
+            # The last cell writes the record file; an error stops Run All before that, so watch for both.
+            while not record.exists() and not errors and time.monotonic() < deadline:
+                page.wait_for_timeout(1000)
+                errors = page.evaluate(ERRORS_JS)
+            widgets = page.locator(".jp-OutputArea-output .widget-tab").count()
+            live_charts = page.evaluate(IMAGES_JS, ".jp-OutputArea-output .widget-image")
+            static_charts = page.evaluate(IMAGES_JS, ".jp-RenderedImage img")  # the output element itself
+            page.locator(".jp-OutputArea-output .widget-tab").first.scroll_into_view_if_needed(timeout=10_000)
+            page.screenshot(path=str(shot))
         finally:
             browser.close()
-    assert not error_texts, error_texts
-    assert widgets > 0, "the dashboard's widgets did not render"
-    assert charts > 0, "no chart rendered"
+    assert not errors, errors
+    assert record.exists(), "Run All did not reach the last cell within 150 s"
+    assert json.loads(record.read_text())["results"]["orderStatus"] == "COMPLETED"
+    assert widgets >= 1, "the dashboard's controls (ipywidgets) did not render"
+    assert live_charts >= 1, "the dashboard's live chart did not render"
+    assert static_charts >= 1, "no chart (sequence diagram) rendered"
+    assert shot.stat().st_size > 10_000

@@ -277,7 +277,8 @@ def test_events_keep_commit_order_across_transactions(relays, cdc, tap):
 def test_broker_outage_loses_nothing(relays, cdc, tap, db):
     url = urlsplit(cdc.amqp_url)
     proxy = Proxy((url.hostname, url.port or 5672))
-    via_proxy = cdc.replace(amqp_url=urlunsplit(url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")))
+    netloc = f"{url.username}:{url.password}@127.0.0.1:{proxy.port}"
+    via_proxy = cdc.replace(amqp_url=urlunsplit(url._replace(netloc=netloc)))
     relay, _, _ = relays(via_proxy)
     before = insert_events(cdc.database_url, 2)
     tap.wait_ids(before)
@@ -419,7 +420,8 @@ def test_status_and_drop_slot_commands(relays, cdc, db, serve_env, monkeypatch, 
              message="heartbeat counts the events")
     assert cli.main(["relay", "status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["mode"] == "cdc" and status["slot"]["exists"] and status["holder"]["application"].startswith("pulse-relay")
+    assert status["mode"] == "cdc" and status["slot"]["exists"]
+    assert status["holder"]["application"].startswith("pulse-relay")
     assert status["heartbeat"]["published"] >= 3 and status["heartbeat"]["lastPublishAt"]
     assert status["slot"]["lagBytes"] >= 0 and not [w for w in status["warnings"] if "No cdc relay" in w]
     assert cli.main(["relay", "drop-slot", "--yes"]) == 1

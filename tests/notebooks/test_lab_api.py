@@ -60,3 +60,15 @@ def test_stop_is_idempotent(serve_env, tmp_path):
     lab.stop()
     lab.stop()
     assert proc.poll() is not None and not lab.running
+
+
+def test_two_reconcilers_keep_their_own_windows(system, rds):
+    """The lab's kernel and ``pulse serve`` both reconcile one Redis: neither may make the other's
+    next pass a full one, while a flush (the marker gone) still makes every next pass full."""
+    from pulse.reconcile.service import MARKER_KEY, Reconciler
+
+    kernel, server = Reconciler(system.deps), Reconciler(system.deps)
+    assert kernel.run_once(0)["full"] and server.run_once(0)["full"]
+    assert not kernel.run_once(0)["full"] and not server.run_once(0)["full"]
+    rds.delete(MARKER_KEY)
+    assert kernel.run_once(0)["full"] and server.run_once(0)["full"]

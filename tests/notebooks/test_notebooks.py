@@ -112,10 +112,12 @@ def _compensation(r):
 
 def _drift(r):
     f = r["fixes"]
-    assert f["crash-within-cooldown"]["reserved"] == 0 == f["crash-within-cooldown"]["carts"]
-    assert f["crash-after-cooldown"]["reserved"] >= 1 and f["crash-after-cooldown"]["carts"] >= 1
-    assert f["flush"]["full"] and f["flush"]["stock"] >= 1
-    assert r["finalDrift"]["productsDrifting"] == 0 and r["restarts"] >= 1
+    assert f["crash-within-cooldown"]["reserved"] == 0 == f["crash-within-cooldown"]["carts"], r
+    assert not f["crash-within-cooldown"]["full"], r  # the restarted server's own pass must not force a full one
+    assert f["crash-after-cooldown"]["reserved"] >= 1 and f["crash-after-cooldown"]["carts"] >= 1, r
+    assert r["lostOrder"] == "COMPLETED" and r["lostDrift"] == 3 and f["lost-events"]["stock"] == 1, r
+    assert f["flush"]["full"] and f["flush"]["stock"] >= 1, r
+    assert r["finalDrift"]["productsDrifting"] == 0 and r["restarts"] >= 1, r
 
 
 def _idempotency(r):

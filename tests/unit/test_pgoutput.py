@@ -59,7 +59,8 @@ def test_insert_before_its_relation_is_an_error():
 
 
 @pytest.mark.parametrize("raw", [pg.encode_delete(1, ["x"]), pg.encode_update(1, ["x", "y"]),
-                                 b"T" + struct.pack(">iBI", 1, 0, 1), b"Y" + struct.pack(">I", 25) + b"pg_catalog\0text\0",
+                                 b"T" + struct.pack(">iBI", 1, 0, 1),
+                                 b"Y" + struct.pack(">I", 25) + b"pg_catalog\0text\0",
                                  b"O" + struct.pack(">Q", 5) + b"origin\0",
                                  b"M" + struct.pack(">BQ", 0, 5) + b"prefix\0" + struct.pack(">I", 0)])
 def test_other_messages_are_passed_over_by_kind(raw):
