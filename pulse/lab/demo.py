@@ -74,6 +74,11 @@ def run_demo(outbox_mode: str | None = None, out=print) -> int:
                 expected += scenario(client)
             finally:
                 client.close()
+    if mode == "cdc":
+        # A slot nobody reads keeps every byte of WAL from now on (the disk fills); the demo is over,
+        # so give it back. The next `pulse serve` creates it again and publishes any row still in the outbox.
+        from pulse.cli_relay import drop_slot
+        drop_slot(settings)
     wanted = ["COMPLETED", "FAILED_PAYMENT", "COMPLETED", "REFUNDED"]
     got = [o["displayStatus"] for o in expected]
     ok = got == wanted
