@@ -54,7 +54,8 @@ class Campaign:
     def __init__(self, *, orders: int = 200, seed: int = 1, fault_kinds=DEFAULT_FAULTS, strategy: str | None = None,
                  outbox_mode: str | None = None, url: str | None = None, products: int = 3, threads: int = 8,
                  quiesce_timeout_s: float = 120.0, naive: str = "", progress: bool = True, env: dict | None = None,
-                 fault_every_s: float = 1.5, log_dir: str | None = None):
+                 fault_every_s: float = 1.5, log_dir: str | None = None, strike_wait_s: float = 10.0,
+                 max_drive_s: float | None = None):
         self.env = {**os.environ, **(env or {})}
         base = config.from_env(self.env)
         changes = {k: v for k, v in (("strategy", strategy), ("outbox_mode", outbox_mode)) if v}
@@ -74,13 +75,18 @@ class Campaign:
         self.order_ids: list[str] = []
         self._lock = threading.Lock()
         self._driving = threading.Event()
+        self._turns = threading.Condition()
+        self.kinds_done, self._tokens = 0, 0  # fault kinds whose turn ended; extra checkouts let in (_wait_turn)
+        self.strike_wait_s = strike_wait_s
+        self.max_drive_s, self._drive_deadline = max_drive_s, None
         self.pace_s = 0.0
 
     @classmethod
     def from_args(cls, args) -> "Campaign":
         return cls(orders=args.orders, seed=args.seed, fault_kinds=args.faults.split(","), strategy=args.strategy,
                    outbox_mode=args.outbox_mode, url=args.url, products=args.products, threads=args.threads,
-                   quiesce_timeout_s=args.quiesce_timeout, naive=args.naive, progress=not args.no_progress)
+                   quiesce_timeout_s=args.quiesce_timeout, naive=args.naive, progress=not args.no_progress,
+                   max_drive_s=args.max_drive_s)
 
     # -- the campaign ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -135,7 +141,9 @@ class Campaign:
                "PULSE_WATCHDOG_DEADLINE_S": self.env.get("PULSE_WATCHDOG_DEADLINE_S", "3"),
                "PULSE_WATCHDOG_INTERVAL_S": self.env.get("PULSE_WATCHDOG_INTERVAL_S", "1"),
                "PULSE_NAIVE": self.naive}
-        supervisor = Supervisor(serve_command(["--port", str(port)]), env=env, backoff_s=0.2,
+        # Restarting fast is the point here: crash faults strike every few seconds, and a server kept down by
+        # a growing backoff would leave the remaining fault kinds nothing to strike.
+        supervisor = Supervisor(serve_command(["--port", str(port)]), env=env, backoff_s=0.2, max_backoff_s=1.0,
                                 log_path=str(self.log_dir / "serve.log"))
         thread = threading.Thread(target=supervisor.run, name="chaos-supervisor", daemon=True)
         thread.start()
@@ -150,14 +158,18 @@ class Campaign:
         wanted_s = len(self.fault_kinds) * (self.fault_every_s + 0.3) * 1.2
         self.pace_s = wanted_s * self.threads / max(self.orders, 1) / 2 if self.fault_kinds else 0.0
         bar = tqdm(total=self.orders, desc="chaos", unit="order", disable=not self.progress, leave=False)
+        self._drive_deadline = time.monotonic() + self.max_drive_s if self.max_drive_s else None
         with httpx.Client(base_url=server_url, timeout=15) as http, ThreadPoolExecutor(self.threads) as pool:
-            for outcome in pool.map(lambda plan: self._checkout(http, *plan), plans):
+            for outcome in pool.map(lambda i: self._checkout(http, i, *plans[i]), range(len(plans))):
                 with self._lock:
                     self.outcomes[outcome] += 1
                 bar.update(1)
         bar.close()
 
-    def _checkout(self, http, product: str, quantity: int) -> str:
+    def _checkout(self, http, index: int, product: str, quantity: int) -> str:
+        self._wait_turn(index)
+        if self._drive_deadline is not None and time.monotonic() > self._drive_deadline:
+            return "not-started"  # --max-drive-s spent: the campaign settles and checks what it did
         user, key = str(uuid.uuid4()), str(uuid.uuid4())
         if self.pace_s:
             time.sleep(self.rng_for(user).uniform(0, 2 * self.pace_s))
@@ -217,13 +229,47 @@ class Campaign:
             name = queue.pop()
             action, probability, params = FAULT_PLANS[name]
             try:
-                faults.arm(url, name, action=action, probability=probability, seed=self.rng.randrange(1 << 30),
-                           **params)
+                armed = faults.arm(url, name, action=action, probability=probability,
+                                   seed=self.rng.randrange(1 << 30), **params)
                 self._driving.wait(self.fault_every_s)
+                self._hold_until_struck(name, armed)
                 faults.disarm(url, name)
             except Exception as exc:  # db.restart may cut this very connection; the next round goes on
                 log.info("chaos: arming %s failed: %s", name, exc)
+            with self._turns:
+                self.kinds_done, self._tokens = self.kinds_done + 1, 0
+                self._turns.notify_all()
             self._driving.wait(0.3)
+
+    def _hold_until_struck(self, name: str, armed: dict) -> None:
+        """Keep ``name`` armed until it struck once, for at most ``strike_wait_s``. A fixed window missed whole
+        kinds: an environment fault strikes only from a live server's ticker, and after a crash fault the
+        server is down for the seconds a restart takes, which used to be the whole window."""
+        deadline = time.monotonic() + self.strike_wait_s
+        while self._driving.is_set() and time.monotonic() < deadline:
+            try:
+                if faults.fired_counts(self.settings.database_url, armed["armedAt"]).get(name):
+                    return
+            except Exception as exc:  # db.restart cuts this probe too; try again
+                log.debug("chaos: strike probe failed: %s", exc)
+            with self._turns:  # the kind's share of checkouts may be done: let one more in (see _wait_turn)
+                self._tokens += 1
+                self._turns.notify_all()
+            self._driving.wait(0.3)
+
+    def _wait_turn(self, index: int) -> None:
+        """Spread the checkouts over the fault schedule: the first share of them runs while the first kind is
+        armed, the next share once that kind's turn is over, and so on (a last share after every kind). A kind
+        still waiting to strike when its share is done lets one more checkout in every 0.3 s (a token), so it
+        always meets live traffic."""
+        if not self.fault_kinds:
+            return
+        need = int(index * (len(self.fault_kinds) + 1) / max(self.orders, 1))
+        with self._turns:
+            self._turns.wait_for(lambda: self.kinds_done >= need or self._tokens > 0 or not self._driving.is_set(),
+                                 timeout=self.strike_wait_s + 60)
+            if self.kinds_done < need and self._tokens > 0:
+                self._tokens -= 1
 
     # -- the end --------------------------------------------------------------------------------------
     def _quiesce(self, since, products) -> bool:
@@ -250,12 +296,14 @@ class Campaign:
             redrives = conn.execute("SELECT COALESCE(SUM(attempts), 0) AS n FROM infra.saga_redrives "
                                     "WHERE redriven_at >= %s", (since,)).fetchone()["n"]
         delivery = next(r for r in results if r.name == "delivery")
+        injected = faults.fired_counts(self.settings.database_url, since)
         reconcile = outcome["reconcile"] or {}
         return {
             "strategy": self.settings.strategy, "outboxMode": self.settings.outbox_mode, "seed": self.seed,
             "naive": self.naive or None, "ordersRequested": self.orders, "checkouts": dict(self.outcomes),
             "ordersByState": {r["state"]: r["n"] for r in states},
-            "faultsInjected": faults.fired_counts(self.settings.database_url, since),
+            "faultsInjected": injected,
+            "faultKindsNotStruck": [k for k in self.fault_kinds if not injected.get(k)],
             "fixes": {"sagaRedrives": int(redrives),
                       "reconcile": {k: reconcile.get(k, 0) for k in ("stock", "reserved", "carts", "cleanupQueue")},
                       "serverRestarts": supervisor.restarts if supervisor else None},

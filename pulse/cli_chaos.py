@@ -70,5 +70,7 @@ def register(subparsers) -> None:
     k.add_argument("--threads", type=int, default=8, help="concurrent shoppers (default 8)")
     k.add_argument("--quiesce-timeout", type=float, default=120.0, help="seconds to wait for quiescence")
     k.add_argument("--naive", default="", help="comma-separated naive switches to turn on (shows the checker's teeth)")
+    k.add_argument("--max-drive-s", type=float, default=None,
+                   help="stop starting checkouts after this many seconds (a time box for large campaigns)")
     k.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     k.set_defaults(func=cmd_chaos)

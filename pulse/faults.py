@@ -210,12 +210,15 @@ class FaultRegistry(NoFaults):
             threading.Thread(target=self._act, args=(fault,), name=f"fault:{name}", daemon=True).start()
 
     def _act(self, fault: Fault) -> None:
+        # Logged before acting, like every strike: the action may take seconds, and a crash fault elsewhere in
+        # this process (or the campaign ending) must not make a strike that happened go uncounted.
+        entry = self._log(fault, {"phase": "striking"})
         try:
             context = ENVIRONMENT_ACTIONS[fault.name](self, fault.params)
         except Exception as exc:
             context = {"failed": str(exc)[:200]}
             log.warning("fault %s could not act: %s", fault.name, exc)
-        self._log(fault, context)
+        self._update_log(entry, context)
         log.warning("fault %s struck: %s", fault.name, context)
 
     def tick(self) -> None:
@@ -227,15 +230,30 @@ class FaultRegistry(NoFaults):
         self._current()
         self._environment_tick()
 
-    def _log(self, fault: Fault, context: dict) -> None:
+    def _log(self, fault: Fault, context: dict):
+        """Record a strike; returns the log row's id, or None when it could not be written."""
         payload = json.dumps({k: str(v) for k, v in context.items()})
         try:
             with self._log_lock:
-                self._connection().execute(
-                    "INSERT INTO infra.fault_log (name, action, pid, context) VALUES (%s, %s, %s, %s::jsonb)",
-                    (fault.name, fault.action, os.getpid(), payload))
+                row = self._connection().execute(
+                    "INSERT INTO infra.fault_log (name, action, pid, context) VALUES (%s, %s, %s, %s::jsonb) "
+                    "RETURNING id", (fault.name, fault.action, os.getpid(), payload)).fetchone()
+            return row[0]
         except Exception as exc:
             log.warning("could not log fault %s: %s", fault.name, exc)
+            self._drop_connection()
+            return None
+
+    def _update_log(self, entry, context: dict) -> None:
+        if entry is None:
+            return
+        payload = json.dumps({k: str(v) for k, v in context.items()})
+        try:
+            with self._log_lock:
+                self._connection().execute("UPDATE infra.fault_log SET context = %s::jsonb WHERE id = %s",
+                                           (payload, entry))
+        except Exception as exc:  # the strike is counted already; only its outcome is missing
+            log.warning("could not record the outcome of a fault: %s", exc)
             self._drop_connection()
 
     def _connection(self):
@@ -300,16 +318,11 @@ def restart_broker_connections(registry: FaultRegistry, params: dict) -> dict:
     vhost = unquote(urlparse(registry.amqp_url).path[1:] or "/") or "/"
     if vhost == "/" and not params.get("allow_default_vhost"):
         return {"refused": "the default vhost may be shared; arm with allow_default_vhost=true to allow"}
-    listed = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "vhost"], capture_output=True,
-                            text=True, timeout=30, check=True).stdout.splitlines()
-    closed = 0
-    for line in listed:
-        parts = line.split("\t")
-        if len(parts) == 2 and parts[1] == vhost:
-            subprocess.run(["rabbitmqctl", "-q", "close_connection", parts[0], "pulse fault broker.restart"],
-                           capture_output=True, timeout=30)
-            closed += 1
-    return {"vhost": vhost, "connectionsClosed": closed}
+    # One command for the whole vhost: closing connections one rabbitmqctl call at a time took ~0.5 s each.
+    out = subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "pulse fault broker.restart"],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    numbers = [int(w) for w in out.split() if w.isdigit()]
+    return {"vhost": vhost, "connectionsClosed": numbers[0] if numbers else out.strip()[:100]}
 
 
 def restart_database_connections(registry: FaultRegistry, params: dict) -> dict:
@@ -350,12 +363,13 @@ def arm(database_url: str, name: str, action: str | None = None, probability: fl
     if not 0.0 <= float(probability) <= 1.0:
         raise UnknownFault(f"The probability of {name} must be between 0 and 1, got {probability}.")
     with _connect(database_url) as conn:
-        conn.execute(
+        armed_at = conn.execute(
             "INSERT INTO infra.faults (name, action, probability, params, seed) VALUES (%s, %s, %s, %s::jsonb, %s) "
             "ON CONFLICT (name) DO UPDATE SET action = EXCLUDED.action, probability = EXCLUDED.probability, "
-            "params = EXCLUDED.params, seed = EXCLUDED.seed, armed_at = clock_timestamp()",
-            (name, action, float(probability), json.dumps(params), int(seed)))
-    return {"name": name, "action": action, "probability": float(probability), "params": params, "seed": int(seed)}
+            "params = EXCLUDED.params, seed = EXCLUDED.seed, armed_at = clock_timestamp() RETURNING armed_at",
+            (name, action, float(probability), json.dumps(params), int(seed))).fetchone()[0]
+    return {"name": name, "action": action, "probability": float(probability), "params": params, "seed": int(seed),
+            "armedAt": armed_at.isoformat()}
 
 
 def disarm(database_url: str, name: str | None = None) -> int:

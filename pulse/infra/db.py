@@ -58,6 +58,18 @@ def transaction(pool: ConnectionPool):
             yield conn
 
 
+@contextlib.contextmanager
+def autocommit(pool: ConnectionPool):
+    """A pooled connection in autocommit, for a single statement that is atomic on its own (one round trip)."""
+    with pool.connection() as conn:
+        conn.autocommit = True
+        try:
+            yield conn
+        finally:
+            if not conn.broken and not conn.closed:  # a broken one is discarded by the pool anyway
+                conn.autocommit = False  # the pool hands it to others who expect transactions
+
+
 class Batch:
     """One consumer's shared transaction: the connection, and the after-commit work of the message in hand."""
 

@@ -9,6 +9,7 @@ import time
 import pika
 import psycopg
 
+from pulse.faults import FaultInjected
 from pulse.infra import broker, db
 from pulse.infra.outbox import envelope_of
 
@@ -74,7 +75,7 @@ class PollingRelay:
                 backoff = 0.5
             except Exception as exc:  # the relay thread must outlive any single failed batch (outage, fault)
                 level = logging.WARNING if isinstance(exc, (broker.BrokerUnavailable, psycopg.Error,
-                                                            db.DatabaseUnavailable)) else logging.ERROR
+                                                            db.DatabaseUnavailable, FaultInjected)) else logging.ERROR
                 log.log(level, "polling relay: %s; retrying in %.1fs", db.first_line(exc), backoff,
                         exc_info=level == logging.ERROR)
                 self._reset()

@@ -8,7 +8,7 @@ import random
 import time
 
 from pulse.events import EventType as E
-from pulse.infra import inbox, outbox
+from pulse.infra import db, inbox, outbox  # noqa: F401  db: tests patch handlers.db.transaction
 
 log = logging.getLogger(__name__)
 MAX_VERSION_RETRIES = 8

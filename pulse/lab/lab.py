@@ -363,7 +363,9 @@ class Lab:
             if state["unsettled"] == 0 and state["outbox"] == 0:
                 return state
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the system did not settle within {timeout_s:.0f}s: {state}")
+                stuck = self.q.unsettled_orders().to_dict("records")
+                raise TimeoutError(f"the system did not settle within {timeout_s:.0f}s: {state}; "
+                                   f"unsettled orders: {stuck}")
             time.sleep(0.2)
 
     # ----- faults (run time, no restart) ------------------------------------------------------------

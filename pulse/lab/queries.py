@@ -71,16 +71,27 @@ class Queries:
             b=bucket_s)
         return _cumulative(df)
 
+    UNSETTLED = (
+        "FROM orders.orders o LEFT JOIN orders.order_views v ON v.order_id = o.id "
+        "WHERE o.status NOT IN ('COMPLETED', 'FAILED') OR v.order_id IS NULL "
+        "OR (o.status = 'COMPLETED' AND v.display_status <> 'COMPLETED') "
+        "OR (o.status = 'FAILED' AND v.display_status NOT IN ('FAILED_PAYMENT', 'FAILED_OUT_OF_STOCK', 'REFUNDED')) "
+        "OR (o.failure_reason = 'PAYMENT_FAILED' AND o.strategy = 'OPTIMISTIC' AND o.inventory_status = 'RESERVED') "
+        "OR (o.failure_reason = 'OUT_OF_STOCK' AND o.strategy = 'POST_PAYMENT' AND o.payment_status = 'SUCCESS') "
+        "OR EXISTS (SELECT 1 FROM inventory.carts c JOIN inventory.cart_items ci ON ci.cart_id = c.id "
+        "WHERE c.user_id = o.user_id AND ci.quantity > 0 AND ci.updated_at <= o.created_at)")
+
     def unsettled_count(self) -> int:
-        """Orders whose saga is not over: not terminal, compensation pending, or the view not caught up."""
-        return int(self.sql(
-            "SELECT count(*) AS n FROM orders.orders o LEFT JOIN orders.order_views v ON v.order_id = o.id "
-            "WHERE o.status NOT IN ('COMPLETED', 'FAILED') OR v.order_id IS NULL "
-            "OR (o.status = 'COMPLETED' AND v.display_status <> 'COMPLETED') "
-            "OR (o.status = 'FAILED' AND v.display_status NOT IN ('FAILED_PAYMENT', 'FAILED_OUT_OF_STOCK', 'REFUNDED')) "
-            "OR (o.failure_reason = 'PAYMENT_FAILED' AND o.strategy = 'OPTIMISTIC' AND o.inventory_status = 'RESERVED') "
-            "OR (o.failure_reason = 'OUT_OF_STOCK' AND o.strategy = 'POST_PAYMENT' AND o.payment_status = 'SUCCESS')"
-        ).iloc[0]["n"])
+        """Orders whose saga is not over: not terminal, compensation pending, the view not caught up, or
+        the user's cart not cleared yet (a lost ``ORDER_CREATED`` on ``redis-stock.queue``, which the
+        saga watchdog re-drives)."""
+        return int(self.sql("SELECT count(*) AS n " + self.UNSETTLED).iloc[0]["n"])
+
+    def unsettled_orders(self, limit: int = 5) -> pd.DataFrame:
+        """The first ``limit`` unsettled orders (see :meth:`unsettled_count`) with their state, to see why."""
+        return self.sql("SELECT o.id::text AS order_id, o.status, o.payment_status, o.inventory_status, "
+                        "o.failure_reason, v.display_status, o.updated_at " + self.UNSETTLED
+                        + " ORDER BY o.updated_at LIMIT :n", n=limit)
 
     # ----- compensations ----------------------------------------------------------------------------
 

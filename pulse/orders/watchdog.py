@@ -25,11 +25,12 @@ from pulse.views.model import display_status
 
 log = logging.getLogger(__name__)
 
+# The user's cart still holds what the order bought: redis-stock never handled ORDER_CREATED (a lost event).
+CART_LEFT = """EXISTS (SELECT 1 FROM inventory.carts c JOIN inventory.cart_items ci ON ci.cart_id = c.id
+               WHERE c.user_id = o.user_id AND ci.quantity > 0 AND ci.updated_at <= o.created_at)"""
 CANDIDATES = """
 SELECT o.*, r.status AS inv_decision, r.items AS reserved_items, pay.status AS pay_decision, pay.id AS payment_id,
-       v.display_status AS view_status,
-       EXISTS (SELECT 1 FROM inventory.carts c JOIN inventory.cart_items ci ON ci.cart_id = c.id
-               WHERE c.user_id = o.user_id AND ci.quantity > 0 AND ci.updated_at <= o.created_at) AS cart_left
+       v.display_status AS view_status, """ + CART_LEFT + """ AS cart_left
 FROM orders.orders o
 LEFT JOIN inventory.reservations r ON r.order_id = o.id
 LEFT JOIN payment.payments pay ON pay.order_id = o.id
@@ -39,7 +40,7 @@ WHERE o.updated_at < now() - make_interval(secs => %(deadline)s)
   AND o.created_at > now() - make_interval(secs => %(lookback)s)
   AND (w.redriven_at IS NULL OR w.redriven_at < now() - make_interval(secs => %(deadline)s * LEAST(w.attempts, 5)))
   AND NOT (o.status = 'COMPLETED' AND v.display_status = 'COMPLETED' AND r.status = 'RESERVED'
-           AND pay.status = 'SUCCESS')
+           AND pay.status = 'SUCCESS' AND NOT """ + CART_LEFT + """)
 ORDER BY o.updated_at
 LIMIT %(limit)s
 """

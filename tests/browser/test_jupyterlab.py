@@ -116,7 +116,8 @@ def test_guided_notebook_runs_in_jupyterlab(jupyterlab):
             widgets = page.locator(".jp-OutputArea-output .widget-tab").count()
             live_charts = page.evaluate(IMAGES_JS, ".jp-OutputArea-output .widget-image")
             static_charts = page.evaluate(IMAGES_JS, ".jp-RenderedImage img")  # the output element itself
-            page.locator(".jp-OutputArea-output .widget-tab").first.scroll_into_view_if_needed(timeout=10_000)
+            if widgets:  # the screenshot shows the dashboard; on an error, wherever the notebook stopped
+                page.locator(".jp-OutputArea-output .widget-tab").first.scroll_into_view_if_needed(timeout=10_000)
             page.screenshot(path=str(shot))
         finally:
             browser.close()

@@ -176,14 +176,25 @@ def _quietly(function, *args):
         pass
 
 
+@pytest.fixture
+def outbox_mode(request, settings, db):
+    """The relay mode under test; in cdc mode the session's slot is dropped afterwards (polling tests follow)."""
+    mode = request.param
+    yield mode
+    if mode == "cdc":
+        _drop_slot(settings, db)
+
+
+@pytest.mark.parametrize("outbox_mode", ["polling", "cdc"], indirect=True)
 @pytest.mark.parametrize("naive", ON_OFF)
 def test_publish_no_confirm_loses_events_in_a_relay_crash(settings, serve_env, make_system, new_product, naive,
-                                                          tmp_path):
+                                                          outbox_mode, tmp_path):
     since = dt.datetime.now(dt.timezone.utc)
     system = make_system()
     system.start_workers(relay=False, schedulers=False)
     product = new_product(stock=5)
-    env = {**os.environ, **serve_env, "PULSE_NAIVE": "publish-no-confirm" if naive else ""}
+    env = {**os.environ, **serve_env, "PULSE_NAIVE": "publish-no-confirm" if naive else "",
+           "PULSE_OUTBOX_MODE": outbox_mode}
 
     def relay():
         return subprocess.Popen([sys.executable, "-m", "pulse", "serve", "--role", "relay"], env=env,
@@ -222,3 +233,72 @@ def test_publish_no_confirm_loses_events_in_a_relay_crash(settings, serve_env, m
 def _outbox_empty(settings):
     with _conn(settings) as conn:
         return conn.execute("SELECT count(*) AS n FROM shared.outbox").fetchone()["n"] == 0
+
+
+@pytest.mark.parametrize("mode", ["polling", "cdc"])
+def test_relay_survives_an_error_after_publish_and_publishes_again(settings, make_system, db, mode):
+    """An ``error`` fault after the broker took a batch: the relay thread logs, backs off and publishes it again."""
+    from pulse.infra import outbox
+
+    db.execute("DELETE FROM shared.outbox")  # earlier tests' leftovers: the errors must strike on our batch
+    since = db.execute("SELECT now() AS t").fetchone()["t"]
+    registry = faults.FaultRegistry(settings.database_url, refresh_s=0.1)
+    tap = _Tap(settings.amqp_url)
+    system = make_system(faults=registry, outbox_mode=mode)
+    try:
+        faults.arm(settings.database_url, "relay.after_publish", action="error", max=2)
+        system.start_workers(consumers=False, schedulers=False)
+        with pulse_db.connect(settings.database_url) as conn, conn.transaction():
+            ids = [str(outbox.append(conn, "NAIVE_TEST_EVENT", "order", uuid.uuid4(), {"n": i})) for i in range(3)]
+        wait_for(lambda: set(ids) <= set(tap.ids()), 30, message="events published after the injected errors")
+        wait_for(lambda: _log_count(db, "relay.after_publish", since) >= 2, 10, message="both errors struck")
+        relay_thread = next(t for t in system.threads if t.name == "relay")
+        assert relay_thread.is_alive()
+        wait_for(lambda: not db.execute("SELECT 1 FROM shared.outbox WHERE id = ANY(%s::uuid[])", (ids,)).fetchone(),
+                 10, message="rows deleted once confirmed")
+        assert tap.ids().count(ids[0]) >= 2  # the batch the first error interrupted went out again
+    finally:
+        faults.disarm(settings.database_url, "relay.after_publish")
+        system.close()
+        tap.close()
+        if mode == "cdc":
+            _drop_slot(settings, db)
+
+
+def _drop_slot(settings, db):
+    wait_for(lambda: not db.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active",
+                                    (settings.cdc_slot,)).fetchone(), 15, message="slot released")
+    db.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+               (settings.cdc_slot,))
+
+
+def _log_count(db, name, since):
+    return db.execute("SELECT count(*) AS n FROM infra.fault_log WHERE name = %s AND fired_at >= %s",
+                      (name, since)).fetchone()["n"]
+
+
+class _Tap:
+    """A private queue bound to every routing key: each message the relay published, in arrival order."""
+
+    def __init__(self, amqp_url):
+        from pulse.infra import broker
+
+        self.conn = broker.connect(amqp_url)
+        self.channel = self.conn.channel()
+        self.channel.exchange_declare(broker.EXCHANGE, exchange_type="topic", durable=True)
+        self.queue = self.channel.queue_declare("", exclusive=True).method.queue
+        self.channel.queue_bind(self.queue, broker.EXCHANGE, routing_key="NAIVE_TEST_EVENT")
+        self.seen = []
+
+    def ids(self):
+        import json
+
+        while True:
+            method, _props, body = self.channel.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                return list(self.seen)
+            self.seen.append(json.loads(body)["id"])
+
+    def close(self):
+        if self.conn.is_open:
+            self.conn.close()
