@@ -15,6 +15,12 @@ from pulse.infra.outbox import envelope_of
 
 log = logging.getLogger(__name__)
 
+# Why seq order is the commit order that matters: a table row only becomes visible at its commit, so a
+# poll sees committed rows only, in insert order. Two rows can be claimed out of commit order only when
+# their transactions overlapped, i.e. were concurrent and so independent; every saga step is written by
+# a handler that ran after the previous step's event was published, so the events of one order are
+# always in both insert and commit order. Exact commit order across unrelated transactions needs the
+# WAL (the cdc relay) or serialising every writer on one lock, which this relay does not pay for.
 CLAIM = ("SELECT id, aggregate_type, aggregate_id, event_type, payload FROM shared.outbox "
          "ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
 
