@@ -70,13 +70,22 @@ class Campaign:
         self.quiesce_timeout_s, self.naive, self.progress = quiesce_timeout_s, naive, progress
         self.fault_every_s = fault_every_s
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pulse-chaos-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.rng = random.Random(seed)
         self.outcomes: collections.Counter = collections.Counter()
         self.order_ids: list[str] = []
         self._lock = threading.Lock()
+        # Two events, because Event.wait() sleeps only until its event is SET: waiting on ``_driving`` (set for
+        # the whole drive) returned at once, so the injector neither paused nor held a kind until it struck,
+        # and its token loop spun, releasing every checkout at once; small campaigns ended before half the
+        # kinds had met traffic. ``_drive_over`` is what the injector sleeps on.
         self._driving = threading.Event()
+        self._drive_over = threading.Event()
+        self._injector_done = threading.Event()
         self._turns = threading.Condition()
         self.kinds_done, self._tokens = 0, 0  # fault kinds whose turn ended; extra checkouts let in (_wait_turn)
+        self._in_flight, self._started = 0, 0  # checkouts past their turn and not finished; all past their turn
+        self.turns: list[dict] = []  # each fault kind's turn: struck or not, how long, what traffic it met
         self.strike_wait_s = strike_wait_s
         self.max_drive_s, self._drive_deadline = max_drive_s, None
         self.pace_s = 0.0
@@ -104,18 +113,28 @@ class Campaign:
             injector = threading.Thread(target=self._inject, name="chaos-faults", daemon=True)
             injector.start()
             self._drive(server_url, products)
-            self._driving.clear()
+            self._end_drive()
             injector.join()
             faults.disarm(url)
             quiet = self._quiesce(since, products)
             outcome = inv.check_all(self.settings, inv.Scope(since=since, products=products))
         finally:
-            self._driving.clear()
+            self._end_drive()
             faults.disarm(url)
             if supervisor is not None:
                 supervisor.stop()
                 thread.join(30)
         return self._summary(since, outcome, quiet, supervisor, time.monotonic() - started)
+
+    def _end_drive(self) -> None:
+        self._driving.clear()
+        self._drive_over.set()
+        with self._turns:
+            self._turns.notify_all()
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` on the injector's side, waking early when the drive is over."""
+        self._drive_over.wait(seconds)
 
     def _create_products(self) -> list[str]:
         # Scarce on purpose: some checkouts must find the shelf empty.
@@ -168,6 +187,17 @@ class Campaign:
 
     def _checkout(self, http, index: int, product: str, quantity: int) -> str:
         self._wait_turn(index)
+        with self._turns:
+            self._in_flight += 1
+            self._started += 1
+        try:
+            return self._shop(http, product, quantity)
+        finally:
+            with self._turns:
+                self._in_flight -= 1
+                self._turns.notify_all()
+
+    def _shop(self, http, product: str, quantity: int) -> str:
         if self._drive_deadline is not None and time.monotonic() > self._drive_deadline:
             return "not-started"  # --max-drive-s spent: the campaign settles and checks what it did
         user, key = str(uuid.uuid4()), str(uuid.uuid4())
@@ -222,26 +252,40 @@ class Campaign:
     # -- faults ---------------------------------------------------------------------------------------
     def _inject(self) -> None:
         url = self.settings.database_url
+        try:
+            self._inject_rounds()
+        finally:
+            self._injector_done.set()
+            with self._turns:
+                self._turns.notify_all()
+
+    def _inject_rounds(self) -> None:
+        url = self.settings.database_url
         kinds, queue = list(self.fault_kinds), []
         while self._driving.is_set() and kinds:
             if not queue:
                 queue = self.rng.sample(kinds, len(kinds))  # every kind once per round, in a seeded order
             name = queue.pop()
             action, probability, params = FAULT_PLANS[name]
+            turn_started, started_before, struck = time.monotonic(), self._started, False
             try:
                 armed = faults.arm(url, name, action=action, probability=probability,
                                    seed=self.rng.randrange(1 << 30), **params)
-                self._driving.wait(self.fault_every_s)
-                self._hold_until_struck(name, armed)
+                self._pause(self.fault_every_s)
+                struck = self._hold_until_struck(name, armed)
                 faults.disarm(url, name)
             except Exception as exc:  # db.restart may cut this very connection; the next round goes on
                 log.info("chaos: arming %s failed: %s", name, exc)
+            turn = {"kind": name, "struck": struck, "heldS": round(time.monotonic() - turn_started, 1),
+                    "checkoutsStarted": self._started - started_before}
+            self.turns.append(turn)
+            log.info("chaos: turn %s", turn)
             with self._turns:
                 self.kinds_done, self._tokens = self.kinds_done + 1, 0
                 self._turns.notify_all()
-            self._driving.wait(0.3)
+            self._pause(0.3)
 
-    def _hold_until_struck(self, name: str, armed: dict) -> None:
+    def _hold_until_struck(self, name: str, armed: dict) -> bool:
         """Keep ``name`` armed until it struck once, for at most ``strike_wait_s``. A fixed window missed whole
         kinds: an environment fault strikes only from a live server's ticker, and after a crash fault the
         server is down for the seconds a restart takes, which used to be the whole window."""
@@ -249,26 +293,35 @@ class Campaign:
         while self._driving.is_set() and time.monotonic() < deadline:
             try:
                 if faults.fired_counts(self.settings.database_url, armed["armedAt"]).get(name):
-                    return
+                    return True
             except Exception as exc:  # db.restart cuts this probe too; try again
                 log.debug("chaos: strike probe failed: %s", exc)
-            with self._turns:  # the kind's share of checkouts may be done: let one more in (see _wait_turn)
-                self._tokens += 1
-                self._turns.notify_all()
-            self._driving.wait(0.3)
+            with self._turns:  # the kind's share of checkouts is (nearly) done: let one more in (see _wait_turn)
+                if self._in_flight < 2:
+                    self._tokens = 1  # one at a time, never a burst, so later kinds keep their own share
+                    self._turns.notify_all()
+            self._pause(0.3)
+        return False
 
     def _wait_turn(self, index: int) -> None:
         """Spread the checkouts over the fault schedule: the first share of them runs while the first kind is
         armed, the next share once that kind's turn is over, and so on (a last share after every kind). A kind
         still waiting to strike when its share is done lets one more checkout in every 0.3 s (a token), so it
-        always meets live traffic."""
+        always meets live traffic. The last share never takes a token: the drive must outlast the first round
+        of faults, or the kinds still to come would be armed with no traffic (and the drive over) to meet."""
         if not self.fault_kinds:
             return
-        need = int(index * (len(self.fault_kinds) + 1) / max(self.orders, 1))
+        kinds = len(self.fault_kinds)
+        need = int(index * (kinds + 1) / max(self.orders, 1))
+
+        def may_start():
+            if self.kinds_done >= need or not self._driving.is_set() or self._injector_done.is_set():
+                return True
+            return need < kinds and self._tokens > 0
+
         with self._turns:
-            self._turns.wait_for(lambda: self.kinds_done >= need or self._tokens > 0 or not self._driving.is_set(),
-                                 timeout=self.strike_wait_s + 60)
-            if self.kinds_done < need and self._tokens > 0:
+            self._turns.wait_for(may_start)
+            if self.kinds_done < need and self._tokens > 0 and self._driving.is_set():
                 self._tokens -= 1
 
     # -- the end --------------------------------------------------------------------------------------

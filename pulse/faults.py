@@ -340,7 +340,11 @@ def restart_database_connections(registry: FaultRegistry, params: dict) -> dict:
     with psycopg.connect(registry.database_url, autocommit=True, connect_timeout=3) as conn:
         rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
                             "AND pid <> pg_backend_pid()", (name,)).fetchall()
-    registry._drop_connection()
+    # Under the lock: another thread may be mid-query on this connection (a refresh), and closing a socket
+    # under a thread that waits on it can leave that thread waiting on a reused descriptor, holding the
+    # registry's locks, so every armed hook (consumer.before_ack among them) blocks.
+    with registry._log_lock:
+        registry._drop_connection()
     return {"database": name, "sessionsTerminated": len(rows)}
 
 

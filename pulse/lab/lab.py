@@ -69,7 +69,9 @@ class Lab:
         self.settings = config.from_env({**self.env, "PULSE_STRATEGY": strategy, "PULSE_OUTBOX_MODE": mode,
                                          "PULSE_PAYMENT_DECLINE_RATE": str(decline_rate),
                                          "PULSE_NAIVE": ",".join(sorted(naive))})
+        log_dir = log_dir or self.env.get("PULSE_LAB_LOG_DIR")  # set by the regression matrix, for instance
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="pulse-lab-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.supervisor: Supervisor | None = None
         self.client: PulseClient | None = None
         self.reconcile_runs: list[dict] = []
@@ -243,6 +245,7 @@ class Lab:
             if conn.execute("SELECT to_regclass('infra.stock_baseline') AS t").fetchone()["t"] is not None:
                 conn.execute("DELETE FROM infra.stock_baseline WHERE NOT (product_id = ANY(%s::uuid[]))", (seed_ids,))
         migrate.seed(self.settings.database_url, reset=True)
+        self._drop_idle_slot()
         if faults is not None:
             lab_faults.disarm_all(self.settings)
         self.flush_redis()
@@ -253,6 +256,24 @@ class Lab:
         if self._system is not None:  # its reconciler remembers a window of the old run
             self._system.close()
             self._system = None
+
+    def _drop_idle_slot(self) -> None:
+        """Drop this database's CDC slot when no relay streams it. The slot still holds every outbox insert
+        since a cdc relay last read it (a polling run, a previous run): a cdc relay started after the wipe
+        would replay them all, events of orders that no longer exist, which the order consumer retries and
+        dead-letters one by one while the new run's events queue behind them (the matrix's cdc runs stalled
+        for minutes). The relay creates the slot again at start, at the present, and sweeps the outbox."""
+        import psycopg
+
+        from pulse.infra import db
+
+        with db.connect(self.settings.database_url, autocommit=True) as conn:
+            try:
+                conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                             "WHERE slot_name = %s AND database = current_database() AND NOT active",
+                             (self.settings.cdc_slot,))
+            except psycopg.errors.ObjectInUse:  # a relay started streaming it meanwhile: it reads on from there
+                pass
 
     def _purge_queues(self) -> None:
         from pulse.infra import broker

@@ -1,6 +1,13 @@
-"""Small chaos campaigns against the session's private services: every fault kind, both strategies, both relays."""
+"""Chaos campaigns against the session's private services: every fault kind, both strategies, both relays.
+
+Issue 4 asks CI for "a few hundred orders, every fault kind" per strategy: 200 orders each for the two
+strategies over the polling relay, and a smaller one over the CDC relay. Each kind stays armed until it struck
+(chaos.Campaign._hold_until_struck), so every kind must strike; the campaign's options keep the file at a few
+minutes on a 2-core machine.
+"""
 
 import json
+import time
 
 import pytest
 
@@ -8,37 +15,47 @@ from pulse import chaos
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+TERMINAL = ("COMPLETED", "FAILED")
 
-def _campaign(serve_env, tmp_path, strategy, outbox_mode):
-    campaign = chaos.Campaign(orders=60, seed=7, strategy=strategy, outbox_mode=outbox_mode, env=serve_env,
-                              progress=False, quiesce_timeout_s=90, fault_every_s=0.5, log_dir=str(tmp_path))
+
+def _campaign(serve_env, tmp_path, strategy, outbox_mode, orders):
+    campaign = chaos.Campaign(orders=orders, seed=7, strategy=strategy, outbox_mode=outbox_mode, env=serve_env,
+                              progress=False, threads=8, quiesce_timeout_s=90, fault_every_s=0.5,
+                              strike_wait_s=15, max_drive_s=150, log_dir=str(tmp_path))
+    started = time.monotonic()
     summary = campaign.run()
     print(json.dumps(summary, indent=1, default=str))
+    print(f"campaign {strategy}/{outbox_mode}, {orders} orders: {time.monotonic() - started:.1f}s")
     return summary
 
 
-def _assert_clean(summary):
+def _assert_clean(summary, orders):
     assert summary["violations"] == [], json.dumps(summary["violations"], indent=1, default=str)
     assert summary["quiesced"]
-    assert sum(summary["ordersByState"].values()) >= 30
-    # Each kind stays armed until it struck (chaos.Campaign._hold_until_struck), at most 10 s. On a busy machine
-    # some kinds (environment faults, crash-prone windows) still miss it in a 60-order campaign, so "every kind"
-    # is not asserted yet; the summary's faultKindsNotStruck names them.
-    struck = set(chaos.DEFAULT_FAULTS) - set(summary["faultKindsNotStruck"])
-    assert len(struck) >= len(chaos.DEFAULT_FAULTS) // 2, summary["faultsInjected"]
+    assert summary["faultKindsNotStruck"] == [], summary["faultsInjected"]
+    assert set(summary["faultsInjected"]) >= set(chaos.DEFAULT_FAULTS)
+    assert "not-started" not in summary["checkouts"], summary["checkouts"]  # the time box was not needed
+    # Stock for about 60% of them: many orders, and some shoppers must find the shelf empty.
+    assert summary["checkouts"].get("ordered", 0) >= orders // 3, summary["checkouts"]
+    assert summary["checkouts"].get("cart-rejected", 0) > 0, summary["checkouts"]
+    placed = sum(summary["ordersByState"].values())
+    assert placed >= orders // 3, summary["ordersByState"]
+    assert all(state.startswith(TERMINAL) for state in summary["ordersByState"]), summary["ordersByState"]
+    assert summary["invariants"]["orders-terminal"]
     assert summary["delivery"]["lost"] == 0
+    assert summary["fixes"]["serverRestarts"] >= 3  # the three crash kinds each took the server down
 
 
 @pytest.mark.parametrize("strategy", ["optimistic", "post-payment"])
 def test_campaign_under_every_fault_has_no_violation(serve_env, strategy, tmp_path):
-    _assert_clean(_campaign(serve_env, tmp_path, strategy, "polling"))
+    _assert_clean(_campaign(serve_env, tmp_path, strategy, "polling", 200), 200)
 
 
 def test_campaign_with_the_cdc_relay_has_no_violation(serve_env, settings, tmp_path):
     import psycopg
 
     try:
-        summary = _campaign(serve_env, tmp_path, "post-payment", "cdc")
+        summary = _campaign(serve_env, tmp_path, "post-payment", "cdc", 100)
     finally:
         # Later tests of the session relay by polling; a slot left behind would hold WAL and replay old events.
         # A fresh connection: the campaign's db.restart terminates every session of the database.
@@ -46,5 +63,5 @@ def test_campaign_with_the_cdc_relay_has_no_violation(serve_env, settings, tmp_p
             conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s "
                          "AND NOT active", (settings.cdc_slot,))
     assert summary["outboxMode"] == "cdc"
-    _assert_clean(summary)
+    _assert_clean(summary, 100)
     assert summary["invariants"]["replication-slot"]
