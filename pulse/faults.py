@@ -406,7 +406,9 @@ def fired_counts(database_url: str, since=None) -> dict[str, int]:
 def _connect(database_url: str):
     import psycopg
 
-    return psycopg.connect(database_url, autocommit=True, connect_timeout=5)
+    # Hooks run on the system's hot paths: a registry query must never hang them.
+    return psycopg.connect(database_url, autocommit=True, connect_timeout=5,
+                           options="-c lock_timeout=2s -c statement_timeout=5s")
 
 
 def from_settings(settings, *, environment: bool = True) -> FaultRegistry:

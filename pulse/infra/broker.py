@@ -95,7 +95,7 @@ class ConfirmingPublisher:
     behaviour is covered by the relay integration tests.
     """
 
-    def __init__(self, url: str, *, confirm_timeout_s: float = 30.0):
+    def __init__(self, url: str, *, confirm_timeout_s: float = 5.0):
         self.url = url
         self.confirm_timeout_s = confirm_timeout_s
         self._conn = None
@@ -154,6 +154,12 @@ class ConfirmingPublisher:
             result = [t in self._acked for t in tags]
             self._acked.difference_update(tags)
             self._nacked.difference_update(tags)
+            if self._ack_floor < last:
+                # No answer in time (a connection the broker no longer serves, e.g. after a fault): start the
+                # next batch on a fresh channel whose delivery tags we know, rather than wait on this one.
+                log.warning("broker did not confirm %d of %d events within %.0fs; reconnecting",
+                            result.count(False), len(result), self.confirm_timeout_s)
+                self.close()
             return result
         except (AMQPError, OSError) as exc:
             self.close()

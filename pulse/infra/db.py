@@ -41,7 +41,11 @@ def make_pool(url: str, *, min_size: int = 1, max_size: int = 20, name: str = "p
     # check: a connection killed by a database restart is replaced before use instead of failing one request.
     pool = ConnectionPool(url, min_size=min_size, max_size=max_size, name=name, open=False,
                           check=ConnectionPool.check_connection,
-                          kwargs={"row_factory": dict_row, "connect_timeout": 5})
+                          kwargs={"row_factory": dict_row, "connect_timeout": 5,
+                                  # Bounded waits: a lock held by a stuck or leaked transaction fails the handler
+                                  # (which is retried) instead of stalling its queue, and the server ends a
+                                  # transaction left idle by a client that lost track of it.
+                                  "options": "-c lock_timeout=5s -c idle_in_transaction_session_timeout=20s"})
     try:
         pool.open(wait=True, timeout=10)
     except Exception as exc:

@@ -96,7 +96,10 @@ class PollingRelay:
 
     def _connection(self):
         if self._conn is None or self._conn.closed:
-            self._conn = db.connect(self.database_url, autocommit=True)
+            # Bounded waits: a claim stuck behind a lock (DDL of a restarting peer) fails and is retried
+            # instead of silently stopping the relay.
+            self._conn = db.connect(self.database_url, autocommit=True,
+                                    options="-c lock_timeout=5s -c statement_timeout=30s")
         return self._conn
 
     def _reset(self):
