@@ -118,7 +118,7 @@ class CartService:
         reserved = int(r.get(keys.reserved(product_id)) or 0)
         if int(stock) - reserved < quantity:
             raise Conflict(f"Not enough stock of product {product_id} for {quantity} more unit(s).")
-        time.sleep(0.002)  # widens the window so the lab shows the oversell reliably
+        time.sleep(0.02)  # widens the window so the lab shows the oversell reliably (naive mode only)
         r.set(keys.reserved(product_id), reserved + quantity)
 
     def _save_db(self, user_id, product_id, quantity: int) -> None:
