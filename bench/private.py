@@ -7,7 +7,6 @@ database, vhost ``/`` or Redis DB 0. The Redis index is leased with the same key
 from __future__ import annotations
 
 import shutil
-import subprocess
 import uuid
 from urllib.parse import quote
 
@@ -16,8 +15,8 @@ import redis
 
 from pulse import config
 from pulse.infra import migrate
+from pulse.lab.private import LEASE_KEY, lease_redis_db, vhost
 
-LEASE_KEY = "pulse:test:lease"  # shared with tests/conftest.py, so a test session and a bench never share an index
 
 
 class Private:
@@ -28,6 +27,7 @@ class Private:
         self.tag = f"pulse_bench_{uuid.uuid4().hex[:8]}"
         self.databases: list[str] = []
         self.vhost = None
+        self._lease_lock = None
         self.redis_db = None
 
     def __enter__(self) -> "Private":
@@ -110,14 +110,15 @@ class Private:
             except psycopg.Error as exc:
                 print(f"bench: could not drop database {name}: {exc}")
         if self.vhost and self.vhost != "/":
-            subprocess.run(["rabbitmqctl", "-q", "delete_vhost", self.vhost], capture_output=True, timeout=60)
+            vhost(self.vhost, create=False)
             self.vhost = None
         if self.redis_db is not None:
             r = redis.Redis.from_url(self._redis_url(self.redis_db))
             try:
-                r.flushdb()  # also drops the lease
+                r.flushdb()
             finally:
                 r.close()
+            self._lease_lock.close()  # gives the DB back
             self.redis_db = None
 
     def _redis_url(self, index: int) -> str:
@@ -128,21 +129,12 @@ class Private:
         return psycopg.connect(self.database_url("postgres"), autocommit=True, connect_timeout=5)
 
     def _lease_redis(self) -> int:
-        # Counting down from 15 keeps clear of the test suite, which leases from 1 upwards.
-        for index in range(15, 0, -1):
-            r = redis.Redis.from_url(self._redis_url(index))
-            try:
-                if r.dbsize() == 0 and r.set(LEASE_KEY, self.tag, nx=True, ex=4 * 3600):
-                    return index
-            finally:
-                r.close()
-        raise RuntimeError("Every Redis DB 1..15 is in use; wait for a test session to finish.")
+        index, self._lease_lock = lease_redis_db(self.base.redis_url, self.tag)
+        return index
 
     @staticmethod
     def _add_vhost(name: str) -> str:
         if not shutil.which("rabbitmqctl"):
             raise RuntimeError("rabbitmqctl is not installed, so a private RabbitMQ vhost cannot be created.")
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True, capture_output=True, timeout=60)
-        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-                       check=True, capture_output=True, timeout=60)
+        vhost(name, create=True)
         return name

@@ -7,11 +7,8 @@ mocks of PostgreSQL, Redis or RabbitMQ in the integration tier).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import tempfile
-import subprocess
 import time
 import uuid
 from decimal import Decimal
@@ -22,8 +19,8 @@ import pytest
 import redis
 
 from pulse import config
+from pulse.lab import private
 
-LEASE_KEY = "pulse:test:lease"
 
 
 def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.05, message: str = "condition"):
@@ -42,42 +39,19 @@ _LEASE_LOCKS: list = []  # open lock files, one per leased Redis DB, held until 
 
 
 def _lease_redis_db(base_url: str, token: str) -> int:
-    # The lease is a file lock, not only a key: a test that flushes its Redis DB (the redis.flush fault)
-    # also deletes the key, and another session would then lease — and flush — a DB still in use.
-    # The OS drops the lock when this process ends, however it ends. The key stays for sessions
-    # started by an older conftest that only know the key.
-    root = base_url.rsplit("/", 1)[0]
-    for index in range(1, 16):
-        lock = open(os.path.join(tempfile.gettempdir(), f"pulse-test-redis-{index}.lock"), "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.close()
-            continue
-        # The URL's own /N would win over a db= argument, so the index goes into the URL.
-        client = redis.Redis.from_url(f"{root}/{index}")
-        try:
-            if client.set(LEASE_KEY, token, nx=True, ex=4 * 3600):
-                client.flushdb()
-                client.set(LEASE_KEY, token, ex=4 * 3600)
-                _LEASE_LOCKS.append(lock)
-                return index
-        finally:
-            client.close()
-        lock.close()
-    pytest.exit("every Redis DB 1..15 is leased by another test session; wait for one to finish", returncode=3)
+    try:
+        index, lock = private.lease_redis_db(base_url, token)
+    except private.PrivateServicesError as exc:
+        pytest.exit(str(exc), returncode=3)
+    _LEASE_LOCKS.append(lock)
+    return index
 
 
 def _vhost(name: str, create: bool) -> str:
-    """Create (or delete) a RabbitMQ vhost with rabbitmqctl; without it, fall back to the default vhost."""
+    """Create (or delete) a private RabbitMQ vhost; without rabbitmqctl, fall back to the default vhost."""
     if not shutil.which("rabbitmqctl") or os.environ.get("PULSE_TEST_SHARED_VHOST"):
         return "/"
-    if create:
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True, capture_output=True, timeout=60)
-        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-                       check=True, capture_output=True, timeout=60)
-    else:
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], capture_output=True, timeout=60)
+    private.vhost(name, create)
     return name
 
 

@@ -17,7 +17,7 @@ import tempfile
 import uuid
 from urllib.parse import quote
 
-# The same lease as the test fixtures (tests/conftest.py), so a matrix and a test session never share a DB.
+# Shared by the test fixtures, the benchmarks and the lab, so no two of them ever share a Redis DB.
 LEASE_KEY = "pulse:test:lease"
 
 
@@ -25,7 +25,8 @@ class PrivateServicesError(RuntimeError):
     """The private services could not be set up; the message says what is missing."""
 
 
-def _vhost(name: str, create: bool) -> None:
+def vhost(name: str, create: bool) -> None:
+    """Create (with guest permissions) or delete a RabbitMQ vhost through rabbitmqctl."""
     if create:
         for args in (["add_vhost", name], ["set_permissions", "-p", name, "guest", ".*", ".*", ".*"]):
             done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, timeout=60)
@@ -35,8 +36,14 @@ def _vhost(name: str, create: bool) -> None:
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], capture_output=True, timeout=60)
 
 
-def _lease_redis_db(base_url: str, token: str):
-    """Lease a Redis DB 1..15 (file lock + key, as the test fixtures do); returns ``(index, lock file)``."""
+def lease_redis_db(base_url: str, token: str):
+    """Lease a free Redis DB 1..15 for one test session, bench or campaign; returns ``(index, lock file)``.
+
+    The lease is a file lock held as long as the returned file stays open, not only a key: a run that
+    flushes its Redis DB (the redis.flush fault) also deletes the key, and another run would then lease,
+    and flush, a DB still in use. The OS drops the lock when the process ends, however it ends. The key
+    is still set for runs that only know the key. Closing the file gives the DB back.
+    """
     import redis
 
     root = base_url.rsplit("/", 1)[0]
@@ -47,6 +54,7 @@ def _lease_redis_db(base_url: str, token: str):
         except OSError:
             lock.close()
             continue
+        # The URL's own /N would win over a db= argument, so the index goes into the URL.
         client = redis.Redis.from_url(f"{root}/{index}")
         try:
             if client.set(LEASE_KEY, token, nx=True, ex=4 * 3600):
@@ -71,18 +79,18 @@ def private_services(settings, prefix: str = "pulse_matrix"):
                                    "run with --shared on a machine of your own.")
     tag = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = psycopg.conninfo.make_conninfo(settings.database_url, dbname="postgres")
-    redis_url, lock, vhost = None, None, False
+    redis_url, lock, made_vhost = None, None, False
     try:
-        _vhost(tag, create=True)
-        vhost = True
-        index, lock = _lease_redis_db(settings.redis_url, tag)
+        vhost(tag, create=True)
+        made_vhost = True
+        index, lock = lease_redis_db(settings.redis_url, tag)
         redis_url = settings.redis_url.rsplit("/", 1)[0] + f"/{index}"
         yield {"PULSE_DATABASE_URL": psycopg.conninfo.make_conninfo(settings.database_url, dbname=tag),
                "PULSE_AMQP_URL": settings.amqp_url.rsplit("/", 1)[0] + "/" + quote(tag, safe=""),
                "PULSE_REDIS_URL": redis_url, "PULSE_CDC_SLOT": tag, "PULSE_CDC_PUBLICATION": f"{tag}_pub"}
     finally:
-        if vhost:
-            _vhost(tag, create=False)
+        if made_vhost:
+            vhost(tag, create=False)
         if redis_url:
             client = redis.Redis.from_url(redis_url)
             client.flushdb()
