@@ -1,7 +1,7 @@
 """The chaos campaign: checkouts over contended products while faults strike, then every invariant.
 
 ``pulse chaos --orders N --seed S`` starts ``pulse serve`` under a :class:`~pulse.supervise.Supervisor`
-(so crash faults restart it), creates a few fresh products with scarce stock, drives N checkouts from a
+(so crash faults restart it), creates a few fresh products (one with scarce stock), drives N checkouts from a
 thread pool over HTTP while a second thread arms faults at random (each for a moment, most with a cap
 on how often they strike), then disarms everything, waits until every order of the campaign is settled
 (the saga watchdog re-drives what ``consumer.lose`` dropped), reconciles Redis with cooldown 0 and runs
@@ -138,11 +138,16 @@ class Campaign:
         self._drive_over.wait(seconds)
 
     def _create_products(self) -> list[str]:
-        # Scarce on purpose: some checkouts must find the shelf empty.
-        stock = max(3, int(self.orders * 0.8 / self.n_products))
+        # The first product is scarce on purpose: it runs out about a third of the way through, so shoppers
+        # find the shelf empty (and post-payment orders need a refund) while the stock is fought over. The
+        # others have enough for every shopper: when all stock ran out early, the kinds whose turn came late
+        # (consumer.before_ack, payment.*) met only rejected carts, no events, and missed their turn.
+        demand = self.orders * 4 / 3 / self.n_products  # quantities 1, 1 or 2, products chosen evenly
+        scarce = max(3, int(self.orders * 0.15)) if self.n_products > 1 else max(3, int(demand * 0.6))
         ids = []
         with db.connect(self.settings.database_url) as conn, conn.transaction():
             for i in range(self.n_products):
+                stock = scarce if i == 0 else int(demand * 2) + 10
                 pid = str(uuid.uuid4())
                 conn.execute("INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s)",
                              (pid, f"Chaos item {i} ({pid[:8]})", Decimal(10 + 5 * i)))

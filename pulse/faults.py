@@ -260,7 +260,8 @@ class FaultRegistry(NoFaults):
         if self._conn is None or self._conn.closed:
             import psycopg
 
-            self._conn = psycopg.connect(self.database_url, autocommit=True, connect_timeout=3)
+            self._conn = psycopg.connect(self.database_url, autocommit=True, connect_timeout=3,
+                                         application_name=f"pulse-faults-log:{os.getpid()}")
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -408,7 +409,8 @@ def _connect(database_url: str):
 
     # Hooks run on the system's hot paths: a registry query must never hang them.
     return psycopg.connect(database_url, autocommit=True, connect_timeout=5,
-                           options="-c lock_timeout=2s -c statement_timeout=5s")
+                           options="-c lock_timeout=2s -c statement_timeout=5s",
+                           application_name=f"pulse-faults:{os.getpid()}")
 
 
 def from_settings(settings, *, environment: bool = True) -> FaultRegistry:

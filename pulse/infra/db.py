@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 
 import psycopg
@@ -42,6 +43,8 @@ def make_pool(url: str, *, min_size: int = 1, max_size: int = 20, name: str = "p
     pool = ConnectionPool(url, min_size=min_size, max_size=max_size, name=name, open=False,
                           check=ConnectionPool.check_connection,
                           kwargs={"row_factory": dict_row, "connect_timeout": 5,
+                                  # A lock holder or stuck session in pg_stat_activity then names its process.
+                                  "application_name": f"{name}:{os.getpid()}",
                                   # Bounded waits: a lock held by a stuck or leaked transaction fails the handler
                                   # (which is retried) instead of stalling its queue, and the server ends a
                                   # transaction left idle by a client that lost track of it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -99,7 +100,8 @@ class PollingRelay:
             # Bounded waits: a claim stuck behind a lock (DDL of a restarting peer) fails and is retried
             # instead of silently stopping the relay.
             self._conn = db.connect(self.database_url, autocommit=True,
-                                    options="-c lock_timeout=5s -c statement_timeout=30s")
+                                    options="-c lock_timeout=5s -c statement_timeout=30s",
+                                    application_name=f"pulse-relay-polling:{os.getpid()}")
         return self._conn
 
     def _reset(self):
