@@ -92,8 +92,15 @@ class System:
             self._spawn("sweeper", every, s.sweep_interval_s, lambda: sweep_once(self.deps), self.stop)
             self._spawn("reconciler", every, s.reconcile_interval_s, self.reconciler.run_once, self.stop)
             from pulse.orders.watchdog import Watchdog  # issue 4: re-drives sagas whose events were lost
-            watchdog = Watchdog(self.deps)
-            self._spawn("saga-watchdog", every, watchdog.interval_s, watchdog.run_once, self.stop)
+            watchdog = Watchdog(self.deps, depth=broker.QueueDepth(s.amqp_url))
+
+            def watch(stop):
+                try:
+                    every(watchdog.interval_s, watchdog.run_once, stop)
+                finally:
+                    watchdog.close()
+
+            self._spawn("saga-watchdog", watch, self.stop)
             if hasattr(self.deps.faults, "tick"):
                 self._spawn("fault-ticker", every, 0.5, self.deps.faults.tick, self.stop)
 

@@ -347,17 +347,30 @@ class Campaign:
 
     # -- the end --------------------------------------------------------------------------------------
     def _quiesce(self, since, products) -> bool:
-        """Wait until the outbox is empty and every campaign order is settled; False on timeout."""
+        """Wait until the outbox is empty and every campaign order is settled; False once nothing moved for
+        ``quiesce_timeout_s``. The clock restarts whenever fewer orders are left: a large campaign ends with
+        thousands of orders queued behind the faults, and the saga working through them is not a hang."""
+        from tqdm import tqdm
+
         deadline = time.monotonic() + self.quiesce_timeout_s
-        scope = inv.Scope(since=since, products=products)
-        while time.monotonic() < deadline:
-            try:
-                with db.connect(self.settings.database_url, autocommit=True) as conn:
-                    if inv.outbox_drained(conn, scope).passed and inv.orders_terminal(conn, scope).passed:
+        scope, fewest = inv.Scope(since=since, products=products), None
+        with tqdm(desc="settling", unit="order", disable=not self.progress, leave=False) as bar:
+            while time.monotonic() < deadline:
+                try:
+                    with db.connect(self.settings.database_url, autocommit=True) as conn:
+                        drained, settled = inv.outbox_drained(conn, scope), inv.orders_terminal(conn, scope)
+                    if drained.passed and settled.passed:
                         return True
-            except Exception as exc:  # the server restarting is not our failure
-                log.debug("quiescence probe failed: %s", exc)
-            time.sleep(SETTLED_CHECK_S)
+                    left = len(settled.offending)
+                    if fewest is None:
+                        bar.reset(total=left)
+                    if fewest is None or left < fewest:
+                        bar.update((fewest or left) - left)
+                        fewest, deadline = left, time.monotonic() + self.quiesce_timeout_s
+                except Exception as exc:  # the server restarting is not our failure
+                    log.debug("quiescence probe failed: %s", exc)
+                # The probe reads every campaign order: with thousands left, ask less often.
+                time.sleep(SETTLED_CHECK_S if fewest is None or fewest < 1000 else 5 * SETTLED_CHECK_S)
         return False
 
     def _summary(self, since, outcome, quiet, supervisor, duration_s: float) -> dict:

@@ -173,3 +173,42 @@ class ConfirmingPublisher:
                     conn.close()
             except Exception:  # closing a broken connection must not hide the original error
                 pass
+
+
+class QueueDepth:
+    """Messages waiting (ready, not yet handed to a consumer) in some queues, over one lazily opened connection.
+
+    The saga watchdog asks before it re-drives: a backlog means events are still on their way, and re-emitting
+    them would only lengthen the queue it is waiting on.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self._conn = None
+
+    def ready(self, queues) -> int | None:
+        """The sum of ready messages, or None when the broker cannot be asked (then nobody should wait on it)."""
+        for attempt in (1, 2):  # the connection may have died between two calls (heartbeat, broker restart)
+            try:
+                if self._conn is None or not self._conn.is_open:
+                    self._conn = connect(self.url)
+                channel = self._conn.channel()
+                try:
+                    return sum(channel.queue_declare(q, passive=True).method.message_count for q in queues)
+                finally:
+                    if channel.is_open:
+                        channel.close()
+            except (AMQPError, OSError, BrokerUnavailable) as exc:
+                self.close()
+                if attempt == 2:
+                    log.debug("queue depth unknown: %s", exc)
+        return None
+
+    def close(self):
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                if conn.is_open:
+                    conn.close()
+            except Exception:  # closing a broken connection must not hide the original error
+                pass
