@@ -167,12 +167,7 @@ class ConfirmingPublisher:
 
     def close(self):
         conn, self._conn, self._channel = self._conn, None, None
-        if conn is not None:
-            try:
-                if conn.is_open:
-                    conn.close()
-            except Exception:  # closing a broken connection must not hide the original error
-                pass
+        close_quietly(conn)
 
 
 class QueueDepth:
@@ -206,9 +201,13 @@ class QueueDepth:
 
     def close(self):
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                if conn.is_open:
-                    conn.close()
-            except Exception:  # closing a broken connection must not hide the original error
-                pass
+        close_quietly(conn)
+
+
+def close_quietly(conn) -> None:
+    if conn is not None:
+        try:
+            if conn.is_open:
+                conn.close()
+        except Exception:  # closing a broken connection must not hide the original error
+            pass

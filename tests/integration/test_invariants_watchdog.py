@@ -18,17 +18,7 @@ def test_a_lost_event_is_re_driven_and_every_invariant_holds(settings, make_syst
     since = dt.datetime.now(dt.timezone.utc)
     system = make_system(workers=True)
     product = new_product(stock=5)
-    faults.arm(settings.database_url, "consumer.lose", queue="payment.queue", max=1)
-    time.sleep(0.7)
-    try:
-        user = uuid.uuid4()
-        system.carts.add_item(user, uuid.UUID(product), 1)
-        order_id = uuid.UUID(system.orders.create(user, f"k-{user}")["orderId"])
-        wait_for(lambda: system.orders.get(order_id)["inventoryStatus"] == "RESERVED", 20, message="reserved")
-        time.sleep(1.0)
-        assert system.orders.get(order_id)["status"] == "PROCESSING"  # STOCK_RESERVED never reached payment
-    finally:
-        faults.disarm(settings.database_url)
+    order_id = order_with_a_lost_event(settings, system, product)
     result = Watchdog(system.deps, deadline_s=0.5).run_once()
     # Earlier tests of the session may leave other orders to re-drive (say, a cart nobody cleared): look at ours.
     assert result["redriven"].get("STOCK_RESERVED", 0) >= 1
@@ -42,6 +32,22 @@ def test_a_lost_event_is_re_driven_and_every_invariant_holds(settings, make_syst
     assert [r.to_dict() for r in results if not r.passed] == []
     delivery = next(r for r in results if r.name == "delivery")
     assert delivery.data["lostByInjection"] == 1
+
+
+def order_with_a_lost_event(settings, system, product: str) -> uuid.UUID:
+    """An order whose STOCK_RESERVED a consumer.lose fault dropped on its way to payment: stalled in PROCESSING."""
+    faults.arm(settings.database_url, "consumer.lose", queue="payment.queue", max=1)
+    time.sleep(0.7)  # the workers' registry refreshes every 0.5 s
+    try:
+        user = uuid.uuid4()
+        system.carts.add_item(user, uuid.UUID(product), 1)
+        order_id = uuid.UUID(system.orders.create(user, f"k-{user}")["orderId"])
+        wait_for(lambda: system.orders.get(order_id)["inventoryStatus"] == "RESERVED", 20, message="reserved")
+        time.sleep(1.0)
+        assert system.orders.get(order_id)["status"] == "PROCESSING"  # STOCK_RESERVED never reached payment
+    finally:
+        faults.disarm(settings.database_url)
+    return order_id
 
 
 def _outbox_empty(system):

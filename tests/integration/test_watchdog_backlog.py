@@ -1,15 +1,14 @@
 """The saga watchdog holds back while events are still queued, and re-drives once the queues are drained."""
 
-import time
 import uuid
 
 import pika
 import pytest
 
-from pulse import faults
 from pulse.infra import broker
 from pulse.orders.watchdog import Watchdog
 from tests.conftest import wait_for
+from tests.integration.test_invariants_watchdog import order_with_a_lost_event
 
 pytestmark = pytest.mark.integration
 
@@ -49,18 +48,7 @@ def test_queue_depth_counts_ready_messages_on_the_real_broker(settings):
 
 def test_a_stalled_order_waits_for_the_backlog_then_is_re_driven(settings, make_system, new_product):
     system = make_system(workers=True)
-    product = new_product(stock=5)
-    faults.arm(settings.database_url, "consumer.lose", queue="payment.queue", max=1)
-    time.sleep(0.7)
-    try:
-        user = uuid.uuid4()
-        system.carts.add_item(user, uuid.UUID(product), 1)
-        order_id = uuid.UUID(system.orders.create(user, f"k-{user}")["orderId"])
-        wait_for(lambda: system.orders.get(order_id)["inventoryStatus"] == "RESERVED", 20, message="reserved")
-        time.sleep(1.0)
-        assert system.orders.get(order_id)["status"] == "PROCESSING"  # STOCK_RESERVED never reached payment
-    finally:
-        faults.disarm(settings.database_url)
+    order_id = order_with_a_lost_event(settings, system, new_product(stock=5))
 
     depth = Depth(ready=40)
     watchdog = Watchdog(system.deps, deadline_s=0.5, depth=depth)
