@@ -41,7 +41,8 @@ WHERE o.updated_at < now() - make_interval(secs => %(deadline)s)
   AND (w.redriven_at IS NULL OR w.redriven_at < now() - make_interval(secs => %(deadline)s * LEAST(w.attempts, 5)))
   AND NOT (o.status = 'COMPLETED' AND v.display_status = 'COMPLETED' AND r.status = 'RESERVED'
            AND pay.status = 'SUCCESS' AND NOT """ + CART_LEFT + """)
-ORDER BY o.updated_at
+  AND (%(after_t)s::timestamptz IS NULL OR (o.updated_at, o.id) > (%(after_t)s::timestamptz, %(after_id)s::uuid))
+ORDER BY o.updated_at, o.id
 LIMIT %(limit)s
 """
 
@@ -96,12 +97,12 @@ class Watchdog:
     """Finds stalled sagas and re-drives them; ``run_once()`` is one pass, the server runs it periodically."""
 
     def __init__(self, deps, *, deadline_s: float | None = None, interval_s: float | None = None,
-                 lookback_s: float = 86400.0, limit: int = 500, depth=None):
+                 lookback_s: float = 86400.0, limit: int = 500, max_pages: int = 40, depth=None):
         env = os.environ
         self.deps, self.depth = deps, depth
         self.deadline_s = float(deadline_s if deadline_s is not None else env.get("PULSE_WATCHDOG_DEADLINE_S", 30))
         self.interval_s = float(interval_s if interval_s is not None else env.get("PULSE_WATCHDOG_INTERVAL_S", 5))
-        self.lookback_s, self.limit = lookback_s, limit
+        self.lookback_s, self.limit, self.max_pages = lookback_s, limit, max_pages
         self.redriven: collections.Counter = collections.Counter()
 
     def run_once(self) -> dict:
@@ -114,18 +115,30 @@ class Watchdog:
             # A lost event is found once the queues are drained.
             log.info("saga watchdog waits: %s", waiting)
             return {"examined": 0, "redriven": {}, "deferred": waiting}
-        with self.deps.pool.connection() as conn:
-            rows = conn.execute(CANDIDATES, {"deadline": self.deadline_s, "lookback": self.lookback_s,
-                                             "limit": self.limit}).fetchall()
         emitted: collections.Counter = collections.Counter()
-        for row in rows:
-            event = next_event(row)
-            if event is not None and self._redrive(row, event):
-                emitted[str(event.value)] += 1
+        examined, after = 0, (None, None)
+        # Every candidate, a page at a time: settled FAILED orders stay candidates (telling them from a FAILED
+        # order whose refund is pending takes next_event), and with one page of the oldest only, a campaign's
+        # first 500 failures hid every order that stalled after them.
+        for _ in range(self.max_pages):
+            with self.deps.pool.connection() as conn:
+                rows = conn.execute(CANDIDATES, {"deadline": self.deadline_s, "lookback": self.lookback_s,
+                                                 "limit": self.limit, "after_t": after[0],
+                                                 "after_id": after[1]}).fetchall()
+            examined += len(rows)
+            for row in rows:
+                event = next_event(row)
+                if event is not None and self._redrive(row, event):
+                    emitted[str(event.value)] += 1
+            if len(rows) < self.limit:
+                break
+            after = (rows[-1]["updated_at"], rows[-1]["id"])
+        else:
+            log.warning("saga watchdog stopped after %d orders; the newest were not examined this run", examined)
         self.redriven.update(emitted)
         if emitted:
             log.warning("saga watchdog re-drove %d stalled order(s): %s", sum(emitted.values()), dict(emitted))
-        return {"examined": len(rows), "redriven": dict(emitted)}
+        return {"examined": examined, "redriven": dict(emitted)}
 
     def backlog(self) -> str | None:
         """Why re-driving now would be premature (events still on their way), or None."""

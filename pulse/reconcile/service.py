@@ -8,7 +8,7 @@ import uuid
 
 import redis
 
-from pulse.infra import keys
+from pulse.infra import db, keys
 
 log = logging.getLogger(__name__)
 # A hash: reconciler instance id → epoch of its last run. One field per instance, because several
@@ -43,7 +43,10 @@ class Reconciler:
         cooldown = 0.0 if naive else (self.deps.settings.reconcile_cooldown_s if cooldown_s is None else cooldown_s)
         full = full or naive or self.upper is None or not self._marked()
         lower = None if full else self.upper
-        with self.deps.pool.connection() as conn:
+        # Autocommit: the pass only reads, each read has its own snapshot anyway (READ COMMITTED), and a
+        # transaction held open across a 1M-product pass's Redis writes ran into the pool's
+        # idle_in_transaction_session_timeout on a loaded machine.
+        with db.autocommit(self.deps.pool) as conn:
             upper = conn.execute("SELECT now() - make_interval(secs => %s) AS t", (cooldown,)).fetchone()["t"]
             fixes = self._reconcile(conn, lower, upper, full)
         self.upper = upper

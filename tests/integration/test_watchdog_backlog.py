@@ -75,3 +75,19 @@ def test_events_stuck_in_the_outbox_hold_the_watchdog_back(settings, system):
     finally:
         with system.deps.pool.connection() as conn:
             conn.execute("DELETE FROM shared.outbox WHERE created_at < now() - interval '30 minutes'")
+
+
+def test_every_page_of_candidates_is_examined(settings, make_system, new_product):
+    # Settled FAILED orders stay candidates; with one page of the oldest only, a long run's early failures
+    # hid every order that stalled after them. A page of one here: the two stalled orders sit on two pages.
+    system = make_system(workers=True)
+    product = new_product(stock=5)
+    stalled = [order_with_a_lost_event(settings, system, product) for _ in range(2)]
+    result = Watchdog(system.deps, deadline_s=0.5, limit=1, depth=Depth(ready=0)).run_once()
+    assert result["examined"] >= 2
+    with system.deps.pool.connection() as conn:
+        redriven = {r["order_id"] for r in conn.execute(
+            "SELECT order_id FROM infra.saga_redrives WHERE order_id = ANY(%s)", (stalled,)).fetchall()}
+    assert redriven == set(stalled)
+    for order_id in stalled:
+        wait_for(lambda: system.orders.get(order_id)["displayStatus"] == "COMPLETED", 20, message="re-driven")
