@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pika
 from psycopg.conninfo import conninfo_to_dict
@@ -46,22 +47,42 @@ def pgbench_tps(p, *, concurrency: int, duration_s: float) -> dict:
             "command": " ".join(command[:1] + command[7:-1]) + " <private db>", "cpu": cpu.result()}
 
 
-def serve(p, *, strategy="optimistic", outbox_mode="polling", extra_env=None, log=None) -> ServeProcess:
-    """A ``pulse serve`` on the private services, not started yet: use it in ``with`` (which starts it once)."""
+def serve(p, *, strategy="optimistic", outbox_mode="polling", extra_env=None, log=None,
+          api_processes: int = 0) -> ServeProcess:
+    """A ``pulse serve`` on the private services, not started yet: use it in ``with`` (which starts it once).
+
+    ``api_processes`` > 0 runs the API in that many child processes (``--processes``), the workers in the parent.
+    """
     env = {**p.env, "PULSE_OUTBOX_MODE": outbox_mode, **(extra_env or {})}
-    return ServeProcess(strategy=strategy, outbox_mode=outbox_mode, env=env, log_path=log)
+    args = ("--processes", str(api_processes)) if api_processes else ()
+    return ServeProcess(strategy=strategy, outbox_mode=outbox_mode, env=env, log_path=log, args=args)
 
 
-def cart_adds(p, *, concurrency: int, duration_s: float, log=None) -> dict:
+def server_pids(server: ServeProcess) -> dict[int, str]:
+    """The server's pid and its API children's (``--processes``), all counted as "pulse serve" by CpuMeter."""
+    pids = {server.proc.pid: "pulse serve"}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == server.proc.pid:
+                pids[int(entry.name)] = "pulse serve"
+    return pids
+
+
+def cart_adds(p, *, concurrency: int, duration_s: float, log=None, api_processes: int = 0) -> dict:
     """Closed-loop cart adds only (one add per session, never ordering) through the HTTP API."""
-    with serve(p, log=log) as server:
+    with serve(p, log=log, api_processes=api_processes) as server:
         products = run_load(server.url, concurrency=concurrency, duration_s=1.5, mix="adds=1,abandon=1",
                             track="off", progress=False)  # warm-up: connections, prepared statements, Lua
-        with CpuMeter({server.proc.pid: "pulse serve"}) as cpu:
+        with CpuMeter(server_pids(server)) as cpu:
             r = run_load(server.url, concurrency=concurrency, duration_s=duration_s, mix="adds=1,abandon=1",
                          track="off", progress=False, products=products["products"])
-    return {"cart_adds_per_s": r["cart_adds_per_s"], "latency_ms": r["latency_ms"], "requests": r["requests"],
-            "server_errors": r["server_errors"], "cpu": cpu.result()}
+    return {"cart_adds_per_s": r["cart_adds_per_s"], "api_processes": max(1, api_processes),
+            "latency_ms": r["latency_ms"], "requests": r["requests"], "server_errors": r["server_errors"],
+            "cpu": cpu.result()}
 
 
 # --- reservations through the Python Redis layer vs redis-benchmark EVALSHA -----------------------------------
@@ -253,21 +274,22 @@ def _wait_relay_ready(url: str, received: dict, timeout_s: float) -> None:
 # --- end to end -------------------------------------------------------------------------------------------------
 
 
-def end_to_end(p, *, strategy: str, outbox_mode: str, concurrency: int, duration_s: float, log=None) -> dict:
+def end_to_end(p, *, strategy: str, outbox_mode: str, concurrency: int, duration_s: float, log=None,
+               api_processes: int = 0) -> dict:
     """Saturation (closed loop) gives the sustained checkouts/s; half that rate (open loop) gives the latency."""
     p.purge_queues()  # a previous configuration's late messages must not reach this one's handlers
-    with serve(p, strategy=strategy, outbox_mode=outbox_mode, log=log) as server:
+    with serve(p, strategy=strategy, outbox_mode=outbox_mode, log=log, api_processes=api_processes) as server:
         warm = run_load(server.url, concurrency=4, duration_s=1.5, track="db", progress=False,
                         database_url=p.settings.database_url)
         products = warm["products"]
-        with CpuMeter({server.proc.pid: "pulse serve"}) as cpu:
+        with CpuMeter(server_pids(server)) as cpu:
             sat = run_load(server.url, concurrency=concurrency, duration_s=duration_s, track="db", progress=False,
                            database_url=p.settings.database_url, products=products, complete_timeout_s=120)
         sustained = sat["completion"]["sustained_per_s"] or 0.0
         half = max(1.0, round(sustained / 2, 1))
         low = run_load(server.url, rate=half, duration_s=duration_s, track="db", progress=False,
                        database_url=p.settings.database_url, products=products, complete_timeout_s=60)
-    return {"strategy": strategy, "outbox_mode": outbox_mode,
+    return {"strategy": strategy, "outbox_mode": outbox_mode, "api_processes": api_processes,
             "saturation": _brief(sat), "sustained_checkouts_per_s": sustained, "half_load_rate": half,
             "half_load": _brief(low), "p50_ms": low["completion"]["latency_ms"]["p50"],
             "p99_ms": low["completion"]["latency_ms"]["p99"], "cpu_at_saturation": cpu.result()}

@@ -42,12 +42,16 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--mix", default="adds=2,abandon=0", help="adds=1,abandon=1 profiles cart adds alone")
+    ap.add_argument("--outbox-mode", default="polling", choices=("polling", "cdc"))
+    ap.add_argument("--strategy", default="optimistic", choices=("optimistic", "post-payment"))
+    ap.add_argument("--idle", action="store_true", help="add py-spy --idle: also threads waiting (not holding the GIL)")
     args = ap.parse_args()
     out = ROOT / "bench" / "results" / f"profile-{time.strftime('%Y%m%dT%H%M%S')}.folded"
-    with Private() as p, measure.serve(p) as server:
+    with Private() as p, measure.serve(p, strategy=args.strategy, outbox_mode=args.outbox_mode) as server:
         products = run_load(server.url, concurrency=4, duration_s=1.5, progress=False, track="off")["products"]
         spy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-p", str(server.proc.pid),
-                                "-d", str(args.seconds + 1), "-r", "100", "--gil", "--format", "raw", "-o", str(out)],
+                                "-d", str(args.seconds + 1), "-r", "100", *(["--idle"] if args.idle else ["--gil"]),
+                                "--threads", "--format", "raw", "-o", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)
         with CpuMeter({server.proc.pid: "pulse serve"}) as cpu:

@@ -25,6 +25,10 @@ def rows(r: dict) -> list[tuple[str, str, str, str, str]]:
         ("Cart adds through the API (closed loop)", _fmt(r["cart_adds_per_s"], "/s"),
          "`pgbench -N`, same concurrency", _fmt(r["pgbench_tps"], " TPS"),
          _fmt(ratio["cart_adds_vs_pgbench"]) + " " + _why(r, "cart_adds_per_s")),
+        ("Cart adds, API on 2 processes (`pulse serve --processes 2`)",
+         _fmt(r.get("cart_adds_per_s_2_api_processes"), "/s"), "`pgbench -N`, same concurrency",
+         _fmt(r["pgbench_tps"], " TPS"), _fmt(ratio.get("cart_adds_2_api_processes_vs_pgbench")) + " "
+         + _why(r, "cart_adds_per_s_2_api_processes")),
         ("Reservations via CartService.reserve (4 threads)", _fmt(r["python_reservations_per_s"], "/s"),
          "`redis-benchmark` EVALSHA reserve_stock, -c 4", _fmt(r["redis_benchmark_evalsha_per_s"], "/s"),
          _fmt(ratio["reservations_vs_redis_benchmark"])),

@@ -48,6 +48,10 @@ def queue_handlers(strategy: str) -> dict[str, dict[str, object]]:
     return {q: {str(e.value): h for e, h in hs.items() if e in bound[q]} for q, hs in table.items()}
 
 
+# Queues whose batches touch shared rows: the consumer takes those rows' locks up front, in one order.
+BATCH_PRELOCKS = {"inventory.queue": inventory.lock_batch}
+
+
 @dataclasses.dataclass
 class System:
     """Everything one process runs: services for the API, and the background workers."""
@@ -85,7 +89,7 @@ class System:
                     pool = None if queue == "payment.queue" else self.deps.pool
                     c = Consumer(s.amqp_url, queue, make_dispatch(hs), stop=self.stop, prefetch=s.consumer_prefetch,
                                  retries=s.handler_retries, faults=self.deps.faults, name=f"consumer:{queue}:{n}",
-                                 pool=pool)
+                                 pool=pool, prelock=BATCH_PRELOCKS.get(queue))
                     c.start()
                     self.threads.append(c)
         if schedulers:

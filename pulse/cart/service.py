@@ -47,7 +47,7 @@ class Catalogue:
             else:
                 missing.append(pid)
         if missing:
-            with self.pool.connection() as conn:
+            with db.autocommit(self.pool) as conn:
                 rows = conn.execute("SELECT id, name, base_price FROM inventory.products WHERE id = ANY(%s::uuid[])",
                                     (missing,)).fetchall()
             for r in rows:
@@ -181,7 +181,7 @@ class CartService:
             raise NotFound(f"Product {product_id} does not exist.")
 
     def _db_stock(self, product_id) -> int:
-        with self.deps.pool.connection() as conn:
+        with db.autocommit(self.deps.pool) as conn:
             row = conn.execute("SELECT available_quantity FROM inventory.inventory_items WHERE product_id = %s",
                                (product_id,)).fetchone()
         return 0 if row is None else row["available_quantity"]

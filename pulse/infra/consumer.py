@@ -25,13 +25,19 @@ class Consumer(threading.Thread):
     """
 
     def __init__(self, url: str, queue: str, dispatch, *, stop: threading.Event, prefetch: int = 50,
-                 retries: int = 5, faults=None, name: str | None = None, pool=None, batch: int = 50):
+                 retries: int = 5, faults=None, name: str | None = None, pool=None, batch: int = 50,
+                 prelock=None):
         super().__init__(name=name or f"consumer:{queue}", daemon=True)
         self.url, self.queue, self.dispatch = url, queue, dispatch
         self.stop, self.prefetch, self.retries = stop, prefetch, retries
         self.faults = faults
         # With a pool, messages already prefetched are handled together in one transaction (see _process_batch).
         self.pool, self.batch = pool, max(1, min(batch, prefetch or batch))
+        # prelock(conn, envelopes): takes, in one fixed order, the row locks the batch's handlers will take in
+        # message order. Without it two batches (two processes, or two threads) that touch the same rows in
+        # different orders deadlock, and PostgreSQL only notices after deadlock_timeout (1 s): the scaling
+        # bench fell from 0.92x to 0.13x on that with 20 hot products.
+        self.prelock = prelock
         self.batches = 0
         self.handled = 0
         self.dead_lettered = 0
@@ -46,6 +52,9 @@ class Consumer(threading.Thread):
                 log.warning("%s: broker connection lost (%s); reconnecting in %.1fs", self.name, exc, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+        # How well batching worked (messages per transaction) is the first thing to know about a slow queue.
+        log.info("%s: handled %d messages in %d batches, %d dead-lettered", self.name, self.handled, self.batches,
+                 self.dead_lettered)
 
     def _consume(self):
         conn = broker.connect(self.url)
@@ -115,19 +124,24 @@ class Consumer(threading.Thread):
             self._process(channel, *taken[0])
             return
         done, failed, settled = [], [], set()  # settled: acked inside the batch (lost or dead-lettered)
+        parsed = []
+        for method, props, body in taken:
+            if self.faults is not None and self.faults.lose_message(self.queue, event_id=props.message_id):
+                channel.basic_ack(method.delivery_tag)  # the lab's "lost event": acked, never handled
+                settled.add(method.delivery_tag)
+                continue
+            try:
+                parsed.append((method, props, body, Envelope.from_json(body)))
+            except MalformedEnvelope as exc:
+                self._dead_letter(channel, method, props, body, str(exc))
+                settled.add(method.delivery_tag)
+        if not parsed:
+            return
         try:
             with db.batch(self.pool) as current:
-                for method, props, body in taken:
-                    if self.faults is not None and self.faults.lose_message(self.queue, event_id=props.message_id):
-                        channel.basic_ack(method.delivery_tag)  # the lab's "lost event": acked, never handled
-                        settled.add(method.delivery_tag)
-                        continue
-                    try:
-                        envelope = Envelope.from_json(body)
-                    except MalformedEnvelope as exc:
-                        self._dead_letter(channel, method, props, body, str(exc))
-                        settled.add(method.delivery_tag)
-                        continue
+                if self.prelock is not None:
+                    self.prelock(current.conn, [envelope for *_, envelope in parsed])
+                for method, props, body, envelope in parsed:
                     current.callbacks = []
                     try:
                         self.dispatch(envelope)

@@ -55,6 +55,17 @@ def _take(conn, items: list[dict]) -> None:
         raise OutOfStock(shortages)
 
 
+def lock_batch(conn, envelopes) -> None:
+    """A consumer batch's pre-lock (see Consumer.prelock): the inventory rows of every order in the batch, in
+    product order, before any handler runs. The handlers then only re-take locks they hold, so two inventory
+    consumers (two `pulse serve` processes) queue behind each other instead of deadlocking."""
+    ids = sorted({str(item["productId"]) for e in envelopes for item in (e.payload.get("items") or [])
+                  if isinstance(item, dict) and item.get("productId")})
+    if ids:
+        conn.execute("SELECT 1 FROM inventory.inventory_items WHERE product_id = ANY(%s::uuid[]) "
+                     "ORDER BY product_id FOR UPDATE", (ids,))
+
+
 def on_reserve(deps, envelope) -> None:
     """ORDER_CREATED (optimistic) or PAYMENT_PROCESSED (post-payment): reserve the order's items."""
     p = envelope.payload
@@ -96,7 +107,7 @@ def on_restock(deps, envelope) -> None:
                                    "AND status = 'RESERVED' FOR UPDATE", (p["orderId"],)).fetchone()
         if reservation is None:
             return  # nothing was taken for this order (e.g. the payment failed before any reservation)
-        for item in reservation["items"]:
+        for item in sorted(reservation["items"], key=lambda i: i["productId"]):  # the reservers' lock order
             # An increment needs no version check, but bumping the version makes concurrent
             # reservers that read the old quantity retry instead of overwriting it.
             conn.execute("UPDATE inventory.inventory_items SET available_quantity = available_quantity + %s, "

@@ -87,7 +87,7 @@ class OrderService:
         return response
 
     def _stored_response(self, idempotency_key: str, user_id) -> dict | None:
-        with self.deps.pool.connection() as conn:
+        with db.autocommit(self.deps.pool) as conn:  # one statement: no BEGIN/COMMIT round trips around it
             row = conn.execute("SELECT response_body, user_id FROM orders.idempotency_records WHERE key = %s",
                                (idempotency_key,)).fetchone()
         if row is None:
@@ -98,7 +98,7 @@ class OrderService:
 
     def get(self, order_id: uuid.UUID) -> dict:
         """The order with its display status from the CQRS view (null until the view has caught up)."""
-        with self.deps.pool.connection() as conn:
+        with db.autocommit(self.deps.pool) as conn:
             row = conn.execute(
                 "SELECT o.*, v.display_status FROM orders.orders o "
                 "LEFT JOIN orders.order_views v ON v.order_id = o.id WHERE o.id = %s", (order_id,)).fetchone()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pulse.events import EventType as E
-from pulse.infra import inbox, outbox
+from pulse.infra import db, inbox, outbox
 
 
 def on_charge(deps, envelope) -> None:
@@ -15,7 +15,7 @@ def on_charge(deps, envelope) -> None:
     """
     p = envelope.payload
     order_id = p["orderId"]
-    with deps.pool.connection() as conn:
+    with db.autocommit(deps.pool) as conn:  # one read: no BEGIN/COMMIT round trips around it
         if conn.execute("SELECT 1 FROM payment.payments WHERE order_id = %s", (order_id,)).fetchone():
             _claim_only(deps, envelope)
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import pytest
@@ -108,3 +109,46 @@ def test_a_version_conflict_is_retried_and_then_gives_up(system, new_product, db
     assert db.execute("SELECT 1 FROM inventory.inbox WHERE event_id = %s", (event.id,)).fetchone() is None
     reserve(event)  # without interference the redelivery goes through
     assert db_stock(db, product) == 4
+
+
+def test_two_batches_taking_the_same_products_in_opposite_orders_do_not_deadlock(system, new_product, db,
+                                                                                  tidy_outbox):
+    """Two inventory consumers (two `pulse serve` processes) whose batches hold orders for the same products in
+    opposite orders: the batch pre-lock takes the rows in product order, so the second batch waits for the first
+    instead of deadlocking (PostgreSQL would only break that after deadlock_timeout, 1 s per deadlock)."""
+    from pulse.infra import db as pulse_db
+    from pulse.inventory.handlers import lock_batch
+
+    p1, p2 = new_product(stock=10), new_product(stock=10)
+    reserve = system.handlers()["inventory.queue"]["ORDER_CREATED"]
+
+    def order(product):
+        o = str(uuid.uuid4())
+        tidy_outbox.append(o)
+        return envelope("ORDER_CREATED", {"orderId": o, "userId": str(uuid.uuid4()), "strategy": "OPTIMISTIC",
+                                          "totalPrice": "10.00", "items": [{"productId": product, "quantity": 1}]})
+
+    batches = {"a": [order(p1), order(p2)], "b": [order(p2), order(p1)]}
+    a_holds_first, errors = threading.Event(), []
+
+    def consume(name):
+        try:
+            if name == "b":
+                a_holds_first.wait(10)
+            with pulse_db.batch(system.deps.pool) as current:
+                lock_batch(current.conn, batches[name])
+                for i, e in enumerate(batches[name]):
+                    reserve(e)
+                    if name == "a" and i == 0:
+                        a_holds_first.set()
+                        time.sleep(0.3)  # b starts its batch now, holding p2 first without the pre-lock
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=consume, args=(n,)) for n in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert db_stock(db, p1) == 8 and db_stock(db, p2) == 8
