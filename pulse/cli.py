@@ -41,11 +41,7 @@ def cmd_serve(args) -> int:
     if args.processes and "api" in roles:
         return _serve_api_processes(args, roles)
     system = bootstrap.build(settings)
-    workers = roles & {"workers", "relay", "consumers", "schedulers"}
-    if workers:
-        every = "workers" in roles
-        system.start_workers(relay=every or "relay" in roles, consumers=every or "consumers" in roles,
-                             schedulers=every or "schedulers" in roles)
+    _start_workers(system, roles)
     log.info("pulse serve: strategy=%s outbox=%s roles=%s", settings.strategy, settings.outbox_mode, args.role)
     try:
         if "api" in roles:
@@ -72,6 +68,14 @@ def cmd_serve(args) -> int:
     finally:
         system.close()
     return 0
+
+
+def _start_workers(system, roles: set[str]) -> None:
+    """Start the background workers the roles ask for (``workers`` means relay, consumers and schedulers)."""
+    if roles & {"workers", "relay", "consumers", "schedulers"}:
+        every = "workers" in roles
+        system.start_workers(relay=every or "relay" in roles, consumers=every or "consumers" in roles,
+                             schedulers=every or "schedulers" in roles)
 
 
 def _serve_api_processes(args, roles: set[str]) -> int:
@@ -107,9 +111,7 @@ def _serve_api_processes(args, roles: set[str]) -> int:
             from pulse import bootstrap
 
             system = bootstrap.build(_settings(args))
-            every = "workers" in rest
-            system.start_workers(relay=every or "relay" in rest, consumers=every or "consumers" in rest,
-                                 schedulers=every or "schedulers" in rest)
+            _start_workers(system, rest)
         log.info("pulse serve: %d API processes (pids %s), roles here: %s", len(children),
                  ", ".join(str(c.pid) for c in children), ",".join(sorted(rest)) or "none")
         while not stop.is_set():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from pulse.faults import naive_on
 from pulse.infra import db
 
 
@@ -19,7 +20,7 @@ class Deps:
 
     def naive(self, name: str) -> bool:
         """True when the lab switched this pattern off (``PULSE_NAIVE`` or a fault-registry switch)."""
-        return name in self.settings.naive or self.faults.naive(name)
+        return naive_on(name, self.settings.naive, self.faults)
 
     def transaction(self):
         """A handler's transaction: a savepoint inside its consumer's batch, else a transaction of its own."""

@@ -56,6 +56,15 @@ class UnknownFault(Invalid):
     """A fault name, action or parameter that the registry does not accept."""
 
 
+def naive_on(name: str, configured, faults) -> bool:
+    """A naive switch is on when configured at start (``PULSE_NAIVE``) or switched on at run time in the registry
+    (``faults`` may be None, or a test's bare hook without switches)."""
+    if name in configured:
+        return True
+    switch = getattr(faults, "naive", None)
+    return switch is not None and switch(name)
+
+
 class NoFaults:
     """The production registry: no fault is ever armed, no naive switch is on."""
 

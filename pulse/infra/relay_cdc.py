@@ -46,7 +46,7 @@ from psycopg import pq, sql
 from psycopg.conninfo import make_conninfo
 
 from pulse.events import Envelope
-from pulse.faults import FaultInjected
+from pulse.faults import FaultInjected, naive_on
 from pulse.infra import broker, db, pgoutput
 from pulse.infra.relay_polling import publish_unconfirmed
 
@@ -401,10 +401,7 @@ class CdcRelay:
                 del self._undeleted[event_id]  # deleted by someone else (a sweep, an operator): nothing to do
 
     def _naive(self) -> bool:
-        if "publish-no-confirm" in self.settings.naive:
-            return True
-        switch = getattr(self.faults, "naive", None)  # a test's bare fault hook may have no switches
-        return switch is not None and switch("publish-no-confirm")
+        return naive_on("publish-no-confirm", self.settings.naive, self.faults)
 
     def _relay_unconfirmed(self, conn, transactions, envelopes) -> int:
         """The lab's naive mode (issue 4, ``publish-no-confirm``): hand the events to the client library, delete

@@ -10,7 +10,7 @@ import time
 import pika
 import psycopg
 
-from pulse.faults import FaultInjected
+from pulse.faults import FaultInjected, naive_on
 from pulse.infra import broker, db
 from pulse.infra.outbox import envelope_of
 
@@ -92,8 +92,7 @@ class PollingRelay:
         self.publisher.close()
 
     def _naive(self) -> bool:
-        return "publish-no-confirm" in self.naive or (self.faults is not None
-                                                      and self.faults.naive("publish-no-confirm"))
+        return naive_on("publish-no-confirm", self.naive, self.faults)
 
     def _connection(self):
         if self._conn is None or self._conn.closed:
