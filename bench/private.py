@@ -88,12 +88,13 @@ class Private:
 
     def purge_queues(self) -> None:
         """Delete the project's queues in the private vhost (leftovers of a previous run); servers re-declare them."""
+        from pulse import topology
         from pulse.infra import broker
 
         conn = broker.connect(self.settings.amqp_url)
         try:
             channel = conn.channel()
-            for queue in broker.QUEUES:
+            for queue in topology.QUEUES:
                 channel.queue_delete(queue)  # idempotent in RabbitMQ: a missing queue is not an error
                 channel.queue_delete(broker.dead_letter_queue(queue))
         finally:

@@ -84,11 +84,12 @@ in one atomic step. The cart itself is the hash `cart:{user}`; `cart:cleanup:que
     code("user = lab.client.new_user()\nlab.client.add_item(user, IPHONE, 1)\n"
          "r = lab.redis()\nsorted(k for k in r.scan_iter(match='*') if k.split(':')[0] in ('stock', 'reserved', 'cart'))"),
     code("{'stock': r.get(f'stock:{IPHONE}'), 'reserved': r.get(f'reserved:{IPHONE}'), 'cart': r.hgetall(f'cart:{user}')}"),
-    md("## The broker: one exchange, five queues\nEach queue is bound to the events its module reacts to. "
-       "The bindings depend on the saga strategy."),
-    code("from pulse.infra import broker\n"
-         "pd.DataFrame([(q, ', '.join(e.value for e in events)) for q, events in "
-         "broker.BINDINGS[lab.settings.strategy].items()], columns=['queue', 'events'])"),
+    md("## The broker: one exchange, five queues\nEach queue is bound to every event its module may react to, "
+       "for orders of either strategy. Which events a module acts on depends on the order's strategy, "
+       "recorded with the order (`pulse/topology.py` declares it all in one table):"),
+    code("from pulse import topology\n"
+         "pd.DataFrame([(q, ', '.join(events)) for q, events in "
+         "topology.handled_events(lab.settings.strategy_name).items()], columns=['queue', 'events'])"),
     md("""## One checkout
 `POST /api/orders` writes the order **and** its `ORDER_CREATED` event into the outbox in one transaction.
 The relay publishes the outbox; each module records the event id in its **inbox** in the same transaction
@@ -122,7 +123,7 @@ Same events, different order — and different compensations when something fail
     md("Read the broker lane top to bottom: which module reacted to which event, and in what order?"),
     code("optimistic[optimistic.stage == 'broker'][['eventType', 'at']]"),
     md("## Post-payment: ORDER_CREATED → PAYMENT_PROCESSED → STOCK_RESERVED → COMPLETED\n"
-       "`switch` restarts the server under the other strategy; the broker's bindings change with it."),
+       "`switch` restarts the server; new orders take the new strategy, orders in flight finish under their own."),
     code("lab.switch(strategy='post-payment')\norders['post-payment'] = lab.checkout({IPHONE: 1})\n"
          "post = sc.show_sequence(lab, orders['post-payment']['orderId'], 'post-payment')"),
     code("post[post.stage == 'broker'][['eventType', 'at']]"),

@@ -62,7 +62,8 @@ def my_on_restock(deps, envelope):
     with db.transaction(deps.pool) as conn:
         # 1. inbox.claim(conn, "inventory.inbox", envelope.id) — return if already handled
         # 2. read this order's RESERVED reservation (FOR UPDATE)
-        # 3. add its quantities back, mark it RELEASED, outbox.append(... STOCK_RELEASED ...)
+        # 3. add its quantities back, mark it RELEASED, outbox.append(... STOCK_RELEASED ...) with a payload
+        #    that carries the order's "strategy" (p["strategy"]): every module acts on an event by it
         raise NotImplementedError("write the restock")'''),
     ("code", "if USE_REFERENCE_SOLUTION:\n    namespace = {}\n    exec(workshop.solution('compensation.py'), namespace)\n"
              "    on_restock = namespace['on_restock']\nelse:\n    on_restock = my_on_restock"),

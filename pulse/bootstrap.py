@@ -3,53 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import threading
 
-from pulse import config
+from pulse import config, topology
 from pulse.cart.service import CartService
 from pulse.cart.sweeper import sweep_once
 from pulse.deps import Deps
-from pulse.events import EventType as E
 from pulse import faults as fault_registry
 from pulse.infra import broker, db, redis_scripts
-from pulse.infra.consumer import Consumer, make_dispatch
-from pulse.inventory import handlers as inventory
+from pulse.infra.consumer import Consumer
 from pulse.inventory.products import ProductService
-from pulse.orders import handlers as orders
 from pulse.orders.service import OrderService
-from pulse.payment import handlers as payment
 from pulse.payment.provider import SimulatedProvider
 from pulse.reconcile.service import Reconciler
-from pulse.redisstock import handlers as redisstock
-from pulse.views import handlers as views
 
 log = logging.getLogger(__name__)
-
-
-def queue_handlers(strategy: str) -> dict[str, dict[str, object]]:
-    """Which function handles which event on which queue; mirrors broker.BINDINGS for the strategy."""
-    saga = {E.PAYMENT_PROCESSED: orders.on_saga_event, E.PAYMENT_FAILED: orders.on_saga_event,
-            E.STOCK_RESERVED: orders.on_saga_event, E.STOCK_FAILED: orders.on_saga_event,
-            E.STOCK_RELEASED: orders.on_saga_event, E.PAYMENT_REFUNDED: orders.on_saga_event}
-    per_strategy = {
-        "optimistic": {"inventory.queue": {E.ORDER_CREATED: inventory.on_reserve, E.PAYMENT_FAILED: inventory.on_restock},
-                       "payment.queue": {E.STOCK_RESERVED: payment.on_charge}},
-        "post-payment": {"inventory.queue": {E.PAYMENT_PROCESSED: inventory.on_reserve},
-                         "payment.queue": {E.ORDER_CREATED: payment.on_charge, E.STOCK_FAILED: payment.on_refund}},
-    }[strategy]
-    table = {"order.queue": saga, **per_strategy,
-             "order-view.queue": {E.ORDER_UPDATED: views.on_order_updated},
-             "redis-stock.queue": {E.ORDER_CREATED: redisstock.on_order_created,
-                                   E.STOCK_RESERVED: redisstock.on_stock_changed,
-                                   E.STOCK_RELEASED: redisstock.on_stock_changed}}
-    bound = broker.BINDINGS[strategy]
-    return {q: {str(e.value): h for e, h in hs.items() if e in bound[q]} for q, hs in table.items()}
-
-
-# Queues whose batches touch shared rows: the consumer takes those rows' locks up front, in one order.
-BATCH_PRELOCKS = {"inventory.queue": inventory.lock_batch}
 
 
 @dataclasses.dataclass
@@ -64,39 +33,48 @@ class System:
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     threads: list = dataclasses.field(default_factory=list)
     relay: object = None
+    queues: dict = dataclasses.field(default_factory=lambda: dict(topology.BY_NAME))
 
     @property
     def settings(self) -> config.Settings:
         return self.deps.settings
 
-    def handlers(self) -> dict[str, dict[str, object]]:
-        """Queue → event type → handler bound to this system's dependencies."""
-        return {q: {e: functools.partial(h, self.deps) for e, h in hs.items()}
-                for q, hs in queue_handlers(self.settings.strategy).items()}
+    def dispatcher(self, queue: str) -> topology.Dispatcher:
+        """What a consumer of ``queue`` hands each envelope to, bound to this system's dependencies."""
+        return topology.Dispatcher(self.queues[queue], self.deps)
+
+    def replace_route(self, queue: str, event, handler, *, claims_inbox: bool = True) -> None:
+        """Let another handler take ``event`` on ``queue`` in this system (a workshop plugs the learner's in)."""
+        spec = self.queues[queue]
+        routes = tuple(dataclasses.replace(r, handler=handler, claims_inbox=claims_inbox) if r.event == event else r
+                       for r in spec.routes)
+        self.queues[queue] = dataclasses.replace(spec, routes=routes)
+
+    def unsettled(self) -> int:
+        """Messages this process's consumers hold and have not acked yet (prefetched, in hand or retrying)."""
+        return sum(getattr(t, "unsettled", 0) for t in self.threads)
 
     def start_workers(self, *, relay: bool = True, consumers: bool = True, schedulers: bool = True) -> None:
         """Declare the broker topology, then start relay, consumers, sweeper and reconciler threads."""
         s = self.settings
-        broker.setup(s.amqp_url, s.strategy)
+        broker.setup(s.amqp_url, topology.bindings())
         if relay:
             self.relay = make_relay(s, self.deps.faults)
             self._spawn("relay", self.relay.run, self.stop)
         if consumers:
-            for queue, hs in self.handlers().items():
+            for queue in self.queues.values():
                 for n in range(s.consumer_threads):
-                    # Batched (one transaction per batch) except payment: its provider call must stay outside
-                    # any open transaction, so it keeps one transaction per message.
-                    pool = None if queue == "payment.queue" else self.deps.pool
-                    c = Consumer(s.amqp_url, queue, make_dispatch(hs), stop=self.stop, prefetch=s.consumer_prefetch,
-                                 retries=s.handler_retries, faults=self.deps.faults, name=f"consumer:{queue}:{n}",
-                                 pool=pool, prelock=BATCH_PRELOCKS.get(queue))
+                    c = Consumer(s.amqp_url, queue.name, self.dispatcher(queue.name), stop=self.stop,
+                                 prefetch=s.consumer_prefetch, retries=s.handler_retries, faults=self.deps.faults,
+                                 name=f"consumer:{queue.name}:{n}", pool=self.deps.pool if queue.batched else None,
+                                 prelock=queue.prelock)
                     c.start()
                     self.threads.append(c)
         if schedulers:
             self._spawn("sweeper", every, s.sweep_interval_s, lambda: sweep_once(self.deps), self.stop)
             self._spawn("reconciler", every, s.reconcile_interval_s, self.reconciler.run_once, self.stop)
             from pulse.orders.watchdog import Watchdog  # issue 4: re-drives sagas whose events were lost
-            watchdog = Watchdog(self.deps, depth=broker.QueueDepth(s.amqp_url))
+            watchdog = Watchdog(self.deps, depth=broker.QueueDepth(s.amqp_url), unsettled=self.unsettled)
 
             def watch(stop):
                 try:

@@ -31,11 +31,14 @@ CREATE TABLE IF NOT EXISTS infra.event_log (
     created_at    timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS event_log_aggregate_idx ON infra.event_log (aggregate_id);
+-- A watchdog re-drive is meant for one queue only (payload redriveFor): the delivery check expects it there alone.
+ALTER TABLE infra.event_log ADD COLUMN IF NOT EXISTS redrive_for text;
 
 CREATE OR REPLACE FUNCTION infra.log_outbox_event() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO infra.event_log (event_id, event_type, aggregate_id, redriven)
-    VALUES (NEW.id, NEW.event_type, NEW.aggregate_id, COALESCE((NEW.payload->>'redriven')::boolean, false))
+    INSERT INTO infra.event_log (event_id, event_type, aggregate_id, redriven, redrive_for)
+    VALUES (NEW.id, NEW.event_type, NEW.aggregate_id, COALESCE((NEW.payload->>'redriven')::boolean, false),
+            NEW.payload->>'redriveFor')
     ON CONFLICT (event_id) DO NOTHING;
     RETURN NEW;
 END $$;

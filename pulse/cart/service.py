@@ -7,6 +7,8 @@ import time
 import uuid
 from decimal import Decimal
 
+import redis
+
 from pulse.errors import Conflict, NotFound, Unavailable
 from pulse.infra import db, keys
 
@@ -71,21 +73,15 @@ class CartService:
     def add_item(self, user_id: uuid.UUID, product_id: uuid.UUID, quantity: int) -> dict:
         """Reserve ``quantity`` more units of a product for this user's cart; returns the cart.
 
-        Redis is written first because the reservation must be atomic across all users; if the
-        database write then fails, the Redis side is undone so no units stay held by a cart that
-        the database never saw. A crash in between (fault ``cart.after_redis``) leaves Redis ahead
-        of the database: that is the drift reconciliation repairs.
+        Redis is written first because the reservation must be atomic across all users; the hold and the
+        cart hash are written by one Lua call, so no crash can leave units held by no cart. If the database
+        write then fails, the Redis side is undone. A crash in between (fault ``cart.after_redis``) leaves
+        Redis ahead of the database: that is the drift reconciliation repairs.
         """
         self._require_product(product_id)
-        self.reserve(product_id, quantity)
-        r, cart_key = self.deps.redis, keys.cart(user_id)
         expires_ms = int((time.time() + self.deps.settings.cart_ttl_s) * 1000)
+        raw = self._reserve_into_cart(user_id, product_id, quantity, expires_ms)
         try:
-            pipe = r.pipeline(transaction=True)
-            pipe.hincrby(cart_key, str(product_id), quantity)
-            pipe.zadd(keys.CLEANUP_QUEUE, {str(user_id): expires_ms})
-            pipe.hgetall(cart_key)  # the cart for the answer, in the same round trip
-            raw = pipe.execute()[-1]
             self.deps.faults.point("cart.after_redis")
             self._save_db(user_id, product_id, quantity)
         except Exception as exc:
@@ -95,14 +91,46 @@ class CartService:
             raise Unavailable("The cart could not be saved; nothing was reserved, please retry.") from exc
         return self._describe(user_id, {pid: int(q) for pid, q in raw.items() if int(q) > 0})
 
+    def _reserve_into_cart(self, user_id, product_id, quantity: int, expires_ms: int) -> dict:
+        """Hold the units and record them in the cart hash in one Lua step; returns the cart hash after it."""
+        r, cart_key = self.deps.redis, keys.cart(user_id)
+        if self.deps.naive("reserve-get-set"):
+            self._reserve_get_set(product_id, quantity)
+            pipe = r.pipeline(transaction=True)
+            pipe.hincrby(cart_key, str(product_id), quantity)
+            pipe.zadd(keys.CLEANUP_QUEUE, {str(user_id): expires_ms})
+            pipe.hgetall(cart_key)
+            return pipe.execute()[-1]
+        script = self.deps.scripts.reserve_stock
+        lua_keys = [keys.stock(product_id), keys.reserved(product_id), cart_key, keys.CLEANUP_QUEUE]
+        lua_args = [quantity, str(product_id), str(user_id), expires_ms]
+        result, raw = CACHE_MISS, {}
+        for _ in range(3):
+            # One round trip: the script, then the cart for the answer (nothing runs between them that matters:
+            # a concurrent add to the same cart only makes the answer fresher).
+            pipe = r.pipeline(transaction=False)
+            pipe.evalsha(script.ensure_loaded(), len(lua_keys), *lua_keys, *lua_args)
+            pipe.hgetall(cart_key)
+            try:
+                result, raw = pipe.execute()
+            except redis.exceptions.NoScriptError:
+                script.load()  # Redis restarted (it keeps nothing on disk here) and forgot the script
+                continue
+            if result != CACHE_MISS:
+                break
+            # SET NX: of several requests missing together, the first load wins and none overwrites a newer value.
+            r.set(keys.stock(product_id), self._db_stock(product_id), nx=True)
+        if result != RESERVED:
+            raise Conflict(f"Not enough stock of product {product_id} for {quantity} more unit(s).")
+        return raw
+
     def reserve(self, product_id, quantity: int) -> None:
-        """Hold units in ``reserved:{productId}`` if ``stock - reserved`` allows it, atomically."""
+        """Hold units in ``reserved:{productId}`` if ``stock - reserved`` allows it, atomically (no cart)."""
         stock_key, reserved_key = keys.stock(product_id), keys.reserved(product_id)
         if self.deps.naive("reserve-get-set"):
             return self._reserve_get_set(product_id, quantity)
         result = self.deps.scripts.reserve_stock([stock_key, reserved_key], [quantity])
         if result == CACHE_MISS:
-            # SET NX: of several requests missing together, the first load wins and none overwrites a newer value.
             self.deps.redis.set(stock_key, self._db_stock(product_id), nx=True)
             result = self.deps.scripts.reserve_stock([stock_key, reserved_key], [quantity])
         if result != RESERVED:
@@ -154,6 +182,10 @@ class CartService:
             return {}
         quantities = {str(r["product_id"]): r["quantity"] for r in rows}
         expires_ms = int((rows[0]["updated_at"].timestamp() + self.deps.settings.cart_ttl_s) * 1000)
+        if expires_ms <= time.time() * 1000:
+            # Expired: the sweeper released its hold in Redis and clears the database next. Cached again, the
+            # sweeper's next pass would release the same units a second time.
+            return {}
         pipe = self.deps.redis.pipeline(transaction=True)
         pipe.hset(keys.cart(user_id), mapping=quantities)
         pipe.zadd(keys.CLEANUP_QUEUE, {str(user_id): expires_ms}, nx=True)

@@ -12,7 +12,7 @@ What is checkable, and how:
   damaged unit) is not a movement the system knows of and shows up as a violation for that product.
 - Delivery (Jepsen's total queue): ``infra.event_log`` (an AFTER INSERT trigger on the outbox) is the
   set of published events; the inbox tables are the set each module consumed. An event is expected on
-  every queue its type is bound to under the order's strategy.
+  on every queue whose module acts on its type for the order's strategy (pulse.topology).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from decimal import Decimal
 
 import psycopg
 
+from pulse import topology
 from pulse.infra import broker, keys
+from pulse.redisstock.handlers import HELD_BY_PRODUCT
 from pulse.orders.model import TERMINAL
 from pulse.orders.watchdog import next_event
 
-QUEUE_INBOX = {"order.queue": "orders.inbox", "inventory.queue": "inventory.inbox", "payment.queue": "payment.inbox",
-               "order-view.queue": "orders.order_view_inbox", "redis-stock.queue": "infra.redis_stock_inbox"}
-STRATEGY_KEYS = {"OPTIMISTIC": "optimistic", "POST_PAYMENT": "post-payment"}
+QUEUE_INBOX = topology.QUEUE_INBOX
 MAX_IDS = 20
 log = logging.getLogger(__name__)
 
@@ -154,9 +154,9 @@ def orders_terminal(conn, scope: Scope, older_than_s: float = 0.0) -> Result:
     """Every order COMPLETED or FAILED with compensation done, its view and its user's cart caught up."""
     rows = conn.execute(
         f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT o.*, r.status AS inv_decision, pay.status AS pay_decision, "
-        "v.display_status AS view_status, EXISTS (SELECT 1 FROM inventory.carts c JOIN inventory.cart_items ci "
-        "ON ci.cart_id = c.id WHERE c.user_id = o.user_id AND ci.quantity > 0 AND ci.updated_at <= o.created_at) "
-        "AS cart_left FROM o LEFT JOIN inventory.reservations r ON r.order_id = o.id "
+        "v.display_status AS view_status, h.moved_at AS hold_moved, h.released_at AS hold_released "
+        "FROM o LEFT JOIN inventory.reservations r ON r.order_id = o.id LEFT JOIN infra.order_holds h "
+        "ON h.order_id = o.id "
         "LEFT JOIN payment.payments pay ON pay.order_id = o.id LEFT JOIN orders.order_views v ON v.order_id = o.id "
         "WHERE o.updated_at < now() - make_interval(secs => %(older)s)",
         {**scope.sql(), "older": older_than_s}).fetchall()
@@ -166,8 +166,35 @@ def orders_terminal(conn, scope: Scope, older_than_s: float = 0.0) -> Result:
         if row["status"] not in TERMINAL or step is not None:
             stuck[row["id"]] = f"{row['status']}/{row['payment_status']}/{row['inventory_status']} next={step and step.value}"
     return _result("orders-terminal", list(stuck), f"all {len(rows)} order(s) settled",
-                   "{n} order(s) not settled (non-terminal, compensation pending, stale view or uncleared cart)",
+                   "{n} order(s) not settled (non-terminal, compensation pending, stale view, or a cart hold "
+                   "not moved or not released)",
                    examples={str(k): v for k, v in list(stuck.items())[:MAX_IDS]})
+
+
+# Faults after which Redis may have forgotten holds (a flush drops reserved:; a crash between the Redis and the
+# database write leaves holds reconciliation takes back): a cart add accepted then may later fail out of stock.
+FORGETTING_FAULTS = ("redis.flush", "cart.after_redis")
+FORGETTING_WINDOW_S = 60  # how long before its order a campaign's shopper took the hold, at most
+
+
+def cart_promise_kept(conn, scope: Scope) -> Result:
+    """No order whose cart hold Redis granted failed out of stock, unless a fault made Redis forget holds.
+
+    Every order comes from a cart whose every unit Redis accepted (the Lua reservation), so an order that
+    fails OUT_OF_STOCK is a promise broken: "yes" at the cart, "sold out" after paying or waiting.
+    """
+    rows = conn.execute(
+        f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT o.id, EXISTS (SELECT 1 FROM infra.fault_log f "
+        "WHERE f.name = ANY(%(forgetting)s) AND f.fired_at BETWEEN o.created_at - make_interval(secs => %(window)s) "
+        "AND o.updated_at) AS forgiven FROM o WHERE o.failure_reason = 'OUT_OF_STOCK'",
+        {**scope.sql(), "forgetting": list(FORGETTING_FAULTS), "window": FORGETTING_WINDOW_S}).fetchall()
+    broken = [r["id"] for r in rows if not r["forgiven"]]
+    forgiven = len(rows) - len(broken)
+    return _result("cart-promise-kept", broken,
+                   "no cart add Redis accepted ended out of stock" + (
+                       f" ({forgiven} after a fault that made Redis forget holds)" if forgiven else ""),
+                   "{n} order(s) failed out of stock although Redis had granted their cart holds",
+                   forgiven=forgiven)
 
 
 EFFECT_TYPES = ("ORDER_CREATED", "STOCK_RESERVED", "STOCK_FAILED", "STOCK_RELEASED", "PAYMENT_PROCESSED",
@@ -200,14 +227,16 @@ def delivery(conn, scope: Scope, dead_lettered: dict[str, set[str]] | None = Non
                           "WHERE name = 'consumer.lose' AND fired_at >= %(since)s", args):
         explained[r["q"]].add(r["e"])
     lost, injected, dlq, expected = [], 0, 0, 0
-    for strategy_name, strategy in STRATEGY_KEYS.items():
-        for queue, types in broker.BINDINGS[strategy].items():
+    for strategy in topology.STRATEGIES:
+        for queue, types in topology.handled_events(strategy).items():
+            # A re-driven event is meant for one queue only (its redrive_for); the others drop it unhandled.
             rows = conn.execute(
                 f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT e.event_id::text AS id, "
                 f"EXISTS (SELECT 1 FROM {QUEUE_INBOX[queue]} i WHERE i.event_id = e.event_id) AS consumed "
                 "FROM infra.event_log e JOIN o ON o.id::text = e.aggregate_id "
-                "WHERE o.strategy = %(strategy)s AND e.event_type = ANY(%(types)s) AND e.created_at >= %(since)s",
-                {**args, "strategy": strategy_name, "types": [t.value for t in types]}).fetchall()
+                "WHERE o.strategy = %(strategy)s AND e.event_type = ANY(%(types)s) AND e.created_at >= %(since)s "
+                "AND (e.redrive_for IS NULL OR e.redrive_for = %(queue)s)",
+                {**args, "strategy": strategy, "types": types, "queue": queue}).fetchall()
             expected += len(rows)
             for r in rows:
                 if r["consumed"]:
@@ -263,7 +292,7 @@ def peek_dead_letters(amqp_url: str, limit: int = 1000, since_epoch: float | Non
     conn = broker.connect(amqp_url)
     found: dict[str, list[dict]] = {}
     try:
-        for queue in broker.QUEUES:
+        for queue in topology.QUEUES:
             channel = conn.channel()
             messages = []
             try:
@@ -297,13 +326,14 @@ def dlq_explained(dead: dict[str, list[dict]]) -> Result:
 
 # -- Redis --------------------------------------------------------------------------------------------
 def redis_matches_db(conn, redis, scope: Scope) -> Result:
-    """``stock:``, ``reserved:`` and ``cart:`` equal the database (run after a reconcile with cooldown 0)."""
+    """``stock:``, ``reserved:`` and ``cart:`` equal the database (run after a reconcile with cooldown 0).
+
+    ``reserved:`` is held by carts and by orders whose hold inventory has not released yet (infra.order_holds).
+    """
     args = scope.sql()
     stock = conn.execute("SELECT product_id::text AS p, available_quantity AS q FROM inventory.inventory_items WHERE "
                          + PRODUCT_FILTER.format(col="product_id"), args).fetchall()
-    held = {r["p"]: int(r["q"]) for r in conn.execute(
-        "SELECT product_id::text AS p, SUM(quantity) AS q FROM inventory.cart_items WHERE quantity > 0 AND "
-        + PRODUCT_FILTER.format(col="product_id") + " GROUP BY 1", args)}
+    held = {str(r["product_id"]): int(r["held"]) for r in conn.execute(HELD_BY_PRODUCT, args)}
     ids = [r["p"] for r in stock]
     offending = []
     if ids:
@@ -363,7 +393,8 @@ def check_all(settings, scope: Scope | None = None, *, reconcile: bool = True, o
             _fresh_statistics(conn)
             results = [no_oversell(conn, scope), stock_conservation(conn, scope), one_charge_per_order(conn, scope),
                        failed_orders_refunded(conn, scope), money_balance(conn, scope),
-                       orders_terminal(conn, scope, older_than_s), effects_once(conn, scope),
+                       orders_terminal(conn, scope, older_than_s), cart_promise_kept(conn, scope),
+                       effects_once(conn, scope),
                        outbox_drained(conn, scope), dlq_explained(dead), delivery(conn, scope, dead_ids),
                        redis_matches_db(conn, r, scope), replication_slot(conn, scope, settings.cdc_slot)]
     finally:

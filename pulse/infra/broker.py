@@ -1,4 +1,4 @@
-"""RabbitMQ: the topology of SPEC §2/§3, a publisher with batched confirms, and connection helpers."""
+"""RabbitMQ: declaring the topology that pulse.topology describes, a publisher with batched confirms, connections."""
 
 from __future__ import annotations
 
@@ -13,28 +13,6 @@ from pulse.events import Envelope, EventType as E
 log = logging.getLogger(__name__)
 
 EXCHANGE = "outbox-exchange"
-QUEUES = ("order.queue", "inventory.queue", "payment.queue", "order-view.queue", "redis-stock.queue")
-
-_COMMON = {
-    "order-view.queue": [E.ORDER_UPDATED],
-    "redis-stock.queue": [E.ORDER_CREATED, E.STOCK_RESERVED, E.STOCK_RELEASED],
-}
-BINDINGS: dict[str, dict[str, list[E]]] = {
-    "optimistic": {
-        "order.queue": [E.STOCK_RESERVED, E.STOCK_FAILED, E.STOCK_RELEASED, E.PAYMENT_PROCESSED, E.PAYMENT_FAILED],
-        "inventory.queue": [E.ORDER_CREATED, E.PAYMENT_FAILED],
-        "payment.queue": [E.STOCK_RESERVED],
-        **_COMMON,
-    },
-    "post-payment": {
-        "order.queue": [E.PAYMENT_PROCESSED, E.PAYMENT_FAILED, E.STOCK_RESERVED, E.STOCK_FAILED, E.PAYMENT_REFUNDED],
-        "inventory.queue": [E.PAYMENT_PROCESSED],
-        "payment.queue": [E.ORDER_CREATED, E.STOCK_FAILED],
-        **_COMMON,
-    },
-}
-
-
 class BrokerUnavailable(RuntimeError):
     """RabbitMQ did not answer at the configured URL."""
 
@@ -56,31 +34,30 @@ def connect(url: str, *, heartbeat: int = 30) -> pika.BlockingConnection:
         raise BrokerUnavailable(f"RabbitMQ is not reachable at {params.host}:{params.port} ({type(exc).__name__}).") from exc
 
 
-def declare_topology(channel, strategy: str) -> dict[str, list[str]]:
-    """Declare exchange, queues and dead-letter queues; bind this strategy's keys and unbind the other's.
+def declare_topology(channel, bindings: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Declare the exchange, each queue with its dead-letter queue, and bind each queue's routing keys.
 
-    Bindings outlive the process in the broker, so a restart under another strategy would otherwise
-    keep delivering events to handlers that must not see them (e.g. payment charging twice).
+    ``bindings`` comes from :func:`pulse.topology.bindings` (both strategies' keys: the order's strategy picks
+    the handler, not the binding). A key bound by an older version of the topology and no longer wanted is
+    unbound, because bindings outlive the process in the broker.
     """
-    wanted = BINDINGS[strategy]
     channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
-    for queue in QUEUES:
+    known = {key for keys in bindings.values() for key in keys} | {e.value for e in E}
+    for queue, keys in bindings.items():
         channel.queue_declare(queue, durable=True)
         channel.queue_declare(dead_letter_queue(queue), durable=True)
-        keys = {e.value for e in wanted[queue]}
-        stale = {e.value for other in BINDINGS.values() for e in other[queue]} - keys
         for key in sorted(keys):
             channel.queue_bind(queue, EXCHANGE, routing_key=key)
-        for key in sorted(stale):
+        for key in sorted(known - set(keys)):
             channel.queue_unbind(queue, EXCHANGE, routing_key=key)
-    return {q: sorted(e.value for e in keys) for q, keys in wanted.items()}
+    return {q: sorted(keys) for q, keys in bindings.items()}
 
 
-def setup(url: str, strategy: str) -> dict[str, list[str]]:
-    """Open a connection, declare the topology for ``strategy`` and close it again."""
+def setup(url: str, bindings: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Open a connection, declare the topology and close it again."""
     conn = connect(url)
     try:
-        return declare_topology(conn.channel(), strategy)
+        return declare_topology(conn.channel(), bindings)
     finally:
         conn.close()
 

@@ -22,3 +22,8 @@ def lock(idempotency_key: str) -> str:
 def applied(event_id) -> str:
     """Marks a Redis-side effect of one event as done, so a redelivery does not repeat it."""
     return f"pulse:applied:{event_id}"
+
+
+def hold(order_id) -> str:
+    """An order's hold on its units, from ORDER_CREATED until inventory decides: which steps were applied."""
+    return f"pulse:hold:{order_id}"

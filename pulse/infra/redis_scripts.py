@@ -25,9 +25,14 @@ class Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
         self._loaded = False
 
-    def __call__(self, keys=(), args=()):
+    def ensure_loaded(self) -> str:
+        """The script's SHA, loading it first if this process has not (for callers that pipeline EVALSHA)."""
         if not self._loaded:
             self.load()
+        return self.sha
+
+    def __call__(self, keys=(), args=()):
+        self.ensure_loaded()
         try:
             return self.client.evalsha(self.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
@@ -48,7 +53,8 @@ class Scripts:
         self.remove_expired_reserves = Script(client, "remove_expired_reserves")
         self.release_reservation = Script(client, "release_reservation")
         self.release_lock = Script(client, "release_lock")
-        self.clear_cart = Script(client, "clear_cart")
+        self.move_hold = Script(client, "move_hold")
+        self.settle_hold = Script(client, "settle_hold")
 
 
 def make_client(url: str) -> redis.Redis:

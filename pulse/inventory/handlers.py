@@ -8,7 +8,7 @@ import random
 import time
 
 from pulse.events import EventType as E
-from pulse.infra import db, inbox, outbox  # noqa: F401  db: tests patch handlers.db.transaction
+from pulse.infra import outbox
 
 log = logging.getLogger(__name__)
 MAX_VERSION_RETRIES = 8
@@ -66,55 +66,49 @@ def lock_batch(conn, envelopes) -> None:
                      "ORDER BY product_id FOR UPDATE", (ids,))
 
 
-def on_reserve(deps, envelope) -> None:
+def on_reserve(deps, conn, envelope) -> None:
     """ORDER_CREATED (optimistic) or PAYMENT_PROCESSED (post-payment): reserve the order's items."""
     p = envelope.payload
     base = {k: p.get(k) for k in ("orderId", "userId", "items", "totalPrice", "strategy")}
+    if conn.execute("SELECT 1 FROM inventory.reservations WHERE order_id = %s",
+                    (p["orderId"],)).fetchone() and not deps.naive("no-inbox"):
+        return  # decided already under another event id (e.g. a re-driven saga)
 
     def attempt():
-        with deps.transaction() as conn:
-            if not inbox.claim(conn, "inventory.inbox", envelope.id, enabled=not deps.naive("no-inbox")):
-                return
-            if conn.execute("SELECT 1 FROM inventory.reservations WHERE order_id = %s",
-                            (p["orderId"],)).fetchone() and not deps.naive("no-inbox"):
-                return  # reserved already under another event id (e.g. a re-driven saga)
-            try:
-                with conn.transaction():
-                    _take(conn, p["items"])
-                    conn.execute("INSERT INTO inventory.reservations (order_id, items, status) "
-                                 "VALUES (%s, %s::jsonb, 'RESERVED') ON CONFLICT (order_id) DO NOTHING",
-                                 (p["orderId"], json.dumps(p["items"])))
-            except OutOfStock as exc:
-                # Recorded so a re-driven trigger event cannot reserve an order that already failed.
-                conn.execute("INSERT INTO inventory.reservations (order_id, items, status) "
-                             "VALUES (%s, %s::jsonb, 'FAILED') ON CONFLICT (order_id) DO NOTHING",
-                             (p["orderId"], json.dumps(p["items"])))
-                outbox.append(conn, E.STOCK_FAILED, "ORDER", p["orderId"],
-                              {**base, "reason": "OUT_OF_STOCK", "shortages": exc.shortages})
-                return
-            outbox.append(conn, E.STOCK_RESERVED, "ORDER", p["orderId"], base)
+        with conn.transaction():  # a savepoint: a version conflict undoes this attempt only
+            _take(conn, p["items"])
+            conn.execute("INSERT INTO inventory.reservations (order_id, items, status) "
+                         "VALUES (%s, %s::jsonb, 'RESERVED') ON CONFLICT (order_id) DO NOTHING",
+                         (p["orderId"], json.dumps(p["items"])))
 
-    _with_version_retries(attempt)
+    try:
+        _with_version_retries(attempt)
+    except OutOfStock as exc:
+        # Recorded so a re-driven trigger event cannot reserve an order that already failed.
+        conn.execute("INSERT INTO inventory.reservations (order_id, items, status) "
+                     "VALUES (%s, %s::jsonb, 'FAILED') ON CONFLICT (order_id) DO NOTHING",
+                     (p["orderId"], json.dumps(p["items"])))
+        outbox.append(conn, E.STOCK_FAILED, "ORDER", p["orderId"],
+                      {**base, "reason": "OUT_OF_STOCK", "shortages": exc.shortages})
+        return
+    outbox.append(conn, E.STOCK_RESERVED, "ORDER", p["orderId"], base)
 
 
-def on_restock(deps, envelope) -> None:
+def on_restock(deps, conn, envelope) -> None:
     """PAYMENT_FAILED (optimistic): give back exactly what this order reserved, once."""
     p = envelope.payload
-    with deps.transaction() as conn:
-        if not inbox.claim(conn, "inventory.inbox", envelope.id, enabled=not deps.naive("no-inbox")):
-            return
-        reservation = conn.execute("SELECT items FROM inventory.reservations WHERE order_id = %s "
-                                   "AND status = 'RESERVED' FOR UPDATE", (p["orderId"],)).fetchone()
-        if reservation is None:
-            return  # nothing was taken for this order (e.g. the payment failed before any reservation)
-        for item in sorted(reservation["items"], key=lambda i: i["productId"]):  # the reservers' lock order
-            # An increment needs no version check, but bumping the version makes concurrent
-            # reservers that read the old quantity retry instead of overwriting it.
-            conn.execute("UPDATE inventory.inventory_items SET available_quantity = available_quantity + %s, "
-                         "version = version + 1, updated_at = now() WHERE product_id = %s",
-                         (item["quantity"], item["productId"]))
-        conn.execute("UPDATE inventory.reservations SET status = 'RELEASED', updated_at = now() WHERE order_id = %s",
-                     (p["orderId"],))
-        outbox.append(conn, E.STOCK_RELEASED, "ORDER", p["orderId"],
-                      {"orderId": p["orderId"], "userId": p.get("userId"), "items": reservation["items"],
-                       "strategy": p.get("strategy"), "reason": "PAYMENT_FAILED"})
+    reservation = conn.execute("SELECT items FROM inventory.reservations WHERE order_id = %s "
+                               "AND status = 'RESERVED' FOR UPDATE", (p["orderId"],)).fetchone()
+    if reservation is None:
+        return  # nothing was taken for this order (e.g. the payment failed before any reservation)
+    for item in sorted(reservation["items"], key=lambda i: i["productId"]):  # the reservers' lock order
+        # An increment needs no version check, but bumping the version makes concurrent
+        # reservers that read the old quantity retry instead of overwriting it.
+        conn.execute("UPDATE inventory.inventory_items SET available_quantity = available_quantity + %s, "
+                     "version = version + 1, updated_at = now() WHERE product_id = %s",
+                     (item["quantity"], item["productId"]))
+    conn.execute("UPDATE inventory.reservations SET status = 'RELEASED', updated_at = now() WHERE order_id = %s",
+                 (p["orderId"],))
+    outbox.append(conn, E.STOCK_RELEASED, "ORDER", p["orderId"],
+                  {"orderId": p["orderId"], "userId": p.get("userId"), "items": reservation["items"],
+                   "strategy": p.get("strategy"), "reason": "PAYMENT_FAILED"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from pulse import topology
 from pulse.infra import broker
 
 
@@ -69,7 +70,7 @@ def dead_letters(lab, initial_stock=None) -> dict:
     try:
         channel = conn.channel()
         counts = {broker.dead_letter_queue(q): channel.queue_declare(broker.dead_letter_queue(q), durable=True)
-                  .method.message_count for q in broker.QUEUES}
+                  .method.message_count for q in topology.QUEUES}
     finally:
         conn.close()
     return _result("dead-letters", [f"{q}: {n}" for q, n in counts.items() if n], "no message dead-lettered")

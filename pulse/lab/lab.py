@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pulse import config
+from pulse import config, topology
 from pulse.lab import faults as lab_faults
 from pulse.lab.client import PulseClient
 from pulse.lab.launcher import ServeProcess
@@ -249,7 +249,7 @@ class Lab:
         if faults is not None:
             lab_faults.disarm_all(self.settings)
         self.flush_redis()
-        broker.setup(self.settings.amqp_url, self.settings.strategy)
+        broker.setup(self.settings.amqp_url, topology.bindings())
         self._purge_queues()
         self.reconcile_runs.clear()
         self.sweep_runs.clear()
@@ -281,7 +281,7 @@ class Lab:
         conn = broker.connect(self.settings.amqp_url)
         try:
             channel = conn.channel()
-            for queue in broker.QUEUES:
+            for queue in topology.QUEUES:
                 channel.queue_purge(queue)
                 channel.queue_purge(broker.dead_letter_queue(queue))
         finally:

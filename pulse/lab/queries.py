@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from pulse.infra import keys
-from pulse.infra.inbox import INBOX_TABLES
+from pulse.topology import INBOX_TABLES
 
 # Which module writes each event type into the outbox (used to date an event's outbox write).
 EMITTER = {"STOCK_RESERVED": "inventory", "STOCK_RELEASED": "inventory", "STOCK_FAILED": "inventory",

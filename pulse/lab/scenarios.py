@@ -126,7 +126,7 @@ def publish_latency(lab, since: int = 0) -> pd.DataFrame:
 
 def inbox_duplicates(lab) -> dict[str, int]:
     """Redeliveries each module's inbox absorbed (the ``duplicates`` column, where the schema has it)."""
-    from pulse.infra.inbox import INBOX_TABLES
+    from pulse.topology import INBOX_TABLES
 
     out = {}
     for module, table in INBOX_TABLES.items():

@@ -90,9 +90,7 @@ def check_compensation(lab, on_restock, *, quantity: int = 3) -> dict:
     settings = lab.settings.replace(strategy="optimistic", payment_decline_rate=1.0)
     system = bootstrap.build(settings, migrate=False, pool_size=6)
     try:
-        table = system.handlers()
-        table["inventory.queue"][E.PAYMENT_FAILED.value] = lambda env: on_restock(system.deps, env)
-        system.handlers = lambda: table
+        system.replace_route("inventory.queue", E.PAYMENT_FAILED, on_restock, claims_inbox=False)
         system.start_workers(schedulers=False)
         product = system.products.create("Workshop restock", 10, 10)["id"]
         user = uuid.uuid4()
@@ -123,7 +121,8 @@ def _payment_failed_envelope(system, order_id):
         items = conn.execute("SELECT items FROM inventory.reservations WHERE order_id = %s", (order_id,)).fetchone()
     event_id = row["event_id"] if row else uuid.uuid4()
     return Envelope(id=event_id, event_type="PAYMENT_FAILED", aggregate_id=order_id,
-                    payload={"orderId": order_id, "items": items["items"] if items else [], "reason": "PAYMENT_FAILED"})
+                    payload={"orderId": order_id, "items": items["items"] if items else [], "strategy": "OPTIMISTIC",
+                             "reason": "PAYMENT_FAILED"})
 
 
 def check_delta_query(lab, sql: str) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from pulse.events import EventType as E
-from pulse.infra import inbox, outbox
+from pulse.infra import outbox
 from pulse.orders.model import apply_event
 
 log = logging.getLogger(__name__)
@@ -19,23 +19,20 @@ def snapshot(order: dict) -> dict:
             "totalAmount": order["total_amount"], "updatedAt": order["updated_at"]}
 
 
-def on_saga_event(deps, envelope) -> None:
-    """Apply one saga event to its order, at most once (orders.inbox), announcing the new state."""
+def on_saga_event(deps, conn, envelope) -> None:
+    """Apply one saga event to its order (the dispatcher claimed orders.inbox), announcing the new state."""
     order_id = envelope.payload["orderId"]
-    with deps.transaction() as conn:
-        if not inbox.claim(conn, "orders.inbox", envelope.id, enabled=not deps.naive("no-inbox")):
-            return
-        order = conn.execute("SELECT * FROM orders.orders WHERE id = %s FOR UPDATE", (order_id,)).fetchone()
-        if order is None:
-            raise LookupError(f"order {order_id} does not exist")
-        changes = apply_event(order, envelope.event_type, guarded=not deps.naive("unguarded-state"))
-        if not changes:
-            return
-        assignments = ", ".join(f"{column} = %({column})s" for column in changes)
-        updated = conn.execute(
-            f"UPDATE orders.orders SET {assignments}, updated_at = clock_timestamp() WHERE id = %(id)s RETURNING *",
-            {**changes, "id": order_id}).fetchone()
-        outbox.append(conn, E.ORDER_UPDATED, "ORDER", order_id, snapshot(updated))
+    order = conn.execute("SELECT * FROM orders.orders WHERE id = %s FOR UPDATE", (order_id,)).fetchone()
+    if order is None:
+        raise LookupError(f"order {order_id} does not exist")
+    changes = apply_event(order, envelope.event_type, guarded=not deps.naive("unguarded-state"))
+    if not changes:
+        return
+    assignments = ", ".join(f"{column} = %({column})s" for column in changes)
+    updated = conn.execute(
+        f"UPDATE orders.orders SET {assignments}, updated_at = clock_timestamp() WHERE id = %(id)s RETURNING *",
+        {**changes, "id": order_id}).fetchone()
+    outbox.append(conn, E.ORDER_UPDATED, "ORDER", order_id, snapshot(updated))
     log.debug("order %s: %s -> %s", order_id, envelope.event_type, changes)
 
 

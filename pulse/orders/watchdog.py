@@ -1,15 +1,14 @@
 """The saga watchdog: an order whose saga stalled (a lost event) is re-driven from what the database knows.
 
 Each module records its decision for an order in its own table: inventory in ``inventory.reservations``
-(RESERVED, RELEASED or FAILED), payment in ``payment.payments`` (SUCCESS, DECLINED, REFUNDED). When an
-order has been quiet for longer than the deadline and is not settled, :func:`next_event` compares those
-decisions with what the order (and its view, and the user's cart) has absorbed and names the one event
-that moves the saga on: a decision the order never heard of is announced again, a module that never
-decided gets its trigger event again. The event goes through the outbox with a new id, like any other,
-so the usual at-least-once path delivers it; every handler is idempotent per order (inventory and
-payment decide once per order, the order's state machine ignores what it already knows), so a re-driven
-event that turns out unnecessary does nothing. One step per order per deadline: the next run sees the
-effect of the last one.
+(RESERVED, RELEASED or FAILED), payment in ``payment.payments`` (SUCCESS, DECLINED, REFUNDED), redis-stock
+in ``infra.order_holds`` (hold moved, released). When an order has been quiet for longer than the deadline
+and is not settled, :func:`next_step` compares those decisions with what the order (and its view) has
+absorbed and names the one event that moves the saga on, and the one queue that missed it: a decision the
+order never heard of is announced again, a module that never decided gets its trigger event again. The
+event goes through the outbox with a new id, like any other, and carries ``redriveFor``: every other
+module drops it unhandled (topology.Dispatcher), so a re-drive touches only the order and the module it
+re-drives. One step per order per deadline: the next run sees the effect of the last one.
 """
 
 from __future__ import annotations
@@ -19,87 +18,121 @@ import logging
 import os
 
 from pulse.events import EventType as E
-from pulse.infra import broker, db, outbox
+from pulse.infra import db, outbox
 from pulse.orders.handlers import snapshot
 from pulse.views.model import display_status
 
 log = logging.getLogger(__name__)
 
-# The user's cart still holds what the order bought: redis-stock never handled ORDER_CREATED (a lost event).
-CART_LEFT = """EXISTS (SELECT 1 FROM inventory.carts c JOIN inventory.cart_items ci ON ci.cart_id = c.id
-               WHERE c.user_id = o.user_id AND ci.quantity > 0 AND ci.updated_at <= o.created_at)"""
 CANDIDATES = """
 SELECT o.*, r.status AS inv_decision, r.items AS reserved_items, pay.status AS pay_decision, pay.id AS payment_id,
-       v.display_status AS view_status, """ + CART_LEFT + """ AS cart_left
+       v.display_status AS view_status, h.moved_at AS hold_moved, h.released_at AS hold_released
 FROM orders.orders o
 LEFT JOIN inventory.reservations r ON r.order_id = o.id
 LEFT JOIN payment.payments pay ON pay.order_id = o.id
 LEFT JOIN orders.order_views v ON v.order_id = o.id
+LEFT JOIN infra.order_holds h ON h.order_id = o.id
 LEFT JOIN infra.saga_redrives w ON w.order_id = o.id
 WHERE o.updated_at < now() - make_interval(secs => %(deadline)s)
   AND o.created_at > now() - make_interval(secs => %(lookback)s)
   AND (w.redriven_at IS NULL OR w.redriven_at < now() - make_interval(secs => %(deadline)s * LEAST(w.attempts, 5)))
   AND NOT (o.status = 'COMPLETED' AND v.display_status = 'COMPLETED' AND r.status = 'RESERVED'
-           AND pay.status = 'SUCCESS' AND NOT """ + CART_LEFT + """)
+           AND pay.status = 'SUCCESS' AND h.moved_at IS NOT NULL AND h.released_at IS NOT NULL)
   AND (%(after_t)s::timestamptz IS NULL OR (o.updated_at, o.id) > (%(after_t)s::timestamptz, %(after_id)s::uuid))
 ORDER BY o.updated_at, o.id
 LIMIT %(limit)s
 """
+ORDER, INVENTORY, PAYMENT, REDIS_STOCK, VIEW = (
+    "order.queue", "inventory.queue", "payment.queue", "redis-stock.queue", "order-view.queue")
+Step = tuple  # (event type, the one queue whose module missed it)
 
 
-def _optimistic(o: dict) -> str | None:
+def _optimistic(o: dict) -> Step | None:
     inv, pay = o["inv_decision"], o["pay_decision"]
     if inv is None:
-        return E.ORDER_CREATED
+        return E.ORDER_CREATED, INVENTORY
     if inv == "FAILED":
-        return E.STOCK_FAILED if o["inventory_status"] != "OUT_OF_STOCK" else None
-    if pay is None or o["inventory_status"] == "NOT_STARTED":
-        return E.STOCK_RESERVED
+        return (E.STOCK_FAILED, ORDER) if o["inventory_status"] != "OUT_OF_STOCK" else None
+    if o["inventory_status"] == "NOT_STARTED":
+        return E.STOCK_RESERVED, ORDER
+    if pay is None:
+        return E.STOCK_RESERVED, PAYMENT
     if pay == "SUCCESS" and o["payment_status"] != "SUCCESS":
-        return E.PAYMENT_PROCESSED
-    if pay == "DECLINED" and (o["payment_status"] != "DECLINED" or inv == "RESERVED"):
-        return E.PAYMENT_FAILED  # also the restock that never happened
+        return E.PAYMENT_PROCESSED, ORDER
+    if pay == "DECLINED" and o["payment_status"] != "DECLINED":
+        return E.PAYMENT_FAILED, ORDER
+    if pay == "DECLINED" and inv == "RESERVED":
+        return E.PAYMENT_FAILED, INVENTORY  # the restock that never happened
     if inv == "RELEASED" and o["inventory_status"] != "RELEASED":
-        return E.STOCK_RELEASED
+        return E.STOCK_RELEASED, ORDER
     return None
 
 
-def _post_payment(o: dict) -> str | None:
+def _post_payment(o: dict) -> Step | None:
     inv, pay = o["inv_decision"], o["pay_decision"]
     if pay is None:
-        return E.ORDER_CREATED
+        return E.ORDER_CREATED, PAYMENT
     if pay == "DECLINED":
-        return E.PAYMENT_FAILED if o["payment_status"] != "DECLINED" else None
-    if o["payment_status"] == "NOT_STARTED" or inv is None:
-        return E.PAYMENT_PROCESSED
+        return (E.PAYMENT_FAILED, ORDER) if o["payment_status"] != "DECLINED" else None
+    if o["payment_status"] == "NOT_STARTED":
+        return E.PAYMENT_PROCESSED, ORDER
+    if inv is None:
+        return E.PAYMENT_PROCESSED, INVENTORY
     if inv == "RESERVED" and o["inventory_status"] != "RESERVED":
-        return E.STOCK_RESERVED
-    if inv == "FAILED" and (o["inventory_status"] != "OUT_OF_STOCK" or pay == "SUCCESS"):
-        return E.STOCK_FAILED  # also the refund that never happened
+        return E.STOCK_RESERVED, ORDER
+    if inv == "FAILED" and o["inventory_status"] != "OUT_OF_STOCK":
+        return E.STOCK_FAILED, ORDER
+    if inv == "FAILED" and pay == "SUCCESS":
+        return E.STOCK_FAILED, PAYMENT  # the refund that never happened
     if pay == "REFUNDED" and o["payment_status"] != "REFUNDED":
-        return E.PAYMENT_REFUNDED
+        return E.PAYMENT_REFUNDED, ORDER
     return None
 
 
-def next_event(o: dict) -> str | None:
-    """The event that moves this order's saga on, from the modules' decisions; None when it is settled."""
-    step = (_optimistic if o["strategy"] == "OPTIMISTIC" else _post_payment)(o)
+def _hold(o: dict) -> Step | None:
+    """redis-stock's part: the cart's hold moved to the order, and released once the order's stock was decided."""
+    if o["hold_moved"] is None:
+        return E.ORDER_CREATED, REDIS_STOCK
+    if o["hold_released"] is not None:
+        return None
+    if o["inv_decision"] in ("RESERVED", "RELEASED"):
+        return E.STOCK_RESERVED, REDIS_STOCK
+    if o["inv_decision"] == "FAILED":
+        return E.STOCK_FAILED, REDIS_STOCK
+    if o["strategy"] == "POST_PAYMENT" and o["pay_decision"] == "DECLINED":
+        return E.PAYMENT_FAILED, REDIS_STOCK
+    return None
+
+
+def next_step(o: dict) -> Step | None:
+    """The event that moves this order's saga on and the one queue that missed it; None when it is settled."""
+    step = (_optimistic if o["strategy"] == "OPTIMISTIC" else _post_payment)(o) or _hold(o)
     if step is not None:
         return step
-    if o["cart_left"]:
-        return E.ORDER_CREATED  # redis-stock never cleared the cart; the other modules ignore a repeat
     if o["view_status"] != display_status(o["strategy"], o["payment_status"], o["inventory_status"]):
-        return E.ORDER_UPDATED
+        return E.ORDER_UPDATED, VIEW
     return None
+
+
+def next_event(o: dict):
+    """The event of :func:`next_step` alone (the checker asks only whether an order is settled)."""
+    step = next_step(o)
+    return None if step is None else step[0]
+
+
+def topology_queues() -> tuple[str, ...]:
+    from pulse.topology import QUEUES  # the topology imports the handlers, which import this package
+
+    return QUEUES
 
 
 class Watchdog:
     """Finds stalled sagas and re-drives them; ``run_once()`` is one pass, the server runs it periodically."""
 
     def __init__(self, deps, *, deadline_s: float | None = None, interval_s: float | None = None,
-                 lookback_s: float = 86400.0, limit: int = 500, max_pages: int = 40, depth=None):
+                 lookback_s: float = 86400.0, limit: int = 500, max_pages: int = 40, depth=None, unsettled=None):
         env = os.environ
-        self.deps, self.depth = deps, depth
+        self.deps, self.depth, self.unsettled = deps, depth, unsettled
         self.deadline_s = float(deadline_s if deadline_s is not None else env.get("PULSE_WATCHDOG_DEADLINE_S", 30))
         self.interval_s = float(interval_s if interval_s is not None else env.get("PULSE_WATCHDOG_INTERVAL_S", 5))
         self.lookback_s, self.limit, self.max_pages = lookback_s, limit, max_pages
@@ -127,9 +160,9 @@ class Watchdog:
                                                  "after_id": after[1]}).fetchall()
             examined += len(rows)
             for row in rows:
-                event = next_event(row)
-                if event is not None and self._redrive(row, event):
-                    emitted[str(event.value)] += 1
+                step = next_step(row)
+                if step is not None and self._redrive(row, *step):
+                    emitted[str(step[0].value)] += 1
             if len(rows) < self.limit:
                 break
             after = (rows[-1]["updated_at"], rows[-1]["id"])
@@ -148,16 +181,20 @@ class Watchdog:
         if late:
             return f"{late} outbox event(s) older than the deadline are not relayed yet"
         if self.depth is not None:
-            ready = self.depth.ready(list(broker.BINDINGS[self.deps.settings.strategy]))
+            ready = self.depth.ready(list(topology_queues()))
             if ready:
                 return f"{ready} message(s) queued for the consumers"
+        # Delivered but not acked (prefetched, in a handler, or between retries): the broker's count misses them.
+        held = self.unsettled() if self.unsettled is not None else 0
+        if held:
+            return f"{held} message(s) in the consumers' hands, not acked yet"
         return None
 
     def close(self) -> None:
         if self.depth is not None:
             self.depth.close()
 
-    def _redrive(self, order: dict, event) -> bool:
+    def _redrive(self, order: dict, event, queue: str) -> bool:
         with db.transaction(self.deps.pool) as conn:
             # The upsert's WHERE is the guard: of two watchdogs (two servers) only one re-drives per deadline.
             won = conn.execute(
@@ -167,8 +204,10 @@ class Watchdog:
                 "RETURNING attempts", (order["id"], event.value, self.deadline_s)).fetchone()
             if won is None:
                 return False
-            outbox.append(conn, event, "ORDER", order["id"], self._payload(conn, order, event))
-        log.info("order %s re-driven with %s (attempt %d)", order["id"], event.value, won["attempts"])
+            # Only the module that missed the event acts on it (topology.Dispatcher): re-sent to all, an
+            # ORDER_CREATED made redis-stock empty the shopper's next cart.
+            outbox.append(conn, event, "ORDER", order["id"], {**self._payload(conn, order, event), "redriveFor": queue})
+        log.info("order %s re-driven with %s for %s (attempt %d)", order["id"], event.value, queue, won["attempts"])
         return True
 
     def _payload(self, conn, order: dict, event) -> dict:

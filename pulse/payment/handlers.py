@@ -43,19 +43,16 @@ def _claim_only(deps, envelope):
         inbox.claim(conn, "payment.inbox", envelope.id)
 
 
-def on_refund(deps, envelope) -> None:
+def on_refund(deps, conn, envelope) -> None:
     """STOCK_FAILED (post-payment): refund the successful charge of this order, once."""
     p = envelope.payload
-    with deps.transaction() as conn:
-        if not inbox.claim(conn, "payment.inbox", envelope.id, enabled=not deps.naive("no-inbox")):
-            return
-        payment = conn.execute("SELECT id, provider_payment_id FROM payment.payments WHERE order_id = %s "
-                               "AND status = 'SUCCESS' FOR UPDATE", (p["orderId"],)).fetchone()
-        if payment is None:
-            return  # never charged, nothing to give back
-        deps.provider.refund(p["orderId"], payment["provider_payment_id"])
-        conn.execute("UPDATE payment.payments SET status = 'REFUNDED', refunded_at = now() WHERE id = %s",
-                     (payment["id"],))
-        outbox.append(conn, E.PAYMENT_REFUNDED, "ORDER", p["orderId"],
-                      {"orderId": p["orderId"], "userId": p.get("userId"), "totalPrice": p.get("totalPrice"),
-                       "strategy": p.get("strategy"), "reason": "OUT_OF_STOCK", "paymentId": str(payment["id"])})
+    payment = conn.execute("SELECT id, provider_payment_id FROM payment.payments WHERE order_id = %s "
+                           "AND status = 'SUCCESS' FOR UPDATE", (p["orderId"],)).fetchone()
+    if payment is None:
+        return  # never charged, nothing to give back
+    deps.provider.refund(p["orderId"], payment["provider_payment_id"])
+    conn.execute("UPDATE payment.payments SET status = 'REFUNDED', refunded_at = now() WHERE id = %s",
+                 (payment["id"],))
+    outbox.append(conn, E.PAYMENT_REFUNDED, "ORDER", p["orderId"],
+                  {"orderId": p["orderId"], "userId": p.get("userId"), "totalPrice": p.get("totalPrice"),
+                   "strategy": p.get("strategy"), "reason": "OUT_OF_STOCK", "paymentId": str(payment["id"])})

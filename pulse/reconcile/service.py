@@ -9,6 +9,7 @@ import uuid
 import redis
 
 from pulse.infra import db, keys
+from pulse.redisstock.handlers import HELD_BY_PRODUCT
 
 log = logging.getLogger(__name__)
 # A hash: reconciler instance id → epoch of its last run. One field per instance, because several
@@ -95,7 +96,7 @@ class Reconciler:
             changed = conn.execute(
                 f"SELECT c.user_id, ci.product_id FROM inventory.cart_items ci JOIN inventory.carts c "
                 f"ON c.id = ci.cart_id WHERE {window('ci.')}", args).fetchall()
-            products = {str(r["product_id"]) for r in changed}
+            products = {str(r["product_id"]) for r in changed} | self._hold_products(conn, window("h."), args)
             users = {str(r["user_id"]) for r in changed}
             lo_ms = int(lower.timestamp() * 1000) + ttl_ms
             users |= set(self.deps.redis.zrangebyscore(keys.CLEANUP_QUEUE, f"({lo_ms}",
@@ -119,12 +120,20 @@ class Reconciler:
         rows = conn.execute("SELECT c.user_id, ci.product_id FROM inventory.cart_items ci JOIN inventory.carts c "
                             "ON c.id = ci.cart_id WHERE ci.updated_at > %s", (upper,)).fetchall()
         users = {str(r["user_id"]) for r in rows}
-        products = {str(r["product_id"]) for r in rows}
+        products = {str(r["product_id"]) for r in rows} | self._hold_products(conn, "h.updated_at > %(upper)s",
+                                                                             {"upper": upper})
         recent = self.deps.redis.zrangebyscore(keys.CLEANUP_QUEUE, f"({int(upper.timestamp() * 1000) + ttl_ms}", "+inf")
         users |= set(recent)
         for items in self._redis_carts(set(recent)).values():
             products |= set(items)
         return products, users
+
+    @staticmethod
+    def _hold_products(conn, condition: str, args: dict) -> set[str]:
+        """Products of order holds moved or released where ``condition`` holds (on infra.order_holds)."""
+        return {str(r["p"]) for r in conn.execute(
+            "SELECT DISTINCT (i->>'productId') AS p FROM infra.order_holds h, jsonb_array_elements(h.items) i "
+            f"WHERE {condition}", args)}
 
     def _fix_stock(self, rows) -> int:
         if not rows:
@@ -138,20 +147,18 @@ class Reconciler:
         return len(wrong)
 
     def _fix_reserved(self, conn, products: set[str], full: bool, busy: set[str]) -> int:
+        """``reserved:`` = units held by carts + units of orders whose hold inventory has not released yet."""
+        if not full and not products:
+            return 0
         if full:
-            rows = conn.execute("SELECT p.id AS product_id, COALESCE(SUM(ci.quantity), 0) AS held "
-                                "FROM inventory.products p LEFT JOIN inventory.cart_items ci ON ci.product_id = p.id "
-                                "GROUP BY p.id").fetchall()
-            held = {str(r["product_id"]): int(r["held"]) for r in rows}
-            held.update({p: 0 for p in products - set(held)})
-            held = {p: n for p, n in held.items() if p not in busy}
+            held = {str(r["id"]): 0 for r in conn.execute("SELECT id FROM inventory.products")}
+            held.update({p: 0 for p in products})
         else:
-            if not products:
-                return 0
             held = {p: 0 for p in products}
-            for r in conn.execute("SELECT product_id, SUM(quantity) AS held FROM inventory.cart_items "
-                                  "WHERE product_id = ANY(%s::uuid[]) GROUP BY product_id", (list(products),)):
-                held[str(r["product_id"])] = int(r["held"])
+        for r in conn.execute(HELD_BY_PRODUCT, {"products": None if full else list(products)}):
+            held[str(r["product_id"])] = int(r["held"])
+        if full:
+            held = {p: n for p, n in held.items() if p not in busy}
         ids = sorted(held)
         current = self.deps.redis.mget([keys.reserved(p) for p in ids])
         wrong = {keys.reserved(p): held[p] for p, value in zip(ids, current)

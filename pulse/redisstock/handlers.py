@@ -1,41 +1,106 @@
-"""redis-stock.queue: keep Redis in step with the database after orders and stock movements."""
+"""redis-stock.queue: keep Redis in step with the database, and keep a cart's promise until inventory decides.
+
+A cart add that Redis accepted holds its units in ``reserved:``. At ORDER_CREATED that hold moves from the
+cart to the order; it ends only when inventory decides (STOCK_RESERVED lowers ``stock:`` in the same Lua
+step, STOCK_FAILED just releases) or the order fails before any reservation. Releasing at ORDER_CREATED, as
+the Java original does, lets ``stock − reserved`` count the order's units as free until STOCK_RESERVED
+lowers the stock, and a shopper's add accepted in that window later fails out of stock (the lab's naive
+``release-on-order-created``).
+
+Each handler commits its database side with its inbox row first, then runs its Redis side on every
+delivery, even a duplicate, because a crash may have come between the two; the Lua scripts remember each
+step per order (``pulse:hold:{orderId}``), so a redelivery or a watchdog re-drive is applied once. Doing
+Redis first would open a window where a cart read finds Redis empty and caches the old database cart again.
+"""
 
 from __future__ import annotations
 
+import json
+
+from pulse.events import EventType as E
 from pulse.infra import inbox, keys
 
+INBOX = "infra.redis_stock_inbox"
 APPLIED_TTL_S = 7 * 24 * 3600
+
+# Hold units per product: live cart quantities plus the items of orders whose hold moved and is not released.
+HELD_BY_PRODUCT = """
+SELECT product_id, SUM(quantity)::int AS held FROM (
+    SELECT ci.product_id, ci.quantity FROM inventory.cart_items ci WHERE ci.quantity > 0
+    UNION ALL
+    SELECT (i->>'productId')::uuid, (i->>'quantity')::int FROM infra.order_holds h, jsonb_array_elements(h.items) i
+    WHERE h.moved_at IS NOT NULL AND h.released_at IS NULL
+) held WHERE %(products)s::uuid[] IS NULL OR product_id = ANY(%(products)s::uuid[]) GROUP BY product_id
+"""
+
+# The ordered units leave the cart (items added since stay), once per order.
+MOVE_FROM_CART = """
+WITH hold AS (
+    INSERT INTO infra.order_holds AS h (order_id, user_id, items, moved_at, released_at)
+    VALUES (%(order)s, %(user)s, %(items)s::jsonb, clock_timestamp(), CASE WHEN %(release)s THEN clock_timestamp() END)
+    ON CONFLICT (order_id) DO UPDATE SET moved_at = clock_timestamp(), updated_at = clock_timestamp()
+    WHERE h.moved_at IS NULL RETURNING h.order_id
+), cart AS (
+    UPDATE inventory.carts c SET updated_at = now() FROM hold WHERE c.user_id = %(user)s RETURNING c.id
+)
+UPDATE inventory.cart_items ci SET quantity = GREATEST(ci.quantity - x.quantity, 0), updated_at = now()
+FROM cart, jsonb_to_recordset(%(items)s::jsonb) AS x("productId" uuid, quantity int)
+WHERE ci.cart_id = cart.id AND ci.product_id = x."productId" AND ci.quantity > 0
+"""
+
+RELEASE = """
+INSERT INTO infra.order_holds AS h (order_id, user_id, items, released_at)
+VALUES (%(order)s, %(user)s, %(items)s::jsonb, clock_timestamp())
+ON CONFLICT (order_id) DO UPDATE SET released_at = clock_timestamp(), updated_at = clock_timestamp()
+WHERE h.released_at IS NULL
+"""
+
+# What each deciding event does to the order's hold and to stock: (step, release the hold, stock direction).
+SETTLE = {E.STOCK_RESERVED.value: ("decided", True, -1), E.STOCK_FAILED.value: ("decided", True, 0),
+          E.PAYMENT_FAILED.value: ("decided", True, 0), E.STOCK_RELEASED.value: ("restocked", False, 1)}
+
+
+def _items(payload: dict) -> list[dict]:
+    return [{"productId": str(i["productId"]), "quantity": int(i["quantity"])} for i in payload.get("items") or []]
+
+
+def _claimed(deps, envelope, statement: str | None, args: dict) -> None:
+    with deps.transaction() as conn:
+        if inbox.claim(conn, INBOX, envelope.id, enabled=not deps.naive("no-inbox")) and statement:
+            conn.execute(statement, args)
 
 
 def on_order_created(deps, envelope) -> None:
-    """Clear the user's cart in the database and in Redis (releasing its reservation).
-
-    The database side commits first, with the inbox row. The Redis side then runs on every delivery,
-    even a duplicate one, because a crash may have come between the two; a per-event marker set in
-    the same Lua call keeps it to one effect. Doing Redis first instead would open a window where a
-    cart read finds Redis empty, falls back to the not-yet-cleared database cart and caches it again.
-    """
-    user_id = envelope.payload["userId"]
-    with deps.transaction() as conn:
-        if inbox.claim(conn, "infra.redis_stock_inbox", envelope.id, enabled=not deps.naive("no-inbox")):
-            cart = conn.execute("UPDATE inventory.carts SET updated_at = now() WHERE user_id = %s RETURNING id",
-                                (user_id,)).fetchone()
-            if cart is not None:
-                conn.execute("UPDATE inventory.cart_items SET quantity = 0, updated_at = now() "
-                             "WHERE cart_id = %s AND quantity > 0", (cart["id"],))
+    """ORDER_CREATED: the ordered units leave the user's cart (DB and Redis); their hold moves to the order."""
+    p = envelope.payload
+    items, user_id, order_id = _items(p), p["userId"], p["orderId"]
+    naive = deps.naive("release-on-order-created")
+    _claimed(deps, envelope, MOVE_FROM_CART, {"order": order_id, "user": user_id, "items": json.dumps(items),
+                                              "release": naive})
+    held = [keys.reserved(i["productId"]) for i in items]
     # after_commit: inside a consumer batch the database side commits only with the whole batch.
-    deps.after_commit(lambda: deps.scripts.clear_cart(
-        [keys.cart(user_id), keys.CLEANUP_QUEUE, keys.applied(envelope.id)], [user_id, APPLIED_TTL_S]))
+    deps.after_commit(lambda: deps.scripts.move_hold(
+        [keys.cart(user_id), keys.CLEANUP_QUEUE, keys.hold(order_id), *held],
+        [user_id, APPLIED_TTL_S, "1" if naive else "0", *[i["quantity"] for i in items]]))
 
 
-def on_stock_changed(deps, envelope) -> None:
-    """STOCK_RESERVED / STOCK_RELEASED: refresh ``stock:{productId}`` from the database."""
-    product_ids = [i["productId"] for i in envelope.payload.get("items", [])]
-    with deps.transaction() as conn:
-        if not inbox.claim(conn, "infra.redis_stock_inbox", envelope.id, enabled=not deps.naive("no-inbox")):
-            return
-        rows = conn.execute("SELECT product_id, available_quantity FROM inventory.inventory_items "
-                            "WHERE product_id = ANY(%s::uuid[])", (product_ids,)).fetchall()
-    if rows:
-        stock = {keys.stock(r["product_id"]): r["available_quantity"] for r in rows}
-        deps.after_commit(lambda: deps.redis.mset(stock))
+def on_stock_decided(deps, envelope) -> None:
+    """STOCK_RESERVED, STOCK_FAILED, or PAYMENT_FAILED before any reservation: the order's hold ends."""
+    _settle(deps, envelope, RELEASE)
+
+
+def on_stock_released(deps, envelope) -> None:
+    """STOCK_RELEASED (restock after a declined payment): the units are back in ``stock:``."""
+    _settle(deps, envelope, None)
+
+
+def _settle(deps, envelope, statement: str | None) -> None:
+    p = envelope.payload
+    items, order_id = _items(p), p["orderId"]
+    step, release, direction = SETTLE[envelope.event_type]
+    _claimed(deps, envelope, statement, {"order": order_id, "user": p.get("userId"), "items": json.dumps(items)})
+    reserved = [keys.reserved(i["productId"]) for i in items]
+    stock = [keys.stock(i["productId"]) for i in items]
+    deps.after_commit(lambda: deps.scripts.settle_hold(
+        [keys.hold(order_id), *reserved, *stock],
+        [step, "1" if release else "0", direction, APPLIED_TTL_S, *[i["quantity"] for i in items]]))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pulse.infra import inbox
 from pulse.views.model import display_status
 
 
-def on_order_updated(deps, envelope) -> None:
+def on_order_updated(deps, conn, envelope) -> None:
     """Upsert the order's display status unless a newer update was already projected.
 
     Two ORDER_UPDATED events of one order can arrive out of order (several consumers, redelivery);
@@ -14,11 +13,8 @@ def on_order_updated(deps, envelope) -> None:
     """
     p = envelope.payload
     status = display_status(p["strategy"], p["paymentStatus"], p["inventoryStatus"])
-    with deps.transaction() as conn:
-        if not inbox.claim(conn, "orders.order_view_inbox", envelope.id, enabled=not deps.naive("no-inbox")):
-            return
-        conn.execute(
-            "INSERT INTO orders.order_views (order_id, display_status, last_updated) VALUES (%s, %s, %s) "
-            "ON CONFLICT (order_id) DO UPDATE SET display_status = EXCLUDED.display_status, "
-            "last_updated = EXCLUDED.last_updated WHERE orders.order_views.last_updated <= EXCLUDED.last_updated",
-            (p["orderId"], status, p["updatedAt"]))
+    conn.execute(
+        "INSERT INTO orders.order_views (order_id, display_status, last_updated) VALUES (%s, %s, %s) "
+        "ON CONFLICT (order_id) DO UPDATE SET display_status = EXCLUDED.display_status, "
+        "last_updated = EXCLUDED.last_updated WHERE orders.order_views.last_updated <= EXCLUDED.last_updated",
+        (p["orderId"], status, p["updatedAt"]))

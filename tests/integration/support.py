@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import uuid
 
 from pulse.events import Envelope
-from pulse.infra import broker
+from pulse import topology
 from pulse.infra.outbox import envelope_of
 
 
@@ -25,16 +26,16 @@ class Bus:
     """Does the relay's and the broker's job in-process, one order at a time, with holds.
 
     ``run(order_id)`` takes the order's outbox rows (deleting them, as the relay would), routes each
-    to every queue bound to its type under the system's strategy, and calls that queue's handler,
-    until nothing is left. Deliveries matching ``hold`` (queue names or (queue, event type) pairs)
+    to every queue bound to its type (pulse.topology), and hands it to that queue's dispatcher (which acts
+    under the order's strategy), until nothing is left. Deliveries matching ``hold`` (queue names or (queue, event type) pairs)
     are kept back, so a test can look at the order between two steps of the saga.
     """
 
     def __init__(self, system, db):
         self.system, self.db = system, db
-        self.handlers = system.handlers()
-        bound = broker.BINDINGS[system.settings.strategy]
-        self.bindings = {q: {e.value for e in events} for q, events in bound.items()}
+        self.bindings = {q: set(keys) for q, keys in topology.bindings().items()}
+        # handlers[queue][event type]: what a consumer of that queue calls (the queue's dispatcher, whatever the type).
+        self.handlers = {q: collections.defaultdict(lambda q=q: system.dispatcher(q)) for q in topology.QUEUES}
         self.pending: list[tuple[str, Envelope]] = []
         self.delivered: list[tuple[str, str]] = []
 
@@ -46,8 +47,10 @@ class Bus:
             self.pending += [(q, env) for q, keys in self.bindings.items() if env.event_type in keys]
 
     def deliver(self, queue: str, env: Envelope) -> None:
-        self.handlers[queue][env.event_type](env)
-        self.delivered.append((queue, env.event_type))
+        dispatcher = self.system.dispatcher(queue)
+        dispatcher(env)
+        if not dispatcher.skipped:  # only deliveries the module acted on (not the other strategy's, not re-drives)
+            self.delivered.append((queue, env.event_type))
 
     def run(self, aggregate_id, hold=()) -> list[tuple[str, Envelope]]:
         """Deliver until only held deliveries remain; returns those."""

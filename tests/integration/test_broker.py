@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from pulse import topology
 from pulse.infra import broker
 from tests.conftest import wait_for
 from tests.integration.support import envelope, order_row
@@ -35,39 +36,26 @@ def publish(settings, envelopes, **kwargs):
 
 
 def test_setup_declares_every_queue_with_its_dead_letter_queue(settings, channel):
-    bound = broker.setup(settings.amqp_url, "optimistic")
-    assert bound["inventory.queue"] == ["ORDER_CREATED", "PAYMENT_FAILED"]
-    for queue in broker.QUEUES:
+    bound = broker.setup(settings.amqp_url, topology.bindings())
+    assert bound["inventory.queue"] == ["ORDER_CREATED", "PAYMENT_FAILED", "PAYMENT_PROCESSED"]
+    for queue in topology.QUEUES:
         assert channel.queue_declare(queue, passive=True).method.queue == queue
         assert channel.queue_declare(f"{queue}.dlq", passive=True).method.queue == f"{queue}.dlq"
     channel.exchange_declare(broker.EXCHANGE, exchange_type="topic", passive=True)
 
 
-def test_switching_strategy_removes_the_other_strategys_bindings(system, settings, new_product, channel, tidy_outbox):
+def test_every_queue_hears_both_strategies_events(system, settings, new_product, channel, tidy_outbox):
+    """Bindings no longer depend on the process strategy: the order's strategy picks the handler."""
     user = uuid.uuid4()
     system.carts.add_item(user, uuid.UUID(new_product(stock=5)), 1)
     order_id = system.orders.create(user, f"k-{user}")["orderId"]  # a real order: the events stay harmless
     tidy_outbox.append(order_id)
-
-    def routed(strategy):
-        """Declare the topology of ``strategy``, publish a PAYMENT_FAILED; which queues got one more message?"""
-        broker.setup(settings.amqp_url, strategy)
-        before = {q: ready(channel, q) for q in broker.QUEUES}
-        publish(settings, [envelope("PAYMENT_FAILED", {"orderId": order_id, "userId": str(user),
-                                                       "strategy": "OPTIMISTIC", "reason": "DECLINED"})])
-        return {q for q in broker.QUEUES if ready(channel, q) == before[q] + 1}
-
-    assert routed("optimistic") == {"order.queue", "inventory.queue"}
-    assert routed("post-payment") == {"order.queue"}  # inventory no longer hears PAYMENT_FAILED
-    assert routed("optimistic") == {"order.queue", "inventory.queue"}
-    broker.setup(settings.amqp_url, "post-payment")
-    before = {q: ready(channel, q) for q in broker.QUEUES}
-    publish(settings, [envelope("STOCK_RESERVED", {"orderId": order_id, "userId": str(user), "items": [],
-                                                   "strategy": "POST_PAYMENT", "totalPrice": "0"})])
-    got = {q for q in broker.QUEUES if ready(channel, q) == before[q] + 1}
-    assert got == {"order.queue", "redis-stock.queue"}  # payment no longer charges on STOCK_RESERVED
-    broker.setup(settings.amqp_url, "optimistic")
-
+    broker.setup(settings.amqp_url, topology.bindings())
+    before = {q: ready(channel, q) for q in topology.QUEUES}
+    publish(settings, [envelope("PAYMENT_FAILED", {"orderId": order_id, "userId": str(user),
+                                                   "strategy": "POST_PAYMENT", "reason": "DECLINED"})])
+    got = {q for q in topology.QUEUES if ready(channel, q) == before[q] + 1}
+    assert got == {"order.queue", "inventory.queue", "redis-stock.queue"}
 
 def fetch(channel, queue, message_id, timeout_s=15.0):
     """Take one message by id from ``queue``; every other message is put back untouched."""
@@ -93,7 +81,7 @@ def test_a_poison_message_is_dead_lettered_with_its_reason_after_bounded_retries
     system = make_system(workers=True, handler_retries=3)
     order_consumer = next(c for c in system.threads if getattr(c, "queue", None) == "order.queue")
     missing = str(uuid.uuid4())
-    poison = envelope("STOCK_RESERVED", {"orderId": missing, "items": []})
+    poison = envelope("STOCK_RESERVED", {"orderId": missing, "items": [], "strategy": "OPTIMISTIC"})
     started = time.monotonic()
     publish(settings, [poison], exchange="", routing_key="order.queue")
     props, body = fetch(channel, "order.queue.dlq", str(poison.id))
@@ -132,4 +120,4 @@ def test_a_malformed_body_and_an_unexpected_type_go_to_the_dead_letter_queue(mak
     stray = envelope("ORDER_UPDATED", {"orderId": str(uuid.uuid4())})
     publish(settings, [stray], exchange="", routing_key="payment.queue")
     props, _ = fetch(channel, "payment.queue.dlq", str(stray.id))
-    assert "no handler for ORDER_UPDATED" in props.headers["x-pulse-reason"]
+    assert "payment.queue has no route for ORDER_UPDATED" in props.headers["x-pulse-reason"]

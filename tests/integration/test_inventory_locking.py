@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 def test_concurrent_reservations_of_one_product_all_succeed_or_fail_cleanly(system, new_product, db, tidy_outbox):
     product = new_product(stock=8)
-    reserve = system.handlers()["inventory.queue"]["ORDER_CREATED"]
+    reserve = system.dispatcher("inventory.queue")
     orders = [str(uuid.uuid4()) for _ in range(20)]
     tidy_outbox.extend(orders)
     events = {o: envelope("ORDER_CREATED", {"orderId": o, "userId": str(uuid.uuid4()), "strategy": "OPTIMISTIC",
@@ -65,7 +65,7 @@ def test_a_version_conflict_is_retried_and_then_gives_up(system, new_product, db
 
     product, order_id = new_product(stock=5), str(uuid.uuid4())
     tidy_outbox.append(order_id)
-    reserve = system.handlers()["inventory.queue"]["ORDER_CREATED"]
+    reserve = system.dispatcher("inventory.queue")
     event = envelope("ORDER_CREATED", {"orderId": order_id, "userId": str(uuid.uuid4()), "strategy": "OPTIMISTIC",
                                        "totalPrice": "1.00", "items": [{"productId": product, "quantity": 1}]})
     attempts = []
@@ -97,13 +97,12 @@ def test_a_version_conflict_is_retried_and_then_gives_up(system, new_product, db
 
         return Wrapper()
 
-    import pulse.inventory.handlers as handlers
-    handlers.db.transaction = interfering
+    system.deps.transaction = lambda: interfering(system.deps.pool)  # this system's only, not the process's
     try:
         with pytest.raises(VersionConflict):
             reserve(event)
     finally:
-        handlers.db.transaction = real_transaction
+        del system.deps.transaction
     assert len(attempts) == MAX_VERSION_RETRIES
     assert db_stock(db, product) == 5
     assert db.execute("SELECT 1 FROM inventory.inbox WHERE event_id = %s", (event.id,)).fetchone() is None
@@ -120,7 +119,7 @@ def test_two_batches_taking_the_same_products_in_opposite_orders_do_not_deadlock
     from pulse.inventory.handlers import lock_batch
 
     p1, p2 = new_product(stock=10), new_product(stock=10)
-    reserve = system.handlers()["inventory.queue"]["ORDER_CREATED"]
+    reserve = system.dispatcher("inventory.queue")
 
     def order(product):
         o = str(uuid.uuid4())

@@ -66,8 +66,8 @@ def test_no_inbox_applies_a_redelivered_event_twice(settings, make_system, new_p
         row = conn.execute("SELECT * FROM shared.outbox WHERE aggregate_id = %s AND event_type = 'ORDER_CREATED'",
                            (order["orderId"],)).fetchone()
     envelope = Envelope(row["id"], row["event_type"], row["aggregate_id"], row["payload"])
-    inventory.on_reserve(system.deps, envelope)
-    inventory.on_reserve(system.deps, envelope)  # the broker redelivers after a crash before the ack
+    system.dispatcher("inventory.queue")(envelope)
+    system.dispatcher("inventory.queue")(envelope)  # the broker redelivers after a crash before the ack
     with _conn(settings) as conn:
         results = [inv.stock_conservation(conn, _scope([product], since)), inv.effects_once(conn, _scope([product], since))]
         conn.execute("DELETE FROM shared.outbox WHERE aggregate_id = %s", (order["orderId"],))  # no relay here

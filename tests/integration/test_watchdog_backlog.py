@@ -5,6 +5,7 @@ import uuid
 import pika
 import pytest
 
+from pulse import topology
 from pulse.infra import broker
 from pulse.orders.watchdog import Watchdog
 from tests.conftest import wait_for
@@ -54,7 +55,7 @@ def test_a_stalled_order_waits_for_the_backlog_then_is_re_driven(settings, make_
     watchdog = Watchdog(system.deps, deadline_s=0.5, depth=depth)
     held = watchdog.run_once()
     assert held["redriven"] == {} and "40 message(s) queued" in held["deferred"]
-    assert set(depth.asked[0]) == set(broker.BINDINGS[settings.strategy])
+    assert set(depth.asked[0]) == set(topology.QUEUES)
     with system.deps.pool.connection() as conn:
         assert conn.execute("SELECT 1 FROM infra.saga_redrives WHERE order_id = %s", (order_id,)).fetchone() is None
 

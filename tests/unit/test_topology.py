@@ -1,9 +1,11 @@
-"""Broker bindings (pulse/infra/broker.py) and the handlers bootstrap wires to them must agree."""
+"""The saga topology (pulse/topology.py) against SPEC §2/§3 read independently as "who must hear what"."""
+
+import uuid
 
 import pytest
 
-from pulse import bootstrap
-from pulse.events import EventType as E
+from pulse import topology
+from pulse.events import Envelope, EventType as E
 from pulse.infra import broker
 from pulse.inventory import handlers as inventory
 from pulse.orders import handlers as orders
@@ -11,74 +13,111 @@ from pulse.payment import handlers as payment
 from pulse.redisstock import handlers as redisstock
 from pulse.views import handlers as views
 
-STRATEGIES = ("optimistic", "post-payment")
-
-
-def test_the_spec_queues_and_exchange():
-    assert broker.EXCHANGE == "outbox-exchange"
-    assert set(broker.QUEUES) == {"order.queue", "inventory.queue", "payment.queue", "order-view.queue",
-                                  "redis-stock.queue"}
-    assert broker.dead_letter_queue("order.queue") == "order.queue.dlq"
-    for strategy in STRATEGIES:
-        assert set(broker.BINDINGS[strategy]) == set(broker.QUEUES)
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_every_bound_key_has_a_handler_and_every_handler_a_binding(strategy):
-    handlers = bootstrap.queue_handlers(strategy)
-    bound = {q: {e.value for e in events} for q, events in broker.BINDINGS[strategy].items()}
-    assert set(handlers) == set(bound)
-    for queue in bound:
-        assert set(handlers[queue]) == bound[queue], queue
-
-
-# SPEC §3 read as "who must hear what", independently of the code's tables.
+STRATEGIES = ("OPTIMISTIC", "POST_PAYMENT")
 EXPECTED = {
-    "optimistic": {
+    "OPTIMISTIC": {
         "inventory.queue": {"ORDER_CREATED": inventory.on_reserve, "PAYMENT_FAILED": inventory.on_restock},
         "payment.queue": {"STOCK_RESERVED": payment.on_charge},
+        "redis-stock.queue": {"ORDER_CREATED": redisstock.on_order_created,
+                              "STOCK_RESERVED": redisstock.on_stock_decided,
+                              "STOCK_FAILED": redisstock.on_stock_decided,
+                              "STOCK_RELEASED": redisstock.on_stock_released},
     },
-    "post-payment": {
+    "POST_PAYMENT": {
         "inventory.queue": {"PAYMENT_PROCESSED": inventory.on_reserve},
         "payment.queue": {"ORDER_CREATED": payment.on_charge, "STOCK_FAILED": payment.on_refund},
+        "redis-stock.queue": {"ORDER_CREATED": redisstock.on_order_created,
+                              "STOCK_RESERVED": redisstock.on_stock_decided,
+                              "STOCK_FAILED": redisstock.on_stock_decided,
+                              "PAYMENT_FAILED": redisstock.on_stock_decided,
+                              "STOCK_RELEASED": redisstock.on_stock_released},
     },
 }
-COMMON = {
-    "order-view.queue": {"ORDER_UPDATED": views.on_order_updated},
-    "redis-stock.queue": {"ORDER_CREATED": redisstock.on_order_created, "STOCK_RESERVED": redisstock.on_stock_changed,
-                          "STOCK_RELEASED": redisstock.on_stock_changed},
-}
+COMMON = {"order-view.queue": {"ORDER_UPDATED": views.on_order_updated}}
 # Events each strategy's saga can produce; the order must hear every one of them.
 PRODUCED = {
-    "optimistic": {"STOCK_RESERVED", "STOCK_FAILED", "STOCK_RELEASED", "PAYMENT_PROCESSED", "PAYMENT_FAILED"},
-    "post-payment": {"PAYMENT_PROCESSED", "PAYMENT_FAILED", "STOCK_RESERVED", "STOCK_FAILED", "PAYMENT_REFUNDED"},
+    "OPTIMISTIC": {"STOCK_RESERVED", "STOCK_FAILED", "STOCK_RELEASED", "PAYMENT_PROCESSED", "PAYMENT_FAILED"},
+    "POST_PAYMENT": {"PAYMENT_PROCESSED", "PAYMENT_FAILED", "STOCK_RESERVED", "STOCK_FAILED", "PAYMENT_REFUNDED"},
 }
+
+
+def handlers(strategy: str) -> dict[str, dict[str, object]]:
+    return {q.name: {r.event.value: r.handler for r in q.routes if strategy in r.strategies} for q in topology.TOPOLOGY}
+
+
+def test_the_spec_queues_inboxes_and_exchange():
+    assert broker.EXCHANGE == "outbox-exchange"
+    assert topology.QUEUES == ("order.queue", "inventory.queue", "payment.queue", "order-view.queue",
+                               "redis-stock.queue")
+    assert topology.QUEUE_INBOX == {"order.queue": "orders.inbox", "inventory.queue": "inventory.inbox",
+                                    "payment.queue": "payment.inbox", "order-view.queue": "orders.order_view_inbox",
+                                    "redis-stock.queue": "infra.redis_stock_inbox"}
+    assert broker.dead_letter_queue("order.queue") == "order.queue.dlq"
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_each_module_gets_what_the_saga_of_its_strategy_sends_it(strategy):
-    handlers = bootstrap.queue_handlers(strategy)
+    on = handlers(strategy)
     for queue, wanted in {**EXPECTED[strategy], **COMMON}.items():
-        assert handlers[queue] == wanted, queue
-    assert set(handlers["order.queue"]) == PRODUCED[strategy]
-    assert all(h is orders.on_saga_event for h in handlers["order.queue"].values())
+        assert on[queue] == wanted, queue
+    assert PRODUCED[strategy] <= set(on["order.queue"])
+    assert all(h is orders.on_saga_event for h in on["order.queue"].values())
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_the_order_handler_accepts_everything_it_is_bound_to(strategy):
-    assert set(bootstrap.queue_handlers(strategy)["order.queue"]) <= {e.value for e in orders.HANDLED}
+def test_every_queue_is_bound_to_what_any_strategy_routes_to_it():
+    bound = topology.bindings()
+    for queue in topology.QUEUES:
+        assert set(bound[queue]) == {e for s in STRATEGIES for e in handlers(s)[queue]}, queue
 
 
-def test_nobody_charges_or_reserves_twice_under_one_strategy():
+def test_nobody_charges_or_reserves_twice_for_one_order():
     for strategy in STRATEGIES:
-        on = bootstrap.queue_handlers(strategy)
+        on = handlers(strategy)
         charges = [(q, e) for q, hs in on.items() for e, h in hs.items() if h is payment.on_charge]
         reserves = [(q, e) for q, hs in on.items() for e, h in hs.items() if h is inventory.on_reserve]
         assert len(charges) == 1 and len(reserves) == 1, strategy
 
 
-def test_the_strategies_really_differ_where_the_saga_differs():
-    opt, post = broker.BINDINGS["optimistic"], broker.BINDINGS["post-payment"]
-    assert set(opt["inventory.queue"]) != set(post["inventory.queue"])
-    assert set(opt["payment.queue"]) != set(post["payment.queue"])
-    assert E.PAYMENT_FAILED not in post["inventory.queue"]  # post-payment: nothing reserved before the charge
+def test_expected_deliveries_follow_the_order_strategy():
+    assert set(topology.consumers_of("ORDER_CREATED", "OPTIMISTIC")) == {"inventory.queue", "redis-stock.queue"}
+    assert set(topology.consumers_of("ORDER_CREATED", "POST_PAYMENT")) == {"payment.queue", "redis-stock.queue"}
+    assert "inventory.queue" not in topology.consumers_of("PAYMENT_FAILED", "POST_PAYMENT")
+    assert "redis-stock.queue" not in topology.consumers_of("PAYMENT_FAILED", "OPTIMISTIC")
+
+
+class Deps:
+    def __init__(self):
+        self.calls = []
+
+    def naive(self, name):
+        return False
+
+
+def _envelope(event_type, **payload):
+    return Envelope(id=uuid.uuid4(), event_type=event_type, aggregate_id="o", payload={"orderId": "o", **payload})
+
+
+def test_the_dispatcher_acts_by_the_order_strategy_and_skips_other_queues_re_drives():
+    calls = []
+    queue = topology.Queue("payment.queue", "payment", "payment.inbox", routes=(
+        topology.Route(E.ORDER_CREATED, lambda deps, env: calls.append(env.id), topology.POST, claims_inbox=False),))
+    dispatch = topology.Dispatcher(queue, Deps())
+    dispatch(_envelope("ORDER_CREATED", strategy="OPTIMISTIC"))  # the other strategy's event: not ours
+    dispatch(_envelope("ORDER_CREATED", strategy="POST_PAYMENT", redriveFor="inventory.queue"))
+    assert calls == [] and dispatch.skipped == 2
+    mine = _envelope("ORDER_CREATED", strategy="POST_PAYMENT", redriveFor="payment.queue")
+    dispatch(mine)
+    assert calls == [mine.id]
+
+
+@pytest.mark.parametrize("payload", [{"strategy": None}, {"strategy": "PESSIMISTIC"}, {}])
+def test_an_event_without_a_known_strategy_is_refused(payload):
+    dispatch = topology.Dispatcher(topology.BY_NAME["order.queue"], Deps())
+    with pytest.raises(topology.UnroutableEvent):
+        dispatch(_envelope("STOCK_RESERVED", **payload))
+
+
+def test_an_unknown_event_type_is_refused():
+    dispatch = topology.Dispatcher(topology.BY_NAME["payment.queue"], Deps())
+    with pytest.raises(topology.UnroutableEvent):
+        dispatch(_envelope("ORDER_UPDATED", strategy="OPTIMISTIC"))

@@ -21,4 +21,4 @@ def on_restock(deps, envelope):
                      (p["orderId"],))
         outbox.append(conn, EventType.STOCK_RELEASED, "ORDER", p["orderId"],
                       {"orderId": p["orderId"], "userId": p.get("userId"), "items": reservation["items"],
-                       "reason": "PAYMENT_FAILED"})
+                       "strategy": p.get("strategy"), "reason": "PAYMENT_FAILED"})

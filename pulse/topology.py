@@ -1,0 +1,153 @@
+"""The saga topology, declared once: per queue, its inbox, batching, pre-lock, and which handler takes which
+event for orders of which strategy.
+
+Everything else is read off this table: the broker's bindings, each consumer's dispatch, the inbox tables,
+the batch pre-locks, the checker's queue↔inbox map and its expected deliveries, and the watchdog's targets.
+A new saga step is one :class:`Route` here, its handler and its SQL (and a watchdog rule).
+
+Strategy belongs to the order, not to the process: every queue is bound to the events of both strategies,
+and the dispatcher picks the route by the strategy the event carries. A process started under another
+``PULSE_STRATEGY`` therefore finishes the orders already in flight the way they began. The price is a few
+deliveries that a queue drops unhandled (an optimistic order's ORDER_CREATED also reaches payment.queue);
+``bench/run`` measures it. Routing keys stay the bare event types (SPEC §2), so the filter cannot move into
+the broker's bindings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from pulse.events import Envelope, EventType as E
+from pulse.infra import inbox
+from pulse.inventory import handlers as inventory
+from pulse.orders import handlers as orders
+from pulse.payment import handlers as payment
+from pulse.redisstock import handlers as redisstock
+from pulse.views import handlers as views
+
+OPTIMISTIC, POST_PAYMENT = "OPTIMISTIC", "POST_PAYMENT"
+STRATEGIES = frozenset({OPTIMISTIC, POST_PAYMENT})
+OPT, POST = frozenset({OPTIMISTIC}), frozenset({POST_PAYMENT})
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One event on one queue: ``handler(deps, conn, envelope)`` runs inside the transaction in which the
+    dispatcher claimed the inbox; with ``claims_inbox=False`` it is ``handler(deps, envelope)`` and claims
+    the inbox itself (payment calls its provider outside any transaction; redis-stock repeats its Redis side
+    on duplicates)."""
+
+    event: E
+    handler: Callable[..., Any]
+    strategies: frozenset[str] = STRATEGIES
+    claims_inbox: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Queue:
+    """A durable queue, the module behind it and that module's inbox table."""
+
+    name: str
+    module: str
+    inbox: str
+    routes: tuple[Route, ...]
+    # One transaction per consumer batch; payment keeps one per message (its provider call must not
+    # happen inside an open transaction).
+    batched: bool = True
+    # Takes, in one order, the row locks the batch's handlers will take (see Consumer.prelock).
+    prelock: Callable[..., None] | None = None
+
+    @property
+    def events(self) -> frozenset[str]:
+        return frozenset(r.event.value for r in self.routes)
+
+    def route(self, event_type: str, strategy: str | None) -> Route | None:
+        for r in self.routes:
+            if r.event.value == event_type and strategy in r.strategies:
+                return r
+        return None
+
+
+TOPOLOGY: tuple[Queue, ...] = (
+    Queue("order.queue", "orders", "orders.inbox", routes=tuple(
+        Route(e, orders.on_saga_event) for e in orders.HANDLED)),
+    Queue("inventory.queue", "inventory", "inventory.inbox", prelock=inventory.lock_batch, routes=(
+        Route(E.ORDER_CREATED, inventory.on_reserve, OPT),
+        Route(E.PAYMENT_PROCESSED, inventory.on_reserve, POST),
+        Route(E.PAYMENT_FAILED, inventory.on_restock, OPT))),
+    Queue("payment.queue", "payment", "payment.inbox", batched=False, routes=(
+        Route(E.STOCK_RESERVED, payment.on_charge, OPT, claims_inbox=False),
+        Route(E.ORDER_CREATED, payment.on_charge, POST, claims_inbox=False),
+        Route(E.STOCK_FAILED, payment.on_refund, POST))),
+    Queue("order-view.queue", "order-view", "orders.order_view_inbox", routes=(
+        Route(E.ORDER_UPDATED, views.on_order_updated),)),
+    Queue("redis-stock.queue", "redis-stock", "infra.redis_stock_inbox", routes=(
+        Route(E.ORDER_CREATED, redisstock.on_order_created, claims_inbox=False),
+        Route(E.STOCK_RESERVED, redisstock.on_stock_decided, claims_inbox=False),
+        Route(E.STOCK_FAILED, redisstock.on_stock_decided, claims_inbox=False),
+        # Post-payment only: an optimistic decline comes after the reservation, whose hold is gone already.
+        Route(E.PAYMENT_FAILED, redisstock.on_stock_decided, POST, claims_inbox=False),
+        Route(E.STOCK_RELEASED, redisstock.on_stock_released, claims_inbox=False))),
+)
+QUEUES: tuple[str, ...] = tuple(q.name for q in TOPOLOGY)
+BY_NAME: dict[str, Queue] = {q.name: q for q in TOPOLOGY}
+QUEUE_INBOX: dict[str, str] = {q.name: q.inbox for q in TOPOLOGY}
+INBOX_TABLES: dict[str, str] = {q.module: q.inbox for q in TOPOLOGY}
+BATCH_PRELOCKS = {q.name: q.prelock for q in TOPOLOGY if q.prelock is not None}
+
+
+def bindings() -> dict[str, list[str]]:
+    """Queue → the routing keys (event types) bound to it: those of both strategies."""
+    return {q.name: sorted(q.events) for q in TOPOLOGY}
+
+
+def consumers_of(event_type: str, strategy: str) -> list[str]:
+    """The queues whose module acts on this event for an order of this strategy (the expected deliveries)."""
+    return [q.name for q in TOPOLOGY if q.route(event_type, strategy) is not None]
+
+
+def handled_events(strategy: str) -> dict[str, list[str]]:
+    """Queue → the event types its module acts on for orders of ``strategy`` (for the lab's tables)."""
+    return {q.name: sorted(r.event.value for r in q.routes if strategy in r.strategies) for q in TOPOLOGY}
+
+
+class UnroutableEvent(LookupError):
+    """An event a queue has no route for (wrong type, or no strategy it knows): it goes to the dead-letter queue."""
+
+
+class Dispatcher:
+    """Hands an envelope from one queue to the route its order's strategy selects; claims the inbox where the
+    route allows it. An event meant for the other strategy's module, or re-driven for another queue, is
+    dropped here unhandled and leaves no inbox row."""
+
+    def __init__(self, queue: Queue, deps):
+        self.queue, self.deps = queue, deps
+        self.skipped = 0
+
+    def wants(self, envelope: Envelope) -> bool:
+        """Whether this queue's module acts on the envelope (the lab's lost-event fault loses only those)."""
+        target = envelope.payload.get("redriveFor")
+        return (self.queue.route(envelope.event_type, envelope.payload.get("strategy")) is not None
+                and (target is None or target == self.queue.name))
+
+    def __call__(self, envelope: Envelope) -> None:
+        strategy = envelope.payload.get("strategy")
+        route = self.queue.route(envelope.event_type, strategy)
+        if route is None:
+            if envelope.event_type in self.queue.events and strategy in STRATEGIES:
+                self.skipped += 1
+                return
+            raise UnroutableEvent(f"{self.queue.name} has no route for {envelope.event_type} of an order "
+                                  f"with strategy {strategy!r}")
+        target = envelope.payload.get("redriveFor")
+        if target is not None and target != self.queue.name:
+            self.skipped += 1  # a watchdog re-drive meant for one module only
+            return
+        if not route.claims_inbox:
+            route.handler(self.deps, envelope)
+            return
+        with self.deps.transaction() as conn:
+            if inbox.claim(conn, self.queue.inbox, envelope.id, enabled=not self.deps.naive("no-inbox")):
+                route.handler(self.deps, conn, envelope)
