@@ -15,6 +15,7 @@ from pulse.events import EventType as E
 from pulse import faults as fault_registry
 from pulse.infra import broker, db, redis_scripts
 from pulse.infra.consumer import Consumer, make_dispatch
+from pulse.infra.workers import ConsumerSupervisor
 from pulse.inventory import handlers as inventory
 from pulse.inventory.products import ProductService
 from pulse.orders import handlers as orders
@@ -90,8 +91,8 @@ class System:
                     c = Consumer(s.amqp_url, queue, make_dispatch(hs), stop=self.stop, prefetch=s.consumer_prefetch,
                                  retries=s.handler_retries, faults=self.deps.faults, name=f"consumer:{queue}:{n}",
                                  pool=pool, prelock=BATCH_PRELOCKS.get(queue))
-                    c.start()
-                    self.threads.append(c)
+                    self.supervisor.add(c)  # started now, and restarted with the same arguments if it dies
+            self._spawn("consumer-supervisor", self.supervisor.run)
         if schedulers:
             self._spawn("sweeper", every, s.sweep_interval_s, lambda: sweep_once(self.deps), self.stop)
             self._spawn("reconciler", every, s.reconcile_interval_s, self.reconciler.run_once, self.stop)
@@ -107,6 +108,15 @@ class System:
             self._spawn("saga-watchdog", watch, self.stop)
             if hasattr(self.deps.faults, "tick"):
                 self._spawn("fault-ticker", every, 0.5, self.deps.faults.tick, self.stop)
+
+    @functools.cached_property
+    def supervisor(self) -> ConsumerSupervisor:
+        """Starts this system's consumers and restarts any that dies (pulse.infra.workers)."""
+        return ConsumerSupervisor(self.stop, threads=self.threads)
+
+    def consumer_status(self) -> list[dict]:
+        """Each consumer thread of this process: queue, thread, alive, restarts, handled, dead-lettered."""
+        return self.supervisor.status()
 
     def _spawn(self, name, target, *args):
         t = threading.Thread(target=target, args=args, name=name, daemon=True)

@@ -41,20 +41,39 @@ class Consumer(threading.Thread):
         self.batches = 0
         self.handled = 0
         self.dead_lettered = 0
+        self.last_error: BaseException | None = None  # what last interrupted run (read by pulse.infra.workers)
+        self._dlq_channel = None  # confirm-mode channel for dead letters, see _confirming_channel
 
     def run(self):
+        """Consume until ``stop``, reconnecting after broker trouble; anything else ends the thread.
+
+        The error that ended it is kept in ``last_error`` (and logged) for the supervisor that restarts
+        it (pulse.infra.workers); messages it held unacked go back to the queue with its connection.
+        """
         backoff = 0.5
         while not self.stop.is_set():
             try:
                 self._consume()
                 backoff = 0.5
             except (broker.BrokerUnavailable, AMQPError, OSError) as exc:
+                self.last_error = exc
                 log.warning("%s: broker connection lost (%s); reconnecting in %.1fs", self.name, exc, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+            except BaseException as exc:  # noqa: BLE001 -- recorded for the restart log, then the thread ends
+                self.last_error = exc
+                log.error("%s: consumer thread stopped by %s: %s\n%s", self.name, type(exc).__name__, exc,
+                          "".join(traceback.format_exception(exc)))
+                return
         # How well batching worked (messages per transaction) is the first thing to know about a slow queue.
         log.info("%s: handled %d messages in %d batches, %d dead-lettered", self.name, self.handled, self.batches,
                  self.dead_lettered)
+
+    def fresh_copy(self) -> "Consumer":
+        """A new, unstarted consumer with this one's arguments (a thread cannot be started twice)."""
+        return Consumer(self.url, self.queue, self.dispatch, stop=self.stop, prefetch=self.prefetch,
+                        retries=self.retries, faults=self.faults, name=self.name, pool=self.pool, batch=self.batch,
+                        prelock=self.prelock)
 
     def _consume(self):
         conn = broker.connect(self.url)
@@ -213,7 +232,7 @@ class Consumer(threading.Thread):
 
         Kept apart from the consuming channel: confirm mode there would turn every ack into a wait.
         """
-        current = getattr(self, "_dlq_channel", None)
+        current = self._dlq_channel
         if current is None or not current.is_open or current.connection is not channel.connection:
             current = channel.connection.channel()
             current.confirm_delivery()
