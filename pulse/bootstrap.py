@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 
@@ -13,6 +14,7 @@ from pulse.deps import Deps
 from pulse import faults as fault_registry
 from pulse.infra import broker, db, redis_scripts
 from pulse.infra.consumer import Consumer
+from pulse.infra.workers import ConsumerSupervisor
 from pulse.inventory.products import ProductService
 from pulse.orders.service import OrderService
 from pulse.payment.provider import SimulatedProvider
@@ -68,8 +70,8 @@ class System:
                                  prefetch=s.consumer_prefetch, retries=s.handler_retries, faults=self.deps.faults,
                                  name=f"consumer:{queue.name}:{n}", pool=self.deps.pool if queue.batched else None,
                                  prelock=queue.prelock)
-                    c.start()
-                    self.threads.append(c)
+                    self.supervisor.add(c)  # started now, and restarted with the same arguments if it dies
+            self._spawn("consumer-supervisor", self.supervisor.run)
         if schedulers:
             self._spawn("sweeper", every, s.sweep_interval_s, lambda: sweep_once(self.deps), self.stop)
             self._spawn("reconciler", every, s.reconcile_interval_s, self.reconciler.run_once, self.stop)
@@ -85,6 +87,15 @@ class System:
             self._spawn("saga-watchdog", watch, self.stop)
             if hasattr(self.deps.faults, "tick"):
                 self._spawn("fault-ticker", every, 0.5, self.deps.faults.tick, self.stop)
+
+    @functools.cached_property
+    def supervisor(self) -> ConsumerSupervisor:
+        """Starts this system's consumers and restarts any that dies (pulse.infra.workers)."""
+        return ConsumerSupervisor(self.stop, threads=self.threads)
+
+    def consumer_status(self) -> list[dict]:
+        """Each consumer thread of this process: queue, thread, alive, restarts, handled, dead-lettered."""
+        return self.supervisor.status()
 
     def _spawn(self, name, target, *args):
         t = threading.Thread(target=target, args=args, name=name, daemon=True)

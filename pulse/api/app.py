@@ -54,6 +54,12 @@ def _sentence(error: dict) -> str:
     return f"{where + ': ' if where else ''}{msg}."
 
 
+def consumer_status(system) -> list[dict]:
+    """The consumer threads of this process for /health (none in a process that runs only the API)."""
+    status = getattr(system, "consumer_status", None)
+    return status() if status is not None else []
+
+
 def create_app(system) -> FastAPI:
     """The FastAPI application over a built :class:`pulse.bootstrap.System` (OpenAPI docs at /docs)."""
     app = FastAPI(title="Checkout Pulse", version="0.1.0",
@@ -108,6 +114,7 @@ def create_app(system) -> FastAPI:
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "strategy": system.settings.strategy_name, "outboxMode": system.settings.outbox_mode}
+        return {"status": "ok", "strategy": system.settings.strategy_name, "outboxMode": system.settings.outbox_mode,
+                "consumers": consumer_status(system)}
 
     return app

@@ -9,7 +9,7 @@ import traceback
 
 import pika
 import psycopg
-from pika.exceptions import AMQPError
+from pika.exceptions import AMQPError, NackError, UnroutableError
 
 from pulse.events import Envelope, MalformedEnvelope
 from pulse.infra import broker, db
@@ -44,20 +44,39 @@ class Consumer(threading.Thread):
         self.unsettled = 0
         self.handled = 0
         self.dead_lettered = 0
+        self.last_error: BaseException | None = None  # what last interrupted run (read by pulse.infra.workers)
+        self._dlq_channel = None  # confirm-mode channel for dead letters, see _confirming_channel
 
     def run(self):
+        """Consume until ``stop``, reconnecting after broker trouble; anything else ends the thread.
+
+        The error that ended it is kept in ``last_error`` (and logged) for the supervisor that restarts
+        it (pulse.infra.workers); messages it held unacked go back to the queue with its connection.
+        """
         backoff = 0.5
         while not self.stop.is_set():
             try:
                 self._consume()
                 backoff = 0.5
             except (broker.BrokerUnavailable, AMQPError, OSError) as exc:
+                self.last_error = exc
                 log.warning("%s: broker connection lost (%s); reconnecting in %.1fs", self.name, exc, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+            except BaseException as exc:  # noqa: BLE001 -- recorded for the restart log, then the thread ends
+                self.last_error = exc
+                log.error("%s: consumer thread stopped by %s: %s\n%s", self.name, type(exc).__name__, exc,
+                          "".join(traceback.format_exception(exc)))
+                return
         # How well batching worked (messages per transaction) is the first thing to know about a slow queue.
         log.info("%s: handled %d messages in %d batches, %d dead-lettered", self.name, self.handled, self.batches,
                  self.dead_lettered)
+
+    def fresh_copy(self) -> "Consumer":
+        """A new, unstarted consumer with this one's arguments (a thread cannot be started twice)."""
+        return Consumer(self.url, self.queue, self.dispatch, stop=self.stop, prefetch=self.prefetch,
+                        retries=self.retries, faults=self.faults, name=self.name, pool=self.pool, batch=self.batch,
+                        prelock=self.prelock)
 
     def _consume(self):
         conn = broker.connect(self.url)
@@ -196,14 +215,43 @@ class Consumer(threading.Thread):
             channel.basic_ack(max(acked), multiple=True)
             self.handled += len(acked)
 
-    def _dead_letter(self, channel, method, props, body, reason: str):
+    def _dead_letter(self, channel, method, props, body, reason: str) -> bool:
+        """Copy the message to ``<queue>.dlq`` with its reason; ack the original only once the broker confirmed it.
+
+        Returns whether it was dead-lettered. If the copy is refused (nacked, or returned because the DLQ does
+        not exist) the original is requeued instead, so the message is never lost; it comes back, fails again
+        and is dead-lettered once the DLQ is there. A broker that never answers is caught by the connection's
+        heartbeat and blocked-connection timeouts: the connection closes and the unacked original is requeued.
+        """
         headers = dict(props.headers or {})
         headers.update({"x-pulse-reason": reason[:1000], "x-pulse-queue": self.queue,
                         # AMQP tables have no float type (pika refuses to encode one): whole epoch ms.
                         "x-pulse-failed-at": int(time.time() * 1000)})
         dlq_props = pika.BasicProperties(content_type=props.content_type, delivery_mode=2,
                                          message_id=props.message_id, type=props.type, headers=headers)
-        # Published before the ack: a crash in between leaves a duplicate in the DLQ, never a loss.
-        channel.basic_publish("", broker.dead_letter_queue(self.queue), body, dlq_props)
+        dlq = broker.dead_letter_queue(self.queue)
+        try:
+            # Confirmed and mandatory: a plain publish to a missing DLQ is dropped without a word, and the ack
+            # that followed it lost the message. A crash between confirm and ack leaves a duplicate, not a loss.
+            self._confirming_channel(channel).basic_publish("", dlq, body, dlq_props, mandatory=True)
+        except (UnroutableError, NackError) as exc:
+            log.error("%s: %s could not be dead-lettered to %s (%s); it stays in %s", self.name,
+                      props.message_id, dlq, type(exc).__name__, self.queue)
+            self.stop.wait(1.0)  # requeued at once it would come straight back: no busy loop on a missing DLQ
+            channel.basic_nack(method.delivery_tag, requeue=True)
+            return False
         channel.basic_ack(method.delivery_tag)
         self.dead_lettered += 1
+        return True
+
+    def _confirming_channel(self, channel):
+        """A confirm-mode channel on the consuming channel's connection, for dead letters (opened on first use).
+
+        Kept apart from the consuming channel: confirm mode there would turn every ack into a wait.
+        """
+        current = self._dlq_channel
+        if current is None or not current.is_open or current.connection is not channel.connection:
+            current = channel.connection.channel()
+            current.confirm_delivery()
+            self._dlq_channel = current
+        return current

@@ -6,33 +6,58 @@ from pulse.events import EventType as E
 
 TERMINAL = frozenset({"COMPLETED", "FAILED"})
 
+# Where each sub-status may go next (directly or by skipping a step). A decision (SUCCESS, DECLINED, RESERVED,
+# OUT_OF_STOCK) is taken once; only a compensation (REFUNDED, RELEASED) may follow it. NOT_STARTED may jump straight
+# to a compensation because with several consumer threads order.queue can hand over a compensation before the
+# decision it undoes; the decision then arrives late and must not move the sub-status back.
+FORWARD = {
+    "payment_status": {"NOT_STARTED": frozenset({"SUCCESS", "DECLINED", "REFUNDED"}),
+                       "SUCCESS": frozenset({"REFUNDED"})},
+    "inventory_status": {"NOT_STARTED": frozenset({"RESERVED", "OUT_OF_STOCK", "RELEASED"}),
+                         "RESERVED": frozenset({"RELEASED"})},
+}
+
+# The sub-status each event sets.
+SETS = {
+    E.PAYMENT_PROCESSED: ("payment_status", "SUCCESS"),
+    E.PAYMENT_FAILED: ("payment_status", "DECLINED"),
+    E.PAYMENT_REFUNDED: ("payment_status", "REFUNDED"),
+    E.STOCK_RESERVED: ("inventory_status", "RESERVED"),
+    E.STOCK_FAILED: ("inventory_status", "OUT_OF_STOCK"),
+    E.STOCK_RELEASED: ("inventory_status", "RELEASED"),
+}
+
+
+def moves_forward(field: str, current: str, new: str) -> bool:
+    """Whether ``field`` may go from ``current`` to ``new`` (staying put counts: a redelivery is harmless)."""
+    return current == new or new in FORWARD[field].get(current, ())
+
 
 def apply_event(order: dict, event_type: str, *, guarded: bool = True) -> dict:
     """The order's fields after ``event_type``; only changed keys are returned (empty: nothing to do).
 
     Completion needs both halves of the saga (payment SUCCESS and inventory RESERVED), whatever order
-    they arrive in, so the same rules serve both strategies. A terminal status never changes again:
-    a late STOCK_RESERVED must not turn a FAILED order back into PROCESSING (``guarded=False`` is the
-    lab's naive mode that lets it).
+    they arrive in, so the same rules serve both strategies. A terminal status never changes again,
+    and sub-statuses move forward only (see FORWARD): an event that would move one back is late or
+    contradicts a decision already recorded, so it changes nothing at all. ``guarded=False`` is the
+    lab's naive mode that lets a late event revive a FAILED order or undo a compensation.
     """
     status, pay, inv = order["status"], order["payment_status"], order["inventory_status"]
-    new: dict = {}
+    try:
+        field, value = SETS[E(event_type)]
+    except (ValueError, KeyError):
+        raise ValueError(f"orders do not react to {event_type}") from None
+    if guarded and not moves_forward(field, order[field], value):
+        return {}
+    new: dict = {field: value}
     if event_type == E.PAYMENT_PROCESSED:
-        new["payment_status"] = pay = "SUCCESS"
         new["status"] = "COMPLETED" if inv == "RESERVED" else "PROCESSING"
     elif event_type == E.STOCK_RESERVED:
-        new["inventory_status"] = inv = "RESERVED"
         new["status"] = "COMPLETED" if pay == "SUCCESS" else "PROCESSING"
     elif event_type == E.PAYMENT_FAILED:
-        new.update(payment_status="DECLINED", status="FAILED", failure_reason="PAYMENT_FAILED")
+        new.update(status="FAILED", failure_reason="PAYMENT_FAILED")
     elif event_type == E.STOCK_FAILED:
-        new.update(inventory_status="OUT_OF_STOCK", status="FAILED", failure_reason="OUT_OF_STOCK")
-    elif event_type == E.STOCK_RELEASED:
-        new["inventory_status"] = "RELEASED"
-    elif event_type == E.PAYMENT_REFUNDED:
-        new["payment_status"] = "REFUNDED"
-    else:
-        raise ValueError(f"orders do not react to {event_type}")
+        new.update(status="FAILED", failure_reason="OUT_OF_STOCK")
     if guarded and status in TERMINAL:
         new.pop("status", None)
         new.pop("failure_reason", None)

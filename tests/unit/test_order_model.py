@@ -114,8 +114,87 @@ def test_unguarded_naive_mode_lets_a_late_event_revive_a_failed_order():
     assert run([E.PAYMENT_FAILED], start=out_of_stock, guarded=False)["failure_reason"] == "PAYMENT_FAILED"
 
 
-def test_the_guard_changes_nothing_for_orders_in_progress():
-    for events in ([], [E.STOCK_RESERVED], [E.PAYMENT_PROCESSED]):
+def test_the_guard_changes_nothing_for_orders_in_progress_moving_forward():
+    # the half that has not decided yet may decide either way; the decided half only repeats itself
+    for events, forward in (([], (E.PAYMENT_PROCESSED, E.STOCK_RESERVED, E.PAYMENT_FAILED, E.STOCK_FAILED)),
+                            ([E.STOCK_RESERVED], (E.PAYMENT_PROCESSED, E.PAYMENT_FAILED, E.STOCK_RESERVED)),
+                            ([E.PAYMENT_PROCESSED], (E.STOCK_RESERVED, E.STOCK_FAILED, E.PAYMENT_PROCESSED))):
         start = run(events)
-        for event in (E.PAYMENT_PROCESSED, E.STOCK_RESERVED, E.PAYMENT_FAILED, E.STOCK_FAILED):
-            assert apply_event(start, event) == apply_event(start, event, guarded=False)
+        for event in forward:
+            assert apply_event(start, event) == apply_event(start, event, guarded=False), (events, event)
+
+
+# Sub-statuses move forward only: payment NOT_STARTED → SUCCESS | DECLINED, SUCCESS → REFUNDED; inventory
+# NOT_STARTED → RESERVED | OUT_OF_STOCK, RESERVED → RELEASED. A step back is a late or contradictory event and
+# changes nothing at all (neither the sub-status nor the status it would have implied).
+FAILED_AFTER_DECLINE = order("FAILED", payment="DECLINED", inventory="RELEASED", reason="PAYMENT_FAILED")
+FAILED_AFTER_OUT_OF_STOCK = order("FAILED", payment="REFUNDED", inventory="OUT_OF_STOCK", reason="OUT_OF_STOCK")
+
+
+@pytest.mark.parametrize("start, event, changes", [
+    # late decisions after their compensation: the compensation stays
+    (FAILED_AFTER_DECLINE, E.STOCK_RESERVED, {}),
+    (FAILED_AFTER_OUT_OF_STOCK, E.PAYMENT_PROCESSED, {}),
+    # a compensation that overtook its decision on order.queue: the late decision cannot undo it
+    (order("PROCESSING", inventory="RELEASED"), E.STOCK_RESERVED, {}),
+    (order("PROCESSING", payment="REFUNDED"), E.PAYMENT_PROCESSED, {}),
+    # ...and the compensation itself is accepted before its decision (the decision is implied)
+    (order(), E.STOCK_RELEASED, {"inventory_status": "RELEASED"}),
+    (order(), E.PAYMENT_REFUNDED, {"payment_status": "REFUNDED"}),
+    # contradictory decisions: the first one stands
+    (order("COMPLETED", payment="SUCCESS", inventory="RESERVED"), E.PAYMENT_FAILED, {}),
+    (order("COMPLETED", payment="SUCCESS", inventory="RESERVED"), E.STOCK_FAILED, {}),
+    (order("PROCESSING", payment="SUCCESS"), E.PAYMENT_FAILED, {}),
+    (order("PROCESSING", inventory="RESERVED"), E.STOCK_FAILED, {}),
+    (order("FAILED", payment="DECLINED", reason="PAYMENT_FAILED"), E.PAYMENT_PROCESSED, {}),
+    (order("FAILED", inventory="OUT_OF_STOCK", reason="OUT_OF_STOCK"), E.STOCK_RESERVED, {}),
+    # terminal sub-statuses: nothing follows them
+    (FAILED_AFTER_OUT_OF_STOCK, E.PAYMENT_FAILED, {}),
+    (FAILED_AFTER_DECLINE, E.STOCK_FAILED, {}),
+    (order("FAILED", payment="DECLINED", reason="PAYMENT_FAILED"), E.PAYMENT_REFUNDED, {}),
+    (order("FAILED", inventory="OUT_OF_STOCK", reason="OUT_OF_STOCK"), E.STOCK_RELEASED, {}),
+    # duplicates change nothing
+    (FAILED_AFTER_DECLINE, E.STOCK_RELEASED, {}),
+    (FAILED_AFTER_OUT_OF_STOCK, E.PAYMENT_REFUNDED, {}),
+    (order("FAILED", payment="DECLINED", reason="PAYMENT_FAILED"), E.PAYMENT_FAILED, {}),
+    (order("COMPLETED", payment="SUCCESS", inventory="RESERVED"), E.STOCK_RESERVED, {}),
+    (order("PROCESSING", payment="SUCCESS"), E.PAYMENT_PROCESSED, {}),
+    # a FAILED order still absorbs the compensations, from the decision or (reordered) before it
+    (order("FAILED", payment="DECLINED", inventory="RESERVED", reason="PAYMENT_FAILED"), E.STOCK_RELEASED,
+     {"inventory_status": "RELEASED"}),
+    (order("FAILED", payment="DECLINED", reason="PAYMENT_FAILED"), E.STOCK_RELEASED, {"inventory_status": "RELEASED"}),
+    (order("FAILED", inventory="OUT_OF_STOCK", reason="OUT_OF_STOCK"), E.PAYMENT_REFUNDED,
+     {"payment_status": "REFUNDED"}),
+    # a late decision the failed order had not yet seen is still recorded (then compensated), status stays
+    (order("FAILED", payment="DECLINED", reason="PAYMENT_FAILED"), E.STOCK_RESERVED, {"inventory_status": "RESERVED"}),
+    (order("FAILED", inventory="OUT_OF_STOCK", reason="OUT_OF_STOCK"), E.PAYMENT_PROCESSED,
+     {"payment_status": "SUCCESS"}),
+])
+def test_sub_statuses_move_forward_only(start, event, changes):
+    assert apply_event(start, event) == changes
+
+
+@pytest.mark.parametrize("events, final", [
+    # optimistic decline with order.queue reordering every way: always FAILED / DECLINED / RELEASED
+    ([E.STOCK_RESERVED, E.PAYMENT_FAILED, E.STOCK_RELEASED], ("FAILED", "DECLINED", "RELEASED")),
+    ([E.PAYMENT_FAILED, E.STOCK_RESERVED, E.STOCK_RELEASED], ("FAILED", "DECLINED", "RELEASED")),
+    ([E.PAYMENT_FAILED, E.STOCK_RELEASED, E.STOCK_RESERVED], ("FAILED", "DECLINED", "RELEASED")),
+    ([E.STOCK_RELEASED, E.STOCK_RESERVED, E.PAYMENT_FAILED], ("FAILED", "DECLINED", "RELEASED")),
+    # post-payment out of stock, likewise: FAILED / REFUNDED / OUT_OF_STOCK
+    ([E.PAYMENT_PROCESSED, E.STOCK_FAILED, E.PAYMENT_REFUNDED], ("FAILED", "REFUNDED", "OUT_OF_STOCK")),
+    ([E.STOCK_FAILED, E.PAYMENT_REFUNDED, E.PAYMENT_PROCESSED], ("FAILED", "REFUNDED", "OUT_OF_STOCK")),
+    ([E.PAYMENT_REFUNDED, E.PAYMENT_PROCESSED, E.STOCK_FAILED], ("FAILED", "REFUNDED", "OUT_OF_STOCK")),
+    # completion in either arrival order, with redeliveries
+    ([E.STOCK_RESERVED, E.STOCK_RESERVED, E.PAYMENT_PROCESSED, E.STOCK_RESERVED], ("COMPLETED", "SUCCESS", "RESERVED")),
+    ([E.PAYMENT_PROCESSED, E.STOCK_RESERVED, E.PAYMENT_PROCESSED], ("COMPLETED", "SUCCESS", "RESERVED")),
+])
+def test_every_arrival_order_ends_in_the_same_state(events, final):
+    s = run(events)
+    assert (s["status"], s["payment_status"], s["inventory_status"]) == final
+
+
+def test_unguarded_naive_mode_lets_late_events_move_sub_statuses_back():
+    assert apply_event(FAILED_AFTER_DECLINE, E.STOCK_RESERVED, guarded=False)["inventory_status"] == "RESERVED"
+    assert apply_event(FAILED_AFTER_OUT_OF_STOCK, E.PAYMENT_PROCESSED, guarded=False)["payment_status"] == "SUCCESS"
+    s = run([E.PAYMENT_FAILED, E.STOCK_RELEASED, E.STOCK_RESERVED], guarded=False)
+    assert (s["status"], s["inventory_status"]) == ("PROCESSING", "RESERVED")
