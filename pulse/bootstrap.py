@@ -105,8 +105,7 @@ class System:
                     watchdog.close()
 
             self._spawn("saga-watchdog", watch, self.stop)
-            if hasattr(self.deps.faults, "tick"):
-                self._spawn("fault-ticker", every, 0.5, self.deps.faults.tick, self.stop)
+            self._spawn("fault-ticker", every, 0.5, self.deps.faults.tick, self.stop)
 
     def _spawn(self, name, target, *args):
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -120,7 +119,7 @@ class System:
             t.join(timeout)
         self.deps.pool.close()
         self.deps.redis.close()
-        getattr(self.deps.faults, "close", lambda: None)()
+        self.deps.faults.close()
 
 
 def every(interval_s: float, job, stop: threading.Event) -> None:
@@ -148,12 +147,12 @@ def build(settings: config.Settings | None = None, *, faults=None, migrate: bool
     """Connect to PostgreSQL, Redis and RabbitMQ as configured and wire the whole system."""
     from pulse.infra import migrate as migrations
 
-    settings = settings or config.from_env()
+    # Outside lab mode armed faults and PULSE_NAIVE are ignored (issue 10): a plain server obeys none of them.
+    settings, faults = fault_registry.for_process(settings or config.from_env(), faults)
     if migrate:
         migrations.migrate(settings.database_url)
     pool = db.make_pool(settings.database_url, max_size=pool_size)
     client = redis_scripts.make_client(settings.redis_url)
-    faults = faults if faults is not None else fault_registry.from_settings(settings)
     deps = Deps(settings=settings, pool=pool, redis=client, scripts=redis_scripts.Scripts(client), faults=faults,
                 provider=SimulatedProvider(decline_rate=settings.payment_decline_rate,
                                            latency_ms=settings.payment_latency_ms,

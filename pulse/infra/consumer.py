@@ -12,6 +12,7 @@ import psycopg
 from pika.exceptions import AMQPError
 
 from pulse.events import Envelope, MalformedEnvelope
+from pulse.faults import NO_FAULTS
 from pulse.infra import broker, db
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class Consumer(threading.Thread):
         super().__init__(name=name or f"consumer:{queue}", daemon=True)
         self.url, self.queue, self.dispatch = url, queue, dispatch
         self.stop, self.prefetch, self.retries = stop, prefetch, retries
-        self.faults = faults
+        self.faults = faults or NO_FAULTS
         # With a pool, messages already prefetched are handled together in one transaction (see _process_batch).
         self.pool, self.batch = pool, max(1, min(batch, prefetch or batch))
         # prelock(conn, envelopes): takes, in one fixed order, the row locks the batch's handlers will take in
@@ -82,7 +83,7 @@ class Consumer(threading.Thread):
                 conn.close()
 
     def _process(self, channel, method, props, body):
-        if self.faults is not None and self.faults.lose_message(self.queue, event_id=props.message_id):
+        if self.faults.lose_message(self.queue, event_id=props.message_id):
             channel.basic_ack(method.delivery_tag)  # the lab's "lost event": acked, never handled
             return
         try:
@@ -108,8 +109,7 @@ class Consumer(threading.Thread):
                       "".join(traceback.format_exception(error)))
             self._dead_letter(channel, method, props, body, reason)
             return
-        if self.faults is not None:
-            self.faults.point("consumer.before_ack", queue=self.queue)
+        self.faults.point("consumer.before_ack", queue=self.queue)
         channel.basic_ack(method.delivery_tag)
         self.handled += 1
 
@@ -126,7 +126,7 @@ class Consumer(threading.Thread):
         done, failed, settled = [], [], set()  # settled: acked inside the batch (lost or dead-lettered)
         parsed = []
         for method, props, body in taken:
-            if self.faults is not None and self.faults.lose_message(self.queue, event_id=props.message_id):
+            if self.faults.lose_message(self.queue, event_id=props.message_id):
                 channel.basic_ack(method.delivery_tag)  # the lab's "lost event": acked, never handled
                 settled.add(method.delivery_tag)
                 continue
@@ -169,8 +169,7 @@ class Consumer(threading.Thread):
                 log.warning("%s: after-commit work of %s failed (%s)", self.name, props.message_id, exc)
                 failed.append((method, props, body))
                 continue
-            if self.faults is not None:
-                self.faults.point("consumer.before_ack", queue=self.queue)
+            self.faults.point("consumer.before_ack", queue=self.queue)
             acked.append(method.delivery_tag)
         # Failed ones first: the multiple ack below must not cover a message that is still unhandled.
         for method, props, body in sorted(failed, key=lambda d: d[0].delivery_tag):

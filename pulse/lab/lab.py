@@ -65,6 +65,7 @@ class Lab:
         self.env.update({"PULSE_RECONCILE_INTERVAL_S": str(reconcile_interval_s),
                          "PULSE_SWEEP_INTERVAL_S": str(sweep_interval_s)})
         self.env.setdefault("PULSE_RELAY_POLL_S", "0.02")
+        self.env["PULSE_LAB"] = "1"  # the lab's server and in-kernel systems obey faults; nothing else does
         mode = outbox_mode or self.env.get("PULSE_OUTBOX_MODE") or config.Settings.outbox_mode
         self.settings = config.from_env({**self.env, "PULSE_STRATEGY": strategy, "PULSE_OUTBOX_MODE": mode,
                                          "PULSE_PAYMENT_DECLINE_RATE": str(decline_rate),
