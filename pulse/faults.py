@@ -159,7 +159,7 @@ class FaultRegistry(NoFaults):
         self.database_url, self.refresh_s = database_url, refresh_s
         self.redis_url, self.amqp_url = redis_url, amqp_url
         self._armed: dict[str, Fault] = {}
-        self._loaded_at = 0.0
+        self._loaded_at = float("-inf")  # the first call reads, whatever the monotonic clock says
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
         self._conn = None
