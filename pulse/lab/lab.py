@@ -400,8 +400,8 @@ class Lab:
         """Arm a named fault (``cart.after_redis``, ``consumer.lose``, ``payment.decline``, ...) at run time.
 
         ``options`` go to the registry: ``action``, ``seed``, ``max`` (strikes before it stops), ``queue``,
-        ``ms``. Running processes re-read the registry every half second; this waits that long, so the
-        next cell already meets the fault.
+        ``ms``, ``ttl_s`` (it expires by itself, after 15 minutes by default). The lab's processes (lab mode)
+        re-read the registry every half second; this waits that long, so the next cell already meets the fault.
         """
         lab_faults.arm(self.settings, name, probability, **options)
         time.sleep(lab_faults.REFRESH_WAIT_S)

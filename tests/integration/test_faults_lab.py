@@ -124,3 +124,17 @@ def test_serve_with_the_lab_flag_obeys(settings, serve_env, new_product, tmp_pat
         api.close()
     assert (health["labMode"], health["faultsArmed"]) == (True, ["payment.decline"])
     assert order["status"] == "FAILED" and order["paymentStatus"] == "DECLINED"
+
+
+def test_the_lab_runs_in_lab_mode_without_being_told(serve_env, tmp_path, disarm_after):
+    from pulse.lab.lab import IPHONE, Lab
+
+    env = {k: v for k, v in serve_env.items() if k != "PULSE_LAB"}
+    lab = Lab(strategy="optimistic", outbox_mode="polling", env=env, log_dir=tmp_path).start(tap=False)
+    try:
+        assert lab.settings.lab
+        lab.arm("payment.decline", ttl_s=60)
+        assert lab.checkout({IPHONE: 1})["displayStatus"] == "FAILED_PAYMENT"
+        assert httpx.get(lab.url + "/health", timeout=5).json()["labMode"] is True
+    finally:
+        lab.stop()
