@@ -235,7 +235,6 @@ class Lab:
         """Empty the previous run's rows, queues and Redis keys, and reset the seed catalogue's stock."""
         from pulse.infra import broker, db, migrate
 
-        faults = lab_faults.registry()
         with db.connect(self.settings.database_url) as conn, conn.transaction():
             present = [t for t in OPTIONAL_WIPED_TABLES
                        if conn.execute("SELECT to_regclass(%s) AS t", (t,)).fetchone()["t"] is not None]
@@ -247,8 +246,7 @@ class Lab:
                 conn.execute("DELETE FROM infra.stock_baseline WHERE NOT (product_id = ANY(%s::uuid[]))", (seed_ids,))
         migrate.seed(self.settings.database_url, reset=True)
         self._drop_idle_slot()
-        if faults is not None:
-            lab_faults.disarm_all(self.settings)
+        lab_faults.disarm_all(self.settings)
         self.flush_redis()
         broker.setup(self.settings.amqp_url, self.settings.strategy)
         self._purge_queues()
