@@ -147,10 +147,11 @@ def build(settings: config.Settings | None = None, *, faults=None, migrate: bool
     """Connect to PostgreSQL, Redis and RabbitMQ as configured and wire the whole system."""
     from pulse.infra import migrate as migrations
 
-    # Outside lab mode armed faults and PULSE_NAIVE are ignored (issue 10): a plain server obeys none of them.
-    settings, faults = fault_registry.for_process(settings or config.from_env(), faults)
+    settings = settings or config.from_env()
     if migrate:
         migrations.migrate(settings.database_url)
+    # Outside lab mode armed faults and PULSE_NAIVE are ignored (issue 10): a plain server obeys none of them.
+    settings, faults = fault_registry.for_process(settings, faults)
     pool = db.make_pool(settings.database_url, max_size=pool_size)
     client = redis_scripts.make_client(settings.redis_url)
     deps = Deps(settings=settings, pool=pool, redis=client, scripts=redis_scripts.Scripts(client), faults=faults,
