@@ -85,8 +85,7 @@ class System:
                     watchdog.close()
 
             self._spawn("saga-watchdog", watch, self.stop)
-            if hasattr(self.deps.faults, "tick"):
-                self._spawn("fault-ticker", every, 0.5, self.deps.faults.tick, self.stop)
+            self._spawn("fault-ticker", every, 0.5, self.deps.faults.tick, self.stop)
 
     @functools.cached_property
     def supervisor(self) -> ConsumerSupervisor:
@@ -109,7 +108,7 @@ class System:
             t.join(timeout)
         self.deps.pool.close()
         self.deps.redis.close()
-        getattr(self.deps.faults, "close", lambda: None)()
+        self.deps.faults.close()
 
 
 def every(interval_s: float, job, stop: threading.Event) -> None:
@@ -140,9 +139,10 @@ def build(settings: config.Settings | None = None, *, faults=None, migrate: bool
     settings = settings or config.from_env()
     if migrate:
         migrations.migrate(settings.database_url)
+    # Outside lab mode armed faults and PULSE_NAIVE are ignored (issue 10): a plain server obeys none of them.
+    settings, faults = fault_registry.for_process(settings, faults)
     pool = db.make_pool(settings.database_url, max_size=pool_size)
     client = redis_scripts.make_client(settings.redis_url)
-    faults = faults if faults is not None else fault_registry.from_settings(settings)
     deps = Deps(settings=settings, pool=pool, redis=client, scripts=redis_scripts.Scripts(client), faults=faults,
                 provider=SimulatedProvider(decline_rate=settings.payment_decline_rate,
                                            latency_ms=settings.payment_latency_ms,

@@ -25,25 +25,16 @@ from pathlib import Path
 
 import httpx
 
-from pulse import config, faults
+from pulse import config, faults, faults_catalogue
 from pulse.check import invariants as inv
 from pulse.infra import db, migrate
 
 log = logging.getLogger(__name__)
 
-# How each fault kind is armed during a campaign: (action, probability, params). Crashes strike once per arming.
-FAULT_PLANS = {
-    "cart.after_redis": ("crash", 0.2, {"max": 1}),
-    "relay.after_publish": ("crash", 0.5, {"max": 1}),
-    "consumer.before_ack": ("crash", 0.1, {"max": 1}),
-    "consumer.lose": ("drop", 0.1, {"max": 4}),
-    "redis.flush": ("trigger", 1.0, {"max": 1}),
-    "broker.restart": ("trigger", 1.0, {"max": 1}),
-    "db.restart": ("trigger", 1.0, {"max": 1}),
-    "payment.decline": ("drop", 0.3, {}),
-    "payment.timeout": ("error", 0.3, {}),
-    "payment.latency": ("delay", 0.5, {"ms": 150}),
-}
+# How each fault kind is armed during a campaign, (action, probability, params), from the one catalogue
+# (pulse.faults_catalogue). Crashes strike once per arming.
+FAULT_PLANS = {e.name: (e.action, e.chaos[0], dict(e.chaos[1])) for e in faults_catalogue.CATALOGUE
+               if e.chaos is not None}
 DEFAULT_FAULTS = tuple(FAULT_PLANS)
 SETTLED_CHECK_S = 0.5
 
@@ -165,7 +156,7 @@ class Campaign:
         env = {**self.env, "PULSE_STRATEGY": self.settings.strategy, "PULSE_OUTBOX_MODE": self.settings.outbox_mode,
                "PULSE_WATCHDOG_DEADLINE_S": self.env.get("PULSE_WATCHDOG_DEADLINE_S", "3"),
                "PULSE_WATCHDOG_INTERVAL_S": self.env.get("PULSE_WATCHDOG_INTERVAL_S", "1"),
-               "PULSE_NAIVE": self.naive}
+               "PULSE_NAIVE": self.naive, "PULSE_LAB": "1"}
         # Restarting fast is the point here: crash faults strike every few seconds, and a server kept down by
         # a growing backoff would leave the remaining fault kinds nothing to strike.
         supervisor = Supervisor(serve_command(["--port", str(port)]), env=env, backoff_s=0.2, max_backoff_s=1.0,

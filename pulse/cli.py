@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -36,13 +37,18 @@ def cmd_serve(args) -> int:
     from pulse import bootstrap
     from pulse.api.app import create_app
 
+    if args.lab:
+        # Through the environment, so --processes' API children and anything else this server starts are in
+        # lab mode too.
+        os.environ["PULSE_LAB"] = "1"
     settings = _settings(args)
     roles = set(args.role.split(","))
     if args.processes and "api" in roles:
         return _serve_api_processes(args, roles)
     system = bootstrap.build(settings)
     _start_workers(system, roles)
-    log.info("pulse serve: strategy=%s outbox=%s roles=%s", settings.strategy, settings.outbox_mode, args.role)
+    log.info("pulse serve: strategy=%s outbox=%s roles=%s%s", settings.strategy, settings.outbox_mode, args.role,
+             " lab mode (faults and naive switches obeyed)" if settings.lab else "")
     try:
         if "api" in roles:
             server = uvicorn.Server(uvicorn.Config(create_app(system), host=args.host, port=args.port,
@@ -200,6 +206,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--processes", type=int, default=0, metavar="N",
                    help="run the API in N child processes sharing the port (past one GIL); the other roles "
                         "stay in this process (default 0: everything in this one process)")
+    s.add_argument("--lab", action="store_true", help="lab mode: obey armed faults and naive switches "
+                   "(same as PULSE_LAB=1); without it they are ignored")
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for --processes' children
     s.set_defaults(func=cmd_serve)
 

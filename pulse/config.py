@@ -39,6 +39,8 @@ class Settings:
     cdc_slot: str = "pulse_outbox_slot"
     cdc_publication: str = "pulse_outbox_pub"
     naive: frozenset[str] = frozenset()
+    # Lab mode (PULSE_LAB=1, pulse serve --lab): only then are faults and naive switches obeyed.
+    lab: bool = False
 
     @property
     def strategy_name(self) -> str:
@@ -83,6 +85,15 @@ def _validated(s: Settings) -> Settings:
     return s
 
 
+def _flag(env, name: str) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}.")
+
+
 def from_env(env=None) -> Settings:
     """Build :class:`Settings` from ``PULSE_*`` environment variables (defaults: services on 127.0.0.1)."""
     env = os.environ if env is None else env
@@ -109,4 +120,5 @@ def from_env(env=None) -> Settings:
         cdc_slot=env.get("PULSE_CDC_SLOT") or d.cdc_slot,
         cdc_publication=env.get("PULSE_CDC_PUBLICATION") or d.cdc_publication,
         naive=naive,
+        lab=_flag(env, "PULSE_LAB"),
     ))

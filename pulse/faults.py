@@ -4,9 +4,12 @@ Components call four hooks: ``point(name, **ctx)`` where a fault may crash, rais
 ``fires(name)`` where a fault changes a decision (a declined card); ``lose_message(queue)`` where the
 consumer may ack without handling; ``naive(name)`` where a pattern may be switched off.
 
-:class:`NoFaults` is what tests get when they pass it explicitly. :class:`FaultRegistry` reads the
-armed faults from ``infra.faults`` (at most one SELECT per ``refresh_s``, shared by all threads), so
-``pulse faults arm`` takes effect in every running process within half a second, without a restart.
+Only a process in lab mode (``pulse serve --lab``, ``PULSE_LAB=1``) obeys faults: it gets a
+:class:`FaultRegistry`, which reads the armed faults from ``infra.faults`` (at most one SELECT per
+``refresh_s``, shared by all threads), so ``pulse faults arm`` takes effect in every lab process within half
+a second, without a restart. Any other process gets :class:`IgnoredFaults`: every hook is a no-op, and it
+only tells (start log line, ``/health``) that faults are armed. Every armed fault expires (``expires_at``),
+so a notebook killed between arm and disarm cannot leave the next server declining cards for good.
 A fault that strikes is first logged in ``infra.fault_log`` on its own autocommit connection, then acts:
 a crash is counted even though the process is gone a moment later.
 """
@@ -21,31 +24,21 @@ import random
 import threading
 import time
 
+from pulse import faults_catalogue
 from pulse.errors import Invalid
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("crash", "error", "drop", "delay", "trigger", "naive")
 CRASH_STATUS = 137  # what a shell reports for SIGKILL, which a crash fault imitates
+DEFAULT_TTL_S = 15 * 60
 
-# Each named point and the action it gets when arm() is not told one.
-POINTS = {
-    "cart.after_redis": "crash",
-    "relay.after_publish": "crash",
-    "consumer.before_ack": "crash",
-    "consumer.lose": "drop",
-    "redis.flush": "trigger",
-    "broker.restart": "trigger",
-    "db.restart": "trigger",
-    "payment.decline": "drop",
-    "payment.timeout": "error",
-    "payment.latency": "delay",
-}
-# Faults that are events in the environment rather than places in the code: a process with a registry
-# fires them from its refresh, with their probability per refresh tick.
-ENVIRONMENT_FAULTS = ("redis.flush", "broker.restart", "db.restart")
-NAIVE_SWITCHES = ("reserve-get-set", "publish-no-confirm", "no-inbox", "reconcile-full-scan", "unguarded-state",
-                  "lock-no-owner")
+# Derived from the one catalogue (pulse.faults_catalogue): each named point and the action it gets when arm()
+# is not told one; the faults that are events of the environment rather than places in the code (a process
+# with a registry fires them from its tick, with their probability per tick); the naive switches.
+POINTS = {e.name: e.action for e in faults_catalogue.entries("point")}
+ENVIRONMENT_FAULTS = tuple(e.name for e in faults_catalogue.CATALOGUE if e.environment)
+NAIVE_SWITCHES = tuple(e.name for e in faults_catalogue.entries("naive"))
 
 
 class FaultInjected(RuntimeError):
@@ -57,16 +50,16 @@ class UnknownFault(Invalid):
 
 
 def naive_on(name: str, configured, faults) -> bool:
-    """A naive switch is on when configured at start (``PULSE_NAIVE``) or switched on at run time in the registry
-    (``faults`` may be None, or a test's bare hook without switches)."""
-    if name in configured:
-        return True
-    switch = getattr(faults, "naive", None)
-    return switch is not None and switch(name)
+    """A naive switch is on when configured at start (``PULSE_NAIVE``, kept only in lab mode) or switched on at
+    run time in the registry."""
+    return name in configured or faults.naive(name)
 
 
 class NoFaults:
-    """The production registry: no fault is ever armed, no naive switch is on."""
+    """The no-op registry: no fault is ever armed, no naive switch is on. Every hook is here, so callers never
+    check for a missing registry."""
+
+    lab = False
 
     def point(self, name: str, **context) -> None:
         """Where a named fault may strike (crash, error, delay) when armed."""
@@ -80,10 +73,53 @@ class NoFaults:
         return False
 
     def naive(self, name: str) -> bool:
+        """True when the naive switch ``name`` is on at run time."""
         return False
+
+    def tick(self) -> None:
+        """Give environment faults their chance to strike (the server's scheduler calls it twice a second)."""
+
+    def armed_names(self) -> list[str]:
+        """Names of the faults armed (and not expired) right now, as far as this registry knows."""
+        return []
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+# The default of every component that takes a registry, so none of them checks for a missing one.
+NO_FAULTS = NoFaults()
+
+
+class IgnoredFaults(NoFaults):
+    """What a process outside lab mode gets: obeys nothing, but can say what is armed.
+
+    :meth:`armed_names` reads ``infra.faults`` at most once per ``refresh_s`` (``/health`` may be polled often),
+    on a short connection of its own; when the database cannot answer it keeps the last answer.
+    """
+
+    def __init__(self, database_url: str, *, refresh_s: float = 5.0):
+        self.database_url, self.refresh_s = database_url, refresh_s
+        self._names: list[str] = []
+        self._loaded_at: float | None = None
+        self._lock = threading.Lock()
+
+    def armed_names(self) -> list[str]:
+        now = time.monotonic()
+        if (self._loaded_at is None or now - self._loaded_at >= self.refresh_s) and self._lock.acquire(blocking=False):
+            try:
+                self._loaded_at = now
+                with _connect(self.database_url) as conn:
+                    self._names = [r[0] for r in conn.execute(
+                        f"SELECT name FROM infra.faults WHERE {UNEXPIRED} ORDER BY name").fetchall()]
+            except Exception as exc:  # the database being down must not fail /health; keep the last answer
+                log.debug("could not read the armed faults: %s", exc)
+            finally:
+                self._lock.release()
+        return list(self._names)
+
+
+UNEXPIRED = "expires_at > clock_timestamp()"
 
 
 @dataclasses.dataclass
@@ -98,6 +134,9 @@ class Fault:
     armed_at: str
     rng: random.Random
     fired: int = 0
+    # time.monotonic() at which it expires: a process that cannot reach the database keeps its last view, and
+    # must still stop obeying a fault whose time is up.
+    expires: float = float("inf")
 
     def strikes(self) -> bool:
         limit = self.params.get("max")
@@ -109,6 +148,8 @@ class Fault:
 class FaultRegistry(NoFaults):
     """Faults armed in PostgreSQL, refreshed at most every ``refresh_s`` by whichever thread asks first.
 
+    Only lab processes use it (see :func:`from_settings`); expired rows are ignored.
+
     ``redis_url``/``amqp_url`` enable the environment faults (``redis.flush``, ``broker.restart``,
     ``db.restart``); they strike only from :meth:`tick`, which the server's scheduler calls.
     """
@@ -118,7 +159,7 @@ class FaultRegistry(NoFaults):
         self.database_url, self.refresh_s = database_url, refresh_s
         self.redis_url, self.amqp_url = redis_url, amqp_url
         self._armed: dict[str, Fault] = {}
-        self._loaded_at = 0.0
+        self._loaded_at = float("-inf")  # the first call reads, whatever the monotonic clock says
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
         self._conn = None
@@ -148,9 +189,14 @@ class FaultRegistry(NoFaults):
         fault = self._current().get(name)
         return fault is not None and fault.action == "naive"
 
+    lab = True
+
     def armed(self) -> dict[str, Fault]:
         """The faults armed right now, as this process last read them."""
         return dict(self._current())
+
+    def armed_names(self) -> list[str]:
+        return sorted(self._current())
 
     def close(self) -> None:
         with self._log_lock:
@@ -177,7 +223,10 @@ class FaultRegistry(NoFaults):
                 self._refresh()
             finally:
                 self._lock.release()
-        return self._armed
+        armed, now = self._armed, time.monotonic()
+        if any(f.expires <= now for f in armed.values()):
+            armed = self._armed = {n: f for n, f in armed.items() if f.expires > now}
+        return armed
 
     def _refresh(self) -> None:
         self._loaded_at = time.monotonic()
@@ -186,22 +235,26 @@ class FaultRegistry(NoFaults):
                 rows = self._connection().execute(
                     "SELECT f.name, f.action, f.probability, f.params, f.seed, f.armed_at::text AS armed_at, "
                     "(SELECT count(*) FROM infra.fault_log l WHERE l.name = f.name AND l.fired_at >= f.armed_at) "
-                    "AS fired FROM infra.faults f").fetchall()
+                    "AS fired, extract(epoch FROM f.expires_at - clock_timestamp()) AS left_s "
+                    f"FROM infra.faults f WHERE f.{UNEXPIRED}").fetchall()
         except Exception as exc:  # the database being down must not stop the process; keep the last view
             log.debug("fault registry refresh failed: %s", exc)
             self._drop_connection()
             return
-        armed = {}
-        for name, action, probability, params, seed, armed_at, fired in rows:
+        armed, now = {}, time.monotonic()
+        for name, action, probability, params, seed, armed_at, fired, left_s in rows:
+            # The database's clock says how long is left; counted down on ours (the two may differ).
+            expires = now + float(left_s)
             old = self._armed.get(name)
             if old is not None and old.armed_at == armed_at:
-                old.fired = max(old.fired, int(fired))
+                old.fired, old.expires = max(old.fired, int(fired)), expires
                 armed[name] = old
                 continue
             # Seeded by what already struck, so a restarted process continues the sequence instead of
             # replaying its first draw (which, for a crash, would crash every restart).
             rng = random.Random(f"{seed}:{name}:{fired}")
-            armed[name] = Fault(name, action, float(probability), params or {}, int(seed), armed_at, rng, int(fired))
+            armed[name] = Fault(name, action, float(probability), params or {}, int(seed), armed_at, rng, int(fired),
+                                expires)
         self._armed = armed
 
     def _environment_tick(self) -> None:
@@ -365,8 +418,8 @@ ENVIRONMENT_ACTIONS = {"redis.flush": flush_redis, "broker.restart": restart_bro
 
 # -- the Python API used by the CLI and the lab ------------------------------------------------------
 def arm(database_url: str, name: str, action: str | None = None, probability: float = 1.0, seed: int = 0,
-        **params) -> dict:
-    """Arm (or re-arm) fault ``name``; running processes pick it up within half a second.
+        ttl_s: float = DEFAULT_TTL_S, **params) -> dict:
+    """Arm (or re-arm) fault ``name`` for ``ttl_s`` seconds; lab processes pick it up within half a second.
 
     ``action`` defaults to the point's natural one (see ``POINTS``); a naive switch's action is ``naive``.
     ``params``: ``ms`` for delay, ``queue`` for consumer.lose, ``max`` to stop after that many strikes.
@@ -377,14 +430,20 @@ def arm(database_url: str, name: str, action: str | None = None, probability: fl
                            f"or give an action ({', '.join(ACTIONS)}).")
     if not 0.0 <= float(probability) <= 1.0:
         raise UnknownFault(f"The probability of {name} must be between 0 and 1, got {probability}.")
+    if not float(ttl_s) > 0:
+        raise UnknownFault(f"The time to live of {name} must be more than 0 seconds, got {ttl_s}.")
     with _connect(database_url) as conn:
-        armed_at = conn.execute(
-            "INSERT INTO infra.faults (name, action, probability, params, seed) VALUES (%s, %s, %s, %s::jsonb, %s) "
+        # Expired rows are dead weight (every reader ignores them); arming is a good moment to drop them.
+        conn.execute("DELETE FROM infra.faults WHERE NOT " + UNEXPIRED)
+        armed_at, expires_at = conn.execute(
+            "INSERT INTO infra.faults (name, action, probability, params, seed, expires_at) "
+            "VALUES (%s, %s, %s, %s::jsonb, %s, clock_timestamp() + make_interval(secs => %s)) "
             "ON CONFLICT (name) DO UPDATE SET action = EXCLUDED.action, probability = EXCLUDED.probability, "
-            "params = EXCLUDED.params, seed = EXCLUDED.seed, armed_at = clock_timestamp() RETURNING armed_at",
-            (name, action, float(probability), json.dumps(params), int(seed))).fetchone()[0]
+            "params = EXCLUDED.params, seed = EXCLUDED.seed, armed_at = clock_timestamp(), "
+            "expires_at = EXCLUDED.expires_at RETURNING armed_at, expires_at",
+            (name, action, float(probability), json.dumps(params), int(seed), float(ttl_s))).fetchone()
     return {"name": name, "action": action, "probability": float(probability), "params": params, "seed": int(seed),
-            "armedAt": armed_at.isoformat()}
+            "armedAt": armed_at.isoformat(), "expiresAt": expires_at.isoformat()}
 
 
 def disarm(database_url: str, name: str | None = None) -> int:
@@ -396,14 +455,17 @@ def disarm(database_url: str, name: str | None = None) -> int:
 
 
 def list_armed(database_url: str) -> list[dict]:
-    """The armed faults, each with how often it struck since it was armed."""
+    """The armed faults that have not expired, each with how often it struck since it was armed and the
+    seconds it has left (``ttlLeftS``)."""
     with _connect(database_url) as conn:
         rows = conn.execute(
             "SELECT f.name, f.action, f.probability, f.params, f.seed, f.armed_at, "
-            "(SELECT count(*) FROM infra.fault_log l WHERE l.name = f.name AND l.fired_at >= f.armed_at) AS fired "
-            "FROM infra.faults f ORDER BY f.name").fetchall()
+            "(SELECT count(*) FROM infra.fault_log l WHERE l.name = f.name AND l.fired_at >= f.armed_at) AS fired, "
+            "f.expires_at, extract(epoch FROM f.expires_at - clock_timestamp()) AS left_s "
+            f"FROM infra.faults f WHERE f.{UNEXPIRED} ORDER BY f.name").fetchall()
     return [{"name": r[0], "action": r[1], "probability": r[2], "params": r[3], "seed": r[4],
-             "armedAt": r[5].isoformat(), "fired": r[6]} for r in rows]
+             "armedAt": r[5].isoformat(), "fired": r[6], "expiresAt": r[7].isoformat(),
+             "ttlLeftS": round(float(r[8]), 1)} for r in rows]
 
 
 def fired_counts(database_url: str, since=None) -> dict[str, int]:
@@ -423,7 +485,32 @@ def _connect(database_url: str):
                            application_name=f"pulse-faults:{os.getpid()}")
 
 
-def from_settings(settings, *, environment: bool = True) -> FaultRegistry:
-    """The registry a process built from ``settings`` uses; ``environment`` lets it execute environment faults."""
+def from_settings(settings, *, environment: bool = True) -> NoFaults:
+    """The registry a process built from ``settings`` uses: a :class:`FaultRegistry` in lab mode (``environment``
+    lets it execute environment faults), else :class:`IgnoredFaults`, which obeys nothing."""
+    if not settings.lab:
+        return IgnoredFaults(settings.database_url)
     return FaultRegistry(settings.database_url, redis_url=settings.redis_url if environment else None,
                          amqp_url=settings.amqp_url if environment else None)
+
+
+def for_process(settings, faults: NoFaults | None = None):
+    """The settings and registry a process runs with; returns ``(settings, faults)``.
+
+    Outside lab mode, ``PULSE_NAIVE`` is dropped and armed faults are ignored, each said in one log line, so an
+    operator who finds a server behaving normally while faults are armed knows why. A registry passed in (a
+    test's own hooks) is used as given.
+    """
+    lab = settings.lab
+    if not lab and settings.naive:
+        log.warning("PULSE_NAIVE=%s is ignored: naive switches are honoured only in lab mode "
+                    "(pulse serve --lab or PULSE_LAB=1)", ",".join(sorted(settings.naive)))
+        settings = settings.replace(naive=frozenset())
+    if faults is None:
+        faults = from_settings(settings)
+        armed = [] if lab else faults.armed_names()
+        if armed:
+            log.warning("%d fault(s) armed in infra.faults are ignored because this process is not in lab mode: %s "
+                        "(they expire by themselves; pulse faults disarm --all removes them)",
+                        len(armed), ", ".join(armed))
+    return settings, faults

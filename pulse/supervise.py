@@ -110,7 +110,10 @@ def serve_command(serve_args: list[str]) -> list[str]:
 
 
 def cmd_supervise(args) -> int:
-    supervisor = Supervisor(serve_command(args.serve_args), env=dict(os.environ), backoff_s=args.backoff,
+    env = dict(os.environ)
+    if args.lab:  # the supervised server obeys faults: that is what keeping it alive through crashes is for
+        env["PULSE_LAB"] = "1"
+    supervisor = Supervisor(serve_command(args.serve_args), env=env, backoff_s=args.backoff,
                             max_restarts=args.max_restarts)
 
     def forward(signum, _frame):
@@ -132,5 +135,6 @@ def register(subparsers) -> None:
                               "restarts is printed as JSON at the end.")
     p.add_argument("--backoff", type=float, default=0.2, help="first restart delay in seconds, doubling (max 5)")
     p.add_argument("--max-restarts", type=int, default=None, help="give up after this many restarts")
+    p.add_argument("--lab", action="store_true", help="run pulse serve in lab mode (PULSE_LAB=1): it obeys faults")
     p.add_argument("serve_args", nargs="*", help="arguments for pulse serve (after --)")
     p.set_defaults(func=cmd_supervise)

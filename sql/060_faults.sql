@@ -8,6 +8,18 @@ CREATE TABLE IF NOT EXISTS infra.faults (
     armed_at     timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
+-- Every armed fault expires (default 15 min, `pulse faults arm --ttl S`): a notebook or campaign killed between
+-- arm and disarm must not leave a fault armed for good. Rows armed before this column existed get 15 minutes from
+-- the migration. Guarded rather than a bare ADD COLUMN IF NOT EXISTS: that takes the table's exclusive lock on
+-- every `pulse serve` start, queued behind the registries that read this table twice a second.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'infra' AND table_name = 'faults'
+                   AND column_name = 'expires_at') THEN
+        ALTER TABLE infra.faults ADD COLUMN IF NOT EXISTS expires_at timestamptz NOT NULL
+            DEFAULT clock_timestamp() + interval '15 minutes';
+    END IF;
+END $$;
+
 -- One row per fault that struck, written (autocommit) before it acts: a crash is counted although
 -- the process that logged it is gone a microsecond later.
 CREATE TABLE IF NOT EXISTS infra.fault_log (

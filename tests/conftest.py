@@ -92,7 +92,8 @@ def settings(base_settings):
     redis_url = base_settings.redis_url.rsplit("/", 1)[0] + f"/{redis_db}"
     s = base_settings.replace(database_url=db_url, amqp_url=amqp, redis_url=redis_url, cdc_slot=tag,
                               cdc_publication=f"{tag}_pub", outbox_mode="polling",
-                              sweep_interval_s=3600, reconcile_interval_s=3600, relay_poll_s=0.02)
+                              sweep_interval_s=3600, reconcile_interval_s=3600, relay_poll_s=0.02,
+                              lab=True)  # the suite arms faults and naive switches: lab mode, as the SPEC says
     from pulse.infra import migrate
     migrate.migrate(s.database_url)
     migrate.seed(s.database_url)
@@ -174,4 +175,5 @@ def serve_env(settings):
     return {"PULSE_DATABASE_URL": settings.database_url, "PULSE_REDIS_URL": settings.redis_url,
             "PULSE_AMQP_URL": settings.amqp_url, "PULSE_CDC_SLOT": settings.cdc_slot,
             "PULSE_CDC_PUBLICATION": settings.cdc_publication, "PULSE_OUTBOX_MODE": settings.outbox_mode,
-            "PULSE_SWEEP_INTERVAL_S": "3600", "PULSE_RECONCILE_INTERVAL_S": "3600", "PULSE_RELAY_POLL_S": "0.02"}
+            "PULSE_SWEEP_INTERVAL_S": "3600", "PULSE_RECONCILE_INTERVAL_S": "3600", "PULSE_RELAY_POLL_S": "0.02",
+            "PULSE_LAB": "1"}

@@ -114,7 +114,9 @@ def create_app(system) -> FastAPI:
 
     @app.get("/health")
     def health():
+        # faultsArmed: the registry's cached view (lab mode), or at most one SELECT every few seconds otherwise.
         return {"status": "ok", "strategy": system.settings.strategy_name, "outboxMode": system.settings.outbox_mode,
+                "labMode": system.settings.lab, "faultsArmed": system.deps.faults.armed_names(),
                 "consumers": consumer_status(system)}
 
     return app

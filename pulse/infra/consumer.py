@@ -12,6 +12,7 @@ import psycopg
 from pika.exceptions import AMQPError, NackError, UnroutableError
 
 from pulse.events import Envelope, MalformedEnvelope
+from pulse.faults import NO_FAULTS
 from pulse.infra import broker, db
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class Consumer(threading.Thread):
         super().__init__(name=name or f"consumer:{queue}", daemon=True)
         self.url, self.queue, self.dispatch = url, queue, dispatch
         self.stop, self.prefetch, self.retries = stop, prefetch, retries
-        self.faults = faults
+        self.faults = faults or NO_FAULTS
         # With a pool, messages already prefetched are handled together in one transaction (see _process_batch).
         self.pool, self.batch = pool, max(1, min(batch, prefetch or batch))
         # prelock(conn, envelopes): takes, in one fixed order, the row locks the batch's handlers will take in
@@ -111,7 +112,7 @@ class Consumer(threading.Thread):
         """The lab's "lost event" fault, for events this queue's module would act on (a queue also hears the
         other strategy's events and drops them unhandled; losing one of those would lose nothing)."""
         wants = getattr(self.dispatch, "wants", None)
-        if self.faults is None or (wants is not None and not wants(envelope)):
+        if wants is not None and not wants(envelope):
             return False
         return self.faults.lose_message(self.queue, event_id=props.message_id)
 
@@ -142,8 +143,7 @@ class Consumer(threading.Thread):
                       "".join(traceback.format_exception(error)))
             self._dead_letter(channel, method, props, body, reason)
             return
-        if self.faults is not None:
-            self.faults.point("consumer.before_ack", queue=self.queue)
+        self.faults.point("consumer.before_ack", queue=self.queue)
         channel.basic_ack(method.delivery_tag)
         self.handled += 1
 
@@ -205,8 +205,7 @@ class Consumer(threading.Thread):
                 log.warning("%s: after-commit work of %s failed (%s)", self.name, props.message_id, exc)
                 failed.append((method, props, body))
                 continue
-            if self.faults is not None:
-                self.faults.point("consumer.before_ack", queue=self.queue)
+            self.faults.point("consumer.before_ack", queue=self.queue)
             acked.append(method.delivery_tag)
         # Failed ones first: the multiple ack below must not cover a message that is still unhandled.
         for method, props, body in sorted(failed, key=lambda d: d[0].delivery_tag):

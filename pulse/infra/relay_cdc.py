@@ -46,7 +46,7 @@ from psycopg import pq, sql
 from psycopg.conninfo import make_conninfo
 
 from pulse.events import Envelope
-from pulse.faults import FaultInjected, naive_on
+from pulse.faults import NO_FAULTS, FaultInjected, naive_on
 from pulse.infra import broker, db, pgoutput
 from pulse.infra.relay_polling import publish_unconfirmed
 
@@ -296,7 +296,7 @@ class CdcRelay:
     flush_s = 0.1
 
     def __init__(self, settings, publisher: broker.ConfirmingPublisher, faults=None):
-        self.settings, self.publisher, self.faults = settings, publisher, faults
+        self.settings, self.publisher, self.faults = settings, publisher, faults or NO_FAULTS
         self.slot, self.publication = settings.cdc_slot, settings.cdc_publication
         self.batch = max(1, settings.relay_batch)
         self.poll_s = settings.relay_poll_s
@@ -348,7 +348,7 @@ class CdcRelay:
             return self._relay_unconfirmed(conn, transactions, envelopes)
         confirmed = self.publisher.publish_batch(envelopes) if envelopes else []
         target, ids = confirmed_prefix(transactions, confirmed)
-        if self.faults is not None and envelopes:
+        if envelopes:
             self.faults.point("relay.after_publish", events=len(envelopes))
         self._count(len(ids))
         self.batches += bool(envelopes)
@@ -413,8 +413,7 @@ class CdcRelay:
         conn.execute("DELETE FROM shared.outbox WHERE id = ANY(%s)", ([e.id for e in envelopes],))
         self._confirm(transactions[-1][0])
         self._count(len(envelopes))
-        if self.faults is not None:
-            self.faults.point("relay.after_publish", events=len(envelopes))
+        self.faults.point("relay.after_publish", events=len(envelopes))
         flush()
         return len(envelopes)
 
@@ -486,12 +485,10 @@ class CdcRelay:
                 else:
                     confirmed = self.publisher.publish_batch(envs)
                     ids = [e.id for e, ok in zip(envs, confirmed) if ok]
-                    if self.faults is not None:
-                        self.faults.point("relay.after_publish", events=len(envs))
+                    self.faults.point("relay.after_publish", events=len(envs))
                 conn.execute("DELETE FROM shared.outbox WHERE id = ANY(%s)", (ids,))
             if flush is not None:
-                if self.faults is not None:
-                    self.faults.point("relay.after_publish", events=len(envs))
+                self.faults.point("relay.after_publish", events=len(envs))
                 flush()
             self._count(len(ids))
             count += len(ids)

@@ -10,7 +10,7 @@ import time
 import pika
 import psycopg
 
-from pulse.faults import FaultInjected, naive_on
+from pulse.faults import NO_FAULTS, FaultInjected, naive_on
 from pulse.infra import broker, db
 from pulse.infra.outbox import envelope_of
 
@@ -37,7 +37,7 @@ class PollingRelay:
     def __init__(self, database_url: str, publisher: broker.ConfirmingPublisher, *, batch: int = 500,
                  poll_s: float = 0.05, faults=None, naive: frozenset = frozenset()):
         self.database_url, self.publisher = database_url, publisher
-        self.batch, self.poll_s, self.faults = batch, poll_s, faults
+        self.batch, self.poll_s, self.faults = batch, poll_s, faults or NO_FAULTS
         self.naive = naive
         self.published = 0
         self.last_publish_at: float | None = None
@@ -56,15 +56,13 @@ class PollingRelay:
             else:
                 flush = None
                 confirmed = self.publisher.publish_batch([envelope_of(r) for r in rows])
-                if self.faults is not None:
-                    self.faults.point("relay.after_publish")
+                self.faults.point("relay.after_publish")
             ids = [r["id"] for r, ok in zip(rows, confirmed) if ok]
             if ids:
                 conn.execute("DELETE FROM shared.outbox WHERE id = ANY(%s)", (ids,))
         if flush is not None:
             # Naive mode: the rows are gone and only now does the client write to the socket.
-            if self.faults is not None:
-                self.faults.point("relay.after_publish")
+            self.faults.point("relay.after_publish")
             flush()
         self.published += len(ids)
         self.last_publish_at = time.time()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import importlib
 import inspect
 
-# The named points the system calls (SPEC, issue 4); the dashboard offers a slider for each.
-KNOWN_FAULTS = ("cart.after_redis", "relay.after_publish", "consumer.before_ack", "consumer.lose", "redis.flush",
-                "payment.decline", "payment.timeout", "payment.latency")
+from pulse import faults_catalogue
+
+# From the one catalogue (pulse.faults_catalogue): the points the dashboard offers a slider for, and the naive
+# switches it offers a checkbox for.
+KNOWN_FAULTS = tuple(e.name for e in faults_catalogue.entries("point") if e.lab)
+NAIVE_SWITCHES = tuple(e.name for e in faults_catalogue.entries("naive"))
 # Processes re-read the registry every 0.5 s (pulse.faults.FaultRegistry.refresh_s), plus a margin.
 REFRESH_WAIT_S = 0.8
-NAIVE_SWITCHES = ("reserve-get-set", "publish-no-confirm", "no-inbox", "reconcile-full-scan", "unguarded-state",
-                  "lock-no-owner")
 
 
 class FaultsUnavailable(RuntimeError):
@@ -50,7 +51,10 @@ def _call(function, settings, *args, **kwargs):
 
 
 def arm(settings, name: str, probability: float = 1.0, **options) -> None:
-    """Arm ``name`` with ``probability`` (and the registry's own options, such as ``action``)."""
+    """Arm ``name`` with ``probability`` (and the registry's own options, such as ``action`` or ``ttl_s``).
+
+    Only lab-mode processes obey it (the Lab starts its server and in-kernel systems with ``PULSE_LAB=1``), and it
+    expires by itself after ``ttl_s`` (default 15 minutes)."""
     _call(_require().arm, settings, name, probability=probability, **options)
 
 

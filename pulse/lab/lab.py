@@ -65,6 +65,7 @@ class Lab:
         self.env.update({"PULSE_RECONCILE_INTERVAL_S": str(reconcile_interval_s),
                          "PULSE_SWEEP_INTERVAL_S": str(sweep_interval_s)})
         self.env.setdefault("PULSE_RELAY_POLL_S", "0.02")
+        self.env["PULSE_LAB"] = "1"  # the lab's server and in-kernel systems obey faults; nothing else does
         mode = outbox_mode or self.env.get("PULSE_OUTBOX_MODE") or config.Settings.outbox_mode
         self.settings = config.from_env({**self.env, "PULSE_STRATEGY": strategy, "PULSE_OUTBOX_MODE": mode,
                                          "PULSE_PAYMENT_DECLINE_RATE": str(decline_rate),
@@ -234,7 +235,6 @@ class Lab:
         """Empty the previous run's rows, queues and Redis keys, and reset the seed catalogue's stock."""
         from pulse.infra import broker, db, migrate
 
-        faults = lab_faults.registry()
         with db.connect(self.settings.database_url) as conn, conn.transaction():
             present = [t for t in OPTIONAL_WIPED_TABLES
                        if conn.execute("SELECT to_regclass(%s) AS t", (t,)).fetchone()["t"] is not None]
@@ -246,8 +246,7 @@ class Lab:
                 conn.execute("DELETE FROM infra.stock_baseline WHERE NOT (product_id = ANY(%s::uuid[]))", (seed_ids,))
         migrate.seed(self.settings.database_url, reset=True)
         self._drop_idle_slot()
-        if faults is not None:
-            lab_faults.disarm_all(self.settings)
+        lab_faults.disarm_all(self.settings)
         self.flush_redis()
         broker.setup(self.settings.amqp_url, topology.bindings())
         self._purge_queues()
@@ -399,8 +398,8 @@ class Lab:
         """Arm a named fault (``cart.after_redis``, ``consumer.lose``, ``payment.decline``, ...) at run time.
 
         ``options`` go to the registry: ``action``, ``seed``, ``max`` (strikes before it stops), ``queue``,
-        ``ms``. Running processes re-read the registry every half second; this waits that long, so the
-        next cell already meets the fault.
+        ``ms``, ``ttl_s`` (it expires by itself, after 15 minutes by default). The lab's processes (lab mode)
+        re-read the registry every half second; this waits that long, so the next cell already meets the fault.
         """
         lab_faults.arm(self.settings, name, probability, **options)
         time.sleep(lab_faults.REFRESH_WAIT_S)

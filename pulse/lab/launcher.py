@@ -23,16 +23,19 @@ def free_port() -> int:
 class ServeProcess:
     """One ``pulse serve`` child with its own settings; ``url`` is its API base address.
 
+    It runs in lab mode (``PULSE_LAB=1``: it obeys faults and naive switches) unless ``lab=False`` or ``env``
+    says otherwise.
+
     >>> with ServeProcess(strategy="post-payment") as server:
     ...     httpx.get(server.url + "/health").json()
     """
 
     def __init__(self, *, strategy: str = "optimistic", outbox_mode: str | None = None, port: int | None = None,
-                 env: dict | None = None, log_path: str | Path | None = None, args: tuple = ()):
+                 env: dict | None = None, log_path: str | Path | None = None, args: tuple = (), lab: bool = True):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PULSE_STRATEGY": strategy, **({"PULSE_OUTBOX_MODE": outbox_mode} if outbox_mode else {}),
-                    **(env or {})}
+        self.env = {**os.environ, "PULSE_STRATEGY": strategy, "PULSE_LAB": "1" if lab else "0",
+                    **({"PULSE_OUTBOX_MODE": outbox_mode} if outbox_mode else {}), **(env or {})}
         self.log_path = Path(log_path) if log_path else None
         self.args = args
         self.proc: subprocess.Popen | None = None

@@ -7,6 +7,8 @@ import hashlib
 import random
 import time
 
+from pulse.faults import NO_FAULTS
+
 
 class ProviderError(Exception):
     """The provider failed transiently (timeout, 5xx); the consumer retries the message."""
@@ -28,7 +30,7 @@ class SimulatedProvider:
                  seed: int = 42, faults=None):
         self.decline_rate, self.latency_ms, self.error_rate = decline_rate, latency_ms, error_rate
         self.seed = seed
-        self.faults = faults
+        self.faults = faults or NO_FAULTS
         self._errors = random.Random(seed)
 
     def _draw(self, order_id, salt: str) -> float:
@@ -39,13 +41,12 @@ class SimulatedProvider:
         """Charge ``amount`` for ``order_id``; raises ProviderError on a simulated transient failure."""
         if self.latency_ms:
             time.sleep(self.latency_ms * (0.5 + self._draw(order_id, "latency")) / 1000)
-        if self.faults is not None:
-            self.faults.point("payment.latency")
-            self.faults.point("payment.timeout")
+        self.faults.point("payment.latency")
+        self.faults.point("payment.timeout")
         if self.error_rate and self._errors.random() < self.error_rate:
             raise ProviderError("simulated provider error")
         declined = self._draw(order_id, "decline") < self.decline_rate
-        if self.faults is not None and self.faults.fires("payment.decline"):
+        if self.faults.fires("payment.decline"):
             declined = True
         return ChargeResult(approved=not declined, provider_payment_id=f"sim_{order_id}")
 

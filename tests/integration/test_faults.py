@@ -147,6 +147,10 @@ def test_cli_arm_list_disarm(settings, serve_env):
     assert pulse("arm", "consumer.lose", "-p", "0.2", "--param", "queue=order.queue")["params"] == {
         "queue": "order.queue"}
     assert [f["name"] for f in pulse("list")] == ["consumer.lose"]
+    pulse("arm", "payment.latency", "--ttl", "60", "--param", "ms=5")
+    left = {f["name"]: f["ttlLeftS"] for f in pulse("list")}
+    assert 50 < left["payment.latency"] <= 60 and left["consumer.lose"] > 800  # the default is 15 minutes
+    assert pulse("disarm", "payment.latency")["disarmed"] == 1
     assert pulse("disarm", "--all")["disarmed"] == 1
     bad = subprocess.run([sys.executable, "-m", "pulse", "faults", "arm", "nope"], env=env, capture_output=True,
                          text=True, timeout=60)

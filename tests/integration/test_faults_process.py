@@ -29,7 +29,8 @@ def test_supervise_restarts_a_crashed_server(settings, serve_env, new_product, t
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, **serve_env}
-    proc = subprocess.Popen([sys.executable, "-m", "pulse", "supervise", "--", "--port", str(port)], env=env,
+    env.pop("PULSE_LAB")  # `supervise --lab` puts its server in lab mode, or the crash fault would be ignored
+    proc = subprocess.Popen([sys.executable, "-m", "pulse", "supervise", "--lab", "--", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=open(tmp_path / "supervise.log", "wb"), text=True)
     try:
         wait_for(lambda: _healthy(url), 60, 0.2, message="pulse serve up")
