@@ -464,7 +464,7 @@ class CdcRelay:
         try:
             self._start_stream(conn)
         except SlotLost as exc:  # lost between our look at wal_status and START_REPLICATION
-            self._recreate_slot(conn, db.first_line(exc))
+            self._recreate_slot(conn, " ".join(str(exc).split()))
             self._start_stream(conn)
 
     def _start_stream(self, conn) -> None:
@@ -486,9 +486,9 @@ class CdcRelay:
         conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
         ensure_slot(conn, self.slot)
         self.slot_recreated_at = time.time()
-        log.warning("cdc relay: replication slot %s was lost (%s: the server removed WAL it still needed, see "
-                    "max_slot_wal_keep_size); created it again, and the %d rows still in shared.outbox are "
-                    "published again, so no event is lost", self.slot, reason, rows)
+        log.warning("cdc relay: replication slot %s was lost, the server removed WAL it still needed (see "
+                    "max_slot_wal_keep_size; %s). Created it again; the %d rows still in shared.outbox are "
+                    "published again, so no event is lost.", self.slot, reason, rows)
         try:
             conn.execute("INSERT INTO infra.relay_slot_losses (slot, reason, outbox_rows, pid, host) "
                          "VALUES (%s, %s, %s, %s, %s)", (self.slot, reason, rows, os.getpid(), socket.gethostname()))

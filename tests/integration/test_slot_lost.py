@@ -19,8 +19,8 @@ from psycopg.conninfo import make_conninfo
 
 from pulse import cli_relay
 from pulse.check.invariants import Scope, replication_slot
-from pulse.infra import broker
-from pulse.infra.relay_cdc import CdcRelay
+from pulse.infra import broker, relay_cdc
+from pulse.infra.relay_cdc import CdcRelay, SlotLost, WalStream
 from tests.conftest import wait_for
 from tests.integration.test_relay_cdc import cdc, insert_events, outbox_ids, relay_until, slot_row, tap  # noqa: F401
 
@@ -109,7 +109,9 @@ def admin(settings):
         yield conn
 
 
-def test_a_lost_slot_is_recreated_and_every_event_still_delivered(cdc, tap, db, admin, caplog):  # noqa: F811
+@pytest.mark.parametrize("found_by", ["wal_status", "start_replication"])
+def test_a_lost_slot_is_recreated_and_every_event_still_delivered(found_by, cdc, tap, db, admin, caplog,  # noqa: F811
+                                                                  monkeypatch):
     relay = CdcRelay(cdc, broker.ConfirmingPublisher(cdc.amqp_url))
     try:
         first = insert_events(cdc.database_url, 2)
@@ -121,12 +123,17 @@ def test_a_lost_slot_is_recreated_and_every_event_still_delivered(cdc, tap, db, 
     waiting = insert_events(cdc.database_url, 5)  # in the slot's WAL and in the table when the slot goes
 
     lowered_s = lose_slot(admin, cdc.cdc_slot)
-    print(f"cap lowered for {lowered_s:.2f}s")
+    assert lowered_s < 15  # the cap was down for one or a few checkpoints, not for the whole test
     check = replication_slot(db, Scope(), cdc.cdc_slot)
     assert not check.passed and "lost" in check.details
     status = cli_relay.relay_status(cdc)
     assert status["slot"]["walStatus"] == "lost"
     assert any("lost" in w for w in status["warnings"])
+
+    with pytest.raises(SlotLost, match="invalidated"):  # PostgreSQL's refusal is recognised as a lost slot
+        WalStream(cdc.database_url, cdc.cdc_slot, cdc.cdc_publication, 0, "pulse-test").close()
+    if found_by == "start_replication":  # the slot is lost after the relay looked at wal_status
+        monkeypatch.setattr(relay_cdc, "slot_lost_reason", lambda conn, slot: None)
 
     caplog.set_level(logging.WARNING, logger="pulse.infra.relay_cdc")
     relay = CdcRelay(cdc, broker.ConfirmingPublisher(cdc.amqp_url))
@@ -145,7 +152,8 @@ def test_a_lost_slot_is_recreated_and_every_event_still_delivered(cdc, tap, db, 
     assert relay.slot_recreated_at is not None
 
     loss = db.execute("SELECT * FROM infra.relay_slot_losses WHERE slot = %s", (cdc.cdc_slot,)).fetchall()
-    assert len(loss) == 1 and loss[0]["outbox_rows"] >= len(waiting) and "lost" in loss[0]["reason"]
+    assert len(loss) == 1 and loss[0]["outbox_rows"] >= len(waiting)
+    assert ("wal_status = lost" if found_by == "wal_status" else "invalidated") in loss[0]["reason"]
     status = cli_relay.relay_status(cdc)
     assert status["slot"]["walStatus"] in ("reserved", "extended")
     assert status["slotRecreated"]["at"] and status["slotRecreated"]["outboxRows"] >= len(waiting)
