@@ -9,6 +9,7 @@ from pulse import config
 from pulse.infra import db
 
 RETAINED_WARN_BYTES = 1 << 30  # an unread slot retained ~10 GB/hour at 4k transactions/s here
+RECREATED_WARN_S = 86_400  # a slot recreated after a loss is worth a WARNING line for a day, then a plain field
 
 SLOT_SQL = """
 SELECT s.database, s.active, s.active_pid, s.confirmed_flush_lsn::text AS confirmed_flush_lsn,
@@ -42,15 +43,30 @@ def relay_status(settings: config.Settings) -> dict:
                                    (settings.cdc_publication,)).fetchone() is not None
         wal_level = conn.execute("SHOW wal_level").fetchone()["wal_level"]
         outbox_rows = conn.execute("SELECT count(*) AS n FROM shared.outbox").fetchone()["n"]
+        recreated = last_slot_loss(conn, settings.cdc_slot)
     status = {
         "mode": settings.outbox_mode, "walLevel": wal_level, "outboxRows": outbox_rows,
         "publication": {"name": settings.cdc_publication, "exists": publication},
         "slot": _slot(settings.cdc_slot, slot),
         "holder": _holder(holder),
         "heartbeat": _heartbeat(beat),
+        "slotRecreated": recreated,
     }
     status["warnings"] = warnings(status, wal_level_problem(wal_level))
     return status
+
+
+def last_slot_loss(conn, slot: str) -> dict | None:
+    """The last time the cdc relay found ``slot`` lost and created it again (``infra.relay_slot_losses``), or None."""
+    if not conn.execute("SELECT to_regclass('infra.relay_slot_losses') IS NOT NULL AS ok").fetchone()["ok"]:
+        return None
+    row = conn.execute("SELECT recreated_at, reason, outbox_rows, pid, host, extract(epoch FROM now() - recreated_at) "
+                       "AS age_s, count(*) OVER () AS times FROM infra.relay_slot_losses WHERE slot = %s "
+                       "ORDER BY recreated_at DESC LIMIT 1", (slot,)).fetchone()
+    if row is None:
+        return None
+    return {"at": row["recreated_at"].isoformat(), "reason": row["reason"], "outboxRows": row["outbox_rows"],
+            "pid": row["pid"], "host": row["host"], "ageS": round(float(row["age_s"]), 1), "times": row["times"]}
 
 
 def _has_heartbeat(conn) -> bool:
@@ -93,12 +109,20 @@ def warnings(status: dict, wal_problem: str | None) -> list[str]:
         if slot["retainedBytes"] is not None and slot["retainedBytes"] > RETAINED_WARN_BYTES:
             out.append(f"Slot {slot['name']} retains {_size(slot['retainedBytes'])} of WAL; an unread slot fills the "
                        "disk, so start the cdc relay or run `pulse relay drop-slot`.")
-        if slot["walStatus"] in ("extended", "unreserved", "lost"):
+        if slot["walStatus"] == "lost":
+            out.append(f"Slot {slot['name']} is lost: the server removed WAL it still needed (max_slot_wal_keep_size)."
+                       " Start the cdc relay: it creates the slot again and publishes the rows still in the outbox.")
+        elif slot["walStatus"] in ("extended", "unreserved"):
             out.append(f"Slot {slot['name']} has wal_status={slot['walStatus']}: the server is keeping (or has "
                        "already removed) WAL beyond its normal limit for it.")
         if status["mode"] == "polling" and status["holder"] is None:
             out.append(f"Slot {slot['name']} exists but PULSE_OUTBOX_MODE=polling and no cdc relay reads it, so it "
                        "keeps WAL forever: run `pulse relay drop-slot` unless you switch back to cdc.")
+    recreated = status.get("slotRecreated")
+    if recreated and recreated["ageS"] < RECREATED_WARN_S:
+        out.append(f"Slot {slot['name']} was lost and recreated at {recreated['at']} ({recreated['reason']}); the "
+                   f"{recreated['outboxRows']} rows then in shared.outbox were published again, so no event was lost, "
+                   "but some may have been delivered twice.")
     if status["mode"] == "cdc" and status["holder"] is None:
         out.append("No cdc relay is running (no process holds the relay lock): outbox events wait until one starts.")
     return out
@@ -123,6 +147,9 @@ def render(status: dict) -> str:
     if slot["exists"]:
         rows += [("slot lag", _size(slot["lagBytes"])), ("retained WAL", _size(slot["retainedBytes"])),
                  ("wal_status", slot["walStatus"] or "-")]
+    if status.get("slotRecreated"):
+        rows.append(("slot lost", f"lost and recreated at {status['slotRecreated']['at']} "
+                                  f"({status['slotRecreated']['times']} time(s) in all)"))
     rows.append(("holder", f"backend {holder['backendPid']} · {holder['application']}" if holder else "none"))
     if beat:
         rows += [("events/s", f"{beat['eventsPerS']:.1f} (heartbeat {beat['ageS']:.0f}s ago, pid {beat['pid']} "

@@ -3,7 +3,8 @@
 #
 #   scripts/services.sh up       use what answers; start what does not (Docker Compose where a Docker
 #                                engine answers, else the locally installed Debian servers); make sure a
-#                                local PostgreSQL runs with wal_level=logical (restarting it if needed)
+#                                local PostgreSQL runs with wal_level=logical (restarting it if needed) and
+#                                caps the WAL a replication slot may keep (max_slot_wal_keep_size, 4GB)
 #   scripts/services.sh check    change nothing; exit 1 unless all three answer and wal_level=logical
 #   scripts/services.sh status   change nothing; print what answers where
 #   scripts/services.sh missing-packages   the Debian packages that `up` would need but are not installed
@@ -20,6 +21,7 @@ PG_URL="${PULSE_DATABASE_URL:-postgresql://postgres:postgres@127.0.0.1:5432/puls
 REDIS_URL="${PULSE_REDIS_URL:-redis://127.0.0.1:6379/0}"
 AMQP_URL="${PULSE_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2F}"
 TIMEOUT_S="${PULSE_SERVICES_TIMEOUT:-120}"
+SLOT_WAL_CAP=4GB   # max_slot_wal_keep_size set where it is unlimited (-1); docker/compose.yaml sets the same
 KINDS=(postgres redis amqp)
 COMPOSE=(docker compose -f docker/compose.yaml)
 
@@ -221,6 +223,32 @@ ensure_logical_wal() {
   say "PostgreSQL wal_level=logical"
 }
 
+slot_wal_cap() { pg_sql 'SHOW max_slot_wal_keep_size'; }
+
+# A slot nobody reads keeps WAL until the disk is full and PostgreSQL stops for everyone. With a cap, the server
+# removes that WAL at a checkpoint and marks the slot lost; the CDC relay then creates it again, losing nothing.
+# A reload is enough for this parameter. A cap someone chose (anything but -1) is left alone.
+ensure_slot_wal_cap() {
+  local cap i
+  cap="$(slot_wal_cap)"
+  if [[ "$cap" != -1 ]]; then say "PostgreSQL max_slot_wal_keep_size=$cap"; return 0; fi
+  if ! is_local postgres; then
+    say "PostgreSQL at $(host_port postgres) lets replication slots keep unlimited WAL (max_slot_wal_keep_size=-1); consider ALTER SYSTEM SET max_slot_wal_keep_size = '$SLOT_WAL_CAP' and a reload there."
+    return 0
+  fi
+  say "running: ALTER SYSTEM SET max_slot_wal_keep_size = '$SLOT_WAL_CAP'; SELECT pg_reload_conf()"
+  pg_sql "ALTER SYSTEM SET max_slot_wal_keep_size = '$SLOT_WAL_CAP'" >/dev/null
+  pg_sql 'SELECT pg_reload_conf()' >/dev/null
+  # Each new session reads the configuration once the postmaster has handled the reload signal.
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    cap="$(slot_wal_cap)"
+    [[ "$cap" == -1 ]] || break
+    sleep 0.2
+  done
+  [[ "$cap" != -1 ]] || fail "PostgreSQL still reports max_slot_wal_keep_size=-1 after ALTER SYSTEM and a reload; see /var/log/postgresql."
+  say "PostgreSQL max_slot_wal_keep_size=$cap"
+}
+
 # The Debian packages to install for services that do not answer and that nothing here could start.
 cmd_missing_packages() {
   local kind packages=()
@@ -235,12 +263,13 @@ cmd_up() {
   start_missing
   fix_pg_login
   ensure_logical_wal
+  ensure_slot_wal_cap
   say "all services answer"
 }
 
 # status and check share this report; returns the number of problems.
 report() {
-  local kind problems=0 level
+  local kind problems=0 level cap
   for kind in "${KINDS[@]}"; do
     if answers "$kind"; then
       printf '  %-10s %-22s answers\n' "$(title_of "$kind")" "$(host_port "$kind")"
@@ -253,6 +282,9 @@ report() {
     if level="$(wal_level 2>/dev/null)"; then
       printf '  %-10s wal_level=%s%s\n' PostgreSQL "$level" "$([[ "$level" == logical ]] || echo ' (the CDC relay needs logical)')"
       [[ "$level" == logical ]] || problems=$((problems + 1))
+      cap="$(slot_wal_cap 2>/dev/null || echo '?')"
+      printf '  %-10s max_slot_wal_keep_size=%s%s\n' PostgreSQL "$cap" \
+        "$([[ "$cap" != -1 ]] || echo ' (unlimited: an abandoned slot can fill the disk; `up` sets '"$SLOT_WAL_CAP"')')"
     else
       printf '  %-10s cannot log in to read wal_level\n' PostgreSQL
       problems=$((problems + 1))
@@ -266,5 +298,5 @@ case "${1:-}" in
   status) report || true ;;
   check) report || fail "not ready: run 'scripts/services.sh up'." ;;
   missing-packages) cmd_missing_packages ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -29,3 +29,17 @@ CREATE TABLE IF NOT EXISTS infra.relay_heartbeat (
     events_per_s     double precision NOT NULL,
     last_publish_at  timestamptz
 );
+
+-- Each time the cdc relay found its slot lost (the server removed WAL the slot still needed, past
+-- max_slot_wal_keep_size) and created it again. Nothing is lost then: outbox rows are deleted only after the
+-- broker confirmed them, and the relay publishes the rows still there. `pulse relay status` and `pulse check`
+-- report the last one.
+CREATE TABLE IF NOT EXISTS infra.relay_slot_losses (
+    id            bigserial PRIMARY KEY,
+    slot          text NOT NULL,
+    recreated_at  timestamptz NOT NULL DEFAULT now(),
+    reason        text NOT NULL,
+    outbox_rows   bigint NOT NULL,
+    pid           integer NOT NULL,
+    host          text NOT NULL
+);

@@ -279,11 +279,25 @@ def _fresh_statistics(conn) -> None:
 
 
 def replication_slot(conn, scope: Scope, slot: str) -> Result:
+    """The CDC slot can still stream. A slot lost now fails; one the relay recreated after a loss (within the
+    scope) passes, since the outbox rows it missed were published again, but says so and when."""
     row = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+    recreated = []
+    if conn.execute("SELECT to_regclass('infra.relay_slot_losses') IS NOT NULL AS ok").fetchone()["ok"]:
+        recreated = [r["recreated_at"].isoformat() for r in conn.execute(
+            "SELECT recreated_at FROM infra.relay_slot_losses WHERE slot = %s AND recreated_at >= %s "
+            "ORDER BY recreated_at", (slot, scope.sql()["since"]))]
+    data = {"recreatedAfterLoss": recreated} if recreated else {}
     if row is None:
-        return Result("replication-slot", True, f"no slot {slot} (polling relay)")
-    ok = row["wal_status"] != "lost"
-    return Result("replication-slot", ok, f"slot {slot} wal_status = {row['wal_status']}", [] if ok else [slot])
+        return Result("replication-slot", True, f"no slot {slot} (polling relay)", [], data)
+    if row["wal_status"] == "lost":
+        return Result("replication-slot", False, f"slot {slot} is lost (the server removed WAL it needed, past "
+                      "max_slot_wal_keep_size); a cdc relay recreates it when it starts", [slot], data)
+    details = f"slot {slot} wal_status = {row['wal_status']}"
+    if recreated:
+        details += (f"; it was lost and recreated by the relay {len(recreated)} time(s), last at {recreated[-1]} "
+                    "(the outbox rows still there were published again: duplicates possible, no loss)")
+    return Result("replication-slot", True, details, [], data)
 
 
 # -- dead letters -------------------------------------------------------------------------------------

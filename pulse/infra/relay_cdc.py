@@ -27,6 +27,12 @@ admits one streaming reader, so even a relay that lost its lock cannot read next
 
 Idle slots: when nothing is pending, the relay confirms the walsender's keepalive position, as
 pg_recvlogical does, so the WAL that other databases write does not pile up behind the slot.
+
+Lost slots: with ``max_slot_wal_keep_size`` set (scripts/services.sh and docker/compose.yaml set 4GB), a
+checkpoint removes WAL a slot still needs once it trails by more than that, and marks the slot ``lost``
+(``wal_status``); it can never stream again. The relay then drops it and creates it anew, which loses no event:
+rows leave ``shared.outbox`` only after their confirm, and the start-up sweep publishes the rows still there.
+Each recreation is one WARNING line and a row of ``infra.relay_slot_losses``.
 """
 
 from __future__ import annotations
@@ -177,6 +183,21 @@ def confirmed_prefix(transactions, confirmed: list[bool]) -> tuple[int | None, l
     return target, ids
 
 
+class SlotLost(psycopg.OperationalError):
+    """START_REPLICATION was refused because the slot was invalidated or the WAL it needs is gone."""
+
+
+# How PostgreSQL 13-17 word the refusal: "This slot has been invalidated because it exceeded the maximum reserved
+# size." and "requested WAL segment ... has already been removed".
+SLOT_LOST_MARKERS = ("has been invalidated", "has already been removed")
+
+
+def slot_lost_reason(conn, slot: str) -> str | None:
+    """Why the slot can no longer stream (``wal_status = 'lost'``), else None (also when there is no slot)."""
+    row = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+    return "wal_status = lost" if row is not None and row[0] == "lost" else None
+
+
 class StreamEnded(RuntimeError):
     """The server ended the replication stream (slot dropped, walsender terminated, server shutdown)."""
 
@@ -202,7 +223,8 @@ class WalStream:
         if result.status != pq.ExecStatus.COPY_BOTH:
             error = self._error()
             self.pgconn.finish()
-            raise psycopg.OperationalError(f"could not start streaming slot {slot}: {error}")
+            lost = any(marker in error for marker in SLOT_LOST_MARKERS)
+            raise (SlotLost if lost else psycopg.OperationalError)(f"could not start streaming slot {slot}: {error}")
         self.pgconn.nonblocking = 1
         self.wal_end = start_lsn  # the server has sent every transaction that committed before this position
         self.reply_requested = False
@@ -303,6 +325,7 @@ class CdcRelay:
         self.published = 0
         self.batches = 0  # publish rounds: published / batches is the batch size the load produced
         self.last_publish_at: float | None = None
+        self.slot_recreated_at: float | None = None  # when this relay last found its slot lost and made it again
         self.is_active = False
         self.started_at = time.time()
         self.app_name = f"pulse-relay pid={os.getpid()} host={socket.gethostname()}"[:63]
@@ -433,10 +456,20 @@ class CdcRelay:
         check_server(conn)
         ensure_publication(conn, self.publication)
         ensure_slot(conn, self.slot)
+        self._wait_slot_released(conn)
+        lost = slot_lost_reason(conn, self.slot)
+        if lost:
+            self._recreate_slot(conn, lost)
+        try:
+            self._start_stream(conn)
+        except SlotLost as exc:  # lost between our look at wal_status and START_REPLICATION
+            self._recreate_slot(conn, " ".join(str(exc).split()))
+            self._start_stream(conn)
+
+    def _start_stream(self, conn) -> None:
         self._confirmed_lsn = lsn_int(conn.execute(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
             (self.slot,)).fetchone()[0])
-        self._wait_slot_released(conn)
         # Read the slot up to the present before sweeping the table, so the sweep sees only what the slot misses.
         now_lsn = lsn_int(conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0])
         self._sweep_after = (now_lsn, self._confirmed_lsn, time.monotonic() + self.catch_up_limit_s)
@@ -444,6 +477,22 @@ class CdcRelay:
                                  self.app_name)
         log.info("cdc relay streaming slot %s (publication %s) from %s", self.slot, self.publication,
                  lsn_text(self._confirmed_lsn))
+
+    def _recreate_slot(self, conn, reason: str) -> None:
+        """Drop the lost slot and create it at the present. The events it still held are rows of the outbox
+        (a row goes only after its confirm), and the start-up sweep publishes those: duplicates, never a loss."""
+        rows = conn.execute("SELECT count(*) FROM shared.outbox").fetchone()[0]
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+        ensure_slot(conn, self.slot)
+        self.slot_recreated_at = time.time()
+        log.warning("cdc relay: replication slot %s was lost, the server removed WAL it still needed (see "
+                    "max_slot_wal_keep_size; %s). Created it again; the %d rows still in shared.outbox are "
+                    "published again, so no event is lost.", self.slot, reason, rows)
+        try:
+            conn.execute("INSERT INTO infra.relay_slot_losses (slot, reason, outbox_rows, pid, host) "
+                         "VALUES (%s, %s, %s, %s, %s)", (self.slot, reason, rows, os.getpid(), socket.gethostname()))
+        except psycopg.errors.UndefinedTable:
+            log.info("cdc relay: no infra.relay_slot_losses table to record that in (run `pulse db migrate`)")
 
     def _wait_slot_released(self, conn, timeout_s: float = 5.0) -> None:
         """A previous stream's walsender (ours after a broker error, or a dead holder's) exits a moment after

@@ -191,6 +191,7 @@ def cdc(settings, db):
                (s.cdc_slot,))
     db.execute("DELETE FROM shared.outbox")
     db.execute("DELETE FROM infra.relay_heartbeat")
+    db.execute("DELETE FROM infra.relay_slot_losses")
 
 
 @pytest.fixture
