@@ -152,18 +152,18 @@ def mark_unroutable(conn, ids) -> int:
                         "WHERE id = ANY(%s)", (list(ids),)).rowcount
 
 
-def report_unroutable(event_types, retry_s: float) -> None:
+def report_unroutable(event_types, retry_s: float, logger: logging.Logger = log) -> None:
     """One WARNING line for a batch's unroutable events: their types and counts."""
     if not event_types:
         return
     counts = collections.Counter(event_types)
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-    log.warning("unroutable: %s event(s) returned by RabbitMQ, no queue is bound to it; they stay in the outbox "
+    logger.warning("unroutable: %s event(s) returned by RabbitMQ, no queue is bound to it; they stay in the outbox "
                 "(unroutable_at) and are retried every %gs", kinds, retry_s)
 
 
 def retry_unroutable(conn, publisher: broker.ConfirmingPublisher, batch: int,
-                     retry_s: float = UNROUTABLE_RETRY_S) -> int:
+                     retry_s: float = UNROUTABLE_RETRY_S, logger: logging.Logger = log) -> int:
     """Publish the rows marked unroutable again, oldest first, and delete those the broker now routed and confirmed.
 
     Rows still unroutable keep their first mark (how long the event has waited); rows the broker did not confirm
@@ -181,9 +181,9 @@ def retry_unroutable(conn, publisher: broker.ConfirmingPublisher, batch: int,
             after = rows[-1]["seq"]
         delivered += len(confirmed)
         if confirmed:
-            log.info("delivered %d event(s) that were unroutable before: a queue is bound to them now", len(confirmed))
+            logger.info("delivered %d event(s) that were unroutable before: a queue is bound to them now", len(confirmed))
         if unroutable:
-            report_unroutable([r["event_type"] for r in unroutable], retry_s)
+            report_unroutable([r["event_type"] for r in unroutable], retry_s, logger)
         if len(rows) < batch:
             break
     return delivered
