@@ -95,6 +95,7 @@ def test_cli_check_prints_and_exits(settings, serve_env, campaign):
     done = subprocess.run(args + ["--json"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
-    assert report["passed"] and len(report["results"]) == 12
+    names = {r["name"] for r in report["results"]}
+    assert report["passed"] and len(report["results"]) == 13 and "events-routed" in names
     plain = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
-    assert plain.stdout.count("PASS") == 12
+    assert plain.stdout.count("PASS") == 13
