@@ -148,7 +148,7 @@ def render(status: dict) -> str:
                               f"on {beat['host']})"),
                  ("published", str(beat["published"])), ("last publish", beat["lastPublishAt"] or "never")]
     rows.append(("outbox rows", str(status["outboxRows"])))
-    unroutable = status["unroutable"]
+    unroutable = status.get("unroutable") or {"rows": 0}
     rows.append(("unroutable", f"{unroutable['rows']} (oldest {unroutable['oldestAt']})" if unroutable["rows"]
                  else "0"))
     width = max(len(k) for k, _ in rows)

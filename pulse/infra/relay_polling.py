@@ -159,7 +159,7 @@ def report_unroutable(event_types, retry_s: float, logger: logging.Logger = log)
     counts = collections.Counter(event_types)
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
     logger.warning("unroutable: %s event(s) returned by RabbitMQ, no queue is bound to it; they stay in the outbox "
-                "(unroutable_at) and are retried every %gs", kinds, retry_s)
+                   "(unroutable_at) and are retried every %gs", kinds, retry_s)
 
 
 def retry_unroutable(conn, publisher: broker.ConfirmingPublisher, batch: int,
@@ -181,7 +181,8 @@ def retry_unroutable(conn, publisher: broker.ConfirmingPublisher, batch: int,
             after = rows[-1]["seq"]
         delivered += len(confirmed)
         if confirmed:
-            logger.info("delivered %d event(s) that were unroutable before: a queue is bound to them now", len(confirmed))
+            logger.info("delivered %d event(s) that were unroutable before: a queue is bound to them now",
+                        len(confirmed))
         if unroutable:
             report_unroutable([r["event_type"] for r in unroutable], retry_s, logger)
         if len(rows) < batch:
