@@ -25,6 +25,11 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.database = 
       SELECT oid FROM pg_database WHERE datname = current_database())
   AND l.classid::bigint = %s AND l.objid::bigint = hashtext(%s) & 2147483647"""
 
+# Events RabbitMQ returned because no queue is bound to their type (mandatory publish): kept, retried slowly.
+UNROUTABLE_SQL = """
+SELECT event_type, count(*) AS n, min(unroutable_at) AS oldest FROM shared.outbox
+WHERE unroutable_at IS NOT NULL GROUP BY event_type ORDER BY min(unroutable_at)"""
+
 
 def _settings() -> config.Settings:
     return config.from_env()
@@ -44,8 +49,10 @@ def relay_status(settings: config.Settings) -> dict:
         wal_level = conn.execute("SHOW wal_level").fetchone()["wal_level"]
         outbox_rows = conn.execute("SELECT count(*) AS n FROM shared.outbox").fetchone()["n"]
         recreated = last_slot_loss(conn, settings.cdc_slot)
+        unroutable = conn.execute(UNROUTABLE_SQL).fetchall()
     status = {
         "mode": settings.outbox_mode, "walLevel": wal_level, "outboxRows": outbox_rows,
+        "unroutable": _unroutable(unroutable),
         "publication": {"name": settings.cdc_publication, "exists": publication},
         "slot": _slot(settings.cdc_slot, slot),
         "holder": _holder(holder),
@@ -80,6 +87,12 @@ def _slot(name: str, row) -> dict:
             "activePid": row["active_pid"], "confirmedFlushLsn": row["confirmed_flush_lsn"],
             "lagBytes": row["lag_bytes"], "retainedBytes": row["retained_bytes"], "walStatus": row["wal_status"],
             "safeWalSizeBytes": row["safe_wal_size"]}
+
+
+def _unroutable(rows) -> dict:
+    oldest = min((r["oldest"] for r in rows), default=None)
+    return {"rows": sum(r["n"] for r in rows), "oldestAt": oldest.isoformat() if oldest else None,
+            "byType": {r["event_type"]: r["n"] for r in rows}}
 
 
 def _holder(row) -> dict | None:
@@ -123,6 +136,12 @@ def warnings(status: dict, wal_problem: str | None) -> list[str]:
         out.append(f"Slot {slot['name']} was lost and recreated at {recreated['at']} ({recreated['reason']}); the "
                    f"{recreated['outboxRows']} rows then in shared.outbox were published again, so no event was lost, "
                    "but some may have been delivered twice.")
+    unroutable = status.get("unroutable") or {}
+    if unroutable.get("rows"):
+        types = ", ".join(f"{t} ({n})" for t, n in unroutable["byType"].items())
+        out.append(f"{unroutable['rows']} unroutable event(s) stay in the outbox because no queue is bound to their "
+                   f"type: {types}; the oldest since {unroutable['oldestAt']}. Bind a queue (or fix the topology) and "
+                   "the relay delivers them on its next retry.")
     if status["mode"] == "cdc" and status["holder"] is None:
         out.append("No cdc relay is running (no process holds the relay lock): outbox events wait until one starts.")
     return out
@@ -156,6 +175,9 @@ def render(status: dict) -> str:
                               f"on {beat['host']})"),
                  ("published", str(beat["published"])), ("last publish", beat["lastPublishAt"] or "never")]
     rows.append(("outbox rows", str(status["outboxRows"])))
+    unroutable = status.get("unroutable") or {"rows": 0}
+    rows.append(("unroutable", f"{unroutable['rows']} (oldest {unroutable['oldestAt']})" if unroutable["rows"]
+                 else "0"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"WARNING: {w}" for w in status["warnings"]]
@@ -205,9 +227,11 @@ def register(subparsers) -> None:
     """Add ``pulse relay status`` and ``pulse relay drop-slot``."""
     r = subparsers.add_parser("relay", help="outbox relay: status, drop an abandoned replication slot")
     sub = r.add_subparsers(dest="relay_command", required=True, metavar="ACTION")
-    s = sub.add_parser("status", help="mode, lock holder, slot lag and retained WAL, events/s, last publish",
+    s = sub.add_parser("status", help="mode, lock holder, slot lag and retained WAL, events/s, last publish, "
+                       "unroutable events",
                        description="Reads the slot, the relay lock and the relay heartbeat of PULSE_CDC_SLOT in "
-                       "PULSE_DATABASE_URL; prints WARNING lines for a slot that keeps too much WAL.")
+                       "PULSE_DATABASE_URL; prints WARNING lines for a slot that keeps too much WAL and for "
+                       "unroutable events (no queue bound to their type) kept in the outbox.")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=cmd_status)
     d = sub.add_parser("drop-slot", help="drop the CDC replication slot (refused while a relay holds it)",

@@ -218,6 +218,17 @@ def outbox_drained(conn, scope: Scope) -> Result:
     return Result("outbox-drained", n == 0, "the outbox is empty" if n == 0 else f"{n} event(s) still in the outbox")
 
 
+def events_routed(conn, scope: Scope) -> Result:
+    """No outbox event that RabbitMQ returned as unroutable (no queue bound to its type) waits in the outbox."""
+    rows = conn.execute("SELECT id, event_type FROM shared.outbox WHERE unroutable_at IS NOT NULL "
+                        "ORDER BY seq").fetchall()
+    types = collections.Counter(r["event_type"] for r in rows)
+    named = ", ".join(f"{t} ({n})" for t, n in sorted(types.items()))
+    return Result("events-routed", not rows, "no event is waiting for a queue to be bound to its type" if not rows
+                  else f"{len(rows)} unroutable event(s) in the outbox, no queue is bound to: {named}",
+                  [r["id"] for r in rows], {"byType": dict(types)} if rows else {})
+
+
 # -- delivery -----------------------------------------------------------------------------------------
 def delivery(conn, scope: Scope, dead_lettered: dict[str, set[str]] | None = None) -> Result:
     """Every published event consumed by each module bound to it: lost = 0, unexpected = 0, duplicates counted."""
@@ -410,6 +421,7 @@ def check_all(settings, scope: Scope | None = None, *, reconcile: bool = True, o
                        orders_terminal(conn, scope, older_than_s), cart_promise_kept(conn, scope),
                        effects_once(conn, scope),
                        outbox_drained(conn, scope), dlq_explained(dead), delivery(conn, scope, dead_ids),
+                       events_routed(conn, scope),
                        redis_matches_db(conn, r, scope), replication_slot(conn, scope, settings.cdc_slot)]
     finally:
         r.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 
@@ -62,14 +63,27 @@ def setup(url: str, bindings: dict[str, list[str]]) -> dict[str, list[str]]:
         conn.close()
 
 
+class Delivery(enum.Enum):
+    """What the broker said about one published envelope."""
+
+    CONFIRMED = "confirmed"  # routed to at least one queue and acked
+    UNROUTABLE = "unroutable"  # acked, but returned first: no queue is bound to its routing key
+    UNCONFIRMED = "unconfirmed"  # nacked, or no answer in time: publish it again
+
+
 class ConfirmingPublisher:
-    """Publishes envelopes with publisher confirms, waiting once per batch rather than once per message.
+    """Publishes envelopes, mandatory and with publisher confirms, waiting once per batch rather than once per message.
 
     pika's BlockingChannel.confirm_delivery() makes every basic_publish wait for its own confirm,
     which caps a relay near 300 messages/s here. We enable confirm mode on the underlying channel
     with our own ack/nack callback instead, publish a whole batch, then pump I/O until the broker
     has answered for every delivery tag. Private pika attributes are used on purpose; the
     behaviour is covered by the relay integration tests.
+
+    Without ``mandatory`` RabbitMQ acks a message that no queue takes and drops it, so a relay would
+    delete its outbox row: the event is lost without a trace (SPEC §2). With it, the broker sends
+    basic.return before the ack of that message on the same channel, so by the time the batch's acks
+    are in, every return of the batch has been seen; returns carry no delivery tag, hence the message id.
     """
 
     def __init__(self, url: str, *, confirm_timeout_s: float = 5.0):
@@ -80,6 +94,7 @@ class ConfirmingPublisher:
         self._next_tag = 1
         self._acked: set[int] = set()
         self._nacked: set[int] = set()
+        self._returned: set[str] = set()  # message ids the broker returned as unroutable in this batch
         self._ack_floor = 0
 
     def _ensure_open(self):
@@ -89,11 +104,16 @@ class ConfirmingPublisher:
         self._conn = connect(self.url)
         self._channel = self._conn.channel()
         self._channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
+        self._channel._impl.add_on_return_callback(self._on_return)
         ready = []
         self._channel._impl.confirm_delivery(ack_nack_callback=self._on_confirm,
                                              callback=lambda _frame: ready.append(True))
         self._channel._flush_output(lambda: bool(ready))
         self._next_tag, self._acked, self._nacked, self._ack_floor = 1, set(), set(), 0
+        self._returned = set()
+
+    def _on_return(self, _channel, _method, properties, _body):
+        self._returned.add(properties.message_id)
 
     def _on_confirm(self, frame):
         method = frame.method
@@ -107,8 +127,8 @@ class ConfirmingPublisher:
             self._ack_floor += 1
 
     def publish_batch(self, envelopes: list[Envelope], *, exchange: str = EXCHANGE,
-                      routing_key: str | None = None, headers: dict | None = None) -> list[bool]:
-        """Publish all, wait for the broker's answers; element i is True iff envelope i was confirmed.
+                      routing_key: str | None = None, headers: dict | None = None) -> list[Delivery]:
+        """Publish all (mandatory), wait for the broker's answers; element i is what became of envelope i.
 
         Raises BrokerUnavailable if the connection is lost: nothing in the batch counts as confirmed.
         """
@@ -116,11 +136,13 @@ class ConfirmingPublisher:
             return []
         try:
             self._ensure_open()
+            self._returned.clear()
             tags = []
             for env in envelopes:
                 props = pika.BasicProperties(content_type="application/json", delivery_mode=2,
                                              message_id=str(env.id), type=env.event_type, headers=headers)
-                self._channel._impl.basic_publish(exchange, routing_key or env.event_type, env.to_json(), props)
+                self._channel._impl.basic_publish(exchange, routing_key or env.event_type, env.to_json(), props,
+                                                  mandatory=True)
                 tags.append(self._next_tag)
                 self._next_tag += 1
             last = tags[-1]
@@ -128,14 +150,18 @@ class ConfirmingPublisher:
             self._channel._flush_output(lambda: self._ack_floor >= last or time.monotonic() > deadline)
             while self._ack_floor < last and time.monotonic() < deadline:
                 self._conn.process_data_events(time_limit=0.05)
-            result = [t in self._acked for t in tags]
+            returned = self._returned
+            result = [Delivery.UNCONFIRMED if t not in self._acked else
+                      Delivery.UNROUTABLE if str(env.id) in returned else Delivery.CONFIRMED
+                      for t, env in zip(tags, envelopes)]
             self._acked.difference_update(tags)
             self._nacked.difference_update(tags)
+            self._returned = set()
             if self._ack_floor < last:
                 # No answer in time (a connection the broker no longer serves, e.g. after a fault): start the
                 # next batch on a fresh channel whose delivery tags we know, rather than wait on this one.
                 log.warning("broker did not confirm %d of %d events within %.0fs; reconnecting",
-                            result.count(False), len(result), self.confirm_timeout_s)
+                            result.count(Delivery.UNCONFIRMED), len(result), self.confirm_timeout_s)
                 self.close()
             return result
         except (AMQPError, OSError) as exc:
@@ -145,6 +171,15 @@ class ConfirmingPublisher:
     def close(self):
         conn, self._conn, self._channel = self._conn, None, None
         close_quietly(conn)
+
+
+def sort_out(items: list, outcomes: list[Delivery]) -> tuple[list, list, list]:
+    """``items`` (rows, envelopes, ids: one per published envelope) split by outcome: (confirmed, unroutable,
+    unconfirmed)."""
+    out: dict[Delivery, list] = {d: [] for d in Delivery}
+    for item, outcome in zip(items, outcomes):
+        out[outcome].append(item)
+    return out[Delivery.CONFIRMED], out[Delivery.UNROUTABLE], out[Delivery.UNCONFIRMED]
 
 
 class QueueDepth:

@@ -25,6 +25,12 @@ control connection; a standby retries every second and takes over within seconds
 ends (client keepalives and wal_sender_timeout bound this even when its host vanishes). The slot itself
 admits one streaming reader, so even a relay that lost its lock cannot read next to the new holder.
 
+Unroutable events (no queue bound to their type; the publish is mandatory): the relay marks the row
+``unroutable_at`` and keeps it, and treats the event as done for the slot, because the slot cannot hold one event
+back without holding back every later one, and a binding may take days to appear. The marked row in the table is
+then the event's only copy, so the relay retries the marked rows every ``unroutable_retry_s`` (the polling relay's
+retry pass), and the start-up sweep publishes them too.
+
 Idle slots: when nothing is pending, the relay confirms the walsender's keepalive position, as
 pg_recvlogical does, so the WAL that other databases write does not pile up behind the slot.
 
@@ -54,7 +60,8 @@ from psycopg.conninfo import make_conninfo
 from pulse.events import Envelope
 from pulse.faults import NO_FAULTS, FaultInjected, naive_on
 from pulse.infra import broker, db, pgoutput
-from pulse.infra.relay_polling import publish_unconfirmed
+from pulse.infra.relay_polling import (UNROUTABLE_RETRY_S, mark_unroutable, publish_unconfirmed, report_unroutable,
+                                       retry_unroutable)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +70,8 @@ LOCK_CLASS = 0x70756C73  # 'puls': first key of the (int, int) advisory lock; th
 LOCK_KEY_SQL = "hashtext(%s) & 2147483647"
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
 EPOCH_2000 = 946_684_800  # PostgreSQL timestamps count microseconds from 2000-01-01
-SWEEP = ("SELECT id, aggregate_type, aggregate_id, event_type, payload FROM shared.outbox "
-         "WHERE seq <= %s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
+SWEEP = ("SELECT id, aggregate_type, aggregate_id, event_type, payload, seq FROM shared.outbox "
+         "WHERE seq <= %s AND seq > %s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
 
 
 class CdcUnavailable(RuntimeError):
@@ -312,6 +319,7 @@ class CdcRelay:
     catch_up_limit_s = 15.0  # the walsender may decode other databases' WAL for seconds without sending anything
     max_backoff_s = 5.0
     undeleted_retry_s = 30.0
+    unroutable_retry_s = UNROUTABLE_RETRY_S
     # Published events' rows are deleted, and the slot confirmed past them, once per this interval (and whenever
     # the stream goes quiet), not after every read: under load the walsender sends one or two transactions per
     # read, and a DELETE plus a commit per read cost PostgreSQL more than the saga's own writes.
@@ -340,6 +348,7 @@ class CdcRelay:
         self._unflushed: list = []  # ids of events the broker confirmed whose rows are not deleted yet
         self._unflushed_lsn: int | None = None  # the slot may move here once those rows are deleted
         self._last_flush = 0.0
+        self._unroutable_retry_at = 0.0
         self._check_wal_level()
 
     @property
@@ -360,6 +369,12 @@ class CdcRelay:
         if self._sweep_after is not None and self._caught_up():
             count += self._sweep(conn)
             self._sweep_after = None
+            self._unroutable_retry_at = time.monotonic() + self.unroutable_retry_s  # the sweep just retried them
+        elif self._sweep_after is None and time.monotonic() >= self._unroutable_retry_at:
+            retried = retry_unroutable(conn, self.publisher, self.batch, self.unroutable_retry_s, log)
+            self._unroutable_retry_at = time.monotonic() + self.unroutable_retry_s
+            self._count(retried)
+            count += retried
         self._heartbeat(conn)
         return count
 
@@ -369,16 +384,23 @@ class CdcRelay:
         envelopes = [e for _, batch in transactions for e in batch]
         if envelopes and self._naive():
             return self._relay_unconfirmed(conn, transactions, envelopes)
-        confirmed = self.publisher.publish_batch(envelopes) if envelopes else []
-        target, ids = confirmed_prefix(transactions, confirmed)
+        outcomes = self.publisher.publish_batch(envelopes) if envelopes else []
+        # An unroutable event is done for the slot once its row is marked: the row, not the slot, keeps it.
+        target, ids = confirmed_prefix(transactions, [o is not broker.Delivery.UNCONFIRMED for o in outcomes])
         if envelopes:
             self.faults.point("relay.after_publish", events=len(envelopes))
+        done = set(ids)
+        unroutable = [e for e in broker.sort_out(envelopes, outcomes)[1] if e.id in done]
+        if unroutable:
+            self._mark_unroutable(conn, unroutable)  # before anything below may confirm the slot past them
+            ids = [i for i in ids if i not in {e.id for e in unroutable}]
+        refused_count = len(envelopes) - len(done)
         self._count(len(ids))
         self.batches += bool(envelopes)
         self._unflushed.extend(ids)
         if target is not None:
             self._unflushed_lsn = target
-        refused = len(ids) < len(envelopes)
+        refused = refused_count > 0
         if (self._unflushed_lsn is not None or self._unflushed or self._undeleted) and (
                 not transactions or refused or len(self._unflushed) >= self.batch
                 or time.monotonic() - self._last_flush >= self.flush_s):
@@ -393,9 +415,25 @@ class CdcRelay:
         if refused:
             # The stream already moved past the refused events: start a new one from the confirmed position.
             self._close_stream()
-            raise broker.BrokerUnavailable(f"RabbitMQ refused {len(envelopes) - len(ids)} of {len(envelopes)} "
+            raise broker.BrokerUnavailable(f"RabbitMQ refused {refused_count} of {len(envelopes)} "
                                            "events; they stay in the slot and are published again.")
         return len(ids)
+
+    def _mark_unroutable(self, conn, envelopes) -> None:
+        """Mark the rows of events the broker returned as unroutable. As in ``_delete``, the walsender may send a
+        transaction a moment before its commit is visible, so rows not found yet are looked for again briefly;
+        one still missing after that is left unmarked (the start-up sweep still publishes it)."""
+        wanted, deadline = {e.id for e in envelopes}, time.monotonic() + 0.5
+        while True:
+            wanted -= {r[0] for r in conn.execute(
+                "UPDATE shared.outbox SET unroutable_at = coalesce(unroutable_at, now()) WHERE id = ANY(%s) "
+                "RETURNING id", (list(wanted),))}
+            if not wanted or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if wanted:
+            log.warning("cdc relay: %d unroutable event(s) have no outbox row to mark", len(wanted))
+        report_unroutable([e.event_type for e in envelopes], self.unroutable_retry_s, log)
 
     def _flush(self, conn) -> None:
         """Delete the rows of the events published since the last flush, then move the slot past them.
@@ -521,32 +559,36 @@ class CdcRelay:
         out twice, never zero times. Bounded by the current highest seq, so a busy outbox cannot keep the
         sweep going."""
         top = conn.execute("SELECT max(seq) FROM shared.outbox").fetchone()[0]
-        count = 0
+        count = kept = after = 0  # after: unroutable rows stay in the table, so the sweep moves on by seq
         while top is not None:
-            flush = None
+            flush, unroutable = None, []
             with conn.transaction():
-                rows = conn.execute(SWEEP, (top, self.batch)).fetchall()
+                rows = conn.execute(SWEEP, (top, after, self.batch)).fetchall()
                 if not rows:
                     break
+                after = rows[-1][5]
                 envs = [Envelope(id=r[0], event_type=r[3], aggregate_id=r[2], payload=r[4]) for r in rows]
                 if self._naive():  # as in _relay_unconfirmed: the rows go before the broker has anything
                     flush, ids = publish_unconfirmed(self.publisher, envs), [e.id for e in envs]
                 else:
-                    confirmed = self.publisher.publish_batch(envs)
-                    ids = [e.id for e, ok in zip(envs, confirmed) if ok]
+                    confirmed, unroutable, _ = broker.sort_out(envs, self.publisher.publish_batch(envs))
+                    ids = [e.id for e in confirmed]
                     self.faults.point("relay.after_publish", events=len(envs))
+                    mark_unroutable(conn, [e.id for e in unroutable])
+                    kept += len(unroutable)
+                    report_unroutable([e.event_type for e in unroutable], self.unroutable_retry_s, log)
                 conn.execute("DELETE FROM shared.outbox WHERE id = ANY(%s)", (ids,))
             if flush is not None:
                 self.faults.point("relay.after_publish", events=len(envs))
                 flush()
             self._count(len(ids))
             count += len(ids)
-            if len(ids) < len(envs):
+            if len(ids) + len(unroutable) < len(envs):
                 raise broker.BrokerUnavailable("RabbitMQ refused events of the start-up sweep; "
                                                "they stay in the outbox.")
-        if count:
-            log.info("cdc relay published %d outbox rows the slot does not cover (left by polling mode or a crash)",
-                     count)
+        if count or kept:
+            log.info("cdc relay published %d outbox rows the slot does not cover (left by polling mode, a crash or "
+                     "no queue bound before); %d are still unroutable", count, kept)
         return count
 
     # --- the worker loop ---

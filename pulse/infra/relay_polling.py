@@ -1,7 +1,14 @@
-"""The polling outbox relay: claim rows, publish with confirms, delete what the broker confirmed."""
+"""The polling outbox relay: claim rows, publish with confirms, delete what the broker confirmed.
+
+An event no queue is bound to is returned by the broker (mandatory publish): its row is marked ``unroutable_at``
+and kept, because deleting it would lose the event for good while a missing binding is usually a deploy or
+topology slip that gets fixed. Marked rows leave the claim, so they neither block nor spin the relay, and a slow
+retry pass (``unroutable_retry_s``) publishes them again, so an event goes out once a queue is bound to its type.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -9,6 +16,7 @@ import time
 
 import pika
 import psycopg
+from psycopg.rows import dict_row
 
 from pulse.faults import NO_FAULTS, FaultInjected, naive_on
 from pulse.infra import broker, db
@@ -23,7 +31,10 @@ log = logging.getLogger(__name__)
 # always in both insert and commit order. Exact commit order across unrelated transactions needs the
 # WAL (the cdc relay) or serialising every writer on one lock, which this relay does not pay for.
 CLAIM = ("SELECT id, aggregate_type, aggregate_id, event_type, payload FROM shared.outbox "
-         "ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
+         "WHERE unroutable_at IS NULL ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
+CLAIM_UNROUTABLE = ("SELECT id, aggregate_type, aggregate_id, event_type, payload, seq FROM shared.outbox "
+                    "WHERE unroutable_at IS NOT NULL AND seq > %s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
+UNROUTABLE_RETRY_S = 30.0
 
 
 class PollingRelay:
@@ -35,40 +46,61 @@ class PollingRelay:
     """
 
     def __init__(self, database_url: str, publisher: broker.ConfirmingPublisher, *, batch: int = 500,
-                 poll_s: float = 0.05, faults=None, naive: frozenset = frozenset()):
+                 poll_s: float = 0.05, faults=None, naive: frozenset = frozenset(),
+                 unroutable_retry_s: float = UNROUTABLE_RETRY_S):
         self.database_url, self.publisher = database_url, publisher
         self.batch, self.poll_s, self.faults = batch, poll_s, faults or NO_FAULTS
         self.naive = naive
+        self.unroutable_retry_s = unroutable_retry_s
+        self._retry_at = 0.0  # the first pass retries at once: a restart may follow a fixed binding
         self.published = 0
         self.last_publish_at: float | None = None
         self._conn = None
 
     def run_once(self) -> int:
-        """Relay one batch; returns how many events the broker confirmed."""
+        """Relay one batch (and, every ``unroutable_retry_s``, the unroutable rows); returns how many events the
+        broker confirmed."""
         conn = self._connection()
+        retried = 0
+        if time.monotonic() >= self._retry_at:
+            retried = retry_unroutable(conn, self.publisher, self.batch, self.unroutable_retry_s)
+            self._retry_at = time.monotonic() + self.unroutable_retry_s
+            self._count(retried)
+        return retried + self._relay_batch(conn)
+
+    def _relay_batch(self, conn) -> int:
+        unroutable = []
         with conn.transaction():
             rows = conn.execute(CLAIM, (self.batch,)).fetchall()
             if not rows:
                 return 0
             if self._naive():
                 flush = publish_unconfirmed(self.publisher, [envelope_of(r) for r in rows])
-                confirmed = [True] * len(rows)
+                confirmed = rows
             else:
                 flush = None
-                confirmed = self.publisher.publish_batch([envelope_of(r) for r in rows])
+                outcomes = self.publisher.publish_batch([envelope_of(r) for r in rows])
                 self.faults.point("relay.after_publish")
-            ids = [r["id"] for r, ok in zip(rows, confirmed) if ok]
+                confirmed, unroutable, _ = broker.sort_out(rows, outcomes)
+            ids = [r["id"] for r in confirmed]
             if ids:
                 conn.execute("DELETE FROM shared.outbox WHERE id = ANY(%s)", (ids,))
+            mark_unroutable(conn, [r["id"] for r in unroutable])
         if flush is not None:
             # Naive mode: the rows are gone and only now does the client write to the socket.
             self.faults.point("relay.after_publish")
             flush()
-        self.published += len(ids)
-        self.last_publish_at = time.time()
-        if len(ids) < len(rows):
-            log.warning("broker refused %d of %d events; they stay in the outbox", len(rows) - len(ids), len(rows))
+        self._count(len(ids))
+        report_unroutable([r["event_type"] for r in unroutable], self.unroutable_retry_s)
+        refused = len(rows) - len(ids) - len(unroutable)
+        if refused:
+            log.warning("broker refused %d of %d events; they stay in the outbox", refused, len(rows))
         return len(ids)
+
+    def _count(self, n: int) -> None:
+        if n:
+            self.published += n
+            self.last_publish_at = time.time()
 
     def run(self, stop: threading.Event):
         """Relay until ``stop`` is set, backing off while PostgreSQL or RabbitMQ is down."""
@@ -108,6 +140,52 @@ class PollingRelay:
             except Exception:  # a dead connection may fail to close; we are discarding it anyway
                 pass
         self._conn = None
+
+
+def mark_unroutable(conn, ids) -> int:
+    """Mark the rows of events the broker returned as unroutable (keeping the first mark); returns rows found."""
+    if not ids:
+        return 0
+    return conn.execute("UPDATE shared.outbox SET unroutable_at = coalesce(unroutable_at, now()) "
+                        "WHERE id = ANY(%s)", (list(ids),)).rowcount
+
+
+def report_unroutable(event_types, retry_s: float, logger: logging.Logger = log) -> None:
+    """One WARNING line for a batch's unroutable events: their types and counts."""
+    if not event_types:
+        return
+    counts = collections.Counter(event_types)
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+    logger.warning("unroutable: %s event(s) returned by RabbitMQ, no queue is bound to it; they stay in the outbox "
+                   "(unroutable_at) and are retried every %gs", kinds, retry_s)
+
+
+def retry_unroutable(conn, publisher: broker.ConfirmingPublisher, batch: int,
+                     retry_s: float = UNROUTABLE_RETRY_S, logger: logging.Logger = log) -> int:
+    """Publish the rows marked unroutable again, oldest first, and delete those the broker now routed and confirmed.
+
+    Rows still unroutable keep their first mark (how long the event has waited); rows the broker did not confirm
+    stay as they are. Returns how many were delivered."""
+    delivered, after = 0, 0
+    while True:
+        with conn.transaction():
+            rows = conn.cursor(row_factory=dict_row).execute(CLAIM_UNROUTABLE, (after, batch)).fetchall()
+            if not rows:
+                break
+            outcomes = publisher.publish_batch([envelope_of(r) for r in rows])
+            confirmed, unroutable, _ = broker.sort_out(rows, outcomes)
+            if confirmed:
+                conn.execute("DELETE FROM shared.outbox WHERE id = ANY(%s)", ([r["id"] for r in confirmed],))
+            after = rows[-1]["seq"]
+        delivered += len(confirmed)
+        if confirmed:
+            logger.info("delivered %d event(s) that were unroutable before: a queue is bound to them now",
+                        len(confirmed))
+        if unroutable:
+            report_unroutable([r["event_type"] for r in unroutable], retry_s, logger)
+        if len(rows) < batch:
+            break
+    return delivered
 
 
 def publish_unconfirmed(publisher: broker.ConfirmingPublisher, envelopes) -> object:

@@ -30,7 +30,7 @@ def ready(channel, queue) -> int:
 def publish(settings, envelopes, **kwargs):
     publisher = broker.ConfirmingPublisher(settings.amqp_url)
     try:
-        assert publisher.publish_batch(envelopes, **kwargs) == [True] * len(envelopes)
+        assert publisher.publish_batch(envelopes, **kwargs) == [broker.Delivery.CONFIRMED] * len(envelopes)
     finally:
         publisher.close()
 

@@ -170,7 +170,7 @@ def test_a_duplicate_on_the_broker_has_one_effect(make_system, new_product, db, 
                          payload=original["payload"])
     publisher = broker.ConfirmingPublisher(system.settings.amqp_url)
     try:
-        assert publisher.publish_batch([duplicate]) == [True]
+        assert publisher.publish_batch([duplicate]) == [broker.Delivery.CONFIRMED]
     finally:
         publisher.close()
     sentinel = uuid.uuid4()

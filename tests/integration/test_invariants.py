@@ -89,7 +89,7 @@ def test_redis_drift_is_reported_without_reconcile_and_repaired_with_it(settings
 # Names are a contract (SPEC §8): notebooks, chaos reports and the fault catalogue's caughtBy refer to them.
 EXPECTED_INVARIANTS = {"no-oversell", "stock-conservation", "one-charge-per-order", "failed-orders-refunded",
                        "money-balance", "orders-terminal", "cart-promise-kept", "effects-once", "outbox-drained",
-                       "dlq-explained", "delivery", "redis-matches-db", "replication-slot"}
+                       "dlq-explained", "delivery", "redis-matches-db", "replication-slot", "events-routed"}
 
 
 def test_cli_check_prints_and_exits(settings, serve_env, campaign):

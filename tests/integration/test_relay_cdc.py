@@ -409,7 +409,7 @@ def test_idle_slot_still_advances(relays, cdc, db):
              message="slot advanced past WAL without events")
 
 
-def test_status_and_drop_slot_commands(relays, cdc, db, serve_env, monkeypatch, capsys):
+def test_status_and_drop_slot_commands(relays, cdc, db, tap, serve_env, monkeypatch, capsys):
     from pulse import cli
 
     for k, v in {**serve_env, "PULSE_OUTBOX_MODE": "cdc"}.items():
