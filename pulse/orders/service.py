@@ -16,6 +16,9 @@ from pulse.orders.handlers import snapshot
 
 log = logging.getLogger(__name__)
 
+# orders.total_amount is numeric(12,2): a larger total would fail the INSERT after the lock was taken.
+MAX_TOTAL = decimal.Decimal("9999999999.99")
+
 
 class OrderService:
     """Creates orders and reads them back with their CQRS display status."""
@@ -69,6 +72,10 @@ class OrderService:
         order_id = uuid.uuid4()
         strategy = self.deps.settings.strategy_name
         total = sum((i["base_price"] * i["quantity"] for i in items), decimal.Decimal("0.00"))
+        if total > MAX_TOTAL:
+            # Checked before any write, so the transaction rolls back empty and create() releases the lock.
+            raise Conflict(f"The cart's total of {total} is more than an order can hold ({MAX_TOTAL}); "
+                           "remove some items and order again.")
         order = conn.execute(
             "INSERT INTO orders.orders (id, user_id, status, strategy, total_amount) "
             "VALUES (%s, %s, 'CREATED', %s, %s) RETURNING *", (order_id, user_id, strategy, total)).fetchone()
