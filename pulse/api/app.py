@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import uuid
 from decimal import Decimal
 from typing import Annotated
@@ -18,6 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic_core import PydanticCustomError
 from pydantic.alias_generators import to_camel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from pulse.errors import PulseError
 from pulse.infra.db import DatabaseUnavailable
@@ -37,13 +39,18 @@ class Camel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
+PRICE_TEXT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
+
+
 def _cents(value):
-    """A JSON number as an amount in cents; a string or boolean is not a price.
+    """A price as a JSON number, or as a plain decimal string ("12.50"); booleans and other text are not prices.
 
     A client that computes a price in binary floating point may send 0.5700000000000001 for 0.57
     (JSON Schema's ``multipleOf: 0.01`` generators do): a number within float rounding of a whole cent
-    is that cent, anything further off keeps its digits and fails ``decimal_places``.
+    is that cent; anything further off keeps its digits and fails ``decimal_places``.
     """
+    if isinstance(value, str) and PRICE_TEXT.fullmatch(value):
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
         raise PydanticCustomError("price_type", "must be a number such as 19.99")
     if isinstance(value, float) and math.isfinite(value):
@@ -53,23 +60,35 @@ def _cents(value):
     return value
 
 
-# Documented as the JSON number it must be (pydantic would also offer a string form it does not accept here).
+# Documented as exactly what _cents and the bounds accept (pydantic's own schema would allow any string).
 Price = Annotated[Decimal, BeforeValidator(_cents), Field(ge=0, le=MAX_AMOUNT, max_digits=12, decimal_places=2),
-                  WithJsonSchema({"type": "number", "minimum": 0, "maximum": float(MAX_AMOUNT), "multipleOf": 0.01,
+                  WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0, "maximum": float(MAX_AMOUNT),
+                                             "multipleOf": 0.01},
+                                            {"type": "string", "pattern": f"^{PRICE_TEXT.pattern}$"}],
                                   "examples": [19.99]})]
+
+
+def _json_integer(value):
+    """JSON Schema's integer: a number without a fraction (2.0 is one), never a boolean or a string."""
+    if isinstance(value, (bool, str)):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+# Lax int after the check above: it takes 2.0 as 2 and refuses 2.5 (int_from_float).
+Count = Annotated[int, BeforeValidator(_json_integer)]
 Text = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_CONTROL_CHARACTERS)]
 
 
 class ProductIn(Camel):
     name: Text
     base_price: Price
-    # strict: a JSON boolean, string or 2.0 is not a count of units.
-    stock: int = Field(ge=0, le=2_000_000_000, strict=True)
+    stock: Count = Field(ge=0, le=2_000_000_000)
 
 
 class CartItemIn(Camel):
     product_id: uuid.UUID
-    quantity: int = Field(gt=0, le=1_000_000, strict=True)
+    quantity: Count = Field(gt=0, le=1_000_000)
 
 
 class OrderIn(Camel):
@@ -127,13 +146,13 @@ _WHY = {400: "The request body could not be read.", 404: "The resource does not 
         503: "PostgreSQL or Redis is unavailable; retry in a moment."}
 
 
-def _answers(ok: int, model, *errors: int) -> dict:
-    """The ``responses`` of a route: its success body and each error status it can return, all with ``Error``.
+def _answers(ok: int, model, *errors: int, links: dict | None = None) -> dict:
+    """The ``responses`` of a route: its success body (and OpenAPI links) and each error status, all with ``Error``.
 
     FastAPI adds a 422 with its own ``HTTPValidationError`` body unless a route declares 422 itself;
     ours is an ``Error`` too, so every route that validates input declares it.
     """
-    answers = {ok: {"model": model}}
+    answers = {ok: {"model": model, **({"links": links} if links else {})}}
     answers.update({code: {"model": Error, "description": _WHY[code]} for code in (*errors, 500, 503)})
     return answers
 
@@ -143,9 +162,9 @@ _SENTENCES = {
     "string_too_short": "{where} must not be empty.",
     "string_too_long": "{where} must be at most {max_length} characters long.",
     "string_type": "{where} must be a string.",
-    "int_type": "{where} must be a whole number (a JSON integer, not a boolean, string or decimal).",
+    "int_type": "{where} must be a whole number (a JSON integer, not a boolean or a string).",
     "int_from_float": "{where} must be a whole number.",
-    "price_type": "{where} must be a number such as 19.99.",
+    "price_type": "{where} must be a number such as 19.99 (or the string \"19.99\").",
     "decimal_max_places": "{where} must have at most 2 decimal places.",
     "decimal_max_digits": "{where} must be at most 9999999999.99 with at most 2 decimal places.",
     "decimal_whole_digits": "{where} must be at most 9999999999.99.",
@@ -155,6 +174,21 @@ _SENTENCES = {
     "json_invalid": "The request body is not valid JSON.",
     "model_attributes_type": "The request body must be a JSON object.",
     "dict_type": "The request body must be a JSON object.",
+}
+
+
+# OpenAPI links: which answer feeds which request. They document the checkout's flow and let a stateful
+# client (schemathesis) walk product -> cart -> order -> order status with real ids instead of random 404s.
+# The cart's user id doubles as the idempotency key: unique per cart, as a key must be.
+LINKS = {
+    "product": {"GetProduct": {"operationId": "getProduct", "parameters": {"productId": "$response.body#/id"}},
+                "AddToCart": {"operationId": "addCartItem",
+                              "requestBody": {"productId": "$response.body#/id", "quantity": 1}}},
+    "cart": {"GetCart": {"operationId": "getCart", "parameters": {"userId": "$response.body#/userId"}},
+             "PlaceOrder": {"operationId": "createOrder",
+                            "requestBody": {"userId": "$response.body#/userId",
+                                            "idempotencyKey": "$response.body#/userId"}}},
+    "order": {"GetOrder": {"operationId": "getOrder", "parameters": {"orderId": "$response.body#/orderId"}}},
 }
 
 
@@ -190,7 +224,12 @@ def create_app(system) -> FastAPI:
         if exc.status_code == 404:
             text = "No such route."
         elif exc.status_code == 405:
-            text = f"Method {request.method} is not allowed here; use {(exc.headers or {}).get('Allow', 'another')}."
+            # Starlette's Allow names the methods of the first route on this path only (GET and POST
+            # /api/products are two routes); RFC 9110 wants every method the resource supports.
+            allowed = ", ".join(sorted({m for r in app.routes if isinstance(r, Route) and r.methods
+                                        and r.path_regex.match(request.url.path) for m in r.methods}))
+            exc.headers = {**(exc.headers or {}), "Allow": allowed}
+            text = f"Method {request.method} is not allowed here; use {allowed}."
         elif exc.status_code == 400:
             text = "The request body could not be read; send JSON in UTF-8."
         else:
@@ -221,32 +260,35 @@ def create_app(system) -> FastAPI:
         log.exception("unhandled error")
         return JSONResponse({"error": "The server failed to handle this request; see its log."}, status_code=500)
 
-    @app.post("/api/products", status_code=201, responses=_answers(201, Product, 400, 422))
+    @app.post("/api/products", status_code=201, operation_id="createProduct",
+              responses=_answers(201, Product, 400, 422, links=LINKS["product"]))
     def create_product(body: ProductIn):
         return system.products.create(body.name, body.base_price, body.stock)
 
-    @app.get("/api/products", responses=_answers(200, list[Product]))
+    @app.get("/api/products", operation_id="listProducts", responses=_answers(200, list[Product]))
     def list_products():
         return system.products.list()
 
     # Path parameters carry the SPEC's camelCase names, so /docs matches the contract.
-    @app.get("/api/products/{productId}", responses=_answers(200, Product, 404, 422))
+    @app.get("/api/products/{productId}", operation_id="getProduct", responses=_answers(200, Product, 404, 422))
     def get_product(product_id: uuid.UUID = Path(alias="productId")):
         return system.products.get(product_id)
 
-    @app.put("/api/cart/{userId}/items", responses=_answers(200, Cart, 400, 404, 409, 422))
+    @app.put("/api/cart/{userId}/items", operation_id="addCartItem",
+             responses=_answers(200, Cart, 400, 404, 409, 422, links=LINKS["cart"]))
     def add_cart_item(body: CartItemIn, user_id: uuid.UUID = Path(alias="userId")):
         return system.carts.add_item(user_id, body.product_id, body.quantity)
 
-    @app.get("/api/cart/{userId}", responses=_answers(200, Cart, 422))
+    @app.get("/api/cart/{userId}", operation_id="getCart", responses=_answers(200, Cart, 422))
     def get_cart(user_id: uuid.UUID = Path(alias="userId")):
         return system.carts.get(user_id)
 
-    @app.post("/api/orders", responses=_answers(200, OrderCreated, 400, 404, 409, 422))
+    @app.post("/api/orders", operation_id="createOrder",
+              responses=_answers(200, OrderCreated, 400, 404, 409, 422, links=LINKS["order"]))
     def create_order(body: OrderIn):
         return system.orders.create(body.user_id, body.idempotency_key)
 
-    @app.get("/api/orders/{orderId}", responses=_answers(200, Order, 404, 422))
+    @app.get("/api/orders/{orderId}", operation_id="getOrder", responses=_answers(200, Order, 404, 422))
     def get_order(order_id: uuid.UUID = Path(alias="orderId")):
         return system.orders.get(order_id)
 

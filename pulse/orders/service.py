@@ -9,7 +9,7 @@ import uuid
 
 import psycopg
 
-from pulse.errors import Conflict, Invalid, NotFound
+from pulse.errors import Conflict, KeyTaken, NotFound
 from pulse.events import EventType as E
 from pulse.infra import db, keys, outbox
 from pulse.orders.handlers import snapshot
@@ -100,7 +100,7 @@ class OrderService:
         if row is None:
             return None
         if row["user_id"] is not None and str(row["user_id"]) != str(user_id):
-            raise Invalid("This idempotency key was already used by another user; choose a new key.")
+            raise KeyTaken("This idempotency key was already used by another user; choose a new key.")
         return row["response_body"]
 
     def get(self, order_id: uuid.UUID) -> dict:

@@ -80,7 +80,10 @@ def test_the_largest_base_price_is_accepted(http):
     ({"name": "x", "basePrice": True, "stock": 1}, "basePrice"),
     ({"name": "x", "basePrice": 1, "stock": True}, "stock"),
     ({"name": "x", "basePrice": 1, "stock": "3"}, "stock"),
-    ({"name": "x", "basePrice": 1, "stock": 2.0}, "stock"),
+    ({"name": "x", "basePrice": 1, "stock": 2.5}, "stock"),
+    ({"name": "x", "basePrice": "1e3", "stock": 1}, "basePrice"),
+    ({"name": "x", "basePrice": "19.999", "stock": 1}, "basePrice"),
+    ({"name": "x", "basePrice": " 19.99", "stock": 1}, "basePrice"),
     ({"name": 5, "basePrice": 1, "stock": 1}, "name"),
 ])
 def test_a_value_of_the_wrong_json_type_is_422_for_a_product(http, db, payload, field):
@@ -91,7 +94,7 @@ def test_a_value_of_the_wrong_json_type_is_422_for_a_product(http, db, payload, 
 
 # --- cart -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("quantity", [True, False, "1", 1.0])
+@pytest.mark.parametrize("quantity", [True, False, "1", 1.5, None])
 def test_a_quantity_that_is_not_a_json_integer_is_422_and_changes_nothing(http, db, rds, quantity):
     p, user = product(http, stock=5), uuid.uuid4()
     before = state(db, rds, user, p["id"])
@@ -137,3 +140,57 @@ def test_a_cart_of_several_products_whose_sum_overflows_is_refused(http, db, rds
     before = state(db, rds, user, first["id"])
     error_of(http.post("/api/orders", json={"userId": str(user), "idempotencyKey": f"key-{user}"}), 409, 422)
     assert state(db, rds, user, first["id"]) == before
+
+
+def test_an_integral_json_number_is_an_integer_as_json_schema_says(http):
+    # JSON Schema counts 2.0 as an integer; refusing it would break the OpenAPI contract.
+    p, user = product(http, stock=5), uuid.uuid4()
+    response = http.put(f"/api/cart/{user}/items", json={"productId": p["id"], "quantity": 2.0})
+    assert response.status_code == 200 and response.json()["items"][0]["quantity"] == 2
+
+
+def test_a_price_a_float_away_from_a_whole_cent_is_that_cent(http):
+    assert product(http, price=0.5700000000000001)["basePrice"] == 0.57
+
+
+@pytest.mark.parametrize("method, path", [("DELETE", "/api/products"), ("PATCH", "/api/orders"),
+                                          ("POST", "/api/products/e0e0e0e0-e0e0-4e0e-a0e0-000000000001"),
+                                          ("TRACE", "/health")])
+def test_a_wrong_method_is_405_with_every_allowed_method(http, method, path):
+    response = http.request(method, path)
+    error_of(response, 405)
+    allowed = {m.strip() for m in response.headers["allow"].split(",")}
+    spec = http.get("/openapi.json").json()["paths"]
+    documented = {m.upper() for m in spec[path if path in spec else "/api/products/{productId}"]}
+    assert documented <= allowed and method not in allowed
+
+
+def test_openapi_declares_every_error_status_with_the_error_body(http):
+    spec = http.get("/openapi.json").json()
+    expected = {("/api/products", "post"): {"201", "400", "422", "500", "503"},
+                ("/api/products", "get"): {"200", "500", "503"},
+                ("/api/products/{productId}", "get"): {"200", "404", "422", "500", "503"},
+                ("/api/cart/{userId}/items", "put"): {"200", "400", "404", "409", "422", "500", "503"},
+                ("/api/cart/{userId}", "get"): {"200", "422", "500", "503"},
+                ("/api/orders", "post"): {"200", "400", "404", "409", "422", "500", "503"},
+                ("/api/orders/{orderId}", "get"): {"200", "404", "422", "500", "503"}}
+    for (path, method), codes in expected.items():
+        responses = spec["paths"][path][method]["responses"]
+        assert set(responses) == codes, (path, method)
+        for code in codes - {"200", "201"}:
+            schema = responses[code]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/Error"}, (path, method, code)
+    assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
+
+
+def test_a_key_another_user_used_is_409_and_changes_nothing(http, db, rds):
+    p, first, second = product(http, stock=5), uuid.uuid4(), uuid.uuid4()
+    for user in (first, second):
+        assert http.put(f"/api/cart/{user}/items", json={"productId": p["id"], "quantity": 1}).status_code == 200
+    key = f"key-{first}"
+    assert http.post("/api/orders", json={"userId": str(first), "idempotencyKey": key}).status_code == 200
+    before = state(db, rds, second, p["id"])
+    # A conflict with stored state, not malformed input: the same body is fine with a fresh key.
+    assert "another user" in error_of(http.post("/api/orders", json={"userId": str(second),
+                                                                      "idempotencyKey": key}), 409)
+    assert state(db, rds, second, p["id"])[2:] == before[2:]  # the first order's saga may move stock meanwhile
