@@ -33,13 +33,12 @@ MAX_AMOUNT = Decimal("9999999999.99")
 # C0 and C1 control characters (NUL, line breaks, escapes): PostgreSQL text cannot hold NUL at all, and
 # none of them belongs in a name or a key. Written for both JSON Schema (ECMA) and the Rust regex of pydantic.
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f-\x9f]*$"
+# A price may also come as a plain decimal string ("12.50"), which no float rounding can blur.
+PRICE_TEXT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
 
 
 class Camel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-
-PRICE_TEXT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
 
 
 def _cents(value):

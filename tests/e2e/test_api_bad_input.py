@@ -1,4 +1,4 @@
-"""Input the database cannot hold or the contract forbids gets one sentence of 4xx and changes nothing (issue 10, item 6).
+"""Input the database cannot hold or the contract forbids gets a one-sentence 4xx and changes nothing (issue 10, 6).
 
 Each case here answered 500 (or was accepted) before: PostgreSQL refuses NUL in text and values
 beyond numeric(12,2), and a JSON boolean was taken for the integer 1.
