@@ -19,5 +19,15 @@ class Invalid(PulseError):
     status = 422
 
 
+class KeyTaken(Conflict, Invalid):
+    """An idempotency key already used by another user.
+
+    The request itself is well formed; it conflicts with what is stored, so HTTP says 409. It stays an
+    ``Invalid`` for Python callers that catch it as one.
+    """
+
+    status = 409
+
+
 class Unavailable(PulseError):
     status = 503

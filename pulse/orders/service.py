@@ -9,12 +9,15 @@ import uuid
 
 import psycopg
 
-from pulse.errors import Conflict, Invalid, NotFound
+from pulse.errors import Conflict, KeyTaken, NotFound
 from pulse.events import EventType as E
 from pulse.infra import db, keys, outbox
 from pulse.orders.handlers import snapshot
 
 log = logging.getLogger(__name__)
+
+# orders.total_amount is numeric(12,2): a larger total would fail the INSERT after the lock was taken.
+MAX_TOTAL = decimal.Decimal("9999999999.99")
 
 
 class OrderService:
@@ -69,6 +72,10 @@ class OrderService:
         order_id = uuid.uuid4()
         strategy = self.deps.settings.strategy_name
         total = sum((i["base_price"] * i["quantity"] for i in items), decimal.Decimal("0.00"))
+        if total > MAX_TOTAL:
+            # Checked before any write, so the transaction rolls back empty and create() releases the lock.
+            raise Conflict(f"The cart's total of {total} is more than an order can hold ({MAX_TOTAL}); "
+                           "remove some items and order again.")
         order = conn.execute(
             "INSERT INTO orders.orders (id, user_id, status, strategy, total_amount) "
             "VALUES (%s, %s, 'CREATED', %s, %s) RETURNING *", (order_id, user_id, strategy, total)).fetchone()
@@ -93,7 +100,7 @@ class OrderService:
         if row is None:
             return None
         if row["user_id"] is not None and str(row["user_id"]) != str(user_id):
-            raise Invalid("This idempotency key was already used by another user; choose a new key.")
+            raise KeyTaken("This idempotency key was already used by another user; choose a new key.")
         return row["response_body"]
 
     def get(self, order_id: uuid.UUID) -> dict:

@@ -11,7 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pulse.api.app import create_app
-from pulse.errors import Conflict, Invalid, NotFound, Unavailable
+import psycopg
+import psycopg_pool
+
+from pulse.errors import Conflict, Invalid, KeyTaken, NotFound, Unavailable
 
 USER = "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60"
 PRODUCT = "e0e0e0e0-e0e0-4e0e-a0e0-000000000001"
@@ -75,6 +78,17 @@ BAD_INPUTS = [
     ("POST", "/api/orders", {"userId": USER}, "idempotencyKey"),
     ("POST", "/api/orders", {"idempotencyKey": "k"}, "userId"),
     ("GET", "/api/orders/123", None, "orderId"),
+    # Issue 10, item 6: what PostgreSQL cannot hold, and what JSON Schema does not call an integer.
+    ("POST", "/api/products", {"name": "a\x00b", "basePrice": 1, "stock": 1}, "name"),
+    ("POST", "/api/products", {"name": "a\nb", "basePrice": 1, "stock": 1}, "name"),
+    ("POST", "/api/products", {"name": "x", "basePrice": 10_000_000_000, "stock": 1}, "basePrice"),
+    ("POST", "/api/products", {"name": "x", "basePrice": "1e3", "stock": 1}, "basePrice"),
+    ("POST", "/api/products", {"name": "x", "basePrice": True, "stock": 1}, "basePrice"),
+    ("POST", "/api/products", {"name": "x", "basePrice": 1, "stock": True}, "stock"),
+    ("PUT", f"/api/cart/{USER}/items", {"productId": PRODUCT, "quantity": True}, "quantity"),
+    ("PUT", f"/api/cart/{USER}/items", {"productId": PRODUCT, "quantity": "1"}, "quantity"),
+    ("POST", "/api/orders", {"userId": USER, "idempotencyKey": "k\x00"}, "idempotencyKey"),
+    ("POST", "/api/orders", {"userId": USER, "idempotencyKey": "k\x1b"}, "idempotencyKey"),
 ]
 
 
@@ -101,7 +115,8 @@ def test_a_body_that_is_not_json_is_one_sentence():
 @pytest.mark.parametrize("error, status", [
     (NotFound("Product 1 does not exist."), 404),
     (Conflict("Not enough stock of product 1 for 3 more unit(s)."), 409),
-    (Invalid("This idempotency key was already used by another user; choose a new key."), 422),
+    (Invalid("The request is not valid."), 422),
+    (KeyTaken("This idempotency key was already used by another user; choose a new key."), 409),
     (Unavailable("The cart could not be saved; nothing was reserved, please retry."), 503),
 ])
 def test_service_errors_keep_their_status_and_sentence(error, status):
@@ -132,3 +147,40 @@ def test_valid_input_reaches_the_service_with_parsed_values():
     assert name == "create" and args[0] == "Lamp" and str(args[1]) == "12.50" and args[2] == 3
     http.put(f"/api/cart/{USER}/items", json={"productId": PRODUCT, "quantity": 2})
     assert system.calls[1] == ("add_item", (uuid.UUID(USER), uuid.UUID(PRODUCT), 2))
+
+
+@pytest.mark.parametrize("error, status", [
+    (psycopg.errors.NumericValueOutOfRange("numeric field overflow\nDETAIL:  A field with precision 12"), 422),
+    (psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes"), 422),
+    (psycopg.OperationalError("connection refused"), 503),
+    (psycopg_pool.PoolTimeout("couldn't get a connection after 30.00 sec"), 503),
+    (psycopg.errors.UndefinedTable('relation "x" does not exist'), 500),
+])
+def test_database_errors_are_one_sentence_and_only_real_failures_are_500(error, status):
+    http, _ = client(error)
+    response = http.put(f"/api/cart/{USER}/items", json={"productId": PRODUCT, "quantity": 1})
+    assert response.status_code == status
+    text = response.json()["error"]
+    assert one_sentence(text) and "numeric" not in text and "relation" not in text
+
+
+def test_a_wrong_method_is_405_naming_every_method_of_the_path_in_allow():
+    http, system = client()
+    response = http.delete("/api/products")
+    assert response.status_code == 405 and one_sentence(response.json()["error"])
+    assert set(response.headers["allow"].split(", ")) >= {"GET", "POST"}
+    assert system.calls == []
+
+
+def test_a_body_that_is_not_utf8_is_400_in_one_sentence():
+    http, system = client()
+    response = http.post("/api/orders", content=b'{"userId": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert response.status_code == 400 and one_sentence(response.json()["error"])
+    assert system.calls == []
+
+
+def test_a_price_a_float_rounding_away_from_a_cent_is_that_cent():
+    http, system = client({"id": "p"})
+    body = {"name": "Lamp", "basePrice": 0.5700000000000001, "stock": 1}
+    assert http.post("/api/products", json=body).status_code == 201
+    assert str(system.calls[0][1][1]) == "0.57"
