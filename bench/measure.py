@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pika
 from psycopg.conninfo import conninfo_to_dict
 
@@ -282,9 +283,11 @@ def end_to_end(p, *, strategy: str, outbox_mode: str, concurrency: int, duration
         warm = run_load(server.url, concurrency=4, duration_s=1.5, track="db", progress=False,
                         database_url=p.settings.database_url)
         products = warm["products"]
+        before = _deliveries(server.url)
         with CpuMeter(server_pids(server)) as cpu:
             sat = run_load(server.url, concurrency=concurrency, duration_s=duration_s, track="db", progress=False,
                            database_url=p.settings.database_url, products=products, complete_timeout_s=120)
+        routing = _routing_cost(before, _deliveries(server.url), sat["checkouts"])
         sustained = sat["completion"]["sustained_per_s"] or 0.0
         half = max(1.0, round(sustained / 2, 1))
         low = run_load(server.url, rate=half, duration_s=duration_s, track="db", progress=False,
@@ -292,7 +295,29 @@ def end_to_end(p, *, strategy: str, outbox_mode: str, concurrency: int, duration
     return {"strategy": strategy, "outbox_mode": outbox_mode, "api_processes": api_processes,
             "saturation": _brief(sat), "sustained_checkouts_per_s": sustained, "half_load_rate": half,
             "half_load": _brief(low), "p50_ms": low["completion"]["latency_ms"]["p50"],
-            "p99_ms": low["completion"]["latency_ms"]["p99"], "cpu_at_saturation": cpu.result()}
+            "p99_ms": low["completion"]["latency_ms"]["p99"], "cpu_at_saturation": cpu.result(),
+            "routing": routing}
+
+
+def _deliveries(url: str) -> dict | None:
+    """Handled and skipped deliveries so far, summed over the server's consumers (its /health)."""
+    consumers = httpx.get(f"{url}/health", timeout=10).json().get("consumers") or []
+    if not consumers:
+        return None  # the API answered from a process without consumers (--processes)
+    return {k: sum(c.get(k, 0) for c in consumers) for k in ("handled", "skipped")}
+
+
+def _routing_cost(before: dict | None, after: dict | None, checkouts: int) -> dict | None:
+    """What routing both strategies' events to every queue costs: deliveries a queue drops unhandled, per
+    checkout and as a share of all deliveries (pulse.topology: strategy belongs to the order)."""
+    if before is None or after is None or not checkouts:
+        return None
+    # A consumer's "handled" counts every delivery it acked, the skipped ones included.
+    delivered, skipped = after["handled"] - before["handled"], after["skipped"] - before["skipped"]
+    return {"checkouts": checkouts, "deliveries": delivered, "deliveries_skipped": skipped,
+            "deliveries_per_checkout": round(delivered / checkouts, 2),
+            "skipped_per_checkout": round(skipped / checkouts, 2),
+            "skipped_share": round(skipped / delivered, 3) if delivered else None}
 
 
 def _brief(r: dict) -> dict:

@@ -25,13 +25,20 @@ class Slot:
     last_reason: str | None = None
     handled_before: int = 0  # by the dead predecessors, so the counts survive a restart
     dead_lettered_before: int = 0
+    skipped_before: int = 0
 
     def status(self) -> dict:
         c = self.current
         return {"queue": getattr(c, "queue", None), "thread": c.name, "alive": c.is_alive(),
                 "restarts": self.restarts, "handled": self.handled_before + getattr(c, "handled", 0),
                 "deadLettered": self.dead_lettered_before + getattr(c, "dead_lettered", 0),
+                # Deliveries dropped unhandled: the other strategy's events, and re-drives meant for another queue.
+                "skipped": self.skipped_before + _skipped(c),
                 "lastError": self.last_reason}
+
+
+def _skipped(consumer) -> int:
+    return getattr(getattr(consumer, "dispatch", None), "skipped", 0)
 
 
 class ConsumerSupervisor:
@@ -73,6 +80,7 @@ class ConsumerSupervisor:
                 fresh.start()
                 slot.handled_before += getattr(dead, "handled", 0)
                 slot.dead_lettered_before += getattr(dead, "dead_lettered", 0)
+                slot.skipped_before += _skipped(dead)
                 slot.current, slot.last_reason = fresh, reason
                 slot.restarts += 1
                 try:
