@@ -63,7 +63,7 @@ def stop_and_join(consumer: Consumer) -> None:
 def publish(settings, queue, env):
     publisher = broker.ConfirmingPublisher(settings.amqp_url)
     try:
-        assert publisher.publish_batch([env], exchange="", routing_key=queue) == [True]
+        assert publisher.publish_batch([env], exchange="", routing_key=queue) == [broker.Delivery.CONFIRMED]
     finally:
         publisher.close()
 

@@ -41,7 +41,7 @@ def private_queue(settings):
 def publish(settings, queue, env):
     publisher = broker.ConfirmingPublisher(settings.amqp_url)
     try:
-        assert publisher.publish_batch([env], exchange="", routing_key=queue) == [True]
+        assert publisher.publish_batch([env], exchange="", routing_key=queue) == [broker.Delivery.CONFIRMED]
     finally:
         publisher.close()
 
