@@ -10,7 +10,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from pulse import faults
+from pulse import faults, topology
 from pulse.api.app import create_app
 from pulse.infra import broker
 from pulse.infra.consumer import Consumer
@@ -100,7 +100,7 @@ def test_a_fault_raised_before_the_ack_kills_a_consumer_that_is_restarted_and_sh
         system = make_system(workers=True, faults=registry)
         health = TestClient(create_app(system)).get("/health").json()
         listed = {c["queue"] for c in health["consumers"]}
-        assert listed == set(broker.QUEUES), health
+        assert listed == set(topology.QUEUES), health
         assert all(c["alive"] and c["restarts"] == 0 for c in health["consumers"]), health
         user = uuid.uuid4()
         system.carts.add_item(user, uuid.UUID(new_product(stock=3)), 1)
@@ -115,7 +115,7 @@ def test_a_fault_raised_before_the_ack_kills_a_consumer_that_is_restarted_and_sh
         assert set(restarted) >= {"queue", "thread", "alive", "restarts", "handled", "deadLettered"}
         assert all(c["alive"] for c in health["consumers"]), health
         # the restarted thread is the one shutdown joins
-        assert sum(1 for t in system.threads if getattr(t, "queue", None)) == len(broker.QUEUES)
+        assert sum(1 for t in system.threads if getattr(t, "queue", None)) == len(topology.QUEUES)
     finally:
         faults.disarm(settings.database_url, "consumer.before_ack")
         registry.close()

@@ -24,6 +24,7 @@ import psycopg
 import pytest
 
 from pulse import config
+from pulse.faults import NoFaults
 from pulse.infra import broker, outbox
 from pulse.infra.relay_cdc import CdcRelay, decode_batch
 from tests.conftest import wait_for
@@ -440,7 +441,7 @@ def test_status_and_drop_slot_commands(relays, cdc, db, tap, serve_env, monkeypa
 
 # --- the child process used by the crash tests ---
 
-class _BlockAfterPublish:
+class _BlockAfterPublish(NoFaults):
     """A fault hook that, once events were published and confirmed, announces it in a file and never returns."""
 
     def __init__(self, marker: Path):
