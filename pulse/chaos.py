@@ -158,6 +158,7 @@ class Campaign:
         from, so ``no-oversell`` sees every unit Redis promised; the invariants judge the rest.
         """
         phase: list[str] = []
+        self._phase_rng = random.Random(f"{self.seed}:contention")  # the drive's own draws stay as they were
         with httpx.Client(base_url=server_url, timeout=15) as http:
             rush = self._new_product("rush", RUSH["stock"])
             phase.append(rush)
@@ -175,7 +176,7 @@ class Campaign:
 
             late = self._new_product("late", 10)
             phase.append(late)
-            failed = self._failed_orders(http, late)
+            failed = self._failed_orders(http, late, phase)
             self._announce_again(failed)
 
             slow = self._new_product("slow", 10)
@@ -187,7 +188,7 @@ class Campaign:
         log.info("chaos: contention phase done on %s", phase)
         return phase
 
-    def _failed_orders(self, http, product: str) -> list[str]:
+    def _failed_orders(self, http, product: str, phase: list[str]) -> list[str]:
         """Orders that fail after a module decided for them: two declined cards (optimistic: after the stock
         was reserved), and an order whose cart Redis forgot (redis.flush), so inventory refuses it (post-payment:
         after the charge)."""
@@ -198,6 +199,7 @@ class Campaign:
             placed = self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in shoppers])
             self._settle(placed)
         forgotten = self._new_product("forgotten", 1)
+        phase.append(forgotten)
         first, second = str(uuid.uuid4()), str(uuid.uuid4())
         self._add(http, forgotten, 1, first)
         with self._armed("redis.flush", action="trigger", max=1, wait_strike=True):
@@ -243,7 +245,7 @@ class Campaign:
     def _armed(self, name: str, *, action: str, wait_strike: bool = False, **params):
         """Arm one fault for the ``with`` block (every process sees it within half a second), then disarm."""
         url = self.settings.database_url
-        armed = faults.arm(url, name, action=action, seed=self.rng.randrange(1 << 30), **params)
+        armed = faults.arm(url, name, action=action, seed=self._phase_rng.randrange(1 << 30), **params)
         time.sleep(0.8)  # the registries refresh every 0.5 s
         try:
             if wait_strike:
