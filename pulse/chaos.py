@@ -119,7 +119,7 @@ class Campaign:
         server_url = self.url or self._server_url
         try:
             self._wait_healthy(server_url, 90)
-            products = products + self._contend(server_url)
+            checked = products + self._contend(server_url)  # the drive shops only for its own products
             self._driving.set()
             injector = threading.Thread(target=self._inject, name="chaos-faults", daemon=True)
             injector.start()
@@ -127,8 +127,8 @@ class Campaign:
             self._end_drive()
             injector.join()
             faults.disarm(url)
-            quiet = self._quiesce(since, products)
-            outcome = inv.check_all(self.settings, inv.Scope(since=since, products=products))
+            quiet = self._quiesce(since, checked)
+            outcome = inv.check_all(self.settings, inv.Scope(since=since, products=checked))
         finally:
             self._end_drive()
             faults.disarm(url)
