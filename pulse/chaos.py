@@ -11,6 +11,7 @@ every invariant on the campaign's orders and products. The summary is one JSON d
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -27,7 +28,7 @@ import httpx
 
 from pulse import config, faults, faults_catalogue
 from pulse.check import invariants as inv
-from pulse.infra import db, migrate
+from pulse.infra import db, migrate, outbox
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ FAULT_PLANS = {e.name: (e.action, e.chaos[0], dict(e.chaos[1])) for e in faults_
                if e.chaos is not None}
 DEFAULT_FAULTS = tuple(FAULT_PLANS)
 SETTLED_CHECK_S = 0.5
+# The contention phase (Campaign._contend) runs these on products of its own, before the fault rounds.
+RUSH = {"stock": 3, "shoppers": 12}  # shoppers who add the same scarce product at the same moment
+IN_FLIGHT = {"stock": 4, "wave": 4, "db_delay_ms": 2500}  # cart adds whose DB write lags reconciliation
+LOCK_TTL_S = 2  # the idempotency lock TTL of the campaign's server: a slow creation outlives it in seconds
+RECONCILE_EVERY_S = 1.0  # the campaign's server reconciles Redis this often, so passes meet adds in flight
+DECISIONS = ("STOCK_RESERVED", "STOCK_FAILED", "PAYMENT_PROCESSED", "PAYMENT_FAILED")
 
 
 class Campaign:
@@ -65,6 +72,7 @@ class Campaign:
         self.rng = random.Random(seed)
         self.outcomes: collections.Counter = collections.Counter()
         self.order_ids: list[str] = []
+        self._last_order: dict[str, str] = {}  # idempotency key -> order id (the contention phase's)
         self._lock = threading.Lock()
         # Two events, because Event.wait() sleeps only until its event is SET: waiting on ``_driving`` (set for
         # the whole drive) returned at once, so the injector neither paused nor held a kind until it struck,
@@ -84,7 +92,8 @@ class Campaign:
 
     @classmethod
     def from_args(cls, args) -> "Campaign":
-        return cls(orders=args.orders, seed=args.seed, fault_kinds=args.faults.split(","), strategy=args.strategy,
+        kinds = args.faults.split(",") if args.faults else DEFAULT_FAULTS
+        return cls(orders=args.orders, seed=args.seed, fault_kinds=kinds, strategy=args.strategy,
                    outbox_mode=args.outbox_mode, url=args.url, products=args.products, threads=args.threads,
                    quiesce_timeout_s=args.quiesce_timeout, naive=args.naive, progress=not args.no_progress,
                    max_drive_s=args.max_drive_s)
@@ -101,6 +110,7 @@ class Campaign:
         server_url = self.url or self._server_url
         try:
             self._wait_healthy(server_url, 90)
+            checked = products + self._contend(server_url)  # the drive shops only for its own products
             self._driving.set()
             injector = threading.Thread(target=self._inject, name="chaos-faults", daemon=True)
             injector.start()
@@ -108,8 +118,8 @@ class Campaign:
             self._end_drive()
             injector.join()
             faults.disarm(url)
-            quiet = self._quiesce(since, products)
-            outcome = inv.check_all(self.settings, inv.Scope(since=since, products=products))
+            quiet = self._quiesce(since, checked)
+            outcome = inv.check_all(self.settings, inv.Scope(since=since, products=checked))
         finally:
             self._end_drive()
             faults.disarm(url)
@@ -127,6 +137,167 @@ class Campaign:
     def _pause(self, seconds: float) -> None:
         """Sleep ``seconds`` on the injector's side, waking early when the drive is over."""
         self._drive_over.wait(seconds)
+
+    # -- the contention phase ----------------------------------------------------------------------
+    def _contend(self, server_url: str) -> list[str]:
+        """Make, on products of its own, the conditions each safeguard exists for; returns those products.
+
+        Every campaign runs it, with or without naive switches, before the fault rounds (so no other fault is
+        armed meanwhile): a rush on a scarce product; cart adds in flight while the server reconciles; orders
+        that fail after a module said yes, whose decision is then announced again (late); duplicate submits
+        of one key while order creation is slow and fails. Its shoppers keep the carts they did not order
+        from, so ``no-oversell`` sees every unit Redis promised; the invariants judge the rest.
+        """
+        phase: list[str] = []
+        self._phase_rng = random.Random(f"{self.seed}:contention")  # the drive's own draws stay as they were
+        with httpx.Client(base_url=server_url, timeout=15) as http:
+            rush = self._new_product("rush", RUSH["stock"])
+            phase.append(rush)
+            self._together([lambda: self._add(http, rush, 1)] * RUSH["shoppers"])
+
+            in_flight = self._new_product("in flight", IN_FLIGHT["stock"])
+            phase.append(in_flight)
+            with self._armed("cart.after_redis", action="delay", ms=IN_FLIGHT["db_delay_ms"]):
+                first = threading.Thread(target=self._together,
+                                         args=([lambda: self._add(http, in_flight, 1)] * IN_FLIGHT["wave"],))
+                first.start()
+                time.sleep(RECONCILE_EVERY_S * 1.6)  # a reconciliation pass ran while the first wave is in flight
+                self._together([lambda: self._add(http, in_flight, 1)] * IN_FLIGHT["wave"])
+                first.join()
+
+            late = self._new_product("late", 10)
+            phase.append(late)
+            failed = self._failed_orders(http, late, phase)
+            self._announce_again(failed)
+
+            slow = self._new_product("slow", 10)
+            phase.append(slow)
+            user, key = str(uuid.uuid4()), str(uuid.uuid4())
+            if self._add(http, slow, 1, user) == 200:
+                with self._armed("orders.create", action="error", ms=int(LOCK_TTL_S * 1200), max=3):
+                    self._together([lambda: self._order(http, user, key)] * 3)  # a triple click
+        log.info("chaos: contention phase done on %s", phase)
+        return phase
+
+    def _failed_orders(self, http, product: str, phase: list[str]) -> list[str]:
+        """Orders that fail after a module decided for them: two declined cards (optimistic: after the stock
+        was reserved), and an order whose cart Redis forgot (redis.flush), so inventory refuses it (post-payment:
+        after the charge)."""
+        shoppers = [str(uuid.uuid4()) for _ in range(2)]
+        for user in shoppers:
+            self._add(http, product, 1, user)
+        with self._armed("payment.decline", action="drop", max=len(shoppers)):
+            placed = self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in shoppers])
+            self._settle(placed)
+        forgotten = self._new_product("forgotten", 1)
+        phase.append(forgotten)
+        first, second = str(uuid.uuid4()), str(uuid.uuid4())
+        self._add(http, forgotten, 1, first)
+        with self._armed("redis.flush", action="trigger", max=1, wait_strike=True):
+            pass
+        self._add(http, forgotten, 1, second)  # Redis forgot the first hold, so it promises the unit again
+        both = self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in (first, second)])
+        self._settle(both)
+        with db.connect(self.settings.database_url, autocommit=True) as conn:
+            rows = conn.execute("SELECT id::text AS id FROM orders.orders WHERE id = ANY(%s::uuid[]) "
+                                "AND status = 'FAILED'", ([o for o in placed + both if o],)).fetchall()
+        return [r["id"] for r in rows]
+
+    def _announce_again(self, order_ids: list[str]) -> None:
+        """Announce each order's first module decision once more, through the outbox with a new id, as a saga
+        watchdog does when it took a late event for a lost one: the order has failed since, and must stay so."""
+        if not order_ids:
+            return
+        with db.connect(self.settings.database_url) as conn, conn.transaction():
+            for order_id in order_ids:
+                first = conn.execute(
+                    "SELECT event_type FROM infra.event_log WHERE aggregate_id = %s AND event_type = ANY(%s) "
+                    "ORDER BY created_at, event_id LIMIT 1", (order_id, list(DECISIONS))).fetchone()
+                order = conn.execute("SELECT o.*, p.id AS payment_id FROM orders.orders o LEFT JOIN payment.payments p "
+                                     "ON p.order_id = o.id WHERE o.id = %s", (order_id,)).fetchone()
+                if first is None or order is None:
+                    continue
+                items = [{"productId": str(r["product_id"]), "quantity": r["quantity"]} for r in conn.execute(
+                    "SELECT product_id, quantity FROM orders.order_items WHERE order_id = %s ORDER BY product_id",
+                    (order_id,))]
+                payload = {"orderId": order_id, "userId": str(order["user_id"]), "items": items,
+                           "totalPrice": order["total_amount"], "strategy": order["strategy"], "redriven": True}
+                event = first["event_type"]
+                if event == "STOCK_FAILED":
+                    payload["reason"] = "OUT_OF_STOCK"
+                elif event == "PAYMENT_FAILED":
+                    payload["reason"] = "DECLINED"
+                elif event == "PAYMENT_PROCESSED":
+                    payload["paymentId"] = str(order["payment_id"])
+                outbox.append(conn, event, "ORDER", order_id, payload)
+        log.info("chaos: announced the first decision of %d failed order(s) again", len(order_ids))
+
+    @contextlib.contextmanager
+    def _armed(self, name: str, *, action: str, wait_strike: bool = False, **params):
+        """Arm one fault for the ``with`` block (every process sees it within half a second), then disarm."""
+        url = self.settings.database_url
+        armed = faults.arm(url, name, action=action, seed=self._phase_rng.randrange(1 << 30), **params)
+        time.sleep(0.8)  # the registries refresh every 0.5 s
+        try:
+            if wait_strike:
+                deadline = time.monotonic() + self.strike_wait_s
+                while time.monotonic() < deadline and not faults.fired_counts(url, armed["armedAt"]).get(name):
+                    time.sleep(0.2)
+            yield armed
+        finally:
+            faults.disarm(url, name)
+            time.sleep(0.8)
+
+    def _settle(self, order_ids, timeout_s: float = 30.0) -> None:
+        """Wait until these orders are COMPLETED or FAILED with their compensation done (or the timeout)."""
+        ids = [o for o in order_ids if o]
+        deadline = time.monotonic() + timeout_s
+        while ids and time.monotonic() < deadline:
+            with db.connect(self.settings.database_url, autocommit=True) as conn:
+                busy = conn.execute(
+                    "SELECT count(*) AS n FROM orders.orders WHERE id = ANY(%s::uuid[]) AND (status NOT IN "
+                    "('COMPLETED', 'FAILED') OR (status = 'FAILED' AND (payment_status = 'SUCCESS' OR "
+                    "inventory_status = 'RESERVED')))", (ids,)).fetchone()["n"]
+            if not busy:
+                return
+            time.sleep(0.2)
+
+    @staticmethod
+    def _together(calls) -> list:
+        """Run the calls at the same moment (one thread each, released by a barrier); their results in order."""
+        barrier = threading.Barrier(len(calls))
+
+        def run(call):
+            barrier.wait()
+            return call()
+
+        with ThreadPoolExecutor(len(calls)) as pool:
+            return list(pool.map(run, calls))
+
+    def _add(self, http, product: str, quantity: int, user: str | None = None) -> int:
+        return self._call(http, "PUT", f"/api/cart/{user or uuid.uuid4()}/items",
+                          {"productId": product, "quantity": quantity})
+
+    def _order(self, http, user: str, key: str) -> str | None:
+        """Submit the order (retrying through 409 and 5xx like a shopper); its id, or None."""
+        for _ in range(100):
+            status = self._call(http, "POST", "/api/orders", {"userId": user, "idempotencyKey": key}, order=True)
+            if status == 200:
+                with self._lock:
+                    return self._last_order.get(key)
+            if status != 409:
+                return None
+            time.sleep(0.2)
+        return None
+
+    def _new_product(self, label: str, stock: int) -> str:
+        pid = str(uuid.uuid4())
+        with db.connect(self.settings.database_url) as conn, conn.transaction():
+            conn.execute("INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s)",
+                         (pid, f"Chaos {label} ({pid[:8]})", Decimal(20)))
+            conn.execute("INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s)",
+                         (pid, stock))
+        return pid
 
     def _create_products(self) -> list[str]:
         # The first product is scarce on purpose: it runs out about a third of the way through, so shoppers
@@ -156,6 +327,10 @@ class Campaign:
         env = {**self.env, "PULSE_STRATEGY": self.settings.strategy, "PULSE_OUTBOX_MODE": self.settings.outbox_mode,
                "PULSE_WATCHDOG_DEADLINE_S": self.env.get("PULSE_WATCHDOG_DEADLINE_S", "3"),
                "PULSE_WATCHDOG_INTERVAL_S": self.env.get("PULSE_WATCHDOG_INTERVAL_S", "1"),
+               # Reconciliation meeting adds in flight, and a slow order creation outliving its idempotency
+               # lock, are conditions the campaign makes (see _contend): it needs both short.
+               "PULSE_RECONCILE_INTERVAL_S": str(RECONCILE_EVERY_S),
+               "PULSE_IDEMPOTENCY_LOCK_TTL_S": str(LOCK_TTL_S),
                "PULSE_NAIVE": self.naive, "PULSE_LAB": "1"}
         # Restarting fast is the point here: crash faults strike every few seconds, and a server kept down by
         # a growing backoff would leave the remaining fault kinds nothing to strike.
@@ -239,6 +414,7 @@ class Campaign:
                     if order and response.status_code == 200:
                         with self._lock:
                             self.order_ids.append(response.json()["orderId"])
+                            self._last_order[body["idempotencyKey"]] = response.json()["orderId"]
                     return response.status_code
             except httpx.HTTPError:
                 pass

@@ -117,6 +117,7 @@ def from_env(env=None) -> Settings:
         consumer_threads=int(_float(env, "PULSE_CONSUMER_THREADS", d.consumer_threads)),
         relay_batch=int(_float(env, "PULSE_RELAY_BATCH", d.relay_batch)),
         relay_poll_s=_float(env, "PULSE_RELAY_POLL_S", d.relay_poll_s),
+        idempotency_lock_ttl_s=int(_float(env, "PULSE_IDEMPOTENCY_LOCK_TTL_S", d.idempotency_lock_ttl_s)),
         cdc_slot=env.get("PULSE_CDC_SLOT") or d.cdc_slot,
         cdc_publication=env.get("PULSE_CDC_PUBLICATION") or d.cdc_publication,
         naive=naive,

@@ -169,9 +169,9 @@ class FaultRegistry(NoFaults):
         fault = self._strike(name, context)
         if fault is None:
             return
-        if fault.action == "delay":
-            time.sleep(float(fault.params.get("ms", 1000)) / 1000)
-        elif fault.action == "crash":
+        if fault.action == "delay" or (fault.action in ("error", "drop") and fault.params.get("ms")):
+            time.sleep(float(fault.params.get("ms", 1000)) / 1000)  # chaos-naive: error/drop with ms fail late
+        if fault.action == "crash":
             crash(name)
         elif fault.action in ("error", "drop"):
             raise FaultInjected(f"fault {name} injected")
@@ -213,7 +213,7 @@ class FaultRegistry(NoFaults):
             if not fault.strikes():
                 return None
             fault.fired += 1
-        self._log(fault, context)
+        self._log(fault, {**context, **({"ms": fault.params["ms"]} if "ms" in fault.params else {})})  # chaos-naive
         return fault
 
     def _current(self) -> dict[str, Fault]:

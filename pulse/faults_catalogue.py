@@ -83,10 +83,15 @@ CATALOGUE: tuple[Entry, ...] = (
     _point("payment.latency", "delay",
            "The provider answers slowly, so payment messages pile up and saga events arrive late.",
            ["orders-terminal"], chaos=(0.5, {"ms": 150})),
+    # Not a campaign fault kind: a campaign arms it itself to hold order creation (and its idempotency lock) for
+    # a while, which lock-no-owner needs to show.
+    _point("orders.create", "delay",
+           "Order creation is slow, so a second submit of the same key arrives while the first still holds the lock.",
+           ["idempotency-lock-exclusive"], lab=False),
     _naive("reserve-get-set",
            "Cart adds read stock and reserved: and write them back in separate steps, so two concurrent adds both "
            "see the last free unit and Redis promises more units than exist.",
-           ["no-oversell", "redis-matches-db"]),
+           ["no-oversell"]),
     _naive("release-on-order-created",
            "The cart's hold is released when the order is created, so for a moment stock − reserved counts units "
            "the order is about to take as free and a later cart add is accepted, then fails out of stock.",
@@ -94,23 +99,23 @@ CATALOGUE: tuple[Entry, ...] = (
     _naive("publish-no-confirm",
            "The relay deletes outbox rows before the broker confirmed them, so events the broker never took are "
            "lost and their sagas never finish.",
-           ["delivery", "orders-terminal"]),
+           ["delivery", "outbox-drained"]),
     _naive("no-inbox",
            "Handlers skip the inbox, so a redelivered event is applied twice (stock reserved or a card charged "
            "again).",
-           ["effects-once", "stock-conservation", "one-charge-per-order"]),
+           ["effects-once", "stock-conservation", "delivery"]),
     _naive("reconcile-full-scan",
            "Reconciliation rewrites every key from a database snapshot without a cooldown, overwriting "
            "reservations that cart adds made after the snapshot, so Redis no longer matches the carts.",
-           ["redis-matches-db", "no-oversell"]),
+           ["no-oversell"]),
     _naive("unguarded-state",
            "Orders accept any event in any state, so a late or duplicate saga event moves a finished order back "
            "and its status no longer matches its payment.",
-           ["orders-terminal", "money-balance"]),
+           ["orders-terminal"]),
     _naive("lock-no-owner",
            "The idempotency lock is released without checking its owner, so a slow request frees a newer "
            "request's lock and two submits of one key run order creation at once.",
-           ["one-charge-per-order", "money-balance"]),
+           ["idempotency-lock-exclusive"]),
 )
 
 BY_NAME: dict[str, Entry] = {e.name: e for e in CATALOGUE}

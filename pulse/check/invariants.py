@@ -311,6 +311,38 @@ def replication_slot(conn, scope: Scope, slot: str) -> Result:
     return Result("replication-slot", True, details, [], data)
 
 
+# -- idempotency lock ---------------------------------------------------------------------------------
+LOCK_MARGIN = 0.25  # share of the lock's hold left for the moments between taking the lock and the log entry
+
+
+def idempotency_lock_exclusive(conn, scope: Scope) -> Result:
+    """An idempotency key's lock has one holder at a time (a late owner never frees a newer owner's lock).
+
+    The trace is the lab fault ``orders.create``: each strike is a request inside order creation, logged with
+    its key, the lock's TTL and how long the request stays (``ms``). After such a request took the lock, the
+    next one on its key may enter only when the lock expired or that request let go, so no sooner than the
+    smaller of the two. A later entry means the lock was freed under its holder's feet.
+    """
+    rows = conn.execute(
+        "SELECT context->>'key' AS key, (context->>'ttl')::float AS ttl, (context->>'ms')::float / 1000 AS held, "
+        "fired_at FROM infra.fault_log WHERE name = 'orders.create' AND fired_at >= %(since)s "
+        "AND context ? 'key' AND context ? 'ttl' ORDER BY 1, fired_at", scope.sql()).fetchall()
+    offending, examples = [], []
+    for before, after in zip(rows, rows[1:]):
+        if before["key"] != after["key"] or not before["held"]:
+            continue
+        hold = min(before["ttl"], before["held"])
+        gap = (after["fired_at"] - before["fired_at"]).total_seconds()
+        if gap < hold * (1 - LOCK_MARGIN):
+            if before["key"] not in offending:
+                offending.append(before["key"])
+            examples.append(f"{before['key']}: entered {gap:.2f}s after a holder that kept the lock {hold:.1f}s")
+    return _result("idempotency-lock-exclusive", offending,
+                   f"every idempotency lock had one holder at a time ({len(rows)} slow creation(s) traced)",
+                   "{n} idempotency key(s) whose lock let a second request in while its holder still worked",
+                   examples=examples[:MAX_IDS])
+
+
 # -- dead letters -------------------------------------------------------------------------------------
 def peek_dead_letters(amqp_url: str, limit: int = 1000, since_epoch: float | None = None) -> dict[str, list[dict]]:
     """Read (without removing) the dead-lettered messages of every queue: id and reason."""
@@ -423,6 +455,7 @@ def check_all(settings, scope: Scope | None = None, *, reconcile: bool = True, o
                        outbox_drained(conn, scope), dlq_explained(dead), delivery(conn, scope, dead_ids),
                        events_routed(conn, scope),
                        redis_matches_db(conn, r, scope), replication_slot(conn, scope, settings.cdc_slot)]
+            results.append(idempotency_lock_exclusive(conn, scope))
     finally:
         r.close()
     return {"results": results, "reconcile": fixes}

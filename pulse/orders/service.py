@@ -43,7 +43,11 @@ class OrderService:
         try:
             # The request that held the lock before us may have finished in between.
             stored = self._stored_response(idempotency_key, user_id)
-            return stored if stored is not None else self._create_locked(user_id, idempotency_key)
+            if stored is not None:
+                return stored
+            # Lab fault: a slow (failing) creation that outlives its lock; the TTL is logged for the checker.
+            self.deps.faults.point("orders.create", key=idempotency_key, ttl=self.deps.settings.idempotency_lock_ttl_s)
+            return self._create_locked(user_id, idempotency_key)
         finally:
             if self.deps.naive("lock-no-owner"):
                 self.deps.redis.delete(lock_key)
