@@ -41,6 +41,8 @@ SETTLED_CHECK_S = 0.5
 # The contention phase (Campaign._contend) runs these on products of its own, before the fault rounds.
 RUSH = {"stock": 3, "shoppers": 12}  # shoppers who add the same scarce product at the same moment
 IN_FLIGHT = {"stock": 4, "wave": 4, "db_delay_ms": 2500}  # cart adds whose DB write lags reconciliation
+# Orders that took a scarce product's last units and wait for inventory's (slowed) decision while others shop.
+SOLD_OUT = {"stock": 2, "late_shoppers": 3, "decision_delay_ms": 2500}
 LOCK_TTL_S = 2  # the idempotency lock TTL of the campaign's server: a slow creation outlives it in seconds
 RECONCILE_EVERY_S = 1.0  # the campaign's server reconciles Redis this often, so passes meet adds in flight
 DECISIONS = ("STOCK_RESERVED", "STOCK_FAILED", "PAYMENT_PROCESSED", "PAYMENT_FAILED")
@@ -145,7 +147,8 @@ class Campaign:
         Every campaign runs it, with or without naive switches, before the fault rounds (so no other fault is
         armed meanwhile): a rush on a scarce product; cart adds in flight while the server reconciles; orders
         that fail after a module said yes, whose decision is then announced again (late); duplicate submits
-        of one key while order creation is slow and fails. Its shoppers keep the carts they did not order
+        of one key while order creation is slow and fails; shoppers adding a product whose last units orders
+        hold while inventory has not decided yet (the cart promise). Its shoppers keep the carts they did not order
         from, so ``no-oversell`` sees every unit Redis promised; the invariants judge the rest.
         """
         phase: list[str] = []
@@ -165,6 +168,10 @@ class Campaign:
                 self._together([lambda: self._add(http, in_flight, 1)] * IN_FLIGHT["wave"])
                 first.join()
 
+            sold_out = self._new_product("sold out in flight", SOLD_OUT["stock"])
+            phase.append(sold_out)
+            self._shop_while_in_flight(http, sold_out)
+
             late = self._new_product("late", 10)
             phase.append(late)
             failed = self._failed_orders(http, late, phase)
@@ -178,6 +185,35 @@ class Campaign:
                     self._together([lambda: self._order(http, user, key)] * 3)  # a triple click
         log.info("chaos: contention phase done on %s", phase)
         return phase
+
+    def _shop_while_in_flight(self, http, product: str) -> None:
+        """Orders take every unit of ``product``; while inventory decides slowly, other shoppers try to add it.
+        A hold that lapses before the decision (``release-on-order-created``) lets them in, and their orders
+        then fail out of stock: the promise ``cart-promise-kept`` watches."""
+        first = [str(uuid.uuid4()) for _ in range(SOLD_OUT["stock"])]
+        for user in first:
+            self._add(http, product, 1, user)
+        with self._armed("inventory.reserve", action="delay", ms=SOLD_OUT["decision_delay_ms"], max=len(first)):
+            placed = self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in first])
+            self._holds_moved(placed)  # redis-stock has moved the holds to the orders; inventory is still deciding
+            late = [str(uuid.uuid4()) for _ in range(SOLD_OUT["late_shoppers"])]
+            accepted = [u for u, status in zip(late, self._together([lambda u=u: self._add(http, product, 1, u)
+                                                                       for u in late])) if status == 200]
+            if accepted:
+                placed += self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in accepted])
+        self._settle(placed)
+
+    def _holds_moved(self, order_ids, timeout_s: float = 10.0) -> None:
+        """Wait until redis-stock has handled these orders' ORDER_CREATED (their holds left the carts)."""
+        ids = [o for o in order_ids if o]
+        deadline = time.monotonic() + timeout_s
+        with db.connect(self.settings.database_url, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                moved = conn.execute("SELECT count(*) AS n FROM infra.order_holds WHERE order_id = ANY(%s::uuid[]) "
+                                     "AND moved_at IS NOT NULL", (ids,)).fetchone()["n"]
+                if moved >= len(ids):
+                    return
+                time.sleep(0.05)
 
     def _failed_orders(self, http, product: str, phase: list[str]) -> list[str]:
         """Orders that fail after a module decided for them: two declined cards (optimistic: after the stock

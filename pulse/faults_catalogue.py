@@ -88,6 +88,12 @@ CATALOGUE: tuple[Entry, ...] = (
     _point("orders.create", "delay",
            "Order creation is slow, so a second submit of the same key arrives while the first still holds the lock.",
            ["idempotency-lock-exclusive"], lab=False),
+    # Not a campaign fault kind either: a campaign slows inventory's decision so orders stay in flight while other
+    # shoppers add the same product (what release-on-order-created needs to show).
+    _point("inventory.reserve", "delay",
+           "Inventory decides slowly, so orders wait longer between ORDER_CREATED and STOCK_RESERVED; nothing breaks "
+           "as long as the cart's hold lasts until the decision.",
+           ["cart-promise-kept"], lab=False),
     _naive("reserve-get-set",
            "Cart adds read stock and reserved: and write them back in separate steps, so two concurrent adds both "
            "see the last free unit and Redis promises more units than exist.",

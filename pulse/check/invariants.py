@@ -173,7 +173,8 @@ def orders_terminal(conn, scope: Scope, older_than_s: float = 0.0) -> Result:
 
 # Faults after which Redis may have forgotten holds (a flush drops reserved:; a crash between the Redis and the
 # database write leaves holds reconciliation takes back): a cart add accepted then may later fail out of stock.
-FORGETTING_FAULTS = ("redis.flush", "cart.after_redis")
+# (name, action): a cart.after_redis that only delays forgets nothing.
+FORGETTING_FAULTS = (("redis.flush", "trigger"), ("cart.after_redis", "crash"))
 FORGETTING_WINDOW_S = 60  # how long before its order a campaign's shopper took the hold, at most
 
 
@@ -183,11 +184,15 @@ def cart_promise_kept(conn, scope: Scope) -> Result:
     Every order comes from a cart whose every unit Redis accepted (the Lua reservation), so an order that
     fails OUT_OF_STOCK is a promise broken: "yes" at the cart, "sold out" after paying or waiting.
     """
+    # Forgiven: a forgetting fault struck after the hold could have been granted and before inventory decided
+    # (the reservation row's creation), not before the order's last update: a refund comes later.
     rows = conn.execute(
         f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT o.id, EXISTS (SELECT 1 FROM infra.fault_log f "
-        "WHERE f.name = ANY(%(forgetting)s) AND f.fired_at BETWEEN o.created_at - make_interval(secs => %(window)s) "
-        "AND o.updated_at) AS forgiven FROM o WHERE o.failure_reason = 'OUT_OF_STOCK'",
-        {**scope.sql(), "forgetting": list(FORGETTING_FAULTS), "window": FORGETTING_WINDOW_S}).fetchall()
+        "WHERE (f.name || ':' || f.action) = ANY(%(forgetting)s) "
+        "AND f.fired_at BETWEEN o.created_at - make_interval(secs => %(window)s) "
+        "AND COALESCE(r.created_at, o.updated_at)) AS forgiven "
+        "FROM o LEFT JOIN inventory.reservations r ON r.order_id = o.id WHERE o.failure_reason = 'OUT_OF_STOCK'",
+        {**scope.sql(), "forgetting": [f"{n}:{a}" for n, a in FORGETTING_FAULTS], "window": FORGETTING_WINDOW_S}).fetchall()
     broken = [r["id"] for r in rows if not r["forgiven"]]
     forgiven = len(rows) - len(broken)
     return _result("cart-promise-kept", broken,

@@ -73,6 +73,7 @@ def on_reserve(deps, conn, envelope) -> None:
     if conn.execute("SELECT 1 FROM inventory.reservations WHERE order_id = %s",
                     (p["orderId"],)).fetchone() and not deps.naive("no-inbox"):
         return  # decided already under another event id (e.g. a re-driven saga)
+    deps.faults.point("inventory.reserve", order=p["orderId"])
 
     def attempt():
         with conn.transaction():  # a savepoint: a version conflict undoes this attempt only
