@@ -297,10 +297,13 @@ def triple_click(lab, *, lock_ttl_s: int = 1, slow_ms: int = 1200, submits: int 
 def relay_crash(lab, *, wait_s: float = 6.0) -> dict:
     """The server dies right after its relay handed a batch to the broker; the supervisor restarts it."""
     product = lab.new_product(stock=5, name="Relay crash")
+    user, key = lab.client.new_user(), str(uuid.uuid4())
+    lab.client.add_item(user, product, 1)
     restarts = lab.restarts
     lab.arm("relay.after_publish", 1.0, max=1)
     try:
-        order_id = lab.checkout({product: 1}, wait=False)["orderId"]
+        # Any batch may be the one that crashes it (a re-drive of an earlier order, say): retry like a shopper.
+        order_id = _through_crashes(lab, lambda: lab.client.checkout(user, key))["orderId"]
         deadline = time.monotonic() + 20
         while lab.restarts == restarts and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -308,10 +311,24 @@ def relay_crash(lab, *, wait_s: float = 6.0) -> dict:
     finally:
         lab.disarm("relay.after_publish")
     try:
-        status = lab.client.wait_settled(order_id, timeout_s=wait_s)["displayStatus"]
+        status = _through_crashes(lab, lambda: lab.client.wait_settled(order_id, timeout_s=wait_s))["displayStatus"]
     except TimeoutError:
-        status = lab.client.order(order_id)["displayStatus"]
+        status = _through_crashes(lab, lambda: lab.client.order(order_id))["displayStatus"]
     return {"crashes": lab.restarts - restarts, "completed": int(status == "COMPLETED"), "products": [product]}
+
+
+def _through_crashes(lab, call, attempts: int = 5):
+    """``call()``, again after the supervisor restarted a crashed server (the same idempotency key is safe)."""
+    import httpx
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except (httpx.TransportError, PulseError) as exc:
+            if isinstance(exc, PulseError) and exc.status < 500 or attempt == attempts - 1:
+                raise
+            time.sleep(0.5)
+            lab.wait_up()
 
 
 def _count(lab, sql: str, **params) -> int:

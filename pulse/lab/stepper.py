@@ -58,13 +58,14 @@ class Stepper:
                               "order": str(e.aggregate_id)[:8]} for q, e in self.pending],
                             columns=["queue", "module", "event", "order"])
 
-    def step(self, queue: str | None = None, event: str | None = None, *, show: bool = True) -> dict | None:
-        """Deliver the first held event (or the first for ``queue`` and/or ``event`` type); returns the step:
+    def step(self, queue: str | None = None, event: str | None = None, *, hold_back=(), show: bool = True) -> dict | None:
+        """Deliver the first held event (or the first for ``queue`` and/or ``event`` type, never one for a queue
+        in ``hold_back``); returns the step:
         ``{"n", "queue", "module", "event", "order", "acted", "changes": [{"what", "before", "after"}],
         "emitted": [event types written to the outbox]}``, or None when nothing matching waits."""
         self.collect()
         for index, (q, env) in enumerate(self.pending):
-            if (queue is None or q == queue) and (event is None or env.event_type == event):
+            if (queue is None or q == queue) and (event is None or env.event_type == event) and q not in hold_back:
                 del self.pending[index]
                 return self.deliver(q, env, show=show)
         return None
@@ -113,11 +114,12 @@ class Stepper:
                     "totalPrice": str(order["total_amount"]), **payload}
             return str(outbox.append(conn, event_type, "ORDER", order_id, body))
 
-    def run(self, *, show: bool = True, max_steps: int = 500) -> list[dict]:
-        """Deliver until nothing is held (the rest of every saga in flight); returns the steps."""
+    def run(self, *, hold_back=(), show: bool = True, max_steps: int = 500) -> list[dict]:
+        """Deliver until nothing is held (the rest of every saga in flight) but deliveries to the queues in
+        ``hold_back``; returns the steps."""
         done = []
         for _ in range(max_steps):
-            step = self.step(show=False)
+            step = self.step(hold_back=hold_back, show=False)
             if step is None:
                 break
             done.append(step)

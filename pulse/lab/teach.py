@@ -256,3 +256,24 @@ def _user_ns() -> dict:
         return {}
     shell = get_ipython()
     return shell.user_ns if shell is not None else {}
+
+
+# ----- the real code, not a paraphrase ------------------------------------------------------------------------
+
+def lua(name: str) -> str:
+    """Show and return the Lua script ``lua/<name>.lua`` exactly as Redis runs it."""
+    from pulse.infra.redis_scripts import LUA_DIR
+
+    text = (LUA_DIR / f"{name}.lua").read_text()
+    _say(f"`lua/{name}.lua`\n```lua\n{text.rstrip()}\n```")
+    return text
+
+
+def source(obj, *, language: str = "python") -> str:
+    """Show and return the source of a function, class or SQL string the system runs (``inspect.getsource``)."""
+    import inspect
+
+    text = obj if isinstance(obj, str) else inspect.getsource(obj)
+    where = "" if isinstance(obj, str) else f"`{obj.__module__}.{obj.__qualname__}`\n"
+    _say(f"{where}```{language}\n{text.rstrip()}\n```")
+    return text
