@@ -337,22 +337,9 @@ Deliveries are held (`lab.hold()`); `payment.decline` declines the next charge."
     code("teach.predict('The card is declined after inventory reserved the unit. Which module acts on PAYMENT_FAILED '\n"
          "              'and changes a row?', ['inventory', 'payment', 'nobody'], 'restock', PREDICTIONS)"),
     code("stepper = lab.hold()\nlab.arm('payment.decline', 1.0, max=1)\ndeclined = lab.checkout({KINDLE: 1}, wait=False)\n"
-         "walk = stepper.run()\nlab.disarm('payment.decline')"),
+         "walk = stepper.run()\nlab.disarm('payment.decline')\nlab.release()   # relay and consumers back"),
     code("restock = next(s for s in walk if s['event'] == 'PAYMENT_FAILED' and s['acted'] and s['module'] != 'orders' "
          "and s['changes'])\nteach.reveal('restock', restock['module'])\npd.DataFrame(restock['changes'])"),
-    md("""## The state guards
-The order's state machine moves each sub-status **forward only**, and a terminal order never changes again.
-This is the rule, as the orders module runs it:"""),
-    code("from pulse.orders import model\n_ = teach.source(model.apply_event)"),
-    md("""`unguarded-state` drops the guard. The scenario declines an order (held deliveries, as above), lets it fail
-and compensate, then delivers its first decision, `STOCK_RESERVED`, once more — late, as a watchdog that took a
-slow event for a lost one would re-announce it."""),
-    code("teach.predict('Without the guard, what does the late STOCK_RESERVED do to the FAILED order?', "
-         "['nothing', 'it moves the order away from its settled state'], 'guard', PREDICTIONS)"),
-    code("guards = lab.demonstrate('state-guards', 'unguarded-state', sc.late_event,\n"
-         "                         says='the order went from {statusBefore} to {statusAfter} (inventory {inventoryAfter})')\n"
-         "lab.release()\nteach.show(guards, ['stillFailed', 'lateEvents'])"),
-    code("teach.reveal('guard', 'nothing' if guards['off']['stillFailed'] else 'it moves the order away from its settled state')"),
     md("## Live: a declining card provider, then post-payment with a scarce product"),
     code("live_since = lab.now()\nlab.switch(decline_rate=DECLINE_RATE)\nlab.run_orders(ORDERS, [IPHONE, AIRPODS, KINDLE])\nlab.wait_quiet()\n"
          "compensations = lab.q.compensation_totals()\ncompensations"),
@@ -370,6 +357,19 @@ charge — it must be refunded."""),
     code("checks = pd.DataFrame(lab.check(since=live_since, products=[IPHONE, AIRPODS, KINDLE, scarce]))\n"
          "checks[['name', 'ok', 'detail']]"),
     code("summary = {'compensations': lab.q.compensation_totals(), 'outcomes': lab.q.outcome_totals()}\nsummary"),
+    md("""## The state guards
+The order's state machine moves each sub-status **forward only**, and a terminal order never changes again.
+This is the rule, as the orders module runs it:"""),
+    code("from pulse.orders import model\n_ = teach.source(model.apply_event)"),
+    md("""`unguarded-state` drops the guard. The scenario declines an order (held deliveries, as above), lets it fail
+and compensate, then delivers its first decision, `STOCK_RESERVED`, once more — late, as a watchdog that took a
+slow event for a lost one would re-announce it."""),
+    code("teach.predict('Without the guard, what does the late STOCK_RESERVED do to the FAILED order?', "
+         "['nothing', 'it moves the order away from its settled state'], 'guard', PREDICTIONS)"),
+    code("lab.switch(strategy='optimistic', decline_rate=0.0)\nguards = lab.demonstrate('state-guards', 'unguarded-state', sc.late_event,\n"
+         "                         says='the order went from {statusBefore} to {statusAfter} (inventory {inventoryAfter})')\n"
+         "lab.release()\nteach.show(guards, ['stillFailed', 'lateEvents'])"),
+    code("teach.reveal('guard', 'nothing' if guards['off']['stillFailed'] else 'it moves the order away from its settled state')"),
     *finish("04_compensation_live", """[
     f"The declined order's PAYMENT_FAILED made {restock['module']} change: " + ", ".join(f"{c['what']} {c['before']}→{c['after']}" for c in restock['changes'][:4]) + ".",
     f"Under load: {summary['compensations']['restocks']} restock(s) after declined cards, {summary['compensations']['refunds']} refund(s) after out-of-stock.",
