@@ -119,7 +119,7 @@ def verdict_figure(demo: dict, numbers: list[str] | None = None):
     numbers = numbers or [k for k, v in demo["off"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                           and isinstance(demo["on"].get(k), (int, float))]
     names = sorted(set(demo["off"]["violations"]) | set(demo["caughtBy"]))
-    fig = Figure(figsize=(9, 0.5 + 0.42 * max(len(names), 3)), layout="constrained")
+    fig = Figure(figsize=(9, 1.2 + 0.45 * max(len(names), 3)), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=[1.1, 1]) if numbers else (fig.subplots(), None)
     for row, name in enumerate(names):
         for col, side in enumerate(("off", "on")):
@@ -130,15 +130,17 @@ def verdict_figure(demo: dict, numbers: list[str] | None = None):
     left.set_xlim(0, 2)
     left.set_ylim(len(names), 0)
     left.set_xticks([0.5, 1.5], [f"safeguard off\n({demo['switch']})", "safeguard on"], fontsize=8)
-    left.set_yticks([i + 0.5 for i in range(len(names))], names, fontsize=8)
+    left.set_yticks([i + 0.5 for i in range(len(names))],
+                   [n + (" *" if n in demo["caughtBy"] else "") for n in names], fontsize=8)
     left.tick_params(length=0)
     for spine in left.spines.values():
         spine.set_visible(False)
     left.set_title(f"{demo['pattern']}: what the checker reported", fontsize=10)
+    left.set_xlabel("* the fault catalogue expects this invariant to catch the switch", fontsize=7)
     if right is not None:
         x = range(len(numbers))
-        right.bar([i - 0.2 for i in x], [demo["off"][k] for k in numbers], width=0.4, color="#d62728", label="off")
-        right.bar([i + 0.2 for i in x], [demo["on"][k] for k in numbers], width=0.4, color="#2ca02c", label="on")
+        right.bar([i - 0.2 for i in x], [demo["off"][k] for k in numbers], width=0.4, color="#d62728", label="safeguard off")
+        right.bar([i + 0.2 for i in x], [demo["on"][k] for k in numbers], width=0.4, color="#2ca02c", label="safeguard on")
         right.set_xticks(list(x), numbers, fontsize=8, rotation=15)
         right.legend(fontsize=8)
         right.set_title("the numbers of each run", fontsize=10)

@@ -32,7 +32,6 @@ DEMOS = [("lua-reservation", "reserve-get-set", sc.rush),
 @pytest.mark.parametrize("pattern,switch,scenario", DEMOS, ids=[d[1] for d in DEMOS])
 def test_each_switch_is_demonstrated_off_and_on(lab, pattern, switch, scenario):
     demo = lab.demonstrate(pattern, switch, scenario)
-    print(demo)
     assert set(demo["off"]["violations"]) & set(teach.caught_by(switch)), demo
     assert demo["on"]["violations"] == [], demo
     assert lab.demonstrations == [demo]
