@@ -294,8 +294,11 @@ def triple_click(lab, *, lock_ttl_s: int = 1, slow_ms: int = 1200, submits: int 
     return {"submits": submits, "ordersCreated": len(set(created)), "products": [product]}
 
 
-def relay_crash(lab, *, wait_s: float = 6.0) -> dict:
-    """The server dies right after its relay handed a batch to the broker; the supervisor restarts it."""
+def relay_crash(lab, *, wait_s: float = 20.0) -> dict:
+    """The server dies right after its relay handed a batch to the broker; the supervisor restarts it.
+
+    Waits up to ``wait_s`` for the order to settle (without confirms, only once the watchdog re-drove it).
+    """
     product = lab.new_product(stock=5, name="Relay crash")
     user, key = lab.client.new_user(), str(uuid.uuid4())
     lab.client.add_item(user, product, 1)

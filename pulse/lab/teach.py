@@ -95,8 +95,14 @@ def _settle_default(lab) -> None:
     """Let the relay publish what the scenario wrote (the outbox check is not scoped to one run)."""
     if not lab.running or lab.held:
         return
-    deadline = time.monotonic() + 15
-    while lab.q.relay_lag()["rows"] and time.monotonic() < deadline:
+    deadline, empty_since = time.monotonic() + 15, None
+    while time.monotonic() < deadline:
+        if lab.q.relay_lag()["rows"]:
+            empty_since = None
+        elif empty_since is None:
+            empty_since = time.monotonic()
+        elif time.monotonic() - empty_since > 0.5:  # a watchdog re-drive may land just after the last row went
+            return
         time.sleep(0.1)
 
 
