@@ -32,7 +32,8 @@ RECORD_PATH = None          # where the last cell writes its results as JSON (No
 IMPORTS = '''import time
 import pandas as pd
 from pulse.lab import Lab, record, IPHONE, AIRPODS, MACBOOK, KINDLE
-from pulse.lab import scenarios as sc'''
+from pulse.lab import scenarios as sc
+from pulse.lab import teach'''
 
 
 def md(text: str):
@@ -43,16 +44,31 @@ def code(text: str):
     return new_code_cell(text.strip())
 
 
-def params(extra: str = ""):
-    cell = new_code_cell((COMMON_PARAMS + ("\n" + extra.strip() if extra else "")).strip())
+def params(extra: str = "", common: str = COMMON_PARAMS):
+    cell = new_code_cell((common + ("\n" + extra.strip() if extra else "")).strip())
     cell.metadata["tags"] = ["parameters"]
     return cell
 
 
-def finish(name: str, summary: str, results: str):
-    return [md("## What you saw\n" + summary.strip()),
+def gparams(extra: str = ""):
+    """A guided notebook's parameters: the common ones, the learner's PREDICTIONS, then its own."""
+    return params(extra, COMMON_PARAMS + "\nPREDICTIONS = {}            # your predictions by key, for a headless run; "
+                  "live, answer the choices instead")
+
+
+def goals(*items: str):
+    """The learning goals a notebook opens with (2 to 4)."""
+    assert 2 <= len(items) <= 4
+    return md("**Learning goals.** By the end of this notebook you can\n" + "\n".join(f"- {g}" for g in items))
+
+
+def finish(name: str, extra: str, results: str):
+    """The closing cells: "What you saw" written from the recorded numbers, stop, record (with demonstrations)."""
+    return [md("## What you saw\nWritten from what this run measured (rerun it and the sentences follow the numbers):"),
+            code(f"saw = teach.what_you_saw(lab.demonstrations, extra={extra.strip()})"),
             code("lab.stop()   # stops the dashboard, the event tap and the server; also done at exit"),
-            code(f'record({results.strip()}, RECORD_PATH, notebook="{name}")')]
+            code(f'record({{**{results.strip()}, "demonstrations": lab.demonstrations, '
+                 f'"predictions": teach.predictions()}}, RECORD_PATH, notebook="{name}")')]
 
 
 def notebook(cells) -> nbformat.NotebookNode:
@@ -67,8 +83,11 @@ NB00 = [
 Checkout Pulse is a small shop's checkout: a cart that **reserves stock in Redis** (atomically, in Lua),
 orders in **PostgreSQL**, and a **saga** of events over **RabbitMQ** (inventory, payment, orders, a read view).
 This notebook starts the real system and walks through where each piece of state lives.
-Every helper used here has a docstring: try `Lab?` or `sc.concurrent_adds?`."""),
-    params("ORDERS = 30"),
+Every helper used here has a docstring: try `Lab?` or `help(teach.demonstrate)`."""),
+    goals("name the three services and what each one holds",
+          "find a cart's keys in Redis and an order's events on the broker",
+          "read a sequence chart of one checkout: outbox → broker → each module's inbox"),
+    gparams("ORDERS = 30"),
     code("if SMALL:\n    ORDERS = 6"),
     code(IMPORTS),
     md("## The services\nThe lab needs PostgreSQL, Redis and RabbitMQ. `check_services` pings each one."),
@@ -79,11 +98,15 @@ Every helper used here has a docstring: try `Lab?` or `sc.concurrent_adds?`.""")
     code('lab.start()\nprint("API:", lab.url, "· OpenAPI docs:", lab.url + "/docs")'),
     code("pd.DataFrame(lab.client.products())"),
     md("""## A cart lives in Redis first
-Adding an item runs `reserve_stock.lua`: it checks `stock:{id} − reserved:{id}` and increments `reserved:`
-in one atomic step. The cart itself is the hash `cart:{user}`; `cart:cleanup:queue` remembers when it expires."""),
+Adding an item runs this script — the real one, read from `lua/`: it checks `stock:{id} − reserved:{id}` and
+increments `reserved:` in one atomic step. The cart itself is the hash `cart:{user}`; `cart:cleanup:queue`
+remembers when it expires."""),
+    code("_ = teach.lua('reserve_stock')"),
+    code("teach.predict('After one add of 1 iPhone, what is reserved:{iPhone}?', ['0', '1', 'the stock'], 'reserved', PREDICTIONS)"),
     code("user = lab.client.new_user()\nlab.client.add_item(user, IPHONE, 1)\n"
          "r = lab.redis()\nsorted(k for k in r.scan_iter(match='*') if k.split(':')[0] in ('stock', 'reserved', 'cart'))"),
-    code("{'stock': r.get(f'stock:{IPHONE}'), 'reserved': r.get(f'reserved:{IPHONE}'), 'cart': r.hgetall(f'cart:{user}')}"),
+    code("cart_state = {'stock': r.get(f'stock:{IPHONE}'), 'reserved': r.get(f'reserved:{IPHONE}'), 'cart': r.hgetall(f'cart:{user}')}\n"
+         "teach.reveal('reserved', cart_state['reserved'])\ncart_state"),
     md("## The broker: one exchange, five queues\nEach queue is bound to every event its module may react to, "
        "for orders of either strategy. Which events a module acts on depends on the order's strategy, "
        "recorded with the order (`pulse/topology.py` declares it all in one table):"),
@@ -102,101 +125,184 @@ It redraws in a background thread, so you can keep running cells. `render()` dra
     code("dash = lab.dashboard()\ndash.show()"),
     code("placed = lab.run_orders(ORDERS, [IPHONE, AIRPODS, KINDLE], concurrency=4)\nlab.wait_quiet()\n"
          "summary = dash.render()\nsummary"),
-    *finish("00_setup_and_tour", """
-- The three services and the one `pulse serve` process the lab supervises.
-- Redis holds the hot cart state (`stock:`, `reserved:`, `cart:`), PostgreSQL the truth, RabbitMQ the events.
-- One order's events travelled outbox → broker → inboxes; the dashboard counted every order to its end.""",
+    *finish("00_setup_and_tour", """[
+    f"Services: {', '.join(f'{k} {v}' for k, v in services.items())}; one supervised `pulse serve` (restarts: {lab.restarts}).",
+    f"One add left `reserved:` at {cart_state['reserved']} and the cart hash {cart_state['cart']} in Redis.",
+    f"One order ended {order['displayStatus']}; its events passed through {', '.join(sorted(set(timeline['stage'])))}.",
+    f"{placed['placed']} more orders placed under load; the dashboard counted them to their end."]""",
             '{"services": services, "orderStatus": order["displayStatus"], "placed": placed["placed"], '
             '"summary": summary, "stages": sorted(set(timeline["stage"]))}'),
 ]
 
 NB01 = [
-    md("""# 01 · One checkout through the saga, both strategies
+    md("""# 01 · One checkout through the saga, step by step, both strategies
 **Optimistic**: reserve stock first, then charge. **Post-payment**: charge first, then reserve.
-Same events, different order — and different compensations when something fails (see notebook 04)."""),
-    params(),
+Same events, different order. Here you *hold* every delivery and release the events one at a time."""),
+    goals("walk an order through the saga one delivery at a time and say which module acted on which event",
+          "contrast the optimistic and post-payment orders of steps",
+          "see the CQRS view lag behind the order, and what read-your-writes means here"),
+    gparams(),
     code(IMPORTS),
-    code("lab = Lab(strategy='optimistic', outbox_mode=OUTBOX_MODE).start()\norders = {}"),
-    md("## Optimistic: ORDER_CREATED → STOCK_RESERVED → PAYMENT_PROCESSED → COMPLETED"),
-    code("orders['optimistic'] = lab.checkout({IPHONE: 1})\n"
-         "optimistic = sc.show_sequence(lab, orders['optimistic']['orderId'], 'optimistic')"),
-    md("Read the broker lane top to bottom: which module reacted to which event, and in what order?"),
-    code("optimistic[optimistic.stage == 'broker'][['eventType', 'at']]"),
-    md("## Post-payment: ORDER_CREATED → PAYMENT_PROCESSED → STOCK_RESERVED → COMPLETED\n"
-       "`switch` restarts the server; new orders take the new strategy, orders in flight finish under their own."),
-    code("lab.switch(strategy='post-payment')\norders['post-payment'] = lab.checkout({IPHONE: 1})\n"
-         "post = sc.show_sequence(lab, orders['post-payment']['orderId'], 'post-payment')"),
-    code("post[post.stage == 'broker'][['eventType', 'at']]"),
-    md("## Both orders, as the API and the CQRS view report them"),
-    code("pd.DataFrame(orders).T[['status', 'displayStatus', 'paymentStatus', 'inventoryStatus', 'strategy']]"),
-    *finish("01_one_checkout_both_strategies", """
-- Under **optimistic**, inventory reacted to `ORDER_CREATED` and payment to `STOCK_RESERVED`.
-- Under **post-payment**, payment went first and inventory reacted to `PAYMENT_PROCESSED`.
-- Each order records the strategy it ran under; the view (`displayStatus`) caught up with both.""",
+    code("lab = Lab(strategy='optimistic', outbox_mode=OUTBOX_MODE).start()\norders, walks = {}, {}"),
+    md("""## Hold the deliveries
+`lab.hold()` restarts the server with its API only: nothing relays the outbox, nothing consumes. The stepper
+does both jobs in this kernel, with the same dispatchers a consumer runs (`System.dispatcher(queue)`), and after
+each delivery shows the rows and keys that changed. (Live, `stepper.widget()` gives you *Step* buttons.)"""),
+    code("stepper = lab.hold()\nopt = lab.checkout({IPHONE: 1}, wait=False)\nstepper.waiting()"),
+    code("teach.predict('Inventory reserves the stock for ORDER_CREATED. Which event does it write to the outbox?', "
+         "['STOCK_RESERVED', 'PAYMENT_PROCESSED', 'ORDER_COMPLETED'], 'first-opt', PREDICTIONS)"),
+    code("first = lab.step('inventory.queue')   # deliver ORDER_CREATED to inventory"),
+    code("teach.reveal('first-opt', first['emitted'][0] if first['emitted'] else 'nothing')\nstepper.waiting()"),
+    md("Now the rest, one event after another: read each table — which row, which key moved?"),
+    code("walks['optimistic'] = [first] + stepper.run()"),
+    md("""## The view lags behind the order (CQRS)
+The API's `status` comes from the order row — the write side. `displayStatus` comes from the read model
+`orders.order_views`, updated only when `order-view.queue` delivers `ORDER_UPDATED`. Hold that one queue back:"""),
+    code("post_user = lab.client.new_user()\nlab.client.add_item(post_user, KINDLE, 1)\nlagging = lab.client.checkout(post_user)\n"
+         "stepper.run(hold_back=['order-view.queue'], show=False)\n"
+         "steps_left = stepper.waiting()\nview_lag = lab.client.order(lagging['orderId'])\n"
+         "{'status (the write)': view_lag['status'], 'displayStatus (the view)': view_lag['displayStatus']}"),
+    code("steps_left"),
+    md("""Whoever wrote the order and reads `status` sees their write at once (read-your-writes holds for the
+write model); a screen that reads the view sees the past until the view catches up. Deliver the rest:"""),
+    code("stepper.run(show=False)\ncaught_up = lab.client.order(lagging['orderId'])\ncaught_up['displayStatus']"),
+    md("## Post-payment: the same walk, charge first"),
+    code("lab.switch(strategy='post-payment')\nstepper = lab.hold()\npost = lab.checkout({IPHONE: 1}, wait=False)\n"
+         "teach.predict('Post-payment: which module acts first on ORDER_CREATED?', ['inventory', 'payment', 'orders'], "
+         "'first-post', PREDICTIONS)"),
+    code("walks['post-payment'] = stepper.run(show=False)\n"
+         "first_post = next(s for s in walks['post-payment'] if s['acted'] and s['event'] == 'ORDER_CREATED' "
+         "and s['module'] in ('inventory', 'payment'))\nteach.reveal('first-post', first_post['module'])\n"
+         "pd.DataFrame([(s['n'], s['module'], s['event'], len(s['changes'])) for s in walks['post-payment']], "
+         "columns=['step', 'module', 'event', 'changes'])"),
+    code("lab.release()\norders = {'optimistic': lab.client.order(opt['orderId']), 'post-payment': lab.client.order(post['orderId'])}\n"
+         "pd.DataFrame(orders).T[['status', 'displayStatus', 'paymentStatus', 'inventoryStatus', 'strategy']]"),
+    md("## The same two orders on the real broker"),
+    code("sc.show_sequence(lab, lab.checkout({IPHONE: 1})['orderId'], 'post-payment, through RabbitMQ');"),
+    *finish("01_one_checkout_both_strategies", """[
+    f"Optimistic: {' → '.join(s['module'] + ':' + s['event'] for s in walks['optimistic'] if s['acted'] and s['module'] in ('inventory', 'payment'))}.",
+    f"Post-payment: {' → '.join(s['module'] + ':' + s['event'] for s in walks['post-payment'] if s['acted'] and s['module'] in ('inventory', 'payment'))}.",
+    f"With order-view.queue held, the order row said {view_lag['status']} while the view said {view_lag['displayStatus']}; after delivery the view said {caught_up['displayStatus']}."]""",
             '{s: {"status": o["displayStatus"], "strategy": o["strategy"]} for s, o in orders.items()} | '
-            '{"events": {"optimistic": list(optimistic[optimistic.stage == "broker"].eventType), '
-            '"post-payment": list(post[post.stage == "broker"].eventType)}}'),
+            '{"events": {k: [s["module"] + ":" + s["event"] for s in w if s["acted"] and s["module"] in ("inventory", "payment")] '
+            'for k, w in walks.items()}, "viewLag": {"status": view_lag["status"], "view": view_lag["displayStatus"], '
+            '"caughtUp": caught_up["displayStatus"]}}'),
 ]
 
+
 NB02 = [
-    md("""# 02 · Atomic reservation: Redis Lua vs the naive GET/SET race
-Many shoppers add the last units at the same moment. The Lua script checks and reserves in **one** step.
-The naive version reads `stock` and `reserved`, decides, then writes: two requests can both read
-"one left" and both reserve it. Here you watch that oversell happen, then disappear."""),
-    params("STOCK = 10\nSHOPPERS = 40"),
-    code("if SMALL:\n    STOCK, SHOPPERS = 5, 24"),
+    md("""# 02 · Atomic reservation and the cart's promise
+Many shoppers add the last units at the same moment. Two safeguards stand between them and an oversell:
+the **Lua script** that checks and reserves in one step, and the **cart's promise**: the hold a cart add took
+lasts until inventory has decided for the order. You switch each one off, predict, and let the checker judge."""),
+    goals("explain why a GET-then-SET reservation oversells under concurrency and the Lua script does not",
+          "say what the Lua script guarantees and what the cart's hold adds to it",
+          "read an invariant report (`no-oversell`, `cart-promise-kept`) for one scenario"),
+    gparams("STOCK = 10\nSHOPPERS = 40"),
+    code("if SMALL:\n    STOCK, SHOPPERS = 3, 16"),
     code(IMPORTS),
     code("lab = Lab(strategy=STRATEGY, outbox_mode=OUTBOX_MODE).start()"),
-    md("## Naive: GET, decide, SET\nThe `reserve-get-set` switch replaces the Lua script with three separate commands."),
-    code("lab.switch(naive={'reserve-get-set'})\nnaive_product = lab.new_product(stock=STOCK, name='Naive GET/SET')\n"
-         "naive = sc.concurrent_adds(lab, naive_product, SHOPPERS)\n"
-         "{k: v for k, v in naive.items() if k != 'users'}"),
-    md("More carts were accepted than there are units. Redis now promises stock that does not exist:"),
-    code("sc.show_drift(lab, [naive_product], 'After the naive race')"),
-    md("PostgreSQL is the last line of defence: the saga's inventory step never goes below zero, "
-       "so the surplus orders fail with OUT_OF_STOCK — the shopper was told *yes* and then *no*."),
-    code("naive_orders = sc.checkout_all(lab, naive['users'])\nnaive_orders.displayStatus.value_counts()"),
-    md("## Lua: one atomic step"),
-    code("lab.switch(naive=())\nlua_product = lab.new_product(stock=STOCK, name='Lua script')\n"
-         "lua = sc.concurrent_adds(lab, lua_product, SHOPPERS)\n{k: v for k, v in lua.items() if k != 'users'}"),
-    code("lua_orders = sc.checkout_all(lab, lua['users'])\nlua_orders.displayStatus.value_counts()"),
-    code("sc.show_bars({'naive GET/SET': naive['accepted'], 'Lua': lua['accepted']}, "
-         "'Carts accepted for the same stock', ylabel='carts', line=STOCK, line_label='units in stock')"),
-    *finish("02_lua_vs_naive_oversell", """
-- With GET/SET, more carts than units were accepted (an oversell in Redis); the saga then failed the surplus.
-- With the Lua script, exactly the stock was accepted and every accepted cart completed.
-- Atomicity belongs where the contention is: one script, one round trip, no window.""",
-            '{"stock": STOCK, "shoppers": SHOPPERS, "naiveAccepted": naive["accepted"], '
-            '"luaAccepted": lua["accepted"], '
-            '"naiveCompleted": int((naive_orders.displayStatus == "COMPLETED").sum()), '
-            '"luaCompleted": int((lua_orders.displayStatus == "COMPLETED").sum())}'),
+    md("""## The mechanism: one script, run atomically by Redis
+Redis runs a script to the end before any other command: between the check and the increment, nothing else
+can read `reserved:`. This is the script the cart runs:"""),
+    code("_ = teach.lua('reserve_stock')"),
+    md("""## The naive version, as the `reserve-get-set` switch runs it
+Read `stock:` and `reserved:`, decide, write `reserved:` back: three commands, with other requests free to run
+between them. Note the `time.sleep(0.02)` — it is **there on purpose, in naive mode only**: on one machine the
+gap between GET and SET is well under a millisecond, so the race is real but would show only now and then. The
+sleep widens the window so that every run of this notebook shows it; production code under real load and
+network latency has windows of that size without any sleep."""),
+    code("from pulse.cart.service import CartService\n_ = teach.source(CartService._reserve_get_set)"),
+    code("teach.predict(f'{SHOPPERS} shoppers add 1 unit of a product with {STOCK} in stock, at the same moment, '\n"
+         "              'with GET/SET. How many carts are accepted?', ['exactly the stock', 'more than the stock', "
+         "'fewer than the stock'], 'get-set', PREDICTIONS)"),
+    md("""## Safeguard off, then on
+`lab.demonstrate` runs the same scenario twice — with the naive switch on (safeguard off), then off — and
+checks each run with `lab.check()` for its own product and time. It *asserts* the lesson: the first run must
+break an invariant the fault catalogue names for this switch, the second must break none."""),
+    code("rush = lab.demonstrate('lua-reservation', 'reserve-get-set', "
+         "lambda lab: sc.rush(lab, stock=STOCK, shoppers=SHOPPERS),\n"
+         "                       says='{accepted} carts accepted for {stock} units')\nteach.show(rush, ['accepted', 'stock'])"),
+    code("off = rush['off']['accepted']\nteach.reveal('get-set', 'more than the stock' if off > STOCK else "
+         "'exactly the stock' if off == STOCK else 'fewer than the stock')"),
+    md("""## What Lua guarantees, and what it does not
+The script guarantees that **no two cart adds take the same unit**: at every moment `reserved:` ≤ `stock:`.
+It does not say how long a hold lasts. When the shopper orders, the hold must move from the cart to the order
+and last **until inventory has decided** (reserved the units in PostgreSQL, or failed). That is the cart's
+promise, kept by these two scripts — the move at `ORDER_CREATED`, the release at the decision:"""),
+    code("_ = teach.lua('move_hold')"),
+    code("_ = teach.lua('settle_hold')"),
+    md("""The `release-on-order-created` switch releases the hold at `ORDER_CREATED` instead. The scenario holds
+every delivery (`lab.hold()`, see notebook 01), delivers only the first shopper's `ORDER_CREATED` to the Redis
+module, then lets a second shopper try to add the same last unit, and then delivers the rest."""),
+    code("teach.predict('The hold is released at ORDER_CREATED. Does the second shopper get the last unit into the cart?', "
+         "['yes, and the order completes', 'yes, but the order fails out of stock', 'no, the add is refused'], "
+         "'promise', PREDICTIONS)"),
+    code("promise = lab.demonstrate('cart-promise', 'release-on-order-created', sc.promise_window,\n"
+         "                          says='second cart accepted {secondCartAccepted} time(s), {outOfStockOrders} order(s) failed out of stock')\n"
+         "lab.release()\nteach.show(promise, ['secondCartAccepted', 'outOfStockOrders'])"),
+    code("teach.reveal('promise', 'yes, but the order fails out of stock' if promise['off']['outOfStockOrders'] else "
+         "'yes, and the order completes' if promise['off']['secondCartAccepted'] else 'no, the add is refused')"),
+    md("""So: Lua makes each reservation atomic; the cart's hold makes the *yes* a shopper got at the cart still
+true when inventory decides. PostgreSQL stays the last line of defence either way (stock never below zero), but
+only both together keep the shopper from being told *yes* and then *sold out*."""),
+    *finish("02_lua_vs_naive_oversell", "[]",
+            '{"stock": STOCK, "shoppers": SHOPPERS, "naiveAccepted": rush["off"]["accepted"], '
+            '"luaAccepted": rush["on"]["accepted"]}'),
 ]
 
 NB03 = [
-    md("""# 03 · The transactional outbox: polling vs WAL CDC, and what a lost message looks like
+    md("""# 03 · The transactional outbox: polling vs WAL CDC, confirms, and a lost message
 Every change writes its events into `shared.outbox` **in the same transaction**. A relay publishes them:
-**polling** reads the table; **CDC** reads PostgreSQL's write-ahead log. Both publish with confirms and
-forget a row only after the broker confirmed it, so a crash gives duplicates (absorbed by inboxes), never losses."""),
-    params("ORDERS = 40\nWATCHDOG_DEADLINE_S = 2"),
+**polling** reads the table; **CDC** reads PostgreSQL's write-ahead log."""),
+    goals("explain why the outbox row and the business row must share one transaction",
+          "say what publisher confirms (with `mandatory`) guarantee, and show an event lost without them",
+          "compare polling and CDC latency, knowing exactly what was measured",
+          "see a message lost after the broker stall an order until the watchdog re-drives it"),
+    gparams("ORDERS = 40\nWATCHDOG_DEADLINE_S = 2"),
     code("if SMALL:\n    ORDERS = 10"),
     code(IMPORTS),
     code("lab = Lab(strategy=STRATEGY, outbox_mode='polling', env={'PULSE_WATCHDOG_DEADLINE_S': str(WATCHDOG_DEADLINE_S), "
          "'PULSE_WATCHDOG_INTERVAL_S': '1'}).start()\nlatency = {}"),
-    md("## Polling: commit → broker latency"),
+    md("""## The polling relay
+It claims a batch (`FOR UPDATE SKIP LOCKED`, so two relays never take the same rows), publishes it with
+confirms and `mandatory` (the broker returns a message no queue is bound to), and deletes only the rows the broker
+confirmed *and* routed, in the same transaction as the claim:"""),
+    code("from pulse.infra import relay_polling\n_ = teach.source(relay_polling.CLAIM, language='sql')\n"
+         "_ = teach.source(relay_polling.PollingRelay._relay_batch)"),
+    md("""## Latency: what is measured
+Each outbox insert is logged with the inserting transaction's `clock_timestamp()` (`infra.event_log`); the lab's
+tap is a private queue bound to every event. So the figure is **INSERT's clock_timestamp → the tap received it**:
+it includes the rest of the writing transaction, the relay's wait, the publish and the broker's delivery to the
+tap — not "commit → broker"."""),
+    code("teach.predict('Which relay has the lower median latency here?', ['polling', 'cdc', 'about the same'], "
+         "'latency', PREDICTIONS)"),
     code("mark = len(lab.tap.events)\nlab.run_orders(ORDERS, [IPHONE, KINDLE])\nlab.wait_quiet()\n"
          "latency['polling'] = sc.publish_latency(lab, since=mark)\nlatency['polling'].latency_ms.describe()"),
-    md("""## A crash right after publishing
-`relay.after_publish` kills the server after the broker took the batch but before the outbox rows were
-deleted. The supervisor restarts it; the new relay publishes the same rows again. Count the duplicates
-the inboxes absorbed — and check the order still completed exactly once."""),
-    code("before = sc.inbox_duplicates(lab)\nlab.arm('relay.after_publish', 1.0, max=1)\n"
-         "crashed_order = lab.checkout({KINDLE: 1}, wait=False)\nlab.wait_up()\nlab.disarm('relay.after_publish')\n"
-         "crashed_order = lab.client.wait_settled(crashed_order['orderId'])\n"
-         "after = sc.inbox_duplicates(lab)\n{'restarts': lab.restarts, 'order': crashed_order['displayStatus'], "
-         "'duplicatesAbsorbed': {m: after[m] - before.get(m, 0) for m in after}}"),
-    md("""## What a lost message looks like
-The outbox makes a *lost publish* impossible, but a message can still vanish after the broker: here
-`consumer.lose` acks one `order.queue` message without handling it. The order stalls — its sequence chart
+    code("from pulse.lab.lab import cdc_available\nif cdc_available():\n    lab.switch(outbox_mode='cdc')\n"
+         "    mark = len(lab.tap.events)\n    lab.run_orders(ORDERS, [IPHONE, KINDLE])\n    lab.wait_quiet()\n"
+         "    latency['cdc'] = sc.publish_latency(lab, since=mark)\n    lab.switch(outbox_mode='polling')\n"
+         "else:\n    print('This checkout has no CDC relay.')"),
+    code("table = pd.DataFrame({mode: df.latency_ms.quantile([0.5, 0.9, 0.99]) for mode, df in latency.items()})\n"
+         "table.index = ['p50 ms', 'p90 ms', 'p99 ms']\ntable"),
+    code("sc.show_bars({m: float(df.latency_ms.quantile(0.5)) for m, df in latency.items()}, "
+         "'outbox INSERT → tap, median (ms)', ylabel='ms')\n"
+         "p50 = {m: float(df.latency_ms.quantile(0.5)) for m, df in latency.items()}\n"
+         "teach.reveal('latency', 'about the same' if len(p50) < 2 or abs(p50['polling'] - p50['cdc']) < 0.2 * max(p50.values()) "
+         "else min(p50, key=p50.get))"),
+    md("""## Confirms: a crash right after publishing, with and without them
+`relay.after_publish` kills the server right after its relay handed a batch to the broker. With confirms the
+rows are deleted only after the broker confirmed them, so the restarted relay publishes them again: duplicates,
+which the inboxes absorb. The `publish-no-confirm` switch deletes the rows first and writes to the socket
+after — the crash then loses whatever had not left the process. A lost publish is not impossible: it is what
+confirms (and `mandatory`, for a message no queue would take) are there to prevent."""),
+    code("teach.predict('Without confirms, after the crash, does the checker find every event delivered?', "
+         "['yes', 'no, events were lost'], 'confirms', PREDICTIONS)"),
+    code("confirms = lab.demonstrate('publisher-confirms', 'publish-no-confirm', sc.relay_crash,\n"
+         "                           says='{crashes} crash(es)')\nteach.show(confirms, ['crashes', 'completed'])"),
+    code("teach.reveal('confirms', 'no, events were lost' if 'delivery' in confirms['off']['violations'] else 'yes')"),
+    md("""## What a lost message after the broker looks like
+Here `consumer.lose` acks one `order.queue` message without handling it. The order stalls — its sequence chart
 has a hop missing — until the saga watchdog notices the silence and re-drives the missing step from the
 database (after `WATCHDOG_DEADLINE_S`)."""),
     code("lab.arm('consumer.lose', 1.0, queue='order.queue', max=1)\nlost = lab.checkout({IPHONE: 1}, wait=False)\n"
@@ -204,54 +310,70 @@ database (after `WATCHDOG_DEADLINE_S`)."""),
          "stalled['status']"),
     code("lost = lab.client.wait_settled(lost['orderId'], timeout_s=60)\n"
          "lost_timeline = sc.show_sequence(lab, lost['orderId'], 'one event lost, then re-driven')\nlost['displayStatus']"),
-    md("## CDC: the same load read from the WAL"),
-    code("from pulse.lab.lab import cdc_available\nif cdc_available():\n    lab.switch(outbox_mode='cdc')\n"
-         "    mark = len(lab.tap.events)\n    lab.run_orders(ORDERS, [IPHONE, KINDLE])\n    lab.wait_quiet()\n"
-         "    latency['cdc'] = sc.publish_latency(lab, since=mark)\nelse:\n    print('This checkout has no CDC relay.')"),
-    code("table = pd.DataFrame({mode: df.latency_ms.quantile([0.5, 0.9, 0.99]) for mode, df in latency.items()})\n"
-         "table.index = ['p50 ms', 'p90 ms', 'p99 ms']\ntable"),
-    code("sc.show_bars({m: float(df.latency_ms.quantile(0.99)) for m, df in latency.items()}, "
-         "'commit → broker p99 (ms)', ylabel='ms')"),
-    *finish("03_outbox_polling_vs_cdc", """
-- Both relays moved every event; their commit → broker latencies differ (table above).
-- A crash after publishing produced **duplicates**, which the inboxes absorbed: the order completed once.
-- A message lost after the broker stalled one order until the watchdog re-drove it from the database.""",
+    *finish("03_outbox_polling_vs_cdc", """[
+    "Median INSERT → tap latency: " + ", ".join(f"{m} {v:.1f} ms" for m, v in p50.items()) + ".",
+    f"A message lost after the broker left the order {stalled['status']} until the watchdog re-drove it; it ended {lost['displayStatus']}."]""",
             '{"latencyP99Ms": {m: round(float(df.latency_ms.quantile(0.99)), 2) for m, df in latency.items()}, '
             '"events": {m: len(df) for m, df in latency.items()}, "restarts": lab.restarts, '
-            '"crashedOrder": crashed_order["displayStatus"], "lostOrderStalled": stalled["status"], '
-            '"lostOrder": lost["displayStatus"]}'),
+            '"crashedOrder": "COMPLETED" if confirms["on"]["completed"] else "NOT COMPLETED", '
+            '"lostOrderStalled": stalled["status"], "lostOrder": lost["displayStatus"]}'),
 ]
 
+
 NB04 = [
-    md("""# 04 · Compensation: declined cards and out-of-stock, charted live
+    md("""# 04 · Compensation, step by step and live, and the state guards that keep it done
 A saga has no rollback; each failure is undone by a **compensating** step.
 Optimistic: a declined card → `PAYMENT_FAILED` → inventory **restocks**. Post-payment: out of stock after the
-charge → `STOCK_FAILED` → payment **refunds**. Watch both counters climb in the dashboard."""),
-    params("ORDERS = 40\nDECLINE_RATE = 0.3\nSCARCE_STOCK = 3"),
+charge → `STOCK_FAILED` → payment **refunds**."""),
+    goals("walk a declined order through its compensation and name the rows each step changed",
+          "explain why a post-payment order that cannot be reserved is refunded",
+          "show why an order's state machine must refuse a late event once the order has failed"),
+    gparams("ORDERS = 40\nDECLINE_RATE = 0.3\nSCARCE_STOCK = 3"),
     code("if SMALL:\n    ORDERS = 12"),
     code(IMPORTS),
-    code("lab = Lab(strategy='optimistic', outbox_mode=OUTBOX_MODE, decline_rate=DECLINE_RATE).start()\n"
-         "dash = lab.dashboard()\ndash.show()"),
-    md("## Optimistic with a declining card provider\nEvery declined payment must give its reserved units back."),
-    code("lab.run_orders(ORDERS, [IPHONE, AIRPODS, KINDLE])\nlab.wait_quiet()\nlab.q.compensation_totals()"),
-    md("""## Post-payment with a scarce product
-Carts release their Redis hold when the order is created, so more orders than units can reach the charge.
-The surplus is charged, fails to reserve, and is **refunded**. One more order loses its unit to the warehouse
-(damaged stock) after it was charged — a refund every time."""),
+    code("lab = Lab(strategy='optimistic', outbox_mode=OUTBOX_MODE).start()"),
+    md("""## A declined card, one delivery at a time
+Deliveries are held (`lab.hold()`); `payment.decline` declines the next charge."""),
+    code("teach.predict('The card is declined after inventory reserved the unit. Which module acts on PAYMENT_FAILED '\n"
+         "              'and changes a row?', ['inventory', 'payment', 'nobody'], 'restock', PREDICTIONS)"),
+    code("stepper = lab.hold()\nlab.arm('payment.decline', 1.0, max=1)\ndeclined = lab.checkout({KINDLE: 1}, wait=False)\n"
+         "walk = stepper.run()\nlab.disarm('payment.decline')\nlab.release()   # relay and consumers back"),
+    code("restock = next(s for s in walk if s['event'] == 'PAYMENT_FAILED' and s['acted'] and s['module'] != 'orders' "
+         "and s['changes'])\nteach.reveal('restock', restock['module'])\npd.DataFrame(restock['changes'])"),
+    md("## Live: a declining card provider, then post-payment with a scarce product"),
+    code("live_since = lab.now()\nlab.switch(decline_rate=DECLINE_RATE)\nlab.run_orders(ORDERS, [IPHONE, AIRPODS, KINDLE])\nlab.wait_quiet()\n"
+         "compensations = lab.q.compensation_totals()\ncompensations"),
+    md("""With post-payment the charge comes first. The cart's hold stays until inventory decides (notebook 02), so
+only as many carts as units reach checkout; one order loses its unit to the warehouse (damaged stock) after the
+charge — it must be refunded."""),
     code("lab.switch(strategy='post-payment', decline_rate=0.0)\nscarce = lab.new_product(stock=SCARCE_STOCK, name='Limited edition')\n"
          "lab.run_orders(max(ORDERS // 2, 2 * SCARCE_STOCK), [scarce], concurrency=4)\nlab.wait_quiet()"),
-    md("Every invariant should hold: no stock lost, every charge either completed an order or was refunded."),
-    code("checks = pd.DataFrame(lab.check())\nchecks[['name', 'ok', 'detail']]"),
     code("damaged = lab.new_product(stock=1, name='Last unit')\nuser = lab.client.new_user()\nlab.client.add_item(user, damaged, 1)\n"
          "lab.execute('UPDATE inventory.inventory_items SET available_quantity = 0, version = version + 1, '\n"
          "            'updated_at = now() WHERE product_id = %s', (damaged,))   # the warehouse finds it broken\n"
          "refunded = lab.client.wait_settled(lab.client.checkout(user)['orderId'])\nrefunded['displayStatus']"),
-    code("summary = dash.render()"),
-
-    *finish("04_compensation_live", """
-- Declined payments were followed by restocks (`inventory.reservations` → RELEASED): no units leaked.
-- Post-payment orders that could not be reserved were refunded (`payment.payments` → REFUNDED).
-- The money invariant held: what was charged and not refunded equals the totals of completed orders.""",
+    md("Every invariant should hold for this live run (its time, its products): no stock lost, every charge "
+       "either completed an order or was refunded."),
+    code("checks = pd.DataFrame(lab.check(since=live_since, products=[IPHONE, AIRPODS, KINDLE, scarce]))\n"
+         "checks[['name', 'ok', 'detail']]"),
+    code("summary = {'compensations': lab.q.compensation_totals(), 'outcomes': lab.q.outcome_totals()}\nsummary"),
+    md("""## The state guards
+The order's state machine moves each sub-status **forward only**, and a terminal order never changes again.
+This is the rule, as the orders module runs it:"""),
+    code("from pulse.orders import model\n_ = teach.source(model.apply_event)"),
+    md("""`unguarded-state` drops the guard. The scenario declines an order (held deliveries, as above), lets it fail
+and compensate, then delivers its first decision, `STOCK_RESERVED`, once more — late, as a watchdog that took a
+slow event for a lost one would re-announce it."""),
+    code("teach.predict('Without the guard, what does the late STOCK_RESERVED do to the FAILED order?', "
+         "['nothing', 'it moves the order away from its settled state'], 'guard', PREDICTIONS)"),
+    code("lab.switch(strategy='optimistic', decline_rate=0.0)\nguards = lab.demonstrate('state-guards', 'unguarded-state', sc.late_event,\n"
+         "                         says='the order went from {statusBefore} to {statusAfter} (inventory {inventoryAfter})')\n"
+         "lab.release()\nteach.show(guards, ['stillFailed', 'lateEvents'])"),
+    code("teach.reveal('guard', 'nothing' if guards['off']['stillFailed'] else 'it moves the order away from its settled state')"),
+    *finish("04_compensation_live", """[
+    f"The declined order's PAYMENT_FAILED made {restock['module']} change: " + ", ".join(f"{c['what']} {c['before']}→{c['after']}" for c in restock['changes'][:4]) + ".",
+    f"Under load: {summary['compensations']['restocks']} restock(s) after declined cards, {summary['compensations']['refunds']} refund(s) after out-of-stock.",
+    f"The damaged-unit order ended {refunded['displayStatus']}."]""",
             '{"compensations": summary["compensations"], "outcomes": summary["outcomes"], '
             '"refundedOrder": refunded["displayStatus"], '
             '"violations": [c["name"] for c in checks.to_dict("records") if not c["ok"]]}'),
@@ -260,8 +382,11 @@ The surplus is charged, fails to reserve, and is **refunded**. One more order lo
 NB05 = [
     md("""# 05 · Crash between Redis and the DB, lost events, a Redis flush — and reconciliation
 Redis and PostgreSQL are two systems with no shared transaction. Three ways they drift apart, each charted,
-and the **reconciler** that repairs Redis from PostgreSQL (the truth)."""),
-    params("COOLDOWN_S = 10\nORDERS = 20"),
+and the **reconciler** that repairs Redis from PostgreSQL (the truth) — with a cooldown, and why it needs one."""),
+    goals("name three ways Redis and PostgreSQL drift apart",
+          "explain the reconciler's cooldown window and what a full scan without it destroys",
+          "read a drift chart before and after a reconciliation pass"),
+    gparams("COOLDOWN_S = 10\nORDERS = 20"),
     code("if SMALL:\n    COOLDOWN_S, ORDERS = 6, 6"),
     code(IMPORTS),
     code("lab = Lab(strategy=STRATEGY, outbox_mode=OUTBOX_MODE).start()\nproduct = lab.new_product(stock=50, name='Drift demo')\n"
@@ -272,21 +397,32 @@ Redis now holds a reservation nobody will ever order or release."""),
     code("lab.arm('cart.after_redis', 1.0, max=1)\nghost = lab.client.new_user()\ntry:\n    lab.client.add_item(ghost, product, 2)\n"
          "except Exception as exc:\n    print('the server died mid-request:', type(exc).__name__)\nlab.wait_up()\n"
          "sc.show_drift(lab, [product], 'after the crash')"),
-    md(f"""## The cooldown window
+    md("""## The cooldown window
 The reconciler does not touch rows changed in the last `COOLDOWN_S` seconds: a request in flight has
 already written Redis but not yet committed PostgreSQL, and "repairing" it would undo a correct reservation.
-So a pass right now leaves the fresh ghost cart alone (it is inside the window); once the cooldown has passed,
-the next pass sees it and removes it."""),
+This is how a pass chooses its window:"""),
+    code("from pulse.reconcile.service import Reconciler\n_ = teach.source(Reconciler.run_once)"),
+    code("teach.predict('A pass right now, inside the cooldown: does it remove the ghost reservation?', "
+         "['yes', 'no, not yet'], 'cooldown', PREDICTIONS)"),
     code("fixes['crash-within-cooldown'] = lab.reconcile_now(cooldown_s=COOLDOWN_S)\nlab.disarm('cart.after_redis')\n"
+         "teach.reveal('cooldown', 'yes' if fixes['crash-within-cooldown']['reserved'] else 'no, not yet')\n"
          "{k: fixes['crash-within-cooldown'][k] for k in ('reserved', 'carts', 'deferred', 'windowTo')}"),
     code("time.sleep(COOLDOWN_S + 0.5)\nfixes['crash-after-cooldown'] = lab.reconcile_now(cooldown_s=COOLDOWN_S)\n"
          "sc.show_drift(lab, [product], 'after reconciliation')"),
+    md("""## Without the cooldown
+`reconcile-full-scan` rewrites every key from a database snapshot, cooldown or not. The scenario slows one cart
+add between its Redis reservation and its database row, runs a pass in that moment, then lets two more
+shoppers add the same product (2 in stock)."""),
+    code("teach.predict('Full scan during an add in flight: how many carts end up holding the 2 units?', "
+         "['2', '3'], 'full-scan', PREDICTIONS)"),
+    code("scan = lab.demonstrate('reconcile-cooldown', 'reconcile-full-scan', sc.reconcile_in_flight,\n"
+         "                       says='{accepted} carts accepted for {stock} units')\nteach.show(scan, ['accepted', 'stock'])"),
+    code("teach.reveal('full-scan', str(scan['off']['accepted']))"),
     md("""## 2 · Lost events
 First some ordinary orders: each one's `STOCK_RESERVED` also reaches `redis-stock.queue`, which refreshes
 `stock:` from the database. Then `consumer.lose` acks the next two `redis-stock.queue` messages without
 handling them — one order's `ORDER_CREATED` and `STOCK_RESERVED`. The order itself completes, but Redis
-still promises the units PostgreSQL has handed out (`stock:` too high), and the cart is not cleared
-(the saga watchdog re-drives that later; the reconciler sees DB and Redis agree on the cart)."""),
+still promises the units PostgreSQL has handed out (`stock:` too high)."""),
     code("lab.run_orders(ORDERS, [product])\nlab.wait_quiet()\n"
          "lab.arm('consumer.lose', 1.0, queue='redis-stock.queue', max=2)\n"
          "lost_order = lab.checkout({product: 3})\nlab.disarm('consumer.lose')\n"
@@ -298,12 +434,10 @@ reconciler's marker, so the next pass knows it must cover everything, not just t
     code("user = lab.client.new_user()\nlab.client.add_item(user, product, 1)\nflushed = lab.flush_redis()\n"
          "lab.q.drift_summary([product])"),
     code("fixes['flush'] = lab.reconcile_now(cooldown_s=0)\n{k: fixes['flush'][k] for k in ('full', 'stock', 'reserved', 'carts', 'cleanupQueue')}"),
-    code("dash = lab.dashboard(products=[product, IPHONE, KINDLE])\nsummary = dash.render()"),
-    *finish("05_crash_lost_events_flush", """
-- A crash between Redis and PostgreSQL left a ghost reservation; the first pass left it alone (inside the
-  cooldown window), the pass after the cooldown removed it.
-- Lost `redis-stock` events left a stale `stock:` value (Redis promised sold units); one pass repaired it.
-- A flushed Redis lost every key and the reconciler's marker, so the next pass was a full one and rebuilt it all.""",
+    *finish("05_crash_lost_events_flush", """[
+    f"After the crash, a pass inside the cooldown fixed {fixes['crash-within-cooldown']['reserved']} reserved key(s); the pass after it fixed {fixes['crash-after-cooldown']['reserved']} reserved and {fixes['crash-after-cooldown']['carts']} cart key(s).",
+    f"Lost redis-stock events left stock: {int(lost_drift.stock_drift.fillna(0).abs().sum())} unit(s) off; one pass fixed {fixes['lost-events']['stock']} stock key(s).",
+    f"A flush removed {flushed} keys; the next pass was {'a full one' if fixes['flush']['full'] else 'not full'} and rebuilt {fixes['flush']['stock']} stock key(s)."]""",
             '{"fixes": {k: {f: v[f] for f in ("stock", "reserved", "carts", "cleanupQueue", "deferred", "full")} '
             'for k, v in fixes.items()}, "lostDrift": int(lost_drift.stock_drift.fillna(0).abs().sum()), '
             '"lostOrder": lost_order["displayStatus"], "flushedKeys": flushed, '
@@ -313,55 +447,92 @@ reconciler's marker, so the next pass knows it must cover everything, not just t
 NB06 = [
     md("""# 06 · Idempotency and duplicate submits
 A shopper double-clicks "Buy", a mobile client retries after a timeout. With one **idempotency key**, any number
-of submits create one order: a Redis `lock:{key}` (SETNX, 10 s) turns concurrent duplicates away with 409, and the
+of submits create one order: a Redis `lock:{key}` turns concurrent duplicates away with 409, and the
 idempotency record, committed with the order, answers every later retry with the first response."""),
-    params("SUBMITS = 12"),
+    goals("explain how one idempotency key turns many submits into one order",
+          "explain why a lock must be released only by its owner, and show what happens otherwise",
+          "tell a 409 (retry later) from a stored 200 (the first answer again)"),
+    gparams("SUBMITS = 12"),
+    code("if SMALL:\n    SUBMITS = 6"),
     code(IMPORTS),
     code("lab = Lab(strategy=STRATEGY, outbox_mode=OUTBOX_MODE).start()"),
-    md("## Twelve submits at once, one key"),
-    code("same = sc.duplicate_submits(lab, KINDLE, SUBMITS, same_key=True)\n{k: same[k] for k in ('answers', 'distinctOrders', 'ordersInDb')}"),
+    md("## Submits at once, one key"),
+    code("teach.predict(f'{SUBMITS} submits of one cart at the same moment, one key: how many orders?', "
+         "['1', f'{SUBMITS}', 'somewhere between'], 'same-key', PREDICTIONS)"),
+    code("same = sc.duplicate_submits(lab, KINDLE, SUBMITS, same_key=True)\n"
+         "teach.reveal('same-key', '1' if same['ordersInDb'] == 1 else f'{SUBMITS}' if same['ordersInDb'] == SUBMITS else 'somewhere between')\n"
+         "{k: same[k] for k in ('answers', 'distinctOrders', 'ordersInDb')}"),
     md("## A retry later returns the stored response"),
     code("key = 'retry-' + lab.client.new_user()\nuser = lab.client.new_user()\nlab.client.add_item(user, KINDLE, 1)\n"
          "first = lab.client.checkout(user, key)\nlab.client.wait_settled(first['orderId'])\nagain = lab.client.checkout(user, key)\n"
          "(first['orderId'] == again['orderId'], again)"),
+    md("""## The lock and its owner
+The lock is `SET lock:{key} <token> NX EX ttl`; the request that took it releases it with this script, which
+deletes the key only if it still holds *its own* token — after a slow request's lock expired, another request
+may own it now:"""),
+    code("_ = teach.lua('release_lock')"),
+    md("""`lock-no-owner` deletes the key without looking. The scenario: the lock lives 1 s; order creation is slowed
+to 1.2 s (and fails, three times, so the submits keep retrying); three submits of one key arrive together.
+`idempotency-lock-exclusive` checks, from the trace of each slow creation, that no request entered while an
+earlier one still held the lock."""),
+    code("teach.predict('Without the owner check, can two submits of one key be inside order creation at once?', "
+         "['no', 'yes'], 'owner', PREDICTIONS)"),
+    code("owner = lab.demonstrate('idempotency-lock', 'lock-no-owner', sc.triple_click,\n"
+         "                        says='{submits} submits made {ordersCreated} order(s)')\nteach.show(owner, ['submits', 'ordersCreated'])"),
+    code("teach.reveal('owner', 'yes' if 'idempotency-lock-exclusive' in owner['off']['violations'] else 'no')"),
     md("## Without a shared key\nEach submit is a new request: whatever the cart still holds when it arrives becomes another order."),
     code("fresh = sc.duplicate_submits(lab, KINDLE, SUBMITS, same_key=False)\n{k: fresh[k] for k in ('answers', 'distinctOrders', 'ordersInDb')}"),
     code("sc.show_bars({'one key': same['ordersInDb'], 'new key each': fresh['ordersInDb']}, "
          "f'Orders created by {SUBMITS} submits of one cart', ylabel='orders')"),
-    *finish("06_idempotency_duplicate_submits", """
-- With one key, concurrent submits got 200 (the same order) or 409 (retry later); one order was created.
-- A later retry returned the stored response without creating anything.
-- Without a shared key, duplicates can become several orders: the key is the client's promise, keep it.""",
+    *finish("06_idempotency_duplicate_submits", """[
+    f"One key, {SUBMITS} submits at once: answers {same['answers']}, {same['ordersInDb']} order(s) in the database.",
+    f"A later retry returned {'the same order' if first['orderId'] == again['orderId'] else 'another order'}.",
+    f"A new key per submit: {fresh['ordersInDb']} order(s)."]""",
             '{"sameKey": {k: same[k] for k in ("answers", "distinctOrders", "ordersInDb")}, '
             '"retrySameOrder": first["orderId"] == again["orderId"], "freshKeysOrders": fresh["ordersInDb"]}'),
 ]
 
 NB07 = [
-    md("""# 07 · Load, competing consumers and throughput
+    md("""# 07 · Load, competing consumers, at-least-once delivery and the inbox
 Drive steady load through the API, then give every queue more consumers (competing consumers share one
-queue: each message goes to exactly one of them) and compare throughput and relay lag."""),
-    params("RATE = 20.0\nDURATION_S = 10\nCONSUMERS = [1, 2]"),
+queue) and compare throughput. RabbitMQ delivers **at least once**: a message normally reaches one consumer of
+its queue, but one whose consumer died before acking is delivered again — so every handler must absorb a
+duplicate."""),
+    goals("measure completed checkouts per second for one and several consumers per queue",
+          "explain why delivery is at-least-once, not exactly-once",
+          "show what the inbox table prevents when a message is delivered twice"),
+    gparams("RATE = 20.0\nDURATION_S = 10\nCONSUMERS = [1, 2]"),
     code("if SMALL:\n    RATE, DURATION_S = 8.0, 3"),
     code(IMPORTS),
     code("from pulse.lab.load import LoadDriver\nlab = Lab(strategy=STRATEGY, outbox_mode=OUTBOX_MODE).start()\n"
          "products = [lab.new_product(stock=100_000, name=f'Bulk {i}') for i in range(4)]\nruns = {}"),
-    code("dash = lab.dashboard(products=products)\ndash.show()"),
+    code("teach.predict('Doubling the consumers per queue at a rate the system keeps up with: completed/s...', "
+         "['roughly doubles', 'stays about the same'], 'consumers', PREDICTIONS)"),
     code("for n in CONSUMERS:\n    lab.switch(consumer_threads=n)\n    before = lab.q.outcome_totals().get('COMPLETED', 0)\n"
          "    load = LoadDriver(lambda: lab.url, products, rate=RATE).start()\n    started = time.monotonic()\n"
          "    time.sleep(DURATION_S)\n    counts = load.stop()\n    lab.wait_quiet()\n    elapsed = time.monotonic() - started\n"
          "    done = lab.q.outcome_totals().get('COMPLETED', 0) - before\n"
          "    runs[n] = {'placed': counts['placed'], 'completed': done, 'completedPerS': round(done / elapsed, 2)}\npd.DataFrame(runs).T"),
     code("sc.show_bars({f'{n} consumer(s)': r['completedPerS'] for n, r in runs.items()}, "
-         "'Completed checkouts per second', ylabel='orders/s')"),
-    code("summary = dash.render()"),
-    md("Try it live: set the dashboard's *orders/s* slider higher and watch the relay-lag panel. "
-       "Where does the system stop keeping up on this machine?"),
-    *finish("07_load_and_throughput", """
-- At a rate the system keeps up with, completed/s follows the offered rate, whatever the consumer count.
-- More consumers per queue help once handlers are the bottleneck (several in flight per queue);
-  the relay-lag panel shows when the outbox, not the consumers, is what falls behind.""",
-            '{"runs": {str(k): v for k, v in runs.items()}, "summary": summary}'),
+         "'Completed checkouts per second', ylabel='orders/s')\n"
+         "rates = [r['completedPerS'] for r in runs.values()]\n"
+         "teach.reveal('consumers', 'roughly doubles' if rates[-1] > 1.6 * rates[0] else 'stays about the same')"),
+    md("""## Delivered twice: the inbox
+Every handler claims the event's id in its module's inbox table **in the same transaction** as its effect:"""),
+    code("from pulse.infra import inbox\n_ = teach.source(inbox.claim)"),
+    md("""`no-inbox` skips the claim. The scenario holds deliveries, hands one order's `ORDER_CREATED` to inventory,
+and then hands it over again — what the broker does when a consumer died after its commit and before its ack."""),
+    code("teach.predict('Without the inbox, inventory receives ORDER_CREATED for 2 units twice. How many units leave stock?', "
+         "['2', '4'], 'inbox', PREDICTIONS)"),
+    code("twice = lab.demonstrate('inbox', 'no-inbox', sc.redelivery,\n"
+         "                        says='{unitsTaken} units taken for an order of {ordered}')\nlab.release()\n"
+         "teach.show(twice, ['unitsTaken', 'ordered'])"),
+    code("teach.reveal('inbox', str(twice['off']['unitsTaken']))"),
+    *finish("07_load_and_throughput", """[
+    "Completed per second: " + ", ".join(f"{n} consumer(s) {r['completedPerS']}" for n, r in runs.items()) + f" at an offered {RATE}/s."]""",
+            '{"runs": {str(k): v for k, v in runs.items()}}'),
 ]
+
 
 REGRESSION = [
     md("""# Checkout regression campaign

@@ -108,3 +108,18 @@ def project_checks(lab) -> list[dict]:
                     "detail": str(d.get("details", d.get("detail", ""))),
                     "offenders": [str(o) for o in d.get("offending", d.get("offenders", []))][:20]})
     return out
+
+
+def scoped(lab, scope=None, *, since=None, products: list[str] | None = None) -> list[dict]:
+    """The project checker's invariants (:func:`pulse.check.invariants.check_all`) for one scenario's scope:
+    orders and events since ``since``, products ``products`` (or an explicit ``scope``), under their own names.
+
+    It reconciles Redis first (a full pass, every naive switch off), as ``pulse check`` does, so
+    ``redis-matches-db`` judges what reconciliation could not repair.
+    """
+    from pulse.check import invariants
+
+    scope = scope or invariants.Scope(since=since, products=[str(p) for p in products] if products else None)
+    report = invariants.check_all(lab.settings, scope)
+    return [{"name": r.name, "ok": bool(r.passed), "detail": r.details,
+             "offenders": [str(o) for o in r.offending[:20]]} for r in report["results"]]

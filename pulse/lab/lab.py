@@ -83,6 +83,9 @@ class Lab:
         self._dashboards: list = []
         self._past_restarts = 0
         self._atexit = False
+        self._serve_args: tuple = ()  # ("--role", "api") while deliveries are held (see hold)
+        self._stepper = None
+        self.demonstrations: list[dict] = []  # what demonstrate() showed, for the notebook's record
 
     # ----- life cycle -------------------------------------------------------------------------------
 
@@ -95,6 +98,11 @@ class Lab:
     @property
     def running(self) -> bool:
         return self.supervisor is not None
+
+    @property
+    def held(self) -> bool:
+        """True while deliveries are held: the server runs only its API, :meth:`step` delivers the events."""
+        return bool(self._serve_args)
 
     @property
     def restarts(self) -> int:
@@ -155,7 +163,7 @@ class Lab:
 
         def make(port):
             return ServeProcess(strategy=s.strategy, outbox_mode=s.outbox_mode, port=port, env=env,
-                                log_path=self.log_dir / name)
+                                log_path=self.log_dir / name, args=self._serve_args)
 
         self.supervisor = Supervisor(make).start(port)
         self.client = PulseClient(self.supervisor.url)
@@ -169,6 +177,10 @@ class Lab:
         self.client.close()
         if changes:
             self.settings = self.settings.replace(**changes)
+            if self._system is not None:  # the in-kernel system must follow the new settings too
+                self._close_stepper()
+                self._system.close()
+                self._system = None
         self._start_child(port)
         return self
 
@@ -202,6 +214,8 @@ class Lab:
         """Stop dashboards, the tap, the child and every connection the lab opened; safe to call again."""
         for dashboard in self._dashboards:
             dashboard.stop()
+        self._close_stepper()
+        self._serve_args = ()
         if self.tap is not None:
             self.tap.stop()
             self.tap = None
@@ -438,11 +452,69 @@ class Lab:
         self._dashboards.append(dashboard)
         return dashboard
 
-    def check(self, initial_stock: dict[str, int] | None = None) -> list[dict]:
-        """Run the invariants (see :mod:`pulse.lab.checks`); returns one dict per invariant."""
+    def check(self, initial_stock: dict[str, int] | None = None, *, since=None, products: list[str] | None = None,
+              scope=None) -> list[dict]:
+        """Run the invariants; returns one dict per invariant: ``{"name", "ok", "detail", "offenders"}``.
+
+        With ``since`` (a moment, e.g. :meth:`now` before a scenario), ``products`` or a
+        :class:`pulse.check.invariants.Scope`, only the project checker's invariants (:mod:`pulse.check.invariants`)
+        run, limited to those orders and products, under their own names (``no-oversell``, ``cart-promise-kept``,
+        ``delivery``...): the report of one scenario, even in a database that holds deliberately broken ones.
+        Without a scope, the lab's whole-database checks run too (see :mod:`pulse.lab.checks`).
+        """
         from pulse.lab import checks
 
-        return checks.run(self, initial_stock)
+        if scope is None and since is None and products is None:
+            return checks.run(self, initial_stock)
+        return checks.scoped(self, scope, since=since, products=products)
+
+    def now(self):
+        """The database's clock now (a scenario's start, for ``check(since=...)``)."""
+        return self.execute("SELECT clock_timestamp() AS t")[0]["t"]
+
+    def demonstrate(self, pattern: str, switch: str, scenario, **options) -> dict:
+        """Run ``scenario`` with the ``switch`` safeguard off, then on, and assert what it teaches
+        (see :func:`pulse.lab.teach.demonstrate`)."""
+        from pulse.lab import teach
+
+        return teach.demonstrate(self, pattern, switch, scenario, **options)
+
+    # ----- the saga stepper -------------------------------------------------------------------------
+
+    def hold(self):
+        """Hold every delivery: the server restarts with its API only (no relay, no consumers, no schedulers),
+        and the returned :class:`pulse.lab.stepper.Stepper` relays and delivers events one at a time."""
+        from pulse.lab.stepper import Stepper
+
+        self._require_running()
+        if not self.held:
+            self._serve_args = ("--role", "api")
+            self.restart()
+        if self._stepper is None:
+            self._stepper = Stepper(self)
+        return self._stepper
+
+    def step(self, queue: str | None = None, event: str | None = None, *, show: bool = True) -> dict | None:
+        """Deliver the next held event (or the next one for ``queue``/``event``) and show what changed;
+        holds deliveries first if they are not held yet. Returns the step (None when nothing waits)."""
+        return self.hold().step(queue, event, show=show)
+
+    def release(self) -> "Lab":
+        """Deliver whatever the stepper still holds, then restart the full server (relay and consumers back)."""
+        if self._stepper is not None:
+            self._stepper.run(show=False)
+        self._close_stepper()
+        if self.held:
+            self._serve_args = ()
+            if self.settings.outbox_mode == "cdc":
+                self._drop_idle_slot()  # the stepper relayed those rows; a cdc relay must not replay them
+            self.restart()
+        return self
+
+    def _close_stepper(self) -> None:
+        if self._stepper is not None:
+            self._stepper.close()
+            self._stepper = None
 
 
 def cdc_available() -> bool:

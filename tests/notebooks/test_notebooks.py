@@ -78,6 +78,44 @@ def run_notebook(serve_env, tmp_path, monkeypatch):
 def test_guided_notebook(run_notebook, path):
     results = run_notebook(path)
     EXPECTATIONS[path.stem](results)
+    if path.stem in DEMONSTRATIONS:
+        _demonstrated(results, DEMONSTRATIONS[path.stem])
+
+
+# The (pattern, naive switch) pairs each guided notebook must have demonstrated, off and on.
+DEMONSTRATIONS = {
+    "02_lua_vs_naive_oversell": {("lua-reservation", "reserve-get-set"), ("cart-promise", "release-on-order-created")},
+    "03_outbox_polling_vs_cdc": {("publisher-confirms", "publish-no-confirm")},
+    "04_compensation_live": {("state-guards", "unguarded-state")},
+    "05_crash_lost_events_flush": {("reconcile-cooldown", "reconcile-full-scan")},
+    "06_idempotency_duplicate_submits": {("idempotency-lock", "lock-no-owner")},
+    "07_load_and_throughput": {("inbox", "no-inbox")},
+}
+
+
+def _demonstrated(results, expected):
+    """The notebook recorded each demonstration: the safeguard-off run broke an invariant the catalogue names
+    for its switch (as reported by the checker), the safeguard-on run broke none."""
+    from pulse import faults_catalogue
+
+    demos = results["demonstrations"]
+    assert {(d["pattern"], d["switch"]) for d in demos} == expected, demos
+    for d in demos:
+        assert d["off"]["violations"], d
+        assert set(d["off"]["violations"]) & set(faults_catalogue.BY_NAME[d["switch"]].caught_by), d
+        assert d["on"]["violations"] == [], d
+
+
+def test_every_naive_switch_of_today_is_demonstrated_in_some_notebook():
+    from pulse import faults_catalogue
+
+    shown = {switch for pairs in DEMONSTRATIONS.values() for _, switch in pairs}
+    missing = {e.name for e in faults_catalogue.entries("naive")} - shown - PENDING_SWITCHES
+    assert not missing, f"naive switches no guided notebook demonstrates: {sorted(missing)}"
+
+
+# Switches another change adds to the catalogue; their demonstrations follow in the notebooks.
+PENDING_SWITCHES = {"cart-expiry", "optimistic-locking", "dead-letter", "watchdog", "compensation"}
 
 
 def _tour(r):
@@ -88,15 +126,15 @@ def _tour(r):
 def _strategies(r):
     assert r["optimistic"] == {"status": "COMPLETED", "strategy": "OPTIMISTIC"}
     assert r["post-payment"] == {"status": "COMPLETED", "strategy": "POST_PAYMENT"}
-    opt, post = r["events"]["optimistic"], r["events"]["post-payment"]
-    assert opt.index("STOCK_RESERVED") < opt.index("PAYMENT_PROCESSED")
-    assert post.index("PAYMENT_PROCESSED") < post.index("STOCK_RESERVED")
+    assert r["events"]["optimistic"] == ["inventory:ORDER_CREATED", "payment:STOCK_RESERVED"]
+    assert r["events"]["post-payment"] == ["payment:ORDER_CREATED", "inventory:PAYMENT_PROCESSED"]
+    lag = r["viewLag"]
+    assert lag["status"] == "COMPLETED" != lag["view"] and lag["caughtUp"] == "COMPLETED", lag
 
 
 def _oversell(r):
-    assert r["luaAccepted"] == r["stock"] == r["luaCompleted"]
-    assert r["naiveAccepted"] > r["stock"], "the naive GET/SET race should oversell under 24 concurrent shoppers"
-    assert r["naiveCompleted"] <= r["stock"]
+    assert r["luaAccepted"] == r["stock"]
+    assert r["naiveAccepted"] > r["stock"], "the naive GET/SET race should oversell under concurrent shoppers"
 
 
 def _outbox(r):

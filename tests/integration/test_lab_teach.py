@@ -1,0 +1,83 @@
+"""The teaching API against this session's private services: every naive switch demonstrated off and on,
+the stepper walking a saga, predictions and the generated summary."""
+
+from __future__ import annotations
+
+import pytest
+
+from pulse.lab import scenarios as sc
+from pulse.lab import teach
+from pulse.lab.lab import IPHONE, Lab
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def lab(serve_env, tmp_path):
+    lab = Lab(strategy="optimistic", outbox_mode="polling", log_dir=tmp_path,
+              env={**serve_env, "PULSE_WATCHDOG_DEADLINE_S": "2", "PULSE_WATCHDOG_INTERVAL_S": "1"}).start(tap=False)
+    yield lab
+    lab.stop()
+
+
+DEMOS = [("lua-reservation", "reserve-get-set", sc.rush),
+         ("cart-promise", "release-on-order-created", sc.promise_window),
+         ("inbox", "no-inbox", sc.redelivery),
+         ("state-guards", "unguarded-state", sc.late_event),
+         ("reconcile-cooldown", "reconcile-full-scan", sc.reconcile_in_flight),
+         ("idempotency-lock", "lock-no-owner", sc.triple_click),
+         ("publisher-confirms", "publish-no-confirm", sc.relay_crash)]
+
+
+@pytest.mark.parametrize("pattern,switch,scenario", DEMOS, ids=[d[1] for d in DEMOS])
+def test_each_switch_is_demonstrated_off_and_on(lab, pattern, switch, scenario):
+    demo = lab.demonstrate(pattern, switch, scenario)
+    assert set(demo["off"]["violations"]) & set(teach.caught_by(switch)), demo
+    assert demo["on"]["violations"] == [], demo
+    assert lab.demonstrations == [demo]
+    text = teach.what_you_saw(lab.demonstrations, display=False)
+    assert pattern in text and demo["off"]["violations"][0] in text
+
+
+def test_a_demonstration_that_does_not_break_fails_with_one_sentence(lab):
+    def harmless(lab):
+        return {"products": [lab.new_product(stock=3)]}
+
+    with pytest.raises(AssertionError, match=r"should have broken no-oversell, but the checker reported nothing\.$"):
+        lab.demonstrate("lua-reservation", "reserve-get-set", harmless)
+
+
+def test_scoped_check_uses_the_checkers_names(lab):
+    since = lab.now()
+    product = lab.new_product(stock=2)
+    lab.checkout({product: 1})
+    report = lab.check(since=since, products=[product])
+    names = {r["name"] for r in report}
+    assert {"no-oversell", "cart-promise-kept", "delivery", "orders-terminal"} <= names
+    assert [r["name"] for r in report if not r["ok"]] == []
+
+
+def test_stepper_walks_a_declined_order_through_its_compensation(lab):
+    stepper = lab.hold()
+    assert lab.held
+    lab.arm("payment.decline", 1.0, max=1)
+    order = lab.checkout({IPHONE: 1}, wait=False)
+    first = lab.step(show=False)
+    assert first["event"] == "ORDER_CREATED" and first["acted"]
+    steps = [first] + stepper.run(show=False)
+    lab.disarm("payment.decline")
+    events = [(s["module"], s["event"]) for s in steps if s["acted"]]
+    assert ("payment", "STOCK_RESERVED") in events and ("inventory", "PAYMENT_FAILED") in events
+    restock = next(s for s in steps if (s["module"], s["event"]) == ("inventory", "PAYMENT_FAILED"))
+    changed = {c["what"]: c for c in restock["changes"]}
+    assert changed["inventory.reservations.status"]["after"] == "RELEASED"
+    assert "STOCK_RELEASED" in restock["emitted"]
+    lab.release()
+    assert not lab.held
+    assert lab.client.order(order["orderId"])["displayStatus"] == "FAILED_PAYMENT"
+
+
+def test_predictions_are_read_from_the_parameter_and_compared():
+    teach.predict("How many carts?", ["3", "more than 3"], "carts", answers={"carts": "3"})
+    result = teach.reveal("carts", "more than 3")
+    assert result == {"key": "carts", "predicted": "3", "actual": "more than 3", "correct": False}
