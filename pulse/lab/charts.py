@@ -184,7 +184,9 @@ def sequence(ax, timeline: pd.DataFrame, title: str = "One order's messages", *,
     ticks = arrows[arrows["kind"].isin(["write"])].drop_duplicates("t0")
     if ticks.empty:
         ticks = arrows.drop_duplicates("t0")
-    ax.set_yticks([rows[t] for t in ticks["t0"]], [f"{t:.3f} s" for t in ticks["t0"]], fontsize=7)
+    labels = [f"{t:.3f} s" for t in ticks["t0"]]
+    labels = [text if i == 0 or text != labels[i - 1] else "" for i, text in enumerate(labels)]  # same ms: once
+    ax.set_yticks([rows[t] for t in ticks["t0"]], labels, fontsize=7)
     ax.set_ylabel("seconds since the order's first event (time flows down)", fontsize=8)
     for a in arrows.itertuples():
         color = EVENT_COLORS.get(a.eventType, "black")
@@ -201,8 +203,10 @@ def sequence(ax, timeline: pd.DataFrame, title: str = "One order's messages", *,
             ax.plot([x0], [y0], "o", color=color, markersize=4, markerfacecolor="white" if a.derived else color)
             ax.text((x0 + x1) / 2, y0 - 0.15, a.label, color=color, fontsize=7, ha="center", va="bottom",
                     fontweight="bold", bbox=dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.8))
-        elif a.label:
-            ax.text(x1 + 0.08, y1, a.label, color=color, fontsize=7, ha="left", va="center", fontweight="bold",
+        elif a.label:  # beyond the arrowhead, away from the line it ends
+            left = x1 < x0
+            ax.text(x1 + (-0.08 if left else 0.08), y1, a.label, color=color, fontsize=7,
+                    ha="right" if left else "left", va="center", fontweight="bold",
                     bbox=dict(facecolor="white", edgecolor=color, pad=1, linewidth=0.6))
 
 
