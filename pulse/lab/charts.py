@@ -331,15 +331,25 @@ def drift_figure(sampler_or_samples, strikes: pd.DataFrame | None = None, passes
 def cumulative(ax, df: pd.DataFrame, title: str, start=None) -> None:
     """Step lines of cumulative counts (one per column) over seconds since ``start``."""
     ax.set_title(title, fontsize=10, loc="left")
-    data = seconds_index(df, start)
+    data = with_zero_start(seconds_index(df, start))
     for column in data.columns:
-        ax.step(data.index, data[column], where="post", label=column, color=COLORS.get(column))
-    if len(data.index) == 1:
-        ax.set_xlim(data.index[0] - 5, data.index[0] + 5)
+        ax.step(data.index, data[column], where="post", label=column, color=COLORS.get(column),
+                marker="o" if len(data) <= 12 else None, markersize=3)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("seconds since the start", fontsize=8)
     ax.legend(fontsize=7, loc="upper left")
     ax.tick_params(labelsize=7)
+
+
+def with_zero_start(data: pd.DataFrame) -> pd.DataFrame:
+    """A cumulative frame (seconds index) starting from a row of zeros at 0 s (or just before its first
+    point when that is earlier), so a single count still draws a step up from nothing."""
+    if data.empty:
+        return data
+    first = float(data.index[0])
+    origin = 0.0 if first > 0 else first - 1.0
+    zero = pd.DataFrame([[0] * len(data.columns)], columns=data.columns, index=pd.Index([origin], name=data.index.name))
+    return pd.concat([zero, data])
 
 
 def drift(ax, df: pd.DataFrame, reconcile_runs: list[dict]) -> None:
@@ -412,10 +422,13 @@ def dashboard_panels(snapshot: dict) -> tuple[list[tuple[str, callable]], list[s
           lambda ax: cumulative(ax, snapshot["compensations"], "Compensations: restocks and refunds (cumulative)",
                                 start), "no compensation (restock or refund) yet")
     d = snapshot["drift"]
-    drifting = not d.empty and bool(((d["stock_drift"].fillna(0) != 0) | (d["reserved_drift"] != 0)
-                                     | d["redis_stock"].isna()).any())
+    # A missing stock: key alone is a cache miss (keys load on first use), not a drift: the drift timeline
+    # shades those spans.
+    drifting = not d.empty and bool(((d["stock_drift"].fillna(0) != 0) | (d["reserved_drift"] != 0)).any())
+    missing = int(d["redis_stock"].isna().sum()) if not d.empty else 0
     panel(drifting, "drift", lambda ax: drift(ax, d, snapshot["reconcile_runs"]),
-          "Redis equals PostgreSQL for every product now")
+          "Redis equals PostgreSQL for every product now"
+          + (f" ({missing} stock: key(s) not loaded in Redis)" if missing else ""))
     panel(bool(snapshot["reconcile_runs"]), "reconcile", lambda ax: reconcile_fixes(ax, snapshot["reconcile_runs"]),
           "no reconciliation run from the lab yet ('Reconcile now')")
     lag = snapshot.get("lag_frame")

@@ -170,7 +170,7 @@ def test_panels_with_data_are_drawn_on_a_seconds_axis():
     ax = fig.subplots()
     shown[0][1](ax)
     xs = ax.lines[0].get_xdata()
-    assert list(xs) == [1.0, 3.0] and "seconds" in ax.get_xlabel()
+    assert list(xs) == [0.0, 1.0, 3.0] and "seconds" in ax.get_xlabel()
 
 
 def test_invariants_panel_lights_up_per_invariant():
@@ -178,3 +178,18 @@ def test_invariants_panel_lights_up_per_invariant():
                             {"name": "cart-promise-kept", "passed": False, "count": 3, "details": "3 broken"}])
     assert "1 broken" in html and "cart-promise-kept ✗ 3" in html and "#2e7d32" in html and "#c62828" in html
     assert "not checked yet" in invariants_html([])
+
+
+def test_a_single_cumulative_count_steps_up_from_zero():
+    data = charts.with_zero_start(pd.DataFrame({"COMPLETED": [1]}, index=pd.Index([2.5], name="s")))
+    assert list(data.index) == [0.0, 2.5] and list(data["COMPLETED"]) == [0, 1]
+    before = charts.with_zero_start(pd.DataFrame({"COMPLETED": [4]}, index=pd.Index([-3.0], name="s")))
+    assert list(before.index) == [-4.0, -3.0]
+
+
+def test_missing_stock_keys_alone_do_not_make_a_drift_panel():
+    d = pd.DataFrame({"name": ["Kindle"], "redis_stock": pd.array([None], dtype="Int64"),
+                      "stock_drift": pd.array([None], dtype="Int64"), "reserved_drift": [0]})
+    shown, notes = charts.dashboard_panels(snapshot(drift=d))
+    assert "drift" not in [n for n, _ in shown]
+    assert any("1 stock: key(s) not loaded" in note for note in notes)
