@@ -8,6 +8,8 @@ CI) records, and what a notebook calls at the end of an experiment.
 
 from __future__ import annotations
 
+import datetime as dt
+import html
 import logging
 import threading
 import time
@@ -21,19 +23,75 @@ from pulse.lab.load import LoadDriver
 log = logging.getLogger(__name__)
 
 
-class Dashboard:
-    """Charts (terminal states, compensations, drift and reconciliation fixes, relay lag, one order's
-    sequence) and controls (strategy, outbox mode, decline rate, naive switches, load rate, fault
-    probabilities, reconcile / sweep / flush / crash buttons) for one :class:`pulse.lab.Lab`."""
+# Invariants cheap enough to run every few seconds while load runs: each is one indexed query over the
+# dashboard's own orders (scope: since it started), none reconciles, none reads the broker. Left out:
+# money-balance and delivery (in-flight orders count against them until they settle), redis-matches-db (it
+# needs a reconciliation pass first), outbox-drained and dlq-explained (a queue is never empty under load).
+# orders-terminal only judges orders untouched for STUCK_AFTER_S, so orders in flight are not reported.
+LIVE_INVARIANTS = ("no_oversell", "stock_conservation", "cart_promise_kept", "effects_once",
+                   "one_charge_per_order", "failed_orders_refunded", "idempotency_lock_exclusive",
+                   "events_routed", "orders_terminal")
+STUCK_AFTER_S = 20.0
 
-    def __init__(self, lab, *, interval_s: float = 2.0, products: list[str] | None = None, bucket_s: float = 1.0):
+
+def live_invariants(database_url: str, since: dt.datetime) -> list[dict]:
+    """Run :data:`LIVE_INVARIANTS` once for orders created since ``since``: ``[{name, passed, count, details}]``.
+
+    These are no-oversell, stock-conservation, cart-promise-kept, effects-once, one-charge-per-order,
+    failed-orders-refunded, idempotency-lock-exclusive, events-routed and orders-terminal (orders untouched
+    for 20 s): each is one query, fast enough to repeat every few seconds while load runs.
+    """
+    from pulse.check import invariants
+    from pulse.infra import db
+
+    scope = invariants.Scope(since=since)
+    out = []
+    with db.connect(database_url, autocommit=True) as conn:
+        for name in LIVE_INVARIANTS:
+            check = getattr(invariants, name)
+            result = check(conn, scope, STUCK_AFTER_S) if name == "orders_terminal" else check(conn, scope)
+            out.append({"name": result.name, "passed": result.passed, "count": len(result.offending),
+                        "details": result.details})
+    return out
+
+
+def invariants_html(results: list[dict], *, checked_at: str = "") -> str:
+    """The invariants panel: one badge per invariant, green when it holds, red with its violation count."""
+    if not results:
+        return "<div class='pulse-invariants'><b>Invariants</b>: not checked yet</div>"
+    badges = []
+    for r in results:
+        color = "#2e7d32" if r["passed"] else "#c62828"
+        text = r["name"] if r["passed"] else f"{r['name']} ✗ {r['count'] or ''}".rstrip()
+        title = html.escape(r["details"], quote=True)
+        badges.append(f"<span title='{title}' style='display:inline-block;margin:2px;padding:2px 8px;"
+                      f"border-radius:10px;background:{color};color:white;font-size:12px'>{html.escape(text)}</span>")
+    broken = sum(not r["passed"] for r in results)
+    head = "all hold" if not broken else f"{broken} broken"
+    when = f" · checked {checked_at}" if checked_at else ""
+    return (f"<div class='pulse-invariants'><b>Invariants ({head}{when})</b><br>" + "".join(badges) + "</div>")
+
+
+class Dashboard:
+    """Charts (terminal states, compensations, drift now and over time, reconciliation fixes, relay lag, one
+    order's sequence diagram), a live invariants panel, and controls (strategy, outbox mode, decline rate,
+    naive switches, load rate, fault probabilities, reconcile / sweep / flush / crash buttons) for one
+    :class:`pulse.lab.Lab`. Times are seconds since the dashboard was created."""
+
+    def __init__(self, lab, *, interval_s: float = 2.0, products: list[str] | None = None, bucket_s: float = 1.0,
+                 invariants_every_s: float = 3.0):
         from pulse.lab.lab import AIRPODS, IPHONE, KINDLE, MACBOOK
+        from pulse.lab.sampler import Sampler
 
         self.lab, self.interval_s, self.bucket_s = lab, interval_s, bucket_s
+        self.invariants_every_s = invariants_every_s
         self.products = products or [IPHONE, AIRPODS, MACBOOK, KINDLE]
-        self.lag_history: list[tuple[float, int, float]] = []
         self.traced_order: str | None = None
         self.load = LoadDriver(lambda: lab.url, self.products, rate=0)
+        self.sampler = Sampler(lab, self.products, interval_ms=500).start()
+        self.started_at = self.sampler.started_at
+        self.last_invariants: list[dict] = []
+        self._checked_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._widgets = None
@@ -55,25 +113,39 @@ class Dashboard:
     def snapshot(self) -> dict:
         """Everything the charts show, read now (DataFrames and lists)."""
         q = self.lab.q
-        lag = q.relay_lag()
-        self.lag_history.append((time.time(), lag["rows"], lag["oldestAgeS"]))
-        del self.lag_history[:-300]
         order = self._traced()
         timeline = self.lab.timeline(order) if order else pd.DataFrame(
             columns=["eventId", "eventType", "stage", "at", "derived"])
-        return {"terminal": q.terminal_over_time(self.bucket_s), "compensations": q.compensations_over_time(self.bucket_s),
+        return {"start": self.started_at, "terminal": q.terminal_over_time(self.bucket_s),
+                "compensations": q.compensations_over_time(self.bucket_s),
                 "drift": q.drift(self.products), "reconcile_runs": list(self.lab.reconcile_runs),
-                "lag_history": list(self.lag_history), "timeline": timeline,
-                "timeline_title": f"Order {order[:8]}…: outbox → broker → inboxes" if order else "One order's messages",
-                "lag": lag, "outcomes": q.outcome_totals(), "compensation_totals": q.compensation_totals(),
+                "lag_frame": self.sampler.lag(), "timeline": timeline,
+                "timeline_title": f"Order {order[:8]}…: module → outbox → broker → modules" if order
+                else "One order's messages",
+                "samples": self.sampler.frame(), "strikes": self.sampler.strikes(), "passes": self.sampler.passes(),
+                "lag": q.relay_lag(), "outcomes": q.outcome_totals(), "compensation_totals": q.compensation_totals(),
                 "drift_summary": q.drift_summary(self.products), "status_counts": q.status_counts()}
+
+    def invariants(self) -> list[dict]:
+        """Run the live invariants now (see :func:`live_invariants`) for orders since the dashboard started."""
+        since = dt.datetime.fromtimestamp(self.started_at, dt.timezone.utc)
+        self.last_invariants = live_invariants(self.lab.settings.database_url, since)
+        self._checked_at = time.time()
+        return self.last_invariants
 
     def summary(self, snap: dict | None = None) -> dict:
         """The numbers behind the charts, fit for :func:`pulse.lab.record`."""
         snap = snap or self.snapshot()
         return {"outcomes": snap["outcomes"], "compensations": snap["compensation_totals"],
                 "drift": snap["drift_summary"], "relayLag": snap["lag"], "restarts": self.lab.restarts,
-                "reconcileRuns": len(snap["reconcile_runs"]), "load": dict(self.load.counts)}
+                "reconcileRuns": len(snap["reconcile_runs"]), "load": dict(self.load.counts),
+                "invariants": {r["name"]: r["count"] for r in self.last_invariants}}
+
+    def figures(self, snap: dict) -> dict:
+        """The dashboard's figures: ``panels``, ``drift`` (over time) and ``sequence``."""
+        return {"panels": charts.dashboard_figure(snap),
+                "drift": charts.drift_figure(snap["samples"], snap["strikes"], snap["passes"]),
+                "sequence": charts.sequence_figure(snap["timeline"], snap["timeline_title"])}
 
     # ----- static output ----------------------------------------------------------------------------
 
@@ -81,11 +153,18 @@ class Dashboard:
         """Draw every chart and table once as static output (works headless); returns :meth:`summary`."""
         from IPython.display import HTML, Image, display
 
+        self.sampler.sample()
         snap = self.snapshot()
-        display(Image(data=charts.png(charts.dashboard_figure(snap))))
+        self.invariants()
+        display(HTML(invariants_html(self.last_invariants, checked_at=self._clock())))
+        for fig in self.figures(snap).values():
+            display(Image(data=charts.png(fig)))
         display(HTML("<b>Orders</b>" + snap["status_counts"].to_html(index=False)))
         display(HTML("<b>Redis vs PostgreSQL</b>" + _drift_table(snap["drift"]).to_html(index=False)))
         return self.summary(snap)
+
+    def _clock(self) -> str:
+        return f"{time.time() - self.started_at:.0f} s"
 
     # ----- live widgets -----------------------------------------------------------------------------
 
@@ -110,13 +189,23 @@ class Dashboard:
             self._stop.wait(self.interval_s)
 
     def refresh(self) -> None:
-        """Redraw the live widgets once (the background thread calls this every ``interval_s``)."""
+        """Redraw the live widgets once (the background thread calls this every ``interval_s``); the
+        invariants panel is re-checked every ``invariants_every_s``."""
         if self._widgets is None or not self.lab.running:
             return
+        w = self._widgets
+        try:
+            if time.time() - self._checked_at >= self.invariants_every_s:
+                self.invariants()
+                w["invariants"].value = invariants_html(self.last_invariants, checked_at=self._clock())
+        except Exception as exc:  # the server restarting under a switch: the panel keeps its last colours
+            self.errors.append(f"invariants: {type(exc).__name__}: {exc}")
+            log.debug("invariants refresh failed", exc_info=True)
         try:
             snap = self.snapshot()
-            w = self._widgets
-            w["chart"].value = charts.png(charts.dashboard_figure(snap))
+            figures = self.figures(snap)
+            for name in ("panels", "drift", "sequence"):
+                w[name].value = charts.png(figures[name])
             w["tables"].value = ("<b>Orders</b>" + snap["status_counts"].to_html(index=False)
                                  + "<b>Redis vs PostgreSQL</b>" + _drift_table(snap["drift"]).to_html(index=False))
             w["status"].value = self._status_text()
@@ -131,9 +220,10 @@ class Dashboard:
                 f"naive: {', '.join(sorted(s.naive)) or 'none'} · restarts {self.lab.restarts} · load: {load}")
 
     def stop(self) -> None:
-        """Stop redrawing and stop the load; safe to call twice."""
+        """Stop redrawing, sampling and the load; safe to call twice."""
         self._stop.set()
         self.load.stop()
+        self.sampler.stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
 
@@ -158,7 +248,8 @@ class Dashboard:
         buttons = {name: W.Button(description=name) for name in ("Reconcile now", "Sweep now", "Flush Redis", "Crash")}
         message = W.HTML()
         status = W.HTML(self._status_text())
-        chart = W.Image(format="png", layout=W.Layout(width="100%"))
+        images = {name: W.Image(format="png", layout=W.Layout(width="100%")) for name in ("panels", "drift", "sequence")}
+        invariants = W.HTML(invariants_html(self.last_invariants))
         tables = W.HTML()
 
         def act(label, action):
@@ -187,9 +278,9 @@ class Dashboard:
             W.HBox(list(buttons.values()))])
         for i, title in enumerate(("System", "Load", "Faults", "Actions")):
             controls.set_title(i, title)
-        root = W.VBox([status, controls, message, chart, tables])
-        return {"root": root, "chart": chart, "tables": tables, "status": status, "message": message,
-                "rate": rate, "probs": probs}
+        root = W.VBox([status, invariants, controls, message, *images.values(), tables])
+        return {"root": root, **images, "invariants": invariants, "tables": tables, "status": status,
+                "message": message, "rate": rate, "probs": probs, "naive": naive, "apply": apply}
 
     def _set_rate(self, rate: float) -> None:
         self.load.rate = rate

@@ -444,6 +444,12 @@ class Lab:
         taps = self.tap.events_for(order_id) if self.tap else []
         return self.q.order_timeline(order_id, taps)
 
+    def sampler(self, products: list[str] | None = None, interval_ms: int = 250):
+        """A started :class:`pulse.lab.sampler.Sampler` (drift and relay lag over time); stop it when done."""
+        from pulse.lab.sampler import Sampler
+
+        return Sampler(self, products, interval_ms=interval_ms).start()
+
     def dashboard(self, **options):
         """Live charts and controls for this lab (:class:`pulse.lab.dashboard.Dashboard`)."""
         from pulse.lab.dashboard import Dashboard

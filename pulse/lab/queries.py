@@ -10,6 +10,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from pulse.infra import keys
+from pulse.redisstock.handlers import HELD_BY_PRODUCT
 from pulse.topology import INBOX_TABLES
 
 # Which module writes each event type into the outbox (used to date an event's outbox write).
@@ -115,24 +116,33 @@ class Queries:
     def drift(self, products: list[str] | None = None) -> pd.DataFrame:
         """Per product: stock and reserved units in PostgreSQL and in Redis, and the differences.
 
+        The database's truth for ``reserved:`` is what reconciliation restores: units in live carts plus
+        the items of orders whose hold moved from the cart and was not released yet (``infra.order_holds``).
         ``redis_stock`` is NaN when the key is missing (a cache miss, or a flushed Redis);
         a missing ``reserved:`` key counts as 0 held units, as the Lua script reads it.
         """
         where = "" if products is None else "WHERE p.id = ANY(CAST(:ids AS uuid[]))"
         df = self.sql(
-            "SELECT p.id::text AS product_id, p.name, i.available_quantity AS db_stock, "
-            "coalesce((SELECT sum(ci.quantity) FROM inventory.cart_items ci WHERE ci.product_id = p.id), 0) "
-            f"AS db_reserved FROM inventory.products p JOIN inventory.inventory_items i ON i.product_id = p.id "
+            "SELECT p.id::text AS product_id, p.name, i.available_quantity AS db_stock "
+            f"FROM inventory.products p JOIN inventory.inventory_items i ON i.product_id = p.id "
             f"{where} ORDER BY p.name, p.id", **({} if products is None else {"ids": list(products)}))
+        held = self.held_by_product(products)
         ids = list(df["product_id"])
+        df["db_reserved"] = [held.get(p, 0) for p in ids]
         stock = self.redis.mget([keys.stock(p) for p in ids]) if ids else []
-        held = self.redis.mget([keys.reserved(p) for p in ids]) if ids else []
+        reserved = self.redis.mget([keys.reserved(p) for p in ids]) if ids else []
         df["redis_stock"] = pd.array([int(v) if v is not None else None for v in stock], dtype="Int64")
-        df["redis_reserved"] = [int(v or 0) for v in held]
-        df["db_reserved"] = df["db_reserved"].astype(int)
+        df["redis_reserved"] = [int(v or 0) for v in reserved]
         df["stock_drift"] = (df["redis_stock"] - df["db_stock"]).astype("Int64")
         df["reserved_drift"] = df["redis_reserved"] - df["db_reserved"]
-        return df
+        return df[["product_id", "name", "db_stock", "db_reserved", "redis_stock", "redis_reserved",
+                   "stock_drift", "reserved_drift"]]
+
+    def held_by_product(self, products: list[str] | None = None) -> dict[str, int]:
+        """Units each product's ``reserved:`` key should hold: live cart items + unreleased order holds."""
+        query = HELD_BY_PRODUCT.replace("%(products)s::uuid[]", "CAST(:products AS uuid[])")
+        df = self.sql(query, products=None if products is None else [str(p) for p in products])
+        return {str(r.product_id): int(r.held) for r in df.itertuples()}
 
     def drift_summary(self, products: list[str] | None = None) -> dict[str, int]:
         """How many products drift, and by how many units in total (missing stock keys counted apart)."""
@@ -142,6 +152,28 @@ class Queries:
                 "stockUnits": int(stock.abs().sum()), "reservedUnits": int(df["reserved_drift"].abs().sum()),
                 "missingStockKeys": int(df["redis_stock"].isna().sum())}
 
+    def fault_strikes(self, since_epoch: float = 0.0) -> pd.DataFrame:
+        """Faults that struck since ``since_epoch`` (``infra.fault_log``): columns at (epoch s), name, action."""
+        if not self._has("infra.fault_log"):
+            return pd.DataFrame(columns=["at", "name", "action"])
+        return self.sql("SELECT extract(epoch FROM fired_at)::float AS at, name, action FROM infra.fault_log "
+                        "WHERE fired_at >= to_timestamp(:s) ORDER BY fired_at", s=float(since_epoch))
+
+    def reconcile_marks(self) -> dict[str, int]:
+        """The reconcilers' marker (``pulse:reconcile:marker``): instance → epoch second of its last pass.
+
+        Every reconciler, the server's and the kernel's, stamps its field after a pass, so a changed
+        value between two reads is a pass (see :class:`pulse.lab.sampler.Sampler`)."""
+        from pulse.reconcile.service import MARKER_KEY
+
+        try:
+            return {k: int(v) for k, v in self.redis.hgetall(MARKER_KEY).items()}
+        except Exception:  # an older marker format, or Redis away for a moment: no pass seen this time
+            return {}
+
+    def _has(self, table: str) -> bool:
+        return bool(self.sql("SELECT to_regclass(:t) IS NOT NULL AS present", t=table).iloc[0]["present"])
+
     # ----- relay and events -------------------------------------------------------------------------
 
     def relay_lag(self) -> dict:
@@ -150,49 +182,71 @@ class Queries:
                        "FROM shared.outbox").iloc[0]
         return {"rows": int(row["rows"]), "oldestAgeS": round(float(row["age"]), 3)}
 
+    TIMELINE_COLUMNS = ["eventId", "eventType", "stage", "at", "derived", "duplicates", "redriven"]
+
     def order_timeline(self, order_id: str, tapped: list[dict]) -> pd.DataFrame:
         """One order's events: when each was written to the outbox, crossed the broker, and was processed
-        by each module's inbox. Columns: eventId, eventType, stage, at, derived.
+        by each module's inbox. Columns: eventId, eventType, stage, at, derived, duplicates, redriven;
+        ``attrs['strategy']`` is the order's saga strategy (which modules should have acted on each event).
 
-        ``tapped`` comes from :class:`pulse.lab.tap.EventTap` (the broker times). Outbox times come
-        from ``infra.event_log`` (a trigger copies every outbox insert there) when the schema has it.
-        Without it the outbox row is gone once published, so its time is derived (``derived=True``):
-        a handler inserts its inbox row and its outbox rows in one transaction, both stamped ``now()``
-        (the transaction start), so the outbox time is the emitting module's latest inbox time for
-        this order before the broker saw it; order creation's events take ``orders.created_at``.
+        ``tapped`` comes from :class:`pulse.lab.tap.EventTap` (the broker times): an event the relay
+        published twice appears twice at the broker. ``duplicates`` on an inbox row counts the
+        redeliveries that module's inbox absorbed. ``redriven`` marks events the saga watchdog re-emitted.
+        Outbox times come from ``infra.event_log`` (a trigger copies every outbox insert there) when the
+        schema has it. Without it the outbox row is gone once published, so its time is derived
+        (``derived=True``): a handler inserts its inbox row and its outbox rows in one transaction, both
+        stamped ``now()`` (the transaction start), so the outbox time is the emitting module's latest inbox
+        time for this order before the broker saw it; order creation's events take ``orders.created_at``.
         """
         logged = self._event_log(order_id)
         types = {e["eventId"]: e["eventType"] for e in tapped}
         types.update({r.id: r.event_type for r in logged.itertuples()})
+        redriven = {r.id for r in logged.itertuples() if r.redriven}
         rows = [{"eventId": e["eventId"], "eventType": e["eventType"], "stage": "broker",
-                 "at": pd.Timestamp(e["brokerAt"], unit="s", tz="UTC"), "derived": False} for e in tapped]
-        rows += [{"eventId": r.id, "eventType": r.event_type, "stage": "outbox", "at": r.created_at, "derived": False}
-                 for r in logged.itertuples()]
+                 "at": pd.Timestamp(e["brokerAt"], unit="s", tz="UTC"), "derived": False, "duplicates": 0}
+                for e in tapped]
+        rows += [{"eventId": r.id, "eventType": r.event_type, "stage": "outbox", "at": r.created_at, "derived": False,
+                  "duplicates": 0} for r in logged.itertuples()]
         ids = list(types)
         for module, table in INBOX_TABLES.items():
             if ids:
-                found = self.sql(f"SELECT event_id::text AS id, processed_at FROM {table} "
-                                 "WHERE event_id = ANY(CAST(:ids AS uuid[]))", ids=ids)
+                found = self.sql(f"SELECT event_id::text AS id, processed_at, {self._duplicates(table)} AS dups "
+                                 f"FROM {table} WHERE event_id = ANY(CAST(:ids AS uuid[]))", ids=ids)
                 rows += [{"eventId": r.id, "eventType": types[r.id], "stage": module, "at": r.processed_at,
-                          "derived": False} for r in found.itertuples()]
+                          "derived": False, "duplicates": int(r.dups)} for r in found.itertuples()]
         if logged.empty:
             pending = self.sql("SELECT id::text AS id, event_type, created_at FROM shared.outbox "
                                "WHERE aggregate_id = :o", o=str(order_id))
             rows += [{"eventId": r.id, "eventType": r.event_type, "stage": "outbox", "at": r.created_at,
-                      "derived": False} for r in pending.itertuples()]
-        df = pd.DataFrame(rows, columns=["eventId", "eventType", "stage", "at", "derived"])
+                      "derived": False, "duplicates": 0} for r in pending.itertuples()]
+        df = pd.DataFrame(rows, columns=self.TIMELINE_COLUMNS[:-1])
         if not df.empty:
             df["at"] = pd.to_datetime(df["at"], utc=True)
         if logged.empty:
             df = pd.concat([df, self._outbox_times(order_id, df)], ignore_index=True)
             df["at"] = pd.to_datetime(df["at"], utc=True)
-        return df.sort_values("at", kind="stable").reset_index(drop=True)
+        df["duplicates"] = df["duplicates"].fillna(0).astype(int)
+        df["redriven"] = df["eventId"].isin(redriven)
+        df = df.sort_values("at", kind="stable").reset_index(drop=True)
+        strategy = self.sql("SELECT strategy FROM orders.orders WHERE id = CAST(:o AS uuid)", o=str(order_id))
+        df.attrs["strategy"] = None if strategy.empty else strategy.iloc[0]["strategy"]
+        return df
+
+    def _duplicates(self, table: str) -> str:
+        """The inbox's ``duplicates`` column, or 0 on a schema without it (checked once per table)."""
+        cache = self.__dict__.setdefault("_dup_columns", {})
+        if table not in cache:
+            schema, name = table.split(".")
+            cache[table] = bool(self.sql(
+                "SELECT count(*) AS n FROM information_schema.columns WHERE table_schema = :s AND table_name = :t "
+                "AND column_name = 'duplicates'", s=schema, t=name).iloc[0]["n"])
+        return "duplicates" if cache[table] else "0"
 
     def _event_log(self, order_id: str) -> pd.DataFrame:
-        if self.sql("SELECT to_regclass('infra.event_log') IS NOT NULL AS present").iloc[0]["present"]:
-            return self.sql("SELECT event_id::text AS id, event_type, created_at FROM infra.event_log "
+        if self._has("infra.event_log"):
+            return self.sql("SELECT event_id::text AS id, event_type, created_at, redriven FROM infra.event_log "
                             "WHERE aggregate_id = :o ORDER BY created_at", o=str(order_id))
-        return pd.DataFrame(columns=["id", "event_type", "created_at"])
+        return pd.DataFrame(columns=["id", "event_type", "created_at", "redriven"])
 
     def _outbox_times(self, order_id: str, df: pd.DataFrame) -> pd.DataFrame:
         created = self.sql("SELECT created_at FROM orders.orders WHERE id = CAST(:o AS uuid)", o=str(order_id))

@@ -21,11 +21,9 @@ def show(fig: Figure) -> None:
 
 
 def show_sequence(lab, order_id: str, title: str | None = None) -> pd.DataFrame:
-    """Draw one order's sequence chart (outbox → broker → each module's inbox); returns its timeline."""
+    """Draw one order's sequence diagram (module → outbox → broker → modules); returns its timeline."""
     timeline = lab.timeline(order_id)
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
-    charts.sequence(fig.subplots(), timeline, title or f"Order {order_id[:8]}…")
-    show(fig)
+    show(charts.sequence_figure(timeline, title or f"Order {order_id[:8]}…"))
     return timeline
 
 

@@ -1,4 +1,5 @@
-"""A real browser: JupyterLab opens a guided notebook, runs every cell, and the widgets and a chart render.
+"""A real browser: JupyterLab opens a small notebook with the live dashboard, runs every cell, and the widgets,
+the charts and the invariants panel render (the guided notebooks themselves run headless under papermill).
 
 Needs Debian's ``chromium`` and the ``playwright`` Python package (no browser download: Playwright drives
 the system Chromium through ``executable_path``). Skipped with the reason when either is missing.
@@ -26,7 +27,8 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = os.environ.get("PULSE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-NOTEBOOK = "00_setup_and_tour.ipynb"
+NOTEBOOK = "browser_dashboard.ipynb"
+HERE = Path(__file__).resolve().parent
 
 
 def _free_port() -> int:
@@ -37,18 +39,14 @@ def _free_port() -> int:
 
 @pytest.fixture
 def jupyterlab(serve_env, tmp_path):
-    """JupyterLab on a free port with a token, serving a copy of the notebooks with SMALL switched on."""
+    """JupyterLab on a free port with a token, serving a copy of the browser test's notebook."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"chromium is not installed at {CHROMIUM} (Debian: apt-get install chromium)")
     pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install playwright)")
-    import nbformat
 
     work = tmp_path / "notebooks"
-    shutil.copytree(ROOT / "notebooks", work, ignore=shutil.ignore_patterns("_*.py", "__pycache__"))
-    nb = nbformat.read(work / NOTEBOOK, as_version=4)
-    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source += "\nSMALL = True"
-    nbformat.write(nb, work / NOTEBOOK)
+    work.mkdir()
+    shutil.copy(HERE / NOTEBOOK, work / NOTEBOOK)
     # No "get notified about Jupyter news?" toast over the screenshot.
     news = tmp_path / "jupyter-config" / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
     news.mkdir(parents=True)
@@ -73,7 +71,7 @@ def jupyterlab(serve_env, tmp_path):
     else:
         proc.terminate()
         pytest.fail("JupyterLab did not start: " + (tmp_path / "jupyterlab.log").read_text()[-2000:])
-    yield base, token, tmp_path / "records" / "00_setup_and_tour.json"
+    yield base, token, tmp_path / "records" / "browser_dashboard.json"
     proc.terminate()
     try:
         proc.wait(20)
@@ -87,16 +85,17 @@ ERRORS_JS = """() => [...document.querySelectorAll(
     .map(e => e.innerText).filter(t => /Traceback|Error/.test(t))"""
 # A rendered image has pixels: naturalWidth is 0 while the data has not been decoded (or was invalid).
 IMAGES_JS = """(selector) => [...document.querySelectorAll(selector)].filter(i => i.complete && i.naturalWidth > 0).length"""
+INVARIANTS_JS = """() => [...document.querySelectorAll('.jp-OutputArea-output .pulse-invariants')].map(e => e.innerText)"""
 
 
-def test_guided_notebook_runs_in_jupyterlab(jupyterlab):
+def test_dashboard_notebook_shows_invariants_in_jupyterlab(jupyterlab):
     import re
 
     from playwright.sync_api import sync_playwright
 
     base, token, record = jupyterlab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    shot = ARTIFACTS / "jupyterlab_00_setup_and_tour.png"
+    shot = ARTIFACTS / "jupyterlab_dashboard.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
@@ -108,23 +107,29 @@ def test_guided_notebook_runs_in_jupyterlab(jupyterlab):
                                    timeout=60_000)
             page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
             page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
-            deadline, errors = time.monotonic() + 150, []
+            deadline, errors = time.monotonic() + 90, []
             # The last cell writes the record file; an error stops Run All before that, so watch for both.
             while not record.exists() and not errors and time.monotonic() < deadline:
                 page.wait_for_timeout(1000)
                 errors = page.evaluate(ERRORS_JS)
             widgets = page.locator(".jp-OutputArea-output .widget-tab").count()
             live_charts = page.evaluate(IMAGES_JS, ".jp-OutputArea-output .widget-image")
-            static_charts = page.evaluate(IMAGES_JS, ".jp-RenderedImage img")  # the output element itself
+            invariants = page.evaluate(INVARIANTS_JS)
             if widgets:  # the screenshot shows the dashboard; on an error, wherever the notebook stopped
-                page.locator(".jp-OutputArea-output .widget-tab").first.scroll_into_view_if_needed(timeout=10_000)
+                page.locator(".jp-OutputArea-output .pulse-invariants").first.scroll_into_view_if_needed(timeout=10_000)
             page.screenshot(path=str(shot))
         finally:
             browser.close()
     assert not errors, errors
-    assert record.exists(), "Run All did not reach the last cell within 150 s"
-    assert json.loads(record.read_text())["results"]["orderStatus"] == "COMPLETED"
+    assert record.exists(), "Run All did not reach the last cell within 90 s"
+    results = json.loads(record.read_text())["results"]
+    assert results["orderStatus"] == "COMPLETED"
     assert widgets >= 1, "the dashboard's controls (ipywidgets) did not render"
-    assert live_charts >= 1, "the dashboard's live chart did not render"
-    assert static_charts >= 1, "no chart (sequence diagram) rendered"
+    assert live_charts >= 3, f"the dashboard's live charts did not render ({live_charts} of 3)"
+    assert len(invariants) == 1, f"expected one invariants panel, found {len(invariants)}"
+    panel = invariants[0]
+    assert "Invariants (all hold" in panel, panel
+    for name in ("no-oversell", "cart-promise-kept", "effects-once", "orders-terminal"):
+        assert name in panel, f"{name} missing from the invariants panel: {panel}"
+    assert set(results["invariants"]) >= {"no-oversell", "cart-promise-kept"}
     assert shot.stat().st_size > 10_000
