@@ -1,6 +1,7 @@
 """Cells of the workshop notebooks (exercises); :mod:`_build` writes them. Solutions live in workshops/solutions/."""
 
-PARAMS = "USE_REFERENCE_SOLUTION = True   # set False to check YOUR code below (True: the instructor's solution)"
+PARAMS = ("USE_REFERENCE_SOLUTION = False  # False: the auto-check runs YOUR code below; True: the instructor's "
+          "solution (a blank answer fails the check)")
 
 START = """from pulse.lab import Lab, record
 from pulse.lab import workshop
@@ -19,7 +20,10 @@ incrementing `reserved`. Redis runs a script atomically: that is the whole point
 return -1
 """'''),
     ("code", "source = workshop.solution('reserve_stock.lua') if USE_REFERENCE_SOLUTION else MY_SCRIPT"),
-    ("md", "## Auto-check\nRuns your script on the real Redis: the three answers, then 40 shoppers racing for 10 units."),
+    ("md", "## Auto-check\nRuns your script on the real Redis, one call at a time: a cache miss, partial quantities, "
+           "the exact boundary (`stock − reserved == qty` succeeds, `qty + 1` does not), a stock that fell below "
+           "what is held, then 300 random calls compared with the contract. No race is needed to judge it: Redis "
+           "runs each script call alone, so only the arithmetic can be wrong."),
     ("code", "result = workshop.check_reserve_script(lab, source)\nresult"),
     ("code", "lab.stop()"),
     ("code", 'record({"exercise": "reserve_stock", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
@@ -67,8 +71,10 @@ def my_on_restock(deps, envelope):
         raise NotImplementedError("write the restock")'''),
     ("code", "if USE_REFERENCE_SOLUTION:\n    namespace = {}\n    exec(workshop.solution('compensation.py'), namespace)\n"
              "    on_restock = namespace['on_restock']\nelse:\n    on_restock = my_on_restock"),
-    ("md", "## Auto-check\nRuns the real saga in this kernel with your handler plugged into inventory, every card declined, "
-           "then delivers PAYMENT_FAILED a second time."),
+    ("md", "## Auto-check\nRuns the real saga in this kernel with your handler plugged into inventory and every card "
+           "declined. The inventory consumer **crashes once** after your handler committed and before it acked "
+           "(`consumer.before_ack`), so the broker delivers PAYMENT_FAILED again; later the check delivers it a third "
+           "time. The reservation row must be RELEASED and the stock back where it started, in PostgreSQL and Redis."),
     ("code", "result = workshop.check_compensation(lab, on_restock)\nresult"),
     ("code", "lab.stop()"),
     ("code", 'record({"exercise": "compensation", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
@@ -89,7 +95,9 @@ FROM inventory.inventory_items
 -- WHERE ...
 """'''),
     ("code", "sql = workshop.solution('delta_query.sql') if USE_REFERENCE_SOLUTION else MY_SQL"),
-    ("md", "## Auto-check\nThree products changed before, inside and after a window on the real database."),
+    ("md", "## Auto-check\nSix products on the real database, changed an hour before the window, exactly at `lower`, "
+           "one microsecond after it, inside, exactly at `upper` and one microsecond after it. The reconciler's "
+           "window is `(lower, upper]`: the previous run covered `lower`, rows after `upper` are still in flight."),
     ("code", "result = workshop.check_delta_query(lab, sql)\nresult"),
     ("code", "lab.stop()"),
     ("code", 'record({"exercise": "delta_query", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
