@@ -26,7 +26,7 @@ return -1
            "runs each script call alone, so only the arithmetic can be wrong."),
     ("code", "result = workshop.check_reserve_script(lab, source)\nresult"),
     ("code", "lab.stop()"),
-    ("code", 'record({"exercise": "reserve_stock", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
+    ("code", 'workshop.record(lab, {"exercise": "reserve_stock", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
              'notebook="workshop_01_reserve_lua")'),
 ]
 
@@ -46,7 +46,7 @@ correct when two deliveries of one event race, and when the effect's transaction
     ("md", "## Auto-check\nRuns against the real `orders.inbox`: first delivery, redelivery, rollback, and 8 racing deliveries."),
     ("code", "result = workshop.check_inbox(lab, claim)\nresult"),
     ("code", "lab.stop()"),
-    ("code", 'record({"exercise": "inbox", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
+    ("code", 'workshop.record(lab, {"exercise": "inbox", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
              'notebook="workshop_02_inbox")'),
 ]
 
@@ -77,7 +77,7 @@ def my_on_restock(deps, envelope):
            "time. The reservation row must be RELEASED and the stock back where it started, in PostgreSQL and Redis."),
     ("code", "result = workshop.check_compensation(lab, on_restock)\nresult"),
     ("code", "lab.stop()"),
-    ("code", 'record({"exercise": "compensation", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
+    ("code", 'workshop.record(lab, {"exercise": "compensation", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
              'notebook="workshop_03_compensation")'),
 ]
 
@@ -100,7 +100,7 @@ FROM inventory.inventory_items
            "window is `(lower, upper]`: the previous run covered `lower`, rows after `upper` are still in flight."),
     ("code", "result = workshop.check_delta_query(lab, sql)\nresult"),
     ("code", "lab.stop()"),
-    ("code", 'record({"exercise": "delta_query", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
+    ("code", 'workshop.record(lab, {"exercise": "delta_query", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
              'notebook="workshop_04_delta_query")'),
 ]
 

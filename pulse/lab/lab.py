@@ -59,6 +59,7 @@ class Lab:
                  reconcile_interval_s: float = 3600.0, sweep_interval_s: float = 3600.0,
                  log_dir: str | Path | None = None):
         base = {**os.environ, **(env or {})}
+        base.update(self._classroom_env(base))
         urls = {"PULSE_DATABASE_URL": database_url, "PULSE_REDIS_URL": redis_url, "PULSE_AMQP_URL": amqp_url}
         self.env = {k: v for k, v in base.items() if k.startswith("PULSE_")}
         self.env.update({k: v for k, v in urls.items() if v})
@@ -83,6 +84,17 @@ class Lab:
         self._dashboards: list = []
         self._past_restarts = 0
         self._atexit = False
+
+    @staticmethod
+    def _classroom_env(base: dict) -> dict:
+        """Classroom mode (``PULSE_CLASSROOM`` set): this student's own database, vhost, Redis DB and slot, and
+        their own credentials when the instructor provisioned them (:mod:`pulse.lab.classroom`); else ``{}``.
+        Everything the lab then touches, the queues ``reset`` purges included, is the student's own."""
+        if not base.get("PULSE_CLASSROOM"):
+            return {}
+        from pulse.lab import classroom
+
+        return classroom.lab_env(base)
 
     # ----- life cycle -------------------------------------------------------------------------------
 
