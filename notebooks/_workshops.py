@@ -104,5 +104,33 @@ FROM inventory.inventory_items
              'notebook="workshop_04_delta_query")'),
 ]
 
+CLASS_BOARD = [
+    ("md", """# Class board
+For the instructor in classroom mode (README, *Classroom mode*): every student's recorded workshop results,
+read from each student's own database with your admin connection (the `PULSE_*` variables). A workshop
+records only when its check passed, so an empty cell means *not passed yet*. Re-run to refresh."""),
+    ("params", "CLASS = None                # the class's name (None: $PULSE_CLASSROOM)"),
+    ("code", """import os
+from pulse import config
+from pulse.lab import record
+from pulse.lab import classroom
+klass = classroom.class_name(CLASS or os.environ.get("PULSE_CLASSROOM", ""))
+records = classroom.results(config.from_env(), klass)
+table = classroom.board_table(records)
+print(f"class {klass}: {len(table)} students, {len(records.dropna(subset=['exercise']))} results recorded")"""),
+    ("md", "## Who passed what\n`passed`: the student's own code passed the check; `reference`: the check ran "
+           "the instructor's solution (`USE_REFERENCE_SOLUTION = True`)."),
+    ("code", "table"),
+    ("code", """if len(table):
+    classroom.board_chart(table)
+else:
+    print("No student namespaces for this class yet: provision them (pulse lab provision) or wait for a first lab.")"""),
+    ("code", 'record({"class": klass, "students": len(table), '
+             '"passed": {e: int((table[e] == "passed").sum()) for e in classroom.EXERCISES} if len(table) else {}}, '
+             'RECORD_PATH, notebook="class_board")'),
+]
+
 WORKSHOPS = {"workshops/01_reserve_lua.ipynb": RESERVE, "workshops/02_inbox_check.ipynb": INBOX,
-             "workshops/03_compensation_handler.ipynb": COMPENSATION, "workshops/04_reconcile_delta_query.ipynb": DELTA}
+             "workshops/03_compensation_handler.ipynb": COMPENSATION, "workshops/04_reconcile_delta_query.ipynb": DELTA,
+             # Not a workshop: the instructor's board, generated here with them (notebooks/_build.py writes it).
+             "classroom/class_board.ipynb": CLASS_BOARD}

@@ -358,3 +358,40 @@ def namespaces_databases(admin, klass: str) -> list[str]:
     like = class_prefix(klass).replace("_", r"\_") + "%"
     with _admin_conn(admin) as conn:
         return [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1", (like,))]
+
+
+EXERCISES = ("reserve_stock", "inbox", "compensation", "delta_query")
+
+
+def board_table(records):
+    """One row per student, one column per exercise: ``passed`` (own code), ``reference`` (the instructor's
+    solution was used), or empty. Only passes are recorded: a failing check stops before the record cell."""
+    import pandas as pd
+
+    students = sorted(set(records["student"]))
+    table = pd.DataFrame("", index=pd.Index(students, name="student"), columns=list(EXERCISES))
+    for r in records.dropna(subset=["exercise"]).itertuples():
+        if r.exercise in table.columns and table.at[r.student, r.exercise] != "passed":
+            table.at[r.student, r.exercise] = "reference" if r.reference else "passed"
+    table["passed"] = (table[list(EXERCISES)] == "passed").sum(axis=1)
+    return table
+
+
+def board_chart(table, ax=None):
+    """Bar chart: how many students passed each exercise with their own code (and with the reference)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.2))
+    own = [(table[e] == "passed").sum() for e in EXERCISES]
+    ref = [(table[e] == "reference").sum() for e in EXERCISES]
+    ax.bar(EXERCISES, own, color="#2a9d8f", label="own code")
+    ax.bar(EXERCISES, ref, bottom=own, color="#cccccc", label="reference solution")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_ylim(0, max(1, len(table)))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"students (of {len(table)})")
+    ax.set_title("Workshop checks passed")
+    ax.legend(loc="upper right", fontsize=8)
+    return ax
