@@ -1,6 +1,7 @@
 """Cells of the workshop notebooks (exercises); :mod:`_build` writes them. Solutions live in workshops/solutions/."""
 
-PARAMS = "USE_REFERENCE_SOLUTION = True   # set False to check YOUR code below (True: the instructor's solution)"
+PARAMS = ("USE_REFERENCE_SOLUTION = False  # False: the auto-check runs YOUR code below; True: the instructor's "
+          "solution (a blank answer fails the check)")
 
 START = """from pulse.lab import Lab, record
 from pulse.lab import workshop
@@ -19,10 +20,13 @@ incrementing `reserved`. Redis runs a script atomically: that is the whole point
 return -1
 """'''),
     ("code", "source = workshop.solution('reserve_stock.lua') if USE_REFERENCE_SOLUTION else MY_SCRIPT"),
-    ("md", "## Auto-check\nRuns your script on the real Redis: the three answers, then 40 shoppers racing for 10 units."),
+    ("md", "## Auto-check\nRuns your script on the real Redis, one call at a time: a cache miss, partial quantities, "
+           "the exact boundary (`stock − reserved == qty` succeeds, `qty + 1` does not), a stock that fell below "
+           "what is held, then 300 random calls compared with the contract. No race is needed to judge it: Redis "
+           "runs each script call alone, so only the arithmetic can be wrong."),
     ("code", "result = workshop.check_reserve_script(lab, source)\nresult"),
     ("code", "lab.stop()"),
-    ("code", 'record({"exercise": "reserve_stock", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
+    ("code", 'workshop.record(lab, {"exercise": "reserve_stock", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
              'notebook="workshop_01_reserve_lua")'),
 ]
 
@@ -42,7 +46,7 @@ correct when two deliveries of one event race, and when the effect's transaction
     ("md", "## Auto-check\nRuns against the real `orders.inbox`: first delivery, redelivery, rollback, and 8 racing deliveries."),
     ("code", "result = workshop.check_inbox(lab, claim)\nresult"),
     ("code", "lab.stop()"),
-    ("code", 'record({"exercise": "inbox", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
+    ("code", 'workshop.record(lab, {"exercise": "inbox", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
              'notebook="workshop_02_inbox")'),
 ]
 
@@ -67,11 +71,13 @@ def my_on_restock(deps, envelope):
         raise NotImplementedError("write the restock")'''),
     ("code", "if USE_REFERENCE_SOLUTION:\n    namespace = {}\n    exec(workshop.solution('compensation.py'), namespace)\n"
              "    on_restock = namespace['on_restock']\nelse:\n    on_restock = my_on_restock"),
-    ("md", "## Auto-check\nRuns the real saga in this kernel with your handler plugged into inventory, every card declined, "
-           "then delivers PAYMENT_FAILED a second time."),
+    ("md", "## Auto-check\nRuns the real saga in this kernel with your handler plugged into inventory and every card "
+           "declined. The inventory consumer **crashes once** after your handler committed and before it acked "
+           "(`consumer.before_ack`), so the broker delivers PAYMENT_FAILED again; later the check delivers it a third "
+           "time. The reservation row must be RELEASED and the stock back where it started, in PostgreSQL and Redis."),
     ("code", "result = workshop.check_compensation(lab, on_restock)\nresult"),
     ("code", "lab.stop()"),
-    ("code", 'record({"exercise": "compensation", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
+    ("code", 'workshop.record(lab, {"exercise": "compensation", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
              'notebook="workshop_03_compensation")'),
 ]
 
@@ -89,12 +95,42 @@ FROM inventory.inventory_items
 -- WHERE ...
 """'''),
     ("code", "sql = workshop.solution('delta_query.sql') if USE_REFERENCE_SOLUTION else MY_SQL"),
-    ("md", "## Auto-check\nThree products changed before, inside and after a window on the real database."),
+    ("md", "## Auto-check\nSix products on the real database, changed an hour before the window, exactly at `lower`, "
+           "one microsecond after it, inside, exactly at `upper` and one microsecond after it. The reconciler's "
+           "window is `(lower, upper]`: the previous run covered `lower`, rows after `upper` are still in flight."),
     ("code", "result = workshop.check_delta_query(lab, sql)\nresult"),
     ("code", "lab.stop()"),
-    ("code", 'record({"exercise": "delta_query", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
+    ("code", 'workshop.record(lab, {"exercise": "delta_query", "reference": USE_REFERENCE_SOLUTION, **result}, RECORD_PATH, '
              'notebook="workshop_04_delta_query")'),
 ]
 
+CLASS_BOARD = [
+    ("md", """# Class board
+For the instructor in classroom mode (README, *Classroom mode*): every student's recorded workshop results,
+read from each student's own database with your admin connection (the `PULSE_*` variables). A workshop
+records only when its check passed, so an empty cell means *not passed yet*. Re-run to refresh."""),
+    ("params", "CLASS = None                # the class's name (None: $PULSE_CLASSROOM)"),
+    ("code", """import os
+from pulse import config
+from pulse.lab import record
+from pulse.lab import classroom
+klass = classroom.class_name(CLASS or os.environ.get("PULSE_CLASSROOM", ""))
+records = classroom.results(config.from_env(), klass)
+table = classroom.board_table(records)
+print(f"class {klass}: {len(table)} students, {len(records.dropna(subset=['exercise']))} results recorded")"""),
+    ("md", "## Who passed what\n`passed`: the student's own code passed the check; `reference`: the check ran "
+           "the instructor's solution (`USE_REFERENCE_SOLUTION = True`)."),
+    ("code", "table"),
+    ("code", """if len(table):
+    classroom.board_chart(table)
+else:
+    print("No student namespaces for this class yet: provision them (pulse lab provision) or wait for a first lab.")"""),
+    ("code", 'record({"class": klass, "students": len(table), '
+             '"passed": {e: int((table[e] == "passed").sum()) for e in classroom.EXERCISES} if len(table) else {}}, '
+             'RECORD_PATH, notebook="class_board")'),
+]
+
 WORKSHOPS = {"workshops/01_reserve_lua.ipynb": RESERVE, "workshops/02_inbox_check.ipynb": INBOX,
-             "workshops/03_compensation_handler.ipynb": COMPENSATION, "workshops/04_reconcile_delta_query.ipynb": DELTA}
+             "workshops/03_compensation_handler.ipynb": COMPENSATION, "workshops/04_reconcile_delta_query.ipynb": DELTA,
+             # Not a workshop: the instructor's board, generated here with them (notebooks/_build.py writes it).
+             "classroom/class_board.ipynb": CLASS_BOARD}

@@ -186,6 +186,44 @@ def cmd_demo(args) -> int:
     return run_demo(outbox_mode=args.outbox_mode)
 
 
+def cmd_lab(args) -> int:
+    """``pulse lab provision|cleanup``: a class's namespaces on shared services (pulse.lab.classroom)."""
+    from pulse.lab import classroom
+
+    admin = config.from_env()
+    try:
+        if args.action == "provision":
+            students = [s for s in (args.students or "").replace("\n", ",").split(",") if s.strip()]
+            if args.roster:
+                with open(args.roster) as roster:
+                    students += [line.strip() for line in roster if line.strip() and not line.startswith("#")]
+            if not students:
+                print("pulse: name the students with --students a,b,c or --roster FILE.", file=sys.stderr)
+                return 2
+            made = classroom.provision(admin, args.klass, students, credentials=args.credentials,
+                                       replication=args.replication)
+            for m in made:
+                print(json.dumps({"student": m["student"], "namespace": m["namespace"],
+                                  "redis": m["env"]["PULSE_REDIS_URL"], "credentials": m["credentials"]}))
+            return 0
+        found = classroom.namespaces(admin, args.klass)
+        total = sum(len(v) for v in found.values())
+        print(json.dumps({"class": classroom.class_name(args.klass), "dryRun": args.dry_run, **found}))
+        if args.dry_run or total == 0:
+            return 0
+        if not args.yes:
+            answer = input(f"Remove these {total} namespaces of class {classroom.class_name(args.klass)}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("pulse: nothing removed.", file=sys.stderr)
+                return 1
+        classroom.cleanup(admin, args.klass)
+        print(json.dumps({"removed": total}))
+        return 0
+    except classroom.ClassroomError as exc:
+        print(f"pulse: {exc}", file=sys.stderr)
+        return 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pulse", description="Checkout Pulse: a checkout system built to be broken "
                                 "on purpose, and the lab around it.", epilog=EPILOG,
@@ -232,6 +270,29 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--outbox-mode", choices=config.OUTBOX_MODES, default=None,
                    help="outbox relay to demonstrate (default: PULSE_OUTBOX_MODE)")
     m.set_defaults(func=cmd_demo)
+
+    lab = sub.add_parser("lab", help="classroom mode: make or remove a class's per-student namespaces",
+                         description="Many students on one PostgreSQL, Redis and RabbitMQ (see README, Classroom "
+                         "mode). Run with an admin connection (the PULSE_* variables).")
+    lab_sub = lab.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pv = lab_sub.add_parser("provision", help="create each student's database, role, vhost, RabbitMQ user and "
+                            "Redis DB, and write their credentials file")
+    pv.add_argument("--class", dest="klass", required=True, help="the class's name (letters and digits)")
+    pv.add_argument("--students", help="comma-separated user names (as JUPYTERHUB_USER or USER spell them)")
+    pv.add_argument("--roster", help="a file of user names, one a line")
+    pv.add_argument("--credentials", default=None,
+                    help="where each student's credentials go, with {class} and {student} "
+                         "(default ~/.pulse/classroom/{class}/{student}.json; on a hub e.g. "
+                         "/home/{student}/.pulse/classroom/{class}/{student}.json)")
+    pv.add_argument("--replication", action="store_true",
+                    help="let students' roles create replication slots (the cdc outbox mode); such a role can "
+                         "also stream every database's WAL, so students are no longer kept apart")
+    pv.set_defaults(func=cmd_lab)
+    cl = lab_sub.add_parser("cleanup", help="remove a class's databases, roles, vhosts, users, slots and Redis DBs")
+    cl.add_argument("--class", dest="klass", required=True, help="the class's name")
+    cl.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    cl.add_argument("--yes", action="store_true", help="remove without asking (for scripts)")
+    cl.set_defaults(func=cmd_lab)
     for name in COMMAND_MODULES:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(sub)

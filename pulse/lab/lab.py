@@ -59,6 +59,7 @@ class Lab:
                  reconcile_interval_s: float = 3600.0, sweep_interval_s: float = 3600.0,
                  log_dir: str | Path | None = None):
         base = {**os.environ, **(env or {})}
+        base.update(self._classroom_env(base))
         urls = {"PULSE_DATABASE_URL": database_url, "PULSE_REDIS_URL": redis_url, "PULSE_AMQP_URL": amqp_url}
         self.env = {k: v for k, v in base.items() if k.startswith("PULSE_")}
         self.env.update({k: v for k, v in urls.items() if v})
@@ -86,6 +87,17 @@ class Lab:
         self._serve_args: tuple = ()  # ("--role", "api") while deliveries are held (see hold)
         self._stepper = None
         self.demonstrations: list[dict] = []  # what demonstrate() showed, for the notebook's record
+
+    @staticmethod
+    def _classroom_env(base: dict) -> dict:
+        """Classroom mode (``PULSE_CLASSROOM`` set): this student's own database, vhost, Redis DB and slot, and
+        their own credentials when the instructor provisioned them (:mod:`pulse.lab.classroom`); else ``{}``.
+        Everything the lab then touches, the queues ``reset`` purges included, is the student's own."""
+        if not base.get("PULSE_CLASSROOM"):
+            return {}
+        from pulse.lab import classroom
+
+        return classroom.lab_env(base)
 
     # ----- life cycle -------------------------------------------------------------------------------
 
