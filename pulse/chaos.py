@@ -44,6 +44,10 @@ IN_FLIGHT = {"stock": 4, "wave": 4, "db_delay_ms": 2500}  # cart adds whose DB w
 # Orders that took a scarce product's last units and wait for inventory's (slowed) decision while others shop.
 SOLD_OUT = {"stock": 2, "late_shoppers": 3, "decision_delay_ms": 2500}
 LOCK_TTL_S = 2  # the idempotency lock TTL of the campaign's server: a slow creation outlives it in seconds
+CROWD = {"stock": 20, "shoppers": 8}  # shoppers who order the same product at the same moment
+CONSUMER_THREADS = 2  # per queue in the campaign's server, so two inventory batches can meet on one row
+EXPIRY = {"stock": 5, "shoppers": 3, "ttl_s": 2}  # carts left to expire once the campaign is quiet
+SWEEP_EVERY_S = 1.0  # the campaign's server sweeps expired carts this often
 RECONCILE_EVERY_S = 1.0  # the campaign's server reconciles Redis this often, so passes meet adds in flight
 DECISIONS = ("STOCK_RESERVED", "STOCK_FAILED", "PAYMENT_PROCESSED", "PAYMENT_FAILED")
 
@@ -121,6 +125,7 @@ class Campaign:
             injector.join()
             faults.disarm(url)
             quiet = self._quiesce(since, checked)
+            checked.append(self._expire_carts(server_url))
             outcome = inv.check_all(self.settings, inv.Scope(since=since, products=checked))
         finally:
             self._end_drive()
@@ -148,8 +153,11 @@ class Campaign:
         armed meanwhile): a rush on a scarce product; cart adds in flight while the server reconciles; orders
         that fail after a module said yes, whose decision is then announced again (late); duplicate submits
         of one key while order creation is slow and fails; shoppers adding a product whose last units orders
-        hold while inventory has not decided yet (the cart promise). Its shoppers keep the carts they did not order
-        from, so ``no-oversell`` sees every unit Redis promised; the invariants judge the rest.
+        hold while inventory has not decided yet (the cart promise); orders of one product placed at the same
+        moment (two inventory consumers reserve the row at once); an order whose payment event fails every retry
+        (a poison message); an order one of whose events is lost. Its shoppers keep the carts they did not order
+        from, so ``no-oversell`` sees every unit Redis promised; the invariants judge the rest. Carts that
+        expire are made last, once the campaign is quiet (:meth:`_expire_carts`).
         """
         phase: list[str] = []
         self._phase_rng = random.Random(f"{self.seed}:contention")  # the drive's own draws stay as they were
@@ -183,6 +191,17 @@ class Campaign:
             if self._add(http, slow, 1, user) == 200:
                 with self._armed("orders.create", action="error", ms=int(LOCK_TTL_S * 1200), max=3):
                     self._together([lambda: self._order(http, user, key)] * 3)  # a triple click
+
+            crowd = self._new_product("crowd", CROWD["stock"])
+            phase.append(crowd)
+            shoppers = [str(uuid.uuid4()) for _ in range(CROWD["shoppers"])]
+            for user in shoppers:
+                self._add(http, crowd, 1, user)
+            # Their events reach inventory together, where two consumers reserve the same row at once.
+            self._settle(self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in shoppers]))
+
+            phase.append(self._poison(http))
+            phase.append(self._lost(http))
         log.info("chaos: contention phase done on %s", phase)
         return phase
 
@@ -239,6 +258,49 @@ class Campaign:
                                 "AND status = 'FAILED'", ([o for o in placed + both if o],)).fetchall()
         return [r["id"] for r in rows]
 
+    def _poison(self, http) -> str:
+        """An order whose payment event fails every retry (the provider times out each time), so the consumer
+        gives up on it: it belongs in the dead-letter queue, and the watchdog re-drives the order later."""
+        product = self._new_product("poison", 5)
+        user = str(uuid.uuid4())
+        if self._add(http, product, 1, user) != 200:
+            return product
+        retries = self.settings.handler_retries
+        with self._armed("payment.timeout", action="error", max=2 * retries) as armed:
+            self._order(http, user, str(uuid.uuid4()))
+            deadline = time.monotonic() + self.strike_wait_s + 5
+            while (time.monotonic() < deadline
+                   and faults.fired_counts(self.settings.database_url, armed["armedAt"]).get("payment.timeout", 0)
+                   < retries):
+                time.sleep(0.2)
+        return product
+
+    def _lost(self, http) -> str:
+        """An order one of whose events a consumer acks without handling, so only the watchdog can finish it."""
+        product = self._new_product("lost", 5)
+        user = str(uuid.uuid4())
+        if self._add(http, product, 1, user) == 200:
+            with self._armed("consumer.lose", action="drop", max=1) as armed:
+                self._order(http, user, str(uuid.uuid4()))
+                deadline = time.monotonic() + self.strike_wait_s
+                while time.monotonic() < deadline and not faults.fired_counts(
+                        self.settings.database_url, armed["armedAt"]).get("consumer.lose"):
+                    time.sleep(0.2)
+        return product
+
+    def _expire_carts(self, server_url: str) -> str:
+        """Once the campaign is quiet: a few carts that expire within seconds, and the sweeper's pass over them.
+
+        Last, because a server that reconciles every second repairs a hold nobody gave back some seconds later
+        (its cooldown): judged at once, the drift is still there to be seen (``reserved-before-repair``)."""
+        product = self._new_product("expiring", EXPIRY["stock"])
+        with httpx.Client(base_url=server_url, timeout=15) as http, \
+                self._armed("cart.short_ttl", action="trigger", s=EXPIRY["ttl_s"]):
+            for _ in range(EXPIRY["shoppers"]):
+                self._add(http, product, 1)
+        time.sleep(max(0.0, EXPIRY["ttl_s"] - 0.8) + 2 * SWEEP_EVERY_S + 0.5)  # expired, then swept
+        return product
+
     def _announce_again(self, order_ids: list[str]) -> None:
         """Announce each order's first module decision once more, through the outbox with a new id, as a saga
         watchdog does when it took a late event for a lost one: the order has failed since, and must stay so."""
@@ -284,7 +346,7 @@ class Campaign:
             faults.disarm(url, name)
             time.sleep(0.8)
 
-    def _settle(self, order_ids, timeout_s: float = 30.0) -> None:
+    def _settle(self, order_ids, timeout_s: float = 20.0) -> None:
         """Wait until these orders are COMPLETED or FAILED with their compensation done (or the timeout)."""
         ids = [o for o in order_ids if o]
         deadline = time.monotonic() + timeout_s
@@ -367,6 +429,10 @@ class Campaign:
                # lock, are conditions the campaign makes (see _contend): it needs both short.
                "PULSE_RECONCILE_INTERVAL_S": str(RECONCILE_EVERY_S),
                "PULSE_IDEMPOTENCY_LOCK_TTL_S": str(LOCK_TTL_S),
+               # Two consumers per queue, so reservations of one product can run at once (see _contend), and
+               # a sweeper that passes every second over the carts _expire_carts leaves to expire.
+               "PULSE_CONSUMER_THREADS": self.env.get("PULSE_CONSUMER_THREADS", str(CONSUMER_THREADS)),
+               "PULSE_SWEEP_INTERVAL_S": str(SWEEP_EVERY_S),
                "PULSE_NAIVE": self.naive, "PULSE_LAB": "1"}
         # Restarting fast is the point here: crash faults strike every few seconds, and a server kept down by
         # a growing backoff would leave the remaining fault kinds nothing to strike.

@@ -1,7 +1,8 @@
 """Named fault points. This module is the hook every component calls; with nothing armed each call is free.
 
-Components call four hooks: ``point(name, **ctx)`` where a fault may crash, raise or delay;
-``fires(name)`` where a fault changes a decision (a declined card); ``lose_message(queue)`` where the
+Components call five hooks: ``point(name, **ctx)`` where a fault may crash, raise or delay;
+``fires(name)`` where a fault changes a decision (a declined card); ``strike_params(name)`` where it changes a
+value (a cart's time to live), returning the fault's params; ``lose_message(queue)`` where the
 consumer may ack without handling; ``naive(name)`` where a pattern may be switched off.
 
 Only a process in lab mode (``pulse serve --lab``, ``PULSE_LAB=1``) obeys faults: it gets a
@@ -67,6 +68,10 @@ class NoFaults:
     def fires(self, name: str, **context) -> bool:
         """True when an armed fault of this name strikes now (for faults that change a decision)."""
         return False
+
+    def strike_params(self, name: str, **context) -> dict | None:
+        """The armed fault's params when a fault of this name strikes now (it changes a value), else None."""
+        return None
 
     def lose_message(self, queue: str, **context) -> bool:
         """True when the consumer should ack this message without handling it (a lost event)."""
@@ -178,6 +183,10 @@ class FaultRegistry(NoFaults):
 
     def fires(self, name: str, **context) -> bool:
         return self._strike(name, context) is not None
+
+    def strike_params(self, name: str, **context) -> dict | None:
+        fault = self._strike(name, context)
+        return None if fault is None else dict(fault.params)
 
     def lose_message(self, queue: str, **context) -> bool:
         fault = self._current().get("consumer.lose")

@@ -94,6 +94,12 @@ CATALOGUE: tuple[Entry, ...] = (
            "Inventory decides slowly, so orders wait longer between ORDER_CREATED and STOCK_RESERVED; nothing breaks "
            "as long as the cart's hold lasts until the decision.",
            ["cart-promise-kept"], lab=False),
+    # Not a campaign fault kind either: a campaign arms it for a few cart adds so their carts expire within
+    # seconds (params s), which the cart-expiry safeguard (the sweeper) and cart-native-ttl need to show.
+    _point("cart.short_ttl", "trigger",
+           "Carts filled while it is armed expire after a few seconds, so the sweeper must give their held "
+           "units back.",
+           ["reserved-before-repair", "redis-matches-db"], lab=False),
     _naive("reserve-get-set",
            "Cart adds read stock and reserved: and write them back in separate steps, so two concurrent adds both "
            "see the last free unit and Redis promises more units than exist.",
@@ -122,6 +128,25 @@ CATALOGUE: tuple[Entry, ...] = (
            "The idempotency lock is released without checking its owner, so a slow request frees a newer "
            "request's lock and two submits of one key run order creation at once.",
            ["idempotency-lock-exclusive"]),
+    _naive("cart-native-ttl",
+           "Carts expire by a native Redis EXPIRE on cart:{userId}, so an expired cart vanishes with its hold "
+           "still counted in reserved: and the sweeper finds nothing to release.",
+           ["reserved-before-repair"]),
+    _naive("no-version-check",
+           "Inventory writes the stock it read without a version check, row lock or batch pre-lock, so two "
+           "concurrent reservations of one product both subtract from the same old value and one update is lost.",
+           ["stock-conservation"]),
+    _naive("dlq-drop",
+           "A message that failed every retry is acked without a copy in the dead-letter queue, so the poison "
+           "event vanishes and nobody can see or replay it.",
+           ["delivery"]),
+    _naive("no-watchdog",
+           "The saga watchdog does nothing, so an order whose event was lost waits for it forever.",
+           ["orders-terminal"]),
+    _naive("no-compensation",
+           "Compensations forget their effect: a declined payment marks the reservation released without "
+           "restocking (optimistic) and an out-of-stock order keeps its charge (post-payment).",
+           ["stock-conservation", "failed-orders-refunded", "money-balance"]),
 )
 
 BY_NAME: dict[str, Entry] = {e.name: e for e in CATALOGUE}

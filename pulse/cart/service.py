@@ -79,11 +79,16 @@ class CartService:
         Redis ahead of the database: that is the drift reconciliation repairs.
         """
         self._require_product(product_id)
-        expires_ms = int((time.time() + self.deps.settings.cart_ttl_s) * 1000)
+        ttl_s = self._ttl_s(user_id)
+        expires_ms = int((time.time() + ttl_s) * 1000)
         raw = self._reserve_into_cart(user_id, product_id, quantity, expires_ms)
+        if self.deps.naive("cart-native-ttl"):
+            # The original's flaw: Redis drops the cart hash by itself at expiry, and with it the only record of
+            # which units to give back, so the sweeper's pass finds an empty cart and reserved: stays raised.
+            self.deps.redis.pexpireat(keys.cart(user_id), expires_ms)
         try:
             self.deps.faults.point("cart.after_redis")
-            self._save_db(user_id, product_id, quantity)
+            self._save_db(user_id, product_id, quantity, ttl_s)
         except Exception as exc:
             self._undo(user_id, product_id, quantity)
             self.catalogue.forget(str(product_id))  # the failure may be the product's deletion
@@ -149,9 +154,21 @@ class CartService:
         time.sleep(0.02)  # widens the window so the lab shows the oversell reliably (naive mode only)
         r.set(keys.reserved(product_id), reserved + quantity)
 
-    def _save_db(self, user_id, product_id, quantity: int) -> None:
+    def _ttl_s(self, user_id) -> float:
+        """The cart's time to live: the setting, or a few seconds when the lab's ``cart.short_ttl`` strikes."""
+        short = self.deps.faults.strike_params("cart.short_ttl", user=str(user_id))
+        if short is None:
+            return self.deps.settings.cart_ttl_s
+        return min(float(short.get("s", 2)), self.deps.settings.cart_ttl_s)
+
+    def _save_db(self, user_id, product_id, quantity: int, ttl_s: float | None = None) -> None:
         with db.autocommit(self.deps.pool) as conn:
             conn.execute(SAVE_ITEM, {"user": user_id, "product": product_id, "qty": quantity})
+            if ttl_s is not None and ttl_s < self.deps.settings.cart_ttl_s:
+                # Every reader computes a cart's expiry as updated_at + the TTL setting (the sweeper's database
+                # pass, reconciliation, a cache reload), so a shorter TTL is an updated_at set back by the rest.
+                conn.execute("UPDATE inventory.carts SET updated_at = now() - make_interval(secs => %s) "
+                             "WHERE user_id = %s", (self.deps.settings.cart_ttl_s - ttl_s, user_id))
 
     def _undo(self, user_id, product_id, quantity: int) -> None:
         r, cart_key = self.deps.redis, keys.cart(user_id)

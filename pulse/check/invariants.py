@@ -425,12 +425,54 @@ def redis_matches_db(conn, redis, scope: Scope) -> Result:
                    "{n} Redis key(s) differ from the database")
 
 
+# Faults after which reserved: may differ from the database until reconciliation repairs it: a flush forgets
+# holds, and a crash (any: it kills the whole process) may come between a cart add's Redis and database writes.
+DRIFTING_FAULTS = ("redis.flush",)
+
+
+def reserved_before_repair(conn, redis, scope: Scope) -> Result:
+    """``reserved:`` equals the units carts and unreleased order holds keep in the database, judged BEFORE the
+    checker's own reconciliation repairs Redis; drift that a fault explains is forgiven.
+
+    Why judge before repairing, rather than count what the pre-check reconciliation fixed: a fix count is per
+    kind of key, not per product, so it cannot be set against the faults that explain it, and after the repair
+    the evidence is gone (``redis-matches-db`` then judges the repaired state). Reconciliation is the safety
+    net that hides a hold nobody gave back (a cart dropped by a native Redis EXPIRE, the lab's
+    ``cart-native-ttl``); this judges the system without it. A product's drift is explained when
+    ``redis.flush`` or any crash struck after the product was created. Run it at quiescence: a cart add in
+    flight has its Redis write done before its database write. A server reconciling often (a chaos campaign's
+    does every second, with a cooldown) repairs drift some seconds after it appears, so drift is seen only
+    when it is that recent.
+    """
+    args = scope.sql()
+    rows = conn.execute(
+        "SELECT i.product_id::text AS p, EXISTS (SELECT 1 FROM infra.fault_log f WHERE (f.name = ANY(%(drifting)s) "
+        "OR f.action = 'crash') AND f.fired_at >= COALESCE(b.recorded_at, '-infinity')) AS explained "
+        "FROM inventory.inventory_items i LEFT JOIN infra.stock_baseline b ON b.product_id = i.product_id WHERE "
+        + PRODUCT_FILTER.format(col="i.product_id"), {**args, "drifting": list(DRIFTING_FAULTS)}).fetchall()
+    held = {str(r["product_id"]): int(r["held"]) for r in conn.execute(HELD_BY_PRODUCT, args)}
+    ids = [r["p"] for r in rows]
+    current = redis.mget([keys.reserved(p) for p in ids]) if ids else []
+    drift = {r["p"]: (int(v or 0), held.get(r["p"], 0), r["explained"]) for r, v in zip(rows, current)
+             if int(v or 0) != held.get(r["p"], 0)}
+    offending = [p for p, (_, _, explained) in drift.items() if not explained]
+    forgiven = len(drift) - len(offending)
+    return _result("reserved-before-repair", offending,
+                   f"reserved: equals the database's holds for all {len(ids)} product(s) before any repair"
+                   + (f" ({forgiven} drifted after a flush or crash)" if forgiven else ""),
+                   "{n} product(s) whose reserved: differed from the units held in the database before the "
+                   "checker's reconciliation, with no fault to explain it",
+                   drift={p: {"redis": d[0], "database": d[1]} for p, d in list(drift.items())[:MAX_IDS]
+                          if not d[2]}, forgiven=forgiven)
+
+
 # -- all of them --------------------------------------------------------------------------------------
 def check_all(settings, scope: Scope | None = None, *, reconcile: bool = True, older_than_s: float = 0.0) -> dict:
     """Run every invariant; returns ``{"results": [Result...], "reconcile": fixes or None}``.
 
     With ``reconcile`` a full reconciliation pass with cooldown 0 runs first (the checker's own, with
-    every naive switch off), so ``redis-matches-db`` judges the repaired state, and its fixes are reported.
+    every naive switch off), so ``redis-matches-db`` judges the repaired state, and its fixes are reported;
+    ``reserved-before-repair`` is judged before that pass.
     """
     import redis as redis_lib
 
@@ -440,17 +482,20 @@ def check_all(settings, scope: Scope | None = None, *, reconcile: bool = True, o
 
     scope = scope or Scope()
     fixes = None
-    if reconcile:
-        system = bootstrap.build(settings.replace(naive=frozenset()), faults=NoFaults(), migrate=False, pool_size=2)
-        try:
-            fixes = system.reconciler.run_once(0.0, full=True)
-        finally:
-            system.close()
-    since_epoch = scope.since.timestamp() if scope.since else None
-    dead = peek_dead_letters(settings.amqp_url, since_epoch=since_epoch)
-    dead_ids = {q: {m["id"] for m in ms} for q, ms in dead.items()}
     r = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=3)
     try:
+        with db.connect(settings.database_url, autocommit=True) as conn:
+            before = reserved_before_repair(conn, r, scope)  # before the repair below hides what drifted
+        if reconcile:
+            system = bootstrap.build(settings.replace(naive=frozenset()), faults=NoFaults(), migrate=False,
+                                     pool_size=2)
+            try:
+                fixes = system.reconciler.run_once(0.0, full=True)
+            finally:
+                system.close()
+        since_epoch = scope.since.timestamp() if scope.since else None
+        dead = peek_dead_letters(settings.amqp_url, since_epoch=since_epoch)
+        dead_ids = {q: {m["id"] for m in ms} for q, ms in dead.items()}
         with db.connect(settings.database_url, autocommit=True) as conn:
             _fresh_statistics(conn)
             results = [no_oversell(conn, scope), stock_conservation(conn, scope), one_charge_per_order(conn, scope),
@@ -459,7 +504,7 @@ def check_all(settings, scope: Scope | None = None, *, reconcile: bool = True, o
                        effects_once(conn, scope),
                        outbox_drained(conn, scope), dlq_explained(dead), delivery(conn, scope, dead_ids),
                        events_routed(conn, scope),
-                       redis_matches_db(conn, r, scope), replication_slot(conn, scope, settings.cdc_slot)]
+                       before, redis_matches_db(conn, r, scope), replication_slot(conn, scope, settings.cdc_slot)]
             results.append(idempotency_lock_exclusive(conn, scope))
     finally:
         r.close()

@@ -176,7 +176,7 @@ class Consumer(threading.Thread):
         try:
             with db.batch(self.pool) as current:
                 if self.prelock is not None:
-                    self.prelock(current.conn, [envelope for *_, envelope in parsed])
+                    self.prelock(current.conn, [envelope for *_, envelope in parsed], naive=self._naive)
                 for method, props, body, envelope in parsed:
                     current.callbacks = []
                     try:
@@ -222,6 +222,14 @@ class Consumer(threading.Thread):
         and is dead-lettered once the DLQ is there. A broker that never answers is caught by the connection's
         heartbeat and blocked-connection timeouts: the connection closes and the unacked original is requeued.
         """
+        if self._naive("dlq-drop"):
+            # The lab's naive switch: the poison message is acked with no copy anywhere. Dropped rather than
+            # requeued forever, because a requeue loop is loud (a busy consumer, a queue that never drains)
+            # while a drop is the silent failure the dead-letter queue exists to prevent.
+            log.error("%s: dropping %s after it failed (%s); no dead-letter copy", self.name, props.message_id,
+                      reason)
+            channel.basic_ack(method.delivery_tag)
+            return False
         headers = dict(props.headers or {})
         headers.update({"x-pulse-reason": reason[:1000], "x-pulse-queue": self.queue,
                         # AMQP tables have no float type (pika refuses to encode one): whole epoch ms.
@@ -242,6 +250,11 @@ class Consumer(threading.Thread):
         channel.basic_ack(method.delivery_tag)
         self.dead_lettered += 1
         return True
+
+    def _naive(self, name: str) -> bool:
+        """Whether the lab switched pattern ``name`` off, as the dispatcher's module dependencies say."""
+        deps = getattr(self.dispatch, "deps", None)
+        return deps is not None and deps.naive(name)
 
     def _confirming_channel(self, channel):
         """A confirm-mode channel on the consuming channel's connection, for dead letters (opened on first use).

@@ -12,6 +12,7 @@ from pulse.infra import outbox
 
 log = logging.getLogger(__name__)
 MAX_VERSION_RETRIES = 8
+NAIVE_WINDOW_S = 0.02
 
 
 class VersionConflict(Exception):
@@ -35,8 +36,12 @@ def _with_version_retries(work):
             time.sleep(random.uniform(0, 0.004 * attempt))
 
 
-def _take(conn, items: list[dict]) -> None:
-    """Decrement every item's stock or none: the caller's savepoint undoes a partial reservation."""
+def _take(conn, items: list[dict], *, checked: bool = True) -> None:
+    """Decrement every item's stock or none: the caller's savepoint undoes a partial reservation.
+
+    ``checked=False`` is the lab's naive ``no-version-check``: the stock read is written back minus the
+    quantity with no version condition, so a concurrent reservation's decrement in between is overwritten.
+    """
     shortages = []
     for item in sorted(items, key=lambda i: i["productId"]):  # a fixed order keeps concurrent reservers deadlock-free
         row = conn.execute("SELECT available_quantity, version FROM inventory.inventory_items WHERE product_id = %s",
@@ -44,6 +49,12 @@ def _take(conn, items: list[dict]) -> None:
         if row is None or row["available_quantity"] < item["quantity"]:
             shortages.append({"productId": item["productId"], "requested": item["quantity"],
                               "available": 0 if row is None else row["available_quantity"]})
+            continue
+        if not checked:
+            time.sleep(NAIVE_WINDOW_S)  # widens the read-to-write window so the lab shows the lost update reliably
+            conn.execute("UPDATE inventory.inventory_items SET available_quantity = %s, version = version + 1, "
+                         "updated_at = now() WHERE product_id = %s",
+                         (row["available_quantity"] - item["quantity"], item["productId"]))
             continue
         updated = conn.execute(
             "UPDATE inventory.inventory_items SET available_quantity = available_quantity - %s, "
@@ -55,10 +66,15 @@ def _take(conn, items: list[dict]) -> None:
         raise OutOfStock(shortages)
 
 
-def lock_batch(conn, envelopes) -> None:
+def lock_batch(conn, envelopes, naive=None) -> None:
     """A consumer batch's pre-lock (see Consumer.prelock): the inventory rows of every order in the batch, in
     product order, before any handler runs. The handlers then only re-take locks they hold, so two inventory
-    consumers (two `pulse serve` processes) queue behind each other instead of deadlocking."""
+    consumers (two `pulse serve` processes) queue behind each other instead of deadlocking.
+
+    ``naive(name)`` tells whether a naive switch is on: ``no-version-check`` skips the pre-lock too, since the
+    pre-lock alone serializes batches and would hide the lost update the switch is there to show."""
+    if naive is not None and naive("no-version-check"):
+        return
     ids = sorted({str(item["productId"]) for e in envelopes for item in (e.payload.get("items") or [])
                   if isinstance(item, dict) and item.get("productId")})
     if ids:
@@ -77,7 +93,7 @@ def on_reserve(deps, conn, envelope) -> None:
 
     def attempt():
         with conn.transaction():  # a savepoint: a version conflict undoes this attempt only
-            _take(conn, p["items"])
+            _take(conn, p["items"], checked=not deps.naive("no-version-check"))
             conn.execute("INSERT INTO inventory.reservations (order_id, items, status) "
                          "VALUES (%s, %s::jsonb, 'RESERVED') ON CONFLICT (order_id) DO NOTHING",
                          (p["orderId"], json.dumps(p["items"])))
@@ -102,7 +118,9 @@ def on_restock(deps, conn, envelope) -> None:
                                "AND status = 'RESERVED' FOR UPDATE", (p["orderId"],)).fetchone()
     if reservation is None:
         return  # nothing was taken for this order (e.g. the payment failed before any reservation)
-    for item in sorted(reservation["items"], key=lambda i: i["productId"]):  # the reservers' lock order
+    # The lab's naive no-compensation: the reservation is marked released and announced, its units never return.
+    forget = deps.naive("no-compensation")
+    for item in sorted(reservation["items"], key=lambda i: i["productId"]) if not forget else ():  # lock order
         # An increment needs no version check, but bumping the version makes concurrent
         # reservers that read the old quantity retry instead of overwriting it.
         conn.execute("UPDATE inventory.inventory_items SET available_quantity = available_quantity + %s, "

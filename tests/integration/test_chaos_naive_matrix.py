@@ -21,6 +21,8 @@ STRATEGIES = ("optimistic", "post-payment")
 # What each switch is expected to trip, where known; a switch added later needs only some violation.
 CAUGHT_BY = {"reserve-get-set": "no-oversell", "reconcile-full-scan": "no-oversell",
              "release-on-order-created": "cart-promise-kept",
+             "cart-native-ttl": "reserved-before-repair", "no-version-check": "stock-conservation",
+             "dlq-drop": "delivery", "no-watchdog": "orders-terminal", "no-compensation": None,
              "unguarded-state": "orders-terminal", "lock-no-owner": "idempotency-lock-exclusive",
              "no-inbox": None, "publish-no-confirm": None}
 # Two crash kinds are what the switches the contention phase does not cover need: a crash right after a publish
