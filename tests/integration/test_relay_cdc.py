@@ -26,7 +26,8 @@ import pytest
 from pulse import config
 from pulse.faults import NoFaults
 from pulse.infra import broker, outbox
-from pulse.infra.relay_cdc import CdcRelay, decode_batch
+from pulse.infra.pgoutput_stream import TransactionDecoder
+from pulse.infra.relay_cdc import CdcRelay
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -152,7 +153,8 @@ def slot_event_ids(db, s) -> list[str]:
     """The outbox event ids the slot still holds (the relay has not advanced past them), read with a peek."""
     rows = db.execute("SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version', '1', "
                       "'publication_names', %s)", (s.cdc_slot, s.cdc_publication)).fetchall()
-    return [str(e.id) for _, envs in decode_batch(r["data"] for r in rows) for e in envs]
+    decoder = TransactionDecoder()  # the relay's own decoder, fed the peek's messages
+    return [str(e.id) for r in rows if (tx := decoder.message(r["data"])) for e in tx[1]]
 
 
 def slot_is_before(db, s, lsn: str) -> bool:

@@ -19,8 +19,10 @@ from psycopg.conninfo import make_conninfo
 
 from pulse import cli_relay
 from pulse.check.invariants import Scope, replication_slot
-from pulse.infra import broker, relay_cdc
-from pulse.infra.relay_cdc import CdcRelay, SlotLost, WalStream
+from pulse.infra import broker, cdc_slot
+from pulse.infra.cdc_slot import SlotLost
+from pulse.infra.pgoutput_stream import WalStream
+from pulse.infra.relay_cdc import CdcRelay
 from tests.conftest import wait_for
 from tests.integration.test_relay_cdc import cdc, insert_events, outbox_ids, relay_until, slot_row, tap  # noqa: F401
 
@@ -133,7 +135,7 @@ def test_a_lost_slot_is_recreated_and_every_event_still_delivered(found_by, cdc,
     with pytest.raises(SlotLost, match="invalidated"):  # PostgreSQL's refusal is recognised as a lost slot
         WalStream(cdc.database_url, cdc.cdc_slot, cdc.cdc_publication, 0, "pulse-test").close()
     if found_by == "start_replication":  # the slot is lost after the relay looked at wal_status
-        monkeypatch.setattr(relay_cdc, "slot_lost_reason", lambda conn, slot: None)
+        monkeypatch.setattr(cdc_slot, "slot_lost_reason", lambda conn, slot: None)
 
     caplog.set_level(logging.WARNING, logger="pulse.infra.relay_cdc")
     relay = CdcRelay(cdc, broker.ConfirmingPublisher(cdc.amqp_url))
