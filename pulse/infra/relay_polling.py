@@ -65,14 +65,14 @@ class PollingRelay:
             else:
                 flush = None
                 outcomes = self.publisher.publish_batch([envelope_of(r) for r in rows])
-                self.faults.point("relay.after_publish")
+                self.faults.point("relay.after_publish", events=len(rows))
                 confirmed, unroutable, _ = broker.sort_out(rows, outcomes)
             ids = [r["id"] for r in confirmed]
             outbox.delete(conn, ids)
             outbox.mark_unroutable(conn, [r["id"] for r in unroutable])
         if flush is not None:
             # Naive mode: the rows are gone and only now does the client write to the socket.
-            self.faults.point("relay.after_publish")
+            self.faults.point("relay.after_publish", events=len(rows))
             flush()
         self._count(len(ids))
         report_unroutable([r["event_type"] for r in unroutable], self.unroutable_retry_s, log)

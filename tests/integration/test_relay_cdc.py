@@ -46,13 +46,15 @@ class Tap:
         self.queue = self.channel.queue_declare("", exclusive=True).method.queue
         self.channel.queue_bind(self.queue, broker.EXCHANGE, routing_key="#")
         self.messages: list[dict] = []
+        self.properties: dict[str, object] = {}  # message id -> AMQP properties of its last delivery
 
     def drain(self) -> list[dict]:
         while True:
-            method, _props, body = self.channel.basic_get(self.queue, auto_ack=True)
+            method, props, body = self.channel.basic_get(self.queue, auto_ack=True)
             if method is None:
                 return self.messages
             self.messages.append(json.loads(body))
+            self.properties[self.messages[-1]["id"]] = props
 
     def ids(self) -> list[str]:
         return [m["id"] for m in self.drain()]
