@@ -121,7 +121,8 @@ def ensure_slot(conn, slot: str) -> bool:
     if row is not None:
         if row["database"] != dbname or row["plugin"] != "pgoutput":
             raise CdcUnavailable(f"Replication slot {slot} belongs to database {row['database']} (plugin "
-                                 f"{row['plugin']}), not to {dbname} with pgoutput: set PULSE_CDC_SLOT to another name.")
+                                 f"{row['plugin']}), not to {dbname} with pgoutput: set PULSE_CDC_SLOT to another "
+                                 "name.")
         return False
     try:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))

@@ -37,11 +37,10 @@ CLAIM_SWEEP = (f"SELECT {COLUMNS} FROM shared.outbox "
 def append(conn, event_type: str, aggregate_type: str, aggregate_id, payload: dict) -> uuid.UUID:
     """Add one event to ``shared.outbox`` inside the caller's transaction; returns its id (the dedup key)."""
     event_id = uuid.uuid4()
+    kind = str(event_type.value if hasattr(event_type, "value") else event_type)
     conn.execute(
         "INSERT INTO shared.outbox (id, aggregate_type, aggregate_id, event_type, payload) "
-        "VALUES (%s, %s, %s, %s, %s::jsonb)",
-        (event_id, aggregate_type, str(aggregate_id), str(event_type.value if hasattr(event_type, "value") else event_type),
-         dumps(payload)))
+        "VALUES (%s, %s, %s, %s, %s::jsonb)", (event_id, aggregate_type, str(aggregate_id), kind, dumps(payload)))
     return event_id
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+import socket
 import signal
 import subprocess
 import sys
@@ -30,11 +32,78 @@ import pytest
 from pulse import bootstrap, config
 from pulse.infra import outbox
 from tests.conftest import wait_for
-from tests.integration.test_relay_cdc import (TEST_EVENT, Proxy, _BlockAfterPublish, cdc, heartbeat_pid,  # noqa: F401
+from tests.integration.test_relay_cdc import (TEST_EVENT, _BlockAfterPublish, cdc, heartbeat_pid,  # noqa: F401
                                               outbox_ids, slot_is_before, tap)
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class Proxy:
+    """A TCP proxy in front of RabbitMQ that the test can cut (connections reset, new ones refused) and restore."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.sockets: list[socket.socket] = []
+        self.listener = None
+        self.lock = threading.Lock()
+        self.restore()
+
+    def restore(self):
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(16)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone would not on Linux
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            for s in self.sockets:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            self.sockets.clear()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b):
+        try:
+            while True:
+                ready, _, _ = select.select([a, b], [], [], 1.0)
+                for src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    (b if src is a else a).sendall(data)
+        except OSError:
+            return
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
 
 
 @pytest.fixture(params=["polling", "cdc"])
@@ -109,7 +178,7 @@ def wait_active(mode, db, proc) -> None:
 
 # --- the contract ---
 
-def test_events_of_an_aggregate_go_out_in_order_and_their_rows_go(mode, relays, tap, db):
+def test_events_of_an_aggregate_go_out_in_order_and_their_rows_go(mode, relays, tap, db):  # noqa: F811 - fixtures
     relay = relays()
     aggregates = [str(uuid.uuid4()) for _ in range(4)]
     written: dict[str, list[str]] = {a: [] for a in aggregates}
@@ -131,7 +200,7 @@ def test_events_of_an_aggregate_go_out_in_order_and_their_rows_go(mode, relays, 
         first["id"], TEST_EVENT, 2, "application/json")
 
 
-def test_a_crash_between_publish_and_delete_publishes_again(mode, children, relays, tap, db, tmp_path):
+def test_a_crash_between_publish_and_delete_publishes_again(mode, children, relays, tap, db, tmp_path):  # noqa: F811 - fixtures
     marker = tmp_path / "published"
     crashing = children(block_marker=marker)
     wait_active(mode, db, crashing)
@@ -146,7 +215,7 @@ def test_a_crash_between_publish_and_delete_publishes_again(mode, children, rela
     wait_for(lambda: not outbox_ids(db, ids), message="rows deleted by the new relay")
 
 
-def test_nothing_is_deleted_before_the_broker_confirms(mode, relays, tap, db):
+def test_nothing_is_deleted_before_the_broker_confirms(mode, relays, tap, db):  # noqa: F811 - fixtures
     url = urlsplit(mode.amqp_url)
     proxy = Proxy((url.hostname, url.port or 5672))
     via_proxy = mode.replace(amqp_url=urlunsplit(url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:"
@@ -172,7 +241,7 @@ def test_nothing_is_deleted_before_the_broker_confirms(mode, relays, tap, db):
     proxy.cut()
 
 
-def test_two_relays_publish_each_event_once_and_one_carries_on_alone(mode, children, tap, db):
+def test_two_relays_publish_each_event_once_and_one_carries_on_alone(mode, children, tap, db):  # noqa: F811 - fixtures
     first = children()
     wait_active(mode, db, first)
     second = children()
