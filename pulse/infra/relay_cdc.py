@@ -32,7 +32,7 @@ import time
 import psycopg
 
 from pulse.faults import NO_FAULTS, FaultInjected, naive_on
-from pulse.infra import broker, cdc_slot, db, outbox
+from pulse.infra import broker, cdc_slot, cdc_sweep, db, outbox
 from pulse.infra.cdc_slot import (LOCK_CLASS, CdcUnavailable, SlotLost, check_server, lsn_text,  # noqa: F401 - re-exported
                                   prepare, wal_level_problem)
 from pulse.infra.pgoutput_stream import StreamEnded, WalStream
@@ -90,8 +90,8 @@ class CdcRelay:
         self._stream: WalStream | None = None
         self._confirmed_lsn = 0  # the slot's position: every event before it was confirmed by the broker
         self._last_confirm = 0.0
-        # Before the start-up sweep: (LSN to catch up to, stream position last seen, deadline without progress).
-        self._sweep_after: tuple[int, int, float] | None = None
+        # Until the start-up sweep has run: how far the stream must read first (None once swept).
+        self._sweep_after: cdc_sweep.CatchUp | None = None
         self._beat = (0.0, 0)
         self._undeleted: dict = {}  # event id -> when its DELETE first found no row (see _delete)
         self._unflushed: list = []  # ids of events the broker confirmed whose rows are not deleted yet
@@ -115,7 +115,7 @@ class CdcRelay:
         if self._stream is None:
             self._start_up(conn)
         count = self._relay_batch(conn)
-        if self._sweep_after is not None and self._caught_up():
+        if self._sweep_after is not None and self._sweep_after.reached(self._stream):
             count += self._sweep(conn)
             self._sweep_after = None
             self._unroutable_retry_at = time.monotonic() + self.unroutable_retry_s  # the sweep just retried them
@@ -255,7 +255,7 @@ class CdcRelay:
         self._confirmed_lsn = cdc_slot.confirmed_lsn(conn, self.slot)
         # Read the slot up to the present before sweeping the table, so the sweep sees only what the slot misses.
         now_lsn = cdc_slot.flush_lsn(conn)
-        self._sweep_after = (now_lsn, self._confirmed_lsn, time.monotonic() + self.catch_up_limit_s)
+        self._sweep_after = cdc_sweep.CatchUp(now_lsn, self._confirmed_lsn, self.catch_up_limit_s)
         self._stream = WalStream(self.settings.database_url, self.slot, self.publication, self._confirmed_lsn,
                                  self.app_name)
         log.info("cdc relay streaming slot %s (publication %s) from %s", self.slot, self.publication,
@@ -270,56 +270,9 @@ class CdcRelay:
                     "max_slot_wal_keep_size; %s). Created it again; the %d rows still in shared.outbox are "
                     "published again, so no event is lost.", self.slot, reason, rows)
 
-    def _caught_up(self) -> bool:
-        """True once the stream has passed the WAL position of the start-up, or has stopped making progress
-        for ``catch_up_limit_s`` (late is fine: the sweep may then repeat some events, never lose any)."""
-        target, progress, deadline = self._sweep_after
-        stream, now = self._stream, time.monotonic()
-        if stream.wal_end >= target and not stream.in_transaction:
-            return True
-        if stream.wal_end > progress:
-            self._sweep_after = (target, stream.wal_end, now + self.catch_up_limit_s)
-            return False
-        return now > deadline
-
     def _sweep(self, conn) -> int:
-        """Publish rows the slot will not deliver: committed before the slot existed (polling mode, or a slot
-        dropped and created again) or already past its position but not deleted (a crash). The slot has been
-        read to the present first, so a row it delivered is gone already; a row committed meanwhile may go
-        out twice, never zero times. Bounded by the current highest seq, so a busy outbox cannot keep the
-        sweep going."""
-        top = outbox.max_seq(conn)
-        count = kept = after = 0  # after: unroutable rows stay in the table, so the sweep moves on by seq
-        while top is not None:
-            flush, unroutable = None, []
-            with conn.transaction():
-                rows = outbox.claim_sweep(conn, top, after, self.batch)
-                if not rows:
-                    break
-                after = rows[-1]["seq"]
-                envs = [outbox.envelope_of(r) for r in rows]
-                if self._naive():  # as in _relay_unconfirmed: the rows go before the broker has anything
-                    flush, ids = publish_unconfirmed(self.publisher, envs), [e.id for e in envs]
-                else:
-                    confirmed, unroutable, _ = broker.sort_out(envs, self.publisher.publish_batch(envs))
-                    ids = [e.id for e in confirmed]
-                    self.faults.point("relay.after_publish", events=len(envs))
-                    outbox.mark_unroutable(conn, [e.id for e in unroutable])
-                    kept += len(unroutable)
-                    report_unroutable([e.event_type for e in unroutable], self.unroutable_retry_s, log)
-                outbox.delete(conn, ids)
-            if flush is not None:
-                self.faults.point("relay.after_publish", events=len(envs))
-                flush()
-            self._count(len(ids))
-            count += len(ids)
-            if len(ids) + len(unroutable) < len(envs):
-                raise broker.BrokerUnavailable("RabbitMQ refused events of the start-up sweep; "
-                                               "they stay in the outbox.")
-        if count or kept:
-            log.info("cdc relay published %d outbox rows the slot does not cover (left by polling mode, a crash or "
-                     "no queue bound before); %d are still unroutable", count, kept)
-        return count
+        return cdc_sweep.sweep(conn, self.publisher, batch=self.batch, naive=self._naive(), faults=self.faults,
+                               retry_s=self.unroutable_retry_s, count=self._count, logger=log)
 
     # --- the worker loop ---
 
