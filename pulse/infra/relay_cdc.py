@@ -33,8 +33,8 @@ import psycopg
 
 from pulse.faults import NO_FAULTS, FaultInjected, naive_on
 from pulse.infra import broker, cdc_slot, cdc_sweep, db, outbox
-from pulse.infra.cdc_slot import (LOCK_CLASS, CdcUnavailable, SlotLost, check_server, lsn_text,  # noqa: F401 - re-exported
-                                  prepare, wal_level_problem)
+from pulse.infra.cdc_slot import CdcUnavailable, SlotLost, lsn_text
+from pulse.infra.cdc_slot import prepare  # noqa: F401 - `pulse db migrate` calls relay_cdc.prepare
 from pulse.infra.pgoutput_stream import StreamEnded, WalStream
 from pulse.infra.relay_publish import UNROUTABLE_RETRY_S, publish_unconfirmed, report_unroutable, retry_unroutable
 
