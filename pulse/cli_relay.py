@@ -6,29 +6,10 @@ import json
 import sys
 
 from pulse import config
-from pulse.infra import db
+from pulse.infra import cdc_slot, db, outbox
 
 RETAINED_WARN_BYTES = 1 << 30  # an unread slot retained ~10 GB/hour at 4k transactions/s here
 RECREATED_WARN_S = 86_400  # a slot recreated after a loss is worth a WARNING line for a day, then a plain field
-
-SLOT_SQL = """
-SELECT s.database, s.active, s.active_pid, s.confirmed_flush_lsn::text AS confirmed_flush_lsn,
-       s.wal_status, s.safe_wal_size,
-       pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint AS lag_bytes,
-       pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_bytes
-FROM pg_replication_slots s WHERE s.slot_name = %s"""
-
-HOLDER_SQL = """
-SELECT l.pid AS backend_pid, a.application_name, a.client_addr::text AS client_addr, a.backend_start
-FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.database = (
-      SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid::bigint = %s AND l.objid::bigint = hashtext(%s) & 2147483647"""
-
-# Events RabbitMQ returned because no queue is bound to their type (mandatory publish): kept, retried slowly.
-UNROUTABLE_SQL = """
-SELECT event_type, count(*) AS n, min(unroutable_at) AS oldest FROM shared.outbox
-WHERE unroutable_at IS NOT NULL GROUP BY event_type ORDER BY min(unroutable_at)"""
 
 
 def _settings() -> config.Settings:
@@ -37,19 +18,15 @@ def _settings() -> config.Settings:
 
 def relay_status(settings: config.Settings) -> dict:
     """Mode, lock holder, slot lag and retained WAL, heartbeat (events/s, last publish) and warnings."""
-    from pulse.infra.relay_cdc import LOCK_CLASS, wal_level_problem
-
     with db.connect(settings.database_url, autocommit=True) as conn:
-        slot = conn.execute(SLOT_SQL, (settings.cdc_slot,)).fetchone()
-        holder = conn.execute(HOLDER_SQL, (LOCK_CLASS, settings.cdc_slot)).fetchone()
-        beat = conn.execute("SELECT *, extract(epoch FROM now() - updated_at) AS age_s FROM infra.relay_heartbeat "
-                            "WHERE slot = %s", (settings.cdc_slot,)).fetchone() if _has_heartbeat(conn) else None
-        publication = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s",
-                                   (settings.cdc_publication,)).fetchone() is not None
-        wal_level = conn.execute("SHOW wal_level").fetchone()["wal_level"]
-        outbox_rows = conn.execute("SELECT count(*) AS n FROM shared.outbox").fetchone()["n"]
-        recreated = last_slot_loss(conn, settings.cdc_slot)
-        unroutable = conn.execute(UNROUTABLE_SQL).fetchall()
+        slot = cdc_slot.slot_info(conn, settings.cdc_slot)
+        holder = cdc_slot.holder(conn, settings.cdc_slot)
+        beat = cdc_slot.heartbeat(conn, settings.cdc_slot)
+        publication = cdc_slot.publication_exists(conn, settings.cdc_publication)
+        wal_level = cdc_slot.wal_level(conn)
+        outbox_rows = outbox.count(conn)
+        recreated = cdc_slot.last_slot_loss(conn, settings.cdc_slot)
+        unroutable = outbox.unroutable_by_type(conn)
     status = {
         "mode": settings.outbox_mode, "walLevel": wal_level, "outboxRows": outbox_rows,
         "unroutable": _unroutable(unroutable),
@@ -59,25 +36,8 @@ def relay_status(settings: config.Settings) -> dict:
         "heartbeat": _heartbeat(beat),
         "slotRecreated": recreated,
     }
-    status["warnings"] = warnings(status, wal_level_problem(wal_level))
+    status["warnings"] = warnings(status, cdc_slot.wal_level_problem(wal_level))
     return status
-
-
-def last_slot_loss(conn, slot: str) -> dict | None:
-    """The last time the cdc relay found ``slot`` lost and created it again (``infra.relay_slot_losses``), or None."""
-    if not conn.execute("SELECT to_regclass('infra.relay_slot_losses') IS NOT NULL AS ok").fetchone()["ok"]:
-        return None
-    row = conn.execute("SELECT recreated_at, reason, outbox_rows, pid, host, extract(epoch FROM now() - recreated_at) "
-                       "AS age_s, count(*) OVER () AS times FROM infra.relay_slot_losses WHERE slot = %s "
-                       "ORDER BY recreated_at DESC LIMIT 1", (slot,)).fetchone()
-    if row is None:
-        return None
-    return {"at": row["recreated_at"].isoformat(), "reason": row["reason"], "outboxRows": row["outbox_rows"],
-            "pid": row["pid"], "host": row["host"], "ageS": round(float(row["age_s"]), 1), "times": row["times"]}
-
-
-def _has_heartbeat(conn) -> bool:
-    return conn.execute("SELECT to_regclass('infra.relay_heartbeat') IS NOT NULL AS ok").fetchone()["ok"]
 
 
 def _slot(name: str, row) -> dict:
@@ -193,19 +153,8 @@ def cmd_status(args) -> int:
 
 def drop_slot(settings: config.Settings) -> dict:
     """Drop the configured slot unless a relay is using it; returns what was dropped."""
-    from pulse.infra.relay_cdc import LOCK_CLASS
-
     with db.connect(settings.database_url, autocommit=True) as conn:
-        slot = conn.execute(SLOT_SQL, (settings.cdc_slot,)).fetchone()
-        if slot is None:
-            return {"slot": settings.cdc_slot, "dropped": False, "reason": "no such slot"}
-        holder = conn.execute(HOLDER_SQL, (LOCK_CLASS, settings.cdc_slot)).fetchone()
-        if holder is not None or slot["active"]:
-            pid = holder["backend_pid"] if holder else slot["active_pid"]
-            raise RuntimeError(f"Slot {settings.cdc_slot} is in use by a running cdc relay (backend {pid}); "
-                               "stop it first.")
-        conn.execute("SELECT pg_drop_replication_slot(%s)", (settings.cdc_slot,))
-    return {"slot": settings.cdc_slot, "dropped": True, "freedBytes": slot["retained_bytes"]}
+        return cdc_slot.drop(conn, settings.cdc_slot)
 
 
 def cmd_drop_slot(args) -> int:

@@ -1,20 +1,46 @@
-"""The transactional outbox: events are rows written in the same transaction as the change they announce."""
+"""The transactional outbox: events are rows written in the same transaction as the change they announce.
+
+Every statement on ``shared.outbox`` that the write side, the relays and the operators' tools run lives here, so
+the rules a row follows (claimed in ``seq`` order, deleted only after the broker confirmed it, kept and marked
+when no queue takes it) are read in one place. The lab's reporting views and ``pulse check`` keep their own
+read-only queries.
+
+Functions take any connection (tuple or dict rows) and return dict rows, so the polling relay (dict-row
+connection) and the CDC relay (tuple-row control connection) share them.
+"""
 
 from __future__ import annotations
 
 import uuid
 
+from psycopg.rows import dict_row, tuple_row
+
 from pulse.events import Envelope, dumps
+
+COLUMNS = "id, aggregate_type, aggregate_id, event_type, payload, seq"
+
+# Why seq order is the commit order that matters: a table row only becomes visible at its commit, so a
+# poll sees committed rows only, in insert order. Two rows can be claimed out of commit order only when
+# their transactions overlapped, i.e. were concurrent and so independent; every saga step is written by
+# a handler that ran after the previous step's event was published, so the events of one order are
+# always in both insert and commit order. Exact commit order across unrelated transactions needs the
+# WAL (the cdc relay) or serialising every writer on one lock, which the polling relay does not pay for.
+CLAIM = (f"SELECT {COLUMNS} FROM shared.outbox "
+         "WHERE unroutable_at IS NULL ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
+CLAIM_UNROUTABLE = (f"SELECT {COLUMNS} FROM shared.outbox "
+                    "WHERE unroutable_at IS NOT NULL AND seq > %s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
+# The CDC relay's start-up sweep: every row up to the highest seq seen at start, marked or not, by seq.
+CLAIM_SWEEP = (f"SELECT {COLUMNS} FROM shared.outbox "
+               "WHERE seq <= %s AND seq > %s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
 
 
 def append(conn, event_type: str, aggregate_type: str, aggregate_id, payload: dict) -> uuid.UUID:
     """Add one event to ``shared.outbox`` inside the caller's transaction; returns its id (the dedup key)."""
     event_id = uuid.uuid4()
+    kind = str(event_type.value if hasattr(event_type, "value") else event_type)
     conn.execute(
         "INSERT INTO shared.outbox (id, aggregate_type, aggregate_id, event_type, payload) "
-        "VALUES (%s, %s, %s, %s, %s::jsonb)",
-        (event_id, aggregate_type, str(aggregate_id), str(event_type.value if hasattr(event_type, "value") else event_type),
-         dumps(payload)))
+        "VALUES (%s, %s, %s, %s, %s::jsonb)", (event_id, aggregate_type, str(aggregate_id), kind, dumps(payload)))
     return event_id
 
 
@@ -22,3 +48,70 @@ def envelope_of(row: dict) -> Envelope:
     """The wire envelope of an outbox row (as read by the polling relay or decoded by the CDC relay)."""
     return Envelope(id=row["id"] if isinstance(row["id"], uuid.UUID) else uuid.UUID(str(row["id"])),
                     event_type=row["event_type"], aggregate_id=row["aggregate_id"], payload=row["payload"])
+
+
+def _rows(conn, query: str, params) -> list[dict]:
+    return conn.cursor(row_factory=dict_row).execute(query, params).fetchall()
+
+
+def _ids(conn, query: str, ids: list) -> set:
+    return {r[0] for r in conn.cursor(row_factory=tuple_row).execute(query, (ids,))}
+
+
+def claim(conn, limit: int) -> list[dict]:
+    """Lock up to ``limit`` routable rows, oldest ``seq`` first, skipping rows another relay holds.
+
+    Call inside a transaction: the rows stay claimed until it ends, and are deleted in it once confirmed."""
+    return _rows(conn, CLAIM, (limit,))
+
+
+def claim_unroutable(conn, after_seq: int, limit: int) -> list[dict]:
+    """Lock up to ``limit`` rows marked unroutable with ``seq`` above ``after_seq`` (a retry pass pages by seq)."""
+    return _rows(conn, CLAIM_UNROUTABLE, (after_seq, limit))
+
+
+def claim_sweep(conn, top_seq: int, after_seq: int, limit: int) -> list[dict]:
+    """Lock up to ``limit`` rows with ``after_seq < seq <= top_seq``, marked or not: the CDC start-up sweep."""
+    return _rows(conn, CLAIM_SWEEP, (top_seq, after_seq, limit))
+
+
+def delete(conn, ids) -> set:
+    """Delete the rows of events the broker confirmed; returns the ids that were found (and so deleted)."""
+    ids = list(ids)
+    if not ids:
+        return set()
+    return _ids(conn, "DELETE FROM shared.outbox WHERE id = ANY(%s) RETURNING id", ids)
+
+
+def mark_unroutable(conn, ids) -> set:
+    """Mark the rows of events the broker returned as unroutable, keeping the first mark (how long the event has
+    waited for a binding); returns the ids found."""
+    ids = list(ids)
+    if not ids:
+        return set()
+    return _ids(conn, "UPDATE shared.outbox SET unroutable_at = coalesce(unroutable_at, now()) "
+                "WHERE id = ANY(%s) RETURNING id", ids)
+
+
+def max_seq(conn) -> int | None:
+    """The highest ``seq`` in the table now (None when it is empty): where a sweep stops."""
+    return _rows(conn, "SELECT max(seq) AS top FROM shared.outbox", ())[0]["top"]
+
+
+def count(conn) -> int:
+    """How many rows wait in the outbox, unroutable ones included."""
+    return _rows(conn, "SELECT count(*) AS n FROM shared.outbox", ())[0]["n"]
+
+
+def late_count(conn, older_than_s: float) -> int:
+    """Routable rows older than ``older_than_s``: events the relay has not published yet although it should have.
+
+    Unroutable rows wait for a binding, not for the relay, so they are not counted."""
+    return _rows(conn, "SELECT count(*) AS n FROM shared.outbox WHERE unroutable_at IS NULL AND "
+                 "created_at < now() - make_interval(secs => %s)", (older_than_s,))[0]["n"]
+
+
+def unroutable_by_type(conn) -> list[dict]:
+    """Rows kept because no queue is bound to their type: ``[{event_type, n, oldest}]``, oldest mark first."""
+    return _rows(conn, "SELECT event_type, count(*) AS n, min(unroutable_at) AS oldest FROM shared.outbox "
+                 "WHERE unroutable_at IS NOT NULL GROUP BY event_type ORDER BY min(unroutable_at)", ())

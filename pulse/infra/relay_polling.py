@@ -1,40 +1,25 @@
 """The polling outbox relay: claim rows, publish with confirms, delete what the broker confirmed.
 
-An event no queue is bound to is returned by the broker (mandatory publish): its row is marked ``unroutable_at``
-and kept, because deleting it would lose the event for good while a missing binding is usually a deploy or
-topology slip that gets fixed. Marked rows leave the claim, so they neither block nor spin the relay, and a slow
-retry pass (``unroutable_retry_s``) publishes them again, so an event goes out once a queue is bound to its type.
+Polling needs nothing from PostgreSQL beyond a table, so it is the default and the fallback when the server
+cannot do logical decoding. Its claim, delete and mark statements are :mod:`pulse.infra.outbox`'s; what a
+broker's answer means for a row (unroutable kept and retried) is :mod:`pulse.infra.relay_publish`'s.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import threading
 import time
 
-import pika
 import psycopg
-from psycopg.rows import dict_row
 
 from pulse.faults import NO_FAULTS, FaultInjected, naive_on
-from pulse.infra import broker, db
-from pulse.infra.outbox import envelope_of
+from pulse.infra import broker, db, outbox
+from pulse.infra.outbox import CLAIM, envelope_of  # noqa: F401 - CLAIM is shown in notebook 03
+from pulse.infra.relay_publish import UNROUTABLE_RETRY_S, publish_unconfirmed, report_unroutable, retry_unroutable
 
 log = logging.getLogger(__name__)
-
-# Why seq order is the commit order that matters: a table row only becomes visible at its commit, so a
-# poll sees committed rows only, in insert order. Two rows can be claimed out of commit order only when
-# their transactions overlapped, i.e. were concurrent and so independent; every saga step is written by
-# a handler that ran after the previous step's event was published, so the events of one order are
-# always in both insert and commit order. Exact commit order across unrelated transactions needs the
-# WAL (the cdc relay) or serialising every writer on one lock, which this relay does not pay for.
-CLAIM = ("SELECT id, aggregate_type, aggregate_id, event_type, payload FROM shared.outbox "
-         "WHERE unroutable_at IS NULL ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
-CLAIM_UNROUTABLE = ("SELECT id, aggregate_type, aggregate_id, event_type, payload, seq FROM shared.outbox "
-                    "WHERE unroutable_at IS NOT NULL AND seq > %s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
-UNROUTABLE_RETRY_S = 30.0
 
 
 class PollingRelay:
@@ -63,7 +48,7 @@ class PollingRelay:
         conn = self._connection()
         retried = 0
         if time.monotonic() >= self._retry_at:
-            retried = retry_unroutable(conn, self.publisher, self.batch, self.unroutable_retry_s)
+            retried = retry_unroutable(conn, self.publisher, self.batch, self.unroutable_retry_s, log)
             self._retry_at = time.monotonic() + self.unroutable_retry_s
             self._count(retried)
         return retried + self._relay_batch(conn)
@@ -71,7 +56,7 @@ class PollingRelay:
     def _relay_batch(self, conn) -> int:
         unroutable = []
         with conn.transaction():
-            rows = conn.execute(CLAIM, (self.batch,)).fetchall()
+            rows = outbox.claim(conn, self.batch)
             if not rows:
                 return 0
             if self._naive():
@@ -80,18 +65,17 @@ class PollingRelay:
             else:
                 flush = None
                 outcomes = self.publisher.publish_batch([envelope_of(r) for r in rows])
-                self.faults.point("relay.after_publish")
+                self.faults.point("relay.after_publish", events=len(rows))
                 confirmed, unroutable, _ = broker.sort_out(rows, outcomes)
             ids = [r["id"] for r in confirmed]
-            if ids:
-                conn.execute("DELETE FROM shared.outbox WHERE id = ANY(%s)", (ids,))
-            mark_unroutable(conn, [r["id"] for r in unroutable])
+            outbox.delete(conn, ids)
+            outbox.mark_unroutable(conn, [r["id"] for r in unroutable])
         if flush is not None:
             # Naive mode: the rows are gone and only now does the client write to the socket.
-            self.faults.point("relay.after_publish")
+            self.faults.point("relay.after_publish", events=len(rows))
             flush()
         self._count(len(ids))
-        report_unroutable([r["event_type"] for r in unroutable], self.unroutable_retry_s)
+        report_unroutable([r["event_type"] for r in unroutable], self.unroutable_retry_s, log)
         refused = len(rows) - len(ids) - len(unroutable)
         if refused:
             log.warning("broker refused %d of %d events; they stay in the outbox", refused, len(rows))
@@ -140,64 +124,3 @@ class PollingRelay:
             except Exception:  # a dead connection may fail to close; we are discarding it anyway
                 pass
         self._conn = None
-
-
-def mark_unroutable(conn, ids) -> int:
-    """Mark the rows of events the broker returned as unroutable (keeping the first mark); returns rows found."""
-    if not ids:
-        return 0
-    return conn.execute("UPDATE shared.outbox SET unroutable_at = coalesce(unroutable_at, now()) "
-                        "WHERE id = ANY(%s)", (list(ids),)).rowcount
-
-
-def report_unroutable(event_types, retry_s: float, logger: logging.Logger = log) -> None:
-    """One WARNING line for a batch's unroutable events: their types and counts."""
-    if not event_types:
-        return
-    counts = collections.Counter(event_types)
-    kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-    logger.warning("unroutable: %s event(s) returned by RabbitMQ, no queue is bound to it; they stay in the outbox "
-                   "(unroutable_at) and are retried every %gs", kinds, retry_s)
-
-
-def retry_unroutable(conn, publisher: broker.ConfirmingPublisher, batch: int,
-                     retry_s: float = UNROUTABLE_RETRY_S, logger: logging.Logger = log) -> int:
-    """Publish the rows marked unroutable again, oldest first, and delete those the broker now routed and confirmed.
-
-    Rows still unroutable keep their first mark (how long the event has waited); rows the broker did not confirm
-    stay as they are. Returns how many were delivered."""
-    delivered, after = 0, 0
-    while True:
-        with conn.transaction():
-            rows = conn.cursor(row_factory=dict_row).execute(CLAIM_UNROUTABLE, (after, batch)).fetchall()
-            if not rows:
-                break
-            outcomes = publisher.publish_batch([envelope_of(r) for r in rows])
-            confirmed, unroutable, _ = broker.sort_out(rows, outcomes)
-            if confirmed:
-                conn.execute("DELETE FROM shared.outbox WHERE id = ANY(%s)", ([r["id"] for r in confirmed],))
-            after = rows[-1]["seq"]
-        delivered += len(confirmed)
-        if confirmed:
-            logger.info("delivered %d event(s) that were unroutable before: a queue is bound to them now",
-                        len(confirmed))
-        if unroutable:
-            report_unroutable([r["event_type"] for r in unroutable], retry_s, logger)
-        if len(rows) < batch:
-            break
-    return delivered
-
-
-def publish_unconfirmed(publisher: broker.ConfirmingPublisher, envelopes) -> object:
-    """The lab's naive publish (issue 4, ``publish-no-confirm``): hand the messages to the client library
-    and return at once; the returned ``flush()`` writes them to the socket. Whoever deletes the outbox
-    rows before that (as the original did, trusting "publish returned") loses the batch in a crash.
-    Delivery tags are still counted so the confirming path stays in step when the switch goes off."""
-    publisher._ensure_open()
-    channel = publisher._channel
-    for env in envelopes:
-        props = pika.BasicProperties(content_type="application/json", delivery_mode=2, message_id=str(env.id),
-                                     type=env.event_type)
-        channel._impl.basic_publish(broker.EXCHANGE, env.event_type, env.to_json(), props)
-        publisher._next_tag += 1
-    return lambda: channel._flush_output(lambda: True)

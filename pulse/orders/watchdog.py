@@ -180,8 +180,7 @@ class Watchdog:
         with self.deps.pool.connection() as conn:
             # Unroutable rows wait for a binding, not for the relay (events-routed reports them); counted, they
             # would hold every re-drive back until someone binds a queue.
-            late = conn.execute("SELECT count(*) AS n FROM shared.outbox WHERE unroutable_at IS NULL AND "
-                                "created_at < now() - make_interval(secs => %s)", (self.deadline_s,)).fetchone()["n"]
+            late = outbox.late_count(conn, self.deadline_s)
         if late:
             return f"{late} outbox event(s) older than the deadline are not relayed yet"
         if self.depth is not None:

@@ -19,8 +19,10 @@ from psycopg.conninfo import make_conninfo
 
 from pulse import cli_relay
 from pulse.check.invariants import Scope, replication_slot
-from pulse.infra import broker, relay_cdc
-from pulse.infra.relay_cdc import CdcRelay, SlotLost, WalStream
+from pulse.infra import broker, cdc_slot
+from pulse.infra.cdc_slot import SlotLost
+from pulse.infra.pgoutput_stream import WalStream
+from pulse.infra.relay_cdc import CdcRelay
 from tests.conftest import wait_for
 from tests.integration.test_relay_cdc import cdc, insert_events, outbox_ids, relay_until, slot_row, tap  # noqa: F401
 
@@ -133,7 +135,7 @@ def test_a_lost_slot_is_recreated_and_every_event_still_delivered(found_by, cdc,
     with pytest.raises(SlotLost, match="invalidated"):  # PostgreSQL's refusal is recognised as a lost slot
         WalStream(cdc.database_url, cdc.cdc_slot, cdc.cdc_publication, 0, "pulse-test").close()
     if found_by == "start_replication":  # the slot is lost after the relay looked at wal_status
-        monkeypatch.setattr(relay_cdc, "slot_lost_reason", lambda conn, slot: None)
+        monkeypatch.setattr(cdc_slot, "slot_lost_reason", lambda conn, slot: None)
 
     caplog.set_level(logging.WARNING, logger="pulse.infra.relay_cdc")
     relay = CdcRelay(cdc, broker.ConfirmingPublisher(cdc.amqp_url))
@@ -160,3 +162,32 @@ def test_a_lost_slot_is_recreated_and_every_event_still_delivered(found_by, cdc,
     assert "lost and recreated" in cli_relay.render(status)
     check = replication_slot(db, Scope(), cdc.cdc_slot)
     assert check.passed and "recreated" in check.details and check.data["recreatedAfterLoss"]
+
+
+def test_a_slot_found_lost_is_dropped_created_again_and_its_rows_swept(cdc, tap, db, caplog,  # noqa: F811
+                                                                        monkeypatch):
+    """The recreation path without lowering the cluster's cap (the test above skips when another slot trails as
+    far as ours): wal_status is reported lost once, as PostgreSQL would after the checkpoint."""
+    relay = CdcRelay(cdc, broker.ConfirmingPublisher(cdc.amqp_url))
+    try:
+        relay_until(relay, 0)
+    finally:
+        relay.close()
+    wait_for(lambda: not slot_row(db, cdc.cdc_slot)["active"], 10, message="slot released")
+    db.execute("SELECT pg_drop_replication_slot(%s)", (cdc.cdc_slot,))
+    waiting = insert_events(cdc.database_url, 3)  # not in the WAL the new slot will read: only the sweep has them
+    db.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (cdc.cdc_slot,))
+    reports = iter(["wal_status = lost"])
+    monkeypatch.setattr(cdc_slot, "slot_lost_reason", lambda conn, slot: next(reports, None))
+    caplog.set_level(logging.WARNING, logger="pulse.infra.relay_cdc")
+    relay = CdcRelay(cdc, broker.ConfirmingPublisher(cdc.amqp_url))
+    try:
+        relay_until(relay, len(waiting))
+        tap.wait_ids(waiting)
+    finally:
+        relay.close()
+    assert not outbox_ids(db, waiting) and relay.slot_recreated_at is not None
+    assert [r for r in caplog.records if "was lost" in r.getMessage()]
+    loss = db.execute("SELECT * FROM infra.relay_slot_losses WHERE slot = %s", (cdc.cdc_slot,)).fetchall()
+    assert len(loss) == 1 and loss[0]["outbox_rows"] == len(waiting) and loss[0]["reason"] == "wal_status = lost"
+    assert cli_relay.relay_status(cdc)["slotRecreated"]["outboxRows"] == len(waiting)

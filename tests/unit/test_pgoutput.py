@@ -1,12 +1,22 @@
-"""pgoutput decoding on byte strings built by hand (protocol 1 layouts from the PostgreSQL documentation)."""
+"""pgoutput decoding on byte strings built by hand (protocol 1 layouts from the PostgreSQL documentation) and on
+CopyData captured once from a real slot (fixtures/pgoutput_stream.json, written by capture_pgoutput_stream.py).
 
+The stream tests drive :class:`TransactionDecoder.feed`, the method the relay's WalStream calls for every
+CopyData message it receives."""
+
+import json
 import struct
 import uuid
+from pathlib import Path
 
 import pytest
 
 from pulse.infra import pgoutput as pg
-from pulse.infra.relay_cdc import confirmed_prefix, decode_batch, lsn_int, lsn_text, wal_level_problem
+from pulse.infra.cdc_slot import lsn_int, lsn_text, wal_level_problem
+from pulse.infra.pgoutput_stream import TransactionDecoder, encode_keepalive, encode_xlog_data
+from pulse.infra.relay_cdc import confirmed_prefix
+
+CAPTURED = json.loads((Path(__file__).parent / "fixtures" / "pgoutput_stream.json").read_text())
 
 OUTBOX_COLUMNS = [("id", 2950), ("aggregate_type", 25), ("aggregate_id", 25), ("event_type", 25), ("payload", 3802),
                   ("created_at", 1184), ("seq", 20)]
@@ -80,21 +90,88 @@ def test_insert_with_unchanged_toast_value_is_rejected():
         pg.parse(raw)
 
 
-def test_decode_batch_keeps_commit_order_and_skips_other_tables_and_deletes():
+def feed_all(decoder, messages):
+    return [tx for data in messages if (tx := decoder.feed(data)) is not None]
+
+
+def test_captured_stream_yields_each_transaction_with_its_outbox_events():
+    decoder = TransactionDecoder(CAPTURED["start_lsn"])
+    txns = feed_all(decoder, [bytes.fromhex(h) for h in CAPTURED["copy_data"]])
+    # The transaction that changed another table only was never sent (PostgreSQL 15+ skips empty ones); the
+    # UPDATE and DELETE of outbox rows are not in the insert-only publication.
+    assert [[str(e.id) for e in envs] for _, envs in txns] == CAPTURED["transactions"]
+    assert [lsn for lsn, _ in txns] == CAPTURED["end_lsns"] and txns[0][0] < txns[1][0]
+    first, second = txns[0][1]
+    assert (first.event_type, first.payload) == ("ORDER_CREATED", {"n": 1})
+    assert second.payload == {"note": "Grüße ✓", "items": [1, 2]} and uuid.UUID(second.aggregate_id)
+    assert decoder.wal_end >= CAPTURED["end_lsns"][-1] and not decoder.in_transaction
+
+
+def test_captured_stream_read_in_any_two_parts_gives_the_same_transactions():
+    raw = [bytes.fromhex(h) for h in CAPTURED["copy_data"]]
+    whole = feed_all(TransactionDecoder(), raw)
+    for cut in range(1, len(raw)):
+        decoder = TransactionDecoder()
+        before = feed_all(decoder, raw[:cut])
+        assert decoder.in_transaction == _begun(raw[:cut])
+        assert before + feed_all(decoder, raw[cut:]) == whole
+
+
+def _begun(messages) -> bool:
+    """True if the last Begin or Commit among these CopyData messages is a Begin (after 'w' and its 24 bytes)."""
+    kinds = [m[25:26] for m in messages if m[:1] == b"w" and m[25:26] in (b"B", b"C")]
+    return bool(kinds) and kinds[-1] == b"B"
+
+
+def test_stream_keeps_commit_order_and_skips_other_tables_and_deletes():
     a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     other = pg.encode_relation(500, "infra", "relay_heartbeat", [("slot", 25)])
-    stream = [
+    messages = [
         pg.encode_begin(200, 1, 10), outbox_relation(), outbox_insert(a, "ORDER_CREATED"),
         outbox_insert(b, "ORDER_UPDATED", payload='{"n": 2}'), pg.encode_commit(190, 200, 1),
         pg.encode_begin(300, 2, 11), other, pg.encode_insert(500, ["s"]), pg.encode_delete(16401, [str(a)]),
         pg.encode_commit(290, 300, 2),
         pg.encode_begin(400, 3, 12), outbox_insert(c, "STOCK_RESERVED"), pg.encode_commit(390, 400, 3),
     ]
-    txns = decode_batch(stream)
-    assert [end for end, _ in txns] == [200, 300, 400]
+    decoder = TransactionDecoder()
+    txns = feed_all(decoder, [encode_xlog_data(m) for m in messages])
+    assert [end for end, _ in txns] == [200, 300, 400] and decoder.wal_end == 400
     assert [[(e.id, e.event_type) for e in envs] for _, envs in txns] == [
         [(a, "ORDER_CREATED"), (b, "ORDER_UPDATED")], [], [(c, "STOCK_RESERVED")]]
     assert txns[0][1][1].payload == {"n": 2} and txns[0][1][0].aggregate_id == "o-1"
+
+
+def test_a_transaction_is_held_back_until_its_commit_arrives():
+    decoder, eid = TransactionDecoder(), uuid.uuid4()
+    assert decoder.feed(encode_xlog_data(pg.encode_begin(200, 1, 10))) is None and decoder.in_transaction
+    assert decoder.feed(encode_xlog_data(outbox_relation())) is None
+    assert decoder.feed(encode_xlog_data(outbox_insert(eid))) is None
+    assert decoder.feed(encode_keepalive(150)) is None and decoder.in_transaction  # a keepalive mid-transaction
+    end, envs = decoder.feed(encode_xlog_data(pg.encode_commit(190, 200, 1)))
+    assert end == 200 and [e.id for e in envs] == [eid] and not decoder.in_transaction
+
+
+def test_keepalives_move_wal_end_forward_only_and_keep_a_reply_request():
+    decoder = TransactionDecoder(start_lsn=100)
+    decoder.feed(encode_keepalive(90))
+    assert decoder.wal_end == 100 and not decoder.reply_requested
+    decoder.feed(encode_keepalive(500, reply_requested=True))
+    decoder.feed(encode_keepalive(600))
+    assert decoder.wal_end == 600 and decoder.reply_requested  # until WalStream.confirm answers it
+
+
+def test_unknown_copy_data_is_ignored_and_a_broken_message_raises():
+    decoder = TransactionDecoder(start_lsn=7)
+    assert decoder.feed(b"x" + b"\0" * 8) is None and decoder.wal_end == 7
+    with pytest.raises(pg.DecodeError):
+        decoder.feed(encode_xlog_data(pg.encode_insert(1, ["abc"])[:-1]))
+
+
+def test_peeked_messages_decode_like_streamed_ones():
+    decoder, eid = TransactionDecoder(), uuid.uuid4()
+    out = [decoder.message(m) for m in (pg.encode_begin(20, 1, 1), outbox_relation(), outbox_insert(eid),
+                                        pg.encode_commit(10, 20, 1))]
+    assert out[:3] == [None, None, None] and out[3][0] == 20 and out[3][1][0].id == eid
 
 
 def test_confirmed_prefix_stops_at_the_first_transaction_with_a_refused_event():
