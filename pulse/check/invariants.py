@@ -363,7 +363,8 @@ def peek_dead_letters(amqp_url: str, limit: int = 1000, since_epoch: float | Non
                     if method is None:
                         break
                     headers = props.headers or {}
-                    if since_epoch is not None and float(headers.get("x-pulse-failed-at", 0)) < since_epoch:
+                    # The consumer stamps whole epoch milliseconds (AMQP tables have no float type).
+                    if since_epoch is not None and float(headers.get("x-pulse-failed-at", 0)) / 1000 < since_epoch:
                         continue
                     messages.append({"id": props.message_id, "reason": str(headers.get("x-pulse-reason", ""))})
             except Exception:  # the DLQ may not exist yet (topology never declared): nothing dead-lettered
