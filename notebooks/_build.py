@@ -318,7 +318,7 @@ after — the crash then loses whatever had not left the process. A lost publish
 confirms (and `mandatory`, for a message no queue would take) are there to prevent."""),
     code("teach.predict('Without confirms, after the crash, does the checker find every event delivered?', "
          "['yes', 'no, events were lost'], 'confirms', PREDICTIONS)"),
-    code("confirms = lab.demonstrate('publisher-confirms', 'publish-no-confirm', lambda lab: sc.relay_crash(lab, wait_s=8),\n"
+    code("confirms = lab.demonstrate('publisher-confirms', 'publish-no-confirm', lambda lab: sc.relay_crash(lab, wait_s=5),\n"
          "                           says='{crashes} crash(es)')\nteach.show(confirms, ['crashes', 'completed'])"),
     code("teach.reveal('confirms', 'no, events were lost' if 'delivery' in confirms['off']['violations'] else 'yes')"),
     md("""## What a lost message after the broker looks like, and the watchdog
@@ -569,7 +569,8 @@ notebook shows the race every time; real databases under load have such gaps wit
 shoppers' orders of one product, placed at the same moment."""),
     code("teach.predict('Without the version check, 8 orders complete. How many units leave the shelf?', "
          "['8', 'fewer than 8', 'more than 8'], 'version', PREDICTIONS)"),
-    code("lab.switch(consumer_threads=2)   # already so after the load runs; said again so the cell stands alone\n"
+    code("if lab.settings.consumer_threads < 2:   # so after the load runs above; this cell may also run alone\n"
+         "    lab.switch(consumer_threads=2)\n"
          "version = lab.demonstrate('optimistic-locking', 'no-version-check', sc.crowd,\n"
          "                          says='{unitsOrdered} units ordered, {unitsLeftShelf} left the shelf')\n"
          "teach.show(version, ['unitsOrdered', 'unitsLeftShelf'])"),

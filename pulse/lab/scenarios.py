@@ -404,18 +404,20 @@ def poison_message(lab, *, redrive_deadline_s: float = 1.0, wait_s: float = 20.0
     product = lab.new_product(stock=5, name="Poison")
     user = lab.client.new_user()
     lab.client.add_item(user, product, 1)
-    attempts = lab.settings.handler_retries + 1  # the batch's attempt, then the one-message path's retries
+    retries = lab.settings.handler_retries
     since = lab.now()
-    lab.arm("payment.timeout", 1.0, action="error", max=attempts)
+    # A message alone is tried ``retries`` times; one that failed inside a batch once more: armed for both.
+    lab.arm("payment.timeout", 1.0, action="error", max=retries + 1)
     try:
         order_id = lab.client.checkout(user)["orderId"]
         deadline = time.monotonic() + wait_s
-        while (faults.fired_counts(lab.settings.database_url, since).get("payment.timeout", 0) < attempts
+        while (faults.fired_counts(lab.settings.database_url, since).get("payment.timeout", 0) < retries
                and time.monotonic() < deadline):
             time.sleep(0.1)
+        time.sleep(0.3)  # no backoff after the last attempt: the consumer dead-letters (or drops) it at once
     finally:
         lab.disarm("payment.timeout")
-    time.sleep(0.5)  # the consumer dead-letters (or drops) the message after its last attempt
+    attempts = faults.fired_counts(lab.settings.database_url, since).get("payment.timeout", 0)
     dead = invariants.peek_dead_letters(lab.settings.amqp_url, since_epoch=since.timestamp())
     in_dlq = sum(1 for m in dead.get("payment.queue", []) if m["id"])
     order = _redrive_until_settled(lab, order_id, redrive_deadline_s, wait_s)
