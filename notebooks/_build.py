@@ -588,7 +588,7 @@ event reached every module bound to it, or sits in a dead-letter queue."""),
     code("teach.predict('The payment event fails every retry and the consumer drops it. Where is it now?', "
          "['in payment.queue.dlq', 'nowhere'], 'dlq', PREDICTIONS)"),
     code("poison = lab.demonstrate('dead-letter', 'dlq-drop', sc.poison_message,\n"
-         "                         says='{attempts} attempts, {deadLettered} copy in the dead-letter queue, order completed: {completed}')\n"
+         "                         says='{attempts} failed attempts, {deadLettered} message(s) in the dead-letter queue, order completed: {completed}')\n"
          "teach.show(poison, ['deadLettered', 'completed'])"),
     code("teach.reveal('dlq', 'in payment.queue.dlq' if poison['off']['deadLettered'] else 'nowhere')"),
     md("""## Delivered twice: the inbox
