@@ -246,6 +246,24 @@ module, then lets a second shopper try to add the same last unit, and then deliv
     md("""So: Lua makes each reservation atomic; the cart's hold makes the *yes* a shopper got at the cart still
 true when inventory decides. PostgreSQL stays the last line of defence either way (stock never below zero), but
 only both together keep the shopper from being told *yes* and then *sold out*."""),
+    md("""## Carts that expire: who gives the hold back?
+A cart that nobody orders must give its units back after a while (`PULSE_CART_TTL_S`, minutes). Each add records
+the cart's expiry in the sorted set `cart:cleanup:queue`; the **sweeper** runs this script every interval: for
+each expired cart it reads the cart hash — the only record of *which* units it holds — releases them from
+`reserved:` and deletes the hash, in one atomic step (and then clears the database rows):"""),
+    code("_ = teach.lua('remove_expired_reserves')"),
+    md("""The original let Redis expire the cart hash by itself (a native `PEXPIREAT` on `cart:{user}`) — tidy, but
+Redis then drops the hash *with* the list of held units, and the sweeper finds nothing to give back. The
+`cart-native-ttl` switch does just that. The scenario fills two carts whose TTL the fault `cart.short_ttl`
+shortens to one second, waits until they expired, and runs one sweeper pass (`lab.sweep_now()`).
+`reserved-before-repair` compares `reserved:` with the holds the database knows *before* reconciliation
+(the safety net that would hide the leak some minutes later)."""),
+    code("teach.predict('Two expired carts, each holding 1 unit, Redis expired the hash itself. After the sweep, '\n"
+         "              'how many units does reserved: still count?', ['0', '2'], 'expiry', PREDICTIONS)"),
+    code("expiry = lab.demonstrate('cart-expiry', 'cart-native-ttl', sc.expiring_carts,\n"
+         "                         says='{cartHashesAtSweep} cart hash(es) left at the sweep, reserved: still {reservedAfterSweep}')\n"
+         "teach.show(expiry, ['reservedAfterSweep', 'cartHashesAtSweep'])"),
+    code("teach.reveal('expiry', str(expiry['off']['reservedAfterSweep']))"),
     *finish("02_lua_vs_naive_oversell", "[]",
             '{"stock": STOCK, "shoppers": SHOPPERS, "naiveAccepted": rush["off"]["accepted"], '
             '"luaAccepted": rush["on"]["accepted"]}'),
@@ -262,7 +280,9 @@ Every change writes its events into `shared.outbox` **in the same transaction**.
     gparams("ORDERS = 40\nWATCHDOG_DEADLINE_S = 2"),
     code("if SMALL:\n    ORDERS = 10"),
     code(IMPORTS),
-    code("lab = Lab(strategy=STRATEGY, outbox_mode='polling', env={'PULSE_WATCHDOG_DEADLINE_S': str(WATCHDOG_DEADLINE_S), "
+    code("# The server's own watchdog waits a minute before it re-drives a stalled order; at the end, this notebook runs\n"
+         "# the same watchdog passes itself with WATCHDOG_DEADLINE_S, so you see them at work without waiting.\n"
+         "lab = Lab(strategy=STRATEGY, outbox_mode='polling', env={'PULSE_WATCHDOG_DEADLINE_S': '60', "
          "'PULSE_WATCHDOG_INTERVAL_S': '1'}).start()\nlatency = {}"),
     md("""## The polling relay
 It claims a batch (`FOR UPDATE SKIP LOCKED`, so two relays never take the same rows), publishes it with
@@ -298,18 +318,24 @@ after — the crash then loses whatever had not left the process. A lost publish
 confirms (and `mandatory`, for a message no queue would take) are there to prevent."""),
     code("teach.predict('Without confirms, after the crash, does the checker find every event delivered?', "
          "['yes', 'no, events were lost'], 'confirms', PREDICTIONS)"),
-    code("confirms = lab.demonstrate('publisher-confirms', 'publish-no-confirm', sc.relay_crash,\n"
+    code("confirms = lab.demonstrate('publisher-confirms', 'publish-no-confirm', lambda lab: sc.relay_crash(lab, wait_s=5),\n"
          "                           says='{crashes} crash(es)')\nteach.show(confirms, ['crashes', 'completed'])"),
     code("teach.reveal('confirms', 'no, events were lost' if 'delivery' in confirms['off']['violations'] else 'yes')"),
-    md("""## What a lost message after the broker looks like
-Here `consumer.lose` acks one `order.queue` message without handling it. The order stalls — its sequence chart
-has a hop missing — until the saga watchdog notices the silence and re-drives the missing step from the
-database (after `WATCHDOG_DEADLINE_S`)."""),
-    code("lab.arm('consumer.lose', 1.0, queue='order.queue', max=1)\nlost = lab.checkout({IPHONE: 1}, wait=False)\n"
-         "time.sleep(1)\nstalled = lab.client.order(lost['orderId'])\nlab.disarm('consumer.lose')\n"
-         "stalled['status']"),
-    code("lost = lab.client.wait_settled(lost['orderId'], timeout_s=60)\n"
-         "lost_timeline = sc.show_sequence(lab, lost['orderId'], 'one event lost, then re-driven')\nlost['displayStatus']"),
+    md("""## What a lost message after the broker looks like, and the watchdog
+Confirms cover the trip to the broker. After it, a consumer can still lose a message — acked, never handled
+(a bug, an operator purging a queue). Nothing will ever announce that step again: the order waits. The **saga
+watchdog** looks for orders that have not moved for longer than a deadline, works out from the database which
+event the saga is missing, and announces it again through the outbox — for the one queue that missed it:"""),
+    code("from pulse.orders.watchdog import Watchdog, next_step\n_ = teach.source(Watchdog.run_once)\n_ = teach.source(next_step)"),
+    md("""`no-watchdog` makes every pass do nothing. The scenario arms `consumer.lose` for one `order.queue` message,
+places an order, and then runs watchdog passes (deadline `WATCHDOG_DEADLINE_S`) for a few seconds."""),
+    code("teach.predict('One of the order\\'s events is lost and no watchdog runs. How does the order end?', "
+         "['COMPLETED, a bit later', 'stuck where the event was lost'], 'watchdog', PREDICTIONS)"),
+    code("watch = lab.demonstrate('watchdog', 'no-watchdog', lambda lab: sc.lost_event(lab, deadline_s=WATCHDOG_DEADLINE_S),\n"
+         "                        says='the order stalled at {stalledStatus} and ended {finalStatus}')\n"
+         "teach.show(watch, ['completed'])"),
+    code("teach.reveal('watchdog', 'COMPLETED, a bit later' if watch['off']['completed'] else 'stuck where the event was lost')\n"
+         "stalled, lost = {'status': watch['on']['stalledStatus']}, {'displayStatus': watch['on']['finalStatus']}"),
     *finish("03_outbox_polling_vs_cdc", """[
     "Median INSERT → tap latency: " + ", ".join(f"{m} {v:.1f} ms" for m, v in p50.items()) + ".",
     f"A message lost after the broker left the order {stalled['status']} until the watchdog re-drove it; it ended {lost['displayStatus']}."]""",
@@ -357,6 +383,20 @@ charge — it must be refunded."""),
     code("checks = pd.DataFrame(lab.check(since=live_since, products=[IPHONE, AIRPODS, KINDLE, scarce]))\n"
          "checks[['name', 'ok', 'detail']]"),
     code("summary = {'compensations': lab.q.compensation_totals(), 'outcomes': lab.q.outcome_totals()}\nsummary"),
+    md("""## A compensation that forgets its effect
+The restock you walked through above is this handler: on `PAYMENT_FAILED` it marks the reservation RELEASED
+**and** puts the units back on the shelf, in one transaction:"""),
+    code("from pulse.inventory import handlers as inventory_handlers\n_ = teach.source(inventory_handlers.on_restock)"),
+    md("""`no-compensation` keeps the first half only: the reservation says RELEASED, the units never return.
+The scenario declines one optimistic order after inventory reserved its unit. `stock-conservation` checks, per
+product, that initial stock = available + units held by RESERVED reservations."""),
+    code("teach.predict('The declined order\\'s reservation is marked RELEASED but nothing restocks. Which invariant breaks?', "
+         "['none', 'stock-conservation', 'money-balance'], 'compensation', PREDICTIONS)"),
+    code("lab.switch(strategy='optimistic', decline_rate=0.0)\n"
+         "comp = lab.demonstrate('compensation', 'no-compensation', sc.declined_order,\n"
+         "                       says='{unitsBack} of {ordered} unit(s) back on the shelf, reservation {reservation}')\n"
+         "teach.show(comp, ['unitsBack', 'ordered'])"),
+    code("teach.reveal('compensation', next((v for v in comp['off']['violations'] if v in ('stock-conservation', 'money-balance')), 'none'))"),
     md("""## The state guards
 The order's state machine moves each sub-status **forward only**, and a terminal order never changes again.
 This is the rule, as the orders module runs it:"""),
@@ -366,7 +406,7 @@ and compensate, then delivers its first decision, `STOCK_RESERVED`, once more �
 slow event for a lost one would re-announce it."""),
     code("teach.predict('Without the guard, what does the late STOCK_RESERVED do to the FAILED order?', "
          "['nothing', 'it moves the order away from its settled state'], 'guard', PREDICTIONS)"),
-    code("lab.switch(strategy='optimistic', decline_rate=0.0)\nguards = lab.demonstrate('state-guards', 'unguarded-state', sc.late_event,\n"
+    code("guards = lab.demonstrate('state-guards', 'unguarded-state', sc.late_event,\n"
          "                         says='the order went from {statusBefore} to {statusAfter} (inventory {inventoryAfter})')\n"
          "lab.release()\nteach.show(guards, ['stillFailed', 'lateEvents'])"),
     code("teach.reveal('guard', 'nothing' if guards['off']['stillFailed'] else 'it moves the order away from its settled state')"),
@@ -517,6 +557,40 @@ duplicate."""),
          "'Completed checkouts per second', ylabel='orders/s')\n"
          "rates = [r['completedPerS'] for r in runs.values()]\n"
          "teach.reveal('consumers', 'roughly doubles' if rates[-1] > 1.6 * rates[0] else 'stays about the same')"),
+    md("""## Two consumers on one stock row: optimistic locking
+With two consumers per queue (the last run above), two inventory batches can reserve the same product at the same
+moment. Each reads the row's `available_quantity` **and its `version`**, and writes back only if the version is
+still the one it read; otherwise it retries with a fresh read. (Each batch also locks its rows up front, in
+product order — see `lock_batch`.)"""),
+    code("from pulse.inventory import handlers as inventory_handlers\n_ = teach.source(inventory_handlers._take)"),
+    md("""`no-version-check` writes back the value it read, minus the order's quantity, with no version condition and no
+pre-lock. The `time.sleep(NAIVE_WINDOW_S)` you see in the naive branch widens the read-to-write gap so this
+notebook shows the race every time; real databases under load have such gaps without help. The scenario: 8
+shoppers' orders of one product, placed at the same moment."""),
+    code("teach.predict('Without the version check, 8 orders complete. How many units leave the shelf?', "
+         "['8', 'fewer than 8', 'more than 8'], 'version', PREDICTIONS)"),
+    code("if lab.settings.consumer_threads < 2:   # so after the load runs above; this cell may also run alone\n"
+         "    lab.switch(consumer_threads=2)\n"
+         "version = lab.demonstrate('optimistic-locking', 'no-version-check', sc.crowd,\n"
+         "                          says='{unitsOrdered} units ordered, {unitsLeftShelf} left the shelf')\n"
+         "teach.show(version, ['unitsOrdered', 'unitsLeftShelf'])"),
+    code("v = version['off']\nteach.reveal('version', '8' if v['unitsLeftShelf'] == v['unitsOrdered'] else "
+         "'fewer than 8' if v['unitsLeftShelf'] < v['unitsOrdered'] else 'more than 8')"),
+    md("""## A message that always fails: the dead-letter queue
+A handler that throws is retried a few times (`PULSE_HANDLER_RETRIES`, with a short backoff). A message that
+fails every attempt — a *poison message* — must not block its queue forever, nor vanish: the consumer copies it,
+with the reason, to `<queue>.dlq` (confirmed by the broker) and only then acks the original:"""),
+    code("from pulse.infra.consumer import Consumer\n_ = teach.source(Consumer._dead_letter)"),
+    md("""`dlq-drop` acks the poison message with no copy. In the scenario the payment provider times out on every
+attempt for one order (`payment.timeout`); afterwards a watchdog pass re-drives the order, so it completes in
+both runs — the difference is whether anyone can still see and replay what failed. `delivery` checks that every
+event reached every module bound to it, or sits in a dead-letter queue."""),
+    code("teach.predict('The payment event fails every retry and the consumer drops it. Where is it now?', "
+         "['in payment.queue.dlq', 'nowhere'], 'dlq', PREDICTIONS)"),
+    code("poison = lab.demonstrate('dead-letter', 'dlq-drop', sc.poison_message,\n"
+         "                         says='{attempts} failed attempts, {deadLettered} message(s) in the dead-letter queue, order completed: {completed}')\n"
+         "teach.show(poison, ['deadLettered', 'completed'])"),
+    code("teach.reveal('dlq', 'in payment.queue.dlq' if poison['off']['deadLettered'] else 'nowhere')"),
     md("""## Delivered twice: the inbox
 Every handler claims the event's id in its module's inbox table **in the same transaction** as its effect:"""),
     code("from pulse.infra import inbox\n_ = teach.source(inbox.claim)"),

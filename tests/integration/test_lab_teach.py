@@ -26,7 +26,10 @@ DEMOS = [("lua-reservation", "reserve-get-set", sc.rush),
          ("state-guards", "unguarded-state", sc.late_event),
          ("reconcile-cooldown", "reconcile-full-scan", sc.reconcile_in_flight),
          ("idempotency-lock", "lock-no-owner", sc.triple_click),
-         ("publisher-confirms", "publish-no-confirm", sc.relay_crash)]
+         ("publisher-confirms", "publish-no-confirm", sc.relay_crash),
+         ("cart-expiry", "cart-native-ttl", sc.expiring_carts),
+         ("dead-letter", "dlq-drop", sc.poison_message),
+         ("compensation", "no-compensation", sc.declined_order)]
 
 
 @pytest.mark.parametrize("pattern,switch,scenario", DEMOS, ids=[d[1] for d in DEMOS])
@@ -37,6 +40,21 @@ def test_each_switch_is_demonstrated_off_and_on(lab, pattern, switch, scenario):
     assert lab.demonstrations == [demo]
     text = teach.what_you_saw(lab.demonstrations, display=False)
     assert pattern in text and demo["off"]["violations"][0] in text
+
+
+def test_lost_updates_are_demonstrated_with_two_inventory_consumers(lab):
+    lab.switch(consumer_threads=2)
+    demo = lab.demonstrate("optimistic-locking", "no-version-check", sc.crowd)
+    assert "stock-conservation" in demo["off"]["violations"] and demo["on"]["violations"] == [], demo
+    assert demo["off"]["unitsLeftShelf"] < demo["off"]["unitsOrdered"] == demo["on"]["unitsLeftShelf"], demo
+
+
+def test_a_lost_event_hangs_the_order_only_without_the_watchdog(lab):
+    lab.env["PULSE_WATCHDOG_DEADLINE_S"] = "60"  # the server's own watchdog must not finish the off run's order
+    lab.restart()
+    demo = lab.demonstrate("watchdog", "no-watchdog", sc.lost_event)
+    assert "orders-terminal" in demo["off"]["violations"] and demo["on"]["violations"] == [], demo
+    assert demo["off"]["completed"] == 0 and demo["on"]["completed"] == 1, demo
 
 
 def test_a_demonstration_that_does_not_break_fails_with_one_sentence(lab):
