@@ -24,3 +24,16 @@ def tidy_outbox(db):
     yield ids
     if ids:
         db.execute("DELETE FROM shared.outbox WHERE aggregate_id = ANY(%s)", ([str(i) for i in ids],))
+
+
+@pytest.fixture
+def campaign_env(serve_env, base_settings):
+    """``serve_env`` pointed at a fresh database, vhost, Redis DB and slot of its own, dropped afterwards.
+
+    A campaign judges whole queues, outboxes and Redis DBs as well as its own orders; in the session's shared
+    services it would also judge what earlier tests (or earlier matrix cells, some with safeguards off) left there.
+    """
+    from pulse.lab import private
+
+    with private.private_services(base_settings, prefix="pulse_campaign") as env:
+        yield {**serve_env, **env}

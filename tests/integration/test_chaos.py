@@ -48,22 +48,13 @@ def _assert_clean(summary, orders):
 
 
 @pytest.mark.parametrize("strategy", ["optimistic", "post-payment"])
-def test_campaign_under_every_fault_has_no_violation(serve_env, strategy, tmp_path):
-    summary = _campaign(serve_env, tmp_path, strategy, "polling", 200)
+def test_campaign_under_every_fault_has_no_violation(campaign_env, strategy, tmp_path):
+    summary = _campaign(campaign_env, tmp_path, strategy, "polling", 200)
     _assert_clean(summary, 200)
 
 
-def test_campaign_with_the_cdc_relay_has_no_violation(serve_env, settings, tmp_path):
-    import psycopg
-
-    try:
-        summary = _campaign(serve_env, tmp_path, "post-payment", "cdc", 100)
-    finally:
-        # Later tests of the session relay by polling; a slot left behind would hold WAL and replay old events.
-        # A fresh connection: the campaign's db.restart terminates every session of the database.
-        with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s "
-                         "AND NOT active", (settings.cdc_slot,))
+def test_campaign_with_the_cdc_relay_has_no_violation(campaign_env, tmp_path):
+    summary = _campaign(campaign_env, tmp_path, "post-payment", "cdc", 100)  # its slot goes with its services
     assert summary["outboxMode"] == "cdc"
     _assert_clean(summary, 100)
     assert summary["invariants"]["replication-slot"]

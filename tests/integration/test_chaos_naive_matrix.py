@@ -33,9 +33,9 @@ CELLS = [(strategy, None) for strategy in STRATEGIES] + [
 
 
 @pytest.mark.parametrize(("strategy", "switch"), CELLS, ids=[f"{s}-{n or 'none'}" for s, n in CELLS])
-def test_each_naive_switch_is_reported_and_none_without(serve_env, tmp_path, strategy, switch):
+def test_each_naive_switch_is_reported_and_none_without(campaign_env, tmp_path, strategy, switch):
     campaign = chaos.Campaign(orders=12, seed=11, fault_kinds=SMALL_FAULTS, strategy=strategy, outbox_mode="polling",
-                              env=serve_env, naive=switch or "", progress=False, threads=4, quiesce_timeout_s=8,
+                              env=campaign_env, naive=switch or "", progress=False, threads=4, quiesce_timeout_s=8,
                               fault_every_s=0.5, strike_wait_s=6, log_dir=str(tmp_path))
     started = time.monotonic()
     summary = campaign.run()
