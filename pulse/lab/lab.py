@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 from pulse import config, topology
 from pulse.lab import faults as lab_faults
 from pulse.lab.client import PulseClient
@@ -29,9 +31,10 @@ WIPED_TABLES = ("inventory.cart_items", "inventory.carts", "inventory.reservatio
                 "orders.order_views", "orders.order_view_inbox", "payment.payments", "payment.inbox",
                 "shared.outbox", "infra.redis_stock_inbox")
 # Bookkeeping of the fault/invariant machinery (issue 4), wiped too where the schema has it.
-OPTIONAL_WIPED_TABLES = ("infra.event_log", "infra.fault_log", "infra.saga_redrives")
+OPTIONAL_WIPED_TABLES = ("infra.event_log", "infra.fault_log", "infra.saga_redrives", "infra.order_holds")
 # The system's Redis keys; anything else in the database (a test session's lease, say) is left alone.
-SYSTEM_KEY_PATTERNS = ("stock:*", "reserved:*", "cart:*", "lock:*", "pulse:applied:*", "pulse:reconcile:*")
+SYSTEM_KEY_PATTERNS = ("stock:*", "reserved:*", "cart:*", "lock:*", "pulse:applied:*", "pulse:reconcile:*",
+                       "pulse:hold:*")
 
 
 class LabError(RuntimeError):
@@ -428,7 +431,7 @@ class Lab:
         re-read the registry every half second; this waits that long, so the next cell already meets the fault.
         """
         lab_faults.arm(self.settings, name, probability, **options)
-        time.sleep(lab_faults.REFRESH_WAIT_S)
+        self._await_faults_seen(lambda armed: name in armed)
 
     def disarm(self, name: str | None = None) -> None:
         """Disarm one fault, or every fault when no name is given."""
@@ -436,7 +439,27 @@ class Lab:
             lab_faults.disarm_all(self.settings)
         else:
             lab_faults.disarm(self.settings, name)
+        self._await_faults_seen(lambda armed: not armed if name is None else name not in armed)
+
+    def _await_faults_seen(self, seen, timeout_s: float = 15.0) -> None:
+        """Wait until the server's registry shows the change (its /health lists what it obeys).
+
+        A fixed wait of one refresh period is not enough on a loaded machine: a demonstration's safeguard-on run
+        then started while the server still obeyed the switch, and reported the off run's violation.
+        """
         time.sleep(lab_faults.REFRESH_WAIT_S)
+        if not self.running:
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                armed = set(httpx.get(f"{self.url}/health", timeout=5).json().get("faultsArmed") or ())
+            except (httpx.HTTPError, ValueError):  # restarting after a crash fault: ask again
+                armed = None
+            if armed is not None and seen(armed):
+                return
+            time.sleep(0.2)
+        log.warning("the lab's server did not show the fault change within %.0fs", timeout_s)
 
     def armed(self) -> list:
         """The faults armed right now."""

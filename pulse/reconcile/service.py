@@ -9,7 +9,7 @@ import uuid
 import redis
 
 from pulse.infra import db, keys
-from pulse.redisstock.handlers import HELD_BY_PRODUCT
+from pulse.redisstock.handlers import APPLIED_TTL_S, HELD_BY_PRODUCT
 
 log = logging.getLogger(__name__)
 # A hash: reconciler instance id → epoch of its last run. One field per instance, because several
@@ -111,6 +111,7 @@ class Reconciler:
         self.deferred_users = users & busy_users
         fixes = {"stock": self._fix_stock(stock_rows),
                  "reserved": self._fix_reserved(conn, products - busy_products, full, busy_products),
+                 "holdMarkers": self._mark_settled_holds(conn, upper, busy_products),
                  **self._fix_carts(conn, users - busy_users, redis_carts, ttl_ms),
                  "deferred": len(self.deferred_products) + len(self.deferred_users)}
         return fixes
@@ -166,6 +167,35 @@ class Reconciler:
         if wrong:
             self.deps.redis.mset(wrong)
         return len(wrong)
+
+    def _mark_settled_holds(self, conn, upper, busy: set[str]) -> int:
+        """Record in each order's ``pulse:hold:`` marker the steps the database says are done (moved, released,
+        decided, restocked), for holds settled before ``upper`` on products this pass may have repaired.
+
+        ``reserved:`` and ``stock:`` were just set from the database, which already counts those steps. A Redis
+        side still pending (redis-stock's after-commit Lua, redelivered after a crash) must then do nothing, or it
+        releases the hold and lowers the stock a second time: a promise Redis then breaks.
+        """
+        rows = conn.execute(
+            "SELECT h.order_id, h.moved_at IS NOT NULL AS moved, h.released_at IS NOT NULL AS released, "
+            "r.status AS decision, ARRAY(SELECT i->>'productId' FROM jsonb_array_elements(h.items) i) AS products "
+            "FROM infra.order_holds h LEFT JOIN inventory.reservations r ON r.order_id = h.order_id "
+            "WHERE h.updated_at <= %s AND h.updated_at > %s - make_interval(secs => %s)",
+            (upper, upper, APPLIED_TTL_S)).fetchall()
+        pipe, marked = self.deps.redis.pipeline(transaction=False), 0
+        for row in rows:
+            if busy & set(row["products"]):
+                continue
+            steps = {name: 1 for name, done in (("moved", row["moved"]), ("released", row["released"]),
+                                                ("decided", row["released"] and row["decision"] is not None),
+                                                ("restocked", row["decision"] == "RELEASED")) if done}
+            if steps:
+                pipe.hset(keys.hold(row["order_id"]), mapping=steps)
+                pipe.expire(keys.hold(row["order_id"]), APPLIED_TTL_S)
+                marked += 1
+        if marked:
+            pipe.execute()
+        return marked
 
     def _fix_carts(self, conn, users: set[str], redis_carts: dict, ttl_ms: int) -> dict:
         if not users:

@@ -1,4 +1,4 @@
-"""The teaching API against this session's private services: every naive switch demonstrated off and on,
+"""The teaching API, each test on fresh private services of its own: every naive switch demonstrated off and on,
 the stepper walking a saga, predictions and the generated summary."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def lab(serve_env, tmp_path):
+def lab(campaign_env, tmp_path):
+    # Services of its own: a demonstration's off run leaves broken orders (and, were it to fail half way, an armed
+    # switch) on purpose, which later tests of the session must not meet.
     lab = Lab(strategy="optimistic", outbox_mode="polling", log_dir=tmp_path,
-              env={**serve_env, "PULSE_WATCHDOG_DEADLINE_S": "2", "PULSE_WATCHDOG_INTERVAL_S": "1"}).start(tap=False)
+              env={**campaign_env, "PULSE_WATCHDOG_DEADLINE_S": "2", "PULSE_WATCHDOG_INTERVAL_S": "1"}).start(tap=False)
     yield lab
     lab.stop()
 

@@ -127,3 +127,24 @@ def test_the_hold_and_the_cart_hash_are_written_in_one_redis_step(system, new_pr
     # (twice on a cold cache: the first answer is "stock not cached", and the stock is loaded in between)
     assert sent and all(s == ["EVALSHA", "HGETALL"] for s in sent), sent
     assert reserved(rds, product) == 2 and redis_cart(rds, user) == {product: 2}
+
+
+def test_a_redis_side_pending_across_a_reconciliation_is_not_applied_twice(system, bus_for, new_product, rds, db):
+    """redis-stock committed the release of a hold, then crashed before its Lua step; reconciliation rebuilt
+    reserved:/stock: from the database; the redelivered STOCK_RESERVED must not release and lower a second time."""
+    product = new_product(stock=5)
+    bus = bus_for(system)
+    _, order_id = _order(system, product, 2)
+    held = bus.run(order_id, hold={("redis-stock.queue", "STOCK_RESERVED")})
+    stock_reserved = [e for q, e in held if q == "redis-stock.queue"][0]
+    from pulse.redisstock import handlers as redisstock
+    redisstock._claimed(system.deps, stock_reserved, redisstock.RELEASE,  # the database half, committed
+                        {"order": order_id, "user": stock_reserved.payload["userId"],
+                         "items": json.dumps(redisstock._items(stock_reserved.payload))})
+    system.reconciler.run_once(cooldown_s=0, full=True)
+    assert reserved(rds, product) == 0 and rds.get(f"stock:{product}") == "3"
+    bus.run(order_id)  # the redelivery: a duplicate for the inbox, its Redis half runs again
+    assert reserved(rds, product) == 0 and rds.get(f"stock:{product}") == "3"
+    system.carts.add_item(uuid.uuid4(), uuid.UUID(product), 3)  # exactly the 3 units left, no more
+    with pytest.raises(Conflict):
+        system.carts.add_item(uuid.uuid4(), uuid.UUID(product), 1)
