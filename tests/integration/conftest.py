@@ -8,6 +8,16 @@ from tests.integration.support import Bus
 
 
 @pytest.fixture
+def channel(settings):
+    """A channel on this session's vhost, for looking at queues directly."""
+    from pulse.infra import broker
+
+    conn = broker.connect(settings.amqp_url)
+    yield conn.channel()
+    conn.close()
+
+
+@pytest.fixture
 def bus_for(db):
     """``bus_for(system)``: deliver a system's outbox events to its handlers in-process (see Bus)."""
     return lambda system: Bus(system, db)

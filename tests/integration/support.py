@@ -7,6 +7,7 @@ import uuid
 
 from pulse.events import Envelope
 from pulse import topology
+from pulse.infra import broker
 from pulse.infra.outbox import envelope_of
 
 
@@ -63,6 +64,16 @@ class Bus:
             self.pending = [(q, e) for q, e in self.pending if held(q, e)]
             for queue, env in ready:
                 self.deliver(queue, env)
+
+
+def publish(settings, envelopes, **kwargs) -> None:
+    """Publish envelopes straight to the broker (``exchange``/``routing_key`` as ConfirmingPublisher takes them)
+    and assert the broker confirmed each."""
+    publisher = broker.ConfirmingPublisher(settings.amqp_url)
+    try:
+        assert publisher.publish_batch(envelopes, **kwargs) == [broker.Delivery.CONFIRMED] * len(envelopes)
+    finally:
+        publisher.close()
 
 
 def order_row(db, order_id) -> dict:

@@ -11,28 +11,15 @@ import pytest
 from pulse import topology
 from pulse.infra import broker
 from tests.conftest import wait_for
-from tests.integration.support import envelope, order_row
+from tests.integration.support import envelope, order_row, publish
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def channel(settings):
-    conn = broker.connect(settings.amqp_url)
-    yield conn.channel()
-    conn.close()
 
 
 def ready(channel, queue) -> int:
     return channel.queue_declare(queue, passive=True).method.message_count
 
-
-def publish(settings, envelopes, **kwargs):
-    publisher = broker.ConfirmingPublisher(settings.amqp_url)
-    try:
-        assert publisher.publish_batch(envelopes, **kwargs) == [broker.Delivery.CONFIRMED] * len(envelopes)
-    finally:
-        publisher.close()
 
 
 def test_setup_declares_every_queue_with_its_dead_letter_queue(settings, channel):

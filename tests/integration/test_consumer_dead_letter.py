@@ -12,16 +12,10 @@ import pytest
 from pulse.infra import broker
 from pulse.infra.consumer import Consumer
 from tests.conftest import wait_for
-from tests.integration.support import envelope
+from tests.integration.support import envelope, publish
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def channel(settings):
-    conn = broker.connect(settings.amqp_url)
-    yield conn.channel()
-    conn.close()
 
 
 @pytest.fixture
@@ -60,13 +54,6 @@ def stop_and_join(consumer: Consumer) -> None:
     assert not consumer.is_alive()
 
 
-def publish(settings, queue, env):
-    publisher = broker.ConfirmingPublisher(settings.amqp_url)
-    try:
-        assert publisher.publish_batch([env], exchange="", routing_key=queue) == [broker.Delivery.CONFIRMED]
-    finally:
-        publisher.close()
-
 
 def ready(channel, queue) -> int:
     return channel.queue_declare(queue, passive=True).method.message_count
@@ -88,7 +75,7 @@ def test_a_poison_message_ends_up_in_the_dead_letter_queue_with_its_reason(setti
     channel.queue_declare(dlq, durable=True)
     poison = envelope("STOCK_RESERVED", {"orderId": str(uuid.uuid4())})
     consumer = consumers(private_queue)
-    publish(settings, private_queue, poison)
+    publish(settings, [poison], exchange="", routing_key=private_queue)
     props, body = take(channel, dlq)
     assert json.loads(body)["id"] == str(poison.id)
     assert props.headers["x-pulse-reason"] == f"ValueError: cannot handle {poison.id}"
@@ -103,7 +90,7 @@ def test_an_unconfirmed_dead_letter_publish_leaves_the_original_in_its_queue(set
     dlq = broker.dead_letter_queue(private_queue)
     poison = envelope("STOCK_RESERVED", {"orderId": str(uuid.uuid4())})
     consumer = consumers(private_queue)  # no dead-letter queue: the mandatory publish comes back unroutable
-    publish(settings, private_queue, poison)
+    publish(settings, [poison], exchange="", routing_key=private_queue)
     time.sleep(2.0)  # several delivery, failure and dead-letter attempts
     assert consumer.is_alive() and consumer.dead_lettered == 0
     stop_and_join(consumer)

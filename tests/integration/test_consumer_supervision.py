@@ -16,7 +16,7 @@ from pulse.infra import broker
 from pulse.infra.consumer import Consumer
 from pulse.infra.workers import ConsumerSupervisor
 from tests.conftest import wait_for
-from tests.integration.support import envelope, order_row
+from tests.integration.support import envelope, order_row, publish
 
 pytestmark = pytest.mark.integration
 
@@ -38,13 +38,6 @@ def private_queue(settings):
     conn.close()
 
 
-def publish(settings, queue, env):
-    publisher = broker.ConfirmingPublisher(settings.amqp_url)
-    try:
-        assert publisher.publish_batch([env], exchange="", routing_key=queue) == [broker.Delivery.CONFIRMED]
-    finally:
-        publisher.close()
-
 
 def test_a_dead_consumer_is_restarted_counted_and_its_queue_still_consumed(settings, private_queue, caplog):
     handled, calls = [], []
@@ -63,7 +56,7 @@ def test_a_dead_consumer_is_restarted_counted_and_its_queue_still_consumed(setti
     try:
         killer = envelope("STOCK_RESERVED", {"orderId": str(uuid.uuid4())})
         with caplog.at_level(logging.WARNING, logger="pulse.infra.workers"):
-            publish(settings, private_queue, killer)
+            publish(settings, [killer], exchange="", routing_key=private_queue)
             wait_for(lambda: not first.is_alive(), 10, message="the consumer thread to die")
             died = time.monotonic()
             wait_for(lambda: supervisor.status()[0]["alive"] and supervisor.slots[0].current is not first, 5,
@@ -80,7 +73,7 @@ def test_a_dead_consumer_is_restarted_counted_and_its_queue_still_consumed(setti
         # The message the dead thread held unacked came back, and the queue is consumed again.
         wait_for(lambda: handled == [killer.id], 10, message="the unacked message handled by the new thread")
         later = envelope("STOCK_RESERVED", {"orderId": str(uuid.uuid4())})
-        publish(settings, private_queue, later)
+        publish(settings, [later], exchange="", routing_key=private_queue)
         wait_for(lambda: handled == [killer.id, later.id], 10, message="a later message handled")
         wait_for(lambda: supervisor.status()[0]["handled"] == 2, 5, message="the handled count")
         assert supervisor.status()[0]["restarts"] == 1
