@@ -11,6 +11,7 @@ import io
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
 # Emitters on the left, the pipe in the middle, consumers that only consume on the right: the arrows
@@ -282,6 +283,9 @@ def drift_timeline(axes, samples: pd.DataFrame, strikes: pd.DataFrame | None = N
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_ylabel(f"{key} Redis − DB", fontsize=8)
         flat = wide.fillna(0).abs().to_numpy().sum() == 0 if not wide.empty else True
+        if flat:
+            ax.set_ylim(-1, 1)  # else matplotlib zooms into rounding noise and labels the axis "1e-17"
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # drift is counted in whole units
         ax.set_title(f"{key} Redis − PostgreSQL per product" + (" — equal at every sample" if flat else ""),
                      fontsize=9, loc="left")
         _mark_events(ax, strikes, passes, legend=ax is axes[0])
