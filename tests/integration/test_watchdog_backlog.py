@@ -1,5 +1,6 @@
 """The saga watchdog holds back while events are still queued, and re-drives once the queues are drained."""
 
+import time
 import uuid
 
 import pika
@@ -81,10 +82,15 @@ def test_events_stuck_in_the_outbox_hold_the_watchdog_back(settings, system):
 def test_every_page_of_candidates_is_examined(settings, make_system, new_product):
     # Settled FAILED orders stay candidates; with one page of the oldest only, a long run's early failures
     # hid every order that stalled after them. A page of one here: the two stalled orders sit on two pages.
+    # The database is shared with earlier tests, whose settled FAILED orders are candidates too: the lookback
+    # covers this test's orders only, and enough pages are allowed to reach both.
+    started = time.monotonic()
     system = make_system(workers=True)
     product = new_product(stock=5)
     stalled = [order_with_a_lost_event(settings, system, product) for _ in range(2)]
-    result = Watchdog(system.deps, deadline_s=0.5, limit=1, depth=Depth(ready=0)).run_once()
+    lookback = time.monotonic() - started + 5
+    result = Watchdog(system.deps, deadline_s=0.5, limit=1, max_pages=1000, lookback_s=lookback,
+                      depth=Depth(ready=0)).run_once()
     assert result["examined"] >= 2
     with system.deps.pool.connection() as conn:
         redriven = {r["order_id"] for r in conn.execute(
