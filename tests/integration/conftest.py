@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.integration.relays import cdc, tap  # noqa: F401 - the relay tests' fixtures, shared by three files
 from tests.integration.support import Bus
 
 

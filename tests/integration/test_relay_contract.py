@@ -7,19 +7,15 @@ publish each event once and go on when one dies. Relay-specific behaviour (the s
 order across unrelated transactions, several polling relays sharing work) stays in test_relay_cdc.py and
 test_relay_polling.py.
 
-Crash and failover tests run relays in child processes (``python -m tests.integration.test_relay_contract``)
-and SIGKILL them; the others run a relay in a thread of the test.
+Crash and failover tests run relays in child processes (tests/integration/relays.py) and SIGKILL them; the others run a relay in a thread of the test.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import socket
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -29,11 +25,10 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from pulse import bootstrap, config
 from pulse.infra import outbox
 from tests.conftest import wait_for
-from tests.integration.test_relay_cdc import (TEST_EVENT, _BlockAfterPublish, cdc, heartbeat_pid,  # noqa: F401
-                                              outbox_ids, slot_is_before, tap)
+from tests.integration.relays import (TEST_EVENT, RelayChildren, RelayThreads, heartbeat_pid,
+                                      outbox_ids, slot_is_before)
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,43 +126,17 @@ def ready(relay) -> bool:
 @pytest.fixture
 def relays(mode):
     """``start(settings=None)`` runs the relay of the mode in a thread and waits until it is ready."""
-    running = []
-
-    def start(s=None):
-        relay = bootstrap.make_relay(s or mode, faults=None)
-        stop = threading.Event()
-        thread = threading.Thread(target=relay.run, args=(stop,), daemon=True, name=f"test-{mode.outbox_mode}-relay")
-        thread.start()
-        running.append((stop, thread))
-        wait_for(lambda: ready(relay), message="relay ready")
-        return relay
-
-    yield start
-    for stop, thread in running:
-        stop.set()
-        thread.join(15)
-        assert not thread.is_alive(), "relay thread did not stop"
+    threads = RelayThreads()
+    yield lambda s=None: threads.start(s or mode, ready=ready)
+    threads.stop_all()
 
 
 @pytest.fixture
 def children(mode, serve_env, tmp_path):
     """``spawn(block_marker=None)`` runs the relay of the mode in a child process; all are killed afterwards."""
-    procs = []
-
-    def spawn(block_marker: Path | None = None) -> subprocess.Popen:
-        env = {**os.environ, **serve_env, "PULSE_OUTBOX_MODE": mode.outbox_mode}
-        log = open(tmp_path / f"relay-{len(procs)}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "tests.integration.test_relay_contract",
-                                 str(block_marker or "")], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    yield spawn
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+    procs = RelayChildren(serve_env, tmp_path)
+    yield lambda block_marker=None: procs.spawn(mode.outbox_mode, block_marker)
+    procs.kill_all()
 
 
 def wait_active(mode, db, proc) -> None:
@@ -178,7 +147,7 @@ def wait_active(mode, db, proc) -> None:
 
 # --- the contract ---
 
-def test_events_of_an_aggregate_go_out_in_order_and_their_rows_go(mode, relays, tap, db):  # noqa: F811 - fixtures
+def test_events_of_an_aggregate_go_out_in_order_and_their_rows_go(mode, relays, tap, db):
     relay = relays()
     aggregates = [str(uuid.uuid4()) for _ in range(4)]
     written: dict[str, list[str]] = {a: [] for a in aggregates}
@@ -200,7 +169,7 @@ def test_events_of_an_aggregate_go_out_in_order_and_their_rows_go(mode, relays, 
         first["id"], TEST_EVENT, 2, "application/json")
 
 
-def test_a_crash_between_publish_and_delete_publishes_again(mode, children, relays, tap, db, tmp_path):  # noqa: F811 - fixtures
+def test_a_crash_between_publish_and_delete_publishes_again(mode, children, relays, tap, db, tmp_path):
     marker = tmp_path / "published"
     crashing = children(block_marker=marker)
     wait_active(mode, db, crashing)
@@ -215,7 +184,7 @@ def test_a_crash_between_publish_and_delete_publishes_again(mode, children, rela
     wait_for(lambda: not outbox_ids(db, ids), message="rows deleted by the new relay")
 
 
-def test_nothing_is_deleted_before_the_broker_confirms(mode, relays, tap, db):  # noqa: F811 - fixtures
+def test_nothing_is_deleted_before_the_broker_confirms(mode, relays, tap, db):
     url = urlsplit(mode.amqp_url)
     proxy = Proxy((url.hostname, url.port or 5672))
     via_proxy = mode.replace(amqp_url=urlunsplit(url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:"
@@ -241,7 +210,7 @@ def test_nothing_is_deleted_before_the_broker_confirms(mode, relays, tap, db):  
     proxy.cut()
 
 
-def test_two_relays_publish_each_event_once_and_one_carries_on_alone(mode, children, tap, db):  # noqa: F811 - fixtures
+def test_two_relays_publish_each_event_once_and_one_carries_on_alone(mode, children, tap, db):
     first = children()
     wait_active(mode, db, first)
     second = children()
@@ -260,19 +229,3 @@ def test_two_relays_publish_each_event_once_and_one_carries_on_alone(mode, child
         wait_for(lambda: heartbeat_pid(db, mode.cdc_slot) == second.pid, message="standby is the holder")
     second.send_signal(signal.SIGTERM)
     assert second.wait(15) == 0
-
-
-# --- the child process of the crash and failover tests ---
-
-def _child_main(marker: str) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = config.from_env()
-    relay = bootstrap.make_relay(settings, _BlockAfterPublish(Path(marker)) if marker else None)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    relay.run(stop)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1] if len(sys.argv) > 1 else ""))

@@ -24,7 +24,7 @@ from pulse.infra.cdc_slot import SlotLost
 from pulse.infra.pgoutput_stream import WalStream
 from pulse.infra.relay_cdc import CdcRelay
 from tests.conftest import wait_for
-from tests.integration.test_relay_cdc import cdc, insert_events, outbox_ids, relay_until, slot_row, tap  # noqa: F401
+from tests.integration.relays import insert_events, outbox_ids, relay_until, slot_row
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +112,7 @@ def admin(settings):
 
 
 @pytest.mark.parametrize("found_by", ["wal_status", "start_replication"])
-def test_a_lost_slot_is_recreated_and_every_event_still_delivered(found_by, cdc, tap, db, admin, caplog,  # noqa: F811
+def test_a_lost_slot_is_recreated_and_every_event_still_delivered(found_by, cdc, tap, db, admin, caplog,
                                                                   monkeypatch):
     relay = CdcRelay(cdc, broker.ConfirmingPublisher(cdc.amqp_url))
     try:
@@ -164,7 +164,7 @@ def test_a_lost_slot_is_recreated_and_every_event_still_delivered(found_by, cdc,
     assert check.passed and "recreated" in check.details and check.data["recreatedAfterLoss"]
 
 
-def test_a_slot_found_lost_is_dropped_created_again_and_its_rows_swept(cdc, tap, db, caplog,  # noqa: F811
+def test_a_slot_found_lost_is_dropped_created_again_and_its_rows_swept(cdc, tap, db, caplog,
                                                                         monkeypatch):
     """The recreation path without lowering the cluster's cap (the test above skips when another slot trails as
     far as ours): wal_status is reported lost once, as PostgreSQL would after the checkpoint."""
