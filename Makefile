@@ -12,11 +12,12 @@ LAB_PORT ?= 8888
 # Jupyter refuses to run as root unless told; CI machines and containers run as root.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: help venv services services-check setup demo test lab clean distclean
+.PHONY: help venv services services-check setup demo test lint lab clean distclean
 
 help:
 	@echo "make demo      install everything, start the services, seed, run a checkout through every saga path"
 	@echo "make test      install, start the services, run the test suite (TEST_MARKERS='not slow' to select)"
+	@echo "make lint      ruff check, ruff format --check and mypy, as configured in pyproject.toml (CI runs it)"
 	@echo "make lab       JupyterLab on http://$(LAB_HOST):$(LAB_PORT) in notebooks/"
 	@echo "make setup     install (.venv), start the services, migrate and seed the database"
 	@echo "make services  start what does not answer (scripts/services.sh up); services-check only reports"
@@ -44,12 +45,15 @@ test: venv services
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests; that counts as a failure." >&2; fi; \
 	exit $$status
 
+lint: venv
+	@PULSE_VENV=$(VENV) scripts/lint.sh
+
 lab: setup
 	$(VENV)/bin/jupyter lab --no-browser --ip=$(LAB_HOST) --port=$(LAB_PORT) \
 		--ServerApp.root_dir=notebooks $(ALLOW_ROOT)
 
 clean:
-	rm -rf build/ *.egg-info .pytest_cache tests/artifacts
+	rm -rf build/ *.egg-info .pytest_cache .mypy_cache .ruff_cache tests/artifacts
 	find . -path ./$(VENV) -prune -o \( -name __pycache__ -o -name .ipynb_checkpoints \) -type d -print0 \
 		| xargs -0 rm -rf
 

@@ -6,12 +6,16 @@ import dataclasses
 import functools
 import logging
 import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from pulse import config, topology
+from pulse import faults as fault_registry
 from pulse.cart.service import CartService
 from pulse.cart.sweeper import sweep_once
-from pulse.deps import Deps
-from pulse import faults as fault_registry
+from pulse.deps import Clock, Deps, TransactionFactory
+from pulse.events import EventType
 from pulse.infra import broker, db, redis_scripts
 from pulse.infra.consumer import Consumer
 from pulse.infra.workers import ConsumerSupervisor
@@ -21,6 +25,12 @@ from pulse.payment.provider import SimulatedProvider
 from pulse.reconcile.service import Reconciler
 
 log = logging.getLogger(__name__)
+
+
+class Relay(Protocol):
+    """An outbox relay of either mode (pulse.infra.relay_polling, pulse.infra.relay_cdc)."""
+
+    def run(self, stop: threading.Event) -> None: ...
 
 
 @dataclasses.dataclass
@@ -33,9 +43,9 @@ class System:
     products: ProductService
     reconciler: Reconciler
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
-    threads: list = dataclasses.field(default_factory=list)
-    relay: object = None
-    queues: dict = dataclasses.field(default_factory=lambda: dict(topology.BY_NAME))
+    threads: list[threading.Thread] = dataclasses.field(default_factory=list)
+    relay: Relay | None = None
+    queues: dict[str, topology.Queue] = dataclasses.field(default_factory=lambda: dict(topology.BY_NAME))
 
     @property
     def settings(self) -> config.Settings:
@@ -45,7 +55,8 @@ class System:
         """What a consumer of ``queue`` hands each envelope to, bound to this system's dependencies."""
         return topology.Dispatcher(self.queues[queue], self.deps)
 
-    def replace_route(self, queue: str, event, handler, *, claims_inbox: bool = True) -> None:
+    def replace_route(self, queue: str, event: EventType, handler: Callable[..., Any], *,
+                      claims_inbox: bool = True) -> None:
         """Let another handler take ``event`` on ``queue`` in this system (a workshop plugs the learner's in)."""
         spec = self.queues[queue]
         routes = tuple(dataclasses.replace(r, handler=handler, claims_inbox=claims_inbox) if r.event == event else r
@@ -61,8 +72,8 @@ class System:
         s = self.settings
         broker.setup(s.amqp_url, topology.bindings())
         if relay:
-            self.relay = make_relay(s, self.deps.faults)
-            self._spawn("relay", self.relay.run, self.stop)
+            relay_ = self.relay = make_relay(s, self.deps.faults)
+            self._spawn("relay", relay_.run, self.stop)
         if consumers:
             for queue in self.queues.values():
                 for n in range(s.consumer_threads):
@@ -78,7 +89,7 @@ class System:
             from pulse.orders.watchdog import Watchdog  # issue 4: re-drives sagas whose events were lost
             watchdog = Watchdog(self.deps, depth=broker.QueueDepth(s.amqp_url), unsettled=self.unsettled)
 
-            def watch(stop):
+            def watch(stop: threading.Event) -> None:
                 try:
                     every(watchdog.interval_s, watchdog.run_once, stop)
                 finally:
@@ -92,11 +103,11 @@ class System:
         """Starts this system's consumers and restarts any that dies (pulse.infra.workers)."""
         return ConsumerSupervisor(self.stop, threads=self.threads)
 
-    def consumer_status(self) -> list[dict]:
+    def consumer_status(self) -> list[dict[str, Any]]:
         """Each consumer thread of this process: queue, thread, alive, restarts, handled, dead-lettered."""
         return self.supervisor.status()
 
-    def _spawn(self, name, target, *args):
+    def _spawn(self, name: str, target: Callable[..., object], *args: object) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
         t.start()
         self.threads.append(t)
@@ -111,7 +122,7 @@ class System:
         self.deps.faults.close()
 
 
-def every(interval_s: float, job, stop: threading.Event) -> None:
+def every(interval_s: float, job: Callable[[], object], stop: threading.Event) -> None:
     """Run ``job`` now and then every ``interval_s`` until ``stop``; a failing run is logged, not fatal."""
     while not stop.is_set():
         try:
@@ -121,7 +132,7 @@ def every(interval_s: float, job, stop: threading.Event) -> None:
         stop.wait(interval_s)
 
 
-def make_relay(settings: config.Settings, faults):
+def make_relay(settings: config.Settings, faults: fault_registry.NoFaults | None) -> Relay:
     """The outbox relay of the configured mode (``cdc`` reads the WAL, ``polling`` reads the table)."""
     publisher = broker.ConfirmingPublisher(settings.amqp_url)
     if settings.outbox_mode == "cdc":
@@ -132,8 +143,14 @@ def make_relay(settings: config.Settings, faults):
                         faults=faults, naive=settings.naive)
 
 
-def build(settings: config.Settings | None = None, *, faults=None, migrate: bool = True, pool_size: int = 20) -> System:
-    """Connect to PostgreSQL, Redis and RabbitMQ as configured and wire the whole system."""
+def build(settings: config.Settings | None = None, *, faults: fault_registry.NoFaults | None = None,
+          migrate: bool = True, pool_size: int = 20, clock: Clock | None = None,
+          transaction_factory: TransactionFactory = db.unit) -> System:
+    """Connect to PostgreSQL, Redis and RabbitMQ as configured and wire the whole system.
+
+    ``clock`` and ``transaction_factory`` are what a test substitutes for the wall clock and for the handlers'
+    transactions (:class:`pulse.deps.Deps`); the defaults are the real ones.
+    """
     from pulse.infra import migrate as migrations
 
     settings = settings or config.from_env()
@@ -147,6 +164,7 @@ def build(settings: config.Settings | None = None, *, faults=None, migrate: bool
                 provider=SimulatedProvider(decline_rate=settings.payment_decline_rate,
                                            latency_ms=settings.payment_latency_ms,
                                            error_rate=settings.payment_error_rate, seed=settings.payment_seed,
-                                           faults=faults))
+                                           faults=faults),
+                clock=clock or time.time, transaction_factory=transaction_factory)
     return System(deps=deps, carts=CartService(deps), orders=OrderService(deps), products=ProductService(deps),
                   reconciler=Reconciler(deps))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 STRATEGIES = {"optimistic": "OPTIMISTIC", "post-payment": "POST_PAYMENT"}
 OUTBOX_MODES = ("cdc", "polling")
@@ -47,12 +49,12 @@ class Settings:
         """The strategy as the API and the orders table spell it (OPTIMISTIC, POST_PAYMENT)."""
         return STRATEGIES[self.strategy]
 
-    def replace(self, **changes) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed, validated like the original."""
         return _validated(dataclasses.replace(self, **changes))
 
 
-def _float(env, name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw in (None, ""):
         return default
@@ -85,7 +87,7 @@ def _validated(s: Settings) -> Settings:
     return s
 
 
-def _flag(env, name: str) -> bool:
+def _flag(env: Mapping[str, str], name: str) -> bool:
     raw = (env.get(name) or "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
         return False
@@ -94,7 +96,7 @@ def _flag(env, name: str) -> bool:
     raise ConfigError(f"{name} must be 1 or 0, got {raw!r}.")
 
 
-def from_env(env=None) -> Settings:
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from ``PULSE_*`` environment variables (defaults: services on 127.0.0.1)."""
     env = os.environ if env is None else env
     d = Settings()

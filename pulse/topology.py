@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pulse.events import Envelope, EventType as E
+from pulse.events import Envelope
+from pulse.events import EventType as E
 from pulse.infra import inbox
 from pulse.inventory import handlers as inventory
 from pulse.orders import handlers as orders
 from pulse.payment import handlers as payment
 from pulse.redisstock import handlers as redisstock
 from pulse.views import handlers as views
+
+if TYPE_CHECKING:
+    from pulse.deps import Deps
 
 OPTIMISTIC, POST_PAYMENT = "OPTIMISTIC", "POST_PAYMENT"
 STRATEGIES = frozenset({OPTIMISTIC, POST_PAYMENT})
@@ -122,7 +126,7 @@ class Dispatcher:
     route allows it. An event meant for the other strategy's module, or re-driven for another queue, is
     dropped here unhandled and leaves no inbox row."""
 
-    def __init__(self, queue: Queue, deps):
+    def __init__(self, queue: Queue, deps: Deps) -> None:
         self.queue, self.deps = queue, deps
         self.skipped = 0
 

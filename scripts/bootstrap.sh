@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project-local Python environment: .venv with Checkout Pulse installed editable, extras lab and test.
+# The project-local Python environment: .venv with Checkout Pulse installed editable, extras lab, test and dev.
 # pyproject.toml is the single list of dependencies. A second run returns at once unless pyproject.toml
 # changed since the last install (or FORCE=1).
 set -euo pipefail
@@ -31,9 +31,9 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   "$PYTHON" -m venv "$VENV"
 fi
 
-say "installing checkout-pulse with extras lab and test into $VENV (a few minutes the first time)"
+say "installing checkout-pulse with extras lab, test and dev into $VENV (a few minutes the first time)"
 # This machine's pip configuration may list a local index folder that does not exist; its warnings are noise.
-"$VENV/bin/python" -m pip install --quiet -e '.[lab,test]' 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+"$VENV/bin/python" -m pip install --quiet -e '.[lab,test,dev]' 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 echo "$wanted" > "$STAMP"
 "$VENV/bin/pulse" --help >/dev/null || fail "the install finished but $VENV/bin/pulse does not run; see the pip output above."
 say "done: $VENV/bin/pulse is installed"

@@ -6,11 +6,15 @@ import logging
 import time
 import uuid
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import redis
 
 from pulse.errors import Conflict, NotFound, Unavailable
 from pulse.infra import db, keys
+
+if TYPE_CHECKING:
+    from pulse.deps import Deps
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ class Catalogue:
 class CartService:
     """Adds items (Redis reservation, Redis cart, then the DB cart) and reads carts back."""
 
-    def __init__(self, deps):
+    def __init__(self, deps: Deps) -> None:
         self.deps = deps
         self.catalogue = Catalogue(deps.pool)
 
@@ -80,7 +84,7 @@ class CartService:
         """
         self._require_product(product_id)
         ttl_s = self._ttl_s(user_id)
-        expires_ms = int((time.time() + ttl_s) * 1000)
+        expires_ms = int((self.deps.clock() + ttl_s) * 1000)
         raw = self._reserve_into_cart(user_id, product_id, quantity, expires_ms)
         if self.deps.naive("cart-native-ttl"):
             # The original's flaw: Redis drops the cart hash by itself at expiry, and with it the only record of
@@ -199,7 +203,7 @@ class CartService:
             return {}
         quantities = {str(r["product_id"]): r["quantity"] for r in rows}
         expires_ms = int((rows[0]["updated_at"].timestamp() + self.deps.settings.cart_ttl_s) * 1000)
-        if expires_ms <= time.time() * 1000:
+        if expires_ms <= self.deps.clock() * 1000:
             # Expired: the sweeper released its hold in Redis and clears the database next. Cached again, the
             # sweeper's next pass would release the same units a second time.
             return {}

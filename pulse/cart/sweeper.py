@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import time
+from typing import TYPE_CHECKING, Any
 
 from pulse.infra import db
+
+if TYPE_CHECKING:
+    from pulse.deps import Deps
 
 TOMBSTONE_RETENTION = "1 day"
 
 
-def sweep_once(deps) -> dict:
+def sweep_once(deps: Deps) -> dict[str, Any]:
     """Release and delete every cart idle for longer than the cart TTL; returns the counts."""
-    now_ms = int(time.time() * 1000)
+    now_ms = int(deps.clock() * 1000)
     swept = deps.scripts.remove_expired_reserves([], [now_ms])
     with db.transaction(deps.pool) as conn:
         cleared = conn.execute(
@@ -19,7 +22,8 @@ def sweep_once(deps) -> dict:
             "WHERE ci.cart_id = c.id AND ci.quantity > 0 AND c.updated_at < now() - make_interval(secs => %s) "
             "RETURNING c.id", (deps.settings.cart_ttl_s,)).fetchall()
         purged = conn.execute(
-            f"DELETE FROM inventory.cart_items WHERE quantity = 0 AND updated_at < now() - interval '{TOMBSTONE_RETENTION}'"
+            "DELETE FROM inventory.cart_items WHERE quantity = 0 "
+            f"AND updated_at < now() - interval '{TOMBSTONE_RETENTION}'"
         ).rowcount
     return {"redisCartsSwept": int(swept), "dbCartsCleared": len({r["id"] for r in cleared}),
             "tombstonesPurged": purged}

@@ -5,11 +5,13 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from typing import Any
 
 import pika
 from pika.exceptions import AMQPError
 
-from pulse.events import Envelope, EventType as E
+from pulse.events import Envelope
+from pulse.events import EventType as E
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,8 @@ def connect(url: str, *, heartbeat: int = 30) -> pika.BlockingConnection:
     try:
         return pika.BlockingConnection(params)
     except AMQPError as exc:
-        raise BrokerUnavailable(f"RabbitMQ is not reachable at {params.host}:{params.port} ({type(exc).__name__}).") from exc
+        raise BrokerUnavailable(f"RabbitMQ is not reachable at {params.host}:{params.port} "
+                                f"({type(exc).__name__}).") from exc
 
 
 def declare_topology(channel, bindings: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -89,8 +92,9 @@ class ConfirmingPublisher:
     def __init__(self, url: str, *, confirm_timeout_s: float = 5.0):
         self.url = url
         self.confirm_timeout_s = confirm_timeout_s
-        self._conn = None
-        self._channel = None
+        # pika has no type information, and this class reaches into the channel's implementation anyway.
+        self._conn: Any = None
+        self._channel: Any = None
         self._next_tag = 1
         self._acked: set[int] = set()
         self._nacked: set[int] = set()
@@ -153,7 +157,7 @@ class ConfirmingPublisher:
             returned = self._returned
             result = [Delivery.UNCONFIRMED if t not in self._acked else
                       Delivery.UNROUTABLE if str(env.id) in returned else Delivery.CONFIRMED
-                      for t, env in zip(tags, envelopes)]
+                      for t, env in zip(tags, envelopes, strict=True)]
             self._acked.difference_update(tags)
             self._nacked.difference_update(tags)
             self._returned = set()
@@ -177,7 +181,7 @@ def sort_out(items: list, outcomes: list[Delivery]) -> tuple[list, list, list]:
     """``items`` (rows, envelopes, ids: one per published envelope) split by outcome: (confirmed, unroutable,
     unconfirmed)."""
     out: dict[Delivery, list] = {d: [] for d in Delivery}
-    for item, outcome in zip(items, outcomes):
+    for item, outcome in zip(items, outcomes, strict=True):
         out[outcome].append(item)
     return out[Delivery.CONFIRMED], out[Delivery.UNROUTABLE], out[Delivery.UNCONFIRMED]
 
@@ -191,7 +195,7 @@ class QueueDepth:
 
     def __init__(self, url: str):
         self.url = url
-        self._conn = None
+        self._conn: Any = None  # a pika BlockingConnection once asked (pika has no type information)
 
     def ready(self, queues) -> int | None:
         """The sum of ready messages, or None when the broker cannot be asked (then nobody should wait on it)."""

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 LOCK_CLASS = 0x70756C73  # 'puls': first key of the (int, int) advisory lock; the second is a hash of the slot name
 LOCK_KEY_SQL = "hashtext(%s) & 2147483647"
 # A holder whose host vanishes must lose the lock (and its walsender) in seconds, not after TCP's two hours.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
+KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
 # How PostgreSQL 13-17 word a refused START_REPLICATION on a lost slot: "This slot has been invalidated because it
 # exceeded the maximum reserved size." and "requested WAL segment ... has already been removed".
 SLOT_LOST_MARKERS = ("has been invalidated", "has already been removed")
@@ -60,8 +61,16 @@ class SlotLost(psycopg.OperationalError):
     """START_REPLICATION was refused because the slot was invalidated or the WAL it needs is gone."""
 
 
-def _one(conn, query, params=()) -> dict | None:
+def _one(conn, query, params=()) -> dict[str, Any] | None:
     return conn.cursor(row_factory=dict_row).execute(query, params).fetchone()
+
+
+def _row(conn, query, params=()) -> dict[str, Any]:
+    """The row of a query that always returns one (a setting, a function's result, an existing slot)."""
+    row = _one(conn, query, params)
+    if row is None:
+        raise LookupError(f"no row from: {query}")
+    return row
 
 
 def lsn_text(lsn: int) -> str:
@@ -85,7 +94,7 @@ def wal_level_problem(wal_level: str) -> str | None:
 
 def wal_level(conn) -> str:
     """The server's ``wal_level`` setting."""
-    return _one(conn, "SHOW wal_level")["wal_level"]
+    return _row(conn, "SHOW wal_level")["wal_level"]
 
 
 def check_server(conn) -> None:
@@ -147,7 +156,7 @@ def prepare(database_url: str, slot: str, publication: str) -> dict:
 
 def try_lock(conn, slot: str) -> bool:
     """Take the relay lock of ``slot`` on this session if it is free (held until the session ends)."""
-    return _one(conn, f"SELECT pg_try_advisory_lock(%s, {LOCK_KEY_SQL}) AS got", (LOCK_CLASS, slot))["got"]
+    return _row(conn, f"SELECT pg_try_advisory_lock(%s, {LOCK_KEY_SQL}) AS got", (LOCK_CLASS, slot))["got"]
 
 
 def holder(conn, slot: str) -> dict | None:
@@ -168,20 +177,20 @@ def slot_lost_reason(conn, slot: str) -> str | None:
 
 def confirmed_lsn(conn, slot: str) -> int:
     """The slot's confirmed position: every change before it is done with."""
-    return lsn_int(_one(conn, "SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots "
+    return lsn_int(_row(conn, "SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots "
                               "WHERE slot_name = %s", (slot,))["lsn"])
 
 
 def flush_lsn(conn) -> int:
     """The server's WAL flush position now."""
-    return lsn_int(_one(conn, "SELECT pg_current_wal_flush_lsn()::text AS lsn")["lsn"])
+    return lsn_int(_row(conn, "SELECT pg_current_wal_flush_lsn()::text AS lsn")["lsn"])
 
 
 def wait_released(conn, slot: str, timeout_s: float = 5.0) -> None:
     """A previous stream's walsender (ours after a broker error, or a dead holder's) exits a moment after
     its client; until then the slot is active and START_REPLICATION would be refused."""
     deadline = time.monotonic() + timeout_s
-    while _one(conn, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,))["active"] \
+    while _row(conn, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,))["active"] \
             and time.monotonic() < deadline:
         time.sleep(0.05)
 
@@ -202,7 +211,7 @@ def recreate(conn, slot: str, reason: str) -> int:
 
 def last_slot_loss(conn, slot: str) -> dict | None:
     """The last time the cdc relay found ``slot`` lost and created it again (``infra.relay_slot_losses``), or None."""
-    if not _one(conn, "SELECT to_regclass('infra.relay_slot_losses') IS NOT NULL AS ok")["ok"]:
+    if not _row(conn, "SELECT to_regclass('infra.relay_slot_losses') IS NOT NULL AS ok")["ok"]:
         return None
     row = _one(conn, "SELECT recreated_at, reason, outbox_rows, pid, host, extract(epoch FROM now() - recreated_at) "
                      "AS age_s, count(*) OVER () AS times FROM infra.relay_slot_losses WHERE slot = %s "
@@ -228,7 +237,7 @@ def write_heartbeat(conn, slot: str, *, started_at: float, published: int, rate:
 
 def heartbeat(conn, slot: str) -> dict | None:
     """The relay heartbeat of ``slot`` with its age in seconds, or None (no row, or no table yet)."""
-    if not _one(conn, "SELECT to_regclass('infra.relay_heartbeat') IS NOT NULL AS ok")["ok"]:
+    if not _row(conn, "SELECT to_regclass('infra.relay_heartbeat') IS NOT NULL AS ok")["ok"]:
         return None
     return _one(conn, "SELECT *, extract(epoch FROM now() - updated_at) AS age_s FROM infra.relay_heartbeat "
                       "WHERE slot = %s", (slot,))

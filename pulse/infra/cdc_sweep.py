@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
+from pulse.events import Envelope
 from pulse.infra import broker, outbox
 from pulse.infra.relay_publish import publish_unconfirmed, report_unroutable
 
@@ -46,7 +48,8 @@ def sweep(conn, publisher: broker.ConfirmingPublisher, *, batch: int, naive: boo
     top = outbox.max_seq(conn)
     published = kept = after = 0  # after: unroutable rows stay in the table, so the sweep moves on by seq
     while top is not None:
-        flush, unroutable = None, []
+        flush: Callable[[], object] | None = None
+        unroutable: list[Envelope] = []
         with conn.transaction():
             rows = outbox.claim_sweep(conn, top, after, batch)
             if not rows:

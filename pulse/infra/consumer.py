@@ -73,7 +73,7 @@ class Consumer(threading.Thread):
         log.info("%s: handled %d messages in %d batches, %d dead-lettered", self.name, self.handled, self.batches,
                  self.dead_lettered)
 
-    def fresh_copy(self) -> "Consumer":
+    def fresh_copy(self) -> Consumer:
         """A new, unstarted consumer with this one's arguments (a thread cannot be started twice)."""
         return Consumer(self.url, self.queue, self.dispatch, stop=self.stop, prefetch=self.prefetch,
                         retries=self.retries, faults=self.faults, name=self.name, pool=self.pool, batch=self.batch,

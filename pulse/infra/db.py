@@ -7,13 +7,19 @@ import logging
 import os
 import select
 import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
 log = logging.getLogger(__name__)
+
+# What every pooled connection is: rows come back as dicts (make_pool's row_factory).
+Conn = psycopg.Connection[DictRow]
+Pool = ConnectionPool[Conn]
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -23,7 +29,7 @@ class DatabaseUnavailable(RuntimeError):
 def ensure_database(url: str) -> bool:
     """Create the database named in ``url`` if it is missing; return True when it was created."""
     params = conninfo_to_dict(url)
-    name = params.get("dbname", "postgres")
+    name = str(params.get("dbname", "postgres"))
     admin = make_conninfo(url, dbname="postgres")
     try:
         with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
@@ -38,10 +44,10 @@ def ensure_database(url: str) -> bool:
         raise DatabaseUnavailable(f"PostgreSQL is not reachable at {redact(url)}: {first_line(exc)}") from exc
 
 
-def make_pool(url: str, *, min_size: int = 1, max_size: int = 20, name: str = "pulse") -> ConnectionPool:
+def make_pool(url: str, *, min_size: int = 1, max_size: int = 20, name: str = "pulse") -> Pool:
     """An opened pool whose connections return rows as dicts."""
     # check: a connection killed by a database restart is replaced before use instead of failing one request.
-    pool = ConnectionPool(url, min_size=min_size, max_size=max_size, name=name, open=False,
+    pool: Pool = ConnectionPool(url, min_size=min_size, max_size=max_size, name=name, open=False,
                           check=check_connection,
                           kwargs={"row_factory": dict_row, "connect_timeout": 5,
                                   # A lock holder or stuck session in pg_stat_activity then names its process.
@@ -58,7 +64,7 @@ def make_pool(url: str, *, min_size: int = 1, max_size: int = 20, name: str = "p
     return pool
 
 
-def check_connection(conn) -> None:
+def check_connection(conn: Conn) -> None:
     """The pool's check before it hands out a connection, without a round trip when nothing is wrong.
 
     psycopg_pool's own check sends an empty query every time: a round trip on every checkout, i.e. on every
@@ -76,15 +82,14 @@ def check_connection(conn) -> None:
 
 
 @contextlib.contextmanager
-def transaction(pool: ConnectionPool):
+def transaction(pool: Pool) -> Iterator[Conn]:
     """A connection inside one transaction: committed on exit, rolled back on any exception."""
-    with pool.connection() as conn:
-        with conn.transaction():
-            yield conn
+    with pool.connection() as conn, conn.transaction():
+        yield conn
 
 
 @contextlib.contextmanager
-def autocommit(pool: ConnectionPool):
+def autocommit(pool: Pool) -> Iterator[Conn]:
     """A pooled connection in autocommit, for a single statement that is atomic on its own (one round trip)."""
     with pool.connection() as conn:
         conn.autocommit = True
@@ -98,9 +103,9 @@ def autocommit(pool: ConnectionPool):
 class Batch:
     """One consumer's shared transaction: the connection, and the after-commit work of the message in hand."""
 
-    def __init__(self, conn):
+    def __init__(self, conn: Conn) -> None:
         self.conn = conn
-        self.callbacks: list = []
+        self.callbacks: list[Callable[[], object]] = []
 
 
 # The batch a consumer thread has open; handlers find it here so their signatures stay handler(deps, envelope).
@@ -108,23 +113,22 @@ _local = threading.local()
 
 
 @contextlib.contextmanager
-def batch(pool: ConnectionPool):
+def batch(pool: Pool) -> Iterator[Batch]:
     """One transaction for many messages on this thread: :func:`unit` inside it is a savepoint, not a commit.
 
     Committed when the block exits normally (one WAL flush and one pool checkout for the whole batch).
     """
-    with pool.connection() as conn:
-        with conn.transaction():
-            current = Batch(conn)
-            _local.batch = current
-            try:
-                yield current
-            finally:
-                _local.batch = None
+    with pool.connection() as conn, conn.transaction():
+        current = Batch(conn)
+        _local.batch = current
+        try:
+            yield current
+        finally:
+            _local.batch = None
 
 
 @contextlib.contextmanager
-def unit(pool: ConnectionPool):
+def unit(pool: Pool) -> Iterator[Conn]:
     """A handler's transaction: a savepoint of the thread's open batch, else a transaction of its own.
 
     The savepoint makes a failed handler (or a retried attempt) undo only its own statements.
@@ -138,7 +142,7 @@ def unit(pool: ConnectionPool):
         yield current.conn
 
 
-def after_commit(fn) -> None:
+def after_commit(fn: Callable[[], object]) -> None:
     """Run ``fn()`` once the effects are committed: now outside a batch, after the batch's commit inside one."""
     current = getattr(_local, "batch", None)
     if current is None:
@@ -147,7 +151,7 @@ def after_commit(fn) -> None:
         current.callbacks.append(fn)
 
 
-def connect(url: str, **kwargs) -> psycopg.Connection:
+def connect(url: str, **kwargs: Any) -> Conn:
     """A single dict-row connection, for tools that need one outside the pool (relays, checks)."""
     return psycopg.connect(url, row_factory=dict_row, connect_timeout=5, **kwargs)
 

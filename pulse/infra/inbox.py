@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-def claim(conn, table: str, event_id, *, enabled: bool = True) -> bool:
+from typing import Any
+
+import psycopg
+
+
+def claim(conn: psycopg.Connection[Any], table: str, event_id: object, *, enabled: bool = True) -> bool:
     """True if this event is new for the module; False if its effect was already committed.
 
     ON CONFLICT waits for a concurrent transaction holding the same id: if that one
@@ -15,4 +20,5 @@ def claim(conn, table: str, event_id, *, enabled: bool = True) -> bool:
     row = conn.execute(f"INSERT INTO {table} AS t (event_id) VALUES (%s) ON CONFLICT (event_id) "
                        "DO UPDATE SET duplicates = t.duplicates + 1 RETURNING (xmax = 0) AS inserted",
                        (event_id,)).fetchone()
+    assert row is not None  # INSERT ... ON CONFLICT DO UPDATE ... RETURNING returns its row either way
     return bool(row[0] if isinstance(row, tuple) else row["inserted"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pulse.config import PROJECT_ROOT
+from pulse.config import PROJECT_ROOT, Settings
 from pulse.infra import db
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def sql_files(directory: Path = SQL_DIR) -> list[Path]:
     return sorted(directory.glob("*.sql"))
 
 
-def migrate(url: str, directory: Path = SQL_DIR, *, settings=None) -> list[str]:
+def migrate(url: str, directory: Path = SQL_DIR, *, settings: Settings | None = None) -> list[str]:
     """Create the database if missing and apply every SQL file; safe to run any number of times.
 
     With ``settings`` in cdc outbox mode, also create the configured publication and replication slot (the

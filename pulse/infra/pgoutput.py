@@ -210,7 +210,7 @@ class RowDecoder:
         if len(relation.columns) != len(insert.values):
             raise DecodeError(f"insert into {relation.qualified_name} has {len(insert.values)} values "
                               f"for {len(relation.columns)} columns")
-        return relation, {c.name: v for c, v in zip(relation.columns, insert.values)}
+        return relation, {c.name: v for c, v in zip(relation.columns, insert.values, strict=True)}
 
 
 # --- encoders: used by the unit tests to build messages byte by byte, and handy in the lab to show the format ---

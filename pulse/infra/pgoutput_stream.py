@@ -24,16 +24,16 @@ runs in production is the code the unit tests feed with captured and hand-built 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import struct
 import time
 import uuid
 
+import psycopg
 from psycopg import pq, sql
 from psycopg.conninfo import make_conninfo
-
-import psycopg
 
 from pulse.events import Envelope
 from pulse.infra import db, pgoutput
@@ -152,7 +152,8 @@ class WalStream:
 
     def read(self, timeout_s: float, max_events: int) -> list[Transaction]:
         """Wait up to ``timeout_s`` for data, then take whatever has arrived (up to about ``max_events``)."""
-        transactions, events = [], 0
+        transactions: list[Transaction] = []
+        events = 0
         deadline = time.monotonic() + timeout_s
         while events < max_events:
             size, data = self.pgconn.get_copy_data(1)
@@ -181,10 +182,8 @@ class WalStream:
 
     def close(self) -> None:
         """End the replication session (its walsender exits a moment later and releases the slot)."""
-        try:
+        with contextlib.suppress(Exception):  # closing a broken connection must not hide the original error
             self.pgconn.finish()
-        except Exception:  # closing a broken connection must not hide the original error
-            pass
 
 
 # --- encoders of the stream's framing, for tests and the lab (the messages inside are pgoutput's encoders) ---

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from typing import Any
 
 import redis
 
@@ -31,7 +33,7 @@ class Script:
             self.load()
         return self.sha
 
-    def __call__(self, keys=(), args=()):
+    def __call__(self, keys: Sequence[str] = (), args: Sequence[str | int | float] = ()) -> Any:
         self.ensure_loaded()
         try:
             return self.client.evalsha(self.sha, len(keys), *keys, *args)
@@ -40,7 +42,7 @@ class Script:
             self.load()
             return self.client.evalsha(self.sha, len(keys), *keys, *args)
 
-    def load(self):
+    def load(self) -> None:
         self.sha = self.client.script_load(self.source)
         self._loaded = True
 

@@ -23,6 +23,7 @@ line and a row of ``infra.relay_slot_losses``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -34,7 +35,7 @@ import psycopg
 from pulse.faults import NO_FAULTS, FaultInjected, naive_on
 from pulse.infra import broker, cdc_slot, cdc_sweep, db, outbox
 from pulse.infra.cdc_slot import CdcUnavailable, SlotLost, lsn_text
-from pulse.infra.cdc_slot import prepare  # noqa: F401 - `pulse db migrate` calls relay_cdc.prepare
+from pulse.infra.cdc_slot import prepare as prepare  # `pulse db migrate` calls relay_cdc.prepare
 from pulse.infra.pgoutput_stream import StreamEnded, WalStream
 from pulse.infra.relay_publish import UNROUTABLE_RETRY_S, publish_unconfirmed, report_unroutable, retry_unroutable
 
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 
 def confirmed_prefix(transactions, confirmed: list[bool]) -> tuple[int | None, list]:
     """The end LSN of the last transaction such that it and all before it were confirmed, and their event ids."""
-    target, ids, i = None, [], 0
+    target, i = None, 0
+    ids: list[object] = []
     for end_lsn, envelopes in transactions:
         flags = confirmed[i:i + len(envelopes)]
         i += len(envelopes)
@@ -129,6 +131,7 @@ class CdcRelay:
 
     def _relay_batch(self, conn) -> int:
         stream = self._stream
+        assert stream is not None, "run_once opens the stream first"
         transactions = stream.read(self.poll_s, self.batch)
         envelopes = [e for _, batch in transactions for e in batch]
         if envelopes and self._naive():
@@ -227,6 +230,7 @@ class CdcRelay:
 
     def _confirm(self, lsn: int) -> None:
         self._confirmed_lsn = max(self._confirmed_lsn, lsn)
+        assert self._stream is not None, "only a batch read from the stream confirms"
         self._stream.confirm(self._confirmed_lsn)
         self._last_confirm = time.monotonic()
 
@@ -363,7 +367,5 @@ class CdcRelay:
         conn, self._conn = self._conn, None
         self.is_active, self._sweep_after = False, None
         if conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # a dead connection may fail to close; we discard it anyway
                 conn.close()
-            except Exception:  # a dead connection may fail to close; we are discarding it anyway
-                pass

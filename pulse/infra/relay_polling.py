@@ -7,10 +7,12 @@ broker's answer means for a row (unroutable kept and retried) is :mod:`pulse.inf
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+from typing import Any
 
 import psycopg
 
@@ -40,7 +42,7 @@ class PollingRelay:
         self._retry_at = 0.0  # the first pass retries at once: a restart may follow a fixed binding
         self.published = 0
         self.last_publish_at: float | None = None
-        self._conn = None
+        self._conn: db.Conn | None = None
 
     def run_once(self) -> int:
         """Relay one batch (and, every ``unroutable_retry_s``, the unroutable rows); returns how many events the
@@ -54,7 +56,7 @@ class PollingRelay:
         return retried + self._relay_batch(conn)
 
     def _relay_batch(self, conn) -> int:
-        unroutable = []
+        unroutable: list[dict[str, Any]] = []
         with conn.transaction():
             rows = outbox.claim(conn, self.batch)
             if not rows:
@@ -119,8 +121,6 @@ class PollingRelay:
 
     def _reset(self):
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # a dead connection may fail to close; we discard it anyway
                 self._conn.close()
-            except Exception:  # a dead connection may fail to close; we are discarding it anyway
-                pass
         self._conn = None

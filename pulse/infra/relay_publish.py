@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 
 import pika
 
@@ -60,7 +61,7 @@ def retry_unroutable(conn, publisher: broker.ConfirmingPublisher, batch: int,
     return delivered
 
 
-def publish_unconfirmed(publisher: broker.ConfirmingPublisher, envelopes) -> object:
+def publish_unconfirmed(publisher: broker.ConfirmingPublisher, envelopes) -> Callable[[], object]:
     """The lab's naive publish (issue 4, ``publish-no-confirm``): hand the messages to the client library
     and return at once; the returned ``flush()`` writes them to the socket. Whoever deletes the outbox
     rows before that (as the original did, trusting "publish returned") loses the batch in a crash.

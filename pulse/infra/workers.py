@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class Slot:
     dead_lettered_before: int = 0
     skipped_before: int = 0
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         c = self.current
         return {"queue": getattr(c, "queue", None), "thread": c.name, "alive": c.is_alive(),
                 "restarts": self.restarts, "handled": self.handled_before + getattr(c, "handled", 0),
@@ -37,7 +38,13 @@ class Slot:
                 "lastError": self.last_reason}
 
 
-def _skipped(consumer) -> int:
+def _fresh_copy(consumer: threading.Thread) -> threading.Thread:
+    """A new consumer with the dead one's arguments (pulse.infra.consumer.Consumer.fresh_copy)."""
+    fresh: threading.Thread = consumer.fresh_copy()  # type: ignore[attr-defined]  # a Consumer, typed as a Thread
+    return fresh
+
+
+def _skipped(consumer: threading.Thread) -> int:
     return getattr(getattr(consumer, "dispatch", None), "skipped", 0)
 
 
@@ -48,7 +55,8 @@ class ConsumerSupervisor:
     predecessor's place there, so shutdown joins the thread that is running now.
     """
 
-    def __init__(self, stop: threading.Event, *, interval_s: float = 1.0, threads: list | None = None):
+    def __init__(self, stop: threading.Event, *, interval_s: float = 1.0,
+                 threads: list[threading.Thread] | None = None) -> None:
         self.stop, self.interval_s = stop, interval_s
         self.threads = threads if threads is not None else []
         self.slots: list[Slot] = []
@@ -76,7 +84,7 @@ class ConsumerSupervisor:
                     continue  # a consumer that ended because we stop is not a failure
                 error = getattr(dead, "last_error", None)
                 reason = f"{type(error).__name__}: {error}" if error is not None else "ended without an error"
-                fresh = slot.make() if slot.make is not None else dead.fresh_copy()
+                fresh = slot.make() if slot.make is not None else _fresh_copy(dead)
                 fresh.start()
                 slot.handled_before += getattr(dead, "handled", 0)
                 slot.dead_lettered_before += getattr(dead, "dead_lettered", 0)
@@ -101,15 +109,15 @@ class ConsumerSupervisor:
             except Exception:  # e.g. a restart that could not start a thread: try again on the next round
                 log.exception("consumer supervision failed; it runs again in %.0fs", self.interval_s)
 
-    def restarts(self) -> dict[str, int]:
-        """Restarts per queue since this process started."""
-        counts: dict[str, int] = {}
+    def restarts(self) -> dict[str | None, int]:
+        """Restarts per queue since this process started (None: threads that consume no queue)."""
+        counts: dict[str | None, int] = {}
         for slot in self.slots:
             queue = getattr(slot.current, "queue", None)
             counts[queue] = counts.get(queue, 0) + slot.restarts
         return counts
 
-    def status(self) -> list[dict]:
+    def status(self) -> list[dict[str, Any]]:
         """One entry per consumer: queue, thread name, alive, restarts, handled, dead-lettered, last error."""
         with self._lock:
             return [slot.status() for slot in self.slots]

@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import redis
 
 from pulse.infra import db, keys
 from pulse.redisstock.handlers import APPLIED_TTL_S, HELD_BY_PRODUCT
+
+if TYPE_CHECKING:
+    from pulse.deps import Deps
 
 log = logging.getLogger(__name__)
 # A hash: reconciler instance id → epoch of its last run. One field per instance, because several
@@ -30,7 +34,7 @@ class Reconciler:
     lost the marker, and the next run then covers everything, as does the first run after start.
     """
 
-    def __init__(self, deps):
+    def __init__(self, deps: Deps) -> None:
         self.deps = deps
         self.upper = None
         self.deferred_products: set[str] = set()
@@ -65,7 +69,7 @@ class Reconciler:
             return False
 
     def _mark(self) -> None:
-        r, now = self.deps.redis, int(time.time())
+        r, now = self.deps.redis, int(self.deps.clock())
         if r.type(MARKER_KEY) not in ("hash", "none"):
             r.delete(MARKER_KEY)
         stale = [k for k, v in r.hgetall(MARKER_KEY).items() if now - int(v) > MARKER_TTL_S]
@@ -142,7 +146,7 @@ class Reconciler:
         r = self.deps.redis
         current = r.mget([keys.stock(row["product_id"]) for row in rows])
         wrong = {keys.stock(row["product_id"]): row["available_quantity"]
-                 for row, value in zip(rows, current) if value != str(row["available_quantity"])}
+                 for row, value in zip(rows, current, strict=True) if value != str(row["available_quantity"])}
         if wrong:
             r.mset(wrong)
         return len(wrong)
@@ -162,7 +166,7 @@ class Reconciler:
             held = {p: n for p, n in held.items() if p not in busy}
         ids = sorted(held)
         current = self.deps.redis.mget([keys.reserved(p) for p in ids])
-        wrong = {keys.reserved(p): held[p] for p, value in zip(ids, current)
+        wrong = {keys.reserved(p): held[p] for p, value in zip(ids, current, strict=True)
                  if int(value or 0) != held[p]}
         if wrong:
             self.deps.redis.mset(wrong)
@@ -210,7 +214,7 @@ class Reconciler:
             db_carts.setdefault(str(row["user_id"]), {})[str(row["product_id"])] = row["quantity"]
             touched[str(row["user_id"])] = row["updated_at"].timestamp()
         r = self.deps.redis
-        queued = dict(zip(sorted(users), r.zmscore(keys.CLEANUP_QUEUE, sorted(users))))
+        queued = dict(zip(sorted(users), r.zmscore(keys.CLEANUP_QUEUE, sorted(users)), strict=True))
         carts = queue = 0
         pipe = r.pipeline(transaction=False)
         for user in users:
@@ -235,7 +239,7 @@ class Reconciler:
         for user in ordered:
             pipe.hgetall(keys.cart(user))
         return {u: {p: int(q) for p, q in h.items() if int(q) > 0}
-                for u, h in zip(ordered, pipe.execute()) if h}
+                for u, h in zip(ordered, pipe.execute(), strict=True) if h}
 
     def _redis_cart_users(self) -> set[str]:
         users = {k.split(":", 1)[1] for k in self.deps.redis.scan_iter(match="cart:*", count=1000)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
 
 import pytest
 
+from pulse.cart.service import CartService
 from pulse.errors import Conflict, NotFound, Unavailable
 from pulse.faults import NoFaults
 from tests.integration.support import db_cart, redis_cart, reserved
@@ -211,3 +213,18 @@ def test_40_concurrent_adds_against_stock_10_reserve_exactly_10(system, new_prod
                       (product,)).fetchone()["n"]
     assert held == 10
     assert sum(1 for u in users if rds.hget(f"cart:{u}", product)) == 10
+
+
+def test_cart_expiry_follows_the_injected_clock(system, new_product, rds):
+    """The cart's expiry is domain time read from ``Deps.clock``: a test sets it instead of waiting out the TTL."""
+    product, user = new_product(stock=10), uuid.uuid4()
+    ttl_s = system.settings.cart_ttl_s
+    now = float(int(time.time()) + 3600)  # an hour ahead: nothing else here runs on this clock
+    carts_at = CartService(dataclasses.replace(system.deps, clock=lambda: now))
+    carts_at.add_item(user, U(product), 2)
+    assert rds.zscore("cart:cleanup:queue", str(user)) == int((now + ttl_s) * 1000)
+
+    rds.delete(f"cart:{user}")  # Redis lost the cart: the next read loads it from the database, unless expired
+    past_expiry = CartService(dataclasses.replace(system.deps, clock=lambda: time.time() + ttl_s + 60))
+    assert past_expiry.get(user)["items"] == []
+    assert [i["quantity"] for i in system.carts.get(user)["items"]] == [2]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 import time
 import uuid
 
 import pytest
 
-from pulse.inventory.handlers import MAX_VERSION_RETRIES, VersionConflict
+from pulse import topology
+from pulse.infra import db as pulse_db
+from pulse.inventory.handlers import MAX_VERSION_RETRIES, VersionConflict, lock_batch
 from tests.integration.support import db_stock, envelope
 
 pytestmark = pytest.mark.integration
@@ -61,52 +65,43 @@ def test_concurrent_reservations_of_one_product_all_succeed_or_fail_cleanly(syst
 
 def test_a_version_conflict_is_retried_and_then_gives_up(system, new_product, db, tidy_outbox):
     """Another writer bumps the version between our read and our write on every attempt."""
-    from pulse.infra import db as pulse_db
-
     product, order_id = new_product(stock=5), str(uuid.uuid4())
     tidy_outbox.append(order_id)
-    reserve = system.dispatcher("inventory.queue")
     event = envelope("ORDER_CREATED", {"orderId": order_id, "userId": str(uuid.uuid4()), "strategy": "OPTIMISTIC",
                                        "totalPrice": "1.00", "items": [{"productId": product, "quantity": 1}]})
     attempts = []
-    real_transaction = pulse_db.transaction
 
-    def interfering(pool):
-        """The real transaction, plus a concurrent writer that commits a version bump inside it."""
-        cm = real_transaction(pool)
-        conn = cm.__enter__()
-        original_execute = conn.execute
+    class Interfered:
+        """The handler's connection, except that a concurrent writer commits a version bump after each read."""
 
-        def execute(query, params=None, *a, **kw):
-            result = original_execute(query, params, *a, **kw)
+        def __init__(self, conn):
+            self._conn = conn
+
+        def __getattr__(self, name):
+            return getattr(self._conn, name)
+
+        def execute(self, query, params=None, *args, **kwargs):
+            result = self._conn.execute(query, params, *args, **kwargs)
             if query.startswith("SELECT available_quantity, version"):
                 attempts.append(1)
                 db.execute("UPDATE inventory.inventory_items SET version = version + 1 WHERE product_id = %s",
                            (product,))
             return result
 
-        conn.execute = execute
+    @contextlib.contextmanager
+    def interfering(pool):
+        with pulse_db.unit(pool) as conn:
+            yield Interfered(conn)
 
-        class Wrapper:
-            def __enter__(self):
-                return conn
-
-            def __exit__(self, *exc):
-                conn.execute = original_execute
-                return cm.__exit__(*exc)
-
-        return Wrapper()
-
-    system.deps.transaction = lambda: interfering(system.deps.pool)  # this system's only, not the process's
-    try:
-        with pytest.raises(VersionConflict):
-            reserve(event)
-    finally:
-        del system.deps.transaction
+    # Injected into a copy of this system's dependencies: the process's transactions stay the real ones.
+    deps = dataclasses.replace(system.deps, transaction_factory=interfering)
+    interfered = topology.Dispatcher(system.queues["inventory.queue"], deps)
+    with pytest.raises(VersionConflict):
+        interfered(event)
     assert len(attempts) == MAX_VERSION_RETRIES
     assert db_stock(db, product) == 5
     assert db.execute("SELECT 1 FROM inventory.inbox WHERE event_id = %s", (event.id,)).fetchone() is None
-    reserve(event)  # without interference the redelivery goes through
+    system.dispatcher("inventory.queue")(event)  # without interference the redelivery goes through
     assert db_stock(db, product) == 4
 
 
@@ -115,9 +110,6 @@ def test_two_batches_taking_the_same_products_in_opposite_orders_do_not_deadlock
     """Two inventory consumers (two `pulse serve` processes) whose batches hold orders for the same products in
     opposite orders: the batch pre-lock takes the rows in product order, so the second batch waits for the first
     instead of deadlocking (PostgreSQL would only break that after deadlock_timeout, 1 s per deadlock)."""
-    from pulse.infra import db as pulse_db
-    from pulse.inventory.handlers import lock_batch
-
     p1, p2 = new_product(stock=10), new_product(stock=10)
     reserve = system.dispatcher("inventory.queue")
 
