@@ -425,9 +425,10 @@ Redis and PostgreSQL are two systems with no shared transaction. Three ways they
 and the **reconciler** that repairs Redis from PostgreSQL (the truth) — with a cooldown, and why it needs one."""),
     goals("name three ways Redis and PostgreSQL drift apart",
           "explain the reconciler's cooldown window and what a full scan without it destroys",
-          "read a drift chart before and after a reconciliation pass"),
-    gparams("COOLDOWN_S = 10\nORDERS = 20"),
-    code("if SMALL:\n    COOLDOWN_S, ORDERS = 6, 6"),
+          "read a drift chart before and after a reconciliation pass",
+          "show that sagas in flight survive a broker restart and a database restart"),
+    gparams("COOLDOWN_S = 10\nORDERS = 20\nRESTART_ORDERS = 12\nGAP_S = 0.4\nBROKER_DOWN_S = 2.0"),
+    code("if SMALL:\n    COOLDOWN_S, ORDERS, RESTART_ORDERS, BROKER_DOWN_S = 6, 6, 6, 1.0"),
     code(IMPORTS),
     code("lab = Lab(strategy=STRATEGY, outbox_mode=OUTBOX_MODE).start()\nproduct = lab.new_product(stock=50, name='Drift demo')\n"
          "lab.reconcile_now(cooldown_s=0)   # a baseline: the first run covers everything\nfixes = {}"),
@@ -474,14 +475,40 @@ reconciler's marker, so the next pass knows it must cover everything, not just t
     code("user = lab.client.new_user()\nlab.client.add_item(user, product, 1)\nflushed = lab.flush_redis()\n"
          "lab.q.drift_summary([product])"),
     code("fixes['flush'] = lab.reconcile_now(cooldown_s=0)\n{k: fixes['flush'][k] for k in ('full', 'stock', 'reserved', 'carts', 'cleanupQueue')}"),
+    md("""## 4 · A broker restart and a database restart, mid-saga
+No switch this time: the safeguards are all on, and the question is whether they carry the sagas through
+RabbitMQ and then PostgreSQL going away. Restarting a server ends the sessions of everybody using it, so the
+lab restarts only servers it started itself: a second lab, `Lab(services='own')`, runs on a PostgreSQL
+cluster and a RabbitMQ node of its own (on the shared services, `restart_broker()` refuses).
+
+Shoppers check out one order every `GAP_S` seconds; a slow payment provider keeps sagas in flight. After a few
+orders the lab stops its RabbitMQ (for `BROKER_DOWN_S` more seconds), starts it again, then does the same to
+PostgreSQL. Nobody tells the server: its relay and consumers find out as any client would."""),
+    code("teach.predict('Orders in flight through a broker restart and a database restart: how do they end?', "
+         "['all COMPLETED', 'some stuck or lost'], 'restarts', PREDICTIONS)"),
+    code("own = Lab(strategy=STRATEGY, outbox_mode=OUTBOX_MODE, services='own').start(tap=False)\n"
+         "try:\n    restart = sc.restarts_mid_saga(own, orders=RESTART_ORDERS, gap_s=GAP_S, "
+         "broker_down_s=BROKER_DOWN_S, database_down_s=1.0)\nfinally:\n    own.stop()   # its servers and their data go too\n"
+         "sc.show_restarts(restart)"),
+    md("""Read the chart: while RabbitMQ is down, checkouts still commit (orders placed rises) and their events
+wait as outbox rows; settled orders wait too. When it is back, the relay publishes the rows, and a message that
+was delivered but not yet acknowledged when the broker stopped arrives a second time: the inboxes absorb such
+repeats (`inboxRepeats` below). The database restart rolls back what was in flight (the sampler cannot read
+it: the gap) and every session, the relay's included, reconnects."""),
+    code("teach.reveal('restarts', 'all COMPLETED' if restart['completed'] == restart['orders'] else 'some stuck or lost')\n"
+         "assert restart['completed'] == restart['orders'] and restart['violations'] == [], restart\n"
+         "{k: restart[k] for k in ('orders', 'final', 'outboxPeak', 'inboxRepeats', 'refusedRequests', 'violations')}"),
     *finish("05_crash_lost_events_flush", """[
     f"After the crash, a pass inside the cooldown fixed {fixes['crash-within-cooldown']['reserved']} reserved key(s); the pass after it fixed {fixes['crash-after-cooldown']['reserved']} reserved and {fixes['crash-after-cooldown']['carts']} cart key(s).",
     f"Lost redis-stock events left stock: {int(lost_drift.stock_drift.fillna(0).abs().sum())} unit(s) off; one pass fixed {fixes['lost-events']['stock']} stock key(s).",
-    f"A flush removed {flushed} keys; the next pass was {'a full one' if fixes['flush']['full'] else 'not full'} and rebuilt {fixes['flush']['stock']} stock key(s)."]""",
+    f"A flush removed {flushed} keys; the next pass was {'a full one' if fixes['flush']['full'] else 'not full'} and rebuilt {fixes['flush']['stock']} stock key(s).",
+    f"Through a RabbitMQ restart ({restart['restarts'][0]['outage_s']:.1f} s away) and a PostgreSQL restart ({restart['restarts'][1]['outage_s']:.1f} s), {restart['completed']} of {restart['orders']} orders completed; up to {restart['outboxPeak']} outbox rows waited, the inboxes absorbed {restart['inboxRepeats']} repeat(s), and the checker reported {', '.join(restart['violations']) or 'no violation'}."]""",
             '{"fixes": {k: {f: v[f] for f in ("stock", "reserved", "carts", "cleanupQueue", "deferred", "full")} '
             'for k, v in fixes.items()}, "lostDrift": int(lost_drift.stock_drift.fillna(0).abs().sum()), '
             '"lostOrder": lost_order["displayStatus"], "flushedKeys": flushed, '
-            '"finalDrift": lab.q.drift_summary([product]), "restarts": lab.restarts}'),
+            '"finalDrift": lab.q.drift_summary([product]), "restarts": lab.restarts, '
+            '"restartsMidSaga": {k: restart[k] for k in ("orders", "completed", "final", "outboxPeak", "inboxRepeats", '
+            '"refusedRequests", "restarts", "violations")}}'),
 ]
 
 NB06 = [

@@ -280,7 +280,8 @@ class Dashboard:
             controls.set_title(i, title)
         root = W.VBox([status, invariants, controls, message, *images.values(), tables])
         return {"root": root, **images, "invariants": invariants, "tables": tables, "status": status,
-                "message": message, "rate": rate, "probs": probs, "naive": naive, "apply": apply}
+                "message": message, "rate": rate, "probs": probs, "naive": naive, "apply": apply,
+                "strategy": strategy, "mode": mode, "decline": decline}
 
     def _set_rate(self, rate: float) -> None:
         self.load.rate = rate

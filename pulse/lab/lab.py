@@ -54,13 +54,23 @@ class Lab:
     ``amqp_url`` (or ``env``) to point the lab at other services, e.g. a test session's private ones.
     Every change of strategy, outbox mode, decline rate or naive switches restarts the child with
     the new environment; faults (see :meth:`arm`) apply at run time without a restart.
+
+    ``services="own"`` runs the lab on a PostgreSQL cluster and a RabbitMQ node it starts itself (Redis stays
+    on the configured server, in a leased DB of its own), removed at :meth:`stop`; only then may it
+    :meth:`restart_broker` and :meth:`restart_database`. The rule: the lab restarts no server it did not start,
+    whatever the URLs say (local or not, classroom or not), because a server it did not start may serve others.
     """
 
     def __init__(self, strategy: str = "optimistic", outbox_mode: str | None = None, *,
                  decline_rate: float = 0.0, naive: tuple | list | set = (), database_url: str | None = None,
                  redis_url: str | None = None, amqp_url: str | None = None, env: dict | None = None,
                  reconcile_interval_s: float = 3600.0, sweep_interval_s: float = 3600.0,
-                 log_dir: str | Path | None = None):
+                 log_dir: str | Path | None = None, services: str = "given"):
+        if services not in ("given", "own"):
+            raise LabError(f"services={services!r}: say 'given' (the PULSE_* URLs) or 'own' (servers the lab starts).")
+        self.services = services
+        self._owned = None
+        self.service_restarts: list[dict] = []  # what restart_broker/restart_database did, with their moments
         base = {**os.environ, **(env or {})}
         base.update(self._classroom_env(base))
         urls = {"PULSE_DATABASE_URL": database_url, "PULSE_REDIS_URL": redis_url, "PULSE_AMQP_URL": amqp_url}
@@ -146,6 +156,8 @@ class Lab:
 
         if self.running:
             return self
+        if self.services == "own" and self._owned is None:
+            self._start_owned()
         self.check_services()
         migrate.migrate(self.settings.database_url)
         if fresh:
@@ -247,6 +259,9 @@ class Lab:
         if self._queries is not None:
             self._queries.close()
             self._queries = None
+        if self._owned is not None:
+            self._owned.stop()
+            self._owned = None
 
     def __enter__(self):
         return self.start()
@@ -257,6 +272,52 @@ class Lab:
     def _require_running(self):
         if not self.running:
             raise LabError("The lab is not running; call lab.start() first.")
+
+    # ----- services of its own, and their restarts ---------------------------------------------------
+
+    def _start_owned(self) -> None:
+        from pulse.lab.owned import OwnedServices, OwnedServicesError
+
+        try:
+            self._owned = OwnedServices(self.settings.redis_url).start()
+        except OwnedServicesError as exc:
+            raise LabError(f"The lab could not start services of its own: {exc}") from exc
+        if not self._atexit:  # a kernel that exits without stop() must not leave servers behind
+            atexit.register(self.stop)
+            self._atexit = True
+        owned = self._owned.env
+        self.env.update(owned)
+        self.settings = self.settings.replace(database_url=owned["PULSE_DATABASE_URL"],
+                                              amqp_url=owned["PULSE_AMQP_URL"], redis_url=owned["PULSE_REDIS_URL"])
+
+    def _require_owned(self, what: str, url: str):
+        from urllib.parse import urlparse
+
+        if self._owned is None:
+            where = urlparse(url)
+            raise LabError(f"The lab restarts only a {what} it started itself, and the one at {where.hostname}:"
+                           f"{where.port} may serve others: create the lab with Lab(services='own') to restart it.")
+        if self.held:
+            raise LabError("Deliveries are held: call lab.release() before restarting a service.")
+        return self._owned
+
+    def restart_broker(self, down_s: float = 0.0) -> dict:
+        """Restart the lab's own RabbitMQ node (kept down ``down_s`` more seconds); returns when it answers again,
+        with the moments (epoch s) it ``began`` stopping, was ``down`` and ``up``. The server's relay and consumers
+        are not told: they find out as any client would, and reconnect. Refused unless ``services="own"``."""
+        mark = self._require_owned("RabbitMQ", self.settings.amqp_url).restart_broker(down_s)
+        self.service_restarts.append(mark)
+        return mark
+
+    def restart_database(self, down_s: float = 0.0) -> dict:
+        """Restart the lab's own PostgreSQL (a fast shutdown: sessions end, open transactions roll back), kept down
+        ``down_s`` more seconds; returns its moments like :meth:`restart_broker`. Refused unless ``services="own"``."""
+        mark = self._require_owned("PostgreSQL", self.settings.database_url).restart_database(down_s)
+        self.service_restarts.append(mark)
+        if self._system is not None:  # its pool holds sessions the restart ended
+            self._system.close()
+            self._system = None
+        return mark
 
     # ----- state ------------------------------------------------------------------------------------
 

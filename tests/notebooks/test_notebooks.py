@@ -158,6 +158,10 @@ def _drift(r):
     assert r["lostOrder"] == "COMPLETED" and r["lostDrift"] == 3 and f["lost-events"]["stock"] == 1, r
     assert f["flush"]["full"] and f["flush"]["stock"] >= 1, r
     assert r["finalDrift"]["productsDrifting"] == 0 and r["restarts"] >= 1, r
+    restarts = r["restartsMidSaga"]  # the lab's own RabbitMQ, then its own PostgreSQL, restarted mid-saga
+    assert [x["service"] for x in restarts["restarts"]] == ["RabbitMQ", "PostgreSQL"], restarts
+    assert restarts["orders"] >= 1 and restarts["final"] == {"COMPLETED": restarts["orders"]}, restarts
+    assert restarts["outboxPeak"] >= 1 and restarts["violations"] == [], restarts
 
 
 def _idempotency(r):

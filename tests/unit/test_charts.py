@@ -193,3 +193,17 @@ def test_missing_stock_keys_alone_do_not_make_a_drift_panel():
     shown, notes = charts.dashboard_panels(snapshot(drift=d))
     assert "drift" not in [n for n, _ in shown]
     assert any("1 stock: key(s) not loaded" in note for note in notes)
+
+
+def test_restarts_figure_shades_each_outage_and_leaves_a_gap_where_the_database_was_away():
+    timeline = pd.DataFrame({"t": [0.0, 1.0, 2.0, 3.0, 4.0], "placed": [1, 2, 3, 3, 3],
+                             "settled": [0, 1, math.nan, 2, 3], "outbox": [1, 1, math.nan, 1, 0]})
+    restarts = [{"service": "RabbitMQ", "began": 0.5, "down": 0.8, "up": 1.8},
+                {"service": "PostgreSQL", "began": 1.8, "down": 1.9, "up": 2.6}]
+    fig = charts.restarts_figure(timeline, restarts)
+    ax = fig.axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "RabbitMQ restarting (1.3 s)" in labels and "PostgreSQL restarting (0.8 s)" in labels
+    settled = next(line for line in ax.get_lines() if line.get_label() == "orders settled")
+    assert math.isnan(settled.get_ydata()[2])  # a gap, not a line drawn through the outage
+    assert charts.png(fig)[:4] == b"\x89PNG"
