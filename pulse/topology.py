@@ -3,7 +3,8 @@ event for orders of which strategy.
 
 Everything else is read off this table: the broker's bindings, each consumer's dispatch, the inbox tables,
 the batch pre-locks, the checker's queue↔inbox map and its expected deliveries, and the watchdog's targets.
-A new saga step is one :class:`Route` here, its handler and its SQL (and a watchdog rule).
+A new saga step is one :class:`Route` here, its handler and its SQL (and a watchdog rule); a new event type
+also needs its dataclass in pulse/events.py.
 
 Strategy belongs to the order, not to the process: every queue is bound to the events of both strategies,
 and the dispatcher picks the route by the strategy the event carries. A process started under another
