@@ -3,7 +3,8 @@ event for orders of which strategy.
 
 Everything else is read off this table: the broker's bindings, each consumer's dispatch, the inbox tables,
 the batch pre-locks, the checker's queue↔inbox map and its expected deliveries, and the watchdog's targets.
-A new saga step is one :class:`Route` here, its handler and its SQL (and a watchdog rule).
+A new saga step is one :class:`Route` here, its handler and its SQL (and a watchdog rule); a new event type
+also needs its dataclass in pulse/events.py.
 
 Strategy belongs to the order, not to the process: every queue is bound to the events of both strategies,
 and the dispatcher picks the route by the strategy the event carries. A process started under another
@@ -26,22 +27,23 @@ from pulse.inventory import handlers as inventory
 from pulse.orders import handlers as orders
 from pulse.payment import handlers as payment
 from pulse.redisstock import handlers as redisstock
+from pulse.status import Strategy
 from pulse.views import handlers as views
 
 if TYPE_CHECKING:
     from pulse.deps import Deps
 
-OPTIMISTIC, POST_PAYMENT = "OPTIMISTIC", "POST_PAYMENT"
-STRATEGIES = frozenset({OPTIMISTIC, POST_PAYMENT})
+OPTIMISTIC, POST_PAYMENT = Strategy.OPTIMISTIC, Strategy.POST_PAYMENT
+STRATEGIES = frozenset(Strategy)
 OPT, POST = frozenset({OPTIMISTIC}), frozenset({POST_PAYMENT})
 
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    """One event on one queue: ``handler(deps, conn, envelope)`` runs inside the transaction in which the
-    dispatcher claimed the inbox; with ``claims_inbox=False`` it is ``handler(deps, envelope)`` and claims
+    """One event on one queue: ``handler(deps, conn, event)`` runs inside the transaction in which the
+    dispatcher claimed the inbox; with ``claims_inbox=False`` it is ``handler(deps, event_id, event)`` and claims
     the inbox itself (payment calls its provider outside any transaction; redis-stock repeats its Redis side
-    on duplicates)."""
+    on duplicates). ``event`` is the typed payload (pulse.events), parsed once by the dispatcher."""
 
     event: E
     handler: Callable[..., Any]
@@ -124,7 +126,8 @@ class UnroutableEvent(LookupError):
 class Dispatcher:
     """Hands an envelope from one queue to the route its order's strategy selects; claims the inbox where the
     route allows it. An event meant for the other strategy's module, or re-driven for another queue, is
-    dropped here unhandled and leaves no inbox row."""
+    dropped here unhandled, unparsed, and leaves no inbox row. An event for this module whose payload is not
+    its type's raises MalformedEnvelope before anything is claimed: the consumer dead-letters it at once."""
 
     def __init__(self, queue: Queue, deps: Deps) -> None:
         self.queue, self.deps = queue, deps
@@ -132,12 +135,12 @@ class Dispatcher:
 
     def wants(self, envelope: Envelope) -> bool:
         """Whether this queue's module acts on the envelope (the lab's lost-event fault loses only those)."""
-        target = envelope.payload.get("redriveFor")
-        return (self.queue.route(envelope.event_type, envelope.payload.get("strategy")) is not None
+        target = envelope.redrive_for
+        return (self.queue.route(envelope.event_type, envelope.strategy) is not None
                 and (target is None or target == self.queue.name))
 
     def __call__(self, envelope: Envelope) -> None:
-        strategy = envelope.payload.get("strategy")
+        strategy = envelope.strategy
         route = self.queue.route(envelope.event_type, strategy)
         if route is None:
             if envelope.event_type in self.queue.events and strategy in STRATEGIES:
@@ -145,13 +148,14 @@ class Dispatcher:
                 return
             raise UnroutableEvent(f"{self.queue.name} has no route for {envelope.event_type} of an order "
                                   f"with strategy {strategy!r}")
-        target = envelope.payload.get("redriveFor")
+        target = envelope.redrive_for
         if target is not None and target != self.queue.name:
             self.skipped += 1  # a watchdog re-drive meant for one module only
             return
+        event = envelope.event
         if not route.claims_inbox:
-            route.handler(self.deps, envelope)
+            route.handler(self.deps, envelope.id, event)
             return
         with self.deps.transaction() as conn:
             if inbox.claim(conn, self.queue.inbox, envelope.id, enabled=not self.deps.naive("no-inbox")):
-                route.handler(self.deps, conn, envelope)
+                route.handler(self.deps, conn, event)

@@ -131,6 +131,9 @@ class Consumer(threading.Thread):
                 self.dispatch(envelope)
                 error = None
                 break
+            except MalformedEnvelope as exc:  # a payload that does not parse never will: no retries
+                error = exc
+                break
             except Exception as exc:  # a handler failure must never kill the consumer thread
                 error = exc
                 log.warning("%s: %s %s failed (attempt %d/%d): %s", self.name, envelope.event_type,

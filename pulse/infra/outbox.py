@@ -15,7 +15,7 @@ import uuid
 
 from psycopg.rows import dict_row, tuple_row
 
-from pulse.events import Envelope, dumps
+from pulse.events import Envelope, Event, dumps
 
 COLUMNS = "id, aggregate_type, aggregate_id, event_type, payload, seq"
 
@@ -42,6 +42,11 @@ def append(conn, event_type: str, aggregate_type: str, aggregate_id, payload: di
         "INSERT INTO shared.outbox (id, aggregate_type, aggregate_id, event_type, payload) "
         "VALUES (%s, %s, %s, %s, %s::jsonb)", (event_id, aggregate_type, str(aggregate_id), kind, dumps(payload)))
     return event_id
+
+
+def append_event(conn, event: Event) -> uuid.UUID:
+    """Add one typed saga event (its order is the aggregate) to ``shared.outbox`` inside the caller's transaction."""
+    return append(conn, event.TYPE, "ORDER", event.order_id, event.to_payload())
 
 
 def envelope_of(row: dict) -> Envelope:

@@ -7,8 +7,10 @@ import logging
 import random
 import time
 
-from pulse.events import EventType as E
+from pulse.events import MalformedEnvelope, OrderCreated, PaymentFailed, PaymentProcessed, Shortage, \
+    StockFailed, StockReleased, StockReserved
 from pulse.infra import outbox
+from pulse.status import FailureReason
 
 log = logging.getLogger(__name__)
 MAX_VERSION_RETRIES = 8
@@ -20,7 +22,7 @@ class VersionConflict(Exception):
 
 
 class OutOfStock(Exception):
-    def __init__(self, shortages: list[dict]):
+    def __init__(self, shortages: list[Shortage]):
         super().__init__(f"not enough stock for {len(shortages)} product(s)")
         self.shortages = shortages
 
@@ -36,32 +38,32 @@ def _with_version_retries(work):
             time.sleep(random.uniform(0, 0.004 * attempt))
 
 
-def _take(conn, items: list[dict], *, checked: bool = True) -> None:
+def _take(conn, items, *, checked: bool = True) -> None:
     """Decrement every item's stock or none: the caller's savepoint undoes a partial reservation.
 
     ``checked=False`` is the lab's naive ``no-version-check``: the stock read is written back minus the
     quantity with no version condition, so a concurrent reservation's decrement in between is overwritten.
     """
     shortages = []
-    for item in sorted(items, key=lambda i: i["productId"]):  # a fixed order keeps concurrent reservers deadlock-free
+    for item in sorted(items, key=lambda i: i.product_id):  # a fixed order keeps concurrent reservers deadlock-free
         row = conn.execute("SELECT available_quantity, version FROM inventory.inventory_items WHERE product_id = %s",
-                           (item["productId"],)).fetchone()
-        if row is None or row["available_quantity"] < item["quantity"]:
-            shortages.append({"productId": item["productId"], "requested": item["quantity"],
-                              "available": 0 if row is None else row["available_quantity"]})
+                           (item.product_id,)).fetchone()
+        if row is None or row["available_quantity"] < item.quantity:
+            shortages.append(Shortage(product_id=item.product_id, requested=item.quantity,
+                                      available=0 if row is None else row["available_quantity"]))
             continue
         if not checked:
             time.sleep(NAIVE_WINDOW_S)  # widens the read-to-write window so the lab shows the lost update reliably
             conn.execute("UPDATE inventory.inventory_items SET available_quantity = %s, version = version + 1, "
                          "updated_at = now() WHERE product_id = %s",
-                         (row["available_quantity"] - item["quantity"], item["productId"]))
+                         (row["available_quantity"] - item.quantity, item.product_id))
             continue
         updated = conn.execute(
             "UPDATE inventory.inventory_items SET available_quantity = available_quantity - %s, "
             "version = version + 1, updated_at = now() WHERE product_id = %s AND version = %s",
-            (item["quantity"], item["productId"], row["version"]))
+            (item.quantity, item.product_id, row["version"]))
         if updated.rowcount == 0:
-            raise VersionConflict(item["productId"])
+            raise VersionConflict(item.product_id)
     if shortages:
         raise OutOfStock(shortages)
 
@@ -75,28 +77,35 @@ def lock_batch(conn, envelopes, naive=None) -> None:
     pre-lock alone serializes batches and would hide the lost update the switch is there to show."""
     if naive is not None and naive("no-version-check"):
         return
-    ids = sorted({str(item["productId"]) for e in envelopes for item in (e.payload.get("items") or [])
-                  if isinstance(item, dict) and item.get("productId")})
+    ids = sorted({item.product_id for e in envelopes for item in (_items_of(e) or ())})
     if ids:
         conn.execute("SELECT 1 FROM inventory.inventory_items WHERE product_id = ANY(%s::uuid[]) "
                      "ORDER BY product_id FOR UPDATE", (ids,))
 
 
-def on_reserve(deps, conn, envelope) -> None:
+def _items_of(envelope):
+    """The envelope's items, or None when its payload does not parse (the dispatcher dead-letters it)."""
+    try:
+        return getattr(envelope.event, "items", None)
+    except MalformedEnvelope:
+        return None
+
+
+def on_reserve(deps, conn, event: OrderCreated | PaymentProcessed) -> None:
     """ORDER_CREATED (optimistic) or PAYMENT_PROCESSED (post-payment): reserve the order's items."""
-    p = envelope.payload
-    base = {k: p.get(k) for k in ("orderId", "userId", "items", "totalPrice", "strategy")}
+    order_id = event.order_id
     if conn.execute("SELECT 1 FROM inventory.reservations WHERE order_id = %s",
-                    (p["orderId"],)).fetchone() and not deps.naive("no-inbox"):
+                    (order_id,)).fetchone() and not deps.naive("no-inbox"):
         return  # decided already under another event id (e.g. a re-driven saga)
-    deps.faults.point("inventory.reserve", order=p["orderId"])
+    deps.faults.point("inventory.reserve", order=order_id)
+    items = json.dumps([i.to_payload() for i in event.items])
 
     def attempt():
         with conn.transaction():  # a savepoint: a version conflict undoes this attempt only
-            _take(conn, p["items"], checked=not deps.naive("no-version-check"))
+            _take(conn, event.items, checked=not deps.naive("no-version-check"))
             conn.execute("INSERT INTO inventory.reservations (order_id, items, status) "
                          "VALUES (%s, %s::jsonb, 'RESERVED') ON CONFLICT (order_id) DO NOTHING",
-                         (p["orderId"], json.dumps(p["items"])))
+                         (order_id, items))
 
     try:
         _with_version_retries(attempt)
@@ -104,30 +113,29 @@ def on_reserve(deps, conn, envelope) -> None:
         # Recorded so a re-driven trigger event cannot reserve an order that already failed.
         conn.execute("INSERT INTO inventory.reservations (order_id, items, status) "
                      "VALUES (%s, %s::jsonb, 'FAILED') ON CONFLICT (order_id) DO NOTHING",
-                     (p["orderId"], json.dumps(p["items"])))
-        outbox.append(conn, E.STOCK_FAILED, "ORDER", p["orderId"],
-                      {**base, "reason": "OUT_OF_STOCK", "shortages": exc.shortages})
+                     (order_id, items))
+        outbox.append_event(conn, event.follow(StockFailed, reason=FailureReason.OUT_OF_STOCK,
+                                               shortages=exc.shortages))
         return
-    outbox.append(conn, E.STOCK_RESERVED, "ORDER", p["orderId"], base)
+    outbox.append_event(conn, event.follow(StockReserved))
 
 
-def on_restock(deps, conn, envelope) -> None:
+def on_restock(deps, conn, event: PaymentFailed) -> None:
     """PAYMENT_FAILED (optimistic): give back exactly what this order reserved, once."""
-    p = envelope.payload
     reservation = conn.execute("SELECT items FROM inventory.reservations WHERE order_id = %s "
-                               "AND status = 'RESERVED' FOR UPDATE", (p["orderId"],)).fetchone()
+                               "AND status = 'RESERVED' FOR UPDATE", (event.order_id,)).fetchone()
     if reservation is None:
         return  # nothing was taken for this order (e.g. the payment failed before any reservation)
+    released = StockReleased(order_id=event.order_id, user_id=event.user_id, strategy=event.strategy,
+                             items=reservation["items"], reason=FailureReason.PAYMENT_FAILED)
     # The lab's naive no-compensation: the reservation is marked released and announced, its units never return.
     forget = deps.naive("no-compensation")
-    for item in sorted(reservation["items"], key=lambda i: i["productId"]) if not forget else ():  # lock order
+    for item in sorted(released.items, key=lambda i: i.product_id) if not forget else ():  # lock order
         # An increment needs no version check, but bumping the version makes concurrent
         # reservers that read the old quantity retry instead of overwriting it.
         conn.execute("UPDATE inventory.inventory_items SET available_quantity = available_quantity + %s, "
                      "version = version + 1, updated_at = now() WHERE product_id = %s",
-                     (item["quantity"], item["productId"]))
+                     (item.quantity, item.product_id))
     conn.execute("UPDATE inventory.reservations SET status = 'RELEASED', updated_at = now() WHERE order_id = %s",
-                 (p["orderId"],))
-    outbox.append(conn, E.STOCK_RELEASED, "ORDER", p["orderId"],
-                  {"orderId": p["orderId"], "userId": p.get("userId"), "items": reservation["items"],
-                   "strategy": p.get("strategy"), "reason": "PAYMENT_FAILED"})
+                 (event.order_id,))
+    outbox.append_event(conn, released)

@@ -7,7 +7,8 @@ import uuid
 
 import httpx
 
-TERMINAL = {"COMPLETED", "FAILED"}
+from pulse.status import TERMINAL, DisplayStatus as D, FailureReason as R, InventoryStatus as Inv, OrderStatus, \
+    PaymentStatus as Pay, Strategy
 
 
 class PulseError(RuntimeError):
@@ -82,10 +83,10 @@ def settled(order: dict) -> bool:
     """True once nothing more will happen to this order (including restock/refund and the view)."""
     if order["status"] not in TERMINAL or order["displayStatus"] is None:
         return False
-    if order["status"] == "COMPLETED":
-        return order["displayStatus"] == "COMPLETED"
-    if order["failureReason"] == "PAYMENT_FAILED" and order["strategy"] == "OPTIMISTIC":
-        return order["inventoryStatus"] == "RELEASED" and order["displayStatus"] == "FAILED_PAYMENT"
-    if order["failureReason"] == "OUT_OF_STOCK" and order["strategy"] == "POST_PAYMENT":
-        return order["paymentStatus"] == "REFUNDED" and order["displayStatus"] == "REFUNDED"
-    return order["displayStatus"] in {"FAILED_PAYMENT", "FAILED_OUT_OF_STOCK", "REFUNDED"}
+    if order["status"] == OrderStatus.COMPLETED:
+        return order["displayStatus"] == D.COMPLETED
+    if order["failureReason"] == R.PAYMENT_FAILED and order["strategy"] == Strategy.OPTIMISTIC:
+        return order["inventoryStatus"] == Inv.RELEASED and order["displayStatus"] == D.FAILED_PAYMENT
+    if order["failureReason"] == R.OUT_OF_STOCK and order["strategy"] == Strategy.POST_PAYMENT:
+        return order["paymentStatus"] == Pay.REFUNDED and order["displayStatus"] == D.REFUNDED
+    return order["displayStatus"] in {D.FAILED_PAYMENT, D.FAILED_OUT_OF_STOCK, D.REFUNDED}

@@ -72,7 +72,7 @@ class Stepper:
 
     def deliver(self, queue: str, env: Envelope, *, show: bool = True, note: str = "") -> dict:
         """Hand ``env`` to ``queue``'s dispatcher now and record what changed."""
-        order_id = str(env.payload.get("orderId") or env.aggregate_id)
+        order_id = env.order_id
         before = self.snapshot(order_id)
         dispatcher = self.system.dispatcher(queue)
         error = None

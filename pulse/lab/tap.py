@@ -68,7 +68,7 @@ class EventTap:
         except MalformedEnvelope:
             return
         row = {"eventId": str(env.id), "eventType": env.event_type,
-               "orderId": str(env.payload.get("orderId") or env.aggregate_id), "brokerAt": time.time()}
+               "orderId": env.order_id, "brokerAt": time.time()}
         with self._lock:
             self.events.append(row)
             if len(self.events) > self.keep:

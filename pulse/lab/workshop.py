@@ -165,7 +165,7 @@ def check_compensation(lab, on_restock, *, quantity: int = 3, stock: int = 10) -
     is delivered a third time by hand. The reservation row must end RELEASED, the order must hear of it,
     and stock must be conserved: back at its start in PostgreSQL, nothing left reserved in Redis."""
     from pulse import bootstrap
-    from pulse.events import EventType as E
+    from pulse.events import Envelope, EventType as E
     from pulse.infra import keys
 
     if lab.running:
@@ -175,10 +175,10 @@ def check_compensation(lab, on_restock, *, quantity: int = 3, stock: int = 10) -
     calls, errors = [], []
     on_restock = _guarded(on_restock, "on_restock")
 
-    def plugged(deps, envelope):
-        calls.append(str(envelope.id))
+    def plugged(deps, event_id, event):
+        calls.append(str(event_id))
         try:
-            on_restock(deps, envelope)
+            on_restock(deps, Envelope.of(event, event_id))  # the learner's handler reads the wire's payload
         except AssertionError as exc:  # the consumer would retry and dead-letter it; the learner needs the sentence
             errors.append(exc)
             raise

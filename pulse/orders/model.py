@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 from pulse.events import EventType as E
-
-TERMINAL = frozenset({"COMPLETED", "FAILED"})
+from pulse.status import TERMINAL, FailureReason as R, InventoryStatus as Inv, OrderStatus as O, PaymentStatus as Pay
 
 # Where each sub-status may go next (directly or by skipping a step). A decision (SUCCESS, DECLINED, RESERVED,
 # OUT_OF_STOCK) is taken once; only a compensation (REFUNDED, RELEASED) may follow it. NOT_STARTED may jump straight
 # to a compensation because with several consumer threads order.queue can hand over a compensation before the
 # decision it undoes; the decision then arrives late and must not move the sub-status back.
 FORWARD = {
-    "payment_status": {"NOT_STARTED": frozenset({"SUCCESS", "DECLINED", "REFUNDED"}),
-                       "SUCCESS": frozenset({"REFUNDED"})},
-    "inventory_status": {"NOT_STARTED": frozenset({"RESERVED", "OUT_OF_STOCK", "RELEASED"}),
-                         "RESERVED": frozenset({"RELEASED"})},
+    "payment_status": {Pay.NOT_STARTED: frozenset({Pay.SUCCESS, Pay.DECLINED, Pay.REFUNDED}),
+                       Pay.SUCCESS: frozenset({Pay.REFUNDED})},
+    "inventory_status": {Inv.NOT_STARTED: frozenset({Inv.RESERVED, Inv.OUT_OF_STOCK, Inv.RELEASED}),
+                         Inv.RESERVED: frozenset({Inv.RELEASED})},
 }
 
 # The sub-status each event sets.
 SETS = {
-    E.PAYMENT_PROCESSED: ("payment_status", "SUCCESS"),
-    E.PAYMENT_FAILED: ("payment_status", "DECLINED"),
-    E.PAYMENT_REFUNDED: ("payment_status", "REFUNDED"),
-    E.STOCK_RESERVED: ("inventory_status", "RESERVED"),
-    E.STOCK_FAILED: ("inventory_status", "OUT_OF_STOCK"),
-    E.STOCK_RELEASED: ("inventory_status", "RELEASED"),
+    E.PAYMENT_PROCESSED: ("payment_status", Pay.SUCCESS),
+    E.PAYMENT_FAILED: ("payment_status", Pay.DECLINED),
+    E.PAYMENT_REFUNDED: ("payment_status", Pay.REFUNDED),
+    E.STOCK_RESERVED: ("inventory_status", Inv.RESERVED),
+    E.STOCK_FAILED: ("inventory_status", Inv.OUT_OF_STOCK),
+    E.STOCK_RELEASED: ("inventory_status", Inv.RELEASED),
 }
 
 
@@ -51,13 +50,13 @@ def apply_event(order: dict, event_type: str, *, guarded: bool = True) -> dict:
         return {}
     new: dict = {field: value}
     if event_type == E.PAYMENT_PROCESSED:
-        new["status"] = "COMPLETED" if inv == "RESERVED" else "PROCESSING"
+        new["status"] = O.COMPLETED if inv == Inv.RESERVED else O.PROCESSING
     elif event_type == E.STOCK_RESERVED:
-        new["status"] = "COMPLETED" if pay == "SUCCESS" else "PROCESSING"
+        new["status"] = O.COMPLETED if pay == Pay.SUCCESS else O.PROCESSING
     elif event_type == E.PAYMENT_FAILED:
-        new.update(status="FAILED", failure_reason="PAYMENT_FAILED")
+        new.update(status=O.FAILED, failure_reason=R.PAYMENT_FAILED)
     elif event_type == E.STOCK_FAILED:
-        new.update(status="FAILED", failure_reason="OUT_OF_STOCK")
+        new.update(status=O.FAILED, failure_reason=R.OUT_OF_STOCK)
     if guarded and status in TERMINAL:
         new.pop("status", None)
         new.pop("failure_reason", None)

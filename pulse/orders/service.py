@@ -10,9 +10,10 @@ import uuid
 import psycopg
 
 from pulse.errors import Conflict, KeyTaken, NotFound
-from pulse.events import EventType as E
+from pulse.events import Item, OrderCreated
 from pulse.infra import db, keys, outbox
 from pulse.orders.handlers import snapshot
+from pulse.status import OrderStatus
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,13 @@ class OrderService:
             cur.executemany("INSERT INTO orders.order_items (order_id, product_id, quantity, unit_price) "
                             "VALUES (%s, %s, %s, %s)",
                             [(order_id, i["product_id"], i["quantity"], i["base_price"]) for i in items])
-        response = {"orderId": str(order_id), "status": "CREATED", "totalAmount": float(total)}
+        response = {"orderId": str(order_id), "status": OrderStatus.CREATED, "totalAmount": float(total)}
         conn.execute("INSERT INTO orders.idempotency_records (key, status, response_body, user_id) "
                      "VALUES (%s, 'COMPLETED', %s::jsonb, %s)", (idempotency_key, json.dumps(response), user_id))
-        payload = {"orderId": str(order_id), "userId": str(user_id), "strategy": strategy,
-                   "totalPrice": total, "items": [{"productId": str(i["product_id"]), "quantity": i["quantity"]}
-                                                  for i in items]}
-        outbox.append(conn, E.ORDER_CREATED, "ORDER", order_id, payload)
-        outbox.append(conn, E.ORDER_UPDATED, "ORDER", order_id, snapshot(order))
+        outbox.append_event(conn, OrderCreated(
+            order_id=str(order_id), user_id=str(user_id), strategy=strategy, total_price=total,
+            items=[Item(product_id=str(i["product_id"]), quantity=i["quantity"]) for i in items]))
+        outbox.append_event(conn, snapshot(order))
         return response
 
     def _stored_response(self, idempotency_key: str, user_id) -> dict | None:

@@ -17,9 +17,10 @@ import collections
 import logging
 import os
 
-from pulse.events import EventType as E
+from pulse.events import EVENTS, Event, EventType as E
 from pulse.infra import db, outbox
 from pulse.orders.handlers import snapshot
+from pulse.status import InventoryStatus as Inv, PaymentStatus as Pay, ReservationStatus as Res, Strategy
 from pulse.views.model import display_status
 
 log = logging.getLogger(__name__)
@@ -51,19 +52,19 @@ def _optimistic(o: dict) -> Step | None:
     inv, pay = o["inv_decision"], o["pay_decision"]
     if inv is None:
         return E.ORDER_CREATED, INVENTORY
-    if inv == "FAILED":
-        return (E.STOCK_FAILED, ORDER) if o["inventory_status"] != "OUT_OF_STOCK" else None
-    if o["inventory_status"] == "NOT_STARTED":
+    if inv == Res.FAILED:
+        return (E.STOCK_FAILED, ORDER) if o["inventory_status"] != Inv.OUT_OF_STOCK else None
+    if o["inventory_status"] == Inv.NOT_STARTED:
         return E.STOCK_RESERVED, ORDER
     if pay is None:
         return E.STOCK_RESERVED, PAYMENT
-    if pay == "SUCCESS" and o["payment_status"] != "SUCCESS":
+    if pay == Pay.SUCCESS and o["payment_status"] != Pay.SUCCESS:
         return E.PAYMENT_PROCESSED, ORDER
-    if pay == "DECLINED" and o["payment_status"] != "DECLINED":
+    if pay == Pay.DECLINED and o["payment_status"] != Pay.DECLINED:
         return E.PAYMENT_FAILED, ORDER
-    if pay == "DECLINED" and inv == "RESERVED":
+    if pay == Pay.DECLINED and inv == Res.RESERVED:
         return E.PAYMENT_FAILED, INVENTORY  # the restock that never happened
-    if inv == "RELEASED" and o["inventory_status"] != "RELEASED":
+    if inv == Res.RELEASED and o["inventory_status"] != Inv.RELEASED:
         return E.STOCK_RELEASED, ORDER
     return None
 
@@ -72,19 +73,19 @@ def _post_payment(o: dict) -> Step | None:
     inv, pay = o["inv_decision"], o["pay_decision"]
     if pay is None:
         return E.ORDER_CREATED, PAYMENT
-    if pay == "DECLINED":
-        return (E.PAYMENT_FAILED, ORDER) if o["payment_status"] != "DECLINED" else None
-    if o["payment_status"] == "NOT_STARTED":
+    if pay == Pay.DECLINED:
+        return (E.PAYMENT_FAILED, ORDER) if o["payment_status"] != Pay.DECLINED else None
+    if o["payment_status"] == Pay.NOT_STARTED:
         return E.PAYMENT_PROCESSED, ORDER
     if inv is None:
         return E.PAYMENT_PROCESSED, INVENTORY
-    if inv == "RESERVED" and o["inventory_status"] != "RESERVED":
+    if inv == Res.RESERVED and o["inventory_status"] != Inv.RESERVED:
         return E.STOCK_RESERVED, ORDER
-    if inv == "FAILED" and o["inventory_status"] != "OUT_OF_STOCK":
+    if inv == Res.FAILED and o["inventory_status"] != Inv.OUT_OF_STOCK:
         return E.STOCK_FAILED, ORDER
-    if inv == "FAILED" and pay == "SUCCESS":
+    if inv == Res.FAILED and pay == Pay.SUCCESS:
         return E.STOCK_FAILED, PAYMENT  # the refund that never happened
-    if pay == "REFUNDED" and o["payment_status"] != "REFUNDED":
+    if pay == Pay.REFUNDED and o["payment_status"] != Pay.REFUNDED:
         return E.PAYMENT_REFUNDED, ORDER
     return None
 
@@ -95,18 +96,18 @@ def _hold(o: dict) -> Step | None:
         return E.ORDER_CREATED, REDIS_STOCK
     if o["hold_released"] is not None:
         return None
-    if o["inv_decision"] in ("RESERVED", "RELEASED"):
+    if o["inv_decision"] in (Res.RESERVED, Res.RELEASED):
         return E.STOCK_RESERVED, REDIS_STOCK
-    if o["inv_decision"] == "FAILED":
+    if o["inv_decision"] == Res.FAILED:
         return E.STOCK_FAILED, REDIS_STOCK
-    if o["strategy"] == "POST_PAYMENT" and o["pay_decision"] == "DECLINED":
+    if o["strategy"] == Strategy.POST_PAYMENT and o["pay_decision"] == Pay.DECLINED:
         return E.PAYMENT_FAILED, REDIS_STOCK
     return None
 
 
 def next_step(o: dict) -> Step | None:
     """The event that moves this order's saga on and the one queue that missed it; None when it is settled."""
-    step = (_optimistic if o["strategy"] == "OPTIMISTIC" else _post_payment)(o) or _hold(o)
+    step = (_optimistic if o["strategy"] == Strategy.OPTIMISTIC else _post_payment)(o) or _hold(o)
     if step is not None:
         return step
     if o["view_status"] != display_status(o["strategy"], o["payment_status"], o["inventory_status"]):
@@ -209,24 +210,23 @@ class Watchdog:
                 return False
             # Only the module that missed the event acts on it (topology.Dispatcher): re-sent to all, an
             # ORDER_CREATED made redis-stock empty the shopper's next cart.
-            outbox.append(conn, event, "ORDER", order["id"], {**self._payload(conn, order, event), "redriveFor": queue})
+            outbox.append_event(conn, self._event(conn, order, event, queue))
         log.info("order %s re-driven with %s for %s (attempt %d)", order["id"], event.value, queue, won["attempts"])
         return True
 
-    def _payload(self, conn, order: dict, event) -> dict:
+    def _event(self, conn, order: dict, event, queue: str) -> Event:
+        """The event re-built from what the database knows, marked as a re-drive for ``queue`` alone; each
+        type's ``reason`` is its default (the one its module writes)."""
+        marks = {"redriven": True, "redrive_for": queue}
         if event == E.ORDER_UPDATED:
-            return {**snapshot(order), "redriven": True}
+            return snapshot(order, **marks)
         items = [{"productId": str(r["product_id"]), "quantity": r["quantity"]} for r in conn.execute(
             "SELECT product_id, quantity FROM orders.order_items WHERE order_id = %s ORDER BY product_id",
             (order["id"],)).fetchall()]
-        payload = {"orderId": str(order["id"]), "userId": str(order["user_id"]), "items": items,
-                   "totalPrice": order["total_amount"], "strategy": order["strategy"], "redriven": True}
-        if event == E.STOCK_FAILED:
-            payload["reason"] = "OUT_OF_STOCK"
-        elif event == E.PAYMENT_FAILED:
-            payload["reason"] = "DECLINED"
-        elif event == E.STOCK_RELEASED:
-            payload.update(reason="PAYMENT_FAILED", items=order["reserved_items"] or items)
+        fields = {"order_id": str(order["id"]), "user_id": str(order["user_id"]), "items": items,
+                  "total_price": order["total_amount"], "strategy": order["strategy"], **marks}
+        if event == E.STOCK_RELEASED:
+            fields["items"] = order["reserved_items"] or items
         elif event in (E.PAYMENT_PROCESSED, E.PAYMENT_REFUNDED):
-            payload["paymentId"] = str(order["payment_id"])
-        return payload
+            fields["payment_id"] = str(order["payment_id"])
+        return EVENTS[event.value](**fields)

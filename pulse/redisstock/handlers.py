@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 
-from pulse.events import EventType as E
+from pulse.events import Event, EventType as E, OrderCreated
 from pulse.infra import inbox, keys
 
 INBOX = "infra.redis_stock_inbox"
@@ -60,22 +60,22 @@ SETTLE = {E.STOCK_RESERVED.value: ("decided", True, -1), E.STOCK_FAILED.value: (
           E.PAYMENT_FAILED.value: ("decided", True, 0), E.STOCK_RELEASED.value: ("restocked", False, 1)}
 
 
-def _items(payload: dict) -> list[dict]:
-    return [{"productId": str(i["productId"]), "quantity": int(i["quantity"])} for i in payload.get("items") or []]
+def _items(event: Event) -> list[dict]:
+    """The event's items as the hold rows and the Lua scripts take them (every event here carries items)."""
+    return [i.to_payload() for i in event.items]
 
 
-def _claimed(deps, envelope, statement: str | None, args: dict) -> None:
+def _claimed(deps, event_id, statement: str | None, args: dict) -> None:
     with deps.transaction() as conn:
-        if inbox.claim(conn, INBOX, envelope.id, enabled=not deps.naive("no-inbox")) and statement:
+        if inbox.claim(conn, INBOX, event_id, enabled=not deps.naive("no-inbox")) and statement:
             conn.execute(statement, args)
 
 
-def on_order_created(deps, envelope) -> None:
+def on_order_created(deps, event_id, event: OrderCreated) -> None:
     """ORDER_CREATED: the ordered units leave the user's cart (DB and Redis); their hold moves to the order."""
-    p = envelope.payload
-    items, user_id, order_id = _items(p), p["userId"], p["orderId"]
+    items, user_id, order_id = _items(event), event.user_id, event.order_id
     naive = deps.naive("release-on-order-created")
-    _claimed(deps, envelope, MOVE_FROM_CART, {"order": order_id, "user": user_id, "items": json.dumps(items),
+    _claimed(deps, event_id, MOVE_FROM_CART, {"order": order_id, "user": user_id, "items": json.dumps(items),
                                               "release": naive})
     held = [keys.reserved(i["productId"]) for i in items]
     # after_commit: inside a consumer batch the database side commits only with the whole batch.
@@ -84,21 +84,20 @@ def on_order_created(deps, envelope) -> None:
         [user_id, APPLIED_TTL_S, "1" if naive else "0", *[i["quantity"] for i in items]]))
 
 
-def on_stock_decided(deps, envelope) -> None:
+def on_stock_decided(deps, event_id, event: Event) -> None:
     """STOCK_RESERVED, STOCK_FAILED, or PAYMENT_FAILED before any reservation: the order's hold ends."""
-    _settle(deps, envelope, RELEASE)
+    _settle(deps, event_id, event, RELEASE)
 
 
-def on_stock_released(deps, envelope) -> None:
+def on_stock_released(deps, event_id, event: Event) -> None:
     """STOCK_RELEASED (restock after a declined payment): the units are back in ``stock:``."""
-    _settle(deps, envelope, None)
+    _settle(deps, event_id, event, None)
 
 
-def _settle(deps, envelope, statement: str | None) -> None:
-    p = envelope.payload
-    items, order_id = _items(p), p["orderId"]
-    step, release, direction = SETTLE[envelope.event_type]
-    _claimed(deps, envelope, statement, {"order": order_id, "user": p.get("userId"), "items": json.dumps(items)})
+def _settle(deps, event_id, event: Event, statement: str | None) -> None:
+    items, order_id = _items(event), event.order_id
+    step, release, direction = SETTLE[event.TYPE.value]
+    _claimed(deps, event_id, statement, {"order": order_id, "user": event.user_id, "items": json.dumps(items)})
     reserved = [keys.reserved(i["productId"]) for i in items]
     stock = [keys.stock(i["productId"]) for i in items]
     deps.after_commit(lambda: deps.scripts.settle_hold(

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+from pulse.events import OrderUpdated
 from pulse.views.model import display_status
 
 
-def on_order_updated(deps, conn, envelope) -> None:
+def on_order_updated(deps, conn, event: OrderUpdated) -> None:
     """Upsert the order's display status unless a newer update was already projected.
 
     Two ORDER_UPDATED events of one order can arrive out of order (several consumers, redelivery);
     the order's updated_at travels in the event and the row keeps the newest one.
     """
-    p = envelope.payload
-    status = display_status(p["strategy"], p["paymentStatus"], p["inventoryStatus"])
+    status = display_status(event.strategy, event.payment_status, event.inventory_status)
     conn.execute(
         "INSERT INTO orders.order_views (order_id, display_status, last_updated) VALUES (%s, %s, %s) "
         "ON CONFLICT (order_id) DO UPDATE SET display_status = EXCLUDED.display_status, "
         "last_updated = EXCLUDED.last_updated WHERE orders.order_views.last_updated <= EXCLUDED.last_updated",
-        (p["orderId"], status, p["updatedAt"]))
+        (event.order_id, status, event.updated_at))

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+from pulse.status import DisplayStatus as D, InventoryStatus as Inv, PaymentStatus as Pay, Strategy
 
-def display_status(strategy: str, payment: str, inventory: str) -> str:
+
+def display_status(strategy: str, payment: str, inventory: str) -> D:
     """What a customer is shown for an order in this state."""
-    post_payment = strategy == "POST_PAYMENT"
-    if payment == "REFUNDED":
-        return "REFUNDED"
-    if payment == "DECLINED":
-        return "FAILED_PAYMENT"
-    if post_payment and inventory == "OUT_OF_STOCK":
-        return "REFUND_IN_PROGRESS" if payment == "SUCCESS" else "FAILED_OUT_OF_STOCK"
-    if post_payment and payment == "SUCCESS" and inventory == "NOT_STARTED":
-        return "AWAITING_INVENTORY"
-    if payment == "SUCCESS" and inventory == "RESERVED":
-        return "COMPLETED"
-    if inventory == "OUT_OF_STOCK":
-        return "FAILED_OUT_OF_STOCK"
-    if payment == "NOT_STARTED" and inventory == "RESERVED":
-        return "AWAITING_PAYMENT"
-    return "PROCESSING"
+    post_payment = strategy == Strategy.POST_PAYMENT
+    if payment == Pay.REFUNDED:
+        return D.REFUNDED
+    if payment == Pay.DECLINED:
+        return D.FAILED_PAYMENT
+    if post_payment and inventory == Inv.OUT_OF_STOCK:
+        return D.REFUND_IN_PROGRESS if payment == Pay.SUCCESS else D.FAILED_OUT_OF_STOCK
+    if post_payment and payment == Pay.SUCCESS and inventory == Inv.NOT_STARTED:
+        return D.AWAITING_INVENTORY
+    if payment == Pay.SUCCESS and inventory == Inv.RESERVED:
+        return D.COMPLETED
+    if inventory == Inv.OUT_OF_STOCK:
+        return D.FAILED_OUT_OF_STOCK
+    if payment == Pay.NOT_STARTED and inventory == Inv.RESERVED:
+        return D.AWAITING_PAYMENT
+    return D.PROCESSING

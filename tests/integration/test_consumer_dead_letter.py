@@ -103,3 +103,45 @@ def test_an_unconfirmed_dead_letter_publish_leaves_the_original_in_its_queue(set
     wait_for(lambda: consumer.dead_lettered == 1, 5, message="the dead-letter count")
     stop_and_join(consumer)
     assert ready(channel, private_queue) == 0
+
+
+def test_a_payload_its_module_cannot_read_is_dead_lettered_at_once_with_its_reason(settings, channel,
+                                                                                  private_queue):
+    """A well-formed envelope whose payload lacks a field its event type requires: no retry can fix it, so it
+    goes to the dead-letter queue after one attempt, like an envelope that does not parse, and the handler
+    never sees it."""
+    from pulse import topology
+    from pulse.events import EventType as E
+
+    handled = []
+
+    class Deps:
+        def naive(self, name):
+            return False
+
+    class Counting(topology.Dispatcher):
+        calls = 0
+
+        def __call__(self, env):
+            self.calls += 1
+            return super().__call__(env)
+
+    spec = topology.Queue(private_queue, "test", "unused.inbox", routes=(
+        topology.Route(E.STOCK_RESERVED, lambda deps, event_id, event: handled.append(event_id),
+                       claims_inbox=False),))
+    dispatch = Counting(spec, Deps())
+    dlq = broker.dead_letter_queue(private_queue)
+    channel.queue_declare(dlq, durable=True)
+    poison = envelope("STOCK_RESERVED", {"orderId": str(uuid.uuid4()), "strategy": "OPTIMISTIC"})
+    consumer = Consumer(settings.amqp_url, private_queue, dispatch, stop=threading.Event(), retries=5)
+    consumer.start()
+    try:
+        publish(settings, [poison], exchange="", routing_key=private_queue)
+        props, body = take(channel, dlq)
+    finally:
+        stop_and_join(consumer)
+    assert json.loads(body)["id"] == str(poison.id)
+    assert props.headers["x-pulse-reason"].startswith(
+        "MalformedEnvelope: malformed STOCK_RESERVED payload: missing 'userId', 'totalPrice', 'items'")
+    assert dispatch.calls == 1 and handled == [] and consumer.dead_lettered == 1
+    assert ready(channel, private_queue) == 0

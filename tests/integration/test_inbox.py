@@ -22,6 +22,16 @@ def checkout(system, new_product, quantity=2, stock=10):
     return order_id, product, user
 
 
+def late_event_payload(db, order_id) -> dict:
+    """The payload a saga event of this order carries (a late or duplicate one, injected by hand)."""
+    order = order_row(db, order_id)
+    items = db.execute("SELECT product_id::text AS product, quantity FROM orders.order_items WHERE order_id = %s",
+                       (order_id,)).fetchall()
+    return {"orderId": order_id, "userId": str(order["user_id"]), "strategy": order["strategy"],
+            "totalPrice": str(order["total_amount"]),
+            "items": [{"productId": i["product"], "quantity": i["quantity"]} for i in items]}
+
+
 def inbox_count(db, table, event_id):
     return db.execute(f"SELECT count(*) AS n FROM {table} WHERE event_id = %s", (event_id,)).fetchone()["n"]
 
@@ -191,7 +201,7 @@ def test_a_late_stock_reserved_leaves_a_failed_order_failed(system, new_product,
     order_id, _, _ = checkout(system, new_product)
     bus.run(order_id, hold={"inventory.queue", "payment.queue"})
     on_saga = bus.handlers["order.queue"]
-    payload = {"orderId": order_id, "strategy": "OPTIMISTIC"}
+    payload = late_event_payload(db, order_id)
     on_saga["PAYMENT_FAILED"](envelope(E.PAYMENT_FAILED, payload))
     on_saga["STOCK_RESERVED"](envelope(E.STOCK_RESERVED, payload))
     order = order_row(db, order_id)
@@ -207,7 +217,7 @@ def test_the_naive_unguarded_mode_shows_why_the_guard_exists(make_system, new_pr
     bus = bus_for(system)
     order_id, _, _ = checkout(system, new_product)
     bus.run(order_id, hold={"inventory.queue", "payment.queue"})
-    payload = {"orderId": order_id, "strategy": "OPTIMISTIC"}
+    payload = late_event_payload(db, order_id)
     bus.handlers["order.queue"]["PAYMENT_FAILED"](envelope(E.PAYMENT_FAILED, payload))
     bus.handlers["order.queue"]["STOCK_RESERVED"](envelope(E.STOCK_RESERVED, payload))
     assert order_row(db, order_id)["status"] == "PROCESSING"  # the bug the guard prevents

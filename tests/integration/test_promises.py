@@ -138,9 +138,9 @@ def test_a_redis_side_pending_across_a_reconciliation_is_not_applied_twice(syste
     held = bus.run(order_id, hold={("redis-stock.queue", "STOCK_RESERVED")})
     stock_reserved = [e for q, e in held if q == "redis-stock.queue"][0]
     from pulse.redisstock import handlers as redisstock
-    redisstock._claimed(system.deps, stock_reserved, redisstock.RELEASE,  # the database half, committed
-                        {"order": order_id, "user": stock_reserved.payload["userId"],
-                         "items": json.dumps(redisstock._items(stock_reserved.payload))})
+    redisstock._claimed(system.deps, stock_reserved.id, redisstock.RELEASE,  # the database half, committed
+                        {"order": order_id, "user": stock_reserved.event.user_id,
+                         "items": json.dumps(redisstock._items(stock_reserved.event))})
     system.reconciler.run_once(cooldown_s=0, full=True)
     assert reserved(rds, product) == 0 and rds.get(f"stock:{product}") == "3"
     bus.run(order_id)  # the redelivery: a duplicate for the inbox, its Redis half runs again

@@ -5,7 +5,7 @@ import uuid
 import pytest
 
 from pulse import topology
-from pulse.events import Envelope, EventType as E
+from pulse.events import Envelope, EventType as E, MalformedEnvelope, OrderCreated
 from pulse.infra import broker
 from pulse.inventory import handlers as inventory
 from pulse.orders import handlers as orders
@@ -94,20 +94,37 @@ class Deps:
 
 
 def _envelope(event_type, **payload):
-    return Envelope(id=uuid.uuid4(), event_type=event_type, aggregate_id="o", payload={"orderId": "o", **payload})
+    order = {"orderId": "o", "userId": "u", "totalPrice": "1.00", "items": [{"productId": "p", "quantity": 1}]}
+    return Envelope(id=uuid.uuid4(), event_type=event_type, aggregate_id="o", payload={**order, **payload})
 
 
 def test_the_dispatcher_acts_by_the_order_strategy_and_skips_other_queues_re_drives():
     calls = []
     queue = topology.Queue("payment.queue", "payment", "payment.inbox", routes=(
-        topology.Route(E.ORDER_CREATED, lambda deps, env: calls.append(env.id), topology.POST, claims_inbox=False),))
+        topology.Route(E.ORDER_CREATED, lambda deps, event_id, event: calls.append((event_id, event)), topology.POST,
+                       claims_inbox=False),))
     dispatch = topology.Dispatcher(queue, Deps())
     dispatch(_envelope("ORDER_CREATED", strategy="OPTIMISTIC"))  # the other strategy's event: not ours
     dispatch(_envelope("ORDER_CREATED", strategy="POST_PAYMENT", redriveFor="inventory.queue"))
     assert calls == [] and dispatch.skipped == 2
     mine = _envelope("ORDER_CREATED", strategy="POST_PAYMENT", redriveFor="payment.queue")
     dispatch(mine)
-    assert calls == [mine.id]
+    assert calls == [(mine.id, OrderCreated.from_payload(mine.payload))]  # the handler gets the typed event
+
+
+def test_the_dispatcher_refuses_a_payload_its_module_cannot_read_before_claiming_anything():
+    calls = []
+    queue = topology.Queue("payment.queue", "payment", "payment.inbox", routes=(
+        topology.Route(E.ORDER_CREATED, lambda deps, event_id, event: calls.append(event_id), topology.POST,
+                       claims_inbox=False),))
+    dispatch = topology.Dispatcher(queue, Deps())
+    broken = Envelope(id=uuid.uuid4(), event_type="ORDER_CREATED", aggregate_id="o",
+                      payload={"orderId": "o", "strategy": "POST_PAYMENT", "items": []})
+    with pytest.raises(MalformedEnvelope, match="ORDER_CREATED payload: missing 'userId', 'totalPrice'"):
+        dispatch(broken)
+    dispatch(Envelope(id=uuid.uuid4(), event_type="ORDER_CREATED", aggregate_id="o",
+                      payload={"orderId": "o", "strategy": "OPTIMISTIC"}))  # not this module's: dropped unread
+    assert calls == [] and dispatch.skipped == 1
 
 
 @pytest.mark.parametrize("payload", [{"strategy": None}, {"strategy": "PESSIMISTIC"}, {}])
