@@ -19,8 +19,8 @@ from psycopg.conninfo import conninfo_to_dict
 from bench.cpu import CpuMeter
 from pulse import bootstrap
 from pulse.infra import broker, db
-from pulse.lab.launcher import ServeProcess
-from pulse.load import LatencyHistogram, run_load
+from pulse.tools.launcher import ServeProcess
+from pulse.tools.load import LatencyHistogram, run_load
 
 # --- cart adds through the API vs pgbench -N -------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from bench import measure  # noqa: E402
 from bench.cpu import CpuMeter  # noqa: E402
 from bench.private import Private  # noqa: E402
-from pulse.load import run_load  # noqa: E402
+from pulse.tools.load import run_load  # noqa: E402
 
 
 def top_functions(folded: Path, n: int = 40) -> list[tuple[float, str]]:

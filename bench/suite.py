@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import signal
 import os
@@ -57,13 +56,6 @@ def run_section(name: str, results: dict, fn) -> None:
     log(f"{name} done in {results['sections'][name]['section_s']}s")
 
 
-def cdc_available() -> str | None:
-    """None when the CDC relay can run here, else why not."""
-    if importlib.util.find_spec("pulse.infra.relay_cdc") is None:
-        return "pulse/infra/relay_cdc.py does not exist yet (issue 3)"
-    return None
-
-
 def run(plan_name: str, only: set[str]) -> dict:
     plan = PLANS[plan_name]
     d, c = plan["duration_s"], plan["concurrency"]
@@ -72,7 +64,6 @@ def run(plan_name: str, only: set[str]) -> dict:
     serve_log = str(logs / "serve.log")
     results = {"started_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "plan": plan_name, "params": plan, "machine": machine(), "sections": {}}
-    cdc_reason = cdc_available()
     with Private() as p:
         results["private"] = {"database": p.tag, "vhost": p.vhost, "redis_db": p.redis_db}
         sections = {
@@ -81,18 +72,18 @@ def run(plan_name: str, only: set[str]) -> dict:
                              "api_2_processes": measure.cart_adds(p, concurrency=c, duration_s=d, log=serve_log,
                                                                   api_processes=2)},
             "redis": lambda: measure.reservations(p, concurrency=4, duration_s=d, requests=plan["redis_requests"]),
-            "relay": lambda: relay_section(p, plan, cdc_reason),
+            "relay": lambda: relay_section(p, plan),
             "e2e": lambda: {f"{s}/{m}": measure.end_to_end(p, strategy=s, outbox_mode=m,
                                                           concurrency=plan["e2e_concurrency"], duration_s=d,
                                                           log=serve_log)
                             for s in ("optimistic", "post-payment")
-                            for m in (("polling", "cdc") if cdc_reason is None else ("polling",))}
+                            for m in ("polling", "cdc")}
                    # The role split (`--processes 1`: API in a child, workers in the parent), default mode only
                    # so that --quick stays under 5 minutes.
                    | {f"optimistic/{m} (API in its own process)": measure.end_to_end(
                        p, strategy="optimistic", outbox_mode=m, concurrency=plan["e2e_concurrency"], duration_s=d,
                        log=serve_log, api_processes=1)
-                      for m in [config.Settings().outbox_mode if cdc_reason is None else "polling"]},
+                      for m in [config.Settings().outbox_mode]},
             "reconcile": lambda: measure.reconciliation(p, sizes=plan["sizes"], changed=1000,
                                                         steady_full_scan=plan_name == "full"),
             "scaling": lambda: measure.scaling(p, concurrency=plan["e2e_concurrency"], duration_s=d, log=serve_log),
@@ -102,16 +93,15 @@ def run(plan_name: str, only: set[str]) -> dict:
                 run_section(name, results, sections[name])
     results["finished_at"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    headline(results, cdc_reason)
+    headline(results)
     return results
 
 
-def relay_section(p, plan: dict, cdc_reason: str | None) -> dict:
+def relay_section(p, plan: dict) -> dict:
     out = {"throughput": measure.relay_throughput(p, events=plan["relay_events"])}
     helper = ROOT / "bench" / "relay_bench.py"
     out["latency"] = {"polling": measure.relay_latency(p, mode="polling", rate=1000, duration_s=plan["latency_s"])}
-    if cdc_reason is None:
-        out["latency"]["cdc"] = measure.relay_latency(p, mode="cdc", rate=1000, duration_s=plan["latency_s"])
+    out["latency"]["cdc"] = measure.relay_latency(p, mode="cdc", rate=1000, duration_s=plan["latency_s"])
     relay_json = RESULTS / "relay.json"
     if helper.exists() and relay_json.exists():
         out["relay_bench_json"] = json.loads(relay_json.read_text())  # the CDC helper's own, fuller measurement
@@ -142,7 +132,7 @@ def _why(results: dict, section: str, default: str) -> str:
     return default
 
 
-def headline(results: dict, cdc_reason: str | None) -> None:
+def headline(results: dict) -> None:
     """The keys of issue 6 at the top level, each with its limit and ratio; null plus ``*_reason`` when missing."""
     h = {}
     default_mode = config.Settings().outbox_mode
@@ -177,10 +167,7 @@ def headline(results: dict, cdc_reason: str | None) -> None:
     for key, value in values.items():
         h[key] = value
         if value is None:
-            default = "not measured"
-            if key.startswith("cdc_") and cdc_reason:
-                default = cdc_reason
-            h[f"{key}_reason"] = _why(results, sections[key], default)
+            h[f"{key}_reason"] = _why(results, sections[key], "not measured")
     h["e2e_config"] = f"optimistic/{default_mode}"
     h["ratios"] = {
         "cart_adds_vs_pgbench": _ratio(h["cart_adds_per_s"], h["pgbench_tps"]),

@@ -299,10 +299,8 @@ tap — not "commit → broker"."""),
          "'latency', PREDICTIONS)"),
     code("mark = len(lab.tap.events)\nlab.run_orders(ORDERS, [IPHONE, KINDLE])\nlab.wait_quiet()\n"
          "latency['polling'] = sc.publish_latency(lab, since=mark)\nlatency['polling'].latency_ms.describe()"),
-    code("from pulse.lab.lab import cdc_available\nif cdc_available():\n    lab.switch(outbox_mode='cdc')\n"
-         "    mark = len(lab.tap.events)\n    lab.run_orders(ORDERS, [IPHONE, KINDLE])\n    lab.wait_quiet()\n"
-         "    latency['cdc'] = sc.publish_latency(lab, since=mark)\n    lab.switch(outbox_mode='polling')\n"
-         "else:\n    print('This checkout has no CDC relay.')"),
+    code("lab.switch(outbox_mode='cdc')\nmark = len(lab.tap.events)\nlab.run_orders(ORDERS, [IPHONE, KINDLE])\n"
+         "lab.wait_quiet()\nlatency['cdc'] = sc.publish_latency(lab, since=mark)\nlab.switch(outbox_mode='polling')"),
     code("table = pd.DataFrame({mode: df.latency_ms.quantile([0.5, 0.9, 0.99]) for mode, df in latency.items()})\n"
          "table.index = ['p50 ms', 'p90 ms', 'p99 ms']\ntable"),
     code("sc.show_bars({m: float(df.latency_ms.quantile(0.5)) for m, df in latency.items()}, "

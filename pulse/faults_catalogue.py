@@ -2,7 +2,7 @@
 
 Everything else is derived from :data:`CATALOGUE`: the registry's points and default actions, the environment
 faults, the naive switches (``pulse.faults``), the lab's sliders and checkboxes (``pulse.lab.faults``), the chaos
-campaign's plans (``pulse.chaos``) and ``pulse faults catalogue``. A new fault is one entry here plus its hook.
+campaign's plans (``pulse.tools.chaos``) and ``pulse faults catalogue``. A new fault is one entry here plus its hook.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ import argparse, json, logging, os, sys, time
 
 sys.path.insert(0, os.getcwd())
 from bench.private import Private
-from pulse import cli_chaos
-from pulse.chaos import Campaign
+from pulse.cli import chaos as cli_chaos
+from pulse.tools.chaos import Campaign
 
 orders, out, extra = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

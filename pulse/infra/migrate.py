@@ -7,17 +7,10 @@ from pathlib import Path
 
 from pulse.config import PROJECT_ROOT, Settings
 from pulse.infra import db
+from pulse.seed import SEED_PRODUCTS
 
 log = logging.getLogger(__name__)
 SQL_DIR = PROJECT_ROOT / "sql"
-
-SEED_PRODUCTS = [
-    ("e0e0e0e0-e0e0-4e0e-a0e0-000000000001", "iPhone 15 Pro", "999.00", 50),
-    ("e0e0e0e0-e0e0-4e0e-a0e0-000000000002", "AirPods Pro 2", "249.00", 120),
-    ("e0e0e0e0-e0e0-4e0e-a0e0-000000000003", "MacBook Air M3", "1299.00", 15),
-    ("e0e0e0e0-e0e0-4e0e-a0e0-000000000004", "Kindle Paperwhite", "139.00", 200),
-    ("e0e0e0e0-e0e0-4e0e-a0e0-000000000005", "Mechanical Keyboard", "150.00", 0),
-]
 
 
 def sql_files(directory: Path = SQL_DIR) -> list[Path]:

@@ -5,8 +5,9 @@ Nothing here connects to a service at import time.
 """
 
 from pulse.lab.client import PulseClient, PulseError
-from pulse.lab.lab import AIRPODS, IPHONE, KEYBOARD, KINDLE, MACBOOK, Lab, LabError
+from pulse.lab.lab import Lab, LabError
 from pulse.lab.record import record
+from pulse.seed import AIRPODS, IPHONE, KEYBOARD, KINDLE, MACBOOK
 
 __all__ = ["Lab", "LabError", "PulseClient", "PulseError", "record",
            "IPHONE", "AIRPODS", "MACBOOK", "KINDLE", "KEYBOARD"]

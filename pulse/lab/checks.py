@@ -1,12 +1,10 @@
 """Invariants a notebook can check after a run: nothing oversold, lost, double-charged or left drifting.
 
-When the project's own checker (:mod:`pulse.check.invariants`) is present its results are added too;
-these are the lab's: each is one query whose offending rows are the evidence.
+These are the lab's: each is one query whose offending rows are the evidence. The project's own checker
+(:mod:`pulse.tools.check.invariants`) adds its results to them.
 """
 
 from __future__ import annotations
-
-import importlib
 
 from pulse import topology
 from pulse.infra import broker
@@ -88,36 +86,31 @@ CHECKS = (no_oversell, money, no_leaked_reservation, all_settled, outbox_drained
 
 
 def run(lab, initial_stock: dict[str, int] | None = None) -> list[dict]:
-    """Every lab invariant, then those of :mod:`pulse.check.invariants` if the checkout has it."""
+    """Every lab invariant, then those of :mod:`pulse.tools.check.invariants`."""
     results = [check(lab, initial_stock) for check in CHECKS]
     return results + project_checks(lab)
 
 
 def project_checks(lab) -> list[dict]:
-    """The project checker's results in the lab's shape, or [] when it is not installed."""
-    try:
-        invariants = importlib.import_module("pulse.check.invariants")
-    except ModuleNotFoundError:
-        return []
+    """The project checker's results (those of ``pulse check``) in the lab's shape."""
+    from pulse.tools.check import invariants
 
-    report = invariants.check_all(lab.settings)
     out = []
-    for item in report["results"] if isinstance(report, dict) else report:
-        d = item.to_dict() if hasattr(item, "to_dict") else dict(item)
-        out.append({"name": f"check:{d.get('name')}", "ok": bool(d.get("passed", d.get("ok"))),
-                    "detail": str(d.get("details", d.get("detail", ""))),
-                    "offenders": [str(o) for o in d.get("offending", d.get("offenders", []))][:20]})
+    for result in invariants.check_all(lab.settings)["results"]:
+        out.append({"name": f"check:{result.name}", "ok": result.passed, "detail": str(result.details),
+                    "offenders": [str(o) for o in result.offending][:20]})
     return out
 
 
 def scoped(lab, scope=None, *, since=None, products: list[str] | None = None) -> list[dict]:
-    """The project checker's invariants (:func:`pulse.check.invariants.check_all`) for one scenario's scope:
-    orders and events since ``since``, products ``products`` (or an explicit ``scope``), under their own names.
+    """The project checker's invariants (:func:`pulse.tools.check.invariants.check_all`) for one scenario's
+    scope: orders and events since ``since``, products ``products`` (or an explicit ``scope``), under their own
+    names.
 
     It reconciles Redis first (a full pass, every naive switch off), as ``pulse check`` does, so
     ``redis-matches-db`` judges what reconciliation could not repair.
     """
-    from pulse.check import invariants
+    from pulse.tools.check import invariants
 
     scope = scope or invariants.Scope(since=since, products=[str(p) for p in products] if products else None)
     report = invariants.check_all(lab.settings, scope)

@@ -41,8 +41,8 @@ def live_invariants(database_url: str, since: dt.datetime) -> list[dict]:
     failed-orders-refunded, idempotency-lock-exclusive, events-routed and orders-terminal (orders untouched
     for 20 s): each is one query, fast enough to repeat every few seconds while load runs.
     """
-    from pulse.check import invariants
     from pulse.infra import db
+    from pulse.tools.check import invariants
 
     scope = invariants.Scope(since=since)
     out = []
@@ -80,8 +80,8 @@ class Dashboard:
 
     def __init__(self, lab, *, interval_s: float = 2.0, products: list[str] | None = None, bucket_s: float = 1.0,
                  invariants_every_s: float = 3.0):
-        from pulse.lab.lab import AIRPODS, IPHONE, KINDLE, MACBOOK
         from pulse.lab.sampler import Sampler
+        from pulse.seed import AIRPODS, IPHONE, KINDLE, MACBOOK
 
         self.lab, self.interval_s, self.bucket_s = lab, interval_s, bucket_s
         self.invariants_every_s = invariants_every_s
@@ -231,20 +231,15 @@ class Dashboard:
         import ipywidgets as W
 
         s = self.lab.settings
-        from pulse.lab.lab import cdc_available
-
         strategy = W.Dropdown(options=["optimistic", "post-payment"], value=s.strategy, description="strategy")
-        modes = ["polling", "cdc"] if cdc_available() else ["polling"]
-        mode = W.Dropdown(options=modes, value=s.outbox_mode if s.outbox_mode in modes else "polling",
-                          description="outbox")
+        mode = W.Dropdown(options=["polling", "cdc"], value=s.outbox_mode, description="outbox")
         decline = W.FloatSlider(value=s.payment_decline_rate, min=0, max=1, step=0.05, description="decline rate")
         naive = {n: W.Checkbox(value=n in s.naive, description=n, indent=False) for n in lab_faults.NAIVE_SWITCHES}
         apply = W.Button(description="Apply (restart)", button_style="warning")
         rate = W.FloatSlider(value=0, min=0, max=50, step=1, description="orders/s")
-        faults_ok = self.lab.faults_available()
-        probs = {n: W.FloatSlider(value=0, min=0, max=1, step=0.05, description=n, disabled=not faults_ok,
+        probs = {n: W.FloatSlider(value=0, min=0, max=1, step=0.05, description=n,
                                   style={"description_width": "140px"}) for n in lab_faults.KNOWN_FAULTS}
-        arm = W.Button(description="Arm faults", button_style="danger", disabled=not faults_ok)
+        arm = W.Button(description="Arm faults", button_style="danger")
         buttons = {name: W.Button(description=name) for name in ("Reconcile now", "Sweep now", "Flush Redis", "Crash")}
         message = W.HTML()
         status = W.HTML(self._status_text())
@@ -270,11 +265,10 @@ class Dashboard:
         buttons["Sweep now"].on_click(act("sweep", lambda: self.lab.sweep_now()))
         buttons["Flush Redis"].on_click(act("flushed keys", lambda: self.lab.flush_redis()))
         buttons["Crash"].on_click(act("crash", lambda: self.lab.crash() or "SIGKILL sent; the supervisor restarts it"))
-        fault_note = W.HTML("" if faults_ok else "<i>No run-time fault registry in this checkout.</i>")
         controls = W.Tab(children=[
             W.VBox([W.HBox([strategy, mode]), decline, W.HBox(list(naive.values())), apply]),
             W.VBox([rate]),
-            W.VBox([fault_note, *probs.values(), arm]),
+            W.VBox([*probs.values(), arm]),
             W.HBox(list(buttons.values()))])
         for i, title in enumerate(("System", "Load", "Faults", "Actions")):
             controls.set_title(i, title)

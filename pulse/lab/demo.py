@@ -9,10 +9,8 @@ from pathlib import Path
 from pulse import config
 from pulse.infra import db, migrate
 from pulse.lab.client import PulseClient
-from pulse.lab.launcher import ServeProcess
-
-IPHONE = "e0e0e0e0-e0e0-4e0e-a0e0-000000000001"
-KINDLE = "e0e0e0e0-e0e0-4e0e-a0e0-000000000004"
+from pulse.seed import IPHONE, KINDLE
+from pulse.tools.launcher import ServeProcess
 
 
 def _stock(client, product_id) -> int:
@@ -77,8 +75,10 @@ def run_demo(outbox_mode: str | None = None, out=print) -> int:
     if mode == "cdc":
         # A slot nobody reads keeps every byte of WAL from now on (the disk fills); the demo is over,
         # so give it back. The next `pulse serve` creates it again and publishes any row still in the outbox.
-        from pulse.cli_relay import drop_slot
-        drop_slot(settings)
+        from pulse.infra import cdc_slot
+
+        with db.connect(settings.database_url, autocommit=True) as conn:
+            cdc_slot.drop(conn, settings.cdc_slot)
     wanted = ["COMPLETED", "FAILED_PAYMENT", "COMPLETED", "REFUNDED"]
     got = [o["displayStatus"] for o in expected]
     ok = got == wanted

@@ -14,16 +14,11 @@ import httpx
 from pulse import config, topology
 from pulse.lab import faults as lab_faults
 from pulse.lab.client import PulseClient
-from pulse.lab.launcher import ServeProcess
-from pulse.lab.supervisor import Supervisor
+from pulse.lab.supervisor import ServeSupervisor
+from pulse.seed import SEED_PRODUCTS
+from pulse.tools.launcher import ServeProcess
 
 log = logging.getLogger(__name__)
-
-IPHONE = "e0e0e0e0-e0e0-4e0e-a0e0-000000000001"
-AIRPODS = "e0e0e0e0-e0e0-4e0e-a0e0-000000000002"
-MACBOOK = "e0e0e0e0-e0e0-4e0e-a0e0-000000000003"
-KINDLE = "e0e0e0e0-e0e0-4e0e-a0e0-000000000004"
-KEYBOARD = "e0e0e0e0-e0e0-4e0e-a0e0-000000000005"
 
 # Rows of a previous run; the catalogue's seed products stay (their stock is reset by the seed).
 WIPED_TABLES = ("inventory.cart_items", "inventory.carts", "inventory.reservations", "inventory.inbox",
@@ -87,7 +82,7 @@ class Lab:
         log_dir = log_dir or self.env.get("PULSE_LAB_LOG_DIR")  # set by the regression matrix, for instance
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="pulse-lab-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.supervisor: Supervisor | None = None
+        self.supervisor: ServeSupervisor | None = None
         self.client: PulseClient | None = None
         self.reconcile_runs: list[dict] = []
         self.sweep_runs: list[dict] = []
@@ -182,9 +177,6 @@ class Lab:
                 "PULSE_RECONCILE_COOLDOWN_S": str(s.reconcile_cooldown_s)}
 
     def _start_child(self, port: int | None = None) -> None:
-        if self.settings.outbox_mode == "cdc" and not cdc_available():
-            raise LabError("The CDC relay (pulse.infra.relay_cdc) is not installed in this checkout; "
-                           "use outbox_mode='polling'.")
         env, s = self._child_env(), self.settings
         name = f"serve-{s.strategy}-{s.outbox_mode}.log"
 
@@ -192,7 +184,7 @@ class Lab:
             return ServeProcess(strategy=s.strategy, outbox_mode=s.outbox_mode, port=port, env=env,
                                 log_path=self.log_dir / name, args=self._serve_args)
 
-        self.supervisor = Supervisor(make).start(port)
+        self.supervisor = ServeSupervisor(make).start(port)
         self.client = PulseClient(self.supervisor.url)
 
     def restart(self, **changes) -> "Lab":
@@ -329,7 +321,7 @@ class Lab:
             present = [t for t in OPTIONAL_WIPED_TABLES
                        if conn.execute("SELECT to_regclass(%s) AS t", (t,)).fetchone()["t"] is not None]
             conn.execute("TRUNCATE " + ", ".join(WIPED_TABLES + tuple(present)))
-            seed_ids = [p[0] for p in migrate.SEED_PRODUCTS]
+            seed_ids = [p[0] for p in SEED_PRODUCTS]
             conn.execute("DELETE FROM inventory.inventory_items WHERE NOT (product_id = ANY(%s::uuid[]))", (seed_ids,))
             conn.execute("DELETE FROM inventory.products WHERE NOT (id = ANY(%s::uuid[]))", (seed_ids,))
             if conn.execute("SELECT to_regclass('infra.stock_baseline') AS t").fetchone()["t"] is not None:
@@ -480,10 +472,6 @@ class Lab:
 
     # ----- faults (run time, no restart) ------------------------------------------------------------
 
-    def faults_available(self) -> bool:
-        """True when this checkout has the run-time fault registry (``pulse.faults.arm``)."""
-        return lab_faults.registry() is not None
-
     def arm(self, name: str, probability: float = 1.0, **options) -> None:
         """Arm a named fault (``cart.after_redis``, ``consumer.lose``, ``payment.decline``, ...) at run time.
 
@@ -559,10 +547,11 @@ class Lab:
         """Run the invariants; returns one dict per invariant: ``{"name", "ok", "detail", "offenders"}``.
 
         With ``since`` (a moment, e.g. :meth:`now` before a scenario), ``products`` or a
-        :class:`pulse.check.invariants.Scope`, only the project checker's invariants (:mod:`pulse.check.invariants`)
-        run, limited to those orders and products, under their own names (``no-oversell``, ``cart-promise-kept``,
-        ``delivery``...): the report of one scenario, even in a database that holds deliberately broken ones.
-        Without a scope, the lab's whole-database checks run too (see :mod:`pulse.lab.checks`).
+        :class:`pulse.tools.check.invariants.Scope`, only the project checker's invariants
+        (:mod:`pulse.tools.check.invariants`) run, limited to those orders and products, under their own names
+        (``no-oversell``, ``cart-promise-kept``, ``delivery``...): the report of one scenario, even in a database
+        that holds deliberately broken ones. Without a scope, the lab's whole-database checks run too (see
+        :mod:`pulse.lab.checks`).
         """
         from pulse.lab import checks
 
@@ -618,13 +607,3 @@ class Lab:
             self._stepper.close()
             self._stepper = None
 
-
-def cdc_available() -> bool:
-    """True when the WAL-based outbox relay is part of this checkout."""
-    import importlib
-
-    try:
-        importlib.import_module("pulse.infra.relay_cdc")
-    except ModuleNotFoundError:
-        return False
-    return True

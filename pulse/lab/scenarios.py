@@ -399,7 +399,7 @@ def poison_message(lab, *, redrive_deadline_s: float = 1.0, wait_s: float = 20.0
     and how the order ended.
     """
     from pulse import faults
-    from pulse.check import invariants
+    from pulse.tools.check import invariants
 
     product = lab.new_product(stock=5, name="Poison")
     user = lab.client.new_user()

@@ -6,12 +6,12 @@ import logging
 import threading
 import time
 
-from pulse.lab.launcher import ServeProcess
+from pulse.tools.launcher import ServeProcess
 
 log = logging.getLogger(__name__)
 
 
-class Supervisor:
+class ServeSupervisor:
     """Starts a :class:`ServeProcess` and restarts it (same port, same settings) whenever it dies.
 
     A background thread polls the child every ``poll_s``; each restart is counted and appended to
@@ -33,7 +33,7 @@ class Supervisor:
     def url(self) -> str | None:
         return self.process.url if self.process else None
 
-    def start(self, port: int | None = None) -> "Supervisor":
+    def start(self, port: int | None = None) -> "ServeSupervisor":
         """Start the child, wait until it answers, then watch it."""
         with self._lock:
             self._stop.clear()

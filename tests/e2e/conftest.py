@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from pulse.lab.launcher import ServeProcess
+from pulse.tools.launcher import ServeProcess
 
 
 @pytest.fixture(scope="session")

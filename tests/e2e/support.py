@@ -7,8 +7,6 @@ import uuid
 from pulse.infra import db as pulse_db
 from pulse.lab.client import PulseClient
 
-SEED_KINDLE = "e0e0e0e0-e0e0-4e0e-a0e0-000000000004"
-
 
 def client(server) -> PulseClient:
     return PulseClient(server.url)

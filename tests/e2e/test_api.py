@@ -6,12 +6,10 @@ import uuid
 
 import pytest
 
+from pulse.seed import IPHONE, KEYBOARD  # KEYBOARD is seeded with stock 0
 from tests.e2e.support import one_sentence
 
 pytestmark = pytest.mark.e2e
-
-IPHONE = "e0e0e0e0-e0e0-4e0e-a0e0-000000000001"
-KEYBOARD = "e0e0e0e0-e0e0-4e0e-a0e0-000000000005"  # seeded with stock 0
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from pulse.seed import IPHONE
 from tests.e2e.support import one_sentence
 
 pytestmark = pytest.mark.e2e
@@ -154,7 +155,7 @@ def test_a_price_a_float_away_from_a_whole_cent_is_that_cent(http):
 
 
 @pytest.mark.parametrize("method, path", [("DELETE", "/api/products"), ("PATCH", "/api/orders"),
-                                          ("POST", "/api/products/e0e0e0e0-e0e0-4e0e-a0e0-000000000001"),
+                                          ("POST", f"/api/products/{IPHONE}"),
                                           ("TRACE", "/health")])
 def test_a_wrong_method_is_405_with_every_allowed_method(http, method, path):
     response = http.request(method, path)

@@ -34,7 +34,7 @@ def test_sigterm_gives_a_clean_shutdown(launch):
 def test_api_on_two_processes_serves_a_checkout_and_stops_cleanly(e2e_env, tmp_path):
     """`pulse serve --processes 2`: two API children share the port, the workers run in the parent; a saga
     completes through them and SIGTERM stops all three."""
-    from pulse.lab.launcher import ServeProcess
+    from pulse.tools.launcher import ServeProcess
 
     server = ServeProcess(strategy="optimistic", env=e2e_env, log_path=tmp_path / "serve.log",
                           args=("--processes", "2")).start()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pulse import chaos
+from pulse.tools import chaos
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from pulse import chaos, faults
+from pulse import faults
+from pulse.tools import chaos
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

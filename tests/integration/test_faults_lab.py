@@ -10,7 +10,7 @@ import pytest
 
 from pulse import faults
 from pulse.lab.client import PulseClient
-from pulse.lab.launcher import ServeProcess
+from pulse.tools.launcher import ServeProcess
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +127,8 @@ def test_serve_with_the_lab_flag_obeys(settings, serve_env, new_product, tmp_pat
 
 
 def test_the_lab_runs_in_lab_mode_without_being_told(serve_env, tmp_path, disarm_after):
-    from pulse.lab.lab import IPHONE, Lab
+    from pulse.lab import Lab
+    from pulse.seed import IPHONE
 
     env = {k: v for k, v in serve_env.items() if k != "PULSE_LAB"}
     lab = Lab(strategy="optimistic", outbox_mode="polling", env=env, log_dir=tmp_path).start(tap=False)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from pulse import faults
-from pulse.lab.launcher import free_port
+from pulse.tools.launcher import free_port
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from pulse.check.invariants import Scope, check_all
+from pulse.tools.check.invariants import Scope, check_all
 from pulse.infra import keys
 from tests.conftest import wait_for
 

@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from pulse import faults
-from pulse.check.invariants import Scope, check_all
+from pulse.tools.check.invariants import Scope, check_all
 from pulse.orders.watchdog import Watchdog
 from tests.conftest import wait_for
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from pulse.lab import Lab, teach
 from pulse.lab import scenarios as sc
-from pulse.lab import teach
-from pulse.lab.lab import IPHONE, Lab
+from pulse.seed import IPHONE
 
 pytestmark = pytest.mark.integration
 

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from pulse.lab.launcher import ServeProcess
-from pulse.load import run_load
+from pulse.tools.launcher import ServeProcess
+from pulse.tools.load import run_load
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pulse import faults
-from pulse.check import invariants as inv
+from pulse.tools.check import invariants as inv
 from pulse.errors import Conflict, Unavailable
 from pulse.events import Envelope
 from pulse.infra import db as pulse_db

@@ -14,12 +14,12 @@ import uuid
 import psycopg
 import pytest
 
-from pulse.check import invariants
-from pulse.cli_relay import relay_status
+from pulse.cli.relay import relay_status
 from pulse.events import Envelope
 from pulse.infra import broker, outbox
 from pulse.infra.relay_cdc import CdcRelay
 from pulse.infra.relay_polling import PollingRelay
+from pulse.tools.check import invariants
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration

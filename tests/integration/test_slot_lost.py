@@ -17,12 +17,12 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from pulse import cli_relay
-from pulse.check.invariants import Scope, replication_slot
+from pulse.cli import relay as cli_relay
 from pulse.infra import broker, cdc_slot
 from pulse.infra.cdc_slot import SlotLost
 from pulse.infra.pgoutput_stream import WalStream
 from pulse.infra.relay_cdc import CdcRelay
+from pulse.tools.check.invariants import Scope, replication_slot
 from tests.conftest import wait_for
 from tests.integration.relays import insert_events, outbox_ids, relay_until, slot_row
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pulse.lab.lab import IPHONE, KINDLE, Lab
+from pulse.lab import Lab
+from pulse.seed import IPHONE, KINDLE
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,9 @@ import psycopg
 import psycopg_pool
 
 from pulse.errors import Conflict, Invalid, KeyTaken, NotFound, Unavailable
+from pulse.seed import IPHONE as PRODUCT
 
 USER = "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60"
-PRODUCT = "e0e0e0e0-e0e0-4e0e-a0e0-000000000001"
 
 
 def one_sentence(text: str) -> bool:

@@ -3,7 +3,7 @@ import statistics
 import numpy as np
 import pytest
 
-from pulse.load import LatencyHistogram, parse_mix
+from pulse.tools.load import LatencyHistogram, parse_mix
 
 # 3 significant digits: a value is stored within 0.1 % of itself (plus the 1 µs floor).
 REL = 2e-3

@@ -10,7 +10,7 @@ from pulse import config
 
 def cmd_load(args) -> int:
     """Run the load, print the JSON result; exit 1 when the server answered 5xx or connections failed."""
-    from pulse.load import parse_mix, run_load
+    from pulse.tools.load import parse_mix, run_load
 
     try:
         result = run_load(args.url or None, rate=args.rate, concurrency=args.concurrency, duration_s=args.duration,

@@ -9,7 +9,7 @@ from pulse import config
 
 
 def cmd_check(args) -> int:
-    from pulse.check.invariants import Scope, check_all
+    from pulse.tools.check.invariants import Scope, check_all
 
     settings = config.from_env()
     since = dt.datetime.fromisoformat(args.since) if args.since else None
@@ -31,7 +31,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_chaos(args) -> int:
-    from pulse.chaos import Campaign
+    from pulse.tools.chaos import Campaign
 
     summary = Campaign.from_args(args).run()
     print(json.dumps(summary, default=str))

@@ -1,9 +1,10 @@
 """The chaos campaign: checkouts over contended products while faults strike, then every invariant.
 
-``pulse chaos --orders N --seed S`` starts ``pulse serve`` under a :class:`~pulse.supervise.Supervisor`
-(so crash faults restart it), creates a few fresh products (one with scarce stock), drives N checkouts from a
-thread pool over HTTP while a second thread arms faults at random (each for a moment, most with a cap
-on how often they strike), then disarms everything, waits until every order of the campaign is settled
+``pulse chaos --orders N --seed S`` starts ``pulse serve`` under a
+:class:`~pulse.tools.supervise.CommandSupervisor` (so crash faults restart it), creates a few fresh products
+(one with scarce stock), drives N checkouts from a thread pool over HTTP while a second thread arms faults at
+random (each for a moment, most with a cap on how often they strike), then disarms everything, waits until
+every order of the campaign is settled
 (the saga watchdog re-drives what ``consumer.lose`` dropped), reconciles Redis with cooldown 0 and runs
 every invariant on the campaign's orders and products. The summary is one JSON document.
 """
@@ -27,8 +28,8 @@ from pathlib import Path
 import httpx
 
 from pulse import config, faults, faults_catalogue
-from pulse.check import invariants as inv
 from pulse.infra import db, migrate, outbox
+from pulse.tools.check import invariants as inv
 
 log = logging.getLogger(__name__)
 
@@ -417,8 +418,8 @@ class Campaign:
         return ids
 
     def _start_server(self):
-        from pulse.lab.launcher import free_port
-        from pulse.supervise import Supervisor, serve_command
+        from pulse.tools.launcher import free_port
+        from pulse.tools.supervise import CommandSupervisor, serve_command
 
         port = free_port()
         self._server_url = f"http://127.0.0.1:{port}"
@@ -436,8 +437,8 @@ class Campaign:
                "PULSE_NAIVE": self.naive, "PULSE_LAB": "1"}
         # Restarting fast is the point here: crash faults strike every few seconds, and a server kept down by
         # a growing backoff would leave the remaining fault kinds nothing to strike.
-        supervisor = Supervisor(serve_command(["--port", str(port)]), env=env, backoff_s=0.2, max_backoff_s=1.0,
-                                log_path=str(self.log_dir / "serve.log"))
+        supervisor = CommandSupervisor(serve_command(["--port", str(port)]), env=env, backoff_s=0.2,
+                                       max_backoff_s=1.0, log_path=str(self.log_dir / "serve.log"))
         thread = threading.Thread(target=supervisor.run, name="chaos-supervisor", daemon=True)
         thread.start()
         return supervisor, thread

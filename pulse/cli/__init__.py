@@ -1,10 +1,9 @@
-"""The ``pulse`` command (also ``python -m pulse``): serve, db, reconcile, sweep, demo."""
+"""The ``pulse`` command (also ``python -m pulse``): serve, db, reconcile, sweep, demo and lab here; the other
+commands in this package's modules (relay, supervise, faults, check and chaos, load)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -12,12 +11,13 @@ import signal
 import sys
 
 from pulse import config
+from pulse.cli import chaos, faults, load, relay, supervise
 from pulse.errors import PulseError
 
 log = logging.getLogger("pulse")
 
 # Each module adds its subcommands with register(subparsers); each parser sets func(args) -> exit status.
-COMMAND_MODULES = ("pulse.cli_relay", "pulse.cli_faults", "pulse.cli_chaos", "pulse.cli_load")
+COMMAND_MODULES = (relay, supervise, faults, chaos, load)
 
 EPILOG = """Settings come from PULSE_* environment variables (see README): PULSE_DATABASE_URL, PULSE_REDIS_URL,
 PULSE_AMQP_URL, PULSE_STRATEGY (optimistic | post-payment), PULSE_OUTBOX_MODE (cdc | polling),
@@ -293,9 +293,8 @@ def parser() -> argparse.ArgumentParser:
     cl.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     cl.add_argument("--yes", action="store_true", help="remove without asking (for scripts)")
     cl.set_defaults(func=cmd_lab)
-    for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return p
 
 

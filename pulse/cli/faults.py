@@ -70,10 +70,7 @@ def _migrate(settings) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``pulse faults`` (and ``pulse supervise``, which keeps a server alive through crash faults)."""
-    from pulse import supervise
-
-    supervise.register(subparsers)
+    """Add ``pulse faults`` to the CLI."""
     p = subparsers.add_parser("faults", help="arm, disarm and list run-time faults and naive switches",
                               description="Faults live in the database (infra.faults); every process in lab mode "
                               "(pulse serve --lab, PULSE_LAB=1) picks a change up within half a second, any other "

@@ -422,7 +422,7 @@ def run_load(url: str | list[str] | None = None, *, rate: float | None = None, c
     mix = mix if isinstance(mix, dict) else parse_mix(mix)
     server = None
     if url is None:
-        from pulse.lab.launcher import ServeProcess
+        from pulse.tools.launcher import ServeProcess
 
         server = ServeProcess(strategy=strategy or "optimistic", outbox_mode=outbox_mode, env=env,
                               log_path=serve_log).start()
