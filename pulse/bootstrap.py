@@ -55,12 +55,15 @@ class System:
         """What a consumer of ``queue`` hands each envelope to, bound to this system's dependencies."""
         return topology.Dispatcher(self.queues[queue], self.deps)
 
-    def replace_route(self, queue: str, event: EventType, handler: Callable[..., Any], *,
-                      claims_inbox: bool = True) -> None:
+    def replace_route(
+        self, queue: str, event: EventType, handler: Callable[..., Any], *, claims_inbox: bool = True
+    ) -> None:
         """Let another handler take ``event`` on ``queue`` in this system (a workshop plugs the learner's in)."""
         spec = self.queues[queue]
-        routes = tuple(dataclasses.replace(r, handler=handler, claims_inbox=claims_inbox) if r.event == event else r
-                       for r in spec.routes)
+        routes = tuple(
+            dataclasses.replace(r, handler=handler, claims_inbox=claims_inbox) if r.event == event else r
+            for r in spec.routes
+        )
         self.queues[queue] = dataclasses.replace(spec, routes=routes)
 
     def unsettled(self) -> int:
@@ -77,16 +80,25 @@ class System:
         if consumers:
             for queue in self.queues.values():
                 for n in range(s.consumer_threads):
-                    c = Consumer(s.amqp_url, queue.name, self.dispatcher(queue.name), stop=self.stop,
-                                 prefetch=s.consumer_prefetch, retries=s.handler_retries, faults=self.deps.faults,
-                                 name=f"consumer:{queue.name}:{n}", pool=self.deps.pool if queue.batched else None,
-                                 prelock=queue.prelock)
+                    c = Consumer(
+                        s.amqp_url,
+                        queue.name,
+                        self.dispatcher(queue.name),
+                        stop=self.stop,
+                        prefetch=s.consumer_prefetch,
+                        retries=s.handler_retries,
+                        faults=self.deps.faults,
+                        name=f"consumer:{queue.name}:{n}",
+                        pool=self.deps.pool if queue.batched else None,
+                        prelock=queue.prelock,
+                    )
                     self.supervisor.add(c)  # started now, and restarted with the same arguments if it dies
             self._spawn("consumer-supervisor", self.supervisor.run)
         if schedulers:
             self._spawn("sweeper", every, s.sweep_interval_s, lambda: sweep_once(self.deps), self.stop)
             self._spawn("reconciler", every, s.reconcile_interval_s, self.reconciler.run_once, self.stop)
             from pulse.orders.watchdog import Watchdog  # issue 4: re-drives sagas whose events were lost
+
             watchdog = Watchdog(self.deps, depth=broker.QueueDepth(s.amqp_url), unsettled=self.unsettled)
 
             def watch(stop: threading.Event) -> None:
@@ -137,15 +149,29 @@ def make_relay(settings: config.Settings, faults: fault_registry.NoFaults | None
     publisher = broker.ConfirmingPublisher(settings.amqp_url)
     if settings.outbox_mode == "cdc":
         from pulse.infra.relay_cdc import CdcRelay  # imported lazily: only this mode needs it
+
         return CdcRelay(settings, publisher, faults=faults)
     from pulse.infra.relay_polling import PollingRelay
-    return PollingRelay(settings.database_url, publisher, batch=settings.relay_batch, poll_s=settings.relay_poll_s,
-                        faults=faults, naive=settings.naive)
+
+    return PollingRelay(
+        settings.database_url,
+        publisher,
+        batch=settings.relay_batch,
+        poll_s=settings.relay_poll_s,
+        faults=faults,
+        naive=settings.naive,
+    )
 
 
-def build(settings: config.Settings | None = None, *, faults: fault_registry.NoFaults | None = None,
-          migrate: bool = True, pool_size: int = 20, clock: Clock | None = None,
-          transaction_factory: TransactionFactory = db.unit) -> System:
+def build(
+    settings: config.Settings | None = None,
+    *,
+    faults: fault_registry.NoFaults | None = None,
+    migrate: bool = True,
+    pool_size: int = 20,
+    clock: Clock | None = None,
+    transaction_factory: TransactionFactory = db.unit,
+) -> System:
     """Connect to PostgreSQL, Redis and RabbitMQ as configured and wire the whole system.
 
     ``clock`` and ``transaction_factory`` are what a test substitutes for the wall clock and for the handlers'
@@ -160,11 +186,26 @@ def build(settings: config.Settings | None = None, *, faults: fault_registry.NoF
     settings, faults = fault_registry.for_process(settings, faults)
     pool = db.make_pool(settings.database_url, max_size=pool_size)
     client = redis_scripts.make_client(settings.redis_url)
-    deps = Deps(settings=settings, pool=pool, redis=client, scripts=redis_scripts.Scripts(client), faults=faults,
-                provider=SimulatedProvider(decline_rate=settings.payment_decline_rate,
-                                           latency_ms=settings.payment_latency_ms,
-                                           error_rate=settings.payment_error_rate, seed=settings.payment_seed,
-                                           faults=faults),
-                clock=clock or time.time, transaction_factory=transaction_factory)
-    return System(deps=deps, carts=CartService(deps), orders=OrderService(deps), products=ProductService(deps),
-                  reconciler=Reconciler(deps))
+    deps = Deps(
+        settings=settings,
+        pool=pool,
+        redis=client,
+        scripts=redis_scripts.Scripts(client),
+        faults=faults,
+        provider=SimulatedProvider(
+            decline_rate=settings.payment_decline_rate,
+            latency_ms=settings.payment_latency_ms,
+            error_rate=settings.payment_error_rate,
+            seed=settings.payment_seed,
+            faults=faults,
+        ),
+        clock=clock or time.time,
+        transaction_factory=transaction_factory,
+    )
+    return System(
+        deps=deps,
+        carts=CartService(deps),
+        orders=OrderService(deps),
+        products=ProductService(deps),
+        reconciler=Reconciler(deps),
+    )

@@ -65,8 +65,16 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 # Zero consumer threads would stall every saga silently and a zero interval makes a scheduler spin.
-_AT_LEAST = {"consumer_threads": 1, "relay_batch": 1, "handler_retries": 1, "idempotency_lock_ttl_s": 1,
-             "consumer_prefetch": 0, "reconcile_cooldown_s": 0, "relay_poll_s": 0, "payment_latency_ms": 0}
+_AT_LEAST = {
+    "consumer_threads": 1,
+    "relay_batch": 1,
+    "handler_retries": 1,
+    "idempotency_lock_ttl_s": 1,
+    "consumer_prefetch": 0,
+    "reconcile_cooldown_s": 0,
+    "relay_poll_s": 0,
+    "payment_latency_ms": 0,
+}
 _POSITIVE = ("cart_ttl_s", "sweep_interval_s", "reconcile_interval_s")
 
 
@@ -101,27 +109,29 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     d = Settings()
     naive = frozenset(n.strip() for n in env.get("PULSE_NAIVE", "").split(",") if n.strip())
-    return _validated(Settings(
-        database_url=env.get("PULSE_DATABASE_URL") or d.database_url,
-        redis_url=env.get("PULSE_REDIS_URL") or d.redis_url,
-        amqp_url=env.get("PULSE_AMQP_URL") or d.amqp_url,
-        strategy=(env.get("PULSE_STRATEGY") or d.strategy).lower().replace("_", "-"),
-        outbox_mode=(env.get("PULSE_OUTBOX_MODE") or d.outbox_mode).lower(),
-        payment_decline_rate=_float(env, "PULSE_PAYMENT_DECLINE_RATE", d.payment_decline_rate),
-        payment_latency_ms=_float(env, "PULSE_PAYMENT_LATENCY_MS", d.payment_latency_ms),
-        payment_error_rate=_float(env, "PULSE_PAYMENT_ERROR_RATE", d.payment_error_rate),
-        payment_seed=int(_float(env, "PULSE_PAYMENT_SEED", d.payment_seed)),
-        cart_ttl_s=_float(env, "PULSE_CART_TTL_S", d.cart_ttl_s),
-        sweep_interval_s=_float(env, "PULSE_SWEEP_INTERVAL_S", d.sweep_interval_s),
-        reconcile_interval_s=_float(env, "PULSE_RECONCILE_INTERVAL_S", d.reconcile_interval_s),
-        reconcile_cooldown_s=_float(env, "PULSE_RECONCILE_COOLDOWN_S", d.reconcile_cooldown_s),
-        consumer_prefetch=int(_float(env, "PULSE_CONSUMER_PREFETCH", d.consumer_prefetch)),
-        consumer_threads=int(_float(env, "PULSE_CONSUMER_THREADS", d.consumer_threads)),
-        relay_batch=int(_float(env, "PULSE_RELAY_BATCH", d.relay_batch)),
-        relay_poll_s=_float(env, "PULSE_RELAY_POLL_S", d.relay_poll_s),
-        idempotency_lock_ttl_s=int(_float(env, "PULSE_IDEMPOTENCY_LOCK_TTL_S", d.idempotency_lock_ttl_s)),
-        cdc_slot=env.get("PULSE_CDC_SLOT") or d.cdc_slot,
-        cdc_publication=env.get("PULSE_CDC_PUBLICATION") or d.cdc_publication,
-        naive=naive,
-        lab=_flag(env, "PULSE_LAB"),
-    ))
+    return _validated(
+        Settings(
+            database_url=env.get("PULSE_DATABASE_URL") or d.database_url,
+            redis_url=env.get("PULSE_REDIS_URL") or d.redis_url,
+            amqp_url=env.get("PULSE_AMQP_URL") or d.amqp_url,
+            strategy=(env.get("PULSE_STRATEGY") or d.strategy).lower().replace("_", "-"),
+            outbox_mode=(env.get("PULSE_OUTBOX_MODE") or d.outbox_mode).lower(),
+            payment_decline_rate=_float(env, "PULSE_PAYMENT_DECLINE_RATE", d.payment_decline_rate),
+            payment_latency_ms=_float(env, "PULSE_PAYMENT_LATENCY_MS", d.payment_latency_ms),
+            payment_error_rate=_float(env, "PULSE_PAYMENT_ERROR_RATE", d.payment_error_rate),
+            payment_seed=int(_float(env, "PULSE_PAYMENT_SEED", d.payment_seed)),
+            cart_ttl_s=_float(env, "PULSE_CART_TTL_S", d.cart_ttl_s),
+            sweep_interval_s=_float(env, "PULSE_SWEEP_INTERVAL_S", d.sweep_interval_s),
+            reconcile_interval_s=_float(env, "PULSE_RECONCILE_INTERVAL_S", d.reconcile_interval_s),
+            reconcile_cooldown_s=_float(env, "PULSE_RECONCILE_COOLDOWN_S", d.reconcile_cooldown_s),
+            consumer_prefetch=int(_float(env, "PULSE_CONSUMER_PREFETCH", d.consumer_prefetch)),
+            consumer_threads=int(_float(env, "PULSE_CONSUMER_THREADS", d.consumer_threads)),
+            relay_batch=int(_float(env, "PULSE_RELAY_BATCH", d.relay_batch)),
+            relay_poll_s=_float(env, "PULSE_RELAY_POLL_S", d.relay_poll_s),
+            idempotency_lock_ttl_s=int(_float(env, "PULSE_IDEMPOTENCY_LOCK_TTL_S", d.idempotency_lock_ttl_s)),
+            cdc_slot=env.get("PULSE_CDC_SLOT") or d.cdc_slot,
+            cdc_publication=env.get("PULSE_CDC_PUBLICATION") or d.cdc_publication,
+            naive=naive,
+            lab=_flag(env, "PULSE_LAB"),
+        )
+    )

@@ -46,6 +46,7 @@ class MalformedEnvelope(ValueError):
 
 # ----- typed payloads ------------------------------------------------------------------------------------
 
+
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
@@ -106,8 +107,13 @@ def _codec(hint):
         return hint, str
     if isinstance(hint, type) and issubclass(hint, Payload):
         return (lambda v: v if isinstance(v, hint) else hint.from_payload(v)), (lambda v: v.to_payload())
-    return {str: (_text, str), Decimal: (_decimal, str), int: (_integer, int), bool: (_flag, bool),
-            dt.datetime: (_time, dt.datetime.isoformat)}[hint]
+    return {
+        str: (_text, str),
+        Decimal: (_decimal, str),
+        int: (_integer, int),
+        bool: (_flag, bool),
+        dt.datetime: (_time, dt.datetime.isoformat),
+    }[hint]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +215,14 @@ class _OrderStep(Event):
 
     def follow(self, cls, **fields):
         """The next step of this order's saga: carries the order (not this event's re-drive marks)."""
-        return cls(order_id=self.order_id, user_id=self.user_id, strategy=self.strategy,
-                   total_price=self.total_price, items=self.items, **fields)
+        return cls(
+            order_id=self.order_id,
+            user_id=self.user_id,
+            strategy=self.strategy,
+            total_price=self.total_price,
+            items=self.items,
+            **fields,
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -281,9 +293,19 @@ class OrderUpdated(Event):
     updated_at: dt.datetime
 
 
-EVENTS: dict[str, type[Event]] = {cls.TYPE.value: cls for cls in (
-    OrderCreated, OrderUpdated, StockReserved, StockReleased, StockFailed, PaymentProcessed, PaymentFailed,
-    PaymentRefunded)}
+EVENTS: dict[str, type[Event]] = {
+    cls.TYPE.value: cls
+    for cls in (
+        OrderCreated,
+        OrderUpdated,
+        StockReserved,
+        StockReleased,
+        StockFailed,
+        PaymentProcessed,
+        PaymentFailed,
+        PaymentRefunded,
+    )
+}
 
 
 def parse(event_type: str, payload) -> Event:
@@ -309,8 +331,9 @@ class Envelope:
     @classmethod
     def of(cls, event: Event, id: uuid.UUID | None = None) -> Envelope:
         """The envelope that carries ``event`` (a fresh id unless one is given)."""
-        return cls(id=id or uuid.uuid4(), event_type=event.TYPE.value, aggregate_id=event.order_id,
-                   payload=event.to_payload())
+        return cls(
+            id=id or uuid.uuid4(), event_type=event.TYPE.value, aggregate_id=event.order_id, payload=event.to_payload()
+        )
 
     @functools.cached_property
     def event(self) -> Event:
@@ -331,16 +354,26 @@ class Envelope:
         return str(self.payload.get(_camel("order_id")) or self.aggregate_id)
 
     def to_json(self) -> bytes:
-        return json.dumps({"id": str(self.id), "eventType": self.event_type,
-                           "aggregateId": self.aggregate_id, "payload": self.payload},
-                          default=_json_default).encode()
+        return json.dumps(
+            {
+                "id": str(self.id),
+                "eventType": self.event_type,
+                "aggregateId": self.aggregate_id,
+                "payload": self.payload,
+            },
+            default=_json_default,
+        ).encode()
 
     @classmethod
-    def from_json(cls, body: bytes) -> "Envelope":
+    def from_json(cls, body: bytes) -> Envelope:
         try:
             raw = json.loads(body)
-            return cls(id=uuid.UUID(raw["id"]), event_type=str(raw["eventType"]),
-                       aggregate_id=str(raw["aggregateId"]), payload=dict(raw["payload"]))
+            return cls(
+                id=uuid.UUID(raw["id"]),
+                event_type=str(raw["eventType"]),
+                aggregate_id=str(raw["aggregateId"]),
+                payload=dict(raw["payload"]),
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise MalformedEnvelope(f"not an event envelope: {exc}") from exc
 

@@ -115,8 +115,12 @@ class IgnoredFaults(NoFaults):
             try:
                 self._loaded_at = now
                 with _connect(self.database_url) as conn:
-                    self._names = [r[0] for r in conn.execute(
-                        f"SELECT name FROM infra.faults WHERE {UNEXPIRED} ORDER BY name").fetchall()]
+                    self._names = [
+                        r[0]
+                        for r in conn.execute(
+                            f"SELECT name FROM infra.faults WHERE {UNEXPIRED} ORDER BY name"
+                        ).fetchall()
+                    ]
             except Exception as exc:  # the database being down must not fail /health; keep the last answer
                 log.debug("could not read the armed faults: %s", exc)
             finally:
@@ -159,8 +163,9 @@ class FaultRegistry(NoFaults):
     ``db.restart``); they strike only from :meth:`tick`, which the server's scheduler calls.
     """
 
-    def __init__(self, database_url: str, *, refresh_s: float = 0.5, redis_url: str | None = None,
-                 amqp_url: str | None = None):
+    def __init__(
+        self, database_url: str, *, refresh_s: float = 0.5, redis_url: str | None = None, amqp_url: str | None = None
+    ):
         self.database_url, self.refresh_s = database_url, refresh_s
         self.redis_url, self.amqp_url = redis_url, amqp_url
         self._armed: dict[str, Fault] = {}
@@ -241,11 +246,16 @@ class FaultRegistry(NoFaults):
         self._loaded_at = time.monotonic()
         try:
             with self._log_lock:
-                rows = self._connection().execute(
-                    "SELECT f.name, f.action, f.probability, f.params, f.seed, f.armed_at::text AS armed_at, "
-                    "(SELECT count(*) FROM infra.fault_log l WHERE l.name = f.name AND l.fired_at >= f.armed_at) "
-                    "AS fired, extract(epoch FROM f.expires_at - clock_timestamp()) AS left_s "
-                    f"FROM infra.faults f WHERE f.{UNEXPIRED}").fetchall()
+                rows = (
+                    self._connection()
+                    .execute(
+                        "SELECT f.name, f.action, f.probability, f.params, f.seed, f.armed_at::text AS armed_at, "
+                        "(SELECT count(*) FROM infra.fault_log l WHERE l.name = f.name AND l.fired_at >= f.armed_at) "
+                        "AS fired, extract(epoch FROM f.expires_at - clock_timestamp()) AS left_s "
+                        f"FROM infra.faults f WHERE f.{UNEXPIRED}"
+                    )
+                    .fetchall()
+                )
         except Exception as exc:  # the database being down must not stop the process; keep the last view
             log.debug("fault registry refresh failed: %s", exc)
             self._drop_connection()
@@ -262,8 +272,9 @@ class FaultRegistry(NoFaults):
             # Seeded by what already struck, so a restarted process continues the sequence instead of
             # replaying its first draw (which, for a crash, would crash every restart).
             rng = random.Random(f"{seed}:{name}:{fired}")
-            armed[name] = Fault(name, action, float(probability), params or {}, int(seed), armed_at, rng, int(fired),
-                                expires)
+            armed[name] = Fault(
+                name, action, float(probability), params or {}, int(seed), armed_at, rng, int(fired), expires
+            )
         self._armed = armed
 
     def _environment_tick(self) -> None:
@@ -306,9 +317,15 @@ class FaultRegistry(NoFaults):
         payload = json.dumps({k: str(v) for k, v in context.items()})
         try:
             with self._log_lock:
-                row = self._connection().execute(
-                    "INSERT INTO infra.fault_log (name, action, pid, context) VALUES (%s, %s, %s, %s::jsonb) "
-                    "RETURNING id", (fault.name, fault.action, os.getpid(), payload)).fetchone()
+                row = (
+                    self._connection()
+                    .execute(
+                        "INSERT INTO infra.fault_log (name, action, pid, context) VALUES (%s, %s, %s, %s::jsonb) "
+                        "RETURNING id",
+                        (fault.name, fault.action, os.getpid(), payload),
+                    )
+                    .fetchone()
+                )
             return row[0]
         except Exception as exc:
             log.warning("could not log fault %s: %s", fault.name, exc)
@@ -321,8 +338,9 @@ class FaultRegistry(NoFaults):
         payload = json.dumps({k: str(v) for k, v in context.items()})
         try:
             with self._log_lock:
-                self._connection().execute("UPDATE infra.fault_log SET context = %s::jsonb WHERE id = %s",
-                                           (payload, entry))
+                self._connection().execute(
+                    "UPDATE infra.fault_log SET context = %s::jsonb WHERE id = %s", (payload, entry)
+                )
         except Exception as exc:  # the strike is counted already; only its outcome is missing
             log.warning("could not record the outcome of a fault: %s", exc)
             self._drop_connection()
@@ -331,8 +349,12 @@ class FaultRegistry(NoFaults):
         if self._conn is None or self._conn.closed:
             import psycopg
 
-            self._conn = psycopg.connect(self.database_url, autocommit=True, connect_timeout=3,
-                                         application_name=f"pulse-faults-log:{os.getpid()}")
+            self._conn = psycopg.connect(
+                self.database_url,
+                autocommit=True,
+                connect_timeout=3,
+                application_name=f"pulse-faults-log:{os.getpid()}",
+            )
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -392,8 +414,13 @@ def restart_broker_connections(registry: FaultRegistry, params: dict) -> dict:
         return {"refused": "the default vhost may be shared; arm with allow_default_vhost=true to allow"}
     # One command for the whole vhost: closing connections one rabbitmqctl call at a time took ~0.5 s each.
     # rabbitmqctl boots an Erlang VM: seconds on a quiet machine, over 30 s at a load average of 10.
-    out = subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "pulse fault broker.restart"],
-                         capture_output=True, text=True, timeout=90, check=True).stdout
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "pulse fault broker.restart"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    ).stdout
     numbers = [int(w) for w in out.split() if w.isdigit()]
     return {"vhost": vhost, "connectionsClosed": numbers[0] if numbers else out.strip()[:100]}
 
@@ -411,8 +438,10 @@ def restart_database_connections(registry: FaultRegistry, params: dict) -> dict:
     if name in ("postgres", "template0", "template1"):
         return {"refused": f"database {name} is not the lab's own"}
     with psycopg.connect(registry.database_url, autocommit=True, connect_timeout=3) as conn:
-        rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
-                            "AND pid <> pg_backend_pid()", (name,)).fetchall()
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        ).fetchall()
     # Under the lock: another thread may be mid-query on this connection (a refresh), and closing a socket
     # under a thread that waits on it can leave that thread waiting on a reused descriptor, holding the
     # registry's locks, so every armed hook (consumer.before_ack among them) blocks.
@@ -421,13 +450,23 @@ def restart_database_connections(registry: FaultRegistry, params: dict) -> dict:
     return {"database": name, "sessionsTerminated": len(rows)}
 
 
-ENVIRONMENT_ACTIONS = {"redis.flush": flush_redis, "broker.restart": restart_broker_connections,
-                       "db.restart": restart_database_connections}
+ENVIRONMENT_ACTIONS = {
+    "redis.flush": flush_redis,
+    "broker.restart": restart_broker_connections,
+    "db.restart": restart_database_connections,
+}
 
 
 # -- the Python API used by the CLI and the lab ------------------------------------------------------
-def arm(database_url: str, name: str, action: str | None = None, probability: float = 1.0, seed: int = 0,
-        ttl_s: float = DEFAULT_TTL_S, **params) -> dict:
+def arm(
+    database_url: str,
+    name: str,
+    action: str | None = None,
+    probability: float = 1.0,
+    seed: int = 0,
+    ttl_s: float = DEFAULT_TTL_S,
+    **params,
+) -> dict:
     """Arm (or re-arm) fault ``name`` for ``ttl_s`` seconds; lab processes pick it up within half a second.
 
     ``action`` defaults to the point's natural one (see ``POINTS``); a naive switch's action is ``naive``.
@@ -435,8 +474,10 @@ def arm(database_url: str, name: str, action: str | None = None, probability: fl
     """
     action = action or (POINTS.get(name) if name in POINTS else "naive" if name in NAIVE_SWITCHES else None)
     if action not in ACTIONS:
-        raise UnknownFault(f"Unknown fault {name!r}: name one of {', '.join(list(POINTS) + list(NAIVE_SWITCHES))}, "
-                           f"or give an action ({', '.join(ACTIONS)}).")
+        raise UnknownFault(
+            f"Unknown fault {name!r}: name one of {', '.join(list(POINTS) + list(NAIVE_SWITCHES))}, "
+            f"or give an action ({', '.join(ACTIONS)})."
+        )
     if not 0.0 <= float(probability) <= 1.0:
         raise UnknownFault(f"The probability of {name} must be between 0 and 1, got {probability}.")
     if not float(ttl_s) > 0:
@@ -450,9 +491,17 @@ def arm(database_url: str, name: str, action: str | None = None, probability: fl
             "ON CONFLICT (name) DO UPDATE SET action = EXCLUDED.action, probability = EXCLUDED.probability, "
             "params = EXCLUDED.params, seed = EXCLUDED.seed, armed_at = clock_timestamp(), "
             "expires_at = EXCLUDED.expires_at RETURNING armed_at, expires_at",
-            (name, action, float(probability), json.dumps(params), int(seed), float(ttl_s))).fetchone()
-    return {"name": name, "action": action, "probability": float(probability), "params": params, "seed": int(seed),
-            "armedAt": armed_at.isoformat(), "expiresAt": expires_at.isoformat()}
+            (name, action, float(probability), json.dumps(params), int(seed), float(ttl_s)),
+        ).fetchone()
+    return {
+        "name": name,
+        "action": action,
+        "probability": float(probability),
+        "params": params,
+        "seed": int(seed),
+        "armedAt": armed_at.isoformat(),
+        "expiresAt": expires_at.isoformat(),
+    }
 
 
 def disarm(database_url: str, name: str | None = None) -> int:
@@ -471,17 +520,32 @@ def list_armed(database_url: str) -> list[dict]:
             "SELECT f.name, f.action, f.probability, f.params, f.seed, f.armed_at, "
             "(SELECT count(*) FROM infra.fault_log l WHERE l.name = f.name AND l.fired_at >= f.armed_at) AS fired, "
             "f.expires_at, extract(epoch FROM f.expires_at - clock_timestamp()) AS left_s "
-            f"FROM infra.faults f WHERE f.{UNEXPIRED} ORDER BY f.name").fetchall()
-    return [{"name": r[0], "action": r[1], "probability": r[2], "params": r[3], "seed": r[4],
-             "armedAt": r[5].isoformat(), "fired": r[6], "expiresAt": r[7].isoformat(),
-             "ttlLeftS": round(float(r[8]), 1)} for r in rows]
+            f"FROM infra.faults f WHERE f.{UNEXPIRED} ORDER BY f.name"
+        ).fetchall()
+    return [
+        {
+            "name": r[0],
+            "action": r[1],
+            "probability": r[2],
+            "params": r[3],
+            "seed": r[4],
+            "armedAt": r[5].isoformat(),
+            "fired": r[6],
+            "expiresAt": r[7].isoformat(),
+            "ttlLeftS": round(float(r[8]), 1),
+        }
+        for r in rows
+    ]
 
 
 def fired_counts(database_url: str, since=None) -> dict[str, int]:
     """How many times each fault struck (since ``since``, a datetime, when given), from ``infra.fault_log``."""
     with _connect(database_url) as conn:
-        rows = conn.execute("SELECT name, count(*) FROM infra.fault_log WHERE fired_at >= COALESCE(%s::timestamptz, '-infinity') "
-                            "GROUP BY name ORDER BY name", (since,)).fetchall()
+        rows = conn.execute(
+            "SELECT name, count(*) FROM infra.fault_log WHERE fired_at >= COALESCE(%s::timestamptz, '-infinity') "
+            "GROUP BY name ORDER BY name",
+            (since,),
+        ).fetchall()
     return {name: n for name, n in rows}
 
 
@@ -489,9 +553,13 @@ def _connect(database_url: str):
     import psycopg
 
     # Hooks run on the system's hot paths: a registry query must never hang them.
-    return psycopg.connect(database_url, autocommit=True, connect_timeout=5,
-                           options="-c lock_timeout=2s -c statement_timeout=5s",
-                           application_name=f"pulse-faults:{os.getpid()}")
+    return psycopg.connect(
+        database_url,
+        autocommit=True,
+        connect_timeout=5,
+        options="-c lock_timeout=2s -c statement_timeout=5s",
+        application_name=f"pulse-faults:{os.getpid()}",
+    )
 
 
 def from_settings(settings, *, environment: bool = True) -> NoFaults:
@@ -499,8 +567,11 @@ def from_settings(settings, *, environment: bool = True) -> NoFaults:
     lets it execute environment faults), else :class:`IgnoredFaults`, which obeys nothing."""
     if not settings.lab:
         return IgnoredFaults(settings.database_url)
-    return FaultRegistry(settings.database_url, redis_url=settings.redis_url if environment else None,
-                         amqp_url=settings.amqp_url if environment else None)
+    return FaultRegistry(
+        settings.database_url,
+        redis_url=settings.redis_url if environment else None,
+        amqp_url=settings.amqp_url if environment else None,
+    )
 
 
 def for_process(settings, faults: NoFaults | None = None):
@@ -512,14 +583,20 @@ def for_process(settings, faults: NoFaults | None = None):
     """
     lab = settings.lab
     if not lab and settings.naive:
-        log.warning("PULSE_NAIVE=%s is ignored: naive switches are honoured only in lab mode "
-                    "(pulse serve --lab or PULSE_LAB=1)", ",".join(sorted(settings.naive)))
+        log.warning(
+            "PULSE_NAIVE=%s is ignored: naive switches are honoured only in lab mode "
+            "(pulse serve --lab or PULSE_LAB=1)",
+            ",".join(sorted(settings.naive)),
+        )
         settings = settings.replace(naive=frozenset())
     if faults is None:
         faults = from_settings(settings)
         armed = [] if lab else faults.armed_names()
         if armed:
-            log.warning("%d fault(s) armed in infra.faults are ignored because this process is not in lab mode: %s "
-                        "(they expire by themselves; pulse faults disarm --all removes them)",
-                        len(armed), ", ".join(armed))
+            log.warning(
+                "%d fault(s) armed in infra.faults are ignored because this process is not in lab mode: %s "
+                "(they expire by themselves; pulse faults disarm --all removes them)",
+                len(armed),
+                ", ".join(armed),
+            )
     return settings, faults

@@ -77,25 +77,50 @@ class Queue:
 
 
 TOPOLOGY: tuple[Queue, ...] = (
-    Queue("order.queue", "orders", "orders.inbox", routes=tuple(
-        Route(e, orders.on_saga_event) for e in orders.HANDLED)),
-    Queue("inventory.queue", "inventory", "inventory.inbox", prelock=inventory.lock_batch, routes=(
-        Route(E.ORDER_CREATED, inventory.on_reserve, OPT),
-        Route(E.PAYMENT_PROCESSED, inventory.on_reserve, POST),
-        Route(E.PAYMENT_FAILED, inventory.on_restock, OPT))),
-    Queue("payment.queue", "payment", "payment.inbox", batched=False, routes=(
-        Route(E.STOCK_RESERVED, payment.on_charge, OPT, claims_inbox=False),
-        Route(E.ORDER_CREATED, payment.on_charge, POST, claims_inbox=False),
-        Route(E.STOCK_FAILED, payment.on_refund, POST))),
-    Queue("order-view.queue", "order-view", "orders.order_view_inbox", routes=(
-        Route(E.ORDER_UPDATED, views.on_order_updated),)),
-    Queue("redis-stock.queue", "redis-stock", "infra.redis_stock_inbox", routes=(
-        Route(E.ORDER_CREATED, redisstock.on_order_created, claims_inbox=False),
-        Route(E.STOCK_RESERVED, redisstock.on_stock_decided, claims_inbox=False),
-        Route(E.STOCK_FAILED, redisstock.on_stock_decided, claims_inbox=False),
-        # Post-payment only: an optimistic decline comes after the reservation, whose hold is gone already.
-        Route(E.PAYMENT_FAILED, redisstock.on_stock_decided, POST, claims_inbox=False),
-        Route(E.STOCK_RELEASED, redisstock.on_stock_released, claims_inbox=False))),
+    Queue(
+        "order.queue", "orders", "orders.inbox", routes=tuple(Route(e, orders.on_saga_event) for e in orders.HANDLED)
+    ),
+    Queue(
+        "inventory.queue",
+        "inventory",
+        "inventory.inbox",
+        prelock=inventory.lock_batch,
+        routes=(
+            Route(E.ORDER_CREATED, inventory.on_reserve, OPT),
+            Route(E.PAYMENT_PROCESSED, inventory.on_reserve, POST),
+            Route(E.PAYMENT_FAILED, inventory.on_restock, OPT),
+        ),
+    ),
+    Queue(
+        "payment.queue",
+        "payment",
+        "payment.inbox",
+        batched=False,
+        routes=(
+            Route(E.STOCK_RESERVED, payment.on_charge, OPT, claims_inbox=False),
+            Route(E.ORDER_CREATED, payment.on_charge, POST, claims_inbox=False),
+            Route(E.STOCK_FAILED, payment.on_refund, POST),
+        ),
+    ),
+    Queue(
+        "order-view.queue",
+        "order-view",
+        "orders.order_view_inbox",
+        routes=(Route(E.ORDER_UPDATED, views.on_order_updated),),
+    ),
+    Queue(
+        "redis-stock.queue",
+        "redis-stock",
+        "infra.redis_stock_inbox",
+        routes=(
+            Route(E.ORDER_CREATED, redisstock.on_order_created, claims_inbox=False),
+            Route(E.STOCK_RESERVED, redisstock.on_stock_decided, claims_inbox=False),
+            Route(E.STOCK_FAILED, redisstock.on_stock_decided, claims_inbox=False),
+            # Post-payment only: an optimistic decline comes after the reservation, whose hold is gone already.
+            Route(E.PAYMENT_FAILED, redisstock.on_stock_decided, POST, claims_inbox=False),
+            Route(E.STOCK_RELEASED, redisstock.on_stock_released, claims_inbox=False),
+        ),
+    ),
 )
 QUEUES: tuple[str, ...] = tuple(q.name for q in TOPOLOGY)
 BY_NAME: dict[str, Queue] = {q.name: q for q in TOPOLOGY}
@@ -136,8 +161,9 @@ class Dispatcher:
     def wants(self, envelope: Envelope) -> bool:
         """Whether this queue's module acts on the envelope (the lab's lost-event fault loses only those)."""
         target = envelope.redrive_for
-        return (self.queue.route(envelope.event_type, envelope.strategy) is not None
-                and (target is None or target == self.queue.name))
+        return self.queue.route(envelope.event_type, envelope.strategy) is not None and (
+            target is None or target == self.queue.name
+        )
 
     def __call__(self, envelope: Envelope) -> None:
         strategy = envelope.strategy
@@ -146,8 +172,9 @@ class Dispatcher:
             if envelope.event_type in self.queue.events and strategy in STRATEGIES:
                 self.skipped += 1
                 return
-            raise UnroutableEvent(f"{self.queue.name} has no route for {envelope.event_type} of an order "
-                                  f"with strategy {strategy!r}")
+            raise UnroutableEvent(
+                f"{self.queue.name} has no route for {envelope.event_type} of an order with strategy {strategy!r}"
+            )
         target = envelope.redrive_for
         if target is not None and target != self.queue.name:
             self.skipped += 1  # a watchdog re-drive meant for one module only

@@ -22,7 +22,6 @@ from pulse import config
 from pulse.lab import private
 
 
-
 def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.05, message: str = "condition"):
     """Poll ``predicate`` until it returns a truthy value; fail the test with ``message`` on timeout."""
     deadline = time.monotonic() + timeout_s
@@ -67,12 +66,14 @@ def _check_services(s: config.Settings):
         problems.append(f"Redis ({exc.__class__.__name__})")
     try:
         from pulse.infra import broker
+
         broker.connect(s.amqp_url).close()
     except Exception as exc:
         problems.append(f"RabbitMQ ({exc.__class__.__name__})")
     if problems:
-        pytest.exit("not reachable: " + ", ".join(problems) + ". Start the services first: scripts/services.sh up",
-                    returncode=3)
+        pytest.exit(
+            "not reachable: " + ", ".join(problems) + ". Start the services first: scripts/services.sh up", returncode=3
+        )
 
 
 @pytest.fixture(scope="session")
@@ -90,11 +91,20 @@ def settings(base_settings):
     amqp = base_settings.amqp_url.rsplit("/", 1)[0] + "/" + quote(vhost, safe="")
     redis_db = _lease_redis_db(base_settings.redis_url, tag)
     redis_url = base_settings.redis_url.rsplit("/", 1)[0] + f"/{redis_db}"
-    s = base_settings.replace(database_url=db_url, amqp_url=amqp, redis_url=redis_url, cdc_slot=tag,
-                              cdc_publication=f"{tag}_pub", outbox_mode="polling",
-                              sweep_interval_s=3600, reconcile_interval_s=3600, relay_poll_s=0.02,
-                              lab=True)  # the suite arms faults and naive switches: lab mode, as the SPEC says
+    s = base_settings.replace(
+        database_url=db_url,
+        amqp_url=amqp,
+        redis_url=redis_url,
+        cdc_slot=tag,
+        cdc_publication=f"{tag}_pub",
+        outbox_mode="polling",
+        sweep_interval_s=3600,
+        reconcile_interval_s=3600,
+        relay_poll_s=0.02,
+        lab=True,
+    )  # the suite arms faults and naive switches: lab mode, as the SPEC says
     from pulse.infra import migrate
+
     migrate.migrate(s.database_url)
     migrate.seed(s.database_url)
     yield s
@@ -102,10 +112,14 @@ def settings(base_settings):
     r = redis.Redis.from_url(redis_url)
     r.flushdb()
     r.close()
-    with psycopg.connect(psycopg.conninfo.make_conninfo(base_settings.database_url, dbname="postgres"),
-                         autocommit=True) as conn:
-        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                     "WHERE slot_name LIKE %s AND NOT active", (tag + "%",))
+    with psycopg.connect(
+        psycopg.conninfo.make_conninfo(base_settings.database_url, dbname="postgres"), autocommit=True
+    ) as conn:
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name LIKE %s AND NOT active",
+            (tag + "%",),
+        )
         conn.execute(f'DROP DATABASE IF EXISTS "{tag}" WITH (FORCE)')
 
 
@@ -117,8 +131,9 @@ def make_system(settings):
     built = []
 
     def make(workers: bool = False, faults=None, **changes):
-        system = bootstrap.build(settings.replace(**changes) if changes else settings, faults=faults,
-                                 migrate=False, pool_size=10)
+        system = bootstrap.build(
+            settings.replace(**changes) if changes else settings, faults=faults, migrate=False, pool_size=10
+        )
         built.append(system)
         if workers:
             system.start_workers(schedulers=False)
@@ -160,10 +175,13 @@ def new_product(settings):
     def make(stock: int = 10, price: str = "10.00", name: str | None = None) -> str:
         pid = str(uuid.uuid4())
         with pulse_db.connect(settings.database_url) as conn, conn.transaction():
-            conn.execute("INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s)",
-                         (pid, name or f"Test product {pid[:8]}", Decimal(price)))
-            conn.execute("INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s)",
-                         (pid, stock))
+            conn.execute(
+                "INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s)",
+                (pid, name or f"Test product {pid[:8]}", Decimal(price)),
+            )
+            conn.execute(
+                "INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s)", (pid, stock)
+            )
         return pid
 
     return make
@@ -172,8 +190,15 @@ def new_product(settings):
 @pytest.fixture
 def serve_env(settings):
     """Environment variables that point a `pulse serve` child at this session's private services."""
-    return {"PULSE_DATABASE_URL": settings.database_url, "PULSE_REDIS_URL": settings.redis_url,
-            "PULSE_AMQP_URL": settings.amqp_url, "PULSE_CDC_SLOT": settings.cdc_slot,
-            "PULSE_CDC_PUBLICATION": settings.cdc_publication, "PULSE_OUTBOX_MODE": settings.outbox_mode,
-            "PULSE_SWEEP_INTERVAL_S": "3600", "PULSE_RECONCILE_INTERVAL_S": "3600", "PULSE_RELAY_POLL_S": "0.02",
-            "PULSE_LAB": "1"}
+    return {
+        "PULSE_DATABASE_URL": settings.database_url,
+        "PULSE_REDIS_URL": settings.redis_url,
+        "PULSE_AMQP_URL": settings.amqp_url,
+        "PULSE_CDC_SLOT": settings.cdc_slot,
+        "PULSE_CDC_PUBLICATION": settings.cdc_publication,
+        "PULSE_OUTBOX_MODE": settings.outbox_mode,
+        "PULSE_SWEEP_INTERVAL_S": "3600",
+        "PULSE_RECONCILE_INTERVAL_S": "3600",
+        "PULSE_RELAY_POLL_S": "0.02",
+        "PULSE_LAB": "1",
+    }

@@ -16,8 +16,8 @@ from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
-from pydantic_core import PydanticCustomError
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
@@ -60,11 +60,20 @@ def _cents(value):
 
 
 # Documented as exactly what _cents and the bounds accept (pydantic's own schema would allow any string).
-Price = Annotated[Decimal, BeforeValidator(_cents), Field(ge=0, le=MAX_AMOUNT, max_digits=12, decimal_places=2),
-                  WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0, "maximum": float(MAX_AMOUNT),
-                                             "multipleOf": 0.01},
-                                            {"type": "string", "pattern": f"^{PRICE_TEXT.pattern}$"}],
-                                  "examples": [19.99]})]
+Price = Annotated[
+    Decimal,
+    BeforeValidator(_cents),
+    Field(ge=0, le=MAX_AMOUNT, max_digits=12, decimal_places=2),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": float(MAX_AMOUNT), "multipleOf": 0.01},
+                {"type": "string", "pattern": f"^{PRICE_TEXT.pattern}$"},
+            ],
+            "examples": [19.99],
+        }
+    ),
+]
 
 
 def _json_integer(value):
@@ -139,10 +148,14 @@ class Order(Camel):
     total_amount: float
 
 
-_WHY = {400: "The request body could not be read.", 404: "The resource does not exist.",
-        409: "The request conflicts with the current stock, cart or idempotency key.",
-        422: "The request is not valid.", 500: "The server failed; see its log.",
-        503: "PostgreSQL or Redis is unavailable; retry in a moment."}
+_WHY = {
+    400: "The request body could not be read.",
+    404: "The resource does not exist.",
+    409: "The request conflicts with the current stock, cart or idempotency key.",
+    422: "The request is not valid.",
+    500: "The server failed; see its log.",
+    503: "PostgreSQL or Redis is unavailable; retry in a moment.",
+}
 
 
 def _answers(ok: int, model, *errors: int, links: dict | None = None) -> dict:
@@ -163,7 +176,7 @@ _SENTENCES = {
     "string_type": "{where} must be a string.",
     "int_type": "{where} must be a whole number (a JSON integer, not a boolean or a string).",
     "int_from_float": "{where} must be a whole number.",
-    "price_type": "{where} must be a number such as 19.99 (or the string \"19.99\").",
+    "price_type": '{where} must be a number such as 19.99 (or the string "19.99").',
     "decimal_max_places": "{where} must have at most 2 decimal places.",
     "decimal_max_digits": "{where} must be at most 9999999999.99 with at most 2 decimal places.",
     "decimal_whole_digits": "{where} must be at most 9999999999.99.",
@@ -180,21 +193,28 @@ _SENTENCES = {
 # client (schemathesis) walk product -> cart -> order -> order status with real ids instead of random 404s.
 # The cart's user id doubles as the idempotency key: unique per cart, as a key must be.
 LINKS = {
-    "product": {"GetProduct": {"operationId": "getProduct", "parameters": {"productId": "$response.body#/id"}},
-                "AddToCart": {"operationId": "addCartItem",
-                              "requestBody": {"productId": "$response.body#/id", "quantity": 1}}},
-    "cart": {"GetCart": {"operationId": "getCart", "parameters": {"userId": "$response.body#/userId"}},
-             "PlaceOrder": {"operationId": "createOrder",
-                            "requestBody": {"userId": "$response.body#/userId",
-                                            "idempotencyKey": "$response.body#/userId"}}},
+    "product": {
+        "GetProduct": {"operationId": "getProduct", "parameters": {"productId": "$response.body#/id"}},
+        "AddToCart": {"operationId": "addCartItem", "requestBody": {"productId": "$response.body#/id", "quantity": 1}},
+    },
+    "cart": {
+        "GetCart": {"operationId": "getCart", "parameters": {"userId": "$response.body#/userId"}},
+        "PlaceOrder": {
+            "operationId": "createOrder",
+            "requestBody": {"userId": "$response.body#/userId", "idempotencyKey": "$response.body#/userId"},
+        },
+    },
     "order": {"GetOrder": {"operationId": "getOrder", "parameters": {"orderId": "$response.body#/orderId"}}},
 }
 
 
 def _sentence(error: dict) -> str:
     # Path parameters are snake_case in Python; the client spells every field in camelCase.
-    where = ".".join(to_camel(p) if isinstance(p, str) else str(p)
-                     for p in error.get("loc", ()) if p not in ("body", "path", "query"))
+    where = ".".join(
+        to_camel(p) if isinstance(p, str) else str(p)
+        for p in error.get("loc", ())
+        if p not in ("body", "path", "query")
+    )
     kind, msg, ctx = error.get("type", ""), error.get("msg", "is invalid"), error.get("ctx") or {}
     if kind == "missing":
         return f"{where or 'The request body'} is required."
@@ -213,8 +233,11 @@ def consumer_status(system) -> list[dict]:
 
 def create_app(system) -> FastAPI:
     """The FastAPI application over a built :class:`pulse.bootstrap.System` (OpenAPI docs at /docs)."""
-    app = FastAPI(title="Checkout Pulse", version="0.1.0",
-                  description="Cart, orders and saga status of the Checkout Pulse teaching lab.")
+    app = FastAPI(
+        title="Checkout Pulse",
+        version="0.1.0",
+        description="Cart, orders and saga status of the Checkout Pulse teaching lab.",
+    )
 
     @app.exception_handler(PulseError)
     async def pulse_error(_: Request, exc: PulseError):
@@ -231,8 +254,16 @@ def create_app(system) -> FastAPI:
         elif exc.status_code == 405:
             # Starlette's Allow names the methods of the first route on this path only (GET and POST
             # /api/products are two routes); RFC 9110 wants every method the resource supports.
-            allowed = ", ".join(sorted({m for r in app.routes if isinstance(r, Route) and r.methods
-                                        and r.path_regex.match(request.url.path) for m in r.methods}))
+            allowed = ", ".join(
+                sorted(
+                    {
+                        m
+                        for r in app.routes
+                        if isinstance(r, Route) and r.methods and r.path_regex.match(request.url.path)
+                        for m in r.methods
+                    }
+                )
+            )
             exc.headers = {**(exc.headers or {}), "Allow": allowed}
             text = f"Method {request.method} is not allowed here; use {allowed}."
         elif exc.status_code == 400:
@@ -247,8 +278,9 @@ def create_app(system) -> FastAPI:
         # Validation should have stopped it; if a value still does not fit its column, it is the
         # request's fault (nothing was written: the statement failed), not the server's.
         log.warning("a value was refused by PostgreSQL: %s", str(exc).splitlines()[0] if str(exc) else exc)
-        return JSONResponse({"error": "A value in the request does not fit what the database can store."},
-                            status_code=422)
+        return JSONResponse(
+            {"error": "A value in the request does not fit what the database can store."}, status_code=422
+        )
 
     @app.exception_handler(psycopg.OperationalError)
     @app.exception_handler(psycopg_pool.PoolTimeout)
@@ -265,8 +297,12 @@ def create_app(system) -> FastAPI:
         log.exception("unhandled error")
         return JSONResponse({"error": "The server failed to handle this request; see its log."}, status_code=500)
 
-    @app.post("/api/products", status_code=201, operation_id="createProduct",
-              responses=_answers(201, Product, 400, 422, links=LINKS["product"]))
+    @app.post(
+        "/api/products",
+        status_code=201,
+        operation_id="createProduct",
+        responses=_answers(201, Product, 400, 422, links=LINKS["product"]),
+    )
     def create_product(body: ProductIn):
         return system.products.create(body.name, body.base_price, body.stock)
 
@@ -279,8 +315,11 @@ def create_app(system) -> FastAPI:
     def get_product(product_id: uuid.UUID = Path(alias="productId")):
         return system.products.get(product_id)
 
-    @app.put("/api/cart/{userId}/items", operation_id="addCartItem",
-             responses=_answers(200, Cart, 400, 404, 409, 422, links=LINKS["cart"]))
+    @app.put(
+        "/api/cart/{userId}/items",
+        operation_id="addCartItem",
+        responses=_answers(200, Cart, 400, 404, 409, 422, links=LINKS["cart"]),
+    )
     def add_cart_item(body: CartItemIn, user_id: uuid.UUID = Path(alias="userId")):
         return system.carts.add_item(user_id, body.product_id, body.quantity)
 
@@ -288,8 +327,11 @@ def create_app(system) -> FastAPI:
     def get_cart(user_id: uuid.UUID = Path(alias="userId")):
         return system.carts.get(user_id)
 
-    @app.post("/api/orders", operation_id="createOrder",
-              responses=_answers(200, OrderCreated, 400, 404, 409, 422, links=LINKS["order"]))
+    @app.post(
+        "/api/orders",
+        operation_id="createOrder",
+        responses=_answers(200, OrderCreated, 400, 404, 409, 422, links=LINKS["order"]),
+    )
     def create_order(body: OrderIn):
         return system.orders.create(body.user_id, body.idempotency_key)
 
@@ -300,8 +342,13 @@ def create_app(system) -> FastAPI:
     @app.get("/health")
     def health():
         # faultsArmed: the registry's cached view (lab mode), or at most one SELECT every few seconds otherwise.
-        return {"status": "ok", "strategy": system.settings.strategy_name, "outboxMode": system.settings.outbox_mode,
-                "labMode": system.settings.lab, "faultsArmed": system.deps.faults.armed_names(),
-                "consumers": consumer_status(system)}
+        return {
+            "status": "ok",
+            "strategy": system.settings.strategy_name,
+            "outboxMode": system.settings.outbox_mode,
+            "labMode": system.settings.lab,
+            "faultsArmed": system.deps.faults.armed_names(),
+            "consumers": consumer_status(system),
+        }
 
     return app

@@ -27,7 +27,8 @@ SAVE_ITEM = (
     "DO UPDATE SET updated_at = now() RETURNING id) "
     "INSERT INTO inventory.cart_items (cart_id, product_id, quantity) SELECT id, %(product)s, %(qty)s FROM cart "
     "ON CONFLICT (cart_id, product_id) DO UPDATE SET "
-    "quantity = inventory.cart_items.quantity + EXCLUDED.quantity, updated_at = now()")
+    "quantity = inventory.cart_items.quantity + EXCLUDED.quantity, updated_at = now()"
+)
 
 
 class Catalogue:
@@ -54,8 +55,9 @@ class Catalogue:
                 missing.append(pid)
         if missing:
             with db.autocommit(self.pool) as conn:
-                rows = conn.execute("SELECT id, name, base_price FROM inventory.products WHERE id = ANY(%s::uuid[])",
-                                    (missing,)).fetchall()
+                rows = conn.execute(
+                    "SELECT id, name, base_price FROM inventory.products WHERE id = ANY(%s::uuid[])", (missing,)
+                ).fetchall()
             for r in rows:
                 row = {"name": r["name"], "base_price": r["base_price"]}
                 self._rows[str(r["id"])] = (now + self.ttl_s, row)
@@ -171,8 +173,10 @@ class CartService:
             if ttl_s is not None and ttl_s < self.deps.settings.cart_ttl_s:
                 # Every reader computes a cart's expiry as updated_at + the TTL setting (the sweeper's database
                 # pass, reconciliation, a cache reload), so a shorter TTL is an updated_at set back by the rest.
-                conn.execute("UPDATE inventory.carts SET updated_at = now() - make_interval(secs => %s) "
-                             "WHERE user_id = %s", (self.deps.settings.cart_ttl_s - ttl_s, user_id))
+                conn.execute(
+                    "UPDATE inventory.carts SET updated_at = now() - make_interval(secs => %s) WHERE user_id = %s",
+                    (self.deps.settings.cart_ttl_s - ttl_s, user_id),
+                )
 
     def _undo(self, user_id, product_id, quantity: int) -> None:
         r, cart_key = self.deps.redis, keys.cart(user_id)
@@ -198,7 +202,8 @@ class CartService:
             rows = conn.execute(
                 "SELECT ci.product_id, ci.quantity, c.updated_at FROM inventory.carts c "
                 "JOIN inventory.cart_items ci ON ci.cart_id = c.id WHERE c.user_id = %s AND ci.quantity > 0",
-                (user_id,)).fetchall()
+                (user_id,),
+            ).fetchall()
         if not rows:
             return {}
         quantities = {str(r["product_id"]): r["quantity"] for r in rows}
@@ -222,8 +227,15 @@ class CartService:
                 continue
             sub = product["base_price"] * qty
             total += sub
-            items.append({"productId": pid, "name": product["name"], "quantity": qty,
-                          "unitPrice": float(product["base_price"]), "subTotal": float(sub)})
+            items.append(
+                {
+                    "productId": pid,
+                    "name": product["name"],
+                    "quantity": qty,
+                    "unitPrice": float(product["base_price"]),
+                    "subTotal": float(sub),
+                }
+            )
         return {"userId": str(user_id), "items": items, "total": float(total)}
 
     def _products(self, ids: list[str]) -> dict[str, dict]:
@@ -235,6 +247,7 @@ class CartService:
 
     def _db_stock(self, product_id) -> int:
         with db.autocommit(self.deps.pool) as conn:
-            row = conn.execute("SELECT available_quantity FROM inventory.inventory_items WHERE product_id = %s",
-                               (product_id,)).fetchone()
+            row = conn.execute(
+                "SELECT available_quantity FROM inventory.inventory_items WHERE product_id = %s", (product_id,)
+            ).fetchone()
         return 0 if row is None else row["available_quantity"]

@@ -20,10 +20,15 @@ def sweep_once(deps: Deps) -> dict[str, Any]:
         cleared = conn.execute(
             "UPDATE inventory.cart_items ci SET quantity = 0, updated_at = now() FROM inventory.carts c "
             "WHERE ci.cart_id = c.id AND ci.quantity > 0 AND c.updated_at < now() - make_interval(secs => %s) "
-            "RETURNING c.id", (deps.settings.cart_ttl_s,)).fetchall()
+            "RETURNING c.id",
+            (deps.settings.cart_ttl_s,),
+        ).fetchall()
         purged = conn.execute(
             "DELETE FROM inventory.cart_items WHERE quantity = 0 "
             f"AND updated_at < now() - interval '{TOMBSTONE_RETENTION}'"
         ).rowcount
-    return {"redisCartsSwept": int(swept), "dbCartsCleared": len({r["id"] for r in cleared}),
-            "tombstonesPurged": purged}
+    return {
+        "redisCartsSwept": int(swept),
+        "dbCartsCleared": len({r["id"] for r in cleared}),
+        "tombstonesPurged": purged,
+    }

@@ -26,8 +26,11 @@ PULSE_PAYMENT_DECLINE_RATE (0..1). Options given here override them."""
 
 def _settings(args) -> config.Settings:
     s = config.from_env()
-    changes = {k: v for k, v in (("strategy", getattr(args, "strategy", None)),
-                                 ("outbox_mode", getattr(args, "outbox_mode", None))) if v}
+    changes = {
+        k: v
+        for k, v in (("strategy", getattr(args, "strategy", None)), ("outbox_mode", getattr(args, "outbox_mode", None)))
+        if v
+    }
     return s.replace(**changes) if changes else s
 
 
@@ -47,12 +50,20 @@ def cmd_serve(args) -> int:
         return _serve_api_processes(args, roles)
     system = bootstrap.build(settings)
     _start_workers(system, roles)
-    log.info("pulse serve: strategy=%s outbox=%s roles=%s%s", settings.strategy, settings.outbox_mode, args.role,
-             " lab mode (faults and naive switches obeyed)" if settings.lab else "")
+    log.info(
+        "pulse serve: strategy=%s outbox=%s roles=%s%s",
+        settings.strategy,
+        settings.outbox_mode,
+        args.role,
+        " lab mode (faults and naive switches obeyed)" if settings.lab else "",
+    )
     try:
         if "api" in roles:
-            server = uvicorn.Server(uvicorn.Config(create_app(system), host=args.host, port=args.port,
-                                                   log_level="warning", access_log=False))
+            server = uvicorn.Server(
+                uvicorn.Config(
+                    create_app(system), host=args.host, port=args.port, log_level="warning", access_log=False
+                )
+            )
             sockets = None
             if args.reuse_port:  # one of --processes' children: its own socket on the shared port
                 import socket
@@ -80,8 +91,11 @@ def _start_workers(system, roles: set[str]) -> None:
     """Start the background workers the roles ask for (``workers`` means relay, consumers and schedulers)."""
     if roles & {"workers", "relay", "consumers", "schedulers"}:
         every = "workers" in roles
-        system.start_workers(relay=every or "relay" in roles, consumers=every or "consumers" in roles,
-                             schedulers=every or "schedulers" in roles)
+        system.start_workers(
+            relay=every or "relay" in roles,
+            consumers=every or "consumers" in roles,
+            schedulers=every or "schedulers" in roles,
+        )
 
 
 def _serve_api_processes(args, roles: set[str]) -> int:
@@ -96,10 +110,22 @@ def _serve_api_processes(args, roles: set[str]) -> int:
     import subprocess
     import threading
 
-    command = [sys.executable, "-m", "pulse", *(["-v"] if args.verbose else []), "serve", "--role", "api",
-               "--host", args.host, "--port", str(args.port), "--reuse-port",
-               *(["--strategy", args.strategy] if args.strategy else []),
-               *(["--outbox-mode", args.outbox_mode] if args.outbox_mode else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "pulse",
+        *(["-v"] if args.verbose else []),
+        "serve",
+        "--role",
+        "api",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--reuse-port",
+        *(["--strategy", args.strategy] if args.strategy else []),
+        *(["--outbox-mode", args.outbox_mode] if args.outbox_mode else []),
+    ]
     children = [subprocess.Popen(command) for _ in range(args.processes)]
     rest = roles - {"api"}
     status = 0
@@ -118,8 +144,12 @@ def _serve_api_processes(args, roles: set[str]) -> int:
 
             system = bootstrap.build(_settings(args))
             _start_workers(system, rest)
-        log.info("pulse serve: %d API processes (pids %s), roles here: %s", len(children),
-                 ", ".join(str(c.pid) for c in children), ",".join(sorted(rest)) or "none")
+        log.info(
+            "pulse serve: %d API processes (pids %s), roles here: %s",
+            len(children),
+            ", ".join(str(c.pid) for c in children),
+            ",".join(sorted(rest)) or "none",
+        )
         while not stop.is_set():
             dead = [c for c in children if c.poll() is not None]
             if dead:  # no half-served port: a supervisor (pulse supervise) restarts the whole server
@@ -200,11 +230,20 @@ def cmd_lab(args) -> int:
             if not students:
                 print("pulse: name the students with --students a,b,c or --roster FILE.", file=sys.stderr)
                 return 2
-            made = classroom.provision(admin, args.klass, students, credentials=args.credentials,
-                                       replication=args.replication)
+            made = classroom.provision(
+                admin, args.klass, students, credentials=args.credentials, replication=args.replication
+            )
             for m in made:
-                print(json.dumps({"student": m["student"], "namespace": m["namespace"],
-                                  "redis": m["env"]["PULSE_REDIS_URL"], "credentials": m["credentials"]}))
+                print(
+                    json.dumps(
+                        {
+                            "student": m["student"],
+                            "namespace": m["namespace"],
+                            "redis": m["env"]["PULSE_REDIS_URL"],
+                            "credentials": m["credentials"],
+                        }
+                    )
+                )
             return 0
         found = classroom.namespaces(admin, args.klass)
         total = sum(len(v) for v in found.values())
@@ -225,27 +264,43 @@ def cmd_lab(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pulse", description="Checkout Pulse: a checkout system built to be broken "
-                                "on purpose, and the lab around it.", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="pulse",
+        description="Checkout Pulse: a checkout system built to be broken on purpose, and the lab around it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the HTTP API and every worker in one process (the modular monolith)",
-                       description="Run the API (docs at /docs) with the outbox relay, the queue consumers, the "
-                       "cart sweeper and the reconciler. SIGTERM or Ctrl-C shuts down cleanly.")
+    s = sub.add_parser(
+        "serve",
+        help="run the HTTP API and every worker in one process (the modular monolith)",
+        description="Run the API (docs at /docs) with the outbox relay, the queue consumers, the "
+        "cart sweeper and the reconciler. SIGTERM or Ctrl-C shuts down cleanly.",
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     s.add_argument("--strategy", choices=sorted(config.STRATEGIES), help="saga strategy (default: PULSE_STRATEGY)")
     s.add_argument("--outbox-mode", choices=config.OUTBOX_MODES, help="outbox relay (default: PULSE_OUTBOX_MODE)")
-    s.add_argument("--role", default="api,workers",
-                   help="comma-separated parts to run: api, workers (= relay, consumers, schedulers) "
-                        "(default api,workers)")
-    s.add_argument("--processes", type=int, default=0, metavar="N",
-                   help="run the API in N child processes sharing the port (past one GIL); the other roles "
-                        "stay in this process (default 0: everything in this one process)")
-    s.add_argument("--lab", action="store_true", help="lab mode: obey armed faults and naive switches "
-                   "(same as PULSE_LAB=1); without it they are ignored")
+    s.add_argument(
+        "--role",
+        default="api,workers",
+        help="comma-separated parts to run: api, workers (= relay, consumers, schedulers) (default api,workers)",
+    )
+    s.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the API in N child processes sharing the port (past one GIL); the other roles "
+        "stay in this process (default 0: everything in this one process)",
+    )
+    s.add_argument(
+        "--lab",
+        action="store_true",
+        help="lab mode: obey armed faults and naive switches (same as PULSE_LAB=1); without it they are ignored",
+    )
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for --processes' children
     s.set_defaults(func=cmd_serve)
 
@@ -254,12 +309,19 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--reset", action="store_true", help="with seed: put the seed products' stock back to its start")
     d.set_defaults(func=cmd_db)
 
-    r = sub.add_parser("reconcile", help="repair Redis from PostgreSQL once and print the fixes as JSON",
-                       description="One reconciliation pass. A fresh process has no previous run, so the pass "
-                       "covers everything older than the cooldown.")
+    r = sub.add_parser(
+        "reconcile",
+        help="repair Redis from PostgreSQL once and print the fixes as JSON",
+        description="One reconciliation pass. A fresh process has no previous run, so the pass "
+        "covers everything older than the cooldown.",
+    )
     r.add_argument("--once", action="store_true", required=True, help="run one pass (the server runs it periodically)")
-    r.add_argument("--cooldown", type=float, default=None,
-                   help="seconds of recent changes to leave alone as in flight (default 10)")
+    r.add_argument(
+        "--cooldown",
+        type=float,
+        default=None,
+        help="seconds of recent changes to leave alone as in flight (default 10)",
+    )
     r.set_defaults(func=cmd_reconcile)
 
     w = sub.add_parser("sweep", help="release expired carts once and print the counts as JSON")
@@ -267,26 +329,42 @@ def parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_sweep)
 
     m = sub.add_parser("demo", help="start the system and take checkouts through every saga path, printing outcomes")
-    m.add_argument("--outbox-mode", choices=config.OUTBOX_MODES, default=None,
-                   help="outbox relay to demonstrate (default: PULSE_OUTBOX_MODE)")
+    m.add_argument(
+        "--outbox-mode",
+        choices=config.OUTBOX_MODES,
+        default=None,
+        help="outbox relay to demonstrate (default: PULSE_OUTBOX_MODE)",
+    )
     m.set_defaults(func=cmd_demo)
 
-    lab = sub.add_parser("lab", help="classroom mode: make or remove a class's per-student namespaces",
-                         description="Many students on one PostgreSQL, Redis and RabbitMQ (see README, Classroom "
-                         "mode). Run with an admin connection (the PULSE_* variables).")
+    lab = sub.add_parser(
+        "lab",
+        help="classroom mode: make or remove a class's per-student namespaces",
+        description="Many students on one PostgreSQL, Redis and RabbitMQ (see README, Classroom "
+        "mode). Run with an admin connection (the PULSE_* variables).",
+    )
     lab_sub = lab.add_subparsers(dest="action", required=True, metavar="ACTION")
-    pv = lab_sub.add_parser("provision", help="create each student's database, role, vhost, RabbitMQ user and "
-                            "Redis DB, and write their credentials file")
+    pv = lab_sub.add_parser(
+        "provision",
+        help="create each student's database, role, vhost, RabbitMQ user and "
+        "Redis DB, and write their credentials file",
+    )
     pv.add_argument("--class", dest="klass", required=True, help="the class's name (letters and digits)")
     pv.add_argument("--students", help="comma-separated user names (as JUPYTERHUB_USER or USER spell them)")
     pv.add_argument("--roster", help="a file of user names, one a line")
-    pv.add_argument("--credentials", default=None,
-                    help="where each student's credentials go, with {class} and {student} "
-                         "(default ~/.pulse/classroom/{class}/{student}.json; on a hub e.g. "
-                         "/home/{student}/.pulse/classroom/{class}/{student}.json)")
-    pv.add_argument("--replication", action="store_true",
-                    help="let students' roles create replication slots (the cdc outbox mode); such a role can "
-                         "also stream every database's WAL, so students are no longer kept apart")
+    pv.add_argument(
+        "--credentials",
+        default=None,
+        help="where each student's credentials go, with {class} and {student} "
+        "(default ~/.pulse/classroom/{class}/{student}.json; on a hub e.g. "
+        "/home/{student}/.pulse/classroom/{class}/{student}.json)",
+    )
+    pv.add_argument(
+        "--replication",
+        action="store_true",
+        help="let students' roles create replication slots (the cdc outbox mode); such a role can "
+        "also stream every database's WAL, so students are no longer kept apart",
+    )
     pv.set_defaults(func=cmd_lab)
     cl = lab_sub.add_parser("cleanup", help="remove a class's databases, roles, vhosts, users, slots and Redis DBs")
     cl.add_argument("--class", dest="klass", required=True, help="the class's name")
@@ -300,8 +378,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("pika").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

@@ -7,8 +7,16 @@ import logging
 import random
 import time
 
-from pulse.events import MalformedEnvelope, OrderCreated, PaymentFailed, PaymentProcessed, Shortage, \
-    StockFailed, StockReleased, StockReserved
+from pulse.events import (
+    MalformedEnvelope,
+    OrderCreated,
+    PaymentFailed,
+    PaymentProcessed,
+    Shortage,
+    StockFailed,
+    StockReleased,
+    StockReserved,
+)
 from pulse.infra import outbox
 from pulse.status import FailureReason
 
@@ -46,22 +54,32 @@ def _take(conn, items, *, checked: bool = True) -> None:
     """
     shortages = []
     for item in sorted(items, key=lambda i: i.product_id):  # a fixed order keeps concurrent reservers deadlock-free
-        row = conn.execute("SELECT available_quantity, version FROM inventory.inventory_items WHERE product_id = %s",
-                           (item.product_id,)).fetchone()
+        row = conn.execute(
+            "SELECT available_quantity, version FROM inventory.inventory_items WHERE product_id = %s",
+            (item.product_id,),
+        ).fetchone()
         if row is None or row["available_quantity"] < item.quantity:
-            shortages.append(Shortage(product_id=item.product_id, requested=item.quantity,
-                                      available=0 if row is None else row["available_quantity"]))
+            shortages.append(
+                Shortage(
+                    product_id=item.product_id,
+                    requested=item.quantity,
+                    available=0 if row is None else row["available_quantity"],
+                )
+            )
             continue
         if not checked:
             time.sleep(NAIVE_WINDOW_S)  # widens the read-to-write window so the lab shows the lost update reliably
-            conn.execute("UPDATE inventory.inventory_items SET available_quantity = %s, version = version + 1, "
-                         "updated_at = now() WHERE product_id = %s",
-                         (row["available_quantity"] - item.quantity, item.product_id))
+            conn.execute(
+                "UPDATE inventory.inventory_items SET available_quantity = %s, version = version + 1, "
+                "updated_at = now() WHERE product_id = %s",
+                (row["available_quantity"] - item.quantity, item.product_id),
+            )
             continue
         updated = conn.execute(
             "UPDATE inventory.inventory_items SET available_quantity = available_quantity - %s, "
             "version = version + 1, updated_at = now() WHERE product_id = %s AND version = %s",
-            (item.quantity, item.product_id, row["version"]))
+            (item.quantity, item.product_id, row["version"]),
+        )
         if updated.rowcount == 0:
             raise VersionConflict(item.product_id)
     if shortages:
@@ -79,8 +97,10 @@ def lock_batch(conn, envelopes, naive=None) -> None:
         return
     ids = sorted({item.product_id for e in envelopes for item in (_items_of(e) or ())})
     if ids:
-        conn.execute("SELECT 1 FROM inventory.inventory_items WHERE product_id = ANY(%s::uuid[]) "
-                     "ORDER BY product_id FOR UPDATE", (ids,))
+        conn.execute(
+            "SELECT 1 FROM inventory.inventory_items WHERE product_id = ANY(%s::uuid[]) ORDER BY product_id FOR UPDATE",
+            (ids,),
+        )
 
 
 def _items_of(envelope):
@@ -94,8 +114,9 @@ def _items_of(envelope):
 def on_reserve(deps, conn, event: OrderCreated | PaymentProcessed) -> None:
     """ORDER_CREATED (optimistic) or PAYMENT_PROCESSED (post-payment): reserve the order's items."""
     order_id = event.order_id
-    if conn.execute("SELECT 1 FROM inventory.reservations WHERE order_id = %s",
-                    (order_id,)).fetchone() and not deps.naive("no-inbox"):
+    if conn.execute(
+        "SELECT 1 FROM inventory.reservations WHERE order_id = %s", (order_id,)
+    ).fetchone() and not deps.naive("no-inbox"):
         return  # decided already under another event id (e.g. a re-driven saga)
     deps.faults.point("inventory.reserve", order=order_id)
     items = json.dumps([i.to_payload() for i in event.items])
@@ -103,39 +124,53 @@ def on_reserve(deps, conn, event: OrderCreated | PaymentProcessed) -> None:
     def attempt():
         with conn.transaction():  # a savepoint: a version conflict undoes this attempt only
             _take(conn, event.items, checked=not deps.naive("no-version-check"))
-            conn.execute("INSERT INTO inventory.reservations (order_id, items, status) "
-                         "VALUES (%s, %s::jsonb, 'RESERVED') ON CONFLICT (order_id) DO NOTHING",
-                         (order_id, items))
+            conn.execute(
+                "INSERT INTO inventory.reservations (order_id, items, status) "
+                "VALUES (%s, %s::jsonb, 'RESERVED') ON CONFLICT (order_id) DO NOTHING",
+                (order_id, items),
+            )
 
     try:
         _with_version_retries(attempt)
     except OutOfStock as exc:
         # Recorded so a re-driven trigger event cannot reserve an order that already failed.
-        conn.execute("INSERT INTO inventory.reservations (order_id, items, status) "
-                     "VALUES (%s, %s::jsonb, 'FAILED') ON CONFLICT (order_id) DO NOTHING",
-                     (order_id, items))
-        outbox.append_event(conn, event.follow(StockFailed, reason=FailureReason.OUT_OF_STOCK,
-                                               shortages=exc.shortages))
+        conn.execute(
+            "INSERT INTO inventory.reservations (order_id, items, status) "
+            "VALUES (%s, %s::jsonb, 'FAILED') ON CONFLICT (order_id) DO NOTHING",
+            (order_id, items),
+        )
+        outbox.append_event(conn, event.follow(StockFailed, reason=FailureReason.OUT_OF_STOCK, shortages=exc.shortages))
         return
     outbox.append_event(conn, event.follow(StockReserved))
 
 
 def on_restock(deps, conn, event: PaymentFailed) -> None:
     """PAYMENT_FAILED (optimistic): give back exactly what this order reserved, once."""
-    reservation = conn.execute("SELECT items FROM inventory.reservations WHERE order_id = %s "
-                               "AND status = 'RESERVED' FOR UPDATE", (event.order_id,)).fetchone()
+    reservation = conn.execute(
+        "SELECT items FROM inventory.reservations WHERE order_id = %s AND status = 'RESERVED' FOR UPDATE",
+        (event.order_id,),
+    ).fetchone()
     if reservation is None:
         return  # nothing was taken for this order (e.g. the payment failed before any reservation)
-    released = StockReleased(order_id=event.order_id, user_id=event.user_id, strategy=event.strategy,
-                             items=reservation["items"], reason=FailureReason.PAYMENT_FAILED)
+    released = StockReleased(
+        order_id=event.order_id,
+        user_id=event.user_id,
+        strategy=event.strategy,
+        items=reservation["items"],
+        reason=FailureReason.PAYMENT_FAILED,
+    )
     # The lab's naive no-compensation: the reservation is marked released and announced, its units never return.
     forget = deps.naive("no-compensation")
     for item in sorted(released.items, key=lambda i: i.product_id) if not forget else ():  # lock order
         # An increment needs no version check, but bumping the version makes concurrent
         # reservers that read the old quantity retry instead of overwriting it.
-        conn.execute("UPDATE inventory.inventory_items SET available_quantity = available_quantity + %s, "
-                     "version = version + 1, updated_at = now() WHERE product_id = %s",
-                     (item.quantity, item.product_id))
-    conn.execute("UPDATE inventory.reservations SET status = 'RELEASED', updated_at = now() WHERE order_id = %s",
-                 (event.order_id,))
+        conn.execute(
+            "UPDATE inventory.inventory_items SET available_quantity = available_quantity + %s, "
+            "version = version + 1, updated_at = now() WHERE product_id = %s",
+            (item.quantity, item.product_id),
+        )
+    conn.execute(
+        "UPDATE inventory.reservations SET status = 'RELEASED', updated_at = now() WHERE order_id = %s",
+        (event.order_id,),
+    )
     outbox.append_event(conn, released)

@@ -8,8 +8,10 @@ from decimal import Decimal
 from pulse.errors import NotFound
 from pulse.infra import db
 
-SELECT = ("SELECT p.id, p.name, p.base_price, COALESCE(i.available_quantity, 0) AS stock "
-          "FROM inventory.products p LEFT JOIN inventory.inventory_items i ON i.product_id = p.id")
+SELECT = (
+    "SELECT p.id, p.name, p.base_price, COALESCE(i.available_quantity, 0) AS stock "
+    "FROM inventory.products p LEFT JOIN inventory.inventory_items i ON i.product_id = p.id"
+)
 
 
 def _public(row) -> dict:
@@ -24,10 +26,14 @@ class ProductService:
         """Add a product with its initial stock; the Redis cache fills on the first reservation."""
         product_id = uuid.uuid4()
         with db.transaction(self.deps.pool) as conn:
-            conn.execute("INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s)",
-                         (product_id, name, base_price))
-            conn.execute("INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s)",
-                         (product_id, stock))
+            conn.execute(
+                "INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s)",
+                (product_id, name, base_price),
+            )
+            conn.execute(
+                "INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s)",
+                (product_id, stock),
+            )
         return self.get(product_id)
 
     def get(self, product_id: uuid.UUID) -> dict:

@@ -9,5 +9,15 @@ from pulse.lab.lab import Lab, LabError
 from pulse.lab.record import record
 from pulse.seed import AIRPODS, IPHONE, KEYBOARD, KINDLE, MACBOOK
 
-__all__ = ["Lab", "LabError", "PulseClient", "PulseError", "record",
-           "IPHONE", "AIRPODS", "MACBOOK", "KINDLE", "KEYBOARD"]
+__all__ = [
+    "Lab",
+    "LabError",
+    "PulseClient",
+    "PulseError",
+    "record",
+    "IPHONE",
+    "AIRPODS",
+    "MACBOOK",
+    "KINDLE",
+    "KEYBOARD",
+]

@@ -18,14 +18,33 @@ from matplotlib.transforms import blended_transform_factory
 # module → outbox → broker read left to right, and deliveries fan out from the broker.
 SEQUENCE_LANES = ("orders", "inventory", "payment", "outbox", "broker", "order-view", "redis-stock")
 LANES = SEQUENCE_LANES
-EMITTER = {"ORDER_CREATED": "orders", "ORDER_UPDATED": "orders", "STOCK_RESERVED": "inventory",
-           "STOCK_RELEASED": "inventory", "STOCK_FAILED": "inventory", "PAYMENT_PROCESSED": "payment",
-           "PAYMENT_FAILED": "payment", "PAYMENT_REFUNDED": "payment"}
-EVENT_COLORS = {"ORDER_CREATED": "tab:blue", "STOCK_RESERVED": "tab:green", "STOCK_FAILED": "tab:orange",
-                "STOCK_RELEASED": "tab:olive", "PAYMENT_PROCESSED": "tab:purple", "PAYMENT_FAILED": "tab:red",
-                "PAYMENT_REFUNDED": "tab:pink", "ORDER_UPDATED": "tab:gray"}
-COLORS = {"COMPLETED": "tab:green", "FAILED PAYMENT_FAILED": "tab:red", "FAILED OUT_OF_STOCK": "tab:orange",
-          "restocks": "tab:blue", "refunds": "tab:purple"}
+EMITTER = {
+    "ORDER_CREATED": "orders",
+    "ORDER_UPDATED": "orders",
+    "STOCK_RESERVED": "inventory",
+    "STOCK_RELEASED": "inventory",
+    "STOCK_FAILED": "inventory",
+    "PAYMENT_PROCESSED": "payment",
+    "PAYMENT_FAILED": "payment",
+    "PAYMENT_REFUNDED": "payment",
+}
+EVENT_COLORS = {
+    "ORDER_CREATED": "tab:blue",
+    "STOCK_RESERVED": "tab:green",
+    "STOCK_FAILED": "tab:orange",
+    "STOCK_RELEASED": "tab:olive",
+    "PAYMENT_PROCESSED": "tab:purple",
+    "PAYMENT_FAILED": "tab:red",
+    "PAYMENT_REFUNDED": "tab:pink",
+    "ORDER_UPDATED": "tab:gray",
+}
+COLORS = {
+    "COMPLETED": "tab:green",
+    "FAILED PAYMENT_FAILED": "tab:red",
+    "FAILED OUT_OF_STOCK": "tab:orange",
+    "restocks": "tab:blue",
+    "refunds": "tab:purple",
+}
 ARROW_COLUMNS = ["eventId", "eventType", "kind", "src", "dst", "t0", "t1", "label", "dashed", "derived"]
 
 
@@ -44,6 +63,7 @@ def no_data(ax, message: str) -> None:
 
 # ----- time ----------------------------------------------------------------------------------------
 
+
 def seconds_since(times, start=None) -> pd.Series:
     """Seconds (float) from ``start`` to each time; ``start`` defaults to the earliest.
 
@@ -53,8 +73,11 @@ def seconds_since(times, start=None) -> pd.Series:
     if s.empty:
         return pd.Series([], dtype=float, index=s.index)
     if pd.api.types.is_numeric_dtype(s):
-        origin = float(start if start is not None and not isinstance(start, (dt.datetime, pd.Timestamp))
-                       else (_epoch(start) if start is not None else s.min()))
+        origin = float(
+            start
+            if start is not None and not isinstance(start, (dt.datetime, pd.Timestamp))
+            else (_epoch(start) if start is not None else s.min())
+        )
         return (s.astype(float) - origin).rename(s.name)
     stamps = pd.to_datetime(s, utc=True)
     origin = stamps.min() if start is None else _timestamp(start)
@@ -80,6 +103,7 @@ def seconds_index(df: pd.DataFrame, start=None) -> pd.DataFrame:
 
 
 # ----- the sequence (Lamport) diagram ---------------------------------------------------------------
+
 
 def sequence_arrows(timeline: pd.DataFrame, start=None, strategy: str | None = None) -> pd.DataFrame:
     """One row per arrow of an order's sequence diagram, from its timeline (see ``Queries.order_timeline``).
@@ -107,8 +131,19 @@ def sequence_arrows(timeline: pd.DataFrame, start=None, strategy: str | None = N
         t_out = float(outbox["t"].iloc[0]) if not outbox.empty else None
         derived = bool(outbox["derived"].iloc[0]) if not outbox.empty else False
         if t_out is not None and EMITTER.get(kind):
-            rows.append({**base, "kind": "write", "src": EMITTER[kind], "dst": "outbox", "t0": t_out, "t1": t_out,
-                         "label": kind + (" (re-driven)" if redriven else ""), "dashed": False, "derived": derived})
+            rows.append(
+                {
+                    **base,
+                    "kind": "write",
+                    "src": EMITTER[kind],
+                    "dst": "outbox",
+                    "t0": t_out,
+                    "t1": t_out,
+                    "label": kind + (" (re-driven)" if redriven else ""),
+                    "dashed": False,
+                    "derived": derived,
+                }
+            )
         processed = ev[~ev["stage"].isin(["outbox", "broker"])]
         # The tap is one more consumer: its copy may arrive after a module already handled the event, so the
         # broker's moment is the earliest sighting, never before the outbox write.
@@ -117,28 +152,81 @@ def sequence_arrows(timeline: pd.DataFrame, start=None, strategy: str | None = N
         if t_pub is not None and t_out is not None:
             t_pub = max(t_pub, t_out)
         if t_out is not None and not broker.empty:
-            rows.append({**base, "kind": "publish", "src": "outbox", "dst": "broker", "t0": t_out, "t1": t_pub,
-                         "label": "", "dashed": False, "derived": derived})
+            rows.append(
+                {
+                    **base,
+                    "kind": "publish",
+                    "src": "outbox",
+                    "dst": "broker",
+                    "t0": t_out,
+                    "t1": t_pub,
+                    "label": "",
+                    "dashed": False,
+                    "derived": derived,
+                }
+            )
         for t_again in broker["t"].iloc[1:]:
-            rows.append({**base, "kind": "republish", "src": "outbox", "dst": "broker",
-                         "t0": t_out if t_out is not None else t_pub, "t1": float(t_again), "label": "dup",
-                         "dashed": True, "derived": derived})
+            rows.append(
+                {
+                    **base,
+                    "kind": "republish",
+                    "src": "outbox",
+                    "dst": "broker",
+                    "t0": t_out if t_out is not None else t_pub,
+                    "t1": float(t_again),
+                    "label": "dup",
+                    "dashed": True,
+                    "derived": derived,
+                }
+            )
         # A redelivery's own moment is not recorded (the inbox keeps the first); it comes from the last
         # publish of the event, or from the first if the broker redelivered it by itself.
         t_again = float(broker["t"].iloc[-1]) if len(broker) > 1 else t_pub
         for row in processed.itertuples():
             t0 = t_pub if t_pub is not None else float(row.t)
-            rows.append({**base, "kind": "deliver", "src": "broker", "dst": row.stage, "t0": t0, "t1": float(row.t),
-                         "label": "", "dashed": False, "derived": False})
+            rows.append(
+                {
+                    **base,
+                    "kind": "deliver",
+                    "src": "broker",
+                    "dst": row.stage,
+                    "t0": t0,
+                    "t1": float(row.t),
+                    "label": "",
+                    "dashed": False,
+                    "derived": False,
+                }
+            )
             if int(row.duplicates) > 0:
                 t_dup = max(t_again if t_again is not None else t0, float(row.t))
-                rows.append({**base, "kind": "redeliver", "src": "broker", "dst": row.stage, "t0": t_dup,
-                             "t1": t_dup, "label": f"dup ×{int(row.duplicates)}", "dashed": True,
-                             "derived": False})
+                rows.append(
+                    {
+                        **base,
+                        "kind": "redeliver",
+                        "src": "broker",
+                        "dst": row.stage,
+                        "t0": t_dup,
+                        "t1": t_dup,
+                        "label": f"dup ×{int(row.duplicates)}",
+                        "dashed": True,
+                        "derived": False,
+                    }
+                )
         if strategy and not redriven and t_pub is not None:
             for module in sorted(set(expected_modules(kind, strategy)) - set(processed["stage"])):
-                rows.append({**base, "kind": "lost", "src": "broker", "dst": module, "t0": t_pub, "t1": t_pub,
-                             "label": "not processed", "dashed": True, "derived": False})
+                rows.append(
+                    {
+                        **base,
+                        "kind": "lost",
+                        "src": "broker",
+                        "dst": module,
+                        "t0": t_pub,
+                        "t1": t_pub,
+                        "label": "not processed",
+                        "dashed": True,
+                        "derived": False,
+                    }
+                )
     return pd.DataFrame(rows, columns=ARROW_COLUMNS)
 
 
@@ -159,8 +247,9 @@ def sequence_rows(arrows: pd.DataFrame) -> dict[float, int]:
     return {t: i for i, t in enumerate(times)}
 
 
-def sequence(ax, timeline: pd.DataFrame, title: str = "One order's messages", *, start=None,
-             strategy: str | None = None) -> None:
+def sequence(
+    ax, timeline: pd.DataFrame, title: str = "One order's messages", *, start=None, strategy: str | None = None
+) -> None:
     """Draw an order's sequence diagram: a lane per module, outbox and broker; time flows down."""
     strategy = strategy or timeline.attrs.get("strategy")
     arrows = sequence_arrows(timeline, start, strategy)
@@ -170,9 +259,11 @@ def sequence(ax, timeline: pd.DataFrame, title: str = "One order's messages", *,
         return
     x = {lane: i for i, lane in enumerate(SEQUENCE_LANES)}
     rows = sequence_rows(arrows)
+
     # Extra rows: each dashed arrow ends half a row below the solid one it repeats.
     def y(t, kind):
         return rows[t] + (0.5 if kind in ("redeliver", "lost") else 0.0)
+
     height = len(rows)
     for lane, i in x.items():
         ax.axvline(i, color="#bbbbbb", linewidth=1, zorder=0)
@@ -192,8 +283,15 @@ def sequence(ax, timeline: pd.DataFrame, title: str = "One order's messages", *,
     for a in arrows.itertuples():
         color = EVENT_COLORS.get(a.eventType, "black")
         x0, x1, y0, y1 = x[a.src], x[a.dst], y(a.t0, "deliver"), y(a.t1, a.kind)
-        style = dict(arrowstyle="-|>", color=color, linewidth=1.3, linestyle="--" if a.dashed else "-",
-                     shrinkA=2, shrinkB=2, mutation_scale=10)
+        style = dict(
+            arrowstyle="-|>",
+            color=color,
+            linewidth=1.3,
+            linestyle="--" if a.dashed else "-",
+            shrinkA=2,
+            shrinkB=2,
+            mutation_scale=10,
+        )
         if a.kind == "lost":
             ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops={**style, "arrowstyle": "-", "color": "red"})
             ax.plot([x1], [y1], "x", color="red", markersize=8, markeredgewidth=2)
@@ -202,13 +300,30 @@ def sequence(ax, timeline: pd.DataFrame, title: str = "One order's messages", *,
         ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=style)
         if a.kind == "write":
             ax.plot([x0], [y0], "o", color=color, markersize=4, markerfacecolor="white" if a.derived else color)
-            ax.text((x0 + x1) / 2, y0 - 0.15, a.label, color=color, fontsize=7, ha="center", va="bottom",
-                    fontweight="bold", bbox=dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.8))
+            ax.text(
+                (x0 + x1) / 2,
+                y0 - 0.15,
+                a.label,
+                color=color,
+                fontsize=7,
+                ha="center",
+                va="bottom",
+                fontweight="bold",
+                bbox=dict(facecolor="white", edgecolor="none", pad=0.5, alpha=0.8),
+            )
         elif a.label:  # beyond the arrowhead, away from the line it ends
             left = x1 < x0
-            ax.text(x1 + (-0.08 if left else 0.08), y1, a.label, color=color, fontsize=7,
-                    ha="right" if left else "left", va="center", fontweight="bold",
-                    bbox=dict(facecolor="white", edgecolor=color, pad=1, linewidth=0.6))
+            ax.text(
+                x1 + (-0.08 if left else 0.08),
+                y1,
+                a.label,
+                color=color,
+                fontsize=7,
+                ha="right" if left else "left",
+                va="center",
+                fontweight="bold",
+                bbox=dict(facecolor="white", edgecolor=color, pad=1, linewidth=0.6),
+            )
 
 
 def sequence_figure(timeline: pd.DataFrame, title: str = "One order's messages", *, start=None) -> Figure:
@@ -222,6 +337,7 @@ def sequence_figure(timeline: pd.DataFrame, title: str = "One order's messages",
 
 # ----- drift over time ----------------------------------------------------------------------------
 
+
 def drift_series(samples: pd.DataFrame, column: str) -> pd.DataFrame:
     """Samples (see :class:`pulse.lab.sampler.Sampler`) as one column per product name, indexed by t (s).
 
@@ -231,8 +347,9 @@ def drift_series(samples: pd.DataFrame, column: str) -> pd.DataFrame:
     names = samples.drop_duplicates("product_id").set_index("product_id")["name"].astype(str).str.slice(0, 22)
     clash = names.duplicated(keep=False)
     labels = {p: n + (f" …{p[-4:]}" if clash[p] else "") for p, n in names.items()}
-    wide = samples.assign(label=samples["product_id"].map(labels)).pivot_table(index="t", columns="label", values=column, aggfunc="last",
-                                                    dropna=False)
+    wide = samples.assign(label=samples["product_id"].map(labels)).pivot_table(
+        index="t", columns="label", values=column, aggfunc="last", dropna=False
+    )
     wide.columns.name = None
     return wide.astype(float).sort_index()
 
@@ -264,8 +381,9 @@ def strike_groups(strikes: pd.DataFrame) -> pd.DataFrame:
     return g.rename(columns={"min": "first", "max": "last"})
 
 
-def drift_timeline(axes, samples: pd.DataFrame, strikes: pd.DataFrame | None = None,
-                   passes: pd.DataFrame | None = None) -> None:
+def drift_timeline(
+    axes, samples: pd.DataFrame, strikes: pd.DataFrame | None = None, passes: pd.DataFrame | None = None
+) -> None:
     """Two axes sharing x: stock: and reserved: Redis − PostgreSQL per product over seconds since the start,
     with fault strikes (ticks at the top, one colour per fault) and reconciliation passes (green lines)."""
     strikes = strikes if strikes is not None else pd.DataFrame(columns=["t", "name", "action"])
@@ -278,16 +396,25 @@ def drift_timeline(axes, samples: pd.DataFrame, strikes: pd.DataFrame | None = N
             ax.step(wide.index, wide[label], where="post", color=color, linewidth=1.6, label=label)
         if column == "stock_drift":
             for i, (a, b) in enumerate(missing_spans(wide)):
-                ax.axvspan(a, b, color="grey", alpha=0.15, linewidth=0,
-                           label="stock: key not in Redis (line breaks)" if i == 0 else None)
+                ax.axvspan(
+                    a,
+                    b,
+                    color="grey",
+                    alpha=0.15,
+                    linewidth=0,
+                    label="stock: key not in Redis (line breaks)" if i == 0 else None,
+                )
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_ylabel(f"{key} Redis − DB", fontsize=8)
         flat = wide.fillna(0).abs().to_numpy().sum() == 0 if not wide.empty else True
         if flat:
             ax.set_ylim(-1, 1)  # else matplotlib zooms into rounding noise and labels the axis "1e-17"
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # drift is counted in whole units
-        ax.set_title(f"{key} Redis − PostgreSQL per product" + (" — equal at every sample" if flat else ""),
-                     fontsize=9, loc="left")
+        ax.set_title(
+            f"{key} Redis − PostgreSQL per product" + (" — equal at every sample" if flat else ""),
+            fontsize=9,
+            loc="left",
+        )
         _mark_events(ax, strikes, passes, legend=ax is axes[0])
         ax.tick_params(labelsize=7)
     axes[-1].set_xlabel("seconds since the scenario started", fontsize=8)
@@ -299,19 +426,40 @@ def drift_timeline(axes, samples: pd.DataFrame, strikes: pd.DataFrame | None = N
 def _mark_events(ax, strikes: pd.DataFrame, passes: pd.DataFrame, legend: bool) -> None:
     top = blended_transform_factory(ax.transData, ax.transAxes)
     for i, (name, group) in enumerate(strikes.groupby("name") if not strikes.empty else []):
-        ax.vlines(group["t"], 0.88, 1.0, transform=top, color=f"C{(i + 6) % 10}", linewidth=1.5,
-                  label=f"fault {name} ×{len(group)}" if legend else None)
+        ax.vlines(
+            group["t"],
+            0.88,
+            1.0,
+            transform=top,
+            color=f"C{(i + 6) % 10}",
+            linewidth=1.5,
+            label=f"fault {name} ×{len(group)}" if legend else None,
+        )
     for i, p in enumerate(passes.itertuples()):
-        ax.axvline(p.t, color="tab:green", linestyle="--", linewidth=1,
-                   label=("reconcile pass" if legend and i == 0 else None))
+        ax.axvline(
+            p.t, color="tab:green", linestyle="--", linewidth=1, label=("reconcile pass" if legend and i == 0 else None)
+        )
         if legend and p.source == "lab" and any((p.stock or 0, p.reserved or 0)):
-            ax.text(p.t, 0.84, f"fixed {int(p.stock or 0)} stock, {int(p.reserved or 0)} reserved", transform=top,
-                    fontsize=7, color="tab:green", va="top", ha="right", rotation=90,
-                    bbox=dict(facecolor="white", edgecolor="none", pad=0.3, alpha=0.8))
+            ax.text(
+                p.t,
+                0.84,
+                f"fixed {int(p.stock or 0)} stock, {int(p.reserved or 0)} reserved",
+                transform=top,
+                fontsize=7,
+                color="tab:green",
+                va="top",
+                ha="right",
+                rotation=90,
+                bbox=dict(facecolor="white", edgecolor="none", pad=0.3, alpha=0.8),
+            )
 
 
-def drift_figure(sampler_or_samples, strikes: pd.DataFrame | None = None, passes: pd.DataFrame | None = None,
-                 title: str | None = None) -> Figure:
+def drift_figure(
+    sampler_or_samples,
+    strikes: pd.DataFrame | None = None,
+    passes: pd.DataFrame | None = None,
+    title: str | None = None,
+) -> Figure:
     """The drift timeline of a :class:`~pulse.lab.sampler.Sampler` (or of its frames)."""
     if hasattr(sampler_or_samples, "frame"):
         s = sampler_or_samples
@@ -332,13 +480,21 @@ def drift_figure(sampler_or_samples, strikes: pd.DataFrame | None = None, passes
 
 # ----- dashboard panels ---------------------------------------------------------------------------
 
+
 def cumulative(ax, df: pd.DataFrame, title: str, start=None) -> None:
     """Step lines of cumulative counts (one per column) over seconds since ``start``."""
     ax.set_title(title, fontsize=10, loc="left")
     data = with_zero_start(seconds_index(df, start))
     for column in data.columns:
-        ax.step(data.index, data[column], where="post", label=column, color=COLORS.get(column),
-                marker="o" if len(data) <= 12 else None, markersize=3)
+        ax.step(
+            data.index,
+            data[column],
+            where="post",
+            label=column,
+            color=COLORS.get(column),
+            marker="o" if len(data) <= 12 else None,
+            markersize=3,
+        )
     ax.set_ylim(bottom=0)
     ax.set_xlabel("seconds since the start", fontsize=8)
     ax.legend(fontsize=7, loc="upper left")
@@ -364,20 +520,32 @@ def drift(ax, df: pd.DataFrame, reconcile_runs: list[dict]) -> None:
     shown = df.head(12)
     x = range(len(shown))
     missing = shown["redis_stock"].isna()
-    ax.bar([i - 0.2 for i in x], shown["stock_drift"].fillna(0).astype(float), width=0.4, label="stock:",
-           color="tab:blue")
-    ax.bar([i + 0.2 for i in x], shown["reserved_drift"].astype(float), width=0.4, label="reserved:",
-           color="tab:orange")
+    ax.bar(
+        [i - 0.2 for i in x], shown["stock_drift"].fillna(0).astype(float), width=0.4, label="stock:", color="tab:blue"
+    )
+    ax.bar(
+        [i + 0.2 for i in x], shown["reserved_drift"].astype(float), width=0.4, label="reserved:", color="tab:orange"
+    )
     for i, miss in zip(x, missing):
         if miss:
             ax.text(i - 0.2, 0, "missing", rotation=90, fontsize=7, ha="center", va="bottom", color="grey")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(list(x), [n[:14] for n in shown["name"]], rotation=30, fontsize=7, ha="right")
-    if not (shown["stock_drift"].fillna(0) != 0).any() and not (shown["reserved_drift"] != 0).any() \
-            and not missing.any():
+    if (
+        not (shown["stock_drift"].fillna(0) != 0).any()
+        and not (shown["reserved_drift"] != 0).any()
+        and not missing.any()
+    ):
         ax.set_ylim(-1, 1)
-        ax.text(0.5, 0.75, "Redis equals PostgreSQL for every product", transform=ax.transAxes, ha="center",
-                color="dimgrey", fontsize=9)
+        ax.text(
+            0.5,
+            0.75,
+            "Redis equals PostgreSQL for every product",
+            transform=ax.transAxes,
+            ha="center",
+            color="dimgrey",
+            fontsize=9,
+        )
     ax.legend(fontsize=7)
 
 
@@ -391,8 +559,9 @@ def reconcile_fixes(ax, runs: list[dict]) -> None:
         ax.bar(range(len(runs)), values, bottom=bottom, label=kind)
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.plot(range(len(runs)), [r.get("deferred", 0) for r in runs], "kx", label="deferred")
-    ax.set_xticks(range(len(runs)), [f"#{i + 1}{' full' if r.get('full') else ''}" for i, r in enumerate(runs)],
-                  fontsize=7)
+    ax.set_xticks(
+        range(len(runs)), [f"#{i + 1}{' full' if r.get('full') else ''}" for i, r in enumerate(runs)], fontsize=7
+    )
     ax.legend(fontsize=7)
 
 
@@ -419,22 +588,36 @@ def dashboard_panels(snapshot: dict) -> tuple[list[tuple[str, callable]], list[s
     def panel(has_data, name, draw, note):
         (shown.append((name, draw)) if has_data else notes.append(note))
 
-    panel(not snapshot["terminal"].empty, "terminal",
-          lambda ax: cumulative(ax, snapshot["terminal"], "Orders reaching a terminal state (cumulative)", start),
-          "no order has finished yet")
-    panel(not snapshot["compensations"].empty, "compensations",
-          lambda ax: cumulative(ax, snapshot["compensations"], "Compensations: restocks and refunds (cumulative)",
-                                start), "no compensation (restock or refund) yet")
+    panel(
+        not snapshot["terminal"].empty,
+        "terminal",
+        lambda ax: cumulative(ax, snapshot["terminal"], "Orders reaching a terminal state (cumulative)", start),
+        "no order has finished yet",
+    )
+    panel(
+        not snapshot["compensations"].empty,
+        "compensations",
+        lambda ax: cumulative(ax, snapshot["compensations"], "Compensations: restocks and refunds (cumulative)", start),
+        "no compensation (restock or refund) yet",
+    )
     d = snapshot["drift"]
     # A missing stock: key alone is a cache miss (keys load on first use), not a drift: the drift timeline
     # shades those spans.
     drifting = not d.empty and bool(((d["stock_drift"].fillna(0) != 0) | (d["reserved_drift"] != 0)).any())
     missing = int(d["redis_stock"].isna().sum()) if not d.empty else 0
-    panel(drifting, "drift", lambda ax: drift(ax, d, snapshot["reconcile_runs"]),
-          "Redis equals PostgreSQL for every product now"
-          + (f" ({missing} stock: key(s) not loaded in Redis)" if missing else ""))
-    panel(bool(snapshot["reconcile_runs"]), "reconcile", lambda ax: reconcile_fixes(ax, snapshot["reconcile_runs"]),
-          "no reconciliation run from the lab yet ('Reconcile now')")
+    panel(
+        drifting,
+        "drift",
+        lambda ax: drift(ax, d, snapshot["reconcile_runs"]),
+        "Redis equals PostgreSQL for every product now"
+        + (f" ({missing} stock: key(s) not loaded in Redis)" if missing else ""),
+    )
+    panel(
+        bool(snapshot["reconcile_runs"]),
+        "reconcile",
+        lambda ax: reconcile_fixes(ax, snapshot["reconcile_runs"]),
+        "no reconciliation run from the lab yet ('Reconcile now')",
+    )
     lag = snapshot.get("lag_frame")
     panel(lag is not None and len(lag) >= 2, "lag", lambda ax: relay_lag(ax, lag), "relay lag: fewer than 2 samples")
     return shown, notes
@@ -449,7 +632,7 @@ def dashboard_figure(snapshot: dict) -> Figure:
     axes = fig.subplots(n_rows, columns, squeeze=False).ravel()
     for ax, (_, draw) in zip(axes, shown):
         draw(ax)
-    for ax in axes[len(shown):]:
+    for ax in axes[len(shown) :]:
         ax.set_axis_off()
     if not shown:
         no_data(axes[0], "Nothing to chart yet: place an order.")
@@ -465,8 +648,13 @@ def restarts_figure(timeline: pd.DataFrame, restarts: list[dict]) -> Figure:
     ax = fig.subplots()
     colors = {"RabbitMQ": "tab:orange", "PostgreSQL": "tab:purple"}
     for r in restarts:
-        ax.axvspan(r["began"], r["up"], color=colors.get(r["service"], "grey"), alpha=0.18,
-                   label=f"{r['service']} restarting ({r['up'] - r['began']:.1f} s)")
+        ax.axvspan(
+            r["began"],
+            r["up"],
+            color=colors.get(r["service"], "grey"),
+            alpha=0.18,
+            label=f"{r['service']} restarting ({r['up'] - r['began']:.1f} s)",
+        )
     if timeline.empty:
         no_data(ax, "no samples")
         return fig

@@ -16,26 +16,33 @@ def _result(name: str, offenders: list, detail: str) -> dict:
 
 def no_oversell(lab, initial_stock=None) -> dict:
     """No product below zero; with ``initial_stock``, initial = available + units held by RESERVED orders."""
-    df = lab.q.sql("SELECT i.product_id::text AS product, i.available_quantity AS available, "
-                   "coalesce((SELECT sum((item->>'quantity')::int) FROM inventory.reservations r, "
-                   "jsonb_array_elements(r.items) item WHERE r.status = 'RESERVED' "
-                   "AND item->>'productId' = i.product_id::text), 0) AS held FROM inventory.inventory_items i")
+    df = lab.q.sql(
+        "SELECT i.product_id::text AS product, i.available_quantity AS available, "
+        "coalesce((SELECT sum((item->>'quantity')::int) FROM inventory.reservations r, "
+        "jsonb_array_elements(r.items) item WHERE r.status = 'RESERVED' "
+        "AND item->>'productId' = i.product_id::text), 0) AS held FROM inventory.inventory_items i"
+    )
     offenders = [r.product for r in df.itertuples() if r.available < 0]
     for product, initial in (initial_stock or {}).items():
         row = df[df["product"] == str(product)]
         if row.empty or int(row.iloc[0]["available"]) + int(row.iloc[0]["held"]) != initial:
-            offenders.append(f"{product}: initial {initial} != available + held "
-                             f"{'?' if row.empty else int(row.iloc[0]['available']) + int(row.iloc[0]['held'])}")
+            offenders.append(
+                f"{product}: initial {initial} != available + held "
+                f"{'?' if row.empty else int(row.iloc[0]['available']) + int(row.iloc[0]['held'])}"
+            )
     return _result("no-oversell", offenders, "stock never negative and conserved per product")
 
 
 def money(lab, initial_stock=None) -> dict:
     """Σ successful charges = Σ COMPLETED totals; no FAILED order keeps a successful charge."""
-    kept = lab.q.sql("SELECT o.id::text AS id FROM orders.orders o JOIN payment.payments p ON p.order_id = o.id "
-                     "WHERE o.status = 'FAILED' AND p.status = 'SUCCESS'")
-    sums = lab.q.sql("SELECT (SELECT coalesce(sum(amount), 0) FROM payment.payments WHERE status = 'SUCCESS') AS charged, "
-                     "(SELECT coalesce(sum(total_amount), 0) FROM orders.orders WHERE status = 'COMPLETED') AS completed"
-                     ).iloc[0]
+    kept = lab.q.sql(
+        "SELECT o.id::text AS id FROM orders.orders o JOIN payment.payments p ON p.order_id = o.id "
+        "WHERE o.status = 'FAILED' AND p.status = 'SUCCESS'"
+    )
+    sums = lab.q.sql(
+        "SELECT (SELECT coalesce(sum(amount), 0) FROM payment.payments WHERE status = 'SUCCESS') AS charged, "
+        "(SELECT coalesce(sum(total_amount), 0) FROM orders.orders WHERE status = 'COMPLETED') AS completed"
+    ).iloc[0]
     offenders = list(kept["id"])
     if sums["charged"] != sums["completed"]:
         offenders.append(f"charged {sums['charged']} != completed totals {sums['completed']}")
@@ -44,9 +51,11 @@ def money(lab, initial_stock=None) -> dict:
 
 def no_leaked_reservation(lab, initial_stock=None) -> dict:
     """A FAILED order holds no stock; a COMPLETED order holds its reservation."""
-    df = lab.q.sql("SELECT o.id::text AS id FROM orders.orders o LEFT JOIN inventory.reservations r ON r.order_id = o.id "
-                   "WHERE (o.status = 'FAILED' AND r.status = 'RESERVED') "
-                   "OR (o.status = 'COMPLETED' AND r.status IS DISTINCT FROM 'RESERVED')")
+    df = lab.q.sql(
+        "SELECT o.id::text AS id FROM orders.orders o LEFT JOIN inventory.reservations r ON r.order_id = o.id "
+        "WHERE (o.status = 'FAILED' AND r.status = 'RESERVED') "
+        "OR (o.status = 'COMPLETED' AND r.status IS DISTINCT FROM 'RESERVED')"
+    )
     return _result("no-leaked-reservation", list(df["id"]), "failed orders gave their stock back")
 
 
@@ -58,8 +67,9 @@ def all_settled(lab, initial_stock=None) -> dict:
 
 def outbox_drained(lab, initial_stock=None) -> dict:
     lag = lab.q.relay_lag()
-    return _result("outbox-drained", [f"{lag['rows']} rows waiting"] if lag["rows"] else [],
-                   "the relay published everything")
+    return _result(
+        "outbox-drained", [f"{lag['rows']} rows waiting"] if lag["rows"] else [], "the relay published everything"
+    )
 
 
 def dead_letters(lab, initial_stock=None) -> dict:
@@ -67,8 +77,12 @@ def dead_letters(lab, initial_stock=None) -> dict:
     conn = broker.connect(lab.settings.amqp_url)
     try:
         channel = conn.channel()
-        counts = {broker.dead_letter_queue(q): channel.queue_declare(broker.dead_letter_queue(q), durable=True)
-                  .method.message_count for q in topology.QUEUES}
+        counts = {
+            broker.dead_letter_queue(q): channel.queue_declare(
+                broker.dead_letter_queue(q), durable=True
+            ).method.message_count
+            for q in topology.QUEUES
+        }
     finally:
         conn.close()
     return _result("dead-letters", [f"{q}: {n}" for q, n in counts.items() if n], "no message dead-lettered")
@@ -97,8 +111,14 @@ def project_checks(lab) -> list[dict]:
 
     out = []
     for result in invariants.check_all(lab.settings)["results"]:
-        out.append({"name": f"check:{result.name}", "ok": result.passed, "detail": str(result.details),
-                    "offenders": [str(o) for o in result.offending][:20]})
+        out.append(
+            {
+                "name": f"check:{result.name}",
+                "ok": result.passed,
+                "detail": str(result.details),
+                "offenders": [str(o) for o in result.offending][:20],
+            }
+        )
     return out
 
 
@@ -114,5 +134,7 @@ def scoped(lab, scope=None, *, since=None, products: list[str] | None = None) ->
 
     scope = scope or invariants.Scope(since=since, products=[str(p) for p in products] if products else None)
     report = invariants.check_all(lab.settings, scope)
-    return [{"name": r.name, "ok": bool(r.passed), "detail": r.details,
-             "offenders": [str(o) for o in r.offending[:20]]} for r in report["results"]]
+    return [
+        {"name": r.name, "ok": bool(r.passed), "detail": r.details, "offenders": [str(o) for o in r.offending[:20]]}
+        for r in report["results"]
+    ]

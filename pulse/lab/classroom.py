@@ -50,6 +50,7 @@ class ClassroomError(RuntimeError):
 
 # ----- names -----------------------------------------------------------------------------------------------
 
+
 def class_name(raw: str) -> str:
     """A class name as namespaces spell it: lower-case letters and digits only (no ``_``, so one class's
     prefix never matches another's)."""
@@ -89,24 +90,31 @@ def _url_with(url: str, *, user: str | None = None, password: str | None = None,
 
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
-    netloc = (f"{quote(user, safe='')}:{quote(password or '', safe='')}@" if user else
-              (parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else "")) + host
+    netloc = (
+        f"{quote(user, safe='')}:{quote(password or '', safe='')}@"
+        if user
+        else (parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else "")
+    ) + host
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, path if path is not None else parts.path, parts.query, ""))
 
 
 def _student_env(admin, ns: str, redis_db: int, *, user=None, password=None, replication=False) -> dict:
-    return {"PULSE_DATABASE_URL": _url_with(admin.database_url, user=user, password=password, path=f"/{ns}"),
-            "PULSE_AMQP_URL": _url_with(admin.amqp_url, user=user, password=password, path="/" + quote(ns, safe="")),
-            "PULSE_REDIS_URL": admin.redis_url.rsplit("/", 1)[0] + f"/{redis_db}",
-            "PULSE_CDC_SLOT": ns, "PULSE_CDC_PUBLICATION": f"{ns}_pub",
-            # Logical replication needs the REPLICATION attribute, which would also let a role stream every
-            # database's WAL: provisioned students poll the outbox unless the instructor chose otherwise.
-            **({} if replication or user is None else {"PULSE_OUTBOX_MODE": "polling"})}
+    return {
+        "PULSE_DATABASE_URL": _url_with(admin.database_url, user=user, password=password, path=f"/{ns}"),
+        "PULSE_AMQP_URL": _url_with(admin.amqp_url, user=user, password=password, path="/" + quote(ns, safe="")),
+        "PULSE_REDIS_URL": admin.redis_url.rsplit("/", 1)[0] + f"/{redis_db}",
+        "PULSE_CDC_SLOT": ns,
+        "PULSE_CDC_PUBLICATION": f"{ns}_pub",
+        # Logical replication needs the REPLICATION attribute, which would also let a role stream every
+        # database's WAL: provisioned students poll the outbox unless the instructor chose otherwise.
+        **({} if replication or user is None else {"PULSE_OUTBOX_MODE": "polling"}),
+    }
 
 
 # ----- the student's side: what the Lab calls ---------------------------------------------------------------
+
 
 def lab_env(env) -> dict:
     """The ``PULSE_*`` variables of this student's namespace, or ``{}`` outside classroom mode.
@@ -134,13 +142,22 @@ def store_record(database_url: str, doc: dict, student: str | None = None) -> No
 
     with db.connect(database_url, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA IF NOT EXISTS classroom")
-        conn.execute("CREATE TABLE IF NOT EXISTS classroom.records (id bigserial PRIMARY KEY, notebook text, "
-                     "student text, recorded_at timestamptz NOT NULL DEFAULT now(), results jsonb NOT NULL)")
-        conn.execute("INSERT INTO classroom.records (notebook, student, results) VALUES (%s, %s, %s)",
-                     (doc.get("notebook"), student or os.environ.get("JUPYTERHUB_USER") or os.environ.get("USER"), json.dumps(doc.get("results"), default=str)))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS classroom.records (id bigserial PRIMARY KEY, notebook text, "
+            "student text, recorded_at timestamptz NOT NULL DEFAULT now(), results jsonb NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO classroom.records (notebook, student, results) VALUES (%s, %s, %s)",
+            (
+                doc.get("notebook"),
+                student or os.environ.get("JUPYTERHUB_USER") or os.environ.get("USER"),
+                json.dumps(doc.get("results"), default=str),
+            ),
+        )
 
 
 # ----- the instructor's side ----------------------------------------------------------------------------------
+
 
 def _rabbitmqctl(*args: str, check: bool = True) -> str:
     if not shutil.which("rabbitmqctl"):
@@ -197,12 +214,21 @@ def claim_redis_db(admin, ns: str, allowed: list[int] | None = None) -> int:
                 return index
         finally:
             client.close()
-    raise ClassroomError(f"No free Redis DB for {ns}: Redis has {_redis_databases(admin)} databases and the others "
-                         "are leased; start Redis with --databases 64 (one DB per student).")
+    raise ClassroomError(
+        f"No free Redis DB for {ns}: Redis has {_redis_databases(admin)} databases and the others "
+        "are leased; start Redis with --databases 64 (one DB per student)."
+    )
 
 
-def make_namespace(admin, klass: str, student: str, *, roles: bool = True, replication: bool = False,
-                   redis_dbs: list[int] | None = None) -> dict:
+def make_namespace(
+    admin,
+    klass: str,
+    student: str,
+    *,
+    roles: bool = True,
+    replication: bool = False,
+    redis_dbs: list[int] | None = None,
+) -> dict:
     """Create one student's database, vhost, Redis DB (and with ``roles``, their PostgreSQL role and RabbitMQ
     user, each reaching only their own database and vhost). Idempotent; a new password each time with roles.
     Returns ``{"student", "namespace", "env"}``: ``env`` holds the ``PULSE_*`` variables of the student's Lab."""
@@ -215,9 +241,13 @@ def make_namespace(admin, klass: str, student: str, *, roles: bool = True, repli
             user, password = ns, secrets.token_urlsafe(18)
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (ns,)).fetchone()
             verb = "ALTER" if exists else "CREATE"
-            conn.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {} NOSUPERUSER NOCREATEDB NOCREATEROLE "
-                                 + ("REPLICATION" if replication else "NOREPLICATION"))
-                         .format(sql.Identifier(ns), sql.Literal(password)))
+            conn.execute(
+                sql.SQL(
+                    verb
+                    + " ROLE {} LOGIN PASSWORD {} NOSUPERUSER NOCREATEDB NOCREATEROLE "
+                    + ("REPLICATION" if replication else "NOREPLICATION")
+                ).format(sql.Identifier(ns), sql.Literal(password))
+            )
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (ns,)).fetchone():
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(ns)))
         if roles:
@@ -243,8 +273,11 @@ def make_namespace(admin, klass: str, student: str, *, roles: bool = True, repli
             _rabbitmqctl("add_user", ns, password)
         _rabbitmqctl("set_permissions", "-p", ns, ns, ".*", ".*", ".*")
     redis_db = claim_redis_db(admin, ns, redis_dbs)
-    return {"student": student, "namespace": ns,
-            "env": _student_env(admin, ns, redis_db, user=user, password=password, replication=replication)}
+    return {
+        "student": student,
+        "namespace": ns,
+        "env": _student_env(admin, ns, redis_db, user=user, password=password, replication=replication),
+    }
 
 
 def _amqp_user(url: str) -> str:
@@ -253,8 +286,15 @@ def _amqp_user(url: str) -> str:
     return unquote(urlsplit(url).username or "guest")
 
 
-def provision(admin, klass: str, students: list[str], *, credentials: str | None = None,
-              replication: bool = False, redis_dbs: list[int] | None = None) -> list[dict]:
+def provision(
+    admin,
+    klass: str,
+    students: list[str],
+    *,
+    credentials: str | None = None,
+    replication: bool = False,
+    redis_dbs: list[int] | None = None,
+) -> list[dict]:
     """The instructor's command: every student's namespace with their own role and RabbitMQ user, and their
     credentials file (mode 0600) at ``credentials`` (a template with ``{class}`` and ``{student}``)."""
     made = []
@@ -278,18 +318,27 @@ def namespaces(admin, klass: str) -> dict[str, list]:
     like = prefix.replace("_", r"\_") + "%"
     with _admin_conn(admin) as conn:
         found = {
-            "databases": [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s "
-                                                     "ORDER BY 1", (like,))],
-            "roles": [r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE %s ORDER BY 1",
-                                                 (like,))],
-            "slots": [r[0] for r in conn.execute("SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE %s "
-                                                 "ORDER BY 1", (like,))],
+            "databases": [
+                r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s ORDER BY 1", (like,))
+            ],
+            "roles": [
+                r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE %s ORDER BY 1", (like,))
+            ],
+            "slots": [
+                r[0]
+                for r in conn.execute(
+                    "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE %s ORDER BY 1", (like,)
+                )
+            ],
         }
-    found["vhosts"] = sorted(v for v in _rabbitmqctl("list_vhosts", "name", "--no-table-headers").split()
-                             if v.startswith(prefix))
-    found["users"] = sorted(u for u in (line.split("\t")[0] for line in
-                                        _rabbitmqctl("list_users", "--no-table-headers").splitlines())
-                            if u.startswith(prefix))
+    found["vhosts"] = sorted(
+        v for v in _rabbitmqctl("list_vhosts", "name", "--no-table-headers").split() if v.startswith(prefix)
+    )
+    found["users"] = sorted(
+        u
+        for u in (line.split("\t")[0] for line in _rabbitmqctl("list_users", "--no-table-headers").splitlines())
+        if u.startswith(prefix)
+    )
     found["redis_dbs"] = []
     for index in range(1, _redis_databases(admin)):
         client = redis.Redis.from_url(f"{_redis_root(admin)}/{index}", decode_responses=True)
@@ -311,8 +360,10 @@ def cleanup(admin, klass: str, *, dry_run: bool = False) -> dict[str, list]:
         return found
     with _admin_conn(admin) as conn:
         for slot in found["slots"]:
-            conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                         "WHERE slot_name = %s AND active", (slot,))
+            conn.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = %s AND active",
+                (slot,),
+            )
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
         for name in found["databases"]:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -343,13 +394,20 @@ def results(admin, klass: str):
         url = psycopg.conninfo.make_conninfo(admin.database_url, dbname=name)
         with psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=5) as conn:
             if conn.execute("SELECT to_regclass('classroom.records') AS t").fetchone()["t"] is None:
-                rows.append({"student": name[len(class_prefix(klass)):], "notebook": None})
+                rows.append({"student": name[len(class_prefix(klass)) :], "notebook": None})
                 continue
             for r in conn.execute("SELECT notebook, student, recorded_at, results FROM classroom.records ORDER BY id"):
                 res = r["results"] or {}
-                rows.append({"student": name[len(class_prefix(klass)):], "notebook": r["notebook"],
-                             "exercise": res.get("exercise"), "reference": bool(res.get("reference")),
-                             "recorded_at": r["recorded_at"], "results": res})
+                rows.append(
+                    {
+                        "student": name[len(class_prefix(klass)) :],
+                        "notebook": r["notebook"],
+                        "exercise": res.get("exercise"),
+                        "reference": bool(res.get("reference")),
+                        "recorded_at": r["recorded_at"],
+                        "results": res,
+                    }
+                )
     return pd.DataFrame(rows, columns=["student", "notebook", "exercise", "reference", "recorded_at", "results"])
 
 

@@ -7,8 +7,23 @@ import uuid
 
 import httpx
 
-from pulse.status import TERMINAL, DisplayStatus as D, FailureReason as R, InventoryStatus as Inv, OrderStatus, \
-    PaymentStatus as Pay, Strategy
+from pulse.status import (
+    TERMINAL,
+    OrderStatus,
+    Strategy,
+)
+from pulse.status import (
+    DisplayStatus as D,
+)
+from pulse.status import (
+    FailureReason as R,
+)
+from pulse.status import (
+    InventoryStatus as Inv,
+)
+from pulse.status import (
+    PaymentStatus as Pay,
+)
 
 
 class PulseError(RuntimeError):

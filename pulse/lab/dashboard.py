@@ -28,9 +28,17 @@ log = logging.getLogger(__name__)
 # money-balance and delivery (in-flight orders count against them until they settle), redis-matches-db (it
 # needs a reconciliation pass first), outbox-drained and dlq-explained (a queue is never empty under load).
 # orders-terminal only judges orders untouched for STUCK_AFTER_S, so orders in flight are not reported.
-LIVE_INVARIANTS = ("no_oversell", "stock_conservation", "cart_promise_kept", "effects_once",
-                   "one_charge_per_order", "failed_orders_refunded", "idempotency_lock_exclusive",
-                   "events_routed", "orders_terminal")
+LIVE_INVARIANTS = (
+    "no_oversell",
+    "stock_conservation",
+    "cart_promise_kept",
+    "effects_once",
+    "one_charge_per_order",
+    "failed_orders_refunded",
+    "idempotency_lock_exclusive",
+    "events_routed",
+    "orders_terminal",
+)
 STUCK_AFTER_S = 20.0
 
 
@@ -50,8 +58,14 @@ def live_invariants(database_url: str, since: dt.datetime) -> list[dict]:
         for name in LIVE_INVARIANTS:
             check = getattr(invariants, name)
             result = check(conn, scope, STUCK_AFTER_S) if name == "orders_terminal" else check(conn, scope)
-            out.append({"name": result.name, "passed": result.passed, "count": len(result.offending),
-                        "details": result.details})
+            out.append(
+                {
+                    "name": result.name,
+                    "passed": result.passed,
+                    "count": len(result.offending),
+                    "details": result.details,
+                }
+            )
     return out
 
 
@@ -64,12 +78,14 @@ def invariants_html(results: list[dict], *, checked_at: str = "") -> str:
         color = "#2e7d32" if r["passed"] else "#c62828"
         text = r["name"] if r["passed"] else f"{r['name']} ✗ {r['count'] or ''}".rstrip()
         title = html.escape(r["details"], quote=True)
-        badges.append(f"<span title='{title}' style='display:inline-block;margin:2px;padding:2px 8px;"
-                      f"border-radius:10px;background:{color};color:white;font-size:12px'>{html.escape(text)}</span>")
+        badges.append(
+            f"<span title='{title}' style='display:inline-block;margin:2px;padding:2px 8px;"
+            f"border-radius:10px;background:{color};color:white;font-size:12px'>{html.escape(text)}</span>"
+        )
     broken = sum(not r["passed"] for r in results)
     head = "all hold" if not broken else f"{broken} broken"
     when = f" · checked {checked_at}" if checked_at else ""
-    return (f"<div class='pulse-invariants'><b>Invariants ({head}{when})</b><br>" + "".join(badges) + "</div>")
+    return f"<div class='pulse-invariants'><b>Invariants ({head}{when})</b><br>" + "".join(badges) + "</div>"
 
 
 class Dashboard:
@@ -78,8 +94,15 @@ class Dashboard:
     naive switches, load rate, fault probabilities, reconcile / sweep / flush / crash buttons) for one
     :class:`pulse.lab.Lab`. Times are seconds since the dashboard was created."""
 
-    def __init__(self, lab, *, interval_s: float = 2.0, products: list[str] | None = None, bucket_s: float = 1.0,
-                 invariants_every_s: float = 3.0):
+    def __init__(
+        self,
+        lab,
+        *,
+        interval_s: float = 2.0,
+        products: list[str] | None = None,
+        bucket_s: float = 1.0,
+        invariants_every_s: float = 3.0,
+    ):
         from pulse.lab.sampler import Sampler
         from pulse.seed import AIRPODS, IPHONE, KINDLE, MACBOOK
 
@@ -114,21 +137,35 @@ class Dashboard:
         """Everything the charts show, read now (DataFrames and lists)."""
         q = self.lab.q
         order = self._traced()
-        timeline = self.lab.timeline(order) if order else pd.DataFrame(
-            columns=["eventId", "eventType", "stage", "at", "derived"])
-        return {"start": self.started_at, "terminal": q.terminal_over_time(self.bucket_s),
-                "compensations": q.compensations_over_time(self.bucket_s),
-                "drift": q.drift(self.products), "reconcile_runs": list(self.lab.reconcile_runs),
-                "lag_frame": self.sampler.lag(), "timeline": timeline,
-                "timeline_title": f"Order {order[:8]}…: module → outbox → broker → modules" if order
-                else "One order's messages",
-                "samples": self.sampler.frame(), "strikes": self.sampler.strikes(), "passes": self.sampler.passes(),
-                "lag": q.relay_lag(), "outcomes": q.outcome_totals(), "compensation_totals": q.compensation_totals(),
-                "drift_summary": q.drift_summary(self.products), "status_counts": q.status_counts()}
+        timeline = (
+            self.lab.timeline(order)
+            if order
+            else pd.DataFrame(columns=["eventId", "eventType", "stage", "at", "derived"])
+        )
+        return {
+            "start": self.started_at,
+            "terminal": q.terminal_over_time(self.bucket_s),
+            "compensations": q.compensations_over_time(self.bucket_s),
+            "drift": q.drift(self.products),
+            "reconcile_runs": list(self.lab.reconcile_runs),
+            "lag_frame": self.sampler.lag(),
+            "timeline": timeline,
+            "timeline_title": f"Order {order[:8]}…: module → outbox → broker → modules"
+            if order
+            else "One order's messages",
+            "samples": self.sampler.frame(),
+            "strikes": self.sampler.strikes(),
+            "passes": self.sampler.passes(),
+            "lag": q.relay_lag(),
+            "outcomes": q.outcome_totals(),
+            "compensation_totals": q.compensation_totals(),
+            "drift_summary": q.drift_summary(self.products),
+            "status_counts": q.status_counts(),
+        }
 
     def invariants(self) -> list[dict]:
         """Run the live invariants now (see :func:`live_invariants`) for orders since the dashboard started."""
-        since = dt.datetime.fromtimestamp(self.started_at, dt.timezone.utc)
+        since = dt.datetime.fromtimestamp(self.started_at, dt.UTC)
         self.last_invariants = live_invariants(self.lab.settings.database_url, since)
         self._checked_at = time.time()
         return self.last_invariants
@@ -136,16 +173,24 @@ class Dashboard:
     def summary(self, snap: dict | None = None) -> dict:
         """The numbers behind the charts, fit for :func:`pulse.lab.record`."""
         snap = snap or self.snapshot()
-        return {"outcomes": snap["outcomes"], "compensations": snap["compensation_totals"],
-                "drift": snap["drift_summary"], "relayLag": snap["lag"], "restarts": self.lab.restarts,
-                "reconcileRuns": len(snap["reconcile_runs"]), "load": dict(self.load.counts),
-                "invariants": {r["name"]: r["count"] for r in self.last_invariants}}
+        return {
+            "outcomes": snap["outcomes"],
+            "compensations": snap["compensation_totals"],
+            "drift": snap["drift_summary"],
+            "relayLag": snap["lag"],
+            "restarts": self.lab.restarts,
+            "reconcileRuns": len(snap["reconcile_runs"]),
+            "load": dict(self.load.counts),
+            "invariants": {r["name"]: r["count"] for r in self.last_invariants},
+        }
 
     def figures(self, snap: dict) -> dict:
         """The dashboard's figures: ``panels``, ``drift`` (over time) and ``sequence``."""
-        return {"panels": charts.dashboard_figure(snap),
-                "drift": charts.drift_figure(snap["samples"], snap["strikes"], snap["passes"]),
-                "sequence": charts.sequence_figure(snap["timeline"], snap["timeline_title"])}
+        return {
+            "panels": charts.dashboard_figure(snap),
+            "drift": charts.drift_figure(snap["samples"], snap["strikes"], snap["passes"]),
+            "sequence": charts.sequence_figure(snap["timeline"], snap["timeline_title"]),
+        }
 
     # ----- static output ----------------------------------------------------------------------------
 
@@ -206,8 +251,12 @@ class Dashboard:
             figures = self.figures(snap)
             for name in ("panels", "drift", "sequence"):
                 w[name].value = charts.png(figures[name])
-            w["tables"].value = ("<b>Orders</b>" + snap["status_counts"].to_html(index=False)
-                                 + "<b>Redis vs PostgreSQL</b>" + _drift_table(snap["drift"]).to_html(index=False))
+            w["tables"].value = (
+                "<b>Orders</b>"
+                + snap["status_counts"].to_html(index=False)
+                + "<b>Redis vs PostgreSQL</b>"
+                + _drift_table(snap["drift"]).to_html(index=False)
+            )
             w["status"].value = self._status_text()
         except Exception as exc:  # a refresh during a restart may find the server away; the next one retries
             self.errors.append(f"{type(exc).__name__}: {exc}")
@@ -216,8 +265,10 @@ class Dashboard:
     def _status_text(self) -> str:
         s = self.lab.settings
         load = ", ".join(f"{k} {v}" for k, v in self.load.counts.items())
-        return (f"<b>{s.strategy}</b> saga, <b>{s.outbox_mode}</b> relay, decline rate {s.payment_decline_rate:g}, "
-                f"naive: {', '.join(sorted(s.naive)) or 'none'} · restarts {self.lab.restarts} · load: {load}")
+        return (
+            f"<b>{s.strategy}</b> saga, <b>{s.outbox_mode}</b> relay, decline rate {s.payment_decline_rate:g}, "
+            f"naive: {', '.join(sorted(s.naive)) or 'none'} · restarts {self.lab.restarts} · load: {load}"
+        )
 
     def stop(self) -> None:
         """Stop redrawing, sampling and the load; safe to call twice."""
@@ -237,13 +288,17 @@ class Dashboard:
         naive = {n: W.Checkbox(value=n in s.naive, description=n, indent=False) for n in lab_faults.NAIVE_SWITCHES}
         apply = W.Button(description="Apply (restart)", button_style="warning")
         rate = W.FloatSlider(value=0, min=0, max=50, step=1, description="orders/s")
-        probs = {n: W.FloatSlider(value=0, min=0, max=1, step=0.05, description=n,
-                                  style={"description_width": "140px"}) for n in lab_faults.KNOWN_FAULTS}
+        probs = {
+            n: W.FloatSlider(value=0, min=0, max=1, step=0.05, description=n, style={"description_width": "140px"})
+            for n in lab_faults.KNOWN_FAULTS
+        }
         arm = W.Button(description="Arm faults", button_style="danger")
         buttons = {name: W.Button(description=name) for name in ("Reconcile now", "Sweep now", "Flush Redis", "Crash")}
         message = W.HTML()
         status = W.HTML(self._status_text())
-        images = {name: W.Image(format="png", layout=W.Layout(width="100%")) for name in ("panels", "drift", "sequence")}
+        images = {
+            name: W.Image(format="png", layout=W.Layout(width="100%")) for name in ("panels", "drift", "sequence")
+        }
         invariants = W.HTML(invariants_html(self.last_invariants))
         tables = W.HTML()
 
@@ -254,28 +309,55 @@ class Dashboard:
                 except Exception as exc:  # shown in the panel: a control must never raise into the frontend
                     message.value = f"<span style='color:red'>{label} failed: {exc}</span>"
                 self.refresh()
+
             return handler
 
-        apply.on_click(act("restarted", lambda: self.lab.switch(
-            strategy=strategy.value, outbox_mode=mode.value, decline_rate=decline.value,
-            naive={n for n, box in naive.items() if box.value}) and "ok"))
+        apply.on_click(
+            act(
+                "restarted",
+                lambda: (
+                    self.lab.switch(
+                        strategy=strategy.value,
+                        outbox_mode=mode.value,
+                        decline_rate=decline.value,
+                        naive={n for n, box in naive.items() if box.value},
+                    )
+                    and "ok"
+                ),
+            )
+        )
         rate.observe(lambda change: self._set_rate(change["new"]), names="value")
         arm.on_click(act("faults", lambda: self._arm({n: p.value for n, p in probs.items()})))
         buttons["Reconcile now"].on_click(act("reconcile", lambda: self.lab.reconcile_now()))
         buttons["Sweep now"].on_click(act("sweep", lambda: self.lab.sweep_now()))
         buttons["Flush Redis"].on_click(act("flushed keys", lambda: self.lab.flush_redis()))
         buttons["Crash"].on_click(act("crash", lambda: self.lab.crash() or "SIGKILL sent; the supervisor restarts it"))
-        controls = W.Tab(children=[
-            W.VBox([W.HBox([strategy, mode]), decline, W.HBox(list(naive.values())), apply]),
-            W.VBox([rate]),
-            W.VBox([*probs.values(), arm]),
-            W.HBox(list(buttons.values()))])
+        controls = W.Tab(
+            children=[
+                W.VBox([W.HBox([strategy, mode]), decline, W.HBox(list(naive.values())), apply]),
+                W.VBox([rate]),
+                W.VBox([*probs.values(), arm]),
+                W.HBox(list(buttons.values())),
+            ]
+        )
         for i, title in enumerate(("System", "Load", "Faults", "Actions")):
             controls.set_title(i, title)
         root = W.VBox([status, invariants, controls, message, *images.values(), tables])
-        return {"root": root, **images, "invariants": invariants, "tables": tables, "status": status,
-                "message": message, "rate": rate, "probs": probs, "naive": naive, "apply": apply,
-                "strategy": strategy, "mode": mode, "decline": decline}
+        return {
+            "root": root,
+            **images,
+            "invariants": invariants,
+            "tables": tables,
+            "status": status,
+            "message": message,
+            "rate": rate,
+            "probs": probs,
+            "naive": naive,
+            "apply": apply,
+            "strategy": strategy,
+            "mode": mode,
+            "decline": decline,
+        }
 
     def _set_rate(self, rate: float) -> None:
         self.load.rate = rate

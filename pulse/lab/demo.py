@@ -31,8 +31,10 @@ def _declined(client, out) -> dict:
     client.add_item(user, KINDLE, 2)
     order = client.wait_settled(client.checkout(user)["orderId"])
     after = _stock(client, KINDLE)
-    out(f"    card declined   -> {order['status']:<9} reason={order['failureReason']} "
-        f"inventory={order['inventoryStatus']} (stock {before}, reserved 2, restocked to {after})")
+    out(
+        f"    card declined   -> {order['status']:<9} reason={order['failureReason']} "
+        f"inventory={order['inventoryStatus']} (stock {before}, reserved 2, restocked to {after})"
+    )
     return order
 
 
@@ -42,11 +44,16 @@ def _out_of_stock(client, out, database_url) -> dict:
     client.add_item(user, product["id"], 1)
     # The warehouse finds the last unit damaged after the cart reserved it: the database says 0 now.
     with db.connect(database_url) as conn:
-        conn.execute("UPDATE inventory.inventory_items SET available_quantity = 0, version = version + 1, "
-                     "updated_at = now() WHERE product_id = %s", (product["id"],))
+        conn.execute(
+            "UPDATE inventory.inventory_items SET available_quantity = 0, version = version + 1, "
+            "updated_at = now() WHERE product_id = %s",
+            (product["id"],),
+        )
     order = client.wait_settled(client.checkout(user)["orderId"])
-    out(f"    out of stock    -> {order['status']:<9} reason={order['failureReason']} "
-        f"payment={order['paymentStatus']} display={order['displayStatus']} (charged, then refunded)")
+    out(
+        f"    out of stock    -> {order['status']:<9} reason={order['failureReason']} "
+        f"payment={order['paymentStatus']} display={order['displayStatus']} (charged, then refunded)"
+    )
     return order
 
 
@@ -59,13 +66,19 @@ def run_demo(outbox_mode: str | None = None, out=print) -> int:
     out(f"Checkout Pulse demo (outbox relay: {mode}); database, Redis and RabbitMQ as configured.")
     expected = []
     log_dir = Path(tempfile.mkdtemp(prefix="pulse-demo-"))
-    runs = [("optimistic", "0", lambda c: [_happy(c, out)]),
-            ("optimistic", "1", lambda c: [_declined(c, out)]),
-            ("post-payment", "0", lambda c: [_happy(c, out), _out_of_stock(c, out, settings.database_url)])]
+    runs = [
+        ("optimistic", "0", lambda c: [_happy(c, out)]),
+        ("optimistic", "1", lambda c: [_declined(c, out)]),
+        ("post-payment", "0", lambda c: [_happy(c, out), _out_of_stock(c, out, settings.database_url)]),
+    ]
     for strategy, decline, scenario in runs:
         out(f"  strategy {strategy} (payment decline rate {decline}):")
-        server = ServeProcess(strategy=strategy, outbox_mode=mode, env={"PULSE_PAYMENT_DECLINE_RATE": decline},
-                              log_path=log_dir / f"serve-{strategy}-{decline}.log")
+        server = ServeProcess(
+            strategy=strategy,
+            outbox_mode=mode,
+            env={"PULSE_PAYMENT_DECLINE_RATE": decline},
+            log_path=log_dir / f"serve-{strategy}-{decline}.log",
+        )
         with server:
             client = PulseClient(server.url)
             try:
@@ -82,8 +95,10 @@ def run_demo(outbox_mode: str | None = None, out=print) -> int:
     wanted = ["COMPLETED", "FAILED_PAYMENT", "COMPLETED", "REFUNDED"]
     got = [o["displayStatus"] for o in expected]
     ok = got == wanted
-    out(("All saga paths ended as expected." if ok else f"Unexpected outcomes: {got}, wanted {wanted}.")
-        + f"\nServer logs: {log_dir}")
+    out(
+        ("All saga paths ended as expected." if ok else f"Unexpected outcomes: {got}, wanted {wanted}.")
+        + f"\nServer logs: {log_dir}"
+    )
     return 0 if ok else 1
 
 

@@ -21,15 +21,34 @@ from pulse.tools.launcher import ServeProcess
 log = logging.getLogger(__name__)
 
 # Rows of a previous run; the catalogue's seed products stay (their stock is reset by the seed).
-WIPED_TABLES = ("inventory.cart_items", "inventory.carts", "inventory.reservations", "inventory.inbox",
-                "orders.order_items", "orders.orders", "orders.idempotency_records", "orders.inbox",
-                "orders.order_views", "orders.order_view_inbox", "payment.payments", "payment.inbox",
-                "shared.outbox", "infra.redis_stock_inbox")
+WIPED_TABLES = (
+    "inventory.cart_items",
+    "inventory.carts",
+    "inventory.reservations",
+    "inventory.inbox",
+    "orders.order_items",
+    "orders.orders",
+    "orders.idempotency_records",
+    "orders.inbox",
+    "orders.order_views",
+    "orders.order_view_inbox",
+    "payment.payments",
+    "payment.inbox",
+    "shared.outbox",
+    "infra.redis_stock_inbox",
+)
 # Bookkeeping of the fault/invariant machinery (issue 4), wiped too where the schema has it.
 OPTIONAL_WIPED_TABLES = ("infra.event_log", "infra.fault_log", "infra.saga_redrives", "infra.order_holds")
 # The system's Redis keys; anything else in the database (a test session's lease, say) is left alone.
-SYSTEM_KEY_PATTERNS = ("stock:*", "reserved:*", "cart:*", "lock:*", "pulse:applied:*", "pulse:reconcile:*",
-                       "pulse:hold:*")
+SYSTEM_KEY_PATTERNS = (
+    "stock:*",
+    "reserved:*",
+    "cart:*",
+    "lock:*",
+    "pulse:applied:*",
+    "pulse:reconcile:*",
+    "pulse:hold:*",
+)
 
 
 class LabError(RuntimeError):
@@ -56,11 +75,22 @@ class Lab:
     whatever the URLs say (local or not, classroom or not), because a server it did not start may serve others.
     """
 
-    def __init__(self, strategy: str = "optimistic", outbox_mode: str | None = None, *,
-                 decline_rate: float = 0.0, naive: tuple | list | set = (), database_url: str | None = None,
-                 redis_url: str | None = None, amqp_url: str | None = None, env: dict | None = None,
-                 reconcile_interval_s: float = 3600.0, sweep_interval_s: float = 3600.0,
-                 log_dir: str | Path | None = None, services: str = "given"):
+    def __init__(
+        self,
+        strategy: str = "optimistic",
+        outbox_mode: str | None = None,
+        *,
+        decline_rate: float = 0.0,
+        naive: tuple | list | set = (),
+        database_url: str | None = None,
+        redis_url: str | None = None,
+        amqp_url: str | None = None,
+        env: dict | None = None,
+        reconcile_interval_s: float = 3600.0,
+        sweep_interval_s: float = 3600.0,
+        log_dir: str | Path | None = None,
+        services: str = "given",
+    ):
         if services not in ("given", "own"):
             raise LabError(f"services={services!r}: say 'given' (the PULSE_* URLs) or 'own' (servers the lab starts).")
         self.services = services
@@ -71,14 +101,21 @@ class Lab:
         urls = {"PULSE_DATABASE_URL": database_url, "PULSE_REDIS_URL": redis_url, "PULSE_AMQP_URL": amqp_url}
         self.env = {k: v for k, v in base.items() if k.startswith("PULSE_")}
         self.env.update({k: v for k, v in urls.items() if v})
-        self.env.update({"PULSE_RECONCILE_INTERVAL_S": str(reconcile_interval_s),
-                         "PULSE_SWEEP_INTERVAL_S": str(sweep_interval_s)})
+        self.env.update(
+            {"PULSE_RECONCILE_INTERVAL_S": str(reconcile_interval_s), "PULSE_SWEEP_INTERVAL_S": str(sweep_interval_s)}
+        )
         self.env.setdefault("PULSE_RELAY_POLL_S", "0.02")
         self.env["PULSE_LAB"] = "1"  # the lab's server and in-kernel systems obey faults; nothing else does
         mode = outbox_mode or self.env.get("PULSE_OUTBOX_MODE") or config.Settings.outbox_mode
-        self.settings = config.from_env({**self.env, "PULSE_STRATEGY": strategy, "PULSE_OUTBOX_MODE": mode,
-                                         "PULSE_PAYMENT_DECLINE_RATE": str(decline_rate),
-                                         "PULSE_NAIVE": ",".join(sorted(naive))})
+        self.settings = config.from_env(
+            {
+                **self.env,
+                "PULSE_STRATEGY": strategy,
+                "PULSE_OUTBOX_MODE": mode,
+                "PULSE_PAYMENT_DECLINE_RATE": str(decline_rate),
+                "PULSE_NAIVE": ",".join(sorted(naive)),
+            }
+        )
         log_dir = log_dir or self.env.get("PULSE_LAB_LOG_DIR")  # set by the regression matrix, for instance
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="pulse-lab-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +176,7 @@ class Lab:
             raise LabError("Not reachable: " + ", ".join(down) + ". Start the services first (scripts/services.sh up).")
         return status
 
-    def start(self, *, fresh: bool = True, tap: bool = True, serve: bool = True) -> "Lab":
+    def start(self, *, fresh: bool = True, tap: bool = True, serve: bool = True) -> Lab:
         """Check services, migrate, seed and start ``pulse serve`` under supervision.
 
         ``fresh=True`` empties the previous run's carts, orders, payments, inboxes, outbox, queues and
@@ -171,23 +208,35 @@ class Lab:
 
     def _child_env(self) -> dict:
         s = self.settings
-        return {**self.env, "PULSE_DATABASE_URL": s.database_url, "PULSE_REDIS_URL": s.redis_url,
-                "PULSE_AMQP_URL": s.amqp_url, "PULSE_PAYMENT_DECLINE_RATE": str(s.payment_decline_rate),
-                "PULSE_NAIVE": ",".join(sorted(s.naive)), "PULSE_CONSUMER_THREADS": str(s.consumer_threads),
-                "PULSE_RECONCILE_COOLDOWN_S": str(s.reconcile_cooldown_s)}
+        return {
+            **self.env,
+            "PULSE_DATABASE_URL": s.database_url,
+            "PULSE_REDIS_URL": s.redis_url,
+            "PULSE_AMQP_URL": s.amqp_url,
+            "PULSE_PAYMENT_DECLINE_RATE": str(s.payment_decline_rate),
+            "PULSE_NAIVE": ",".join(sorted(s.naive)),
+            "PULSE_CONSUMER_THREADS": str(s.consumer_threads),
+            "PULSE_RECONCILE_COOLDOWN_S": str(s.reconcile_cooldown_s),
+        }
 
     def _start_child(self, port: int | None = None) -> None:
         env, s = self._child_env(), self.settings
         name = f"serve-{s.strategy}-{s.outbox_mode}.log"
 
         def make(port):
-            return ServeProcess(strategy=s.strategy, outbox_mode=s.outbox_mode, port=port, env=env,
-                                log_path=self.log_dir / name, args=self._serve_args)
+            return ServeProcess(
+                strategy=s.strategy,
+                outbox_mode=s.outbox_mode,
+                port=port,
+                env=env,
+                log_path=self.log_dir / name,
+                args=self._serve_args,
+            )
 
         self.supervisor = ServeSupervisor(make).start(port)
         self.client = PulseClient(self.supervisor.url)
 
-    def restart(self, **changes) -> "Lab":
+    def restart(self, **changes) -> Lab:
         """Stop the child and start it again, optionally with changed settings (see :meth:`switch`)."""
         self._require_running()
         port = self.supervisor.process.port
@@ -203,18 +252,31 @@ class Lab:
         self._start_child(port)
         return self
 
-    def switch(self, *, strategy: str | None = None, outbox_mode: str | None = None,
-               decline_rate: float | None = None, naive: tuple | list | set | None = None,
-               consumer_threads: int | None = None) -> "Lab":
+    def switch(
+        self,
+        *,
+        strategy: str | None = None,
+        outbox_mode: str | None = None,
+        decline_rate: float | None = None,
+        naive: tuple | list | set | None = None,
+        consumer_threads: int | None = None,
+    ) -> Lab:
         """Restart under another saga strategy, outbox mode, payment decline rate, set of naive switches
         or number of consumer threads per queue (competing consumers).
 
         Messages already in the queues stay there and are handled by the new child: switching in
         the middle of a load run is allowed and is itself an experiment.
         """
-        changes = {k: v for k, v in (("strategy", strategy), ("outbox_mode", outbox_mode),
-                                     ("payment_decline_rate", decline_rate),
-                                     ("consumer_threads", consumer_threads)) if v is not None}
+        changes = {
+            k: v
+            for k, v in (
+                ("strategy", strategy),
+                ("outbox_mode", outbox_mode),
+                ("payment_decline_rate", decline_rate),
+                ("consumer_threads", consumer_threads),
+            )
+            if v is not None
+        }
         if naive is not None:
             changes["naive"] = frozenset(naive)
         return self.restart(**changes)
@@ -279,16 +341,21 @@ class Lab:
             self._atexit = True
         owned = self._owned.env
         self.env.update(owned)
-        self.settings = self.settings.replace(database_url=owned["PULSE_DATABASE_URL"],
-                                              amqp_url=owned["PULSE_AMQP_URL"], redis_url=owned["PULSE_REDIS_URL"])
+        self.settings = self.settings.replace(
+            database_url=owned["PULSE_DATABASE_URL"],
+            amqp_url=owned["PULSE_AMQP_URL"],
+            redis_url=owned["PULSE_REDIS_URL"],
+        )
 
     def _require_owned(self, what: str, url: str):
         from urllib.parse import urlparse
 
         if self._owned is None:
             where = urlparse(url)
-            raise LabError(f"The lab restarts only a {what} it started itself, and the one at {where.hostname}:"
-                           f"{where.port} may serve others: create the lab with Lab(services='own') to restart it.")
+            raise LabError(
+                f"The lab restarts only a {what} it started itself, and the one at {where.hostname}:"
+                f"{where.port} may serve others: create the lab with Lab(services='own') to restart it."
+            )
         if self.held:
             raise LabError("Deliveries are held: call lab.release() before restarting a service.")
         return self._owned
@@ -318,8 +385,11 @@ class Lab:
         from pulse.infra import broker, db, migrate
 
         with db.connect(self.settings.database_url) as conn, conn.transaction():
-            present = [t for t in OPTIONAL_WIPED_TABLES
-                       if conn.execute("SELECT to_regclass(%s) AS t", (t,)).fetchone()["t"] is not None]
+            present = [
+                t
+                for t in OPTIONAL_WIPED_TABLES
+                if conn.execute("SELECT to_regclass(%s) AS t", (t,)).fetchone()["t"] is not None
+            ]
             conn.execute("TRUNCATE " + ", ".join(WIPED_TABLES + tuple(present)))
             seed_ids = [p[0] for p in SEED_PRODUCTS]
             conn.execute("DELETE FROM inventory.inventory_items WHERE NOT (product_id = ANY(%s::uuid[]))", (seed_ids,))
@@ -350,9 +420,11 @@ class Lab:
 
         with db.connect(self.settings.database_url, autocommit=True) as conn:
             try:
-                conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                             "WHERE slot_name = %s AND database = current_database() AND NOT active",
-                             (self.settings.cdc_slot,))
+                conn.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE slot_name = %s AND database = current_database() AND NOT active",
+                    (self.settings.cdc_slot,),
+                )
             except psycopg.errors.ObjectInUse:  # a relay started streaming it meanwhile: it reads on from there
                 pass
 
@@ -390,7 +462,7 @@ class Lab:
             for pattern in SYSTEM_KEY_PATTERNS:
                 found = list(r.scan_iter(match=pattern, count=1000))
                 for start in range(0, len(found), 500):
-                    deleted += r.delete(*found[start:start + 500])
+                    deleted += r.delete(*found[start : start + 500])
         finally:
             r.close()
         return deleted
@@ -438,8 +510,14 @@ class Lab:
         self._require_running()
         return self.client.create_product(name or f"Lab product {time.strftime('%H%M%S')}", price, stock)["id"]
 
-    def checkout(self, items: dict[str, int], *, wait: bool = True, idempotency_key: str | None = None,
-                 user_id: str | None = None) -> dict:
+    def checkout(
+        self,
+        items: dict[str, int],
+        *,
+        wait: bool = True,
+        idempotency_key: str | None = None,
+        user_id: str | None = None,
+    ) -> dict:
         """Add ``{productId: quantity}`` to a new user's cart and order it; waits for the saga unless ``wait=False``."""
         self._require_running()
         user = user_id or self.client.new_user()
@@ -448,14 +526,22 @@ class Lab:
         created = self.client.checkout(user, idempotency_key)
         return self.client.wait_settled(created["orderId"]) if wait else created
 
-    def run_orders(self, count: int, products: list[str], *, quantity: int = 1, concurrency: int = 4,
-                   seed: int = 1) -> dict:
+    def run_orders(
+        self, count: int, products: list[str], *, quantity: int = 1, concurrency: int = 4, seed: int = 1
+    ) -> dict:
         """Place ``count`` checkouts over ``products`` with ``concurrency`` clients; returns counts by outcome."""
         from pulse.lab.load import run_orders
 
         self._require_running()
-        return run_orders(self.url, count, products, quantity=quantity, concurrency=concurrency, seed=seed,
-                          wait_up=self.supervisor.wait_up)
+        return run_orders(
+            self.url,
+            count,
+            products,
+            quantity=quantity,
+            concurrency=concurrency,
+            seed=seed,
+            wait_up=self.supervisor.wait_up,
+        )
 
     def wait_quiet(self, timeout_s: float = 60.0) -> dict:
         """Wait until every order settled (compensations and view included) and the outbox is empty."""
@@ -466,8 +552,9 @@ class Lab:
                 return state
             if time.monotonic() > deadline:
                 stuck = self.q.unsettled_orders().to_dict("records")
-                raise TimeoutError(f"the system did not settle within {timeout_s:.0f}s: {state}; "
-                                   f"unsettled orders: {stuck}")
+                raise TimeoutError(
+                    f"the system did not settle within {timeout_s:.0f}s: {state}; unsettled orders: {stuck}"
+                )
             time.sleep(0.2)
 
     # ----- faults (run time, no restart) ------------------------------------------------------------
@@ -542,8 +629,9 @@ class Lab:
         self._dashboards.append(dashboard)
         return dashboard
 
-    def check(self, initial_stock: dict[str, int] | None = None, *, since=None, products: list[str] | None = None,
-              scope=None) -> list[dict]:
+    def check(
+        self, initial_stock: dict[str, int] | None = None, *, since=None, products: list[str] | None = None, scope=None
+    ) -> list[dict]:
         """Run the invariants; returns one dict per invariant: ``{"name", "ok", "detail", "offenders"}``.
 
         With ``since`` (a moment, e.g. :meth:`now` before a scenario), ``products`` or a
@@ -590,7 +678,7 @@ class Lab:
         holds deliveries first if they are not held yet. Returns the step (None when nothing waits)."""
         return self.hold().step(queue, event, show=show)
 
-    def release(self) -> "Lab":
+    def release(self) -> Lab:
         """Deliver whatever the stepper still holds, then restart the full server (relay and consumers back)."""
         if self._stepper is not None:
             self._stepper.run(show=False)
@@ -606,4 +694,3 @@ class Lab:
         if self._stepper is not None:
             self._stepper.close()
             self._stepper = None
-

@@ -13,8 +13,9 @@ import httpx
 from pulse.lab.client import PulseClient, PulseError
 
 
-def one_checkout(client: PulseClient, product: str, quantity: int, *, wait_up=None,
-                 retry_for_s: float = 20.0) -> tuple[str, str | None]:
+def one_checkout(
+    client: PulseClient, product: str, quantity: int, *, wait_up=None, retry_for_s: float = 20.0
+) -> tuple[str, str | None]:
     """Cart add then order for a new user; returns ``(outcome, orderId)``.
 
     Outcomes: ``placed``; ``cart-rejected`` (409, not enough stock: nothing was reserved);
@@ -50,8 +51,9 @@ def one_checkout(client: PulseClient, product: str, quantity: int, *, wait_up=No
             wait_up()
 
 
-def run_orders(url: str, count: int, products: list[str], *, quantity: int = 1, concurrency: int = 4,
-               seed: int = 1, wait_up=None) -> dict:
+def run_orders(
+    url: str, count: int, products: list[str], *, quantity: int = 1, concurrency: int = 4, seed: int = 1, wait_up=None
+) -> dict:
     """Place ``count`` checkouts over ``products`` (chosen with a seeded RNG) with ``concurrency`` clients.
 
     Returns ``{'placed', 'cart-rejected', 'error', 'no-answer', 'orderIds', 'seconds'}``. When a
@@ -90,8 +92,9 @@ class LoadDriver:
     the outcomes of :func:`one_checkout`.
     """
 
-    def __init__(self, url_of, products: list[str], *, rate: float = 5.0, quantity: int = 1, workers: int = 4,
-                 seed: int = 1):
+    def __init__(
+        self, url_of, products: list[str], *, rate: float = 5.0, quantity: int = 1, workers: int = 4, seed: int = 1
+    ):
         self.url_of, self.products, self.rate, self.quantity = url_of, list(products), rate, quantity
         self.counts = {"placed": 0, "cart-rejected": 0, "error": 0, "no-answer": 0}
         self.order_ids: list[str] = []
@@ -105,7 +108,7 @@ class LoadDriver:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> "LoadDriver":
+    def start(self) -> LoadDriver:
         if not self.running:
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="pulse-lab-load", daemon=True)

@@ -40,7 +40,9 @@ def _free_port() -> int:
 def _pg_bin(name: str) -> str:
     found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
     if not found:
-        raise OwnedServicesError(f"PostgreSQL's {name} is not installed, so the lab cannot run a PostgreSQL of its own.")
+        raise OwnedServicesError(
+            f"PostgreSQL's {name} is not installed, so the lab cannot run a PostgreSQL of its own."
+        )
     return found
 
 
@@ -80,12 +82,15 @@ class OwnedServices:
 
     @property
     def env(self) -> dict:
-        return {"PULSE_DATABASE_URL": self.database_url, "PULSE_AMQP_URL": self.amqp_url,
-                "PULSE_REDIS_URL": self.redis_url}
+        return {
+            "PULSE_DATABASE_URL": self.database_url,
+            "PULSE_AMQP_URL": self.amqp_url,
+            "PULSE_REDIS_URL": self.redis_url,
+        }
 
     # ----- life cycle ---------------------------------------------------------------------------------
 
-    def start(self) -> "OwnedServices":
+    def start(self) -> OwnedServices:
         from pulse.lab.private import lease_redis_db
 
         try:
@@ -165,13 +170,19 @@ class OwnedServices:
 
     def _pg_options(self) -> str:
         # fsync off: a throwaway cluster, and a fast shutdown still writes everything out.
-        return (f"-p {self.pg_port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root / 'pg'} "
-                "-c wal_level=logical -c max_wal_senders=4 -c max_replication_slots=4 -c fsync=off "
-                "-c max_connections=100")
+        return (
+            f"-p {self.pg_port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root / 'pg'} "
+            "-c wal_level=logical -c max_wal_senders=4 -c max_replication_slots=4 -c fsync=off "
+            "-c max_connections=100"
+        )
 
     def _pg_ctl(self, *args: str, check: bool = True) -> None:
-        done = subprocess.run([*self._as("postgres"), _pg_bin("pg_ctl"), "-D", str(self.root / "pg" / "data"), *args],
-                              capture_output=True, text=True, timeout=90)
+        done = subprocess.run(
+            [*self._as("postgres"), _pg_bin("pg_ctl"), "-D", str(self.root / "pg" / "data"), *args],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         if check and done.returncode != 0:
             raise OwnedServicesError(f"pg_ctl {args[0]} failed: {(done.stderr or done.stdout).strip()[-300:]}")
 
@@ -179,8 +190,23 @@ class OwnedServices:
         pg = self.root / "pg"
         pg.mkdir()
         self._chown(pg, "postgres")
-        done = subprocess.run([*self._as("postgres"), _pg_bin("initdb"), "-D", str(pg / "data"), "-U", "postgres",
-                               "--auth=trust", "-E", "UTF8", "--no-sync"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                *self._as("postgres"),
+                _pg_bin("initdb"),
+                "-D",
+                str(pg / "data"),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if done.returncode != 0:
             raise OwnedServicesError(f"initdb failed: {done.stderr.strip()[-300:]}")
         self.pg_port = _free_port()
@@ -193,20 +219,32 @@ class OwnedServices:
         user = "rabbitmq" if os.geteuid() == 0 else None
         home = pwd.getpwnam(user).pw_dir if user else os.path.expanduser("~")  # where the Erlang cookie is
         rabbit = self.root / "rabbit"
-        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin", "HOME": home,
-                "LANG": "C.UTF-8", "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(self.amqp_port),
-                "RABBITMQ_DIST_PORT": str(self.dist_port),
-                # Its own files only: the machine's rabbitmq-env.conf names the machine's node.
-                "RABBITMQ_CONF_ENV_FILE": str(rabbit / "rabbitmq-env.conf"),
-                "RABBITMQ_CONFIG_FILE": str(rabbit / "rabbitmq.conf"),
-                "RABBITMQ_ENABLED_PLUGINS_FILE": str(rabbit / "enabled_plugins"),
-                "RABBITMQ_MNESIA_BASE": str(rabbit / "mnesia"), "RABBITMQ_LOG_BASE": str(rabbit / "log"),
-                "RABBITMQ_PID_FILE": str(rabbit / "pid"), "ERL_EPMD_ADDRESS": "127.0.0.1",
-                "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}"}
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin",
+            "HOME": home,
+            "LANG": "C.UTF-8",
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.amqp_port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            # Its own files only: the machine's rabbitmq-env.conf names the machine's node.
+            "RABBITMQ_CONF_ENV_FILE": str(rabbit / "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(rabbit / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(rabbit / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(rabbit / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(rabbit / "log"),
+            "RABBITMQ_PID_FILE": str(rabbit / "pid"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
 
     def _rabbitmqctl(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-        return subprocess.run([*self._as("rabbitmq"), _rabbit_bin("rabbitmqctl"), "-n", self.node, *args],
-                              env=self._rabbit_env(), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [*self._as("rabbitmq"), _rabbit_bin("rabbitmqctl"), "-n", self.node, *args],
+            env=self._rabbit_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def _start_rabbit(self) -> None:
         rabbit = self.root / "rabbit"
@@ -215,15 +253,21 @@ class OwnedServices:
             self.amqp_port, self.dist_port = _free_port(), _free_port()
             (rabbit / "rabbitmq-env.conf").write_text("")
             # guest may log in over the loopback only by default; it is all the lab uses, so say so plainly.
-            (rabbit / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.amqp_port}\n"
-                                                  "loopback_users.guest = true\n")
+            (rabbit / "rabbitmq.conf").write_text(
+                f"listeners.tcp.local = 127.0.0.1:{self.amqp_port}\nloopback_users.guest = true\n"
+            )
             (rabbit / "enabled_plugins").write_text("[].\n")
             self._chown(rabbit, "rabbitmq")
         log = open(rabbit / "server.log", "ab")
         try:
-            self._rabbit = subprocess.Popen([*self._as("rabbitmq"), _rabbit_bin("rabbitmq-server")],
-                                            env=self._rabbit_env(), stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True, cwd=str(rabbit))
+            self._rabbit = subprocess.Popen(
+                [*self._as("rabbitmq"), _rabbit_bin("rabbitmq-server")],
+                env=self._rabbit_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=str(rabbit),
+            )
         finally:
             log.close()
         deadline = time.monotonic() + 90

@@ -64,8 +64,9 @@ def lease_redis_db(base_url: str, token: str):
         finally:
             client.close()
         lock.close()
-    raise PrivateServicesError("Every Redis DB 1..15 is leased by a test session or another campaign; "
-                               "wait for one to finish.")
+    raise PrivateServicesError(
+        "Every Redis DB 1..15 is leased by a test session or another campaign; wait for one to finish."
+    )
 
 
 @contextlib.contextmanager
@@ -75,8 +76,9 @@ def private_services(settings, prefix: str = "pulse_matrix"):
     import redis
 
     if not shutil.which("rabbitmqctl"):
-        raise PrivateServicesError("rabbitmqctl is not on PATH, so no private vhost can be made; "
-                                   "run with --shared on a machine of your own.")
+        raise PrivateServicesError(
+            "rabbitmqctl is not on PATH, so no private vhost can be made; run with --shared on a machine of your own."
+        )
     tag = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = psycopg.conninfo.make_conninfo(settings.database_url, dbname="postgres")
     redis_url, lock, made_vhost = None, None, False
@@ -85,9 +87,13 @@ def private_services(settings, prefix: str = "pulse_matrix"):
         made_vhost = True
         index, lock = lease_redis_db(settings.redis_url, tag)
         redis_url = settings.redis_url.rsplit("/", 1)[0] + f"/{index}"
-        yield {"PULSE_DATABASE_URL": psycopg.conninfo.make_conninfo(settings.database_url, dbname=tag),
-               "PULSE_AMQP_URL": settings.amqp_url.rsplit("/", 1)[0] + "/" + quote(tag, safe=""),
-               "PULSE_REDIS_URL": redis_url, "PULSE_CDC_SLOT": tag, "PULSE_CDC_PUBLICATION": f"{tag}_pub"}
+        yield {
+            "PULSE_DATABASE_URL": psycopg.conninfo.make_conninfo(settings.database_url, dbname=tag),
+            "PULSE_AMQP_URL": settings.amqp_url.rsplit("/", 1)[0] + "/" + quote(tag, safe=""),
+            "PULSE_REDIS_URL": redis_url,
+            "PULSE_CDC_SLOT": tag,
+            "PULSE_CDC_PUBLICATION": f"{tag}_pub",
+        }
     finally:
         if made_vhost:
             vhost(tag, create=False)
@@ -98,6 +104,9 @@ def private_services(settings, prefix: str = "pulse_matrix"):
         if lock is not None:
             lock.close()
         with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
-            conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                         "WHERE slot_name = %s AND NOT active", (tag,))
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name = %s AND NOT active",
+                (tag,),
+            )
             conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psycopg.sql.Identifier(tag)))

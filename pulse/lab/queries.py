@@ -14,17 +14,29 @@ from pulse.redisstock.handlers import HELD_BY_PRODUCT
 from pulse.topology import INBOX_TABLES
 
 # Which module writes each event type into the outbox (used to date an event's outbox write).
-EMITTER = {"STOCK_RESERVED": "inventory", "STOCK_RELEASED": "inventory", "STOCK_FAILED": "inventory",
-           "PAYMENT_PROCESSED": "payment", "PAYMENT_FAILED": "payment", "PAYMENT_REFUNDED": "payment",
-           "ORDER_UPDATED": "orders"}
+EMITTER = {
+    "STOCK_RESERVED": "inventory",
+    "STOCK_RELEASED": "inventory",
+    "STOCK_FAILED": "inventory",
+    "PAYMENT_PROCESSED": "payment",
+    "PAYMENT_FAILED": "payment",
+    "PAYMENT_REFUNDED": "payment",
+    "ORDER_UPDATED": "orders",
+}
 STAGES = ("outbox", "broker", *INBOX_TABLES)
 
 
 def engine_for(database_url: str):
     """A SQLAlchemy engine (psycopg 3 driver) for a libpq URL or ``key=value`` connection string."""
     p = conninfo_to_dict(database_url)
-    url = URL.create("postgresql+psycopg", username=p.get("user"), password=p.get("password"),
-                     host=p.get("host"), port=int(p["port"]) if p.get("port") else None, database=p.get("dbname"))
+    url = URL.create(
+        "postgresql+psycopg",
+        username=p.get("user"),
+        password=p.get("password"),
+        host=p.get("host"),
+        port=int(p["port"]) if p.get("port") else None,
+        database=p.get("dbname"),
+    )
     return create_engine(url, pool_size=2, max_overflow=2, pool_pre_ping=True)
 
 
@@ -54,13 +66,16 @@ class Queries:
             "SELECT o.status, coalesce(o.failure_reason, '') AS failure_reason, "
             "coalesce(v.display_status, '(view pending)') AS display_status, count(*) AS orders "
             "FROM orders.orders o LEFT JOIN orders.order_views v ON v.order_id = o.id "
-            "GROUP BY 1, 2, 3 ORDER BY 4 DESC")
+            "GROUP BY 1, 2, 3 ORDER BY 4 DESC"
+        )
 
     def outcome_totals(self) -> dict[str, int]:
         """``{'COMPLETED': n, 'FAILED_PAYMENT_FAILED': n, 'FAILED_OUT_OF_STOCK': n, 'IN_FLIGHT': n}``."""
-        df = self.sql("SELECT CASE WHEN status = 'COMPLETED' THEN 'COMPLETED' WHEN status = 'FAILED' "
-                      "THEN 'FAILED_' || failure_reason ELSE 'IN_FLIGHT' END AS outcome, count(*) AS n "
-                      "FROM orders.orders GROUP BY 1")
+        df = self.sql(
+            "SELECT CASE WHEN status = 'COMPLETED' THEN 'COMPLETED' WHEN status = 'FAILED' "
+            "THEN 'FAILED_' || failure_reason ELSE 'IN_FLIGHT' END AS outcome, count(*) AS n "
+            "FROM orders.orders GROUP BY 1"
+        )
         return {row.outcome: int(row.n) for row in df.itertuples()}
 
     def terminal_over_time(self, bucket_s: float = 1.0) -> pd.DataFrame:
@@ -69,7 +84,8 @@ class Queries:
             "SELECT to_timestamp(floor(extract(epoch FROM updated_at) / :b) * :b) AS t, "
             "CASE WHEN status = 'COMPLETED' THEN 'COMPLETED' ELSE 'FAILED ' || failure_reason END AS outcome, "
             "count(*) AS n FROM orders.orders WHERE status IN ('COMPLETED', 'FAILED') GROUP BY 1, 2 ORDER BY 1",
-            b=bucket_s)
+            b=bucket_s,
+        )
         return _cumulative(df)
 
     UNSETTLED = (
@@ -80,7 +96,8 @@ class Queries:
         "OR (o.failure_reason = 'PAYMENT_FAILED' AND o.strategy = 'OPTIMISTIC' AND o.inventory_status = 'RESERVED') "
         "OR (o.failure_reason = 'OUT_OF_STOCK' AND o.strategy = 'POST_PAYMENT' AND o.payment_status = 'SUCCESS') "
         "OR EXISTS (SELECT 1 FROM inventory.carts c JOIN inventory.cart_items ci ON ci.cart_id = c.id "
-        "WHERE c.user_id = o.user_id AND ci.quantity > 0 AND ci.updated_at <= o.created_at)")
+        "WHERE c.user_id = o.user_id AND ci.quantity > 0 AND ci.updated_at <= o.created_at)"
+    )
 
     def unsettled_count(self) -> int:
         """Orders whose saga is not over: not terminal, compensation pending, the view not caught up, or
@@ -90,9 +107,11 @@ class Queries:
 
     def unsettled_orders(self, limit: int = 5) -> pd.DataFrame:
         """The first ``limit`` unsettled orders (see :meth:`unsettled_count`) with their state, to see why."""
-        return self.sql("SELECT o.id::text AS order_id, o.status, o.payment_status, o.inventory_status, "
-                        "o.failure_reason, v.display_status, o.updated_at " + self.UNSETTLED
-                        + " ORDER BY o.updated_at LIMIT :n", n=limit)
+        return self.sql(
+            "SELECT o.id::text AS order_id, o.status, o.payment_status, o.inventory_status, "
+            "o.failure_reason, v.display_status, o.updated_at " + self.UNSETTLED + " ORDER BY o.updated_at LIMIT :n",
+            n=limit,
+        )
 
     # ----- compensations ----------------------------------------------------------------------------
 
@@ -102,13 +121,17 @@ class Queries:
             "SELECT to_timestamp(floor(extract(epoch FROM updated_at) / :b) * :b) AS t, 'restocks' AS outcome, "
             "count(*) AS n FROM inventory.reservations WHERE status = 'RELEASED' GROUP BY 1 "
             "UNION ALL SELECT to_timestamp(floor(extract(epoch FROM coalesce(refunded_at, created_at)) / :b) * :b), "
-            "'refunds', count(*) FROM payment.payments WHERE status = 'REFUNDED' GROUP BY 1 ORDER BY 1", b=bucket_s)
+            "'refunds', count(*) FROM payment.payments WHERE status = 'REFUNDED' GROUP BY 1 ORDER BY 1",
+            b=bucket_s,
+        )
         return _cumulative(df)
 
     def compensation_totals(self) -> dict[str, int]:
         """``{'restocks': n, 'refunds': n}`` so far."""
-        df = self.sql("SELECT (SELECT count(*) FROM inventory.reservations WHERE status = 'RELEASED') AS restocks, "
-                      "(SELECT count(*) FROM payment.payments WHERE status = 'REFUNDED') AS refunds")
+        df = self.sql(
+            "SELECT (SELECT count(*) FROM inventory.reservations WHERE status = 'RELEASED') AS restocks, "
+            "(SELECT count(*) FROM payment.payments WHERE status = 'REFUNDED') AS refunds"
+        )
         return {k: int(v) for k, v in df.iloc[0].items()}
 
     # ----- Redis vs PostgreSQL ----------------------------------------------------------------------
@@ -125,7 +148,9 @@ class Queries:
         df = self.sql(
             "SELECT p.id::text AS product_id, p.name, i.available_quantity AS db_stock "
             f"FROM inventory.products p JOIN inventory.inventory_items i ON i.product_id = p.id "
-            f"{where} ORDER BY p.name, p.id", **({} if products is None else {"ids": list(products)}))
+            f"{where} ORDER BY p.name, p.id",
+            **({} if products is None else {"ids": list(products)}),
+        )
         held = self.held_by_product(products)
         ids = list(df["product_id"])
         df["db_reserved"] = [held.get(p, 0) for p in ids]
@@ -135,8 +160,18 @@ class Queries:
         df["redis_reserved"] = [int(v or 0) for v in reserved]
         df["stock_drift"] = (df["redis_stock"] - df["db_stock"]).astype("Int64")
         df["reserved_drift"] = df["redis_reserved"] - df["db_reserved"]
-        return df[["product_id", "name", "db_stock", "db_reserved", "redis_stock", "redis_reserved",
-                   "stock_drift", "reserved_drift"]]
+        return df[
+            [
+                "product_id",
+                "name",
+                "db_stock",
+                "db_reserved",
+                "redis_stock",
+                "redis_reserved",
+                "stock_drift",
+                "reserved_drift",
+            ]
+        ]
 
     def held_by_product(self, products: list[str] | None = None) -> dict[str, int]:
         """Units each product's ``reserved:`` key should hold: live cart items + unreleased order holds."""
@@ -148,16 +183,22 @@ class Queries:
         """How many products drift, and by how many units in total (missing stock keys counted apart)."""
         df = self.drift(products)
         stock = df["stock_drift"].fillna(0)
-        return {"productsDrifting": int(((stock != 0) | (df["reserved_drift"] != 0)).sum()),
-                "stockUnits": int(stock.abs().sum()), "reservedUnits": int(df["reserved_drift"].abs().sum()),
-                "missingStockKeys": int(df["redis_stock"].isna().sum())}
+        return {
+            "productsDrifting": int(((stock != 0) | (df["reserved_drift"] != 0)).sum()),
+            "stockUnits": int(stock.abs().sum()),
+            "reservedUnits": int(df["reserved_drift"].abs().sum()),
+            "missingStockKeys": int(df["redis_stock"].isna().sum()),
+        }
 
     def fault_strikes(self, since_epoch: float = 0.0) -> pd.DataFrame:
         """Faults that struck since ``since_epoch`` (``infra.fault_log``): columns at (epoch s), name, action."""
         if not self._has("infra.fault_log"):
             return pd.DataFrame(columns=["at", "name", "action"])
-        return self.sql("SELECT extract(epoch FROM fired_at)::float AS at, name, action FROM infra.fault_log "
-                        "WHERE fired_at >= to_timestamp(:s) ORDER BY fired_at", s=float(since_epoch))
+        return self.sql(
+            "SELECT extract(epoch FROM fired_at)::float AS at, name, action FROM infra.fault_log "
+            "WHERE fired_at >= to_timestamp(:s) ORDER BY fired_at",
+            s=float(since_epoch),
+        )
 
     def reconcile_marks(self) -> dict[str, int]:
         """The reconcilers' marker (``pulse:reconcile:marker``): instance → epoch second of its last pass.
@@ -178,8 +219,10 @@ class Queries:
 
     def relay_lag(self) -> dict:
         """Rows waiting in ``shared.outbox`` and the age in seconds of the oldest (0 when drained)."""
-        row = self.sql("SELECT count(*) AS rows, coalesce(extract(epoch FROM now() - min(created_at)), 0) AS age "
-                       "FROM shared.outbox").iloc[0]
+        row = self.sql(
+            "SELECT count(*) AS rows, coalesce(extract(epoch FROM now() - min(created_at)), 0) AS age "
+            "FROM shared.outbox"
+        ).iloc[0]
         return {"rows": int(row["rows"]), "oldestAgeS": round(float(row["age"]), 3)}
 
     TIMELINE_COLUMNS = ["eventId", "eventType", "stage", "at", "derived", "duplicates", "redriven"]
@@ -202,23 +245,63 @@ class Queries:
         types = {e["eventId"]: e["eventType"] for e in tapped}
         types.update({r.id: r.event_type for r in logged.itertuples()})
         redriven = {r.id for r in logged.itertuples() if r.redriven}
-        rows = [{"eventId": e["eventId"], "eventType": e["eventType"], "stage": "broker",
-                 "at": pd.Timestamp(e["brokerAt"], unit="s", tz="UTC"), "derived": False, "duplicates": 0}
-                for e in tapped]
-        rows += [{"eventId": r.id, "eventType": r.event_type, "stage": "outbox", "at": r.created_at, "derived": False,
-                  "duplicates": 0} for r in logged.itertuples()]
+        rows = [
+            {
+                "eventId": e["eventId"],
+                "eventType": e["eventType"],
+                "stage": "broker",
+                "at": pd.Timestamp(e["brokerAt"], unit="s", tz="UTC"),
+                "derived": False,
+                "duplicates": 0,
+            }
+            for e in tapped
+        ]
+        rows += [
+            {
+                "eventId": r.id,
+                "eventType": r.event_type,
+                "stage": "outbox",
+                "at": r.created_at,
+                "derived": False,
+                "duplicates": 0,
+            }
+            for r in logged.itertuples()
+        ]
         ids = list(types)
         for module, table in INBOX_TABLES.items():
             if ids:
-                found = self.sql(f"SELECT event_id::text AS id, processed_at, {self._duplicates(table)} AS dups "
-                                 f"FROM {table} WHERE event_id = ANY(CAST(:ids AS uuid[]))", ids=ids)
-                rows += [{"eventId": r.id, "eventType": types[r.id], "stage": module, "at": r.processed_at,
-                          "derived": False, "duplicates": int(r.dups)} for r in found.itertuples()]
+                found = self.sql(
+                    f"SELECT event_id::text AS id, processed_at, {self._duplicates(table)} AS dups "
+                    f"FROM {table} WHERE event_id = ANY(CAST(:ids AS uuid[]))",
+                    ids=ids,
+                )
+                rows += [
+                    {
+                        "eventId": r.id,
+                        "eventType": types[r.id],
+                        "stage": module,
+                        "at": r.processed_at,
+                        "derived": False,
+                        "duplicates": int(r.dups),
+                    }
+                    for r in found.itertuples()
+                ]
         if logged.empty:
-            pending = self.sql("SELECT id::text AS id, event_type, created_at FROM shared.outbox "
-                               "WHERE aggregate_id = :o", o=str(order_id))
-            rows += [{"eventId": r.id, "eventType": r.event_type, "stage": "outbox", "at": r.created_at,
-                      "derived": False, "duplicates": 0} for r in pending.itertuples()]
+            pending = self.sql(
+                "SELECT id::text AS id, event_type, created_at FROM shared.outbox WHERE aggregate_id = :o",
+                o=str(order_id),
+            )
+            rows += [
+                {
+                    "eventId": r.id,
+                    "eventType": r.event_type,
+                    "stage": "outbox",
+                    "at": r.created_at,
+                    "derived": False,
+                    "duplicates": 0,
+                }
+                for r in pending.itertuples()
+            ]
         df = pd.DataFrame(rows, columns=self.TIMELINE_COLUMNS[:-1])
         if not df.empty:
             df["at"] = pd.to_datetime(df["at"], utc=True)
@@ -237,15 +320,23 @@ class Queries:
         cache = self.__dict__.setdefault("_dup_columns", {})
         if table not in cache:
             schema, name = table.split(".")
-            cache[table] = bool(self.sql(
-                "SELECT count(*) AS n FROM information_schema.columns WHERE table_schema = :s AND table_name = :t "
-                "AND column_name = 'duplicates'", s=schema, t=name).iloc[0]["n"])
+            cache[table] = bool(
+                self.sql(
+                    "SELECT count(*) AS n FROM information_schema.columns WHERE table_schema = :s AND table_name = :t "
+                    "AND column_name = 'duplicates'",
+                    s=schema,
+                    t=name,
+                ).iloc[0]["n"]
+            )
         return "duplicates" if cache[table] else "0"
 
     def _event_log(self, order_id: str) -> pd.DataFrame:
         if self._has("infra.event_log"):
-            return self.sql("SELECT event_id::text AS id, event_type, created_at, redriven FROM infra.event_log "
-                            "WHERE aggregate_id = :o ORDER BY created_at", o=str(order_id))
+            return self.sql(
+                "SELECT event_id::text AS id, event_type, created_at, redriven FROM infra.event_log "
+                "WHERE aggregate_id = :o ORDER BY created_at",
+                o=str(order_id),
+            )
         return pd.DataFrame(columns=["id", "event_type", "created_at", "redriven"])
 
     def _outbox_times(self, order_id: str, df: pd.DataFrame) -> pd.DataFrame:
@@ -267,14 +358,15 @@ class Queries:
                 before = seen[seen <= e.at]
                 at = before.max() if not before.empty else None
             if at is not None:
-                rows.append({"eventId": e.eventId, "eventType": e.eventType, "stage": "outbox", "at": at,
-                             "derived": True})
+                rows.append(
+                    {"eventId": e.eventId, "eventType": e.eventType, "stage": "outbox", "at": at, "derived": True}
+                )
         return pd.DataFrame(rows, columns=["eventId", "eventType", "stage", "at", "derived"])
 
 
 def _cumulative(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
-        return pd.DataFrame(index=pd.DatetimeIndex([], tz=dt.timezone.utc, name="t"))
+        return pd.DataFrame(index=pd.DatetimeIndex([], tz=dt.UTC, name="t"))
     wide = df.pivot_table(index="t", columns="outcome", values="n", aggfunc="sum", fill_value=0)
     wide.columns.name = None
     return wide.sort_index().cumsum()

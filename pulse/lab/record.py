@@ -17,16 +17,22 @@ def record(results: dict, path: str | os.PathLike | None = None, *, notebook: st
     Returns the document.
     """
     doc = {"notebook": notebook, "recordedAt": time.time(), "results": results}
-    target = path or (Path(os.environ["PULSE_LAB_RECORD_DIR"]) / f"{notebook or 'notebook'}.json"
-                      if os.environ.get("PULSE_LAB_RECORD_DIR") else None)
+    target = path or (
+        Path(os.environ["PULSE_LAB_RECORD_DIR"]) / f"{notebook or 'notebook'}.json"
+        if os.environ.get("PULSE_LAB_RECORD_DIR")
+        else None
+    )
     if target:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         Path(target).write_text(json.dumps(doc, indent=2, default=str))
     try:
         from IPython.display import display
 
-        display({"application/json": json.loads(json.dumps(doc, default=str))}, raw=True,
-                metadata={"application/json": {"pulse_record": True}})
+        display(
+            {"application/json": json.loads(json.dumps(doc, default=str))},
+            raw=True,
+            metadata={"application/json": {"pulse_record": True}},
+        )
     except ImportError:  # outside IPython there is nothing to display to
         pass
     return doc

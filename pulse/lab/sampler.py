@@ -19,8 +19,17 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-SAMPLE_COLUMNS = ["t", "product_id", "name", "db_stock", "redis_stock", "db_reserved", "redis_reserved",
-                  "stock_drift", "reserved_drift"]
+SAMPLE_COLUMNS = [
+    "t",
+    "product_id",
+    "name",
+    "db_stock",
+    "redis_stock",
+    "db_reserved",
+    "redis_reserved",
+    "stock_drift",
+    "reserved_drift",
+]
 LAG_COLUMNS = ["t", "rows", "oldest_age_s"]
 PASS_COLUMNS = ["t", "source", "stock", "reserved", "carts"]
 STRIKE_COLUMNS = ["t", "name", "action"]
@@ -47,7 +56,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Sampler":
+    def start(self) -> Sampler:
         """Take a first sample now and keep sampling in a background thread."""
         if self._thread is None:
             self.started_at = time.time()
@@ -56,7 +65,7 @@ class Sampler:
             self._thread.start()
         return self
 
-    def stop(self) -> "Sampler":
+    def stop(self) -> Sampler:
         """Take a last sample and stop the thread; safe to call twice."""
         if self._thread is not None and not self._stop.is_set():
             self._stop.set()
@@ -118,19 +127,32 @@ class Sampler:
     def strikes(self) -> pd.DataFrame:
         """Faults that struck since the start (``infra.fault_log``): t, name, action."""
         df = self.lab.q.fault_strikes(self.started_at or 0.0)
-        return pd.DataFrame({"t": df["at"].astype(float) - (self.started_at or 0.0), "name": df["name"],
-                             "action": df["action"]}, columns=STRIKE_COLUMNS)
+        return pd.DataFrame(
+            {"t": df["at"].astype(float) - (self.started_at or 0.0), "name": df["name"], "action": df["action"]},
+            columns=STRIKE_COLUMNS,
+        )
 
     def passes(self) -> pd.DataFrame:
         """Reconciliation passes since the start: the lab's (with fix counts) and the others' seen in the marker.
 
         A marker stamp has a one-second resolution; one within a second of a lab pass is that pass."""
         start = self.started_at or 0.0
-        lab_runs = [{"t": r["at"] - start, "source": "lab", "stock": r.get("stock", 0),
-                     "reserved": r.get("reserved", 0), "carts": r.get("carts", 0)}
-                    for r in list(self.lab.reconcile_runs) if r["at"] >= start]
+        lab_runs = [
+            {
+                "t": r["at"] - start,
+                "source": "lab",
+                "stock": r.get("stock", 0),
+                "reserved": r.get("reserved", 0),
+                "carts": r.get("carts", 0),
+            }
+            for r in list(self.lab.reconcile_runs)
+            if r["at"] >= start
+        ]
         with self._lock:
             others = list(self._server_passes)
-        rows = lab_runs + [{"t": p["t"], "source": "server", "stock": None, "reserved": None, "carts": None}
-                           for p in others if all(abs(p["t"] - r["t"]) > 1.0 for r in lab_runs)]
+        rows = lab_runs + [
+            {"t": p["t"], "source": "server", "stock": None, "reserved": None, "carts": None}
+            for p in others
+            if all(abs(p["t"] - r["t"]) > 1.0 for r in lab_runs)
+        ]
         return pd.DataFrame(rows, columns=PASS_COLUMNS).sort_values("t", kind="stable").reset_index(drop=True)

@@ -27,8 +27,9 @@ def show_sequence(lab, order_id: str, title: str | None = None) -> pd.DataFrame:
     return timeline
 
 
-def show_bars(values: dict[str, float], title: str, *, ylabel: str = "", line: float | None = None,
-              line_label: str = "") -> None:
+def show_bars(
+    values: dict[str, float], title: str, *, ylabel: str = "", line: float | None = None, line_label: str = ""
+) -> None:
     """A bar per key (e.g. units accepted naive vs Lua), with an optional reference line (e.g. the stock)."""
     fig = Figure(figsize=(6, 3.2), layout="constrained")
     ax = fig.subplots()
@@ -62,12 +63,18 @@ def concurrent_adds(lab, product: str, users: int, *, quantity: int = 1, workers
     with ThreadPoolExecutor(workers) as pool:
         accepted = [u for u in pool.map(add, ids) if u]
     drift = lab.q.drift([product]).iloc[0]
-    return {"accepted": len(accepted), "rejected": users - len(accepted), "users": accepted,
-            "redisReserved": int(drift["redis_reserved"]), "dbCartUnits": int(drift["db_reserved"])}
+    return {
+        "accepted": len(accepted),
+        "rejected": users - len(accepted),
+        "users": accepted,
+        "redisReserved": int(drift["redis_reserved"]),
+        "dbCartUnits": int(drift["db_reserved"]),
+    }
 
 
 def checkout_all(lab, users: list[str], *, workers: int = 8) -> pd.DataFrame:
     """Order every given user's cart and wait for each saga; one row per order (status, display, reason)."""
+
     def order(user):
         client = PulseClient(lab.url)
         try:
@@ -101,11 +108,16 @@ def duplicate_submits(lab, product: str, submits: int, *, same_key: bool = True,
     with ThreadPoolExecutor(workers) as pool:
         answers = list(pool.map(submit, range(submits)))
     statuses = pd.Series([a[0] for a in answers]).value_counts().to_dict()
-    in_db = int(lab.q.sql("SELECT count(*) AS n FROM orders.orders WHERE user_id = CAST(:u AS uuid)",
-                          u=user).iloc[0]["n"])
-    return {"answers": {int(k): int(v) for k, v in statuses.items()},
-            "distinctOrders": len({a[1] for a in answers if a[1]}), "ordersInDb": in_db, "userId": user,
-            "orderIds": sorted({a[1] for a in answers if a[1]})}
+    in_db = int(
+        lab.q.sql("SELECT count(*) AS n FROM orders.orders WHERE user_id = CAST(:u AS uuid)", u=user).iloc[0]["n"]
+    )
+    return {
+        "answers": {int(k): int(v) for k, v in statuses.items()},
+        "distinctOrders": len({a[1] for a in answers if a[1]}),
+        "ordersInDb": in_db,
+        "userId": user,
+        "orderIds": sorted({a[1] for a in answers if a[1]}),
+    }
 
 
 def publish_latency(lab, since: int = 0) -> pd.DataFrame:
@@ -115,8 +127,11 @@ def publish_latency(lab, since: int = 0) -> pd.DataFrame:
     if lab.tap is None or len(lab.tap.events) <= since or not present:
         return pd.DataFrame(columns=["eventId", "eventType", "latency_ms"])
     tapped = pd.DataFrame(list(lab.tap.events)[since:])
-    logged = lab.q.sql("SELECT event_id::text AS \"eventId\", created_at FROM infra.event_log "
-                       "WHERE event_id = ANY(CAST(:ids AS uuid[]))", ids=list(tapped["eventId"]))
+    logged = lab.q.sql(
+        'SELECT event_id::text AS "eventId", created_at FROM infra.event_log '
+        "WHERE event_id = ANY(CAST(:ids AS uuid[]))",
+        ids=list(tapped["eventId"]),
+    )
     df = tapped.merge(logged, on="eventId")
     broker_at = pd.to_datetime(df["brokerAt"], unit="s", utc=True)
     df["latency_ms"] = (broker_at - pd.to_datetime(df["created_at"], utc=True)).dt.total_seconds() * 1000
@@ -130,8 +145,12 @@ def inbox_duplicates(lab) -> dict[str, int]:
     out = {}
     for module, table in INBOX_TABLES.items():
         schema, name = table.split(".")
-        has = lab.q.sql("SELECT count(*) AS n FROM information_schema.columns WHERE table_schema = :s "
-                        "AND table_name = :t AND column_name = 'duplicates'", s=schema, t=name).iloc[0]["n"]
+        has = lab.q.sql(
+            "SELECT count(*) AS n FROM information_schema.columns WHERE table_schema = :s "
+            "AND table_name = :t AND column_name = 'duplicates'",
+            s=schema,
+            t=name,
+        ).iloc[0]["n"]
         if has:
             out[module] = int(lab.q.sql(f"SELECT coalesce(sum(duplicates), 0) AS n FROM {table}").iloc[0]["n"])
     return out
@@ -150,12 +169,18 @@ def show_drift(lab, products: list[str], title: str) -> pd.DataFrame:
 # ----- the break-it scenarios: each makes its own products and returns numbers plus "products" -------------
 # lab.demonstrate runs each twice, with its safeguard off and on (see pulse.lab.teach); the check judges.
 
+
 def rush(lab, *, stock: int = 3, shoppers: int = 16) -> dict:
     """``shoppers`` add the last ``stock`` units of a new product at the same moment (through the API)."""
     product = lab.new_product(stock=stock, name="Rush")
     result = concurrent_adds(lab, product, shoppers)
-    return {"stock": stock, "shoppers": shoppers, "accepted": result["accepted"],
-            "redisReserved": result["redisReserved"], "products": [product]}
+    return {
+        "stock": stock,
+        "shoppers": shoppers,
+        "accepted": result["accepted"],
+        "redisReserved": result["redisReserved"],
+        "products": [product],
+    }
 
 
 def promise_window(lab) -> dict:
@@ -178,10 +203,19 @@ def promise_window(lab) -> dict:
     except PulseError:
         accepted = 0
     stepper.run(show=False)
-    failed = _count(lab, "SELECT count(*) AS n FROM orders.orders o JOIN orders.order_items i ON i.order_id = o.id "
-                    "WHERE i.product_id = CAST(:p AS uuid) AND o.failure_reason = 'OUT_OF_STOCK'", p=product)
-    return {"stock": 1, "secondCartAccepted": accepted, "outOfStockOrders": failed,
-            "firstOrder": lab.client.order(first["orderId"])["displayStatus"], "products": [product]}
+    failed = _count(
+        lab,
+        "SELECT count(*) AS n FROM orders.orders o JOIN orders.order_items i ON i.order_id = o.id "
+        "WHERE i.product_id = CAST(:p AS uuid) AND o.failure_reason = 'OUT_OF_STOCK'",
+        p=product,
+    )
+    return {
+        "stock": 1,
+        "secondCartAccepted": accepted,
+        "outOfStockOrders": failed,
+        "firstOrder": lab.client.order(first["orderId"])["displayStatus"],
+        "products": [product],
+    }
 
 
 def redelivery(lab, *, quantity: int = 2, stock: int = 10) -> dict:
@@ -192,8 +226,11 @@ def redelivery(lab, *, quantity: int = 2, stock: int = 10) -> dict:
     stepper.step("inventory.queue", "ORDER_CREATED", show=False)
     stepper.redeliver(show=False)
     stepper.run(show=False)
-    left = _count(lab, "SELECT available_quantity AS n FROM inventory.inventory_items "
-                  "WHERE product_id = CAST(:p AS uuid)", p=product)
+    left = _count(
+        lab,
+        "SELECT available_quantity AS n FROM inventory.inventory_items WHERE product_id = CAST(:p AS uuid)",
+        p=product,
+    )
     return {"ordered": quantity, "deliveries": 2, "unitsTaken": stock - left, "products": [product]}
 
 
@@ -215,10 +252,14 @@ def late_event(lab) -> dict:
     stepper.inject("STOCK_RESERVED", order_id, redriven=True, redriveFor="order.queue")
     stepper.run(show=False)
     after = lab.client.order(order_id)
-    return {"statusBefore": before["status"], "statusAfter": after["status"],
-            "inventoryAfter": after["inventoryStatus"], "lateEvents": 1,
-            "stillFailed": int(after["status"] == "FAILED" and after["inventoryStatus"] == before["inventoryStatus"]),
-            "products": [product]}
+    return {
+        "statusBefore": before["status"],
+        "statusAfter": after["status"],
+        "inventoryAfter": after["inventoryStatus"],
+        "lateEvents": 1,
+        "stillFailed": int(after["status"] == "FAILED" and after["inventoryStatus"] == before["inventoryStatus"]),
+        "products": [product],
+    }
 
 
 def reconcile_in_flight(lab, *, stock: int = 2, later_adds: int = 2) -> dict:
@@ -338,6 +379,7 @@ def _count(lab, sql: str, **params) -> int:
 
 # ----- the safeguards added with issue 11 §1 (cart expiry, optimistic locking, dead letters, watchdog, compensation)
 
+
 def expiring_carts(lab, *, carts: int = 2, stock: int = 5, ttl_s: float = 1.0) -> dict:
     """``carts`` shoppers each put 1 unit in a cart that expires after ``ttl_s`` seconds; then the sweeper passes.
 
@@ -361,8 +403,13 @@ def expiring_carts(lab, *, carts: int = 2, stock: int = 5, ttl_s: float = 1.0) -
         reserved = int(r.get(f"reserved:{product}") or 0)
     finally:
         r.close()
-    return {"carts": carts, "cartHashesAtSweep": hashes_before, "cartsSwept": int(swept["redisCartsSwept"]),
-            "reservedAfterSweep": reserved, "products": [product]}
+    return {
+        "carts": carts,
+        "cartHashesAtSweep": hashes_before,
+        "cartsSwept": int(swept["redisCartsSwept"]),
+        "reservedAfterSweep": reserved,
+        "products": [product],
+    }
 
 
 def lab_refresh_s() -> float:
@@ -385,8 +432,11 @@ def crowd(lab, *, shoppers: int = 8, stock: int = 20) -> dict:
         lab.client.add_item(user, product, 1)
     orders = checkout_all(lab, users, workers=shoppers)
     completed = int((orders["status"] == "COMPLETED").sum())
-    left = _count(lab, "SELECT available_quantity AS n FROM inventory.inventory_items "
-                  "WHERE product_id = CAST(:p AS uuid)", p=product)
+    left = _count(
+        lab,
+        "SELECT available_quantity AS n FROM inventory.inventory_items WHERE product_id = CAST(:p AS uuid)",
+        p=product,
+    )
     return {"shoppers": shoppers, "unitsOrdered": completed, "unitsLeftShelf": stock - left, "products": [product]}
 
 
@@ -411,8 +461,10 @@ def poison_message(lab, *, redrive_deadline_s: float = 1.0, wait_s: float = 20.0
     try:
         order_id = lab.client.checkout(user)["orderId"]
         deadline = time.monotonic() + wait_s
-        while (faults.fired_counts(lab.settings.database_url, since).get("payment.timeout", 0) < retries
-               and time.monotonic() < deadline):
+        while (
+            faults.fired_counts(lab.settings.database_url, since).get("payment.timeout", 0) < retries
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         time.sleep(0.3)  # no backoff after the last attempt: the consumer dead-letters (or drops) it at once
     finally:
@@ -421,8 +473,12 @@ def poison_message(lab, *, redrive_deadline_s: float = 1.0, wait_s: float = 20.0
     dead = invariants.peek_dead_letters(lab.settings.amqp_url, since_epoch=since.timestamp())
     in_dlq = sum(1 for m in dead.get("payment.queue", []) if m["id"])
     order = _redrive_until_settled(lab, order_id, redrive_deadline_s, wait_s)
-    return {"attempts": attempts, "deadLettered": in_dlq, "completed": int(order["status"] == "COMPLETED"),
-            "products": [product]}
+    return {
+        "attempts": attempts,
+        "deadLettered": in_dlq,
+        "completed": int(order["status"] == "COMPLETED"),
+        "products": [product],
+    }
 
 
 def lost_event(lab, *, deadline_s: float = 2.0, wait_s: float = 6.0) -> dict:
@@ -437,8 +493,10 @@ def lost_event(lab, *, deadline_s: float = 2.0, wait_s: float = 6.0) -> dict:
     try:
         order_id = lab.checkout({product: 1}, wait=False)["orderId"]
         deadline = time.monotonic() + wait_s
-        while not faults.fired_counts(lab.settings.database_url, since).get("consumer.lose") \
-                and time.monotonic() < deadline:
+        while (
+            not faults.fired_counts(lab.settings.database_url, since).get("consumer.lose")
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         time.sleep(0.5)  # the rest of the saga that did arrive is handled
     finally:
@@ -448,8 +506,12 @@ def lost_event(lab, *, deadline_s: float = 2.0, wait_s: float = 6.0) -> dict:
         order = _redrive_until_settled(lab, order_id, deadline_s, wait_s)
     except TimeoutError:
         order = lab.client.order(order_id)
-    return {"stalledStatus": stalled["status"], "finalStatus": order["displayStatus"] or order["status"],
-            "completed": int(order["status"] == "COMPLETED"), "products": [product]}
+    return {
+        "stalledStatus": stalled["status"],
+        "finalStatus": order["displayStatus"] or order["status"],
+        "completed": int(order["status"] == "COMPLETED"),
+        "products": [product],
+    }
 
 
 def declined_order(lab) -> dict:
@@ -462,10 +524,18 @@ def declined_order(lab) -> dict:
         order = lab.checkout({product: 1})
     finally:
         lab.disarm("payment.decline")
-    left = _count(lab, "SELECT available_quantity AS n FROM inventory.inventory_items "
-                  "WHERE product_id = CAST(:p AS uuid)", p=product)
-    return {"ordered": 1, "unitsBack": left - 4, "reservation": order["inventoryStatus"],
-            "status": order["displayStatus"], "products": [product]}
+    left = _count(
+        lab,
+        "SELECT available_quantity AS n FROM inventory.inventory_items WHERE product_id = CAST(:p AS uuid)",
+        p=product,
+    )
+    return {
+        "ordered": 1,
+        "unitsBack": left - 4,
+        "reservation": order["inventoryStatus"],
+        "status": order["displayStatus"],
+        "products": [product],
+    }
 
 
 def _redrive_until_settled(lab, order_id: str, deadline_s: float, wait_s: float) -> dict:
@@ -488,8 +558,18 @@ def _redrive_until_settled(lab, order_id: str, deadline_s: float, wait_s: float)
 
 # ----- restarts of the broker and the database mid-saga (issue 11) ---------------------------------------------
 
-def restarts_mid_saga(lab, *, orders: int = 10, gap_s: float = 0.4, latency_ms: int = 300, broker_down_s: float = 2.0,
-                      database_down_s: float = 1.0, placed_before: int = 3, settle_s: float = 90.0) -> dict:
+
+def restarts_mid_saga(
+    lab,
+    *,
+    orders: int = 10,
+    gap_s: float = 0.4,
+    latency_ms: int = 300,
+    broker_down_s: float = 2.0,
+    database_down_s: float = 1.0,
+    placed_before: int = 3,
+    settle_s: float = 90.0,
+) -> dict:
     """Shoppers check out one order every ``gap_s`` while the lab restarts its RabbitMQ, then its PostgreSQL.
 
     Needs ``Lab(services="own")`` (the lab restarts only servers it started). ``payment.latency`` keeps sagas in
@@ -546,7 +626,9 @@ def restarts_mid_saga(lab, *, orders: int = 10, gap_s: float = 0.4, latency_ms: 
                     row["settled"], row["outbox"] = conn.execute(
                         "SELECT (SELECT count(*) FROM orders.orders o JOIN orders.order_items i ON i.order_id = o.id "
                         "        WHERE i.product_id = %s AND o.status IN ('COMPLETED', 'FAILED')), "
-                        "(SELECT count(*) FROM shared.outbox)", (product,)).fetchone()
+                        "(SELECT count(*) FROM shared.outbox)",
+                        (product,),
+                    ).fetchone()
             except psycopg.Error:  # the database is restarting: a gap in the chart
                 pass
             samples.append(row)
@@ -573,14 +655,29 @@ def restarts_mid_saga(lab, *, orders: int = 10, gap_s: float = 0.4, latency_ms: 
     time.sleep(0.5)
     done.set()
     sampler.join(timeout=5)
-    restarts = [{"service": m["service"], "began": m["began"] - began, "down": m["down"] - began,
-                 "up": m["up"] - began, "outage_s": m["up"] - m["began"]} for m in (broker, database)]
+    restarts = [
+        {
+            "service": m["service"],
+            "began": m["began"] - began,
+            "down": m["down"] - began,
+            "up": m["up"] - began,
+            "outage_s": m["up"] - m["began"],
+        }
+        for m in (broker, database)
+    ]
     violations = [c["name"] for c in lab.check(since=start, products=[product]) if not c["ok"]]
-    return {"orders": len(placed), "completed": final.count("COMPLETED"),
-            "final": pd.Series(final, dtype=object).value_counts().to_dict(), "refusedRequests": refused["n"],
-            "inboxRepeats": sum(inbox_duplicates(lab).values()) - repeats_before,
-            "outboxPeak": int(pd.DataFrame(samples)["outbox"].max()), "restarts": restarts,
-            "timeline": pd.DataFrame(samples), "violations": violations, "products": [product]}
+    return {
+        "orders": len(placed),
+        "completed": final.count("COMPLETED"),
+        "final": pd.Series(final, dtype=object).value_counts().to_dict(),
+        "refusedRequests": refused["n"],
+        "inboxRepeats": sum(inbox_duplicates(lab).values()) - repeats_before,
+        "outboxPeak": int(pd.DataFrame(samples)["outbox"].max()),
+        "restarts": restarts,
+        "timeline": pd.DataFrame(samples),
+        "violations": violations,
+        "products": [product],
+    }
 
 
 def show_restarts(result: dict) -> pd.DataFrame:

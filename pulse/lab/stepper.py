@@ -54,11 +54,22 @@ class Stepper:
         import pandas as pd
 
         self.collect()
-        return pd.DataFrame([{"queue": q, "module": topology.BY_NAME[q].module, "event": e.event_type,
-                              "order": str(e.aggregate_id)[:8]} for q, e in self.pending],
-                            columns=["queue", "module", "event", "order"])
+        return pd.DataFrame(
+            [
+                {
+                    "queue": q,
+                    "module": topology.BY_NAME[q].module,
+                    "event": e.event_type,
+                    "order": str(e.aggregate_id)[:8],
+                }
+                for q, e in self.pending
+            ],
+            columns=["queue", "module", "event", "order"],
+        )
 
-    def step(self, queue: str | None = None, event: str | None = None, *, hold_back=(), show: bool = True) -> dict | None:
+    def step(
+        self, queue: str | None = None, event: str | None = None, *, hold_back=(), show: bool = True
+    ) -> dict | None:
         """Deliver the first held event (or the first for ``queue`` and/or ``event`` type, never one for a queue
         in ``hold_back``); returns the step:
         ``{"n", "queue", "module", "event", "order", "acted", "changes": [{"what", "before", "after"}],
@@ -82,12 +93,25 @@ class Stepper:
             error = f"{type(exc).__name__}: {exc}"
         after = self.snapshot(order_id)
         with self.system.deps.pool.connection() as conn:
-            emitted = [r["event_type"] for r in conn.execute(
-                "SELECT event_type FROM shared.outbox WHERE aggregate_id = %s ORDER BY seq", (order_id,))]
-        step = {"n": len(self.steps) + 1, "queue": queue, "module": topology.BY_NAME[queue].module,
-                "event": env.event_type, "eventId": str(env.id), "order": order_id,
-                "acted": not dispatcher.skipped and error is None, "note": note, "error": error,
-                "changes": diff(before, after), "emitted": emitted}
+            emitted = [
+                r["event_type"]
+                for r in conn.execute(
+                    "SELECT event_type FROM shared.outbox WHERE aggregate_id = %s ORDER BY seq", (order_id,)
+                )
+            ]
+        step = {
+            "n": len(self.steps) + 1,
+            "queue": queue,
+            "module": topology.BY_NAME[queue].module,
+            "event": env.event_type,
+            "eventId": str(env.id),
+            "order": order_id,
+            "acted": not dispatcher.skipped and error is None,
+            "note": note,
+            "error": error,
+            "changes": diff(before, after),
+            "emitted": emitted,
+        }
         self.steps.append(step)
         self._last = (queue, env)
         if show:
@@ -106,12 +130,23 @@ class Stepper:
         from pulse.infra import db, outbox
 
         with db.connect(self.lab.settings.database_url) as conn, conn.transaction():
-            order = conn.execute("SELECT user_id::text AS u, strategy, total_amount FROM orders.orders WHERE id = %s",
-                                 (order_id,)).fetchone()
-            items = [{"productId": str(r["product_id"]), "quantity": r["quantity"]} for r in conn.execute(
-                "SELECT product_id, quantity FROM orders.order_items WHERE order_id = %s", (order_id,))]
-            body = {"orderId": order_id, "userId": order["u"], "items": items, "strategy": order["strategy"],
-                    "totalPrice": str(order["total_amount"]), **payload}
+            order = conn.execute(
+                "SELECT user_id::text AS u, strategy, total_amount FROM orders.orders WHERE id = %s", (order_id,)
+            ).fetchone()
+            items = [
+                {"productId": str(r["product_id"]), "quantity": r["quantity"]}
+                for r in conn.execute(
+                    "SELECT product_id, quantity FROM orders.order_items WHERE order_id = %s", (order_id,)
+                )
+            ]
+            body = {
+                "orderId": order_id,
+                "userId": order["u"],
+                "items": items,
+                "strategy": order["strategy"],
+                "totalPrice": str(order["total_amount"]),
+                **payload,
+            }
             return str(outbox.append(conn, event_type, "ORDER", order_id, body))
 
     def run(self, *, hold_back=(), show: bool = True, max_steps: int = 500) -> list[dict]:
@@ -133,29 +168,42 @@ class Stepper:
         """Every row and key the saga touches for one order, flattened to ``{"what": value}``."""
         state: dict[str, object] = {}
         with self.system.deps.pool.connection() as conn:
-            order = conn.execute("SELECT user_id::text AS user_id, status, payment_status, inventory_status, "
-                                 "failure_reason FROM orders.orders WHERE id = %s", (order_id,)).fetchone()
+            order = conn.execute(
+                "SELECT user_id::text AS user_id, status, payment_status, inventory_status, "
+                "failure_reason FROM orders.orders WHERE id = %s",
+                (order_id,),
+            ).fetchone()
             if order is None:
                 return state
             for column in ("status", "payment_status", "inventory_status", "failure_reason"):
                 state[f"orders.orders.{column}"] = order[column]
-            view = conn.execute("SELECT display_status FROM orders.order_views WHERE order_id = %s",
-                                (order_id,)).fetchone()
+            view = conn.execute(
+                "SELECT display_status FROM orders.order_views WHERE order_id = %s", (order_id,)
+            ).fetchone()
             state["orders.order_views.display_status"] = view and view["display_status"]
             for table, column in (("inventory.reservations", "status"), ("payment.payments", "status")):
                 rows = conn.execute(f"SELECT {column} FROM {table} WHERE order_id = %s", (order_id,)).fetchall()
                 state[f"{table}.{column}"] = ",".join(str(r[column]) for r in rows) or None
             ids = sorted(self._seen.get(order_id, ()))
             for queue in topology.TOPOLOGY:
-                n = conn.execute(f"SELECT count(*) AS n FROM {queue.inbox} WHERE event_id = ANY(%s::uuid[])",
-                                 (ids,)).fetchone()["n"]
+                n = conn.execute(
+                    f"SELECT count(*) AS n FROM {queue.inbox} WHERE event_id = ANY(%s::uuid[])", (ids,)
+                ).fetchone()["n"]
                 state[f"{queue.inbox} rows"] = n
-            state["shared.outbox rows"] = conn.execute("SELECT count(*) AS n FROM shared.outbox WHERE aggregate_id = %s",
-                                                       (order_id,)).fetchone()["n"]
-            products = [str(r["product_id"]) for r in conn.execute(
-                "SELECT product_id FROM orders.order_items WHERE order_id = %s ORDER BY product_id", (order_id,))]
-            for r in conn.execute("SELECT product_id::text AS p, available_quantity AS q FROM inventory.inventory_items "
-                                  "WHERE product_id = ANY(%s::uuid[])", (products,)):
+            state["shared.outbox rows"] = conn.execute(
+                "SELECT count(*) AS n FROM shared.outbox WHERE aggregate_id = %s", (order_id,)
+            ).fetchone()["n"]
+            products = [
+                str(r["product_id"])
+                for r in conn.execute(
+                    "SELECT product_id FROM orders.order_items WHERE order_id = %s ORDER BY product_id", (order_id,)
+                )
+            ]
+            for r in conn.execute(
+                "SELECT product_id::text AS p, available_quantity AS q FROM inventory.inventory_items "
+                "WHERE product_id = ANY(%s::uuid[])",
+                (products,),
+            ):
                 state[f"inventory.inventory_items[{r['p'][:8]}].available"] = r["q"]
         r = self.system.deps.redis
         for p in products:
@@ -214,8 +262,11 @@ def _hash(values: dict) -> str | None:
 
 def diff(before: dict, after: dict) -> list[dict]:
     """The entries of two snapshots that differ: ``[{"what", "before", "after"}]``."""
-    return [{"what": k, "before": before.get(k), "after": after.get(k)}
-            for k in dict.fromkeys([*before, *after]) if before.get(k) != after.get(k)]
+    return [
+        {"what": k, "before": before.get(k), "after": after.get(k)}
+        for k in dict.fromkeys([*before, *after])
+        if before.get(k) != after.get(k)
+    ]
 
 
 def step_markdown(step: dict) -> str:
@@ -246,4 +297,3 @@ def display_steps(steps: list[dict]) -> None:
     from pulse.lab.teach import _say
 
     _say("\n\n".join(step_markdown(s) for s in steps))
-

@@ -33,7 +33,7 @@ class ServeSupervisor:
     def url(self) -> str | None:
         return self.process.url if self.process else None
 
-    def start(self, port: int | None = None) -> "ServeSupervisor":
+    def start(self, port: int | None = None) -> ServeSupervisor:
         """Start the child, wait until it answers, then watch it."""
         with self._lock:
             self._stop.clear()

@@ -29,7 +29,7 @@ class EventTap:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def start(self, timeout_s: float = 10.0) -> "EventTap":
+    def start(self, timeout_s: float = 10.0) -> EventTap:
         """Start listening; returns once the tap's queue is bound, so no later event is missed."""
         self._thread = threading.Thread(target=self._run, name="pulse-lab-tap", daemon=True)
         self._thread.start()
@@ -67,8 +67,7 @@ class EventTap:
             env = Envelope.from_json(body)
         except MalformedEnvelope:
             return
-        row = {"eventId": str(env.id), "eventType": env.event_type,
-               "orderId": env.order_id, "brokerAt": time.time()}
+        row = {"eventId": str(env.id), "eventType": env.event_type, "orderId": env.order_id, "brokerAt": time.time()}
         with self._lock:
             self.events.append(row)
             if len(self.events) > self.keep:

@@ -26,6 +26,7 @@ class DemonstrationFailed(AssertionError):
 
 # ----- demonstrations --------------------------------------------------------------------------------------
 
+
 def caught_by(switch: str) -> list[str]:
     """The invariants the fault catalogue says report ``switch`` (e.g. ``caught_by('reserve-get-set')``)."""
     try:
@@ -35,8 +36,15 @@ def caught_by(switch: str) -> list[str]:
         raise ValueError(f"{switch!r} is not a naive switch of the fault catalogue; choose one of: {known}.") from None
 
 
-def demonstrate(lab, pattern: str, switch: str, scenario: Callable[[object], dict], *,
-                says: str | None = None, settle: Callable[[object], None] | None = None) -> dict:
+def demonstrate(
+    lab,
+    pattern: str,
+    switch: str,
+    scenario: Callable[[object], dict],
+    *,
+    says: str | None = None,
+    settle: Callable[[object], None] | None = None,
+) -> dict:
     """Run ``scenario(lab)`` with the safeguard off (naive ``switch`` armed) and then on; judge both; assert.
 
     ``scenario`` makes its own products (so the two runs never see each other's rows) and returns a dict of
@@ -70,8 +78,11 @@ def demonstrate(lab, pattern: str, switch: str, scenario: Callable[[object], dic
         (settle or _settle_default)(lab)
         report = lab.check(since=since, products=products)
         failed = [r for r in report if not r["ok"]]
-        runs[side] = {"violations": [r["name"] for r in failed],
-                      "details": {r["name"]: r["detail"] for r in failed}, **numbers}
+        runs[side] = {
+            "violations": [r["name"] for r in failed],
+            "details": {r["name"]: r["detail"] for r in failed},
+            **numbers,
+        }
     demo = {"pattern": pattern, "switch": switch, "caughtBy": expected, "says": says, **runs}
     lab.demonstrations.append(demo)
     assert_demonstrated(demo)
@@ -85,10 +96,13 @@ def assert_demonstrated(demo: dict) -> None:
     if not set(off) & set(demo["caughtBy"]):
         raise DemonstrationFailed(
             f"With {demo['switch']} on, the {demo['pattern']} scenario should have broken "
-            f"{' or '.join(demo['caughtBy'])}, but the checker reported {', '.join(off) or 'nothing'}.")
+            f"{' or '.join(demo['caughtBy'])}, but the checker reported {', '.join(off) or 'nothing'}."
+        )
     if on:
-        raise DemonstrationFailed(f"With the {demo['pattern']} safeguard on, the scenario should keep every "
-                                  f"invariant, but the checker reported {', '.join(on)}.")
+        raise DemonstrationFailed(
+            f"With the {demo['pattern']} safeguard on, the scenario should keep every "
+            f"invariant, but the checker reported {', '.join(on)}."
+        )
 
 
 def _settle_default(lab) -> None:
@@ -111,10 +125,16 @@ def report_table(demo: dict):
     import pandas as pd
 
     names = sorted(set(demo["off"]["violations"]) | set(demo["on"]["violations"]) | set(demo["caughtBy"]))
-    rows = [{"invariant": n, "expected to catch it": n in demo["caughtBy"],
-             f"safeguard off ({demo['switch']})": "BROKEN" if n in demo["off"]["violations"] else "held",
-             "safeguard on": "BROKEN" if n in demo["on"]["violations"] else "held",
-             "what the checker said (off)": demo["off"]["details"].get(n, "")} for n in names]
+    rows = [
+        {
+            "invariant": n,
+            "expected to catch it": n in demo["caughtBy"],
+            f"safeguard off ({demo['switch']})": "BROKEN" if n in demo["off"]["violations"] else "held",
+            "safeguard on": "BROKEN" if n in demo["on"]["violations"] else "held",
+            "what the checker said (off)": demo["off"]["details"].get(n, ""),
+        }
+        for n in names
+    ]
     return pd.DataFrame(rows).set_index("invariant")
 
 
@@ -122,8 +142,11 @@ def verdict_figure(demo: dict, numbers: list[str] | None = None):
     """A figure: the invariants' verdicts (off / on) beside a bar pair per recorded number."""
     from matplotlib.figure import Figure
 
-    numbers = numbers or [k for k, v in demo["off"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                          and isinstance(demo["on"].get(k), (int, float))]
+    numbers = numbers or [
+        k
+        for k, v in demo["off"].items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(demo["on"].get(k), (int, float))
+    ]
     names = sorted(set(demo["off"]["violations"]) | set(demo["caughtBy"]))
     fig = Figure(figsize=(9, 1.2 + 0.45 * max(len(names), 3)), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=[1.1, 1]) if numbers else (fig.subplots(), None)
@@ -131,13 +154,22 @@ def verdict_figure(demo: dict, numbers: list[str] | None = None):
         for col, side in enumerate(("off", "on")):
             broken = name in demo[side]["violations"]
             left.add_patch(_box(col, row, "#d62728" if broken else "#2ca02c"))
-            left.text(col + 0.5, row + 0.5, "broken" if broken else "held", ha="center", va="center",
-                      color="white", fontsize=9, fontweight="bold")
+            left.text(
+                col + 0.5,
+                row + 0.5,
+                "broken" if broken else "held",
+                ha="center",
+                va="center",
+                color="white",
+                fontsize=9,
+                fontweight="bold",
+            )
     left.set_xlim(0, 2)
     left.set_ylim(len(names), 0)
     left.set_xticks([0.5, 1.5], [f"safeguard off\n({demo['switch']})", "safeguard on"], fontsize=8)
-    left.set_yticks([i + 0.5 for i in range(len(names))],
-                   [n + (" *" if n in demo["caughtBy"] else "") for n in names], fontsize=8)
+    left.set_yticks(
+        [i + 0.5 for i in range(len(names))], [n + (" *" if n in demo["caughtBy"] else "") for n in names], fontsize=8
+    )
     left.tick_params(length=0)
     for spine in left.spines.values():
         spine.set_visible(False)
@@ -145,8 +177,12 @@ def verdict_figure(demo: dict, numbers: list[str] | None = None):
     left.set_xlabel("* the fault catalogue expects this invariant to catch the switch", fontsize=7)
     if right is not None:
         x = range(len(numbers))
-        right.bar([i - 0.2 for i in x], [demo["off"][k] for k in numbers], width=0.4, color="#d62728", label="safeguard off")
-        right.bar([i + 0.2 for i in x], [demo["on"][k] for k in numbers], width=0.4, color="#2ca02c", label="safeguard on")
+        right.bar(
+            [i - 0.2 for i in x], [demo["off"][k] for k in numbers], width=0.4, color="#d62728", label="safeguard off"
+        )
+        right.bar(
+            [i + 0.2 for i in x], [demo["on"][k] for k in numbers], width=0.4, color="#2ca02c", label="safeguard on"
+        )
         right.set_xticks(list(x), numbers, fontsize=8, rotation=15)
         right.legend(fontsize=8)
         right.set_title("the numbers of each run", fontsize=10)
@@ -169,6 +205,7 @@ def show(demo: dict, numbers: list[str] | None = None):
 
 # ----- predictions ------------------------------------------------------------------------------------------
 
+
 def predict(question: str, choices: list[str], key: str, answers: dict | None = None) -> str | None:
     """Ask the learner to predict before the reveal; returns the prediction known now (None if not yet chosen).
 
@@ -189,8 +226,9 @@ def predict(question: str, choices: list[str], key: str, answers: dict | None = 
     except ImportError:
         _say(f"**Predict** — {question} Choices: {', '.join(choices)}.")
         return None
-    entry["widget"] = widgets.RadioButtons(options=list(choices), value=None, description="",
-                                           layout=widgets.Layout(width="auto"))
+    entry["widget"] = widgets.RadioButtons(
+        options=list(choices), value=None, description="", layout=widgets.Layout(width="auto")
+    )
     display(widgets.VBox([widgets.HTML(f"<b>Predict</b> — {question}"), entry["widget"]]))
     return None
 
@@ -218,6 +256,7 @@ def predictions() -> list[dict]:
 
 # ----- what you saw -----------------------------------------------------------------------------------------
 
+
 def what_you_saw(demonstrations: list[dict], extra: list[str] | None = None, *, display: bool = True) -> str:
     """Markdown written from the recorded demonstrations (and ``extra`` lines), displayed and returned."""
     lines = []
@@ -228,13 +267,17 @@ def what_you_saw(demonstrations: list[dict], extra: list[str] | None = None, *, 
             lead += ": " + _fill(demo["says"], off)
         lines.append(f"{lead}; the checker reported **{', '.join(off['violations']) or 'nothing'}**.")
         on_text = _fill(demo["says"], on) + "; " if demo.get("says") else ""
-        lines.append(f"  Safeguard on: {on_text}"
-                     + ("every invariant held." if not on["violations"] else f"it reported {', '.join(on['violations'])}."))
+        lines.append(
+            f"  Safeguard on: {on_text}"
+            + ("every invariant held." if not on["violations"] else f"it reported {', '.join(on['violations'])}.")
+        )
     lines += [f"- {line}" for line in extra or []]
     for p in predictions():
         if p["predicted"] is not None:
-            lines.append(f"- You predicted *{p['predicted']}* for “{_PREDICTIONS[p['key']]['question']}”; "
-                         f"it was *{p['actual']}*.")
+            lines.append(
+                f"- You predicted *{p['predicted']}* for “{_PREDICTIONS[p['key']]['question']}”; "
+                f"it was *{p['actual']}*."
+            )
     text = "\n".join(lines)
     if display:
         _say(text)
@@ -267,6 +310,7 @@ def _user_ns() -> dict:
 
 
 # ----- the real code, not a paraphrase ------------------------------------------------------------------------
+
 
 def lua(name: str) -> str:
     """Show and return the Lua script ``lua/<name>.lua`` exactly as Redis runs it."""

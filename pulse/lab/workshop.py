@@ -52,8 +52,9 @@ def check_reserve_script(lab, source: str, *, steps: int = 300, seed: int = 7) -
         assert got == want, f"{why} must return {want}, got {got}."
         after = held()
         grew = qty if want == 1 else 0
-        assert after == before + grew, (f"{why}: reserved: went from {before} to {after}; it must "
-                                        + (f"grow by exactly {qty}." if grew else "not change."))
+        assert after == before + grew, f"{why}: reserved: went from {before} to {after}; it must " + (
+            f"grow by exactly {qty}." if grew else "not change."
+        )
         assert r.get(stock_key) in (None, str(stock_now[0])), "Your script changed stock:; only reserved: may change."
 
     stock_now = [None]
@@ -88,7 +89,9 @@ def check_reserve_script(lab, source: str, *, steps: int = 300, seed: int = 7) -
             qty = rng.randint(1, 6)
             want = 1 if stock_now[0] - held() >= qty else 0
             expect(qty, want, f"A reservation of {qty} with {stock_now[0]} in stock and {held()} reserved")
-            assert 0 <= held() <= stock_now[0], f"reserved: is {held()} with {stock_now[0]} in stock: never negative, never over."
+            assert 0 <= held() <= stock_now[0], (
+                f"reserved: is {held()} with {stock_now[0]} in stock: never negative, never over."
+            )
             checked += 1
         return {"cacheMiss": -1, "boundary": "exact", "randomCalls": checked, "reserved": held()}
     finally:
@@ -165,7 +168,8 @@ def check_compensation(lab, on_restock, *, quantity: int = 3, stock: int = 10) -
     is delivered a third time by hand. The reservation row must end RELEASED, the order must hear of it,
     and stock must be conserved: back at its start in PostgreSQL, nothing left reserved in Redis."""
     from pulse import bootstrap
-    from pulse.events import Envelope, EventType as E
+    from pulse.events import Envelope
+    from pulse.events import EventType as E
     from pulse.infra import keys
 
     if lab.running:
@@ -198,8 +202,10 @@ def check_compensation(lab, on_restock, *, quantity: int = 3, stock: int = 10) -
         system.carts.add_item(user, uuid.UUID(product), quantity)
         order_id = system.orders.create(user, str(uuid.uuid4()))["orderId"]
         _wait(redelivered, "the broker to redeliver PAYMENT_FAILED after the crash", 30.0)
-        order = _wait(lambda: _settled_order(system, order_id), "the order to hear that its stock was released "
-                      "(STOCK_RELEASED, through the outbox)")
+        order = _wait(
+            lambda: _settled_order(system, order_id),
+            "the order to hear that its stock was released (STOCK_RELEASED, through the outbox)",
+        )
         on_restock(system.deps, _payment_failed_envelope(system, order_id))  # and once more, much later
         with system.deps.pool.connection() as conn:
             row = conn.execute("SELECT status FROM inventory.reservations WHERE order_id = %s", (order_id,)).fetchone()
@@ -207,11 +213,19 @@ def check_compensation(lab, on_restock, *, quantity: int = 3, stock: int = 10) -
         held = int(system.deps.redis.get(keys.reserved(product)) or 0)
         status = row["status"] if row else None
         assert status == "RELEASED", f"The order's reservation row is {status}, not RELEASED."
-        assert pg_stock == stock, (f"Stock is {pg_stock} after the restock, a redelivery after a crash and a late "
-                                   f"redelivery; it must be back at {stock}, exactly once.")
+        assert pg_stock == stock, (
+            f"Stock is {pg_stock} after the restock, a redelivery after a crash and a late "
+            f"redelivery; it must be back at {stock}, exactly once."
+        )
         assert held == 0, f"Redis still holds {held} units of the released order (reserved:); it must hold none."
-        return {"order": order["displayStatus"], "inventory": order["inventoryStatus"], "reservation": status,
-                "stock": pg_stock, "deliveries": len(calls) + 1, "crashes": faults.struck}
+        return {
+            "order": order["displayStatus"],
+            "inventory": order["inventoryStatus"],
+            "reservation": status,
+            "stock": pg_stock,
+            "deliveries": len(calls) + 1,
+            "crashes": faults.struck,
+        }
     finally:
         system.close()
 
@@ -225,8 +239,9 @@ def _guarded(fn, name: str):
         try:
             return fn(*args, **kwargs)
         except NotImplementedError:
-            raise AssertionError(f"Your {name} is not written yet: replace the NotImplementedError "
-                                 "in the cell above.") from None
+            raise AssertionError(
+                f"Your {name} is not written yet: replace the NotImplementedError in the cell above."
+            ) from None
         except AssertionError:
             raise
         except Exception as exc:
@@ -245,13 +260,23 @@ def _payment_failed_envelope(system, order_id):
     from pulse.events import Envelope
 
     with system.deps.pool.connection() as conn:
-        row = conn.execute("SELECT event_id FROM infra.event_log WHERE aggregate_id = %s AND event_type = 'PAYMENT_FAILED'",
-                           (order_id,)).fetchone()
+        row = conn.execute(
+            "SELECT event_id FROM infra.event_log WHERE aggregate_id = %s AND event_type = 'PAYMENT_FAILED'",
+            (order_id,),
+        ).fetchone()
         items = conn.execute("SELECT items FROM inventory.reservations WHERE order_id = %s", (order_id,)).fetchone()
     event_id = row["event_id"] if row else uuid.uuid4()
-    return Envelope(id=event_id, event_type="PAYMENT_FAILED", aggregate_id=order_id,
-                    payload={"orderId": order_id, "items": items["items"] if items else [], "strategy": "OPTIMISTIC",
-                             "reason": "PAYMENT_FAILED"})
+    return Envelope(
+        id=event_id,
+        event_type="PAYMENT_FAILED",
+        aggregate_id=order_id,
+        payload={
+            "orderId": order_id,
+            "items": items["items"] if items else [],
+            "strategy": "OPTIMISTIC",
+            "reason": "PAYMENT_FAILED",
+        },
+    )
 
 
 def check_delta_query(lab, sql: str) -> dict:
@@ -265,7 +290,7 @@ def check_delta_query(lab, sql: str) -> dict:
     from pulse.infra import db
 
     # A window in the past, away from every real row, at a random microsecond so no two checks share it.
-    lower = dt.datetime(2001, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=random.randrange(10**12))
+    lower = dt.datetime(2001, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=random.randrange(10**12))
     upper = lower + dt.timedelta(minutes=5)
     us = dt.timedelta(microseconds=1)
     cases = {  # name: (updated_at, belongs in the delta, what the student is told when it is wrong)
@@ -280,10 +305,15 @@ def check_delta_query(lab, sql: str) -> dict:
     with db.connect(lab.settings.database_url) as conn:
         with conn.transaction():
             for n, (name, (at, _, _)) in enumerate(cases.items()):
-                conn.execute("INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, 1)",
-                             (ids[name], f"Delta {name}"))
-                conn.execute("INSERT INTO inventory.inventory_items (product_id, available_quantity, updated_at) "
-                             "VALUES (%s, %s, %s)", (ids[name], 100 + n, at))
+                conn.execute(
+                    "INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, 1)",
+                    (ids[name], f"Delta {name}"),
+                )
+                conn.execute(
+                    "INSERT INTO inventory.inventory_items (product_id, available_quantity, updated_at) "
+                    "VALUES (%s, %s, %s)",
+                    (ids[name], 100 + n, at),
+                )
         try:
             with conn.transaction():
                 rows = conn.execute(sql, {"lower": lower, "upper": upper}).fetchall()
@@ -291,12 +321,14 @@ def check_delta_query(lab, sql: str) -> dict:
             raise AssertionError(f"PostgreSQL refused your query: {str(exc).splitlines()[0]}") from None
         finally:
             with conn.transaction():
-                conn.execute("DELETE FROM inventory.inventory_items WHERE product_id = ANY(%s::uuid[])",
-                             (list(ids.values()),))
+                conn.execute(
+                    "DELETE FROM inventory.inventory_items WHERE product_id = ANY(%s::uuid[])", (list(ids.values()),)
+                )
                 conn.execute("DELETE FROM inventory.products WHERE id = ANY(%s::uuid[])", (list(ids.values()),))
     assert rows, "Your delta returned no rows, so the products changed inside the window are missing."
-    assert "product_id" in rows[0] and "available_quantity" in rows[0], \
+    assert "product_id" in rows[0] and "available_quantity" in rows[0], (
         "Select product_id and available_quantity: the fix needs both."
+    )
     found = {str(r["product_id"]): r["available_quantity"] for r in rows}
     for n, (name, (_, inside, told)) in enumerate(cases.items()):
         if inside:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from pulse.events import Event, EventType as E, OrderUpdated
+from pulse.events import Event, OrderUpdated
+from pulse.events import EventType as E
 from pulse.infra import outbox
 from pulse.orders.model import apply_event
 
@@ -13,10 +14,18 @@ log = logging.getLogger(__name__)
 
 def snapshot(order: dict, **marks) -> OrderUpdated:
     """The ORDER_UPDATED event of an ``orders.orders`` row (``marks``: a watchdog's re-drive marks)."""
-    return OrderUpdated(order_id=str(order["id"]), user_id=str(order["user_id"]), status=order["status"],
-                        payment_status=order["payment_status"], inventory_status=order["inventory_status"],
-                        failure_reason=order["failure_reason"], strategy=order["strategy"],
-                        total_amount=order["total_amount"], updated_at=order["updated_at"], **marks)
+    return OrderUpdated(
+        order_id=str(order["id"]),
+        user_id=str(order["user_id"]),
+        status=order["status"],
+        payment_status=order["payment_status"],
+        inventory_status=order["inventory_status"],
+        failure_reason=order["failure_reason"],
+        strategy=order["strategy"],
+        total_amount=order["total_amount"],
+        updated_at=order["updated_at"],
+        **marks,
+    )
 
 
 def on_saga_event(deps, conn, event: Event) -> None:
@@ -31,10 +40,17 @@ def on_saga_event(deps, conn, event: Event) -> None:
     assignments = ", ".join(f"{column} = %({column})s" for column in changes)
     updated = conn.execute(
         f"UPDATE orders.orders SET {assignments}, updated_at = clock_timestamp() WHERE id = %(id)s RETURNING *",
-        {**changes, "id": order_id}).fetchone()
+        {**changes, "id": order_id},
+    ).fetchone()
     outbox.append_event(conn, snapshot(updated))
     log.debug("order %s: %s -> %s", order_id, event.TYPE.value, changes)
 
 
-HANDLED = (E.PAYMENT_PROCESSED, E.PAYMENT_FAILED, E.STOCK_RESERVED, E.STOCK_FAILED, E.STOCK_RELEASED,
-           E.PAYMENT_REFUNDED)
+HANDLED = (
+    E.PAYMENT_PROCESSED,
+    E.PAYMENT_FAILED,
+    E.STOCK_RESERVED,
+    E.STOCK_FAILED,
+    E.STOCK_RELEASED,
+    E.PAYMENT_REFUNDED,
+)

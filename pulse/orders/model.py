@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 from pulse.events import EventType as E
-from pulse.status import TERMINAL, FailureReason as R, InventoryStatus as Inv, OrderStatus as O, PaymentStatus as Pay
+from pulse.status import TERMINAL
+from pulse.status import FailureReason as R
+from pulse.status import InventoryStatus as Inv
+from pulse.status import OrderStatus as O
+from pulse.status import PaymentStatus as Pay
 
 # Where each sub-status may go next (directly or by skipping a step). A decision (SUCCESS, DECLINED, RESERVED,
 # OUT_OF_STOCK) is taken once; only a compensation (REFUNDED, RELEASED) may follow it. NOT_STARTED may jump straight
 # to a compensation because with several consumer threads order.queue can hand over a compensation before the
 # decision it undoes; the decision then arrives late and must not move the sub-status back.
 FORWARD = {
-    "payment_status": {Pay.NOT_STARTED: frozenset({Pay.SUCCESS, Pay.DECLINED, Pay.REFUNDED}),
-                       Pay.SUCCESS: frozenset({Pay.REFUNDED})},
-    "inventory_status": {Inv.NOT_STARTED: frozenset({Inv.RESERVED, Inv.OUT_OF_STOCK, Inv.RELEASED}),
-                         Inv.RESERVED: frozenset({Inv.RELEASED})},
+    "payment_status": {
+        Pay.NOT_STARTED: frozenset({Pay.SUCCESS, Pay.DECLINED, Pay.REFUNDED}),
+        Pay.SUCCESS: frozenset({Pay.REFUNDED}),
+    },
+    "inventory_status": {
+        Inv.NOT_STARTED: frozenset({Inv.RESERVED, Inv.OUT_OF_STOCK, Inv.RELEASED}),
+        Inv.RESERVED: frozenset({Inv.RELEASED}),
+    },
 }
 
 # The sub-status each event sets.

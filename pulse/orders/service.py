@@ -62,7 +62,9 @@ class OrderService:
                     "SELECT ci.product_id, ci.quantity, p.base_price FROM inventory.carts c "
                     "JOIN inventory.cart_items ci ON ci.cart_id = c.id "
                     "JOIN inventory.products p ON p.id = ci.product_id "
-                    "WHERE c.user_id = %s AND ci.quantity > 0 ORDER BY ci.product_id", (user_id,)).fetchall()
+                    "WHERE c.user_id = %s AND ci.quantity > 0 ORDER BY ci.product_id",
+                    (user_id,),
+                ).fetchall()
                 if not items:
                     raise NotFound(f"User {user_id} has no cart to order from; add items first.")
                 return self._insert_order(conn, user_id, idempotency_key, items)
@@ -79,28 +81,44 @@ class OrderService:
         total = sum((i["base_price"] * i["quantity"] for i in items), decimal.Decimal("0.00"))
         if total > MAX_TOTAL:
             # Checked before any write, so the transaction rolls back empty and create() releases the lock.
-            raise Conflict(f"The cart's total of {total} is more than an order can hold ({MAX_TOTAL}); "
-                           "remove some items and order again.")
+            raise Conflict(
+                f"The cart's total of {total} is more than an order can hold ({MAX_TOTAL}); "
+                "remove some items and order again."
+            )
         order = conn.execute(
             "INSERT INTO orders.orders (id, user_id, status, strategy, total_amount) "
-            "VALUES (%s, %s, 'CREATED', %s, %s) RETURNING *", (order_id, user_id, strategy, total)).fetchone()
+            "VALUES (%s, %s, 'CREATED', %s, %s) RETURNING *",
+            (order_id, user_id, strategy, total),
+        ).fetchone()
         with conn.cursor() as cur:
-            cur.executemany("INSERT INTO orders.order_items (order_id, product_id, quantity, unit_price) "
-                            "VALUES (%s, %s, %s, %s)",
-                            [(order_id, i["product_id"], i["quantity"], i["base_price"]) for i in items])
+            cur.executemany(
+                "INSERT INTO orders.order_items (order_id, product_id, quantity, unit_price) VALUES (%s, %s, %s, %s)",
+                [(order_id, i["product_id"], i["quantity"], i["base_price"]) for i in items],
+            )
         response = {"orderId": str(order_id), "status": OrderStatus.CREATED, "totalAmount": float(total)}
-        conn.execute("INSERT INTO orders.idempotency_records (key, status, response_body, user_id) "
-                     "VALUES (%s, 'COMPLETED', %s::jsonb, %s)", (idempotency_key, json.dumps(response), user_id))
-        outbox.append_event(conn, OrderCreated(
-            order_id=str(order_id), user_id=str(user_id), strategy=strategy, total_price=total,
-            items=[Item(product_id=str(i["product_id"]), quantity=i["quantity"]) for i in items]))
+        conn.execute(
+            "INSERT INTO orders.idempotency_records (key, status, response_body, user_id) "
+            "VALUES (%s, 'COMPLETED', %s::jsonb, %s)",
+            (idempotency_key, json.dumps(response), user_id),
+        )
+        outbox.append_event(
+            conn,
+            OrderCreated(
+                order_id=str(order_id),
+                user_id=str(user_id),
+                strategy=strategy,
+                total_price=total,
+                items=[Item(product_id=str(i["product_id"]), quantity=i["quantity"]) for i in items],
+            ),
+        )
         outbox.append_event(conn, snapshot(order))
         return response
 
     def _stored_response(self, idempotency_key: str, user_id) -> dict | None:
         with db.autocommit(self.deps.pool) as conn:  # one statement: no BEGIN/COMMIT round trips around it
-            row = conn.execute("SELECT response_body, user_id FROM orders.idempotency_records WHERE key = %s",
-                               (idempotency_key,)).fetchone()
+            row = conn.execute(
+                "SELECT response_body, user_id FROM orders.idempotency_records WHERE key = %s", (idempotency_key,)
+            ).fetchone()
         if row is None:
             return None
         if row["user_id"] is not None and str(row["user_id"]) != str(user_id):
@@ -112,10 +130,18 @@ class OrderService:
         with db.autocommit(self.deps.pool) as conn:
             row = conn.execute(
                 "SELECT o.*, v.display_status FROM orders.orders o "
-                "LEFT JOIN orders.order_views v ON v.order_id = o.id WHERE o.id = %s", (order_id,)).fetchone()
+                "LEFT JOIN orders.order_views v ON v.order_id = o.id WHERE o.id = %s",
+                (order_id,),
+            ).fetchone()
         if row is None:
             raise NotFound(f"Order {order_id} does not exist.")
-        return {"orderId": str(row["id"]), "status": row["status"], "displayStatus": row["display_status"],
-                "paymentStatus": row["payment_status"], "inventoryStatus": row["inventory_status"],
-                "failureReason": row["failure_reason"], "strategy": row["strategy"],
-                "totalAmount": float(row["total_amount"])}
+        return {
+            "orderId": str(row["id"]),
+            "status": row["status"],
+            "displayStatus": row["display_status"],
+            "paymentStatus": row["payment_status"],
+            "inventoryStatus": row["inventory_status"],
+            "failureReason": row["failure_reason"],
+            "strategy": row["strategy"],
+            "totalAmount": float(row["total_amount"]),
+        }

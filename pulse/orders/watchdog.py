@@ -17,10 +17,14 @@ import collections
 import logging
 import os
 
-from pulse.events import EVENTS, Event, EventType as E
+from pulse.events import EVENTS, Event
+from pulse.events import EventType as E
 from pulse.infra import db, outbox
 from pulse.orders.handlers import snapshot
-from pulse.status import InventoryStatus as Inv, PaymentStatus as Pay, ReservationStatus as Res, Strategy
+from pulse.status import InventoryStatus as Inv
+from pulse.status import PaymentStatus as Pay
+from pulse.status import ReservationStatus as Res
+from pulse.status import Strategy
 from pulse.views.model import display_status
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,12 @@ ORDER BY o.updated_at, o.id
 LIMIT %(limit)s
 """
 ORDER, INVENTORY, PAYMENT, REDIS_STOCK, VIEW = (
-    "order.queue", "inventory.queue", "payment.queue", "redis-stock.queue", "order-view.queue")
+    "order.queue",
+    "inventory.queue",
+    "payment.queue",
+    "redis-stock.queue",
+    "order-view.queue",
+)
 Step = tuple  # (event type, the one queue whose module missed it)
 
 
@@ -130,8 +139,18 @@ def topology_queues() -> tuple[str, ...]:
 class Watchdog:
     """Finds stalled sagas and re-drives them; ``run_once()`` is one pass, the server runs it periodically."""
 
-    def __init__(self, deps, *, deadline_s: float | None = None, interval_s: float | None = None,
-                 lookback_s: float = 86400.0, limit: int = 500, max_pages: int = 40, depth=None, unsettled=None):
+    def __init__(
+        self,
+        deps,
+        *,
+        deadline_s: float | None = None,
+        interval_s: float | None = None,
+        lookback_s: float = 86400.0,
+        limit: int = 500,
+        max_pages: int = 40,
+        depth=None,
+        unsettled=None,
+    ):
         env = os.environ
         self.deps, self.depth, self.unsettled = deps, depth, unsettled
         self.deadline_s = float(deadline_s if deadline_s is not None else env.get("PULSE_WATCHDOG_DEADLINE_S", 30))
@@ -158,9 +177,16 @@ class Watchdog:
         # first 500 failures hid every order that stalled after them.
         for _ in range(self.max_pages):
             with self.deps.pool.connection() as conn:
-                rows = conn.execute(CANDIDATES, {"deadline": self.deadline_s, "lookback": self.lookback_s,
-                                                 "limit": self.limit, "after_t": after[0],
-                                                 "after_id": after[1]}).fetchall()
+                rows = conn.execute(
+                    CANDIDATES,
+                    {
+                        "deadline": self.deadline_s,
+                        "lookback": self.lookback_s,
+                        "limit": self.limit,
+                        "after_t": after[0],
+                        "after_id": after[1],
+                    },
+                ).fetchall()
             examined += len(rows)
             for row in rows:
                 step = next_step(row)
@@ -205,7 +231,9 @@ class Watchdog:
                 "INSERT INTO infra.saga_redrives AS w (order_id, event_type) VALUES (%s, %s) "
                 "ON CONFLICT (order_id) DO UPDATE SET event_type = EXCLUDED.event_type, attempts = w.attempts + 1, "
                 "redriven_at = clock_timestamp() WHERE w.redriven_at < now() - make_interval(secs => %s) "
-                "RETURNING attempts", (order["id"], event.value, self.deadline_s)).fetchone()
+                "RETURNING attempts",
+                (order["id"], event.value, self.deadline_s),
+            ).fetchone()
             if won is None:
                 return False
             # Only the module that missed the event acts on it (topology.Dispatcher): re-sent to all, an
@@ -220,11 +248,21 @@ class Watchdog:
         marks = {"redriven": True, "redrive_for": queue}
         if event == E.ORDER_UPDATED:
             return snapshot(order, **marks)
-        items = [{"productId": str(r["product_id"]), "quantity": r["quantity"]} for r in conn.execute(
-            "SELECT product_id, quantity FROM orders.order_items WHERE order_id = %s ORDER BY product_id",
-            (order["id"],)).fetchall()]
-        fields = {"order_id": str(order["id"]), "user_id": str(order["user_id"]), "items": items,
-                  "total_price": order["total_amount"], "strategy": order["strategy"], **marks}
+        items = [
+            {"productId": str(r["product_id"]), "quantity": r["quantity"]}
+            for r in conn.execute(
+                "SELECT product_id, quantity FROM orders.order_items WHERE order_id = %s ORDER BY product_id",
+                (order["id"],),
+            ).fetchall()
+        ]
+        fields = {
+            "order_id": str(order["id"]),
+            "user_id": str(order["user_id"]),
+            "items": items,
+            "total_price": order["total_amount"],
+            "strategy": order["strategy"],
+            **marks,
+        }
         if event == E.STOCK_RELEASED:
             fields["items"] = order["reserved_items"] or items
         elif event in (E.PAYMENT_PROCESSED, E.PAYMENT_REFUNDED):

@@ -28,7 +28,8 @@ def on_charge(deps, event_id, event: StockReserved | OrderCreated) -> None:
             "INSERT INTO payment.payments (order_id, amount, status, provider, provider_payment_id, paid_at) "
             "VALUES (%s, %s, %s, %s, %s, CASE WHEN %s = 'SUCCESS' THEN now() END) "
             "ON CONFLICT (order_id) DO NOTHING RETURNING id",
-            (order_id, event.total_price, status, deps.provider.name, result.provider_payment_id, status)).fetchone()
+            (order_id, event.total_price, status, deps.provider.name, result.provider_payment_id, status),
+        ).fetchone()
         if row is None:
             return
         if result.approved:
@@ -44,15 +45,24 @@ def _claim_only(deps, event_id):
 
 def on_refund(deps, conn, event: StockFailed) -> None:
     """STOCK_FAILED (post-payment): refund the successful charge of this order, once."""
-    payment = conn.execute("SELECT id, provider_payment_id FROM payment.payments WHERE order_id = %s "
-                           "AND status = 'SUCCESS' FOR UPDATE", (event.order_id,)).fetchone()
+    payment = conn.execute(
+        "SELECT id, provider_payment_id FROM payment.payments WHERE order_id = %s AND status = 'SUCCESS' FOR UPDATE",
+        (event.order_id,),
+    ).fetchone()
     if payment is None:
         return  # never charged, nothing to give back
     if deps.naive("no-compensation"):
         return  # the lab's naive switch: the out-of-stock order keeps its charge
     deps.provider.refund(event.order_id, payment["provider_payment_id"])
-    conn.execute("UPDATE payment.payments SET status = 'REFUNDED', refunded_at = now() WHERE id = %s",
-                 (payment["id"],))
-    outbox.append_event(conn, PaymentRefunded(
-        order_id=event.order_id, user_id=event.user_id, total_price=event.total_price, strategy=event.strategy,
-        reason=FailureReason.OUT_OF_STOCK, payment_id=str(payment["id"])))
+    conn.execute("UPDATE payment.payments SET status = 'REFUNDED', refunded_at = now() WHERE id = %s", (payment["id"],))
+    outbox.append_event(
+        conn,
+        PaymentRefunded(
+            order_id=event.order_id,
+            user_id=event.user_id,
+            total_price=event.total_price,
+            strategy=event.strategy,
+            reason=FailureReason.OUT_OF_STOCK,
+            payment_id=str(payment["id"]),
+        ),
+    )

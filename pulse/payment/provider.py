@@ -26,8 +26,15 @@ class SimulatedProvider:
 
     name = "simulated"
 
-    def __init__(self, *, decline_rate: float = 0.0, latency_ms: float = 0.0, error_rate: float = 0.0,
-                 seed: int = 42, faults=None):
+    def __init__(
+        self,
+        *,
+        decline_rate: float = 0.0,
+        latency_ms: float = 0.0,
+        error_rate: float = 0.0,
+        seed: int = 42,
+        faults=None,
+    ):
         self.decline_rate, self.latency_ms, self.error_rate = decline_rate, latency_ms, error_rate
         self.seed = seed
         self.faults = faults or NO_FAULTS
@@ -35,7 +42,7 @@ class SimulatedProvider:
 
     def _draw(self, order_id, salt: str) -> float:
         digest = hashlib.sha256(f"{self.seed}:{salt}:{order_id}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2 ** 64
+        return int.from_bytes(digest[:8], "big") / 2**64
 
     def charge(self, order_id, amount) -> ChargeResult:
         """Charge ``amount`` for ``order_id``; raises ProviderError on a simulated transient failure."""

@@ -56,8 +56,13 @@ class Reconciler:
             fixes = self._reconcile(conn, lower, upper, full)
         self.upper = upper
         self._mark()
-        result = {**fixes, "full": full, "windowFrom": lower.isoformat() if lower else None,
-                  "windowTo": upper.isoformat(), "durationMs": round((time.perf_counter() - started) * 1000, 2)}
+        result = {
+            **fixes,
+            "full": full,
+            "windowFrom": lower.isoformat() if lower else None,
+            "windowTo": upper.isoformat(),
+            "durationMs": round((time.perf_counter() - started) * 1000, 2),
+        }
         if any(fixes[k] for k in ("stock", "reserved", "carts", "cleanupQueue")):
             log.warning("reconciliation fixed Redis: %s", result)
         return result
@@ -89,22 +94,29 @@ class Reconciler:
 
         args = {"upper": upper, "lower": lower}
         stock_rows = conn.execute(
-            f"SELECT product_id, available_quantity FROM inventory.inventory_items WHERE {window()}", args).fetchall()
+            f"SELECT product_id, available_quantity FROM inventory.inventory_items WHERE {window()}", args
+        ).fetchall()
         if full:
             products = {str(r["product_id"]) for r in stock_rows}
-            users = {str(r["user_id"]) for r in conn.execute(
-                "SELECT DISTINCT c.user_id FROM inventory.carts c JOIN inventory.cart_items ci ON ci.cart_id = c.id"
-            ).fetchall()}
+            users = {
+                str(r["user_id"])
+                for r in conn.execute(
+                    "SELECT DISTINCT c.user_id FROM inventory.carts c JOIN inventory.cart_items ci ON ci.cart_id = c.id"
+                ).fetchall()
+            }
             users |= self._redis_cart_users()
         else:
             changed = conn.execute(
                 f"SELECT c.user_id, ci.product_id FROM inventory.cart_items ci JOIN inventory.carts c "
-                f"ON c.id = ci.cart_id WHERE {window('ci.')}", args).fetchall()
+                f"ON c.id = ci.cart_id WHERE {window('ci.')}",
+                args,
+            ).fetchall()
             products = {str(r["product_id"]) for r in changed} | self._hold_products(conn, window("h."), args)
             users = {str(r["user_id"]) for r in changed}
             lo_ms = int(lower.timestamp() * 1000) + ttl_ms
-            users |= set(self.deps.redis.zrangebyscore(keys.CLEANUP_QUEUE, f"({lo_ms}",
-                                                       int(upper.timestamp() * 1000) + ttl_ms))
+            users |= set(
+                self.deps.redis.zrangebyscore(keys.CLEANUP_QUEUE, f"({lo_ms}", int(upper.timestamp() * 1000) + ttl_ms)
+            )
         users |= self.deferred_users
         redis_carts = self._redis_carts(users)
         for items in redis_carts.values():
@@ -113,20 +125,26 @@ class Reconciler:
         busy_products, busy_users = self._in_flight(conn, upper, ttl_ms)
         self.deferred_products = products & busy_products
         self.deferred_users = users & busy_users
-        fixes = {"stock": self._fix_stock(stock_rows),
-                 "reserved": self._fix_reserved(conn, products - busy_products, full, busy_products),
-                 "holdMarkers": self._mark_settled_holds(conn, upper, busy_products),
-                 **self._fix_carts(conn, users - busy_users, redis_carts, ttl_ms),
-                 "deferred": len(self.deferred_products) + len(self.deferred_users)}
+        fixes = {
+            "stock": self._fix_stock(stock_rows),
+            "reserved": self._fix_reserved(conn, products - busy_products, full, busy_products),
+            "holdMarkers": self._mark_settled_holds(conn, upper, busy_products),
+            **self._fix_carts(conn, users - busy_users, redis_carts, ttl_ms),
+            "deferred": len(self.deferred_products) + len(self.deferred_users),
+        }
         return fixes
 
     def _in_flight(self, conn, upper, ttl_ms) -> tuple[set[str], set[str]]:
         """Products and users with activity newer than the window: in the DB, or only in Redis so far."""
-        rows = conn.execute("SELECT c.user_id, ci.product_id FROM inventory.cart_items ci JOIN inventory.carts c "
-                            "ON c.id = ci.cart_id WHERE ci.updated_at > %s", (upper,)).fetchall()
+        rows = conn.execute(
+            "SELECT c.user_id, ci.product_id FROM inventory.cart_items ci JOIN inventory.carts c "
+            "ON c.id = ci.cart_id WHERE ci.updated_at > %s",
+            (upper,),
+        ).fetchall()
         users = {str(r["user_id"]) for r in rows}
-        products = {str(r["product_id"]) for r in rows} | self._hold_products(conn, "h.updated_at > %(upper)s",
-                                                                             {"upper": upper})
+        products = {str(r["product_id"]) for r in rows} | self._hold_products(
+            conn, "h.updated_at > %(upper)s", {"upper": upper}
+        )
         recent = self.deps.redis.zrangebyscore(keys.CLEANUP_QUEUE, f"({int(upper.timestamp() * 1000) + ttl_ms}", "+inf")
         users |= set(recent)
         for items in self._redis_carts(set(recent)).values():
@@ -136,17 +154,25 @@ class Reconciler:
     @staticmethod
     def _hold_products(conn, condition: str, args: dict) -> set[str]:
         """Products of order holds moved or released where ``condition`` holds (on infra.order_holds)."""
-        return {str(r["p"]) for r in conn.execute(
-            "SELECT DISTINCT (i->>'productId') AS p FROM infra.order_holds h, jsonb_array_elements(h.items) i "
-            f"WHERE {condition}", args)}
+        return {
+            str(r["p"])
+            for r in conn.execute(
+                "SELECT DISTINCT (i->>'productId') AS p FROM infra.order_holds h, jsonb_array_elements(h.items) i "
+                f"WHERE {condition}",
+                args,
+            )
+        }
 
     def _fix_stock(self, rows) -> int:
         if not rows:
             return 0
         r = self.deps.redis
         current = r.mget([keys.stock(row["product_id"]) for row in rows])
-        wrong = {keys.stock(row["product_id"]): row["available_quantity"]
-                 for row, value in zip(rows, current, strict=True) if value != str(row["available_quantity"])}
+        wrong = {
+            keys.stock(row["product_id"]): row["available_quantity"]
+            for row, value in zip(rows, current, strict=True)
+            if value != str(row["available_quantity"])
+        }
         if wrong:
             r.mset(wrong)
         return len(wrong)
@@ -166,8 +192,7 @@ class Reconciler:
             held = {p: n for p, n in held.items() if p not in busy}
         ids = sorted(held)
         current = self.deps.redis.mget([keys.reserved(p) for p in ids])
-        wrong = {keys.reserved(p): held[p] for p, value in zip(ids, current, strict=True)
-                 if int(value or 0) != held[p]}
+        wrong = {keys.reserved(p): held[p] for p, value in zip(ids, current, strict=True) if int(value or 0) != held[p]}
         if wrong:
             self.deps.redis.mset(wrong)
         return len(wrong)
@@ -185,14 +210,22 @@ class Reconciler:
             "r.status AS decision, ARRAY(SELECT i->>'productId' FROM jsonb_array_elements(h.items) i) AS products "
             "FROM infra.order_holds h LEFT JOIN inventory.reservations r ON r.order_id = h.order_id "
             "WHERE h.updated_at <= %s AND h.updated_at > %s - make_interval(secs => %s)",
-            (upper, upper, APPLIED_TTL_S)).fetchall()
+            (upper, upper, APPLIED_TTL_S),
+        ).fetchall()
         pipe, marked = self.deps.redis.pipeline(transaction=False), 0
         for row in rows:
             if busy & set(row["products"]):
                 continue
-            steps = {name: 1 for name, done in (("moved", row["moved"]), ("released", row["released"]),
-                                                ("decided", row["released"] and row["decision"] is not None),
-                                                ("restocked", row["decision"] == "RELEASED")) if done}
+            steps = {
+                name: 1
+                for name, done in (
+                    ("moved", row["moved"]),
+                    ("released", row["released"]),
+                    ("decided", row["released"] and row["decision"] is not None),
+                    ("restocked", row["decision"] == "RELEASED"),
+                )
+                if done
+            }
             if steps:
                 pipe.hset(keys.hold(row["order_id"]), mapping=steps)
                 pipe.expire(keys.hold(row["order_id"]), APPLIED_TTL_S)
@@ -207,7 +240,8 @@ class Reconciler:
         rows = conn.execute(
             "SELECT c.user_id, c.updated_at, ci.product_id, ci.quantity FROM inventory.carts c "
             "JOIN inventory.cart_items ci ON ci.cart_id = c.id WHERE c.user_id = ANY(%s::uuid[]) AND ci.quantity > 0",
-            (list(users),)).fetchall()
+            (list(users),),
+        ).fetchall()
         db_carts: dict[str, dict[str, int]] = {}
         touched: dict[str, float] = {}
         for row in rows:
@@ -238,12 +272,18 @@ class Reconciler:
         pipe = self.deps.redis.pipeline(transaction=False)
         for user in ordered:
             pipe.hgetall(keys.cart(user))
-        return {u: {p: int(q) for p, q in h.items() if int(q) > 0}
-                for u, h in zip(ordered, pipe.execute(), strict=True) if h}
+        return {
+            u: {p: int(q) for p, q in h.items() if int(q) > 0}
+            for u, h in zip(ordered, pipe.execute(), strict=True)
+            if h
+        }
 
     def _redis_cart_users(self) -> set[str]:
-        users = {k.split(":", 1)[1] for k in self.deps.redis.scan_iter(match="cart:*", count=1000)
-                 if k != keys.CLEANUP_QUEUE and k.count(":") == 1}
+        users = {
+            k.split(":", 1)[1]
+            for k in self.deps.redis.scan_iter(match="cart:*", count=1000)
+            if k != keys.CLEANUP_QUEUE and k.count(":") == 1
+        }
         users |= set(self.deps.redis.zrange(keys.CLEANUP_QUEUE, 0, -1))
         return {u for u in users if _is_uuid(u)}
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 
-from pulse.events import Event, EventType as E, OrderCreated
+from pulse.events import Event, OrderCreated
+from pulse.events import EventType as E
 from pulse.infra import inbox, keys
 
 INBOX = "infra.redis_stock_inbox"
@@ -56,8 +57,12 @@ WHERE h.released_at IS NULL
 """
 
 # What each deciding event does to the order's hold and to stock: (step, release the hold, stock direction).
-SETTLE = {E.STOCK_RESERVED.value: ("decided", True, -1), E.STOCK_FAILED.value: ("decided", True, 0),
-          E.PAYMENT_FAILED.value: ("decided", True, 0), E.STOCK_RELEASED.value: ("restocked", False, 1)}
+SETTLE = {
+    E.STOCK_RESERVED.value: ("decided", True, -1),
+    E.STOCK_FAILED.value: ("decided", True, 0),
+    E.PAYMENT_FAILED.value: ("decided", True, 0),
+    E.STOCK_RELEASED.value: ("restocked", False, 1),
+}
 
 
 def _items(event: Event) -> list[dict]:
@@ -75,13 +80,20 @@ def on_order_created(deps, event_id, event: OrderCreated) -> None:
     """ORDER_CREATED: the ordered units leave the user's cart (DB and Redis); their hold moves to the order."""
     items, user_id, order_id = _items(event), event.user_id, event.order_id
     naive = deps.naive("release-on-order-created")
-    _claimed(deps, event_id, MOVE_FROM_CART, {"order": order_id, "user": user_id, "items": json.dumps(items),
-                                              "release": naive})
+    _claimed(
+        deps,
+        event_id,
+        MOVE_FROM_CART,
+        {"order": order_id, "user": user_id, "items": json.dumps(items), "release": naive},
+    )
     held = [keys.reserved(i["productId"]) for i in items]
     # after_commit: inside a consumer batch the database side commits only with the whole batch.
-    deps.after_commit(lambda: deps.scripts.move_hold(
-        [keys.cart(user_id), keys.CLEANUP_QUEUE, keys.hold(order_id), *held],
-        [user_id, APPLIED_TTL_S, "1" if naive else "0", *[i["quantity"] for i in items]]))
+    deps.after_commit(
+        lambda: deps.scripts.move_hold(
+            [keys.cart(user_id), keys.CLEANUP_QUEUE, keys.hold(order_id), *held],
+            [user_id, APPLIED_TTL_S, "1" if naive else "0", *[i["quantity"] for i in items]],
+        )
+    )
 
 
 def on_stock_decided(deps, event_id, event: Event) -> None:
@@ -100,6 +112,9 @@ def _settle(deps, event_id, event: Event, statement: str | None) -> None:
     _claimed(deps, event_id, statement, {"order": order_id, "user": event.user_id, "items": json.dumps(items)})
     reserved = [keys.reserved(i["productId"]) for i in items]
     stock = [keys.stock(i["productId"]) for i in items]
-    deps.after_commit(lambda: deps.scripts.settle_hold(
-        [keys.hold(order_id), *reserved, *stock],
-        [step, "1" if release else "0", direction, APPLIED_TTL_S, *[i["quantity"] for i in items]]))
+    deps.after_commit(
+        lambda: deps.scripts.settle_hold(
+            [keys.hold(order_id), *reserved, *stock],
+            [step, "1" if release else "0", direction, APPLIED_TTL_S, *[i["quantity"] for i in items]],
+        )
+    )

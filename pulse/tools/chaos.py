@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 
 # How each fault kind is armed during a campaign, (action, probability, params), from the one catalogue
 # (pulse.faults_catalogue). Crashes strike once per arming.
-FAULT_PLANS = {e.name: (e.action, e.chaos[0], dict(e.chaos[1])) for e in faults_catalogue.CATALOGUE
-               if e.chaos is not None}
+FAULT_PLANS = {
+    e.name: (e.action, e.chaos[0], dict(e.chaos[1])) for e in faults_catalogue.CATALOGUE if e.chaos is not None
+}
 DEFAULT_FAULTS = tuple(FAULT_PLANS)
 SETTLED_CHECK_S = 0.5
 # The contention phase (Campaign._contend) runs these on products of its own, before the fault rounds.
@@ -56,11 +57,26 @@ DECISIONS = ("STOCK_RESERVED", "STOCK_FAILED", "PAYMENT_PROCESSED", "PAYMENT_FAI
 class Campaign:
     """One campaign; :meth:`run` returns the summary (``violations`` empty when every invariant held)."""
 
-    def __init__(self, *, orders: int = 200, seed: int = 1, fault_kinds=DEFAULT_FAULTS, strategy: str | None = None,
-                 outbox_mode: str | None = None, url: str | None = None, products: int = 3, threads: int = 8,
-                 quiesce_timeout_s: float = 120.0, naive: str = "", progress: bool = True, env: dict | None = None,
-                 fault_every_s: float = 1.5, log_dir: str | None = None, strike_wait_s: float = 10.0,
-                 max_drive_s: float | None = None):
+    def __init__(
+        self,
+        *,
+        orders: int = 200,
+        seed: int = 1,
+        fault_kinds=DEFAULT_FAULTS,
+        strategy: str | None = None,
+        outbox_mode: str | None = None,
+        url: str | None = None,
+        products: int = 3,
+        threads: int = 8,
+        quiesce_timeout_s: float = 120.0,
+        naive: str = "",
+        progress: bool = True,
+        env: dict | None = None,
+        fault_every_s: float = 1.5,
+        log_dir: str | None = None,
+        strike_wait_s: float = 10.0,
+        max_drive_s: float | None = None,
+    ):
         self.env = {**os.environ, **(env or {})}
         base = config.from_env(self.env)
         changes = {k: v for k, v in (("strategy", strategy), ("outbox_mode", outbox_mode)) if v}
@@ -69,8 +85,9 @@ class Campaign:
         self.fault_kinds = [f for f in fault_kinds if f and f != "none"]
         unknown = set(self.fault_kinds) - set(FAULT_PLANS)
         if unknown:
-            raise faults.UnknownFault(f"Unknown fault kind(s) {', '.join(sorted(unknown))}; "
-                                      f"choose from {', '.join(FAULT_PLANS)}.")
+            raise faults.UnknownFault(
+                f"Unknown fault kind(s) {', '.join(sorted(unknown))}; choose from {', '.join(FAULT_PLANS)}."
+            )
         self.n_products, self.threads = products, threads
         self.quiesce_timeout_s, self.naive, self.progress = quiesce_timeout_s, naive, progress
         self.fault_every_s = fault_every_s
@@ -98,12 +115,22 @@ class Campaign:
         self.pace_s = 0.0
 
     @classmethod
-    def from_args(cls, args) -> "Campaign":
+    def from_args(cls, args) -> Campaign:
         kinds = args.faults.split(",") if args.faults else DEFAULT_FAULTS
-        return cls(orders=args.orders, seed=args.seed, fault_kinds=kinds, strategy=args.strategy,
-                   outbox_mode=args.outbox_mode, url=args.url, products=args.products, threads=args.threads,
-                   quiesce_timeout_s=args.quiesce_timeout, naive=args.naive, progress=not args.no_progress,
-                   max_drive_s=args.max_drive_s)
+        return cls(
+            orders=args.orders,
+            seed=args.seed,
+            fault_kinds=kinds,
+            strategy=args.strategy,
+            outbox_mode=args.outbox_mode,
+            url=args.url,
+            products=args.products,
+            threads=args.threads,
+            quiesce_timeout_s=args.quiesce_timeout,
+            naive=args.naive,
+            progress=not args.no_progress,
+            max_drive_s=args.max_drive_s,
+        )
 
     # -- the campaign ---------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -170,8 +197,9 @@ class Campaign:
             in_flight = self._new_product("in flight", IN_FLIGHT["stock"])
             phase.append(in_flight)
             with self._armed("cart.after_redis", action="delay", ms=IN_FLIGHT["db_delay_ms"]):
-                first = threading.Thread(target=self._together,
-                                         args=([lambda: self._add(http, in_flight, 1)] * IN_FLIGHT["wave"],))
+                first = threading.Thread(
+                    target=self._together, args=([lambda: self._add(http, in_flight, 1)] * IN_FLIGHT["wave"],)
+                )
                 first.start()
                 time.sleep(RECONCILE_EVERY_S * 1.6)  # a reconciliation pass ran while the first wave is in flight
                 self._together([lambda: self._add(http, in_flight, 1)] * IN_FLIGHT["wave"])
@@ -217,8 +245,11 @@ class Campaign:
             placed = self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in first])
             self._holds_moved(placed)  # redis-stock has moved the holds to the orders; inventory is still deciding
             late = [str(uuid.uuid4()) for _ in range(SOLD_OUT["late_shoppers"])]
-            accepted = [u for u, status in zip(late, self._together([lambda u=u: self._add(http, product, 1, u)
-                                                                       for u in late])) if status == 200]
+            accepted = [
+                u
+                for u, status in zip(late, self._together([lambda u=u: self._add(http, product, 1, u) for u in late]))
+                if status == 200
+            ]
             if accepted:
                 placed += self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in accepted])
         self._settle(placed)
@@ -229,8 +260,11 @@ class Campaign:
         deadline = time.monotonic() + timeout_s
         with db.connect(self.settings.database_url, autocommit=True) as conn:
             while time.monotonic() < deadline:
-                moved = conn.execute("SELECT count(*) AS n FROM infra.order_holds WHERE order_id = ANY(%s::uuid[]) "
-                                     "AND moved_at IS NOT NULL", (ids,)).fetchone()["n"]
+                moved = conn.execute(
+                    "SELECT count(*) AS n FROM infra.order_holds WHERE order_id = ANY(%s::uuid[]) "
+                    "AND moved_at IS NOT NULL",
+                    (ids,),
+                ).fetchone()["n"]
                 if moved >= len(ids):
                     return
                 time.sleep(0.05)
@@ -255,8 +289,10 @@ class Campaign:
         both = self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in (first, second)])
         self._settle(both)
         with db.connect(self.settings.database_url, autocommit=True) as conn:
-            rows = conn.execute("SELECT id::text AS id FROM orders.orders WHERE id = ANY(%s::uuid[]) "
-                                "AND status = 'FAILED'", ([o for o in placed + both if o],)).fetchall()
+            rows = conn.execute(
+                "SELECT id::text AS id FROM orders.orders WHERE id = ANY(%s::uuid[]) AND status = 'FAILED'",
+                ([o for o in placed + both if o],),
+            ).fetchall()
         return [r["id"] for r in rows]
 
     def _poison(self, http) -> str:
@@ -270,9 +306,11 @@ class Campaign:
         with self._armed("payment.timeout", action="error", max=2 * retries) as armed:
             self._order(http, user, str(uuid.uuid4()))
             deadline = time.monotonic() + self.strike_wait_s + 5
-            while (time.monotonic() < deadline
-                   and faults.fired_counts(self.settings.database_url, armed["armedAt"]).get("payment.timeout", 0)
-                   < retries):
+            while (
+                time.monotonic() < deadline
+                and faults.fired_counts(self.settings.database_url, armed["armedAt"]).get("payment.timeout", 0)
+                < retries
+            ):
                 time.sleep(0.2)
         return product
 
@@ -285,7 +323,8 @@ class Campaign:
                 self._order(http, user, str(uuid.uuid4()))
                 deadline = time.monotonic() + self.strike_wait_s
                 while time.monotonic() < deadline and not faults.fired_counts(
-                        self.settings.database_url, armed["armedAt"]).get("consumer.lose"):
+                    self.settings.database_url, armed["armedAt"]
+                ).get("consumer.lose"):
                     time.sleep(0.2)
         return product
 
@@ -295,8 +334,10 @@ class Campaign:
         Last, because a server that reconciles every second repairs a hold nobody gave back some seconds later
         (its cooldown): judged at once, the drift is still there to be seen (``reserved-before-repair``)."""
         product = self._new_product("expiring", EXPIRY["stock"])
-        with httpx.Client(base_url=server_url, timeout=15) as http, \
-                self._armed("cart.short_ttl", action="trigger", s=EXPIRY["ttl_s"]):
+        with (
+            httpx.Client(base_url=server_url, timeout=15) as http,
+            self._armed("cart.short_ttl", action="trigger", s=EXPIRY["ttl_s"]),
+        ):
             for _ in range(EXPIRY["shoppers"]):
                 self._add(http, product, 1)
         time.sleep(max(0.0, EXPIRY["ttl_s"] - 0.8) + 2 * SWEEP_EVERY_S + 0.5)  # expired, then swept
@@ -311,16 +352,31 @@ class Campaign:
             for order_id in order_ids:
                 first = conn.execute(
                     "SELECT event_type FROM infra.event_log WHERE aggregate_id = %s AND event_type = ANY(%s) "
-                    "ORDER BY created_at, event_id LIMIT 1", (order_id, list(DECISIONS))).fetchone()
-                order = conn.execute("SELECT o.*, p.id AS payment_id FROM orders.orders o LEFT JOIN payment.payments p "
-                                     "ON p.order_id = o.id WHERE o.id = %s", (order_id,)).fetchone()
+                    "ORDER BY created_at, event_id LIMIT 1",
+                    (order_id, list(DECISIONS)),
+                ).fetchone()
+                order = conn.execute(
+                    "SELECT o.*, p.id AS payment_id FROM orders.orders o LEFT JOIN payment.payments p "
+                    "ON p.order_id = o.id WHERE o.id = %s",
+                    (order_id,),
+                ).fetchone()
                 if first is None or order is None:
                     continue
-                items = [{"productId": str(r["product_id"]), "quantity": r["quantity"]} for r in conn.execute(
-                    "SELECT product_id, quantity FROM orders.order_items WHERE order_id = %s ORDER BY product_id",
-                    (order_id,))]
-                payload = {"orderId": order_id, "userId": str(order["user_id"]), "items": items,
-                           "totalPrice": order["total_amount"], "strategy": order["strategy"], "redriven": True}
+                items = [
+                    {"productId": str(r["product_id"]), "quantity": r["quantity"]}
+                    for r in conn.execute(
+                        "SELECT product_id, quantity FROM orders.order_items WHERE order_id = %s ORDER BY product_id",
+                        (order_id,),
+                    )
+                ]
+                payload = {
+                    "orderId": order_id,
+                    "userId": str(order["user_id"]),
+                    "items": items,
+                    "totalPrice": order["total_amount"],
+                    "strategy": order["strategy"],
+                    "redriven": True,
+                }
                 event = first["event_type"]
                 if event == "STOCK_FAILED":
                     payload["reason"] = "OUT_OF_STOCK"
@@ -356,7 +412,9 @@ class Campaign:
                 busy = conn.execute(
                     "SELECT count(*) AS n FROM orders.orders WHERE id = ANY(%s::uuid[]) AND (status NOT IN "
                     "('COMPLETED', 'FAILED') OR (status = 'FAILED' AND (payment_status = 'SUCCESS' OR "
-                    "inventory_status = 'RESERVED')))", (ids,)).fetchone()["n"]
+                    "inventory_status = 'RESERVED')))",
+                    (ids,),
+                ).fetchone()["n"]
             if not busy:
                 return
             time.sleep(0.2)
@@ -374,8 +432,9 @@ class Campaign:
             return list(pool.map(run, calls))
 
     def _add(self, http, product: str, quantity: int, user: str | None = None) -> int:
-        return self._call(http, "PUT", f"/api/cart/{user or uuid.uuid4()}/items",
-                          {"productId": product, "quantity": quantity})
+        return self._call(
+            http, "PUT", f"/api/cart/{user or uuid.uuid4()}/items", {"productId": product, "quantity": quantity}
+        )
 
     def _order(self, http, user: str, key: str) -> str | None:
         """Submit the order (retrying through 409 and 5xx like a shopper); its id, or None."""
@@ -392,10 +451,13 @@ class Campaign:
     def _new_product(self, label: str, stock: int) -> str:
         pid = str(uuid.uuid4())
         with db.connect(self.settings.database_url) as conn, conn.transaction():
-            conn.execute("INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s)",
-                         (pid, f"Chaos {label} ({pid[:8]})", Decimal(20)))
-            conn.execute("INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s)",
-                         (pid, stock))
+            conn.execute(
+                "INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s)",
+                (pid, f"Chaos {label} ({pid[:8]})", Decimal(20)),
+            )
+            conn.execute(
+                "INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s)", (pid, stock)
+            )
         return pid
 
     def _create_products(self) -> list[str]:
@@ -410,10 +472,14 @@ class Campaign:
             for i in range(self.n_products):
                 stock = scarce if i == 0 else int(demand * 2) + 10
                 pid = str(uuid.uuid4())
-                conn.execute("INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s)",
-                             (pid, f"Chaos item {i} ({pid[:8]})", Decimal(10 + 5 * i)))
-                conn.execute("INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s)",
-                             (pid, stock))
+                conn.execute(
+                    "INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s)",
+                    (pid, f"Chaos item {i} ({pid[:8]})", Decimal(10 + 5 * i)),
+                )
+                conn.execute(
+                    "INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s)",
+                    (pid, stock),
+                )
                 ids.append(pid)
         return ids
 
@@ -423,22 +489,32 @@ class Campaign:
 
         port = free_port()
         self._server_url = f"http://127.0.0.1:{port}"
-        env = {**self.env, "PULSE_STRATEGY": self.settings.strategy, "PULSE_OUTBOX_MODE": self.settings.outbox_mode,
-               "PULSE_WATCHDOG_DEADLINE_S": self.env.get("PULSE_WATCHDOG_DEADLINE_S", "3"),
-               "PULSE_WATCHDOG_INTERVAL_S": self.env.get("PULSE_WATCHDOG_INTERVAL_S", "1"),
-               # Reconciliation meeting adds in flight, and a slow order creation outliving its idempotency
-               # lock, are conditions the campaign makes (see _contend): it needs both short.
-               "PULSE_RECONCILE_INTERVAL_S": str(RECONCILE_EVERY_S),
-               "PULSE_IDEMPOTENCY_LOCK_TTL_S": str(LOCK_TTL_S),
-               # Two consumers per queue, so reservations of one product can run at once (see _contend), and
-               # a sweeper that passes every second over the carts _expire_carts leaves to expire.
-               "PULSE_CONSUMER_THREADS": self.env.get("PULSE_CONSUMER_THREADS", str(CONSUMER_THREADS)),
-               "PULSE_SWEEP_INTERVAL_S": str(SWEEP_EVERY_S),
-               "PULSE_NAIVE": self.naive, "PULSE_LAB": "1"}
+        env = {
+            **self.env,
+            "PULSE_STRATEGY": self.settings.strategy,
+            "PULSE_OUTBOX_MODE": self.settings.outbox_mode,
+            "PULSE_WATCHDOG_DEADLINE_S": self.env.get("PULSE_WATCHDOG_DEADLINE_S", "3"),
+            "PULSE_WATCHDOG_INTERVAL_S": self.env.get("PULSE_WATCHDOG_INTERVAL_S", "1"),
+            # Reconciliation meeting adds in flight, and a slow order creation outliving its idempotency
+            # lock, are conditions the campaign makes (see _contend): it needs both short.
+            "PULSE_RECONCILE_INTERVAL_S": str(RECONCILE_EVERY_S),
+            "PULSE_IDEMPOTENCY_LOCK_TTL_S": str(LOCK_TTL_S),
+            # Two consumers per queue, so reservations of one product can run at once (see _contend), and
+            # a sweeper that passes every second over the carts _expire_carts leaves to expire.
+            "PULSE_CONSUMER_THREADS": self.env.get("PULSE_CONSUMER_THREADS", str(CONSUMER_THREADS)),
+            "PULSE_SWEEP_INTERVAL_S": str(SWEEP_EVERY_S),
+            "PULSE_NAIVE": self.naive,
+            "PULSE_LAB": "1",
+        }
         # Restarting fast is the point here: crash faults strike every few seconds, and a server kept down by
         # a growing backoff would leave the remaining fault kinds nothing to strike.
-        supervisor = CommandSupervisor(serve_command(["--port", str(port)]), env=env, backoff_s=0.2,
-                                       max_backoff_s=1.0, log_path=str(self.log_dir / "serve.log"))
+        supervisor = CommandSupervisor(
+            serve_command(["--port", str(port)]),
+            env=env,
+            backoff_s=0.2,
+            max_backoff_s=1.0,
+            log_path=str(self.log_dir / "serve.log"),
+        )
         thread = threading.Thread(target=supervisor.run, name="chaos-supervisor", daemon=True)
         thread.start()
         return supervisor, thread
@@ -551,15 +627,20 @@ class Campaign:
             action, probability, params = FAULT_PLANS[name]
             turn_started, started_before, struck = time.monotonic(), self._started, False
             try:
-                armed = faults.arm(url, name, action=action, probability=probability,
-                                   seed=self.rng.randrange(1 << 30), **params)
+                armed = faults.arm(
+                    url, name, action=action, probability=probability, seed=self.rng.randrange(1 << 30), **params
+                )
                 self._pause(self.fault_every_s)
                 struck = self._hold_until_struck(name, armed)
                 faults.disarm(url, name)
             except Exception as exc:  # db.restart may cut this very connection; the next round goes on
                 log.info("chaos: arming %s failed: %s", name, exc)
-            turn = {"kind": name, "struck": struck, "heldS": round(time.monotonic() - turn_started, 1),
-                    "checkoutsStarted": self._started - started_before}
+            turn = {
+                "kind": name,
+                "struck": struck,
+                "heldS": round(time.monotonic() - turn_started, 1),
+                "checkoutsStarted": self._started - started_before,
+            }
             self.turns.append(turn)
             log.info("chaos: turn %s", turn)
             if not struck and name not in retried:
@@ -649,26 +730,36 @@ class Campaign:
             states = conn.execute(
                 "SELECT o.status || COALESCE('/' || o.failure_reason, '') AS state, count(*) AS n "
                 "FROM orders.orders o WHERE o.id = ANY(%s::uuid[]) GROUP BY 1 ORDER BY 1",
-                (list(set(self.order_ids)),)).fetchall()
-            redrives = conn.execute("SELECT COALESCE(SUM(attempts), 0) AS n FROM infra.saga_redrives "
-                                    "WHERE redriven_at >= %s", (since,)).fetchone()["n"]
+                (list(set(self.order_ids)),),
+            ).fetchall()
+            redrives = conn.execute(
+                "SELECT COALESCE(SUM(attempts), 0) AS n FROM infra.saga_redrives WHERE redriven_at >= %s", (since,)
+            ).fetchone()["n"]
         delivery = next(r for r in results if r.name == "delivery")
         injected = faults.fired_counts(self.settings.database_url, since)
         reconcile = outcome["reconcile"] or {}
         return {
-            "strategy": self.settings.strategy, "outboxMode": self.settings.outbox_mode, "seed": self.seed,
-            "naive": self.naive or None, "ordersRequested": self.orders, "checkouts": dict(self.outcomes),
+            "strategy": self.settings.strategy,
+            "outboxMode": self.settings.outbox_mode,
+            "seed": self.seed,
+            "naive": self.naive or None,
+            "ordersRequested": self.orders,
+            "checkouts": dict(self.outcomes),
             "ordersByState": {r["state"]: r["n"] for r in states},
             "faultsInjected": injected,
             "faultKindsNotStruck": [k for k in self.fault_kinds if not injected.get(k)],
             "faultTurns": self.turns,
-            "fixes": {"sagaRedrives": int(redrives),
-                      "reconcile": {k: reconcile.get(k, 0) for k in ("stock", "reserved", "carts", "cleanupQueue")},
-                      "serverRestarts": supervisor.restarts if supervisor else None},
-            "delivery": delivery.data, "quiesced": quiet,
+            "fixes": {
+                "sagaRedrives": int(redrives),
+                "reconcile": {k: reconcile.get(k, 0) for k in ("stock", "reserved", "carts", "cleanupQueue")},
+                "serverRestarts": supervisor.restarts if supervisor else None,
+            },
+            "delivery": delivery.data,
+            "quiesced": quiet,
             "violations": [r.to_dict() for r in results if not r.passed],
             "invariants": {r.name: r.passed for r in results},
-            "durationS": round(duration_s, 1), "serverLog": str(self.log_dir / "serve.log") if supervisor else None,
+            "durationS": round(duration_s, 1),
+            "serverLog": str(self.log_dir / "serve.log") if supervisor else None,
         }
 
     def _db_now(self) -> dt.datetime:

@@ -30,27 +30,46 @@ class ServeProcess:
     ...     httpx.get(server.url + "/health").json()
     """
 
-    def __init__(self, *, strategy: str = "optimistic", outbox_mode: str | None = None, port: int | None = None,
-                 env: dict | None = None, log_path: str | Path | None = None, args: tuple = (), lab: bool = True):
+    def __init__(
+        self,
+        *,
+        strategy: str = "optimistic",
+        outbox_mode: str | None = None,
+        port: int | None = None,
+        env: dict | None = None,
+        log_path: str | Path | None = None,
+        args: tuple = (),
+        lab: bool = True,
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PULSE_STRATEGY": strategy, "PULSE_LAB": "1" if lab else "0",
-                    **({"PULSE_OUTBOX_MODE": outbox_mode} if outbox_mode else {}), **(env or {})}
+        self.env = {
+            **os.environ,
+            "PULSE_STRATEGY": strategy,
+            "PULSE_LAB": "1" if lab else "0",
+            **({"PULSE_OUTBOX_MODE": outbox_mode} if outbox_mode else {}),
+            **(env or {}),
+        }
         self.log_path = Path(log_path) if log_path else None
         self.args = args
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 60.0) -> "ServeProcess":
+    def start(self, timeout_s: float = 60.0) -> ServeProcess:
         """Start the child and wait until its /health answers; raises RuntimeError with its log tail if not."""
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-m", "pulse", "serve", "--host", "127.0.0.1",
-                                      "--port", str(self.port), *self.args],
-                                     env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pulse", "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"pulse serve exited with status {self.proc.returncode} while starting"
-                                   f"{self._tail()}")
+                raise RuntimeError(
+                    f"pulse serve exited with status {self.proc.returncode} while starting{self._tail()}"
+                )
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return self

@@ -57,16 +57,24 @@ class LatencyHistogram:
     def mean_ms(self) -> float | None:
         return None if self.count == 0 else self._h.get_mean_value() / 1000.0
 
-    def merge(self, other: "LatencyHistogram") -> "LatencyHistogram":
+    def merge(self, other: LatencyHistogram) -> LatencyHistogram:
         self._h.add(other._h)
         return self
 
     def summary(self) -> dict:
         """count, p50, p90, p99, max and mean (ms, rounded to µs)."""
+
         def r(v):
             return None if v is None else round(v, 3)
-        return {"count": self.count, "p50": r(self.percentile_ms(50)), "p90": r(self.percentile_ms(90)),
-                "p99": r(self.percentile_ms(99)), "max": r(self.max_ms()), "mean": r(self.mean_ms())}
+
+        return {
+            "count": self.count,
+            "p50": r(self.percentile_ms(50)),
+            "p90": r(self.percentile_ms(90)),
+            "p99": r(self.percentile_ms(99)),
+            "max": r(self.max_ms()),
+            "mean": r(self.mean_ms()),
+        }
 
 
 class RawHttpError(OSError):
@@ -105,8 +113,10 @@ class RawClient:
     async def request(self, method: str, path: str, json=None) -> RawResponse:
         async with self._slots:
             body = b"" if json is None else _json_bytes(json)
-            head = (f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+            head = (
+                f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
             for attempt in (1, 2):
                 reused = bool(self._idle)
                 conn = self._idle.pop() if reused else await self._open()
@@ -118,7 +128,7 @@ class RawClient:
                     if reused and attempt == 1:
                         continue
                     raise RawHttpError("the server closed the connection without answering") from None
-                except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+                except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
                     conn[1].close()
                     raise RawHttpError(f"{type(exc).__name__}: {exc}") from exc
                 if keep:
@@ -131,7 +141,7 @@ class RawClient:
     async def _open(self):
         try:
             return await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise RawHttpError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
 
     @staticmethod
@@ -259,8 +269,9 @@ class _Load:
         if self.rng.random() < self.mix["abandon"]:
             return
         sent = time.perf_counter()
-        response = await self.call(client, ORDER, "POST", "/api/orders",
-                                   json={"userId": user, "idempotencyKey": str(uuid.uuid4())})
+        response = await self.call(
+            client, ORDER, "POST", "/api/orders", json={"userId": user, "idempotencyKey": str(uuid.uuid4())}
+        )
         if response is None or response.status_code != 200:
             return
         self.tally.checkouts += 1
@@ -292,6 +303,7 @@ async def _closed_loop(load: _Load, clients, concurrency: int, until: float):
     async def worker():
         while time.perf_counter() < until:
             await load.session(clients)
+
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
@@ -322,18 +334,27 @@ async def _progress(tally: _Tally, started: float, duration_s: float, enabled: b
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=round(duration_s, 1), unit="s", file=sys.stderr, desc="pulse load",
-              bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}") as bar:
+    with tqdm(
+        total=round(duration_s, 1),
+        unit="s",
+        file=sys.stderr,
+        desc="pulse load",
+        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}",
+    ) as bar:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             elapsed = min(time.perf_counter() - started, duration_s)
             bar.n = round(elapsed, 1)
             errors = sum(n for c in tally.requests.values() for s, n in c.items() if not s.startswith("2"))
-            bar.set_postfix(checkouts=tally.checkouts, per_s=f"{tally.checkouts / max(elapsed, 1e-9):.0f}",
-                            errors=errors, refresh=False)
+            bar.set_postfix(
+                checkouts=tally.checkouts,
+                per_s=f"{tally.checkouts / max(elapsed, 1e-9):.0f}",
+                errors=errors,
+                refresh=False,
+            )
             bar.refresh()
 
 
@@ -341,8 +362,9 @@ async def _create_products(client, count: int) -> list[str]:
     tag = uuid.uuid4().hex[:8]
     ids = []
     for i in range(count):
-        response = await client.request("POST", "/api/products", json={"name": f"load {tag} #{i}", "basePrice": 10,
-                                                                        "stock": LOAD_STOCK})
+        response = await client.request(
+            "POST", "/api/products", json={"name": f"load {tag} #{i}", "basePrice": 10, "stock": LOAD_STOCK}
+        )
         if response.status_code != 201:
             raise RuntimeError(f"Could not create the load products: the server answered {response.status_code}.")
         ids.append(response.json()["id"])
@@ -356,14 +378,37 @@ def _client(kind: str, url: str, width: int, timeout_s: float):
     return RawClient(url, timeout=timeout_s, max_connections=width)
 
 
-async def _run(urls, *, rate, concurrency, duration_s, mix, products, track, track_fraction, poll_s,
-               complete_timeout_s, max_inflight, progress, seed, timeout_s, client):
+async def _run(
+    urls,
+    *,
+    rate,
+    concurrency,
+    duration_s,
+    mix,
+    products,
+    track,
+    track_fraction,
+    poll_s,
+    complete_timeout_s,
+    max_inflight,
+    progress,
+    seed,
+    timeout_s,
+    client,
+):
     width = concurrency or max_inflight
     clients = [_client(client, u, width, timeout_s) for u in urls]
     try:
         product_ids = products if isinstance(products, list) else await _create_products(clients[0], products)
-        load = _Load(product_ids, mix=mix, track=track, track_fraction=track_fraction, poll_s=poll_s,
-                     complete_timeout_s=complete_timeout_s, seed=seed)
+        load = _Load(
+            product_ids,
+            mix=mix,
+            track=track,
+            track_fraction=track_fraction,
+            poll_s=poll_s,
+            complete_timeout_s=complete_timeout_s,
+            seed=seed,
+        )
         stop = asyncio.Event()
         started = time.perf_counter()
         bar = asyncio.create_task(_progress(load.tally, started, duration_s, progress, stop))
@@ -393,13 +438,29 @@ def _in_fresh_loop(coro):
         return pool.submit(asyncio.run, coro).result()
 
 
-def run_load(url: str | list[str] | None = None, *, rate: float | None = None, concurrency: int | None = None,
-             duration_s: float = 10.0, mix: str | dict | None = None, products: int | list[str] = 20,
-             strategy: str | None = None, outbox_mode: str | None = None, env: dict | None = None,
-             track: str = "poll", track_fraction: float = 0.2, poll_s: float = 0.01,
-             complete_timeout_s: float = 30.0, max_inflight: int = 512, database_url: str | None = None,
-             progress: bool = True, seed: int | None = None, timeout_s: float = 30.0,
-             serve_log: str | None = None, client: str = "raw") -> dict:
+def run_load(
+    url: str | list[str] | None = None,
+    *,
+    rate: float | None = None,
+    concurrency: int | None = None,
+    duration_s: float = 10.0,
+    mix: str | dict | None = None,
+    products: int | list[str] = 20,
+    strategy: str | None = None,
+    outbox_mode: str | None = None,
+    env: dict | None = None,
+    track: str = "poll",
+    track_fraction: float = 0.2,
+    poll_s: float = 0.01,
+    complete_timeout_s: float = 30.0,
+    max_inflight: int = 512,
+    database_url: str | None = None,
+    progress: bool = True,
+    seed: int | None = None,
+    timeout_s: float = 30.0,
+    serve_log: str | None = None,
+    client: str = "raw",
+) -> dict:
     """Drive ``pulse serve`` with real HTTP shoppers and return the measurements as a dict.
 
     Give exactly one of ``rate`` (sessions started per second, open loop) or ``concurrency`` (shoppers
@@ -424,8 +485,9 @@ def run_load(url: str | list[str] | None = None, *, rate: float | None = None, c
     if url is None:
         from pulse.tools.launcher import ServeProcess
 
-        server = ServeProcess(strategy=strategy or "optimistic", outbox_mode=outbox_mode, env=env,
-                              log_path=serve_log).start()
+        server = ServeProcess(
+            strategy=strategy or "optimistic", outbox_mode=outbox_mode, env=env, log_path=serve_log
+        ).start()
         urls = [server.url]
         database_url = database_url or server.env.get("PULSE_DATABASE_URL")
     else:
@@ -434,28 +496,60 @@ def run_load(url: str | list[str] | None = None, *, rate: float | None = None, c
         health = httpx.get(urls[0] + "/health", timeout=5).json()
         if strategy and health.get("strategy") != strategy.upper().replace("-", "_"):
             raise ValueError(f"The server at {urls[0]} runs strategy {health.get('strategy')}, not {strategy}.")
-        load, elapsed, product_ids = _in_fresh_loop(_run(
-            urls, rate=rate, concurrency=concurrency, duration_s=duration_s, mix=mix, products=products,
-            track=track, track_fraction=track_fraction, poll_s=poll_s, complete_timeout_s=complete_timeout_s,
-            max_inflight=max_inflight, progress=progress, seed=seed, timeout_s=timeout_s, client=client))
+        load, elapsed, product_ids = _in_fresh_loop(
+            _run(
+                urls,
+                rate=rate,
+                concurrency=concurrency,
+                duration_s=duration_s,
+                mix=mix,
+                products=products,
+                track=track,
+                track_fraction=track_fraction,
+                poll_s=poll_s,
+                complete_timeout_s=complete_timeout_s,
+                max_inflight=max_inflight,
+                progress=progress,
+                seed=seed,
+                timeout_s=timeout_s,
+                client=client,
+            )
+        )
         completion = _completion_from_poll(load.tally) if track == "poll" else None
         if track == "db":
-            completion = completion_from_db(database_url or os.environ.get("PULSE_DATABASE_URL"),
-                                            load.tally.orders, timeout_s=complete_timeout_s)
+            completion = completion_from_db(
+                database_url or os.environ.get("PULSE_DATABASE_URL"), load.tally.orders, timeout_s=complete_timeout_s
+            )
     finally:
         if server is not None:
             server.stop()
-    return _result(load, elapsed, urls, health, rate=rate, concurrency=concurrency, duration_s=duration_s,
-                   mix=mix, products=len(product_ids), completion=completion, client=client)
+    return _result(
+        load,
+        elapsed,
+        urls,
+        health,
+        rate=rate,
+        concurrency=concurrency,
+        duration_s=duration_s,
+        mix=mix,
+        products=len(product_ids),
+        completion=completion,
+        client=client,
+    )
 
 
 def _completion_from_poll(tally: _Tally) -> dict:
-    return {"method": "poll", "tracked": sum(tally.outcomes.values()), **dict(tally.outcomes),
-            "latency_ms": tally.completion.summary()}
+    return {
+        "method": "poll",
+        "tracked": sum(tally.outcomes.values()),
+        **dict(tally.outcomes),
+        "latency_ms": tally.completion.summary(),
+    }
 
 
-def completion_from_db(database_url: str | None, order_ids: list[str], *, timeout_s: float = 30.0,
-                       poll_s: float = 0.2) -> dict:
+def completion_from_db(
+    database_url: str | None, order_ids: list[str], *, timeout_s: float = 30.0, poll_s: float = 0.2
+) -> dict:
     """Wait until these orders are terminal, then measure create→terminal from their own timestamps.
 
     ``sustained_per_s`` is the completed orders divided by the span from the first creation to the
@@ -472,7 +566,9 @@ def completion_from_db(database_url: str | None, order_ids: list[str], *, timeou
         while True:
             rows = conn.execute(
                 "SELECT status, EXTRACT(EPOCH FROM created_at) AS created, EXTRACT(EPOCH FROM updated_at) AS updated "
-                "FROM orders.orders WHERE id = ANY(%s::uuid[])", (order_ids,)).fetchall()
+                "FROM orders.orders WHERE id = ANY(%s::uuid[])",
+                (order_ids,),
+            ).fetchall()
             pending = sum(1 for r in rows if r["status"] not in TERMINAL) + len(order_ids) - len(rows)
             if pending == 0 or time.monotonic() > deadline:
                 break
@@ -485,25 +581,45 @@ def completion_from_db(database_url: str | None, order_ids: list[str], *, timeou
     for r in completed:
         hist.record(float(r["updated"] - r["created"]))
     span = (float(max(r["updated"] for r in completed)) - float(min(r["created"] for r in rows))) if completed else 0
-    return {"method": "db", "tracked": len(order_ids), **dict(outcomes), "latency_ms": hist.summary(),
-            "sustained_per_s": round(len(completed) / span, 2) if span > 0 else None}
+    return {
+        "method": "db",
+        "tracked": len(order_ids),
+        **dict(outcomes),
+        "latency_ms": hist.summary(),
+        "sustained_per_s": round(len(completed) / span, 2) if span > 0 else None,
+    }
 
 
-def _result(load: _Load, elapsed: float, urls, health, *, rate, concurrency, duration_s, mix, products,
-            completion, client) -> dict:
+def _result(
+    load: _Load, elapsed: float, urls, health, *, rate, concurrency, duration_s, mix, products, completion, client
+) -> dict:
     t = load.tally
     server_errors = sum(n for c in t.requests.values() for s, n in c.items() if s.startswith("5"))
     transport_errors = sum(n for c in t.requests.values() for s, n in c.items() if s.startswith("error:"))
     return {
-        "mode": "open" if rate else "closed", "client": client, "rate": rate, "concurrency": concurrency,
-        "duration_s": duration_s, "elapsed_s": round(elapsed, 3), "urls": urls,
-        "strategy": health.get("strategy"), "outbox_mode": health.get("outboxMode"), "mix": mix,
-        "products": products, "sessions": t.sessions, "skipped_sessions": t.skipped,
+        "mode": "open" if rate else "closed",
+        "client": client,
+        "rate": rate,
+        "concurrency": concurrency,
+        "duration_s": duration_s,
+        "elapsed_s": round(elapsed, 3),
+        "urls": urls,
+        "strategy": health.get("strategy"),
+        "outbox_mode": health.get("outboxMode"),
+        "mix": mix,
+        "products": products,
+        "sessions": t.sessions,
+        "skipped_sessions": t.skipped,
         "requests": {route: dict(sorted(c.items())) for route, c in sorted(t.requests.items())},
-        "requests_total": t.total(), "requests_per_s": round(t.total() / elapsed, 2),
-        "server_errors": server_errors, "transport_errors": transport_errors,
+        "requests_total": t.total(),
+        "requests_per_s": round(t.total() / elapsed, 2),
+        "server_errors": server_errors,
+        "transport_errors": transport_errors,
         "latency_ms": {route: h.summary() for route, h in sorted(t.latency.items())},
-        "cart_adds": t.cart_adds, "cart_adds_per_s": round(t.cart_adds / elapsed, 2),
-        "checkouts": t.checkouts, "checkouts_per_s": round(t.checkouts / elapsed, 2),
-        "completion": completion, "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "cart_adds": t.cart_adds,
+        "cart_adds_per_s": round(t.cart_adds / elapsed, 2),
+        "checkouts": t.checkouts,
+        "checkouts_per_s": round(t.checkouts / elapsed, 2),
+        "completion": completion,
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }

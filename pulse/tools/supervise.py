@@ -35,9 +35,17 @@ class CommandSupervisor:
     ``max_restarts``: give up after that many restarts (None: never).
     """
 
-    def __init__(self, command: list[str], *, env: dict | None = None, backoff_s: float = 0.2,
-                 max_backoff_s: float = 5.0, stable_s: float = 10.0, max_restarts: int | None = None,
-                 log_path: str | None = None):
+    def __init__(
+        self,
+        command: list[str],
+        *,
+        env: dict | None = None,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        stable_s: float = 10.0,
+        max_restarts: int | None = None,
+        log_path: str | None = None,
+    ):
         self.command, self.env = command, env
         self.backoff_s, self.max_backoff_s, self.stable_s = backoff_s, max_backoff_s, stable_s
         self.max_restarts, self.log_path = max_restarts, log_path
@@ -50,8 +58,13 @@ class CommandSupervisor:
     def _spawn(self) -> subprocess.Popen:
         out = open(self.log_path, "ab") if self.log_path else None
         try:
-            return subprocess.Popen(self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=True,
+            )
         finally:
             if out is not None:
                 out.close()  # the child holds its own descriptor

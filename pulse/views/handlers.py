@@ -17,4 +17,5 @@ def on_order_updated(deps, conn, event: OrderUpdated) -> None:
         "INSERT INTO orders.order_views (order_id, display_status, last_updated) VALUES (%s, %s, %s) "
         "ON CONFLICT (order_id) DO UPDATE SET display_status = EXCLUDED.display_status, "
         "last_updated = EXCLUDED.last_updated WHERE orders.order_views.last_updated <= EXCLUDED.last_updated",
-        (event.order_id, status, event.updated_at))
+        (event.order_id, status, event.updated_at),
+    )

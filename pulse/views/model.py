@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pulse.status import DisplayStatus as D, InventoryStatus as Inv, PaymentStatus as Pay, Strategy
+from pulse.status import DisplayStatus as D
+from pulse.status import InventoryStatus as Inv
+from pulse.status import PaymentStatus as Pay
+from pulse.status import Strategy
 
 
 def display_status(strategy: str, payment: str, inventory: str) -> D:

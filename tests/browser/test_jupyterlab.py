@@ -25,8 +25,15 @@ pytestmark = [pytest.mark.browser, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = os.environ.get("PULSE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 NOTEBOOK = "browser_dashboard.ipynb"
 HERE = Path(__file__).resolve().parent
 
@@ -42,7 +49,9 @@ def jupyterlab(serve_env, tmp_path):
     """JupyterLab on a free port with a token, serving a copy of the browser test's notebook."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"chromium is not installed at {CHROMIUM} (Debian: apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install playwright)")
+    pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package is not installed (pip install playwright)"
+    )
 
     work = tmp_path / "notebooks"
     work.mkdir()
@@ -52,14 +61,34 @@ def jupyterlab(serve_env, tmp_path):
     news.mkdir(parents=True)
     (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     port, token = _free_port(), uuid.uuid4().hex
-    env = {**os.environ, **serve_env, "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"), "PULSE_LAB_RECORD_DIR": str(tmp_path / "records")}
+    env = {
+        **os.environ,
+        **serve_env,
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"),
+        "PULSE_LAB_RECORD_DIR": str(tmp_path / "records"),
+    }
     log = open(tmp_path / "jupyterlab.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-                             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}",
-                             "--ServerApp.open_browser=False", "--ServerApp.allow_root=True", "--LabApp.news_url=",
-                             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            f"--port={port}",
+            "--ip=127.0.0.1",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={work}",
+            "--ServerApp.open_browser=False",
+            "--ServerApp.allow_root=True",
+            "--LabApp.news_url=",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:
@@ -84,8 +113,12 @@ ERRORS_JS = """() => [...document.querySelectorAll(
     ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")]
     .map(e => e.innerText).filter(t => /Traceback|Error/.test(t))"""
 # A rendered image has pixels: naturalWidth is 0 while the data has not been decoded (or was invalid).
-IMAGES_JS = """(selector) => [...document.querySelectorAll(selector)].filter(i => i.complete && i.naturalWidth > 0).length"""
-INVARIANTS_JS = """() => [...document.querySelectorAll('.jp-OutputArea-output .pulse-invariants')].map(e => e.innerText)"""
+IMAGES_JS = (
+    """(selector) => [...document.querySelectorAll(selector)].filter(i => i.complete && i.naturalWidth > 0).length"""
+)
+INVARIANTS_JS = (
+    """() => [...document.querySelectorAll('.jp-OutputArea-output .pulse-invariants')].map(e => e.innerText)"""
+)
 
 
 def test_dashboard_notebook_shows_invariants_in_jupyterlab(jupyterlab):
@@ -103,8 +136,9 @@ def test_dashboard_notebook_shows_invariants_in_jupyterlab(jupyterlab):
             page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}")
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
             # The kernel is ready once the status bar says so; Run All before that would queue behind it anyway.
-            page.wait_for_function("() => /Idle/.test(document.querySelector('#jp-main-statusbar')?.innerText || '')",
-                                   timeout=60_000)
+            page.wait_for_function(
+                "() => /Idle/.test(document.querySelector('#jp-main-statusbar')?.innerText || '')", timeout=60_000
+            )
             page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
             page.get_by_role("menuitem", name=re.compile(r"^Run All Cells")).click()
             deadline, errors = time.monotonic() + 90, []

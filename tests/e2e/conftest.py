@@ -15,10 +15,17 @@ from pulse.tools.launcher import ServeProcess
 @pytest.fixture(scope="session")
 def e2e_env(settings):
     """Like ``serve_env`` (which is per test), for servers that live for a whole module."""
-    return {"PULSE_DATABASE_URL": settings.database_url, "PULSE_REDIS_URL": settings.redis_url,
-            "PULSE_AMQP_URL": settings.amqp_url, "PULSE_CDC_SLOT": settings.cdc_slot,
-            "PULSE_CDC_PUBLICATION": settings.cdc_publication, "PULSE_OUTBOX_MODE": settings.outbox_mode,
-            "PULSE_SWEEP_INTERVAL_S": "3600", "PULSE_RECONCILE_INTERVAL_S": "3600", "PULSE_RELAY_POLL_S": "0.02"}
+    return {
+        "PULSE_DATABASE_URL": settings.database_url,
+        "PULSE_REDIS_URL": settings.redis_url,
+        "PULSE_AMQP_URL": settings.amqp_url,
+        "PULSE_CDC_SLOT": settings.cdc_slot,
+        "PULSE_CDC_PUBLICATION": settings.cdc_publication,
+        "PULSE_OUTBOX_MODE": settings.outbox_mode,
+        "PULSE_SWEEP_INTERVAL_S": "3600",
+        "PULSE_RECONCILE_INTERVAL_S": "3600",
+        "PULSE_RELAY_POLL_S": "0.02",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +35,7 @@ def launch(e2e_env, tmp_path_factory):
 
     def start(strategy: str = "optimistic", **env) -> ServeProcess:
         log = tmp_path_factory.mktemp("serve") / f"serve-{strategy}.log"
-        server = ServeProcess(strategy=strategy, env={**e2e_env, **{k: str(v) for k, v in env.items()}},
-                              log_path=log)
+        server = ServeProcess(strategy=strategy, env={**e2e_env, **{k: str(v) for k, v in env.items()}}, log_path=log)
         started.append(server)
         return server.start()
 

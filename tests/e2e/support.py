@@ -23,13 +23,22 @@ def stock_of(client: PulseClient, product_id: str) -> int:
 def zero_db_stock(database_url: str, product_id: str) -> None:
     """The warehouse finds the last units damaged after the cart reserved them (as pulse/lab/demo.py does)."""
     with pulse_db.connect(database_url) as conn:
-        conn.execute("UPDATE inventory.inventory_items SET available_quantity = 0, version = version + 1, "
-                     "updated_at = now() WHERE product_id = %s", (product_id,))
+        conn.execute(
+            "UPDATE inventory.inventory_items SET available_quantity = 0, version = version + 1, "
+            "updated_at = now() WHERE product_id = %s",
+            (product_id,),
+        )
 
 
 def one_sentence(text: str) -> bool:
     """Non-empty, one line, ends with a full stop, exactly one sentence, nothing from a traceback."""
     import re
 
-    return (bool(text) and "\n" not in text and text.endswith(".") and "Traceback" not in text
-            and 'File "' not in text and not re.search(r"[.!?] [A-Z]", text))
+    return (
+        bool(text)
+        and "\n" not in text
+        and text.endswith(".")
+        and "Traceback" not in text
+        and 'File "' not in text
+        and not re.search(r"[.!?] [A-Z]", text)
+    )

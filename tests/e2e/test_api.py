@@ -31,24 +31,30 @@ def error_of(response, status: int) -> str:
 
 
 def product(http, stock=5, price=10.0) -> dict:
-    response = http.post("/api/products", json={"name": f"API product {uuid.uuid4().hex[:6]}", "basePrice": price,
-                                                 "stock": stock})
+    response = http.post(
+        "/api/products", json={"name": f"API product {uuid.uuid4().hex[:6]}", "basePrice": price, "stock": stock}
+    )
     assert response.status_code == 201
     return response.json()
 
 
 def state(db, rds, user, product_id):
     """Everything a cart request could change for this user and product."""
-    return (rds.get(f"stock:{product_id}"), rds.get(f"reserved:{product_id}"), rds.hgetall(f"cart:{user}"),
-            rds.zscore("cart:cleanup:queue", str(user)),
-            db.execute("SELECT count(*) AS n FROM inventory.carts WHERE user_id = %s", (user,)).fetchone()["n"],
-            db.execute("SELECT count(*) AS n FROM inventory.cart_items").fetchone()["n"],
-            db.execute("SELECT count(*) AS n FROM orders.orders").fetchone()["n"],
-            db.execute("SELECT count(*) AS n FROM orders.idempotency_records").fetchone()["n"],
-            db.execute("SELECT count(*) AS n FROM inventory.products").fetchone()["n"])
+    return (
+        rds.get(f"stock:{product_id}"),
+        rds.get(f"reserved:{product_id}"),
+        rds.hgetall(f"cart:{user}"),
+        rds.zscore("cart:cleanup:queue", str(user)),
+        db.execute("SELECT count(*) AS n FROM inventory.carts WHERE user_id = %s", (user,)).fetchone()["n"],
+        db.execute("SELECT count(*) AS n FROM inventory.cart_items").fetchone()["n"],
+        db.execute("SELECT count(*) AS n FROM orders.orders").fetchone()["n"],
+        db.execute("SELECT count(*) AS n FROM orders.idempotency_records").fetchone()["n"],
+        db.execute("SELECT count(*) AS n FROM inventory.products").fetchone()["n"],
+    )
 
 
 # --- products -------------------------------------------------------------------------------------------
+
 
 def test_create_product_is_201_with_its_fields(http):
     response = http.post("/api/products", json={"name": "Desk lamp", "basePrice": 19.99, "stock": 7})
@@ -60,11 +66,18 @@ def test_create_product_is_201_with_its_fields(http):
     assert http.get(f"/api/products/{body['id']}").json() == body
 
 
-@pytest.mark.parametrize("payload", [
-    {"name": "", "basePrice": 1, "stock": 1}, {"name": "x", "basePrice": -1, "stock": 1},
-    {"name": "x", "basePrice": 1, "stock": -5}, {"name": "x", "basePrice": "free", "stock": 1},
-    {"name": "x", "basePrice": 1.001, "stock": 1}, {"basePrice": 1, "stock": 1}, {},
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"name": "", "basePrice": 1, "stock": 1},
+        {"name": "x", "basePrice": -1, "stock": 1},
+        {"name": "x", "basePrice": 1, "stock": -5},
+        {"name": "x", "basePrice": "free", "stock": 1},
+        {"name": "x", "basePrice": 1.001, "stock": 1},
+        {"basePrice": 1, "stock": 1},
+        {},
+    ],
+)
 def test_create_product_with_bad_input_is_422_and_creates_nothing(http, db, payload):
     before = db.execute("SELECT count(*) AS n FROM inventory.products").fetchone()["n"]
     error_of(http.post("/api/products", json=payload), 422)
@@ -88,12 +101,16 @@ def test_unknown_product_is_404_and_a_bad_id_422(http):
 
 # --- cart -----------------------------------------------------------------------------------------------
 
+
 def test_put_cart_item_is_200_with_the_cart(http):
     p, user = product(http, stock=5, price=4.0), str(uuid.uuid4())
     response = http.put(f"/api/cart/{user}/items", json={"productId": p["id"], "quantity": 2})
     assert response.status_code == 200
-    assert response.json() == {"userId": user, "total": 8.0, "items": [
-        {"productId": p["id"], "name": p["name"], "quantity": 2, "unitPrice": 4.0, "subTotal": 8.0}]}
+    assert response.json() == {
+        "userId": user,
+        "total": 8.0,
+        "items": [{"productId": p["id"], "name": p["name"], "quantity": 2, "unitPrice": 4.0, "subTotal": 8.0}],
+    }
     assert http.get(f"/api/cart/{user}").json() == response.json()
 
 
@@ -118,20 +135,24 @@ def test_not_enough_stock_is_409_and_changes_nothing(http, db, rds):
     p, user = product(http, stock=3), uuid.uuid4()
     assert http.put(f"/api/cart/{user}/items", json={"productId": p["id"], "quantity": 2}).status_code == 200
     before = state(db, rds, user, p["id"])
-    assert "Not enough stock" in error_of(http.put(f"/api/cart/{user}/items",
-                                                   json={"productId": p["id"], "quantity": 2}), 409)
+    assert "Not enough stock" in error_of(
+        http.put(f"/api/cart/{user}/items", json={"productId": p["id"], "quantity": 2}), 409
+    )
     assert state(db, rds, user, p["id"]) == before
     error_of(http.put(f"/api/cart/{user}/items", json={"productId": KEYBOARD, "quantity": 1}), 409)
 
 
-@pytest.mark.parametrize("path_user, payload, field", [
-    (None, {"productId": None, "quantity": 0}, "quantity"),
-    (None, {"productId": None, "quantity": -2}, "quantity"),
-    (None, {"productId": None, "quantity": 1.5}, "quantity"),
-    (None, {"productId": "not-a-uuid", "quantity": 1}, "productId"),
-    (None, {"quantity": 1}, "productId"),
-    ("not-a-uuid", {"productId": None, "quantity": 1}, "userId"),
-])
+@pytest.mark.parametrize(
+    "path_user, payload, field",
+    [
+        (None, {"productId": None, "quantity": 0}, "quantity"),
+        (None, {"productId": None, "quantity": -2}, "quantity"),
+        (None, {"productId": None, "quantity": 1.5}, "quantity"),
+        (None, {"productId": "not-a-uuid", "quantity": 1}, "productId"),
+        (None, {"quantity": 1}, "productId"),
+        ("not-a-uuid", {"productId": None, "quantity": 1}, "userId"),
+    ],
+)
 def test_bad_cart_input_is_422_and_changes_nothing(http, db, rds, path_user, payload, field):
     p, user = product(http, stock=5), uuid.uuid4()
     body = {k: (p["id"] if v is None and k == "productId" else v) for k, v in payload.items()}
@@ -142,6 +163,7 @@ def test_bad_cart_input_is_422_and_changes_nothing(http, db, rds, path_user, pay
 
 # --- orders ---------------------------------------------------------------------------------------------
 
+
 def test_post_order_is_200_and_get_order_shows_the_saga(http):
     p, user = product(http, stock=5, price=3.0), str(uuid.uuid4())
     http.put(f"/api/cart/{user}/items", json={"productId": p["id"], "quantity": 3})
@@ -151,16 +173,25 @@ def test_post_order_is_200_and_get_order_shows_the_saga(http):
     assert set(created) == {"orderId", "status", "totalAmount"} and created["totalAmount"] == 9.0
     got = http.get(f"/api/orders/{created['orderId']}")
     assert got.status_code == 200
-    assert set(got.json()) == {"orderId", "status", "displayStatus", "paymentStatus", "inventoryStatus",
-                               "failureReason", "strategy", "totalAmount"}
+    assert set(got.json()) == {
+        "orderId",
+        "status",
+        "displayStatus",
+        "paymentStatus",
+        "inventoryStatus",
+        "failureReason",
+        "strategy",
+        "totalAmount",
+    }
     assert got.json()["strategy"] == "OPTIMISTIC"
 
 
 def test_order_without_a_cart_is_404_and_stores_nothing(http, db, rds):
     user = uuid.uuid4()
     before = state(db, rds, user, IPHONE)
-    assert "no cart" in error_of(http.post("/api/orders", json={"userId": str(user),
-                                                                "idempotencyKey": f"key-{user}"}), 404)
+    assert "no cart" in error_of(
+        http.post("/api/orders", json={"userId": str(user), "idempotencyKey": f"key-{user}"}), 404
+    )
     assert state(db, rds, user, IPHONE) == before
     assert not rds.exists(f"lock:key-{user}")
 
@@ -174,12 +205,15 @@ def test_a_duplicate_in_flight_is_409_and_creates_nothing(http, db, rds):
     assert state(db, rds, user, p["id"]) == before
 
 
-@pytest.mark.parametrize("payload, field", [
-    ({"userId": "someone", "idempotencyKey": "k"}, "userId"),
-    ({"userId": "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60", "idempotencyKey": ""}, "idempotencyKey"),
-    ({"userId": "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60"}, "idempotencyKey"),
-    ({"idempotencyKey": "k"}, "userId"),
-])
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        ({"userId": "someone", "idempotencyKey": "k"}, "userId"),
+        ({"userId": "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60", "idempotencyKey": ""}, "idempotencyKey"),
+        ({"userId": "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60"}, "idempotencyKey"),
+        ({"idempotencyKey": "k"}, "userId"),
+    ],
+)
 def test_bad_order_input_is_422_and_changes_nothing(http, db, rds, payload, field):
     before = state(db, rds, uuid.uuid4(), IPHONE)[4:]
     assert field in error_of(http.post("/api/orders", json=payload), 422)
@@ -198,13 +232,18 @@ def test_unknown_order_is_404_and_a_bad_id_422(http):
 
 # --- docs -----------------------------------------------------------------------------------------------
 
+
 def test_docs_serve_openapi_with_every_route(http):
     docs = http.get("/docs")
     assert docs.status_code == 200 and "text/html" in docs.headers["content-type"] and "swagger" in docs.text.lower()
     spec = http.get("/openapi.json").json()
     methods = {path: set(ops) for path, ops in spec["paths"].items()}
-    normalised = {path.replace("{product_id}", "{productId}").replace("{user_id}", "{userId}")
-                  .replace("{order_id}", "{orderId}"): ops for path, ops in methods.items()}
+    normalised = {
+        path.replace("{product_id}", "{productId}")
+        .replace("{user_id}", "{userId}")
+        .replace("{order_id}", "{orderId}"): ops
+        for path, ops in methods.items()
+    }
     assert {"get", "post"} <= normalised["/api/products"]
     assert "get" in normalised["/api/products/{productId}"]
     assert "put" in normalised["/api/cart/{userId}/items"]

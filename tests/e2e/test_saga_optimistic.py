@@ -25,13 +25,22 @@ def test_happy_path_completes(api, rds):
     created = api.checkout(user)
     assert created["status"] == "CREATED" and created["totalAmount"] == 50.0
     order = api.wait_settled(created["orderId"], timeout_s=20)
-    assert order == {"orderId": created["orderId"], "status": "COMPLETED", "displayStatus": "COMPLETED",
-                     "paymentStatus": "SUCCESS", "inventoryStatus": "RESERVED", "failureReason": None,
-                     "strategy": "OPTIMISTIC", "totalAmount": 50.0}
+    assert order == {
+        "orderId": created["orderId"],
+        "status": "COMPLETED",
+        "displayStatus": "COMPLETED",
+        "paymentStatus": "SUCCESS",
+        "inventoryStatus": "RESERVED",
+        "failureReason": None,
+        "strategy": "OPTIMISTIC",
+        "totalAmount": 50.0,
+    }
     assert stock_of(api, product) == 8
     wait_for(lambda: api.cart(user)["items"] == [], message="cart cleared after the order")
-    wait_for(lambda: rds.get(f"reserved:{product}") == "0" and rds.get(f"stock:{product}") == "8",
-             message="Redis reservation released and stock cache refreshed")
+    wait_for(
+        lambda: rds.get(f"reserved:{product}") == "0" and rds.get(f"stock:{product}") == "8",
+        message="Redis reservation released and stock cache refreshed",
+    )
 
 
 def test_a_retried_checkout_returns_the_same_order(api):
@@ -49,6 +58,11 @@ def test_out_of_stock_fails_the_order(api, settings):
     api.add_item(user, product, 1)
     zero_db_stock(settings.database_url, product)
     order = api.wait_settled(api.checkout(user)["orderId"], timeout_s=20)
-    assert (order["status"], order["failureReason"], order["inventoryStatus"], order["paymentStatus"],
-            order["displayStatus"]) == ("FAILED", "OUT_OF_STOCK", "OUT_OF_STOCK", "NOT_STARTED", "FAILED_OUT_OF_STOCK")
+    assert (
+        order["status"],
+        order["failureReason"],
+        order["inventoryStatus"],
+        order["paymentStatus"],
+        order["displayStatus"],
+    ) == ("FAILED", "OUT_OF_STOCK", "OUT_OF_STOCK", "NOT_STARTED", "FAILED_OUT_OF_STOCK")
     assert stock_of(api, product) == 0

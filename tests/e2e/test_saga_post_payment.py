@@ -21,9 +21,16 @@ def test_happy_path_completes(api):
     api.add_item(user, product, 2)
     created = api.checkout(user)
     order = api.wait_settled(created["orderId"], timeout_s=20)
-    assert order == {"orderId": created["orderId"], "status": "COMPLETED", "displayStatus": "COMPLETED",
-                     "paymentStatus": "SUCCESS", "inventoryStatus": "RESERVED", "failureReason": None,
-                     "strategy": "POST_PAYMENT", "totalAmount": 25.0}
+    assert order == {
+        "orderId": created["orderId"],
+        "status": "COMPLETED",
+        "displayStatus": "COMPLETED",
+        "paymentStatus": "SUCCESS",
+        "inventoryStatus": "RESERVED",
+        "failureReason": None,
+        "strategy": "POST_PAYMENT",
+        "totalAmount": 25.0,
+    }
     assert stock_of(api, product) == 2
 
 
@@ -33,10 +40,14 @@ def test_out_of_stock_after_payment_is_refunded(api, settings, db):
     zero_db_stock(settings.database_url, product)
     order_id = api.checkout(user)["orderId"]
     order = api.wait_settled(order_id, timeout_s=20)
-    assert (order["status"], order["failureReason"], order["paymentStatus"], order["inventoryStatus"],
-            order["displayStatus"], order["strategy"]) == ("FAILED", "OUT_OF_STOCK", "REFUNDED", "OUT_OF_STOCK",
-                                                           "REFUNDED", "POST_PAYMENT")
-    payment = db.execute("SELECT status, refunded_at FROM payment.payments WHERE order_id = %s",
-                         (order_id,)).fetchone()
+    assert (
+        order["status"],
+        order["failureReason"],
+        order["paymentStatus"],
+        order["inventoryStatus"],
+        order["displayStatus"],
+        order["strategy"],
+    ) == ("FAILED", "OUT_OF_STOCK", "REFUNDED", "OUT_OF_STOCK", "REFUNDED", "POST_PAYMENT")
+    payment = db.execute("SELECT status, refunded_at FROM payment.payments WHERE order_id = %s", (order_id,)).fetchone()
     assert payment["status"] == "REFUNDED" and payment["refunded_at"] is not None
     assert stock_of(api, product) == 0

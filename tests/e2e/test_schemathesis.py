@@ -49,21 +49,45 @@ def _summary(report_dir: Path) -> dict:
         cases[phase] = cases.get(phase, 0) + len(finished["recorder"].get("cases", {}))
         for case_id, checks in finished["recorder"].get("checks", {}).items():
             case = finished["recorder"]["cases"][case_id]["value"]
-            failures += [f"{phase}: {c['name']} on {case['method']} {case['path']} ({case_id})"
-                         for c in checks if c["status"] == "failure"]
+            failures += [
+                f"{phase}: {c['name']} on {case['method']} {case['path']} ({case_id})"
+                for c in checks
+                if c["status"] == "failure"
+            ]
     return {"cases": cases, "failures": failures}
 
 
 def test_schemathesis_finds_no_contract_failure(server, tmp_path):
     config, report = tmp_path / "schemathesis.toml", tmp_path / "report"
     config.write_text(CONFIG)
-    cmd = [_st(), "--config-file", str(config), "run", f"{server.url}/openapi.json",
-           "--checks", "all", "--phases", "examples,coverage,fuzzing,stateful",
-           "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED), "--workers", "1",
-           "--continue-on-failure", "--request-timeout", "10",
-           "--report", "ndjson", "--report-dir", str(report), "--no-color"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={**os.environ, "COLUMNS": "160"})
+    cmd = [
+        _st(),
+        "--config-file",
+        str(config),
+        "run",
+        f"{server.url}/openapi.json",
+        "--checks",
+        "all",
+        "--phases",
+        "examples,coverage,fuzzing,stateful",
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--seed",
+        str(SEED),
+        "--workers",
+        "1",
+        "--continue-on-failure",
+        "--request-timeout",
+        "10",
+        "--report",
+        "ndjson",
+        "--report-dir",
+        str(report),
+        "--no-color",
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "COLUMNS": "160"}
+    )
     summary = _summary(report)
     print(done.stdout[-2500:], json.dumps(summary["cases"]), sep="\n")
     assert summary["cases"].get("stateful"), "the stateful phase ran no scenario"

@@ -36,8 +36,9 @@ def test_api_on_two_processes_serves_a_checkout_and_stops_cleanly(e2e_env, tmp_p
     completes through them and SIGTERM stops all three."""
     from pulse.tools.launcher import ServeProcess
 
-    server = ServeProcess(strategy="optimistic", env=e2e_env, log_path=tmp_path / "serve.log",
-                          args=("--processes", "2")).start()
+    server = ServeProcess(
+        strategy="optimistic", env=e2e_env, log_path=tmp_path / "serve.log", args=("--processes", "2")
+    ).start()
     try:
         api = client(server)
         try:

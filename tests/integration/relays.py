@@ -72,22 +72,30 @@ def insert_events(url: str, n: int = 1, event_type: str = TEST_EVENT) -> list[st
 
 
 def slot_row(db, slot: str):
-    return db.execute("SELECT active, confirmed_flush_lsn, pg_current_wal_lsn() - confirmed_flush_lsn AS lag "
-                      "FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
+    return db.execute(
+        "SELECT active, confirmed_flush_lsn, pg_current_wal_lsn() - confirmed_flush_lsn AS lag "
+        "FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
 
 
 def slot_event_ids(db, s) -> list[str]:
     """The outbox event ids the slot still holds (the relay has not advanced past them), read with a peek."""
-    rows = db.execute("SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version', '1', "
-                      "'publication_names', %s)", (s.cdc_slot, s.cdc_publication)).fetchall()
+    rows = db.execute(
+        "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL, 'proto_version', '1', "
+        "'publication_names', %s)",
+        (s.cdc_slot, s.cdc_publication),
+    ).fetchall()
     decoder = TransactionDecoder()  # the relay's own decoder, fed the peek's messages
     return [str(e.id) for r in rows if (tx := decoder.message(r["data"])) for e in tx[1]]
 
 
 def slot_is_before(db, s, lsn: str) -> bool:
     """True if the slot's confirmed position has not passed ``lsn``."""
-    return db.execute("SELECT confirmed_flush_lsn < %s::pg_lsn AS before FROM pg_replication_slots "
-                      "WHERE slot_name = %s", (lsn, s.cdc_slot)).fetchone()["before"]
+    return db.execute(
+        "SELECT confirmed_flush_lsn < %s::pg_lsn AS before FROM pg_replication_slots WHERE slot_name = %s",
+        (lsn, s.cdc_slot),
+    ).fetchone()["before"]
 
 
 def relay_until(relay, n: int, timeout_s: float = 10.0) -> int:
@@ -103,8 +111,9 @@ def outbox_ids(db, ids) -> set[str]:
 
 
 def heartbeat_pid(db, slot: str):
-    row = db.execute("SELECT pid FROM infra.relay_heartbeat WHERE slot = %s AND updated_at > now() - interval '3 s'",
-                     (slot,)).fetchone()
+    row = db.execute(
+        "SELECT pid FROM infra.relay_heartbeat WHERE slot = %s AND updated_at > now() - interval '3 s'", (slot,)
+    ).fetchone()
     return row and row["pid"]
 
 
@@ -118,8 +127,9 @@ class RelayThreads:
     def start(self, settings, ready=lambda relay: True):
         relay = bootstrap.make_relay(settings, faults=None)
         stop = threading.Event()
-        thread = threading.Thread(target=relay.run, args=(stop,), daemon=True,
-                                  name=f"test-{settings.outbox_mode}-relay")
+        thread = threading.Thread(
+            target=relay.run, args=(stop,), daemon=True, name=f"test-{settings.outbox_mode}-relay"
+        )
         thread.start()
         self.running[relay] = (stop, thread)
         wait_for(lambda: ready(relay), message="relay ready")
@@ -148,8 +158,14 @@ class RelayChildren:
     def spawn(self, outbox_mode: str, block_marker: Path | None = None) -> subprocess.Popen:
         env = {**os.environ, **self.serve_env, "PULSE_OUTBOX_MODE": outbox_mode}
         log = open(self.log_dir / f"relay-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "tests.integration.relays", str(block_marker or "")],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.relays", str(block_marker or "")],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs.append(proc)
         return proc
 
@@ -167,8 +183,9 @@ def cdc(settings, db):
     db.execute("DELETE FROM shared.outbox")
     yield s
     wait_for(lambda: not (r := slot_row(db, s.cdc_slot)) or not r["active"], 10, message="slot released")
-    db.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
-               (s.cdc_slot,))
+    db.execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (s.cdc_slot,)
+    )
     db.execute("DELETE FROM shared.outbox")
     db.execute("DELETE FROM infra.relay_heartbeat")
     db.execute("DELETE FROM infra.relay_slot_losses")

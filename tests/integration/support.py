@@ -5,22 +5,27 @@ from __future__ import annotations
 import collections
 import uuid
 
-from pulse.events import Envelope
 from pulse import topology
+from pulse.events import Envelope
 from pulse.infra import broker
 from pulse.infra.outbox import envelope_of
 
 
 def outbox_rows(db, aggregate_id) -> list[dict]:
     """The outbox rows of one aggregate, in commit order."""
-    return db.execute("SELECT *, xmin::text AS tx FROM shared.outbox WHERE aggregate_id = %s ORDER BY seq",
-                      (str(aggregate_id),)).fetchall()
+    return db.execute(
+        "SELECT *, xmin::text AS tx FROM shared.outbox WHERE aggregate_id = %s ORDER BY seq", (str(aggregate_id),)
+    ).fetchall()
 
 
 def envelope(event_type: str, payload: dict, aggregate_id=None) -> Envelope:
     """A new envelope (fresh id), as the relay would put on the wire."""
-    return Envelope(id=uuid.uuid4(), event_type=getattr(event_type, "value", event_type),
-                    aggregate_id=str(aggregate_id or payload.get("orderId")), payload=payload)
+    return Envelope(
+        id=uuid.uuid4(),
+        event_type=getattr(event_type, "value", event_type),
+        aggregate_id=str(aggregate_id or payload.get("orderId")),
+        payload=payload,
+    )
 
 
 class Bus:
@@ -41,8 +46,9 @@ class Bus:
         self.delivered: list[tuple[str, str]] = []
 
     def collect(self, aggregate_id) -> None:
-        rows = self.db.execute("DELETE FROM shared.outbox WHERE aggregate_id = %s RETURNING *",
-                               (str(aggregate_id),)).fetchall()
+        rows = self.db.execute(
+            "DELETE FROM shared.outbox WHERE aggregate_id = %s RETURNING *", (str(aggregate_id),)
+        ).fetchall()
         for row in sorted(rows, key=lambda r: r["seq"]):
             env = envelope_of(row)
             self.pending += [(q, env) for q, keys in self.bindings.items() if env.event_type in keys]
@@ -86,20 +92,27 @@ def view_status(db, order_id) -> str | None:
 
 
 def db_stock(db, product_id) -> int:
-    return db.execute("SELECT available_quantity FROM inventory.inventory_items WHERE product_id = %s",
-                      (str(product_id),)).fetchone()["available_quantity"]
+    return db.execute(
+        "SELECT available_quantity FROM inventory.inventory_items WHERE product_id = %s", (str(product_id),)
+    ).fetchone()["available_quantity"]
 
 
 def set_db_stock(db, product_id, quantity: int) -> None:
     """Change stock the way the warehouse would: the version moves, so in-flight reservers retry."""
-    db.execute("UPDATE inventory.inventory_items SET available_quantity = %s, version = version + 1, "
-               "updated_at = now() WHERE product_id = %s", (quantity, str(product_id)))
+    db.execute(
+        "UPDATE inventory.inventory_items SET available_quantity = %s, version = version + 1, "
+        "updated_at = now() WHERE product_id = %s",
+        (quantity, str(product_id)),
+    )
 
 
 def db_cart(db, user_id) -> dict[str, int]:
     """The user's live cart items in PostgreSQL (tombstones excluded)."""
-    rows = db.execute("SELECT ci.product_id, ci.quantity FROM inventory.carts c JOIN inventory.cart_items ci "
-                      "ON ci.cart_id = c.id WHERE c.user_id = %s AND ci.quantity > 0", (str(user_id),)).fetchall()
+    rows = db.execute(
+        "SELECT ci.product_id, ci.quantity FROM inventory.carts c JOIN inventory.cart_items ci "
+        "ON ci.cart_id = c.id WHERE c.user_id = %s AND ci.quantity > 0",
+        (str(user_id),),
+    ).fetchall()
     return {str(r["product_id"]): r["quantity"] for r in rows}
 
 

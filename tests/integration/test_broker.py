@@ -16,10 +16,8 @@ from tests.integration.support import envelope, order_row, publish
 pytestmark = pytest.mark.integration
 
 
-
 def ready(channel, queue) -> int:
     return channel.queue_declare(queue, passive=True).method.message_count
-
 
 
 def test_setup_declares_every_queue_with_its_dead_letter_queue(settings, channel):
@@ -39,10 +37,18 @@ def test_every_queue_hears_both_strategies_events(system, settings, new_product,
     tidy_outbox.append(order_id)
     broker.setup(settings.amqp_url, topology.bindings())
     before = {q: ready(channel, q) for q in topology.QUEUES}
-    publish(settings, [envelope("PAYMENT_FAILED", {"orderId": order_id, "userId": str(user),
-                                                   "strategy": "POST_PAYMENT", "reason": "DECLINED"})])
+    publish(
+        settings,
+        [
+            envelope(
+                "PAYMENT_FAILED",
+                {"orderId": order_id, "userId": str(user), "strategy": "POST_PAYMENT", "reason": "DECLINED"},
+            )
+        ],
+    )
     got = {q for q in topology.QUEUES if ready(channel, q) == before[q] + 1}
     assert got == {"order.queue", "inventory.queue", "redis-stock.queue"}
+
 
 def fetch(channel, queue, message_id, timeout_s=15.0):
     """Take one message by id from ``queue``; every other message is put back untouched."""
@@ -63,8 +69,9 @@ def fetch(channel, queue, message_id, timeout_s=15.0):
             channel.basic_nack(tag, requeue=True)
 
 
-def test_a_poison_message_is_dead_lettered_with_its_reason_after_bounded_retries(make_system, settings, channel,
-                                                                                  new_product, db):
+def test_a_poison_message_is_dead_lettered_with_its_reason_after_bounded_retries(
+    make_system, settings, channel, new_product, db
+):
     system = make_system(workers=True, handler_retries=3)
     order_consumer = next(c for c in system.threads if getattr(c, "queue", None) == "order.queue")
     missing = str(uuid.uuid4())
@@ -84,8 +91,10 @@ def test_a_poison_message_is_dead_lettered_with_its_reason_after_bounded_retries
     user = uuid.uuid4()
     system.carts.add_item(user, uuid.UUID(new_product(stock=3)), 1)
     order_id = system.orders.create(user, f"k-{user}")["orderId"]
-    wait_for(lambda: order_row(db, order_id)["status"] == "COMPLETED",
-             message="the next order to complete after the poison message")
+    wait_for(
+        lambda: order_row(db, order_id)["status"] == "COMPLETED",
+        message="the next order to complete after the poison message",
+    )
 
 
 def test_a_malformed_body_and_an_unexpected_type_go_to_the_dead_letter_queue(make_system, settings, channel):
@@ -97,8 +106,12 @@ def test_a_malformed_body_and_an_unexpected_type_go_to_the_dead_letter_queue(mak
         ch = conn.channel()
         ch.confirm_delivery()
         garbage_id = str(uuid.uuid4())
-        ch.basic_publish("", "payment.queue", b"{this is not an envelope",
-                         pika.BasicProperties(message_id=garbage_id, delivery_mode=2))
+        ch.basic_publish(
+            "",
+            "payment.queue",
+            b"{this is not an envelope",
+            pika.BasicProperties(message_id=garbage_id, delivery_mode=2),
+        )
     finally:
         conn.close()
     props, body = fetch(channel, "payment.queue.dlq", garbage_id)

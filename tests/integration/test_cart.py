@@ -26,8 +26,9 @@ def test_add_item_reserves_in_redis_and_saves_the_db_cart(system, new_product, d
     before_ms = time.time() * 1000
     cart = system.carts.add_item(user, U(product), 3)
     assert cart["userId"] == str(user) and cart["total"] == 37.5
-    assert cart["items"] == [{"productId": product, "name": cart["items"][0]["name"], "quantity": 3,
-                              "unitPrice": 12.5, "subTotal": 37.5}]
+    assert cart["items"] == [
+        {"productId": product, "name": cart["items"][0]["name"], "quantity": 3, "unitPrice": 12.5, "subTotal": 37.5}
+    ]
     assert rds.get(f"stock:{product}") == "10"  # loaded from the DB on the first reservation
     assert reserved(rds, product) == 3
     assert redis_cart(rds, user) == {product: 3}
@@ -52,15 +53,25 @@ def test_several_items_and_repeated_adds_accumulate(system, new_product, db, rds
 def test_not_enough_stock_is_409_and_changes_nothing(system, new_product, db, rds):
     product, user, other = new_product(stock=4), uuid.uuid4(), uuid.uuid4()
     system.carts.add_item(user, U(product), 3)
-    snapshot = (reserved(rds, product), redis_cart(rds, user), rds.zscore("cart:cleanup:queue", str(user)),
-                db_cart(db, user), db.execute("SELECT count(*) AS n FROM inventory.cart_items").fetchone()["n"])
+    snapshot = (
+        reserved(rds, product),
+        redis_cart(rds, user),
+        rds.zscore("cart:cleanup:queue", str(user)),
+        db_cart(db, user),
+        db.execute("SELECT count(*) AS n FROM inventory.cart_items").fetchone()["n"],
+    )
     with pytest.raises(Conflict) as err:
         system.carts.add_item(user, U(product), 2)
     assert err.value.status == 409 and "Not enough stock" in str(err.value)
     with pytest.raises(Conflict):
         system.carts.add_item(other, U(product), 2)
-    after = (reserved(rds, product), redis_cart(rds, user), rds.zscore("cart:cleanup:queue", str(user)),
-             db_cart(db, user), db.execute("SELECT count(*) AS n FROM inventory.cart_items").fetchone()["n"])
+    after = (
+        reserved(rds, product),
+        redis_cart(rds, user),
+        rds.zscore("cart:cleanup:queue", str(user)),
+        db_cart(db, user),
+        db.execute("SELECT count(*) AS n FROM inventory.cart_items").fetchone()["n"],
+    )
     assert after == snapshot
     assert not rds.exists(f"cart:{other}") and rds.zscore("cart:cleanup:queue", str(other)) is None
     assert db_cart(db, other) == {}
@@ -209,8 +220,9 @@ def test_40_concurrent_adds_against_stock_10_reserve_exactly_10(system, new_prod
         t.join(60)
     assert sorted(outcomes, key=str) == [200] * 10 + [409] * 30
     assert reserved(rds, product) == 10
-    held = db.execute("SELECT COALESCE(SUM(quantity), 0) AS n FROM inventory.cart_items WHERE product_id = %s",
-                      (product,)).fetchone()["n"]
+    held = db.execute(
+        "SELECT COALESCE(SUM(quantity), 0) AS n FROM inventory.cart_items WHERE product_id = %s", (product,)
+    ).fetchone()["n"]
     assert held == 10
     assert sum(1 for u in users if rds.hget(f"cart:{u}", product)) == 10
 

@@ -19,9 +19,20 @@ TERMINAL = ("COMPLETED", "FAILED")
 
 
 def _campaign(serve_env, tmp_path, strategy, outbox_mode, orders, strike_wait_s=8):
-    campaign = chaos.Campaign(orders=orders, seed=7, strategy=strategy, outbox_mode=outbox_mode, env=serve_env,
-                              progress=False, threads=8, quiesce_timeout_s=90, fault_every_s=0.5,
-                              strike_wait_s=strike_wait_s, max_drive_s=150, log_dir=str(tmp_path))
+    campaign = chaos.Campaign(
+        orders=orders,
+        seed=7,
+        strategy=strategy,
+        outbox_mode=outbox_mode,
+        env=serve_env,
+        progress=False,
+        threads=8,
+        quiesce_timeout_s=90,
+        fault_every_s=0.5,
+        strike_wait_s=strike_wait_s,
+        max_drive_s=150,
+        log_dir=str(tmp_path),
+    )
     started = time.monotonic()
     summary = campaign.run()
     print(json.dumps(summary, indent=1, default=str))
@@ -42,8 +53,9 @@ def _assert_clean(summary, orders):
     assert all(state.startswith(TERMINAL) for state in summary["ordersByState"]), summary["ordersByState"]
     assert summary["invariants"]["orders-terminal"]
     assert summary["delivery"]["lost"] == 0
-    crashes = [k for k, (action, _, _) in chaos.FAULT_PLANS.items()
-               if action == "crash" and summary["faultsInjected"].get(k)]
+    crashes = [
+        k for k, (action, _, _) in chaos.FAULT_PLANS.items() if action == "crash" and summary["faultsInjected"].get(k)
+    ]
     assert summary["fixes"]["serverRestarts"] >= len(crashes)  # each crash that struck took the server down
 
 

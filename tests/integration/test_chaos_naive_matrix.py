@@ -20,24 +20,45 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STRATEGIES = ("optimistic", "post-payment")
 # What each switch is expected to trip, where known; a switch added later needs only some violation.
-CAUGHT_BY = {"reserve-get-set": "no-oversell", "reconcile-full-scan": "no-oversell",
-             "release-on-order-created": "cart-promise-kept",
-             "cart-native-ttl": "reserved-before-repair", "no-version-check": "stock-conservation",
-             "dlq-drop": "delivery", "no-watchdog": "orders-terminal", "no-compensation": None,
-             "unguarded-state": "orders-terminal", "lock-no-owner": "idempotency-lock-exclusive",
-             "no-inbox": None, "publish-no-confirm": None}
+CAUGHT_BY = {
+    "reserve-get-set": "no-oversell",
+    "reconcile-full-scan": "no-oversell",
+    "release-on-order-created": "cart-promise-kept",
+    "cart-native-ttl": "reserved-before-repair",
+    "no-version-check": "stock-conservation",
+    "dlq-drop": "delivery",
+    "no-watchdog": "orders-terminal",
+    "no-compensation": None,
+    "unguarded-state": "orders-terminal",
+    "lock-no-owner": "idempotency-lock-exclusive",
+    "no-inbox": None,
+    "publish-no-confirm": None,
+}
 # Two crash kinds are what the switches the contention phase does not cover need: a crash right after a publish
 # (publish-no-confirm loses what was in flight) and one before an ack (no-inbox applies the redelivery twice).
 SMALL_FAULTS = ("relay.after_publish", "consumer.before_ack")
 CELLS = [(strategy, None) for strategy in STRATEGIES] + [
-    (strategy, switch) for switch in faults.NAIVE_SWITCHES for strategy in STRATEGIES]
+    (strategy, switch) for switch in faults.NAIVE_SWITCHES for strategy in STRATEGIES
+]
 
 
 @pytest.mark.parametrize(("strategy", "switch"), CELLS, ids=[f"{s}-{n or 'none'}" for s, n in CELLS])
 def test_each_naive_switch_is_reported_and_none_without(campaign_env, tmp_path, strategy, switch):
-    campaign = chaos.Campaign(orders=12, seed=11, fault_kinds=SMALL_FAULTS, strategy=strategy, outbox_mode="polling",
-                              env=campaign_env, naive=switch or "", progress=False, threads=4, quiesce_timeout_s=8,
-                              fault_every_s=0.5, strike_wait_s=6, log_dir=str(tmp_path))
+    campaign = chaos.Campaign(
+        orders=12,
+        seed=11,
+        fault_kinds=SMALL_FAULTS,
+        strategy=strategy,
+        outbox_mode="polling",
+        env=campaign_env,
+        naive=switch or "",
+        progress=False,
+        threads=4,
+        quiesce_timeout_s=8,
+        fault_every_s=0.5,
+        strike_wait_s=6,
+        log_dir=str(tmp_path),
+    )
     started = time.monotonic()
     summary = campaign.run()
     names = sorted({v["name"] for v in summary["violations"]})

@@ -79,13 +79,18 @@ def test_the_students_lab_uses_their_namespace_and_purges_only_their_queues(klas
     lab.start(serve=False)  # migrates, seeds and purges: as alice, in alice's namespace
     try:
         result = workshop.check_delta_query(lab, workshop.solution("delta_query.sql"))
-        workshop.record(lab, {"exercise": "delta_query", "reference": False, **result}, tmp_path / "r.json",
-                        notebook="workshop_04_delta_query")
+        workshop.record(
+            lab,
+            {"exercise": "delta_query", "reference": False, **result},
+            tmp_path / "r.json",
+            notebook="workshop_04_delta_query",
+        )
     finally:
         lab.stop()
     conn = _amqp(bob["PULSE_AMQP_URL"])
-    assert conn.channel().queue_declare("orders.queue", passive=True).method.message_count == 1, \
+    assert conn.channel().queue_declare("orders.queue", passive=True).method.message_count == 1, (
         "alice's lab purged bob's queue"
+    )
     conn.close()
 
     board = classroom.results(admin, name)
@@ -103,14 +108,21 @@ def test_class_board_notebook_reads_the_class(klass, tmp_path, monkeypatch):
     from pulse.config import PROJECT_ROOT
 
     admin, name, made, template = klass
-    classroom.store_record(made["bob"]["env"]["PULSE_DATABASE_URL"],
-                           {"notebook": "workshop_01_reserve_lua", "results": {"exercise": "reserve_stock",
-                                                                               "reference": False}})
+    classroom.store_record(
+        made["bob"]["env"]["PULSE_DATABASE_URL"],
+        {"notebook": "workshop_01_reserve_lua", "results": {"exercise": "reserve_stock", "reference": False}},
+    )
     monkeypatch.setenv("MPLBACKEND", "Agg")
     path = PROJECT_ROOT / "notebooks" / "classroom" / "class_board.ipynb"
-    papermill.execute_notebook(str(path), str(tmp_path / path.name), kernel_name="python3", cwd=str(path.parent),
-                               parameters={"SMALL": True, "RECORD_PATH": str(tmp_path / "board.json"), "CLASS": name},
-                               progress_bar=False, execution_timeout=120)
+    papermill.execute_notebook(
+        str(path),
+        str(tmp_path / path.name),
+        kernel_name="python3",
+        cwd=str(path.parent),
+        parameters={"SMALL": True, "RECORD_PATH": str(tmp_path / "board.json"), "CLASS": name},
+        progress_bar=False,
+        execution_timeout=120,
+    )
     results = json.loads((tmp_path / "board.json").read_text())["results"]
     assert results["students"] == 2 and results["passed"]["reserve_stock"] == 1
 

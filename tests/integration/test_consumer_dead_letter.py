@@ -17,7 +17,6 @@ from tests.integration.support import envelope, publish
 pytestmark = pytest.mark.integration
 
 
-
 @pytest.fixture
 def private_queue(settings, channel):
     """A queue of this test alone (its dead-letter queue is left to the test); both are deleted afterwards."""
@@ -54,7 +53,6 @@ def stop_and_join(consumer: Consumer) -> None:
     assert not consumer.is_alive()
 
 
-
 def ready(channel, queue) -> int:
     return channel.queue_declare(queue, passive=True).method.message_count
 
@@ -69,8 +67,7 @@ def take(channel, queue, timeout_s: float = 10.0):
     pytest.fail(f"nothing arrived in {queue} within {timeout_s:.0f}s")
 
 
-def test_a_poison_message_ends_up_in_the_dead_letter_queue_with_its_reason(settings, channel, private_queue,
-                                                                           consumers):
+def test_a_poison_message_ends_up_in_the_dead_letter_queue_with_its_reason(settings, channel, private_queue, consumers):
     dlq = broker.dead_letter_queue(private_queue)
     channel.queue_declare(dlq, durable=True)
     poison = envelope("STOCK_RESERVED", {"orderId": str(uuid.uuid4())})
@@ -85,8 +82,9 @@ def test_a_poison_message_ends_up_in_the_dead_letter_queue_with_its_reason(setti
     assert ready(channel, private_queue) == 0  # the original was acked once the DLQ copy was confirmed
 
 
-def test_an_unconfirmed_dead_letter_publish_leaves_the_original_in_its_queue(settings, channel, private_queue,
-                                                                             consumers):
+def test_an_unconfirmed_dead_letter_publish_leaves_the_original_in_its_queue(
+    settings, channel, private_queue, consumers
+):
     dlq = broker.dead_letter_queue(private_queue)
     poison = envelope("STOCK_RESERVED", {"orderId": str(uuid.uuid4())})
     consumer = consumers(private_queue)  # no dead-letter queue: the mandatory publish comes back unroutable
@@ -105,8 +103,7 @@ def test_an_unconfirmed_dead_letter_publish_leaves_the_original_in_its_queue(set
     assert ready(channel, private_queue) == 0
 
 
-def test_a_payload_its_module_cannot_read_is_dead_lettered_at_once_with_its_reason(settings, channel,
-                                                                                  private_queue):
+def test_a_payload_its_module_cannot_read_is_dead_lettered_at_once_with_its_reason(settings, channel, private_queue):
     """A well-formed envelope whose payload lacks a field its event type requires: no retry can fix it, so it
     goes to the dead-letter queue after one attempt, like an envelope that does not parse, and the handler
     never sees it."""
@@ -126,9 +123,16 @@ def test_a_payload_its_module_cannot_read_is_dead_lettered_at_once_with_its_reas
             self.calls += 1
             return super().__call__(env)
 
-    spec = topology.Queue(private_queue, "test", "unused.inbox", routes=(
-        topology.Route(E.STOCK_RESERVED, lambda deps, event_id, event: handled.append(event_id),
-                       claims_inbox=False),))
+    spec = topology.Queue(
+        private_queue,
+        "test",
+        "unused.inbox",
+        routes=(
+            topology.Route(
+                E.STOCK_RESERVED, lambda deps, event_id, event: handled.append(event_id), claims_inbox=False
+            ),
+        ),
+    )
     dispatch = Counting(spec, Deps())
     dlq = broker.dead_letter_queue(private_queue)
     channel.queue_declare(dlq, durable=True)
@@ -142,6 +146,7 @@ def test_a_payload_its_module_cannot_read_is_dead_lettered_at_once_with_its_reas
         stop_and_join(consumer)
     assert json.loads(body)["id"] == str(poison.id)
     assert props.headers["x-pulse-reason"].startswith(
-        "MalformedEnvelope: malformed STOCK_RESERVED payload: missing 'userId', 'totalPrice', 'items'")
+        "MalformedEnvelope: malformed STOCK_RESERVED payload: missing 'userId', 'totalPrice', 'items'"
+    )
     assert dispatch.calls == 1 and handled == [] and consumer.dead_lettered == 1
     assert ready(channel, private_queue) == 0

@@ -38,7 +38,6 @@ def private_queue(settings):
     conn.close()
 
 
-
 def test_a_dead_consumer_is_restarted_counted_and_its_queue_still_consumed(settings, private_queue, caplog):
     handled, calls = [], []
 
@@ -59,8 +58,11 @@ def test_a_dead_consumer_is_restarted_counted_and_its_queue_still_consumed(setti
             publish(settings, [killer], exchange="", routing_key=private_queue)
             wait_for(lambda: not first.is_alive(), 10, message="the consumer thread to die")
             died = time.monotonic()
-            wait_for(lambda: supervisor.status()[0]["alive"] and supervisor.slots[0].current is not first, 5,
-                     message="a fresh consumer")
+            wait_for(
+                lambda: supervisor.status()[0]["alive"] and supervisor.slots[0].current is not first,
+                5,
+                message="a fresh consumer",
+            )
         assert time.monotonic() - died < 3.0
         assert isinstance(first.last_error, Escapes)
         [status] = supervisor.status()
@@ -86,7 +88,8 @@ def test_a_dead_consumer_is_restarted_counted_and_its_queue_still_consumed(setti
 
 
 def test_a_fault_raised_before_the_ack_kills_a_consumer_that_is_restarted_and_shown_by_health(
-        settings, make_system, new_product, db):
+    settings, make_system, new_product, db
+):
     registry = faults.FaultRegistry(settings.database_url, refresh_s=0.05)
     try:
         faults.arm(settings.database_url, "consumer.before_ack", "error", max=1)
@@ -98,8 +101,11 @@ def test_a_fault_raised_before_the_ack_kills_a_consumer_that_is_restarted_and_sh
         user = uuid.uuid4()
         system.carts.add_item(user, uuid.UUID(new_product(stock=3)), 1)
         order_id = system.orders.create(user, f"k-{user}")["orderId"]
-        wait_for(lambda: sum(c["restarts"] for c in system.consumer_status()) == 1, 15,
-                 message="a consumer killed by the fault and restarted")
+        wait_for(
+            lambda: sum(c["restarts"] for c in system.consumer_status()) == 1,
+            15,
+            message="a consumer killed by the fault and restarted",
+        )
         wait_for(lambda: order_row(db, order_id)["status"] == "COMPLETED", 20, message="the order to complete")
         health = TestClient(create_app(system)).get("/health").json()
         [restarted] = [c for c in health["consumers"] if c["restarts"]]

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def registry(settings):
-    reg = faults.FaultRegistry(settings.database_url, refresh_s=0.05, redis_url=settings.redis_url,
-                               amqp_url=settings.amqp_url)
+    reg = faults.FaultRegistry(
+        settings.database_url, refresh_s=0.05, redis_url=settings.redis_url, amqp_url=settings.amqp_url
+    )
     yield reg
     faults.disarm(settings.database_url)
     reg.close()
@@ -75,8 +76,9 @@ def test_consumer_lose_only_for_its_queue(settings, registry, db):
     assert not registry.lose_message("order.queue", event_id="x")
     event_id = str(uuid.uuid4())
     assert registry.lose_message("payment.queue", event_id=event_id)
-    row = db.execute("SELECT context FROM infra.fault_log WHERE name = 'consumer.lose' ORDER BY id DESC LIMIT 1"
-                     ).fetchone()
+    row = db.execute(
+        "SELECT context FROM infra.fault_log WHERE name = 'consumer.lose' ORDER BY id DESC LIMIT 1"
+    ).fetchone()
     assert row["context"] == {"queue": "payment.queue", "event_id": event_id}
 
 
@@ -93,8 +95,10 @@ def test_naive_switch_from_registry(settings, registry, make_system):
 
 def test_crash_exits_like_sigkill_and_is_counted(settings, db):
     faults.arm(settings.database_url, "relay.after_publish", action="crash")
-    code = ("from pulse import faults; r = faults.FaultRegistry(%r, refresh_s=0); r.point('relay.after_publish'); "
-            "print('survived')") % settings.database_url
+    code = (
+        "from pulse import faults; r = faults.FaultRegistry(%r, refresh_s=0); r.point('relay.after_publish'); "
+        "print('survived')"
+    ) % settings.database_url
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     finally:
@@ -131,6 +135,7 @@ def test_db_restart_terminates_our_sessions_and_the_pool_recovers(settings, regi
 
 def _log_count_fresh(settings, name):
     import psycopg
+
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         return conn.execute("SELECT count(*) FROM infra.fault_log WHERE name = %s", (name,)).fetchone()[0]
 
@@ -139,19 +144,22 @@ def test_cli_arm_list_disarm(settings, serve_env):
     env = {**os.environ, **serve_env}
 
     def pulse(*args):
-        done = subprocess.run([sys.executable, "-m", "pulse", "faults", *args], env=env, capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "pulse", "faults", *args], env=env, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
     assert pulse("arm", "consumer.lose", "-p", "0.2", "--param", "queue=order.queue")["params"] == {
-        "queue": "order.queue"}
+        "queue": "order.queue"
+    }
     assert [f["name"] for f in pulse("list")] == ["consumer.lose"]
     pulse("arm", "payment.latency", "--ttl", "60", "--param", "ms=5")
     left = {f["name"]: f["ttlLeftS"] for f in pulse("list")}
     assert 50 < left["payment.latency"] <= 60 and left["consumer.lose"] > 800  # the default is 15 minutes
     assert pulse("disarm", "payment.latency")["disarmed"] == 1
     assert pulse("disarm", "--all")["disarmed"] == 1
-    bad = subprocess.run([sys.executable, "-m", "pulse", "faults", "arm", "nope"], env=env, capture_output=True,
-                         text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pulse", "faults", "arm", "nope"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "Unknown fault" in bad.stderr and "Traceback" not in bad.stderr

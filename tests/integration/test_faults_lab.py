@@ -21,8 +21,9 @@ def disarm_after(settings):
     faults.disarm(settings.database_url)
 
 
-def test_a_server_not_in_lab_mode_ignores_armed_faults_and_says_so(settings, serve_env, new_product, tmp_path,
-                                                                   disarm_after):
+def test_a_server_not_in_lab_mode_ignores_armed_faults_and_says_so(
+    settings, serve_env, new_product, tmp_path, disarm_after
+):
     """Written first: on the old code any `pulse serve` obeyed infra.faults, so this order FAILED (declined)."""
     faults.arm(settings.database_url, "payment.decline", probability=1.0)
     log_path = tmp_path / "serve.log"
@@ -52,8 +53,9 @@ def _checkout(system, new_product, bus_for) -> str:
     return system.orders.get(uuid.UUID(order_id))["status"]
 
 
-def test_in_process_lab_system_obeys_and_plain_system_ignores(settings, make_system, new_product, bus_for, caplog,
-                                                              disarm_after):
+def test_in_process_lab_system_obeys_and_plain_system_ignores(
+    settings, make_system, new_product, bus_for, caplog, disarm_after
+):
     faults.arm(settings.database_url, "payment.decline", probability=1.0)
     lab = make_system()  # the suite's settings are in lab mode
     assert isinstance(lab.deps.faults, faults.FaultRegistry)

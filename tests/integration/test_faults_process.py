@@ -30,8 +30,13 @@ def test_supervise_restarts_a_crashed_server(settings, serve_env, new_product, t
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, **serve_env}
     env.pop("PULSE_LAB")  # `supervise --lab` puts its server in lab mode, or the crash fault would be ignored
-    proc = subprocess.Popen([sys.executable, "-m", "pulse", "supervise", "--lab", "--", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=open(tmp_path / "supervise.log", "wb"), text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pulse", "supervise", "--lab", "--", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=open(tmp_path / "supervise.log", "wb"),
+        text=True,
+    )
     try:
         wait_for(lambda: _healthy(url), 60, 0.2, message="pulse serve up")
         # Other tests of this session log cart.after_redis strikes too: count only this test's.
@@ -42,8 +47,9 @@ def test_supervise_restarts_a_crashed_server(settings, serve_env, new_product, t
         with pytest.raises(httpx.HTTPError):
             httpx.put(f"{url}/api/cart/{uuid.uuid4()}/items", json={"productId": product, "quantity": 1}, timeout=10)
         wait_for(lambda: _healthy(url), 60, 0.2, message="pulse serve restarted")
-        response = httpx.put(f"{url}/api/cart/{uuid.uuid4()}/items", json={"productId": product, "quantity": 1},
-                             timeout=10)
+        response = httpx.put(
+            f"{url}/api/cart/{uuid.uuid4()}/items", json={"productId": product, "quantity": 1}, timeout=10
+        )
         assert response.status_code == 200  # max=1: the fault struck once and the restarted server works
     finally:
         faults.disarm(settings.database_url)
@@ -53,23 +59,35 @@ def test_supervise_restarts_a_crashed_server(settings, serve_env, new_product, t
     assert summary["restarts"] == 1
     assert summary["exits"][0]["status"] == faults.CRASH_STATUS
     assert proc.returncode == 0
-    assert db.execute("SELECT count(*) AS n FROM infra.fault_log WHERE name = 'cart.after_redis' "
-                      "AND action = 'crash' AND fired_at >= %s", (armed_at,)).fetchone()["n"] == 1
+    assert (
+        db.execute(
+            "SELECT count(*) AS n FROM infra.fault_log WHERE name = 'cart.after_redis' "
+            "AND action = 'crash' AND fired_at >= %s",
+            (armed_at,),
+        ).fetchone()["n"]
+        == 1
+    )
 
 
 def test_broker_restart_closes_our_connections_and_consumers_come_back(settings, make_system, new_product, db):
     if settings.amqp_url.endswith("/%2F"):
         pytest.skip("the session uses the shared default vhost; broker.restart refuses it")
     system = make_system(workers=True)
-    registry = faults.FaultRegistry(settings.database_url, refresh_s=0.0, redis_url=settings.redis_url,
-                                    amqp_url=settings.amqp_url)
+    registry = faults.FaultRegistry(
+        settings.database_url, refresh_s=0.0, redis_url=settings.redis_url, amqp_url=settings.amqp_url
+    )
     try:
         faults.arm(settings.database_url, "broker.restart", max=1)
         registry.tick()
         # The strike is logged as "striking" first; the outcome replaces that context once rabbitmqctl is done.
-        wait_for(lambda: db.execute("SELECT context FROM infra.fault_log WHERE name = 'broker.restart' "
-                                    "AND NOT context ? 'phase'").fetchone(),
-                 120, 0.2, message="broker.restart acted")
+        wait_for(
+            lambda: db.execute(
+                "SELECT context FROM infra.fault_log WHERE name = 'broker.restart' AND NOT context ? 'phase'"
+            ).fetchone(),
+            120,
+            0.2,
+            message="broker.restart acted",
+        )
         context = db.execute("SELECT context FROM infra.fault_log WHERE name = 'broker.restart'").fetchone()["context"]
         assert "connectionsClosed" in context, context  # else rabbitmqctl failed: the context says how
         assert int(context["connectionsClosed"]) >= 5, context  # at least one consumer per queue
@@ -80,5 +98,8 @@ def test_broker_restart_closes_our_connections_and_consumers_come_back(settings,
     user = uuid.uuid4()
     system.carts.add_item(user, uuid.UUID(product), 1)
     order = system.orders.create(user, f"k-{user}")
-    wait_for(lambda: system.orders.get(uuid.UUID(order["orderId"]))["displayStatus"] == "COMPLETED", 60,
-             message="checkout completes after the consumers reconnected")
+    wait_for(
+        lambda: system.orders.get(uuid.UUID(order["orderId"]))["displayStatus"] == "COMPLETED",
+        60,
+        message="checkout completes after the consumers reconnected",
+    )

@@ -6,11 +6,20 @@ import uuid
 
 import pytest
 
-from pulse.events import Envelope, EventType as E
+from pulse.events import Envelope
+from pulse.events import EventType as E
 from pulse.infra import broker
 from tests.conftest import wait_for
-from tests.integration.support import (db_cart, db_stock, envelope, order_row, outbox_rows, reserved, set_db_stock,
-                                       view_status)
+from tests.integration.support import (
+    db_cart,
+    db_stock,
+    envelope,
+    order_row,
+    outbox_rows,
+    reserved,
+    set_db_stock,
+    view_status,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -25,11 +34,16 @@ def checkout(system, new_product, quantity=2, stock=10):
 def late_event_payload(db, order_id) -> dict:
     """The payload a saga event of this order carries (a late or duplicate one, injected by hand)."""
     order = order_row(db, order_id)
-    items = db.execute("SELECT product_id::text AS product, quantity FROM orders.order_items WHERE order_id = %s",
-                       (order_id,)).fetchall()
-    return {"orderId": order_id, "userId": str(order["user_id"]), "strategy": order["strategy"],
-            "totalPrice": str(order["total_amount"]),
-            "items": [{"productId": i["product"], "quantity": i["quantity"]} for i in items]}
+    items = db.execute(
+        "SELECT product_id::text AS product, quantity FROM orders.order_items WHERE order_id = %s", (order_id,)
+    ).fetchall()
+    return {
+        "orderId": order_id,
+        "userId": str(order["user_id"]),
+        "strategy": order["strategy"],
+        "totalPrice": str(order["total_amount"]),
+        "items": [{"productId": i["product"], "quantity": i["quantity"]} for i in items],
+    }
 
 
 def inbox_count(db, table, event_id):
@@ -176,8 +190,9 @@ def test_a_duplicate_on_the_broker_has_one_effect(make_system, new_product, db, 
     wait_for(lambda: order_row(db, order_id)["status"] == "COMPLETED", message="first order COMPLETED")
     assert db_stock(db, product) == 8
     system.carts.add_item(user, uuid.UUID(product), 1)  # a new cart the duplicate must not clear
-    duplicate = Envelope(id=original["id"], event_type="ORDER_CREATED", aggregate_id=order_id,
-                         payload=original["payload"])
+    duplicate = Envelope(
+        id=original["id"], event_type="ORDER_CREATED", aggregate_id=order_id, payload=original["payload"]
+    )
     publisher = broker.ConfirmingPublisher(system.settings.amqp_url)
     try:
         assert publisher.publish_batch([duplicate]) == [broker.Delivery.CONFIRMED]
@@ -186,8 +201,10 @@ def test_a_duplicate_on_the_broker_has_one_effect(make_system, new_product, db, 
     sentinel = uuid.uuid4()
     system.carts.add_item(sentinel, uuid.UUID(product), 3)
     second = system.orders.create(sentinel, f"k-{sentinel}")["orderId"]
-    wait_for(lambda: order_row(db, second)["status"] == "COMPLETED" and view_status(db, second) == "COMPLETED",
-             message="sentinel order COMPLETED")
+    wait_for(
+        lambda: order_row(db, second)["status"] == "COMPLETED" and view_status(db, second) == "COMPLETED",
+        message="sentinel order COMPLETED",
+    )
     wait_for(lambda: db_cart(db, sentinel) == {}, message="sentinel cart cleared")
     assert db_stock(db, product) == 10 - 2 - 3  # the duplicate reserved nothing
     assert payments(db, order_id) == 1

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from pulse.tools.check.invariants import Scope, check_all
 from pulse.infra import keys
+from pulse.tools.check.invariants import Scope, check_all
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -21,8 +21,11 @@ def _checkouts(system, products, n=4):
         system.carts.add_item(user, uuid.UUID(products[i % len(products)]), 1)
         orders.append(system.orders.create(user, f"k-{user}")["orderId"])
     for order_id in orders:
-        wait_for(lambda: system.orders.get(uuid.UUID(order_id))["displayStatus"] in ("COMPLETED", "FAILED_PAYMENT"),
-                 30, message=f"order {order_id} settled")
+        wait_for(
+            lambda: system.orders.get(uuid.UUID(order_id))["displayStatus"] in ("COMPLETED", "FAILED_PAYMENT"),
+            30,
+            message=f"order {order_id} settled",
+        )
     wait_for(lambda: _outbox_empty(system), 20, message="outbox drained")
     return orders
 
@@ -38,7 +41,7 @@ def _by_name(outcome):
 
 @pytest.fixture
 def campaign(settings, make_system, new_product):
-    since = dt.datetime.now(dt.timezone.utc)
+    since = dt.datetime.now(dt.UTC)
     system = make_system(workers=True)
     products = [new_product(stock=10), new_product(stock=10)]
     orders = _checkouts(system, products)
@@ -58,12 +61,18 @@ def test_the_checker_has_teeth(settings, campaign, db, rds):
     since, products, orders, system = campaign
     scope = Scope(since=since, products=products)
     # A stock movement the system never made, a charge nobody refunded, a lost delivery and a stale Redis cart.
-    db.execute("UPDATE inventory.inventory_items SET available_quantity = available_quantity + 1 WHERE product_id = %s",
-               (products[0],))
-    db.execute("UPDATE orders.orders SET status = 'FAILED', failure_reason = 'OUT_OF_STOCK' WHERE id = %s",
-               (orders[0],))
-    db.execute("DELETE FROM payment.inbox WHERE event_id = (SELECT event_id FROM infra.event_log WHERE "
-               "aggregate_id = %s AND event_type = 'STOCK_RESERVED' LIMIT 1)", (orders[1],))
+    db.execute(
+        "UPDATE inventory.inventory_items SET available_quantity = available_quantity + 1 WHERE product_id = %s",
+        (products[0],),
+    )
+    db.execute(
+        "UPDATE orders.orders SET status = 'FAILED', failure_reason = 'OUT_OF_STOCK' WHERE id = %s", (orders[0],)
+    )
+    db.execute(
+        "DELETE FROM payment.inbox WHERE event_id = (SELECT event_id FROM infra.event_log WHERE "
+        "aggregate_id = %s AND event_type = 'STOCK_RESERVED' LIMIT 1)",
+        (orders[1],),
+    )
     db.execute("INSERT INTO orders.inbox (event_id) VALUES (%s)", (uuid.uuid4(),))
     db.execute("UPDATE orders.orders SET status = 'PROCESSING' WHERE id = %s", (orders[2],))
     results = _by_name(check_all(settings, scope))
@@ -87,9 +96,22 @@ def test_redis_drift_is_reported_without_reconcile_and_repaired_with_it(settings
 
 
 # Names are a contract (SPEC §8): notebooks, chaos reports and the fault catalogue's caughtBy refer to them.
-EXPECTED_INVARIANTS = {"no-oversell", "stock-conservation", "one-charge-per-order", "failed-orders-refunded",
-                       "money-balance", "orders-terminal", "cart-promise-kept", "effects-once", "outbox-drained",
-                       "dlq-explained", "delivery", "redis-matches-db", "replication-slot", "events-routed"}
+EXPECTED_INVARIANTS = {
+    "no-oversell",
+    "stock-conservation",
+    "one-charge-per-order",
+    "failed-orders-refunded",
+    "money-balance",
+    "orders-terminal",
+    "cart-promise-kept",
+    "effects-once",
+    "outbox-drained",
+    "dlq-explained",
+    "delivery",
+    "redis-matches-db",
+    "replication-slot",
+    "events-routed",
+}
 
 
 def test_cli_check_prints_and_exits(settings, serve_env, campaign):

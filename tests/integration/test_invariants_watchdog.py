@@ -7,15 +7,15 @@ import uuid
 import pytest
 
 from pulse import faults
-from pulse.tools.check.invariants import Scope, check_all
 from pulse.orders.watchdog import Watchdog
+from pulse.tools.check.invariants import Scope, check_all
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def test_a_lost_event_is_re_driven_and_every_invariant_holds(settings, make_system, new_product):
-    since = dt.datetime.now(dt.timezone.utc)
+    since = dt.datetime.now(dt.UTC)
     system = make_system(workers=True)
     product = new_product(stock=5)
     order_id = order_with_a_lost_event(settings, system, product)
@@ -23,8 +23,12 @@ def test_a_lost_event_is_re_driven_and_every_invariant_holds(settings, make_syst
     # Earlier tests of the session may leave other orders to re-drive (say, a cart nobody cleared): look at ours.
     assert result["redriven"].get("STOCK_RESERVED", 0) >= 1
     with system.deps.pool.connection() as conn:
-        assert conn.execute("SELECT event_type FROM infra.saga_redrives WHERE order_id = %s",
-                            (order_id,)).fetchone()["event_type"] == "STOCK_RESERVED"
+        assert (
+            conn.execute("SELECT event_type FROM infra.saga_redrives WHERE order_id = %s", (order_id,)).fetchone()[
+                "event_type"
+            ]
+            == "STOCK_RESERVED"
+        )
     wait_for(lambda: system.orders.get(order_id)["displayStatus"] == "COMPLETED", 20, message="re-driven to COMPLETED")
     wait_for(lambda: _outbox_empty(system), 20, message="outbox drained")
     time.sleep(0.5)

@@ -23,9 +23,19 @@ def test_concurrent_reservations_of_one_product_all_succeed_or_fail_cleanly(syst
     reserve = system.dispatcher("inventory.queue")
     orders = [str(uuid.uuid4()) for _ in range(20)]
     tidy_outbox.extend(orders)
-    events = {o: envelope("ORDER_CREATED", {"orderId": o, "userId": str(uuid.uuid4()), "strategy": "OPTIMISTIC",
-                                            "totalPrice": "10.00", "items": [{"productId": product, "quantity": 1}]})
-              for o in orders}
+    events = {
+        o: envelope(
+            "ORDER_CREATED",
+            {
+                "orderId": o,
+                "userId": str(uuid.uuid4()),
+                "strategy": "OPTIMISTIC",
+                "totalPrice": "10.00",
+                "items": [{"productId": product, "quantity": 1}],
+            },
+        )
+        for o in orders
+    }
     start, conflicts, errors = threading.Barrier(len(orders)), [], []
 
     def run(order_id):
@@ -46,8 +56,9 @@ def test_concurrent_reservations_of_one_product_all_succeed_or_fail_cleanly(syst
     for order_id in conflicts:  # what the consumer's redelivery would do
         reserve(events[order_id])
 
-    outcomes = db.execute("SELECT aggregate_id, event_type FROM shared.outbox WHERE aggregate_id = ANY(%s)",
-                          (orders,)).fetchall()
+    outcomes = db.execute(
+        "SELECT aggregate_id, event_type FROM shared.outbox WHERE aggregate_id = ANY(%s)", (orders,)
+    ).fetchall()
     by_order = {}
     for row in outcomes:
         by_order.setdefault(row["aggregate_id"], []).append(row["event_type"])
@@ -55,11 +66,14 @@ def test_concurrent_reservations_of_one_product_all_succeed_or_fail_cleanly(syst
     kinds = [v[0] for v in by_order.values()]
     assert kinds.count("STOCK_RESERVED") == 8 and kinds.count("STOCK_FAILED") == 12
     assert db_stock(db, product) == 0
-    reservations = db.execute("SELECT count(*) AS n FROM inventory.reservations WHERE order_id = ANY(%s::uuid[]) "
-                              "AND status = 'RESERVED'", (orders,)).fetchone()["n"]
+    reservations = db.execute(
+        "SELECT count(*) AS n FROM inventory.reservations WHERE order_id = ANY(%s::uuid[]) AND status = 'RESERVED'",
+        (orders,),
+    ).fetchone()["n"]
     assert reservations == 8
-    version = db.execute("SELECT version FROM inventory.inventory_items WHERE product_id = %s",
-                         (product,)).fetchone()["version"]
+    version = db.execute("SELECT version FROM inventory.inventory_items WHERE product_id = %s", (product,)).fetchone()[
+        "version"
+    ]
     assert version == 8  # one bump per successful decrement, none for a failed or lost attempt
 
 
@@ -67,8 +81,16 @@ def test_a_version_conflict_is_retried_and_then_gives_up(system, new_product, db
     """Another writer bumps the version between our read and our write on every attempt."""
     product, order_id = new_product(stock=5), str(uuid.uuid4())
     tidy_outbox.append(order_id)
-    event = envelope("ORDER_CREATED", {"orderId": order_id, "userId": str(uuid.uuid4()), "strategy": "OPTIMISTIC",
-                                       "totalPrice": "1.00", "items": [{"productId": product, "quantity": 1}]})
+    event = envelope(
+        "ORDER_CREATED",
+        {
+            "orderId": order_id,
+            "userId": str(uuid.uuid4()),
+            "strategy": "OPTIMISTIC",
+            "totalPrice": "1.00",
+            "items": [{"productId": product, "quantity": 1}],
+        },
+    )
     attempts = []
 
     class Interfered:
@@ -84,8 +106,9 @@ def test_a_version_conflict_is_retried_and_then_gives_up(system, new_product, db
             result = self._conn.execute(query, params, *args, **kwargs)
             if query.startswith("SELECT available_quantity, version"):
                 attempts.append(1)
-                db.execute("UPDATE inventory.inventory_items SET version = version + 1 WHERE product_id = %s",
-                           (product,))
+                db.execute(
+                    "UPDATE inventory.inventory_items SET version = version + 1 WHERE product_id = %s", (product,)
+                )
             return result
 
     @contextlib.contextmanager
@@ -105,8 +128,7 @@ def test_a_version_conflict_is_retried_and_then_gives_up(system, new_product, db
     assert db_stock(db, product) == 4
 
 
-def test_two_batches_taking_the_same_products_in_opposite_orders_do_not_deadlock(system, new_product, db,
-                                                                                  tidy_outbox):
+def test_two_batches_taking_the_same_products_in_opposite_orders_do_not_deadlock(system, new_product, db, tidy_outbox):
     """Two inventory consumers (two `pulse serve` processes) whose batches hold orders for the same products in
     opposite orders: the batch pre-lock takes the rows in product order, so the second batch waits for the first
     instead of deadlocking (PostgreSQL would only break that after deadlock_timeout, 1 s per deadlock)."""
@@ -116,8 +138,16 @@ def test_two_batches_taking_the_same_products_in_opposite_orders_do_not_deadlock
     def order(product):
         o = str(uuid.uuid4())
         tidy_outbox.append(o)
-        return envelope("ORDER_CREATED", {"orderId": o, "userId": str(uuid.uuid4()), "strategy": "OPTIMISTIC",
-                                          "totalPrice": "10.00", "items": [{"productId": product, "quantity": 1}]})
+        return envelope(
+            "ORDER_CREATED",
+            {
+                "orderId": o,
+                "userId": str(uuid.uuid4()),
+                "strategy": "OPTIMISTIC",
+                "totalPrice": "10.00",
+                "items": [{"productId": product, "quantity": 1}],
+            },
+        )
 
     batches = {"a": [order(p1), order(p2)], "b": [order(p2), order(p1)]}
     a_holds_first, errors = threading.Event(), []

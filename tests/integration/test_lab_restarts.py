@@ -14,8 +14,9 @@ pytestmark = pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("outbox_mode", ["polling", "cdc"])
 def test_every_order_settles_through_a_broker_and_a_database_restart(serve_env, tmp_path, outbox_mode):
-    lab = Lab(strategy="optimistic", outbox_mode=outbox_mode, services="own", log_dir=tmp_path,
-              env=serve_env).start(tap=False)
+    lab = Lab(strategy="optimistic", outbox_mode=outbox_mode, services="own", log_dir=tmp_path, env=serve_env).start(
+        tap=False
+    )
     try:
         assert lab.settings.database_url != serve_env["PULSE_DATABASE_URL"]
         result = sc.restarts_mid_saga(lab, orders=6, broker_down_s=1.0, database_down_s=0.5)

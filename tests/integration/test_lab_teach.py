@@ -16,22 +16,28 @@ pytestmark = pytest.mark.integration
 def lab(campaign_env, tmp_path):
     # Services of its own: a demonstration's off run leaves broken orders (and, were it to fail half way, an armed
     # switch) on purpose, which later tests of the session must not meet.
-    lab = Lab(strategy="optimistic", outbox_mode="polling", log_dir=tmp_path,
-              env={**campaign_env, "PULSE_WATCHDOG_DEADLINE_S": "2", "PULSE_WATCHDOG_INTERVAL_S": "1"}).start(tap=False)
+    lab = Lab(
+        strategy="optimistic",
+        outbox_mode="polling",
+        log_dir=tmp_path,
+        env={**campaign_env, "PULSE_WATCHDOG_DEADLINE_S": "2", "PULSE_WATCHDOG_INTERVAL_S": "1"},
+    ).start(tap=False)
     yield lab
     lab.stop()
 
 
-DEMOS = [("lua-reservation", "reserve-get-set", sc.rush),
-         ("cart-promise", "release-on-order-created", sc.promise_window),
-         ("inbox", "no-inbox", sc.redelivery),
-         ("state-guards", "unguarded-state", sc.late_event),
-         ("reconcile-cooldown", "reconcile-full-scan", sc.reconcile_in_flight),
-         ("idempotency-lock", "lock-no-owner", sc.triple_click),
-         ("publisher-confirms", "publish-no-confirm", sc.relay_crash),
-         ("cart-expiry", "cart-native-ttl", sc.expiring_carts),
-         ("dead-letter", "dlq-drop", sc.poison_message),
-         ("compensation", "no-compensation", sc.declined_order)]
+DEMOS = [
+    ("lua-reservation", "reserve-get-set", sc.rush),
+    ("cart-promise", "release-on-order-created", sc.promise_window),
+    ("inbox", "no-inbox", sc.redelivery),
+    ("state-guards", "unguarded-state", sc.late_event),
+    ("reconcile-cooldown", "reconcile-full-scan", sc.reconcile_in_flight),
+    ("idempotency-lock", "lock-no-owner", sc.triple_click),
+    ("publisher-confirms", "publish-no-confirm", sc.relay_crash),
+    ("cart-expiry", "cart-native-ttl", sc.expiring_carts),
+    ("dead-letter", "dlq-drop", sc.poison_message),
+    ("compensation", "no-compensation", sc.declined_order),
+]
 
 
 @pytest.mark.parametrize("pattern,switch,scenario", DEMOS, ids=[d[1] for d in DEMOS])

@@ -17,8 +17,16 @@ def server(serve_env, tmp_path):
 
 
 def test_three_second_closed_loop_run_checks_out_without_server_errors(server, settings):
-    r = run_load(server.url, concurrency=4, duration_s=3, products=5, progress=False, track="db",
-                 database_url=settings.database_url, seed=1)
+    r = run_load(
+        server.url,
+        concurrency=4,
+        duration_s=3,
+        products=5,
+        progress=False,
+        track="db",
+        database_url=settings.database_url,
+        seed=1,
+    )
     assert r["server_errors"] == 0 and r["transport_errors"] == 0
     assert r["checkouts"] > 0 and r["checkouts_per_s"] > 0
     adds = r["requests"]["PUT /api/cart/{userId}/items"]
@@ -33,8 +41,18 @@ def test_three_second_closed_loop_run_checks_out_without_server_errors(server, s
 
 
 def test_open_loop_with_polling_and_abandoned_carts(server):
-    r = run_load(server.url, rate=20, duration_s=3, products=3, mix="adds=1,abandon=0.5", progress=False,
-                 track="poll", track_fraction=1.0, seed=2, client="httpx")
+    r = run_load(
+        server.url,
+        rate=20,
+        duration_s=3,
+        products=3,
+        mix="adds=1,abandon=0.5",
+        progress=False,
+        track="poll",
+        track_fraction=1.0,
+        seed=2,
+        client="httpx",
+    )
     assert r["server_errors"] == 0 and r["transport_errors"] == 0
     assert r["mode"] == "open" and 50 <= r["sessions"] <= 70 and r["skipped_sessions"] == 0
     assert 0 < r["checkouts"] < r["sessions"]  # about half abandon their cart
@@ -42,8 +60,23 @@ def test_open_loop_with_polling_and_abandoned_carts(server):
 
 
 def test_cli_prints_json_and_rejects_a_wrong_strategy(server):
-    cmd = [sys.executable, "-m", "pulse", "load", "--url", server.url, "--concurrency", "2", "--duration", "1",
-           "--products", "2", "--no-progress", "--track", "off"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pulse",
+        "load",
+        "--url",
+        server.url,
+        "--concurrency",
+        "2",
+        "--duration",
+        "1",
+        "--products",
+        "2",
+        "--no-progress",
+        "--track",
+        "off",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["checkouts"] > 0

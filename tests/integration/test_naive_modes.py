@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pulse import faults
-from pulse.tools.check import invariants as inv
 from pulse.errors import Conflict, Unavailable
 from pulse.events import Envelope
 from pulse.infra import db as pulse_db
 from pulse.inventory import handlers as inventory
 from pulse.orders.watchdog import Watchdog
+from pulse.tools.check import invariants as inv
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,7 @@ ON_OFF = [pytest.param(True, id="naive-on"), pytest.param(False, id="naive-off")
 
 
 def _scope(products, since=None):
-    return inv.Scope(since=since or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5), products=products)
+    return inv.Scope(since=since or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5), products=products)
 
 
 def _conn(settings):
@@ -56,20 +56,24 @@ def test_reserve_get_set_oversells_carts(settings, make_system, new_product, nai
 
 @pytest.mark.parametrize("naive", ON_OFF)
 def test_no_inbox_applies_a_redelivered_event_twice(settings, make_system, new_product, naive):
-    since = dt.datetime.now(dt.timezone.utc)
+    since = dt.datetime.now(dt.UTC)
     system = make_system(naive=_naive(naive, "no-inbox"))
     product = new_product(stock=10)
     user = uuid.uuid4()
     system.carts.add_item(user, uuid.UUID(product), 2)
     order = system.orders.create(user, f"k-{user}")
     with _conn(settings) as conn:
-        row = conn.execute("SELECT * FROM shared.outbox WHERE aggregate_id = %s AND event_type = 'ORDER_CREATED'",
-                           (order["orderId"],)).fetchone()
+        row = conn.execute(
+            "SELECT * FROM shared.outbox WHERE aggregate_id = %s AND event_type = 'ORDER_CREATED'", (order["orderId"],)
+        ).fetchone()
     envelope = Envelope(row["id"], row["event_type"], row["aggregate_id"], row["payload"])
     system.dispatcher("inventory.queue")(envelope)
     system.dispatcher("inventory.queue")(envelope)  # the broker redelivers after a crash before the ack
     with _conn(settings) as conn:
-        results = [inv.stock_conservation(conn, _scope([product], since)), inv.effects_once(conn, _scope([product], since))]
+        results = [
+            inv.stock_conservation(conn, _scope([product], since)),
+            inv.effects_once(conn, _scope([product], since)),
+        ]
         conn.execute("DELETE FROM shared.outbox WHERE aggregate_id = %s", (order["orderId"],))  # no relay here
     assert [r.passed for r in results] == [not naive, not naive], [r.to_dict() for r in results]
 
@@ -101,20 +105,37 @@ def test_reconcile_full_scan_overwrites_an_in_flight_reservation(settings, make_
 
 @pytest.mark.parametrize("naive", ON_OFF)
 def test_unguarded_state_lets_a_late_event_revive_a_failed_order(settings, make_system, new_product, naive):
-    since = dt.datetime.now(dt.timezone.utc)
+    since = dt.datetime.now(dt.UTC)
     system = make_system(workers=True, payment_decline_rate=1.0, naive=_naive(naive, "unguarded-state"))
     product = new_product(stock=5)
     user = uuid.uuid4()
     system.carts.add_item(user, uuid.UUID(product), 1)
     order_id = system.orders.create(user, f"k-{user}")["orderId"]
-    wait_for(lambda: system.orders.get(uuid.UUID(order_id))["displayStatus"] == "FAILED_PAYMENT"
-             and system.orders.get(uuid.UUID(order_id))["inventoryStatus"] == "RELEASED", 30, message="declined")
+    wait_for(
+        lambda: (
+            system.orders.get(uuid.UUID(order_id))["displayStatus"] == "FAILED_PAYMENT"
+            and system.orders.get(uuid.UUID(order_id))["inventoryStatus"] == "RELEASED"
+        ),
+        30,
+        message="declined",
+    )
     # A late STOCK_RESERVED (a duplicate published under a new id) reaches the FAILED order.
     from pulse.infra import outbox
+
     with pulse_db.transaction(system.deps.pool) as conn:
-        outbox.append(conn, "STOCK_RESERVED", "ORDER", order_id,
-                      {"orderId": order_id, "userId": str(user), "items": [{"productId": product, "quantity": 1}],
-                       "strategy": "OPTIMISTIC", "totalPrice": "10.00"})
+        outbox.append(
+            conn,
+            "STOCK_RESERVED",
+            "ORDER",
+            order_id,
+            {
+                "orderId": order_id,
+                "userId": str(user),
+                "items": [{"productId": product, "quantity": 1}],
+                "strategy": "OPTIMISTIC",
+                "totalPrice": "10.00",
+            },
+        )
     watchdog = Watchdog(system.deps, deadline_s=0.2)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -187,18 +208,27 @@ def outbox_mode(request, settings, db):
 
 @pytest.mark.parametrize("outbox_mode", ["polling", "cdc"], indirect=True)
 @pytest.mark.parametrize("naive", ON_OFF)
-def test_publish_no_confirm_loses_events_in_a_relay_crash(settings, serve_env, make_system, new_product, naive,
-                                                          outbox_mode, tmp_path):
-    since = dt.datetime.now(dt.timezone.utc)
+def test_publish_no_confirm_loses_events_in_a_relay_crash(
+    settings, serve_env, make_system, new_product, naive, outbox_mode, tmp_path
+):
+    since = dt.datetime.now(dt.UTC)
     system = make_system()
     system.start_workers(relay=False, schedulers=False)
     product = new_product(stock=5)
-    env = {**os.environ, **serve_env, "PULSE_NAIVE": "publish-no-confirm" if naive else "",
-           "PULSE_OUTBOX_MODE": outbox_mode}
+    env = {
+        **os.environ,
+        **serve_env,
+        "PULSE_NAIVE": "publish-no-confirm" if naive else "",
+        "PULSE_OUTBOX_MODE": outbox_mode,
+    }
 
     def relay():
-        return subprocess.Popen([sys.executable, "-m", "pulse", "serve", "--role", "relay"], env=env,
-                                stdout=open(tmp_path / "relay.log", "ab"), stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "pulse", "serve", "--role", "relay"],
+            env=env,
+            stdout=open(tmp_path / "relay.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
 
     first = relay()
     try:
@@ -218,8 +248,11 @@ def test_publish_no_confirm_loses_events_in_a_relay_crash(settings, serve_env, m
         wait_for(lambda: _outbox_empty(settings), 30, message="outbox drained by the restarted relay")
         time.sleep(2)  # let consumers finish what was delivered
         if not naive:
-            wait_for(lambda: system.orders.get(uuid.UUID(order_id))["displayStatus"] == "COMPLETED", 30,
-                     message="order completed from the re-published events")
+            wait_for(
+                lambda: system.orders.get(uuid.UUID(order_id))["displayStatus"] == "COMPLETED",
+                30,
+                message="order completed from the re-published events",
+            )
         with _conn(settings) as conn:
             result = inv.delivery(conn, _scope([product], since))
     finally:
@@ -254,8 +287,11 @@ def test_relay_survives_an_error_after_publish_and_publishes_again(settings, mak
         wait_for(lambda: _log_count(db, "relay.after_publish", since) >= 2, 10, message="both errors struck")
         relay_thread = next(t for t in system.threads if t.name == "relay")
         assert relay_thread.is_alive()
-        wait_for(lambda: not db.execute("SELECT 1 FROM shared.outbox WHERE id = ANY(%s::uuid[])", (ids,)).fetchone(),
-                 10, message="rows deleted once confirmed")
+        wait_for(
+            lambda: not db.execute("SELECT 1 FROM shared.outbox WHERE id = ANY(%s::uuid[])", (ids,)).fetchone(),
+            10,
+            message="rows deleted once confirmed",
+        )
         assert tap.ids().count(ids[0]) >= 2  # the batch the first error interrupted went out again
     finally:
         faults.disarm(settings.database_url, "relay.after_publish")
@@ -266,15 +302,25 @@ def test_relay_survives_an_error_after_publish_and_publishes_again(settings, mak
 
 
 def _drop_slot(settings, db):
-    wait_for(lambda: not db.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active",
-                                    (settings.cdc_slot,)).fetchone(), 15, message="slot released")
-    db.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
-               (settings.cdc_slot,))
+    wait_for(
+        lambda: (
+            not db.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s AND active", (settings.cdc_slot,)
+            ).fetchone()
+        ),
+        15,
+        message="slot released",
+    )
+    db.execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+        (settings.cdc_slot,),
+    )
 
 
 def _log_count(db, name, since):
-    return db.execute("SELECT count(*) AS n FROM infra.fault_log WHERE name = %s AND fired_at >= %s",
-                      (name, since)).fetchone()["n"]
+    return db.execute(
+        "SELECT count(*) AS n FROM infra.fault_log WHERE name = %s AND fired_at >= %s", (name, since)
+    ).fetchone()["n"]
 
 
 class _Tap:
@@ -328,8 +374,9 @@ def test_cart_native_ttl_leaves_an_expired_carts_hold_in_reserved(settings, make
     sweep_once(system.deps)
     with _conn(settings) as conn:
         result = inv.reserved_before_repair(conn, rds, _scope([product]))
-        carts = conn.execute("SELECT count(*) AS n FROM inventory.cart_items WHERE product_id = %s AND quantity > 0",
-                             (product,)).fetchone()["n"]
+        carts = conn.execute(
+            "SELECT count(*) AS n FROM inventory.cart_items WHERE product_id = %s AND quantity > 0", (product,)
+        ).fetchone()["n"]
     assert carts == 0  # the sweeper's database pass cleared both carts in either mode
     assert result.passed is not naive, result.to_dict()
     if naive:
@@ -343,8 +390,10 @@ def _order_created_envelopes(settings, system, product, n):
         system.carts.add_item(user, uuid.UUID(product), 1)
         order = system.orders.create(user, f"k-{user}")
         with _conn(settings) as conn:
-            row = conn.execute("SELECT * FROM shared.outbox WHERE aggregate_id = %s AND event_type = 'ORDER_CREATED'",
-                               (order["orderId"],)).fetchone()
+            row = conn.execute(
+                "SELECT * FROM shared.outbox WHERE aggregate_id = %s AND event_type = 'ORDER_CREATED'",
+                (order["orderId"],),
+            ).fetchone()
             conn.execute("DELETE FROM shared.outbox WHERE aggregate_id = %s", (order["orderId"],))  # no relay here
         envelopes.append(Envelope(row["id"], row["event_type"], row["aggregate_id"], row["payload"]))
     return envelopes
@@ -360,8 +409,10 @@ def test_no_version_check_loses_updates_of_concurrent_reservations(settings, mak
     with _conn(settings) as conn:
         conn.execute("DELETE FROM shared.outbox WHERE aggregate_id = ANY(%s)", ([e.aggregate_id for e in envelopes],))
         result = inv.stock_conservation(conn, _scope([product]))
-        reserved = conn.execute("SELECT count(*) AS n FROM inventory.reservations WHERE status = 'RESERVED' AND "
-                                "order_id = ANY(%s::uuid[])", ([e.aggregate_id for e in envelopes],)).fetchone()["n"]
+        reserved = conn.execute(
+            "SELECT count(*) AS n FROM inventory.reservations WHERE status = 'RESERVED' AND order_id = ANY(%s::uuid[])",
+            ([e.aggregate_id for e in envelopes],),
+        ).fetchone()["n"]
     assert reserved == 8  # every order got its unit in both modes; only the naive one forgot some decrements
     assert result.passed is not naive, result.to_dict()
     if naive:
@@ -370,7 +421,7 @@ def test_no_version_check_loses_updates_of_concurrent_reservations(settings, mak
 
 @pytest.mark.parametrize("naive", ON_OFF)
 def test_dlq_drop_loses_a_poison_message(settings, make_system, new_product, db, naive):
-    since = dt.datetime.now(dt.timezone.utc)
+    since = dt.datetime.now(dt.UTC)
     db.execute("DELETE FROM shared.outbox")  # earlier tests' leftovers: the failures must strike on our event
     registry = _registry(settings)
     system = make_system(workers=True, faults=registry, handler_retries=2, naive=_naive(naive, "dlq-drop"))
@@ -381,8 +432,11 @@ def test_dlq_drop_loses_a_poison_message(settings, make_system, new_product, db,
     try:
         time.sleep(0.3)
         order_id = system.orders.create(user, f"k-{user}")["orderId"]
-        wait_for(lambda: faults.fired_counts(settings.database_url, armed["armedAt"]).get("payment.timeout", 0) >= 2,
-                 30, message="the payment event failed every retry")
+        wait_for(
+            lambda: faults.fired_counts(settings.database_url, armed["armedAt"]).get("payment.timeout", 0) >= 2,
+            30,
+            message="the payment event failed every retry",
+        )
     finally:
         faults.disarm(settings.database_url, "payment.timeout")
 
@@ -399,7 +453,7 @@ def test_dlq_drop_loses_a_poison_message(settings, make_system, new_product, db,
 
 @pytest.mark.parametrize("naive", ON_OFF)
 def test_no_watchdog_leaves_an_order_whose_event_was_lost_hanging(settings, make_system, new_product, naive):
-    since = dt.datetime.now(dt.timezone.utc)
+    since = dt.datetime.now(dt.UTC)
     registry = _registry(settings)
     system = make_system(workers=True, faults=registry, naive=_naive(naive, "no-watchdog"))
     product = new_product(stock=5)
@@ -409,8 +463,11 @@ def test_no_watchdog_leaves_an_order_whose_event_was_lost_hanging(settings, make
     try:
         time.sleep(0.3)
         system.orders.create(user, f"k-{user}")
-        wait_for(lambda: faults.fired_counts(settings.database_url, since).get("consumer.lose"), 20,
-                 message="an event was lost")
+        wait_for(
+            lambda: faults.fired_counts(settings.database_url, since).get("consumer.lose"),
+            20,
+            message="an event was lost",
+        )
     finally:
         faults.disarm(settings.database_url, "consumer.lose")
     watchdog = Watchdog(system.deps, deadline_s=0.5)
@@ -427,19 +484,25 @@ def test_no_watchdog_leaves_an_order_whose_event_was_lost_hanging(settings, make
 
 @pytest.mark.parametrize("strategy", ["optimistic", "post-payment"])
 @pytest.mark.parametrize("naive", ON_OFF)
-def test_no_compensation_keeps_the_stock_or_the_money_of_a_failed_order(settings, make_system, new_product, strategy,
-                                                                         naive):
-    since = dt.datetime.now(dt.timezone.utc)
+def test_no_compensation_keeps_the_stock_or_the_money_of_a_failed_order(
+    settings, make_system, new_product, strategy, naive
+):
+    since = dt.datetime.now(dt.UTC)
     optimistic = strategy == "optimistic"
-    system = make_system(workers=True, strategy=strategy, payment_decline_rate=1.0 if optimistic else 0.0,
-                         naive=_naive(naive, "no-compensation"))
+    system = make_system(
+        workers=True,
+        strategy=strategy,
+        payment_decline_rate=1.0 if optimistic else 0.0,
+        naive=_naive(naive, "no-compensation"),
+    )
     product = new_product(stock=5)
     user = uuid.uuid4()
     system.carts.add_item(user, uuid.UUID(product), 1)
     if not optimistic:  # the shelf empties behind Redis's back, so inventory refuses the paid order
         with _conn(settings) as conn:
-            conn.execute("UPDATE inventory.inventory_items SET available_quantity = 0 WHERE product_id = %s",
-                         (product,))
+            conn.execute(
+                "UPDATE inventory.inventory_items SET available_quantity = 0 WHERE product_id = %s", (product,)
+            )
     order_id = system.orders.create(user, f"k-{user}")["orderId"]
     wait_for(lambda: system.orders.get(uuid.UUID(order_id))["status"] == "FAILED", 30, message="order failed")
     time.sleep(1.5)  # the compensation (restock or refund) has had its time

@@ -23,24 +23,32 @@ def cart_for(system, new_product, quantities=(2,), price="10.00"):
     return user, products
 
 
-def test_order_creation_writes_order_items_record_and_both_events_in_one_transaction(system, new_product, db,
-                                                                                     tidy_outbox):
+def test_order_creation_writes_order_items_record_and_both_events_in_one_transaction(
+    system, new_product, db, tidy_outbox
+):
     user, (a, b) = cart_for(system, new_product, (2, 1), price="12.25")
     response = system.orders.create(user, f"k-{user}")
     order_id = response["orderId"]
     tidy_outbox.append(order_id)
     assert response == {"orderId": order_id, "status": "CREATED", "totalAmount": 36.75}
     order = db.execute("SELECT *, xmin::text AS tx FROM orders.orders WHERE id = %s", (order_id,)).fetchone()
-    assert (order["status"], order["payment_status"], order["inventory_status"]) == ("CREATED", "NOT_STARTED",
-                                                                                     "NOT_STARTED")
+    assert (order["status"], order["payment_status"], order["inventory_status"]) == (
+        "CREATED",
+        "NOT_STARTED",
+        "NOT_STARTED",
+    )
     assert order["strategy"] == "OPTIMISTIC" and order["total_amount"] == Decimal("36.75")
     assert order["user_id"] == user and order["failure_reason"] is None
-    items = db.execute("SELECT product_id, quantity, unit_price FROM orders.order_items WHERE order_id = %s",
-                       (order_id,)).fetchall()
+    items = db.execute(
+        "SELECT product_id, quantity, unit_price FROM orders.order_items WHERE order_id = %s", (order_id,)
+    ).fetchall()
     assert {str(i["product_id"]): (i["quantity"], i["unit_price"]) for i in items} == {
-        a: (2, Decimal("12.25")), b: (1, Decimal("12.25"))}
-    record = db.execute("SELECT *, xmin::text AS tx FROM orders.idempotency_records WHERE key = %s",
-                        (f"k-{user}",)).fetchone()
+        a: (2, Decimal("12.25")),
+        b: (1, Decimal("12.25")),
+    }
+    record = db.execute(
+        "SELECT *, xmin::text AS tx FROM orders.idempotency_records WHERE key = %s", (f"k-{user}",)
+    ).fetchone()
     assert record["response_body"] == response
     events = outbox_rows(db, order_id)
     assert [e["event_type"] for e in events] == ["ORDER_CREATED", "ORDER_UPDATED"]
@@ -59,13 +67,16 @@ def test_the_order_records_its_strategy(make_system, new_product, db, tidy_outbo
     user, _ = cart_for(system, new_product)
     order_id = system.orders.create(user, f"k-{user}")["orderId"]
     tidy_outbox.append(order_id)
-    assert db.execute("SELECT strategy FROM orders.orders WHERE id = %s", (order_id,)).fetchone()["strategy"] == \
-        "POST_PAYMENT"
+    assert (
+        db.execute("SELECT strategy FROM orders.orders WHERE id = %s", (order_id,)).fetchone()["strategy"]
+        == "POST_PAYMENT"
+    )
     assert outbox_rows(db, order_id)[0]["payload"]["strategy"] == "POST_PAYMENT"
 
 
-def test_a_repeated_idempotency_key_returns_the_same_order_and_creates_nothing(system, new_product, db, rds,
-                                                                               tidy_outbox):
+def test_a_repeated_idempotency_key_returns_the_same_order_and_creates_nothing(
+    system, new_product, db, rds, tidy_outbox
+):
     user, _ = cart_for(system, new_product)
     first = system.orders.create(user, f"k-{user}")
     tidy_outbox.append(first["orderId"])
@@ -104,8 +115,9 @@ def test_a_key_in_flight_is_409(system, new_product, rds, db):
     assert rds.get(f"lock:k-{user}") == "someone-else"  # not ours to release
 
 
-def test_the_lock_has_a_ttl_so_a_key_stuck_in_progress_does_not_block_forever(make_system, new_product, rds,
-                                                                              tidy_outbox):
+def test_the_lock_has_a_ttl_so_a_key_stuck_in_progress_does_not_block_forever(
+    make_system, new_product, rds, tidy_outbox
+):
     system = make_system(idempotency_lock_ttl_s=1)
     user, _ = cart_for(system, new_product)
     # A request that took the lock and died: nothing in the DB, only the lock with its TTL.
@@ -163,5 +175,6 @@ def test_12_concurrent_submits_with_one_key_create_exactly_one_order(system, new
     assert {oid for status, oid in results if status == 200} == {order_id}
     events = [e["event_type"] for e in outbox_rows(db, order_id)]
     assert events.count("ORDER_CREATED") == 1
-    assert db.execute("SELECT count(*) AS n FROM orders.idempotency_records WHERE key = %s",
-                      (key,)).fetchone()["n"] == 1
+    assert (
+        db.execute("SELECT count(*) AS n FROM orders.idempotency_records WHERE key = %s", (key,)).fetchone()["n"] == 1
+    )

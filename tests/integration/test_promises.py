@@ -58,16 +58,22 @@ def test_an_order_charged_before_a_strategy_switch_completes_after_it(make_syste
     before = make_system(strategy="post-payment")
     product = new_product(stock=5)
     _, order_id = _order(before, product)
-    held = [e for _, e in bus_for(before).run(order_id, hold={"inventory.queue"})
-            if e.event_type == "PAYMENT_PROCESSED"]
+    held = [
+        e for _, e in bus_for(before).run(order_id, hold={"inventory.queue"}) if e.event_type == "PAYMENT_PROCESSED"
+    ]
     assert len(held) == 1 and before.orders.get(uuid.UUID(order_id))["paymentStatus"] == "SUCCESS"
     for envelope in held:  # still in flight: back into the outbox, for the next system's relay
-        db.execute("INSERT INTO shared.outbox (id, aggregate_type, aggregate_id, event_type, payload) "
-                   "VALUES (%s, 'ORDER', %s, %s, %s::jsonb)",
-                   (envelope.id, envelope.aggregate_id, envelope.event_type, json.dumps(envelope.payload)))
+        db.execute(
+            "INSERT INTO shared.outbox (id, aggregate_type, aggregate_id, event_type, payload) "
+            "VALUES (%s, 'ORDER', %s, %s, %s::jsonb)",
+            (envelope.id, envelope.aggregate_id, envelope.event_type, json.dumps(envelope.payload)),
+        )
     after = make_system(workers=True, strategy="optimistic")
-    wait_for(lambda: after.orders.get(uuid.UUID(order_id))["displayStatus"] == "COMPLETED", 20,
-             message="the charged order completed under the new process strategy")
+    wait_for(
+        lambda: after.orders.get(uuid.UUID(order_id))["displayStatus"] == "COMPLETED",
+        20,
+        message="the charged order completed under the new process strategy",
+    )
     assert after.orders.get(uuid.UUID(order_id))["strategy"] == "POST_PAYMENT"
 
 
@@ -138,9 +144,17 @@ def test_a_redis_side_pending_across_a_reconciliation_is_not_applied_twice(syste
     held = bus.run(order_id, hold={("redis-stock.queue", "STOCK_RESERVED")})
     stock_reserved = [e for q, e in held if q == "redis-stock.queue"][0]
     from pulse.redisstock import handlers as redisstock
-    redisstock._claimed(system.deps, stock_reserved.id, redisstock.RELEASE,  # the database half, committed
-                        {"order": order_id, "user": stock_reserved.event.user_id,
-                         "items": json.dumps(redisstock._items(stock_reserved.event))})
+
+    redisstock._claimed(
+        system.deps,
+        stock_reserved.id,
+        redisstock.RELEASE,  # the database half, committed
+        {
+            "order": order_id,
+            "user": stock_reserved.event.user_id,
+            "items": json.dumps(redisstock._items(stock_reserved.event)),
+        },
+    )
     system.reconciler.run_once(cooldown_s=0, full=True)
     assert reserved(rds, product) == 0 and rds.get(f"stock:{product}") == "3"
     bus.run(order_id)  # the redelivery: a duplicate for the inbox, its Redis half runs again

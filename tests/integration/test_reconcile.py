@@ -37,7 +37,8 @@ def test_the_first_run_repairs_stock_reserved_carts_and_the_cleanup_queue(system
     assert redis_cart(rds, user) == {p: 2} == db_cart(db, user)
     updated = db.execute("SELECT updated_at FROM inventory.carts WHERE user_id = %s", (user,)).fetchone()["updated_at"]
     assert rds.zscore("cart:cleanup:queue", str(user)) == pytest.approx(
-        updated.timestamp() * 1000 + system.settings.cart_ttl_s * 1000, abs=2)
+        updated.timestamp() * 1000 + system.settings.cart_ttl_s * 1000, abs=2
+    )
     again = system.reconciler.run_once(cooldown_s=0)
     assert again["full"] is False and again["windowFrom"] == result["windowTo"]
 
@@ -113,8 +114,14 @@ def test_a_flushed_redis_is_rebuilt_by_the_next_run(system, new_product, db, rds
 def test_the_cli_runs_one_pass_and_prints_json(serve_env, new_product, rds):
     p = new_product(stock=3)
     rds.set(f"stock:{p}", 1)
-    out = subprocess.run([sys.executable, "-m", "pulse", "reconcile", "--once", "--cooldown", "0"],
-                         env={**os.environ, **serve_env}, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "pulse", "reconcile", "--once", "--cooldown", "0"],
+        env={**os.environ, **serve_env},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 1

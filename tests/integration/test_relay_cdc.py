@@ -20,13 +20,23 @@ import pytest
 from pulse.infra import broker, outbox
 from pulse.infra.relay_cdc import CdcRelay
 from tests.conftest import wait_for
-from tests.integration.relays import (TEST_EVENT, RelayChildren, RelayThreads, heartbeat_pid,
-                                      insert_events, outbox_ids, relay_until, slot_event_ids, slot_row)
+from tests.integration.relays import (
+    TEST_EVENT,
+    RelayChildren,
+    RelayThreads,
+    heartbeat_pid,
+    insert_events,
+    outbox_ids,
+    relay_until,
+    slot_event_ids,
+    slot_row,
+)
 
 pytestmark = pytest.mark.integration
 
 
 # --- fixtures ---
+
 
 @pytest.fixture
 def relays(cdc, db):
@@ -52,6 +62,7 @@ def children(cdc, serve_env, tmp_path):
 
 # --- tests ---
 
+
 def test_events_keep_commit_order_across_transactions(relays, cdc, tap):
     relays()
     expected = []
@@ -68,7 +79,8 @@ def test_events_keep_commit_order_across_transactions(relays, cdc, tap):
 
 
 def test_sigkill_between_publish_and_slot_advance_redelivers_with_effect_once(
-        make_system, cdc, children, tap, db, new_product, tmp_path):
+    make_system, cdc, children, tap, db, new_product, tmp_path
+):
     system = make_system(outbox_mode="cdc")
     system.start_workers(relay=False, schedulers=False)  # real consumers with their inboxes, relay in the child
     product = new_product(stock=10)
@@ -79,8 +91,9 @@ def test_sigkill_between_publish_and_slot_advance_redelivers_with_effect_once(
     system.carts.add_item(user, uuid.UUID(product), 2)
     order = system.orders.create(user, f"key-{user}")
     wait_for(marker.exists, message="child published and stopped before advancing the slot")
-    created = db.execute("SELECT id FROM shared.outbox WHERE event_type = 'ORDER_CREATED' AND aggregate_id = %s",
-                         (order["orderId"],)).fetchone()
+    created = db.execute(
+        "SELECT id FROM shared.outbox WHERE event_type = 'ORDER_CREATED' AND aggregate_id = %s", (order["orderId"],)
+    ).fetchone()
     assert created is not None, "the row is deleted only after the fault point"
     lsn_before = slot_row(db, cdc.cdc_slot)["confirmed_flush_lsn"]
     os.kill(first.pid, signal.SIGKILL)
@@ -91,11 +104,14 @@ def test_sigkill_between_publish_and_slot_advance_redelivers_with_effect_once(
     children()  # a new relay resumes from the slot
     event_id = str(created["id"])
     wait_for(lambda: tap.ids().count(event_id) >= 2, message="ORDER_CREATED delivered again after the crash")
-    done = wait_for(lambda: (o := system.orders.get(uuid.UUID(order["orderId"])))["status"] == "COMPLETED" and o,
-                    message="order COMPLETED")
+    done = wait_for(
+        lambda: (o := system.orders.get(uuid.UUID(order["orderId"])))["status"] == "COMPLETED" and o,
+        message="order COMPLETED",
+    )
     assert done["inventoryStatus"] == "RESERVED"
-    stock = db.execute("SELECT available_quantity FROM inventory.inventory_items WHERE product_id = %s",
-                       (product,)).fetchone()["available_quantity"]
+    stock = db.execute(
+        "SELECT available_quantity FROM inventory.inventory_items WHERE product_id = %s", (product,)
+    ).fetchone()["available_quantity"]
     assert stock == 8, "the redelivered ORDER_CREATED must not reserve twice"
     assert db.execute("SELECT count(*) AS n FROM inventory.inbox WHERE event_id = %s", (event_id,)).fetchone()["n"] == 1
 
@@ -152,8 +168,11 @@ def test_idle_slot_still_advances(relays, cdc, db):
     relays()
     start = slot_row(db, cdc.cdc_slot)["confirmed_flush_lsn"]
     db.execute("UPDATE inventory.inventory_items SET updated_at = updated_at")  # WAL without outbox events
-    wait_for(lambda: slot_row(db, cdc.cdc_slot)["confirmed_flush_lsn"] > start, 10,
-             message="slot advanced past WAL without events")
+    wait_for(
+        lambda: slot_row(db, cdc.cdc_slot)["confirmed_flush_lsn"] > start,
+        10,
+        message="slot advanced past WAL without events",
+    )
 
 
 def test_status_and_drop_slot_commands(relays, cdc, db, tap, serve_env, monkeypatch, capsys):
@@ -164,8 +183,10 @@ def test_status_and_drop_slot_commands(relays, cdc, db, tap, serve_env, monkeypa
     relay = relays()
     insert_events(cdc.database_url, 3)
     wait_for(lambda: relay.published >= 3 and heartbeat_pid(db, cdc.cdc_slot), message="published")
-    wait_for(lambda: db.execute("SELECT published FROM infra.relay_heartbeat").fetchone()["published"] >= 3,
-             message="heartbeat counts the events")
+    wait_for(
+        lambda: db.execute("SELECT published FROM infra.relay_heartbeat").fetchone()["published"] >= 3,
+        message="heartbeat counts the events",
+    )
     assert cli.main(["relay", "status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["mode"] == "cdc" and status["slot"]["exists"]

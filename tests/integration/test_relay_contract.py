@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -27,8 +27,7 @@ import pytest
 
 from pulse.infra import outbox
 from tests.conftest import wait_for
-from tests.integration.relays import (TEST_EVENT, RelayChildren, RelayThreads, heartbeat_pid,
-                                      outbox_ids, slot_is_before)
+from tests.integration.relays import TEST_EVENT, RelayChildren, RelayThreads, heartbeat_pid, outbox_ids, slot_is_before
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +146,7 @@ def wait_active(mode, db, proc) -> None:
 
 # --- the contract ---
 
+
 def test_events_of_an_aggregate_go_out_in_order_and_their_rows_go(mode, relays, tap, db):
     relay = relays()
     aggregates = [str(uuid.uuid4()) for _ in range(4)]
@@ -166,7 +166,11 @@ def test_events_of_an_aggregate_go_out_in_order_and_their_rows_go(mode, relays, 
     assert (first["eventType"], first["payload"]) == (TEST_EVENT, {"i": 0})
     props = tap.properties[first["id"]]
     assert (props.message_id, props.type, props.delivery_mode, props.content_type) == (
-        first["id"], TEST_EVENT, 2, "application/json")
+        first["id"],
+        TEST_EVENT,
+        2,
+        "application/json",
+    )
 
 
 def test_a_crash_between_publish_and_delete_publishes_again(mode, children, relays, tap, db, tmp_path):
@@ -187,8 +191,9 @@ def test_a_crash_between_publish_and_delete_publishes_again(mode, children, rela
 def test_nothing_is_deleted_before_the_broker_confirms(mode, relays, tap, db):
     url = urlsplit(mode.amqp_url)
     proxy = Proxy((url.hostname, url.port or 5672))
-    via_proxy = mode.replace(amqp_url=urlunsplit(url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:"
-                                                                     f"{proxy.port}")))
+    via_proxy = mode.replace(
+        amqp_url=urlunsplit(url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}"))
+    )
     relays(via_proxy)
     aggregate = str(uuid.uuid4())
     tap.wait_ids(append(mode.database_url, aggregate, 2))

@@ -95,8 +95,10 @@ def assert_reported(db, settings, caplog, unroutable: str, event_id: str) -> Non
 def test_the_publisher_tells_unroutable_from_confirmed_per_envelope(settings, queue, keys):
     routable, unroutable = keys
     queue.bind(routable)
-    envs = [Envelope(id=uuid.uuid4(), event_type=t, aggregate_id="a", payload={})
-            for t in (routable, unroutable, routable, unroutable)]
+    envs = [
+        Envelope(id=uuid.uuid4(), event_type=t, aggregate_id="a", payload={})
+        for t in (routable, unroutable, routable, unroutable)
+    ]
     publisher = broker.ConfirmingPublisher(settings.amqp_url)
     try:
         D = broker.Delivery
@@ -142,10 +144,21 @@ def cdc(settings, db):
     s = settings.replace(outbox_mode="cdc")
     db.execute("DELETE FROM shared.outbox")
     yield s
-    wait_for(lambda: not (r := db.execute("SELECT active FROM pg_replication_slots WHERE slot_name = %s",
-                                          (s.cdc_slot,)).fetchone()) or not r["active"], 10, message="slot released")
-    db.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
-               (s.cdc_slot,))
+    wait_for(
+        lambda: (
+            not (
+                r := db.execute(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (s.cdc_slot,)
+                ).fetchone()
+            )
+            or not r["active"]
+        ),
+        10,
+        message="slot released",
+    )
+    db.execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (s.cdc_slot,)
+    )
     db.execute("DELETE FROM shared.outbox")
     db.execute("DELETE FROM infra.relay_heartbeat")
 
@@ -164,19 +177,33 @@ def test_cdc_keeps_an_unroutable_event_and_moves_the_slot_past_it(cdc, db, queue
             assert queue.ids() == [ok_id]
             assert_reported(db, cdc, caplog, unroutable, lost_id)
             # The slot is not stuck behind the unroutable event: it moves past its transaction.
-            wait_for(lambda: relay.run_once() >= 0 and db.execute(
-                "SELECT confirmed_flush_lsn >= %s::pg_lsn AS past FROM pg_replication_slots WHERE slot_name = %s",
-                (end, cdc.cdc_slot)).fetchone()["past"], 10, message="slot confirmed past the unroutable event")
+            wait_for(
+                lambda: (
+                    relay.run_once() >= 0
+                    and db.execute(
+                        "SELECT confirmed_flush_lsn >= %s::pg_lsn AS past FROM pg_replication_slots WHERE slot_name = %s",
+                        (end, cdc.cdc_slot),
+                    ).fetchone()["past"]
+                ),
+                10,
+                message="slot confirmed past the unroutable event",
+            )
             assert row(db, lost_id) is not None
             # Later events still flow.
             _, ok2, lost2 = write(cdc.database_url, routable, unroutable)
             wait_for(lambda: relay.run_once() >= 0 and ok2 in queue.ids(), 10, message="later events relayed")
-            wait_for(lambda: relay.run_once() >= 0 and (r := row(db, lost2)) and r["unroutable_at"], 10,
-                     message="second unroutable event marked")
+            wait_for(
+                lambda: relay.run_once() >= 0 and (r := row(db, lost2)) and r["unroutable_at"],
+                10,
+                message="second unroutable event marked",
+            )
 
             queue.bind(unroutable)
-            wait_for(lambda: relay.run_once() >= 0 and row(db, lost_id) is None and row(db, lost2) is None, 10,
-                     message="the cdc relay's retry delivered the events once bound")
+            wait_for(
+                lambda: relay.run_once() >= 0 and row(db, lost_id) is None and row(db, lost2) is None,
+                10,
+                message="the cdc relay's retry delivered the events once bound",
+            )
             assert set(queue.ids()) == {lost_id, lost2}
     finally:
         relay.close()

@@ -11,7 +11,8 @@ import uuid
 
 import pytest
 
-from pulse.infra import broker, db as pulse_db, outbox
+from pulse.infra import broker, outbox
+from pulse.infra import db as pulse_db
 from pulse.infra.relay_polling import PollingRelay
 
 pytestmark = pytest.mark.integration
@@ -96,6 +97,11 @@ def test_the_relay_of_a_running_system_empties_the_outbox(make_system, new_produ
     order_id = system.orders.create(user, f"k-{user}")["orderId"]
     from tests.conftest import wait_for
 
-    wait_for(lambda: db.execute("SELECT status FROM orders.orders WHERE id = %s",
-                                (order_id,)).fetchone()["status"] == "COMPLETED", message="order COMPLETED")
+    wait_for(
+        lambda: (
+            db.execute("SELECT status FROM orders.orders WHERE id = %s", (order_id,)).fetchone()["status"]
+            == "COMPLETED"
+        ),
+        message="order COMPLETED",
+    )
     wait_for(lambda: remaining(db, order_id) == 0, message="the order's events relayed and deleted")

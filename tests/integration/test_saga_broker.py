@@ -21,6 +21,7 @@ def settle(system, order_id, want_inventory=None, want_payment=None):
         ok = ok and (want_inventory is None or o["inventoryStatus"] == want_inventory)
         ok = ok and (want_payment is None or o["paymentStatus"] == want_payment)
         return ok and o
+
     return wait_for(done, timeout_s=20, message=f"order {order_id} settled")
 
 
@@ -35,9 +36,16 @@ def test_optimistic_happy_path(make_system, new_product, db, rds):
     product = new_product(stock=10, price="20.00")
     user, order_id = buy(system, product, 3)
     order = settle(system, order_id)
-    assert order == {"orderId": order_id, "status": "COMPLETED", "displayStatus": "COMPLETED",
-                     "paymentStatus": "SUCCESS", "inventoryStatus": "RESERVED", "failureReason": None,
-                     "strategy": "OPTIMISTIC", "totalAmount": 60.0}
+    assert order == {
+        "orderId": order_id,
+        "status": "COMPLETED",
+        "displayStatus": "COMPLETED",
+        "paymentStatus": "SUCCESS",
+        "inventoryStatus": "RESERVED",
+        "failureReason": None,
+        "strategy": "OPTIMISTIC",
+        "totalAmount": 60.0,
+    }
     assert db_stock(db, product) == 7
     wait_for(lambda: rds.get(f"stock:{product}") == "7" and reserved(rds, product) == 0, message="redis in step")
     assert db_cart(db, user) == {} and not rds.exists(f"cart:{user}")
@@ -49,8 +57,13 @@ def test_optimistic_out_of_stock(make_system, new_product, db):
     _, order_id = buy(system, product, 2)
     set_db_stock(db, product, 1)  # the warehouse lost a unit after the cart reserved it
     order = settle(system, order_id)
-    assert (order["status"], order["failureReason"], order["inventoryStatus"], order["paymentStatus"],
-            order["displayStatus"]) == ("FAILED", "OUT_OF_STOCK", "OUT_OF_STOCK", "NOT_STARTED", "FAILED_OUT_OF_STOCK")
+    assert (
+        order["status"],
+        order["failureReason"],
+        order["inventoryStatus"],
+        order["paymentStatus"],
+        order["displayStatus"],
+    ) == ("FAILED", "OUT_OF_STOCK", "OUT_OF_STOCK", "NOT_STARTED", "FAILED_OUT_OF_STOCK")
     assert db_stock(db, product) == 1
     assert db.execute("SELECT 1 FROM payment.payments WHERE order_id = %s", (order_id,)).fetchone() is None
 
@@ -60,8 +73,12 @@ def test_optimistic_decline_restocks(make_system, new_product, db, rds):
     product = new_product(stock=10)
     _, order_id = buy(system, product, 4)
     order = settle(system, order_id, want_inventory="RELEASED")
-    assert (order["status"], order["failureReason"], order["paymentStatus"], order["displayStatus"]) == \
-        ("FAILED", "PAYMENT_FAILED", "DECLINED", "FAILED_PAYMENT")
+    assert (order["status"], order["failureReason"], order["paymentStatus"], order["displayStatus"]) == (
+        "FAILED",
+        "PAYMENT_FAILED",
+        "DECLINED",
+        "FAILED_PAYMENT",
+    )
     assert db_stock(db, product) == 10
     wait_for(lambda: rds.get(f"stock:{product}") == "10", message="stock cache refreshed after the restock")
 
@@ -71,9 +88,16 @@ def test_post_payment_happy_path(make_system, new_product, db):
     product = new_product(stock=5, price="3.50")
     _, order_id = buy(system, product, 2)
     order = settle(system, order_id)
-    assert order == {"orderId": order_id, "status": "COMPLETED", "displayStatus": "COMPLETED",
-                     "paymentStatus": "SUCCESS", "inventoryStatus": "RESERVED", "failureReason": None,
-                     "strategy": "POST_PAYMENT", "totalAmount": 7.0}
+    assert order == {
+        "orderId": order_id,
+        "status": "COMPLETED",
+        "displayStatus": "COMPLETED",
+        "paymentStatus": "SUCCESS",
+        "inventoryStatus": "RESERVED",
+        "failureReason": None,
+        "strategy": "POST_PAYMENT",
+        "totalAmount": 7.0,
+    }
     assert db_stock(db, product) == 3
 
 
@@ -83,10 +107,16 @@ def test_post_payment_out_of_stock_refunds(make_system, new_product, db):
     _, order_id = buy(system, product, 1)
     set_db_stock(db, product, 0)
     order = settle(system, order_id, want_payment="REFUNDED")
-    assert (order["status"], order["failureReason"], order["inventoryStatus"], order["displayStatus"]) == \
-        ("FAILED", "OUT_OF_STOCK", "OUT_OF_STOCK", "REFUNDED")
-    assert db.execute("SELECT status FROM payment.payments WHERE order_id = %s",
-                      (order_id,)).fetchone()["status"] == "REFUNDED"
+    assert (order["status"], order["failureReason"], order["inventoryStatus"], order["displayStatus"]) == (
+        "FAILED",
+        "OUT_OF_STOCK",
+        "OUT_OF_STOCK",
+        "REFUNDED",
+    )
+    assert (
+        db.execute("SELECT status FROM payment.payments WHERE order_id = %s", (order_id,)).fetchone()["status"]
+        == "REFUNDED"
+    )
     assert db_stock(db, product) == 0
 
 
@@ -95,6 +125,10 @@ def test_post_payment_decline(make_system, new_product, db):
     product = new_product(stock=3)
     _, order_id = buy(system, product, 1)
     order = settle(system, order_id)
-    assert (order["status"], order["failureReason"], order["inventoryStatus"], order["displayStatus"]) == \
-        ("FAILED", "PAYMENT_FAILED", "NOT_STARTED", "FAILED_PAYMENT")
+    assert (order["status"], order["failureReason"], order["inventoryStatus"], order["displayStatus"]) == (
+        "FAILED",
+        "PAYMENT_FAILED",
+        "NOT_STARTED",
+        "FAILED_PAYMENT",
+    )
     assert db_stock(db, product) == 3

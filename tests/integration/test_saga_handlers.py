@@ -46,8 +46,10 @@ def test_optimistic_happy_path(system, new_product, db, rds, bus_for):
     assert state(db, order_id) == ("COMPLETED", "SUCCESS", "RESERVED", None, "COMPLETED")
     payment = db.execute("SELECT * FROM payment.payments WHERE order_id = %s", (order_id,)).fetchone()
     assert payment["status"] == "SUCCESS" and payment["amount"] == 10 and payment["paid_at"] is not None
-    assert db.execute("SELECT status FROM inventory.reservations WHERE order_id = %s",
-                      (order_id,)).fetchone()["status"] == "RESERVED"
+    assert (
+        db.execute("SELECT status FROM inventory.reservations WHERE order_id = %s", (order_id,)).fetchone()["status"]
+        == "RESERVED"
+    )
 
 
 def test_optimistic_decline_restocks(make_system, new_product, db, rds, bus_for):
@@ -60,10 +62,14 @@ def test_optimistic_decline_restocks(make_system, new_product, db, rds, bus_for)
     bus.run(order_id)
     assert state(db, order_id) == ("FAILED", "DECLINED", "RELEASED", "PAYMENT_FAILED", "FAILED_PAYMENT")
     assert db_stock(db, product) == 10 and rds.get(f"stock:{product}") == "10"
-    assert db.execute("SELECT status FROM payment.payments WHERE order_id = %s", (order_id,)).fetchone()["status"] \
+    assert (
+        db.execute("SELECT status FROM payment.payments WHERE order_id = %s", (order_id,)).fetchone()["status"]
         == "DECLINED"
-    assert db.execute("SELECT status FROM inventory.reservations WHERE order_id = %s",
-                      (order_id,)).fetchone()["status"] == "RELEASED"
+    )
+    assert (
+        db.execute("SELECT status FROM inventory.reservations WHERE order_id = %s", (order_id,)).fetchone()["status"]
+        == "RELEASED"
+    )
 
 
 def test_optimistic_out_of_stock(system, new_product, db, bus_for):

@@ -49,15 +49,17 @@ def switch_segments(admin, n: int) -> None:
 def cap_set(admin, megabytes: int):
     """``ALTER SYSTEM SET max_slot_wal_keep_size`` and a reload, undone on exit the same way."""
     setting, source, sourcefile = admin.execute(
-        "SELECT setting, source, sourcefile FROM pg_settings WHERE name = %s", (CAP,)).fetchone()
+        "SELECT setting, source, sourcefile FROM pg_settings WHERE name = %s", (CAP,)
+    ).fetchone()
     admin.execute(f"ALTER SYSTEM SET {CAP} = '{int(megabytes)}MB'")
     admin.execute("SELECT pg_reload_conf()")
     try:
         yield
     finally:
         if source == "configuration file" and (sourcefile or "").endswith("postgresql.auto.conf"):
-            admin.execute(f"ALTER SYSTEM SET {CAP} = '{int(setting)}MB'" if setting != "-1"
-                          else f"ALTER SYSTEM SET {CAP} = -1")
+            admin.execute(
+                f"ALTER SYSTEM SET {CAP} = '{int(setting)}MB'" if setting != "-1" else f"ALTER SYSTEM SET {CAP} = -1"
+            )
         else:
             admin.execute(f"ALTER SYSTEM RESET {CAP}")
         admin.execute("SELECT pg_reload_conf()")
@@ -77,13 +79,15 @@ def lose_slot(admin, slot: str) -> float:
             at_risk = admin.execute(
                 "SELECT slot_name, active FROM pg_replication_slots WHERE slot_name <> %s AND restart_lsn IS NOT "
                 f"NULL AND pg_wal_lsn_diff(restart_lsn, '0/0')::bigint / {SEGMENT_BYTES} <= %s",
-                (slot, ours + 1)).fetchall()
+                (slot, ours + 1),
+            ).fetchall()
             if not at_risk:
                 break
             time.sleep(0.2)
         if at_risk:
-            pytest.skip(f"slots {at_risk} trail as far as this test's own slot; a cap that loses ours would lose "
-                        "them too")
+            pytest.skip(
+                f"slots {at_risk} trail as far as this test's own slot; a cap that loses ours would lose them too"
+            )
         keep_segments = wal_segment(admin, "pg_current_wal_lsn()") - ours - 1
         segment_mb = admin.execute(f"SELECT {SEGMENT_BYTES} / 1048576").fetchone()[0]
         started = time.monotonic()
@@ -92,8 +96,9 @@ def lose_slot(admin, slot: str) -> float:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 admin.execute("CHECKPOINT")
-                status = admin.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s",
-                                       (slot,)).fetchone()[0]
+                status = admin.execute(
+                    "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+                ).fetchone()[0]
                 if status == "lost":
                     break
                 time.sleep(0.1)
@@ -112,8 +117,7 @@ def admin(settings):
 
 
 @pytest.mark.parametrize("found_by", ["wal_status", "start_replication"])
-def test_a_lost_slot_is_recreated_and_every_event_still_delivered(found_by, cdc, tap, db, admin, caplog,
-                                                                  monkeypatch):
+def test_a_lost_slot_is_recreated_and_every_event_still_delivered(found_by, cdc, tap, db, admin, caplog, monkeypatch):
     relay = CdcRelay(cdc, broker.ConfirmingPublisher(cdc.amqp_url))
     try:
         first = insert_events(cdc.database_url, 2)
@@ -164,8 +168,7 @@ def test_a_lost_slot_is_recreated_and_every_event_still_delivered(found_by, cdc,
     assert check.passed and "recreated" in check.details and check.data["recreatedAfterLoss"]
 
 
-def test_a_slot_found_lost_is_dropped_created_again_and_its_rows_swept(cdc, tap, db, caplog,
-                                                                        monkeypatch):
+def test_a_slot_found_lost_is_dropped_created_again_and_its_rows_swept(cdc, tap, db, caplog, monkeypatch):
     """The recreation path without lowering the cluster's cap (the test above skips when another slot trails as
     far as ours): wal_status is reported lost once, as PostgreSQL would after the checkpoint."""
     relay = CdcRelay(cdc, broker.ConfirmingPublisher(cdc.amqp_url))

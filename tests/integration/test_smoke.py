@@ -13,6 +13,8 @@ def test_checkout_completes_through_the_broker(make_system, new_product):
     user = uuid.uuid4()
     system.carts.add_item(user, uuid.UUID(product), 2)
     order = system.orders.create(user, f"key-{user}")
-    done = wait_for(lambda: (o := system.orders.get(uuid.UUID(order["orderId"])))["displayStatus"] == "COMPLETED" and o,
-                    message="order COMPLETED")
+    done = wait_for(
+        lambda: (o := system.orders.get(uuid.UUID(order["orderId"])))["displayStatus"] == "COMPLETED" and o,
+        message="order COMPLETED",
+    )
     assert done["status"] == "COMPLETED"

@@ -31,8 +31,10 @@ def test_an_expired_cart_is_released_in_redis_and_cleared_in_the_db(make_system,
     assert not rds.exists(f"cart:{expired}") and rds.zscore("cart:cleanup:queue", str(expired)) is None
     assert reserved(rds, p) == 3 and reserved(rds, q) == 0
     assert db_cart(db, expired) == {}
-    tombstones = db.execute("SELECT quantity FROM inventory.cart_items ci JOIN inventory.carts c ON c.id = ci.cart_id "
-                            "WHERE c.user_id = %s", (expired,)).fetchall()
+    tombstones = db.execute(
+        "SELECT quantity FROM inventory.cart_items ci JOIN inventory.carts c ON c.id = ci.cart_id WHERE c.user_id = %s",
+        (expired,),
+    ).fetchall()
     assert [t["quantity"] for t in tombstones] == [0, 0]  # kept as tombstones so the delta sees the deletion
     assert redis_cart(rds, fresh) == {p: 3} == db_cart(db, fresh)
     # PostgreSQL agrees with Redis now, so reconciliation must not bring the cart back.
@@ -58,8 +60,14 @@ def test_sweeping_twice_releases_once(make_system, new_product, rds):
 
 
 def test_the_cli_sweeps_once_and_prints_json(serve_env):
-    out = subprocess.run([sys.executable, "-m", "pulse", "sweep", "--once"], env={**os.environ, **serve_env},
-                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "pulse", "sweep", "--once"],
+        env={**os.environ, **serve_env},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     counts = json.loads(out.stdout.strip())
     assert {"redisCartsSwept", "dbCartsCleared", "tombstonesPurged"} <= set(counts)

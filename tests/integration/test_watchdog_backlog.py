@@ -68,9 +68,11 @@ def test_a_stalled_order_waits_for_the_backlog_then_is_re_driven(settings, make_
 def test_events_stuck_in_the_outbox_hold_the_watchdog_back(settings, system):
     # No relay runs here, and the row is gone before any could: an event type no queue is bound to, in case.
     with system.deps.pool.connection() as conn:
-        conn.execute("INSERT INTO shared.outbox (id, aggregate_type, aggregate_id, event_type, payload, created_at) "
-                     "VALUES (%s, 'ORDER', %s, 'WATCHDOG_TEST', '{}', now() - interval '1 hour')",
-                     (uuid.uuid4(), str(uuid.uuid4())))
+        conn.execute(
+            "INSERT INTO shared.outbox (id, aggregate_type, aggregate_id, event_type, payload, created_at) "
+            "VALUES (%s, 'ORDER', %s, 'WATCHDOG_TEST', '{}', now() - interval '1 hour')",
+            (uuid.uuid4(), str(uuid.uuid4())),
+        )
     try:
         held = Watchdog(system.deps, deadline_s=30).run_once()
         assert held["redriven"] == {} and "not relayed yet" in held["deferred"]
@@ -89,12 +91,17 @@ def test_every_page_of_candidates_is_examined(settings, make_system, new_product
     product = new_product(stock=5)
     stalled = [order_with_a_lost_event(settings, system, product) for _ in range(2)]
     lookback = time.monotonic() - started + 5
-    result = Watchdog(system.deps, deadline_s=0.5, limit=1, max_pages=1000, lookback_s=lookback,
-                      depth=Depth(ready=0)).run_once()
+    result = Watchdog(
+        system.deps, deadline_s=0.5, limit=1, max_pages=1000, lookback_s=lookback, depth=Depth(ready=0)
+    ).run_once()
     assert result["examined"] >= 2
     with system.deps.pool.connection() as conn:
-        redriven = {r["order_id"] for r in conn.execute(
-            "SELECT order_id FROM infra.saga_redrives WHERE order_id = ANY(%s)", (stalled,)).fetchall()}
+        redriven = {
+            r["order_id"]
+            for r in conn.execute(
+                "SELECT order_id FROM infra.saga_redrives WHERE order_id = ANY(%s)", (stalled,)
+            ).fetchall()
+        }
     assert redriven == set(stalled)
     for order_id in stalled:
         wait_for(lambda: system.orders.get(order_id)["displayStatus"] == "COMPLETED", 20, message="re-driven")

@@ -39,8 +39,7 @@ def test_crash_restarts_and_drift_is_repaired(lab):
     assert lab.q.drift_summary()["missingStockKeys"] > 0
     fixes = lab.reconcile_now(cooldown_s=0)
     assert fixes["stock"] >= 1
-    assert lab.q.drift_summary() == {"productsDrifting": 0, "stockUnits": 0, "reservedUnits": 0,
-                                     "missingStockKeys": 0}
+    assert lab.q.drift_summary() == {"productsDrifting": 0, "stockUnits": 0, "reservedUnits": 0, "missingStockKeys": 0}
 
 
 def test_invariants_hold_after_orders(lab):

@@ -18,9 +18,13 @@ ALL = sorted(NOTEBOOKS.rglob("*.ipynb"))
 
 
 def test_committed_notebooks_have_no_outputs():
-    dirty = [str(p.relative_to(ROOT)) for p in ALL if p.parent.name != ".ipynb_checkpoints"
-             for c in nbformat.read(p, as_version=4).cells
-             if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    dirty = [
+        str(p.relative_to(ROOT))
+        for p in ALL
+        if p.parent.name != ".ipynb_checkpoints"
+        for c in nbformat.read(p, as_version=4).cells
+        if c.cell_type == "code" and (c.outputs or c.execution_count is not None)
+    ]
     assert not dirty, f"notebooks with outputs (clear them, or rebuild with notebooks/_build.py): {sorted(set(dirty))}"
 
 
@@ -33,8 +37,9 @@ def test_notebooks_match_their_generator():
     for path, generated in _build.all_notebooks().items():
         assert path.exists(), f"{path.name} is missing; run notebooks/_build.py"
         on_disk = nbformat.read(path, as_version=4)
-        assert [c.source for c in on_disk.cells] == [c.source for c in generated.cells], \
+        assert [c.source for c in on_disk.cells] == [c.source for c in generated.cells], (
             f"{path.relative_to(ROOT)} differs from notebooks/_build.py; edit the generator and rebuild"
+        )
 
 
 def test_each_notebook_has_a_parameters_cell_and_records():
@@ -59,17 +64,26 @@ def run_notebook(serve_env, tmp_path, monkeypatch):
     def run(path: Path, **parameters) -> dict:
         record = tmp_path / f"{path.stem}.json"
         executed = tmp_path / path.name
-        papermill.execute_notebook(str(path), str(executed), kernel_name="python3", cwd=str(path.parent),
-                                   parameters={"SMALL": True, "RECORD_PATH": str(record), **parameters},
-                                   progress_bar=False, execution_timeout=240)
-        errors = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code"
-                  for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        papermill.execute_notebook(
+            str(path),
+            str(executed),
+            kernel_name="python3",
+            cwd=str(path.parent),
+            parameters={"SMALL": True, "RECORD_PATH": str(record), **parameters},
+            progress_bar=False,
+            execution_timeout=240,
+        )
+        errors = [
+            o
+            for c in nbformat.read(executed, as_version=4).cells
+            if c.cell_type == "code"
+            for o in c.get("outputs", [])
+            if o.get("output_type") == "error"
+        ]
         assert not errors, errors
         return json.loads(record.read_text())["results"]
 
     return run
-
-
 
 
 @pytest.mark.notebook
@@ -84,14 +98,20 @@ def test_guided_notebook(run_notebook, path):
 
 # The (pattern, naive switch) pairs each guided notebook must have demonstrated, off and on.
 DEMONSTRATIONS = {
-    "02_lua_vs_naive_oversell": {("lua-reservation", "reserve-get-set"), ("cart-promise", "release-on-order-created"),
-                                 ("cart-expiry", "cart-native-ttl")},
+    "02_lua_vs_naive_oversell": {
+        ("lua-reservation", "reserve-get-set"),
+        ("cart-promise", "release-on-order-created"),
+        ("cart-expiry", "cart-native-ttl"),
+    },
     "03_outbox_polling_vs_cdc": {("publisher-confirms", "publish-no-confirm"), ("watchdog", "no-watchdog")},
     "04_compensation_live": {("compensation", "no-compensation"), ("state-guards", "unguarded-state")},
     "05_crash_lost_events_flush": {("reconcile-cooldown", "reconcile-full-scan")},
     "06_idempotency_duplicate_submits": {("idempotency-lock", "lock-no-owner")},
-    "07_load_and_throughput": {("optimistic-locking", "no-version-check"), ("dead-letter", "dlq-drop"),
-                               ("inbox", "no-inbox")},
+    "07_load_and_throughput": {
+        ("optimistic-locking", "no-version-check"),
+        ("dead-letter", "dlq-drop"),
+        ("inbox", "no-inbox"),
+    },
 }
 
 
@@ -172,10 +192,16 @@ def _load(r):
     assert all(run["completed"] >= 1 for run in r["runs"].values())
 
 
-EXPECTATIONS = {"00_setup_and_tour": _tour, "01_one_checkout_both_strategies": _strategies,
-                "02_lua_vs_naive_oversell": _oversell, "03_outbox_polling_vs_cdc": _outbox,
-                "04_compensation_live": _compensation, "05_crash_lost_events_flush": _drift,
-                "06_idempotency_duplicate_submits": _idempotency, "07_load_and_throughput": _load}
+EXPECTATIONS = {
+    "00_setup_and_tour": _tour,
+    "01_one_checkout_both_strategies": _strategies,
+    "02_lua_vs_naive_oversell": _oversell,
+    "03_outbox_polling_vs_cdc": _outbox,
+    "04_compensation_live": _compensation,
+    "05_crash_lost_events_flush": _drift,
+    "06_idempotency_duplicate_submits": _idempotency,
+    "07_load_and_throughput": _load,
+}
 
 
 @pytest.mark.notebook
@@ -197,15 +223,21 @@ def test_workshop_check_rejects_the_blank_exercise(run_notebook):
 
 REGRESSION_MATRIX = [
     {"STRATEGY": "optimistic", "OUTBOX_MODE": "polling", "FAULTS": {}},
-    {"STRATEGY": "post-payment", "OUTBOX_MODE": "polling",
-     "FAULTS": {"consumer.before_ack": 0.05, "relay.after_publish": 0.05}},
+    {
+        "STRATEGY": "post-payment",
+        "OUTBOX_MODE": "polling",
+        "FAULTS": {"consumer.before_ack": 0.05, "relay.after_publish": 0.05},
+    },
 ]
 
 
 @pytest.mark.notebook
 @pytest.mark.integration
-@pytest.mark.parametrize("params", REGRESSION_MATRIX, ids=lambda p: f"{p['STRATEGY']}-{p['OUTBOX_MODE']}-"
-                         f"{'faults' if p['FAULTS'] else 'clean'}")
+@pytest.mark.parametrize(
+    "params",
+    REGRESSION_MATRIX,
+    ids=lambda p: f"{p['STRATEGY']}-{p['OUTBOX_MODE']}-{'faults' if p['FAULTS'] else 'clean'}",
+)
 def test_regression_notebook(run_notebook, params):
     results = run_notebook(NOTEBOOKS / "regression" / "checkout_regression.ipynb", **params)
     assert results["violations"] == [], [i for i in results["invariants"] if not i["ok"]]

@@ -53,11 +53,13 @@ def test_default_is_the_learners_code():
 # ----- WS1: the script's semantics, one call at a time -----------------------------------------------------
 
 LUA_OFF_BY_ONE = workshop.solution("reserve_stock.lua").replace("< qty", "<= qty")
-LUA_ONE_UNIT = workshop.solution("reserve_stock.lua").replace("redis.call('INCRBY', KEYS[2], qty)",
-                                                               "redis.call('INCR', KEYS[2])")
+LUA_ONE_UNIT = workshop.solution("reserve_stock.lua").replace(
+    "redis.call('INCRBY', KEYS[2], qty)", "redis.call('INCR', KEYS[2])"
+)
 LUA_MISS_AS_ZERO = workshop.solution("reserve_stock.lua").replace("return -1", "return 0")
-LUA_STOCK_ONLY = workshop.solution("reserve_stock.lua").replace("tonumber(stock) - reserved < qty",
-                                                                 "tonumber(stock) < qty")
+LUA_STOCK_ONLY = workshop.solution("reserve_stock.lua").replace(
+    "tonumber(stock) - reserved < qty", "tonumber(stock) < qty"
+)
 LUA_INCR_FIRST = """local qty = tonumber(ARGV[1])
 local stock = redis.call('GET', KEYS[1])
 if not stock then return -1 end
@@ -65,7 +67,8 @@ local reserved = redis.call('INCRBY', KEYS[2], qty)
 if reserved > tonumber(stock) then redis.call('DECRBY', KEYS[2], qty) return 0 end
 return 1"""
 LUA_MISS_CREATES = workshop.solution("reserve_stock.lua").replace(
-    "if not stock then", "redis.call('INCRBY', KEYS[2], 0)\nif not stock then")
+    "if not stock then", "redis.call('INCRBY', KEYS[2], 0)\nif not stock then"
+)
 
 
 @pytest.mark.integration
@@ -81,17 +84,29 @@ def test_ws1_production_script_passes_with_two_keys(lab):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("source, sentence", [
-    (LUA_OFF_BY_ONE, r"with 10 in stock and 7 reserved \(exactly what is left\) must return 1, got 0"),
-    (LUA_ONE_UNIT, r"reserved: went from 0 to 1; it must grow by exactly 3"),
-    (LUA_MISS_AS_ZERO, r"stock: is missing \(a cache miss\) must return -1, got 0"),
-    (LUA_STOCK_ONLY, r"with 10 in stock and 7 reserved \(one more than is left\) must return 0, got 1"),
-    (LUA_MISS_CREATES, r"A cache miss must not create reserved:"),
-    ("return 1", r"stock: is missing \(a cache miss\) must return -1, got 1"),
-    ("return 'yes'", r"must return -1, 0 or 1"),
-    ("this is not lua", r"Redis could not load your script"),
-], ids=["off-by-one", "one-unit", "miss-as-zero", "ignores-reserved", "miss-creates-key", "always-yes", "nil",
-        "syntax"])
+@pytest.mark.parametrize(
+    "source, sentence",
+    [
+        (LUA_OFF_BY_ONE, r"with 10 in stock and 7 reserved \(exactly what is left\) must return 1, got 0"),
+        (LUA_ONE_UNIT, r"reserved: went from 0 to 1; it must grow by exactly 3"),
+        (LUA_MISS_AS_ZERO, r"stock: is missing \(a cache miss\) must return -1, got 0"),
+        (LUA_STOCK_ONLY, r"with 10 in stock and 7 reserved \(one more than is left\) must return 0, got 1"),
+        (LUA_MISS_CREATES, r"A cache miss must not create reserved:"),
+        ("return 1", r"stock: is missing \(a cache miss\) must return -1, got 1"),
+        ("return 'yes'", r"must return -1, 0 or 1"),
+        ("this is not lua", r"Redis could not load your script"),
+    ],
+    ids=[
+        "off-by-one",
+        "one-unit",
+        "miss-as-zero",
+        "ignores-reserved",
+        "miss-creates-key",
+        "always-yes",
+        "nil",
+        "syntax",
+    ],
+)
 def test_ws1_catches_each_mistake(lab, source, sentence):
     with pytest.raises(AssertionError, match=sentence):
         workshop.check_reserve_script(lab, source)
@@ -105,16 +120,26 @@ def test_ws1_incr_then_undo_is_correct_and_passes(lab):
 
 # ----- WS4: the window's bounds ----------------------------------------------------------------------------
 
+
 @pytest.mark.integration
-@pytest.mark.parametrize("where, sentence", [
-    ("updated_at > %(lower)s AND updated_at <= %(upper)s", None),
-    ("updated_at >= %(lower)s AND updated_at <= %(upper)s", r"changed exactly at the lower bound .* is in your delta"),
-    ("updated_at > %(lower)s AND updated_at < %(upper)s", r"changed exactly at the upper bound is missing"),
-    ("updated_at > %(lower)s", r"one microsecond after the upper bound \(still in flight\) is in your delta"),
-    ("updated_at > %(lower)s + interval '1 millisecond' AND updated_at <= %(upper)s",
-     r"one microsecond after the lower bound is missing"),
-    ("updated_at > %(lower)s AND updated_at <= %(upper)s + interval '1 microsecond'", r"after the upper bound"),
-], ids=["reference", "lower-inclusive", "upper-exclusive", "no-upper", "coarse-lower", "upper-late"])
+@pytest.mark.parametrize(
+    "where, sentence",
+    [
+        ("updated_at > %(lower)s AND updated_at <= %(upper)s", None),
+        (
+            "updated_at >= %(lower)s AND updated_at <= %(upper)s",
+            r"changed exactly at the lower bound .* is in your delta",
+        ),
+        ("updated_at > %(lower)s AND updated_at < %(upper)s", r"changed exactly at the upper bound is missing"),
+        ("updated_at > %(lower)s", r"one microsecond after the upper bound \(still in flight\) is in your delta"),
+        (
+            "updated_at > %(lower)s + interval '1 millisecond' AND updated_at <= %(upper)s",
+            r"one microsecond after the lower bound is missing",
+        ),
+        ("updated_at > %(lower)s AND updated_at <= %(upper)s + interval '1 microsecond'", r"after the upper bound"),
+    ],
+    ids=["reference", "lower-inclusive", "upper-exclusive", "no-upper", "coarse-lower", "upper-late"],
+)
 def test_ws4_window_bounds(lab, where, sentence):
     sql = f"SELECT product_id, available_quantity FROM inventory.inventory_items WHERE {where}"
     if sentence is None:
@@ -127,11 +152,14 @@ def test_ws4_window_bounds(lab, where, sentence):
 @pytest.mark.integration
 def test_ws4_needs_the_quantity(lab):
     with pytest.raises(AssertionError, match="Select product_id and available_quantity"):
-        workshop.check_delta_query(lab, "SELECT product_id FROM inventory.inventory_items "
-                                        "WHERE updated_at > %(lower)s AND updated_at <= %(upper)s")
+        workshop.check_delta_query(
+            lab,
+            "SELECT product_id FROM inventory.inventory_items WHERE updated_at > %(lower)s AND updated_at <= %(upper)s",
+        )
 
 
 # ----- WS3: compensation under a crash between saga steps --------------------------------------------------
+
 
 def _reference_restock():
     namespace = {}
@@ -147,13 +175,23 @@ def _restock_without_inbox_or_status():
     def on_restock(deps, envelope):
         p = envelope.payload
         with db.transaction(deps.pool) as conn:
-            row = conn.execute("SELECT items FROM inventory.reservations WHERE order_id = %s", (p["orderId"],)).fetchone()
+            row = conn.execute(
+                "SELECT items FROM inventory.reservations WHERE order_id = %s", (p["orderId"],)
+            ).fetchone()
             for item in row["items"]:
-                conn.execute("UPDATE inventory.inventory_items SET available_quantity = available_quantity + %s "
-                             "WHERE product_id = %s", (item["quantity"], item["productId"]))
+                conn.execute(
+                    "UPDATE inventory.inventory_items SET available_quantity = available_quantity + %s "
+                    "WHERE product_id = %s",
+                    (item["quantity"], item["productId"]),
+                )
             conn.execute("UPDATE inventory.reservations SET status = 'RELEASED' WHERE order_id = %s", (p["orderId"],))
-            outbox.append(conn, EventType.STOCK_RELEASED, "ORDER", p["orderId"],
-                          {"orderId": p["orderId"], "items": row["items"], "strategy": p.get("strategy")})
+            outbox.append(
+                conn,
+                EventType.STOCK_RELEASED,
+                "ORDER",
+                p["orderId"],
+                {"orderId": p["orderId"], "items": row["items"], "strategy": p.get("strategy")},
+            )
 
     return on_restock
 
@@ -166,8 +204,10 @@ def _restock_without_release_row():
     def on_restock(deps, envelope):
         reference(deps, envelope)
         with db.transaction(deps.pool) as conn:
-            conn.execute("UPDATE inventory.reservations SET status = 'RESERVED' WHERE order_id = %s",
-                         (envelope.payload["orderId"],))
+            conn.execute(
+                "UPDATE inventory.reservations SET status = 'RESERVED' WHERE order_id = %s",
+                (envelope.payload["orderId"],),
+            )
 
     return on_restock
 
@@ -180,16 +220,24 @@ def test_ws3_reference_survives_the_crash(lab):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("make, sentence", [
-    (_restock_without_inbox_or_status, r"Stock is 16 after the restock, a redelivery after a crash and a late redelivery; it must be back at 10"),
-    (_restock_without_release_row, r"reservation row is RESERVED, not RELEASED"),
-], ids=["no-inbox-no-status", "row-left-reserved"])
+@pytest.mark.parametrize(
+    "make, sentence",
+    [
+        (
+            _restock_without_inbox_or_status,
+            r"Stock is 16 after the restock, a redelivery after a crash and a late redelivery; it must be back at 10",
+        ),
+        (_restock_without_release_row, r"reservation row is RESERVED, not RELEASED"),
+    ],
+    ids=["no-inbox-no-status", "row-left-reserved"],
+)
 def test_ws3_catches_each_mistake(lab, make, sentence):
     with pytest.raises(AssertionError, match=sentence):
         workshop.check_compensation(lab, make())
 
 
 # ----- every notebook, headless: blank fails with its sentence, the reference passes ------------------------
+
 
 @pytest.fixture
 def papermill_env(serve_env, monkeypatch):
@@ -201,9 +249,15 @@ def papermill_env(serve_env, monkeypatch):
 def _execute(path: Path, out: Path, **parameters):
     import papermill
 
-    papermill.execute_notebook(str(path), str(out / path.name), kernel_name="python3", cwd=str(path.parent),
-                               parameters={"SMALL": True, "RECORD_PATH": str(out / f"{path.stem}.json"), **parameters},
-                               progress_bar=False, execution_timeout=120)
+    papermill.execute_notebook(
+        str(path),
+        str(out / path.name),
+        kernel_name="python3",
+        cwd=str(path.parent),
+        parameters={"SMALL": True, "RECORD_PATH": str(out / f"{path.stem}.json"), **parameters},
+        progress_bar=False,
+        execution_timeout=120,
+    )
 
 
 @pytest.mark.notebook

@@ -7,13 +7,12 @@ errors (pure logic); the real services behind it are covered by the integration 
 import re
 import uuid
 
+import psycopg
+import psycopg_pool
 import pytest
 from fastapi.testclient import TestClient
 
 from pulse.api.app import create_app
-import psycopg
-import psycopg_pool
-
 from pulse.errors import Conflict, Invalid, KeyTaken, NotFound, Unavailable
 from pulse.seed import IPHONE as PRODUCT
 
@@ -22,8 +21,14 @@ USER = "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60"
 
 def one_sentence(text: str) -> bool:
     """Non-empty, one line, ends with a full stop, exactly one sentence, nothing from a traceback."""
-    return (bool(text) and "\n" not in text and text.endswith(".") and "Traceback" not in text
-            and 'File "' not in text and not re.search(r"[.!?] [A-Z]", text))
+    return (
+        bool(text)
+        and "\n" not in text
+        and text.endswith(".")
+        and "Traceback" not in text
+        and 'File "' not in text
+        and not re.search(r"[.!?] [A-Z]", text)
+    )
 
 
 class Recorder:
@@ -38,6 +43,7 @@ class Recorder:
             if isinstance(self.outcome, BaseException):
                 raise self.outcome
             return self.outcome
+
         return method
 
 
@@ -65,7 +71,7 @@ BAD_INPUTS = [
     ("POST", "/api/products", {"name": "x", "basePrice": 1}, "stock"),
     ("POST", "/api/products", [1, 2], None),
     ("GET", "/api/products/not-a-uuid", None, "productId"),
-    ("PUT", f"/api/cart/not-a-uuid/items", {"productId": PRODUCT, "quantity": 1}, "userId"),
+    ("PUT", "/api/cart/not-a-uuid/items", {"productId": PRODUCT, "quantity": 1}, "userId"),
     ("PUT", f"/api/cart/{USER}/items", {"productId": "zz", "quantity": 1}, "productId"),
     ("PUT", f"/api/cart/{USER}/items", {"productId": PRODUCT, "quantity": 0}, "quantity"),
     ("PUT", f"/api/cart/{USER}/items", {"productId": PRODUCT, "quantity": -3}, "quantity"),
@@ -112,13 +118,16 @@ def test_a_body_that_is_not_json_is_one_sentence():
     assert system.calls == []
 
 
-@pytest.mark.parametrize("error, status", [
-    (NotFound("Product 1 does not exist."), 404),
-    (Conflict("Not enough stock of product 1 for 3 more unit(s)."), 409),
-    (Invalid("The request is not valid."), 422),
-    (KeyTaken("This idempotency key was already used by another user; choose a new key."), 409),
-    (Unavailable("The cart could not be saved; nothing was reserved, please retry."), 503),
-])
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (NotFound("Product 1 does not exist."), 404),
+        (Conflict("Not enough stock of product 1 for 3 more unit(s)."), 409),
+        (Invalid("The request is not valid."), 422),
+        (KeyTaken("This idempotency key was already used by another user; choose a new key."), 409),
+        (Unavailable("The cart could not be saved; nothing was reserved, please retry."), 503),
+    ],
+)
 def test_service_errors_keep_their_status_and_sentence(error, status):
     http, _ = client(error)
     response = http.put(f"/api/cart/{USER}/items", json={"productId": PRODUCT, "quantity": 1})
@@ -149,13 +158,16 @@ def test_valid_input_reaches_the_service_with_parsed_values():
     assert system.calls[1] == ("add_item", (uuid.UUID(USER), uuid.UUID(PRODUCT), 2))
 
 
-@pytest.mark.parametrize("error, status", [
-    (psycopg.errors.NumericValueOutOfRange("numeric field overflow\nDETAIL:  A field with precision 12"), 422),
-    (psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes"), 422),
-    (psycopg.OperationalError("connection refused"), 503),
-    (psycopg_pool.PoolTimeout("couldn't get a connection after 30.00 sec"), 503),
-    (psycopg.errors.UndefinedTable('relation "x" does not exist'), 500),
-])
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (psycopg.errors.NumericValueOutOfRange("numeric field overflow\nDETAIL:  A field with precision 12"), 422),
+        (psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes"), 422),
+        (psycopg.OperationalError("connection refused"), 503),
+        (psycopg_pool.PoolTimeout("couldn't get a connection after 30.00 sec"), 503),
+        (psycopg.errors.UndefinedTable('relation "x" does not exist'), 500),
+    ],
+)
 def test_database_errors_are_one_sentence_and_only_real_failures_are_500(error, status):
     http, _ = client(error)
     response = http.put(f"/api/cart/{USER}/items", json={"productId": PRODUCT, "quantity": 1})

@@ -19,13 +19,29 @@ def at(ms: float) -> pd.Timestamp:
 
 
 def timeline(rows) -> pd.DataFrame:
-    df = pd.DataFrame([{"eventId": e, "eventType": k, "stage": s, "at": at(ms), "derived": False,
-                        "duplicates": d, "redriven": False} for e, k, s, ms, d in rows])
+    df = pd.DataFrame(
+        [
+            {
+                "eventId": e,
+                "eventType": k,
+                "stage": s,
+                "at": at(ms),
+                "derived": False,
+                "duplicates": d,
+                "redriven": False,
+            }
+            for e, k, s, ms, d in rows
+        ]
+    )
     return df
 
 
-CREATED = [("e1", "ORDER_CREATED", "outbox", 0, 0), ("e1", "ORDER_CREATED", "broker", 5, 0),
-           ("e1", "ORDER_CREATED", "inventory", 9, 0), ("e1", "ORDER_CREATED", "redis-stock", 12, 0)]
+CREATED = [
+    ("e1", "ORDER_CREATED", "outbox", 0, 0),
+    ("e1", "ORDER_CREATED", "broker", 5, 0),
+    ("e1", "ORDER_CREATED", "inventory", 9, 0),
+    ("e1", "ORDER_CREATED", "redis-stock", 12, 0),
+]
 
 
 def test_seconds_since_from_datetimes_epochs_and_naive_times():
@@ -48,9 +64,12 @@ def test_seconds_index_replaces_a_datetime_index():
 def test_arrows_go_emitter_to_outbox_to_broker_to_each_consumer():
     arrows = charts.sequence_arrows(timeline(CREATED))
     hops = [(a.kind, a.src, a.dst, a.t0, a.t1) for a in arrows.itertuples()]
-    assert hops == [("write", "orders", "outbox", 0.0, 0.0), ("publish", "outbox", "broker", 0.0, 0.005),
-                    ("deliver", "broker", "inventory", 0.005, 0.009),
-                    ("deliver", "broker", "redis-stock", 0.005, 0.012)]
+    assert hops == [
+        ("write", "orders", "outbox", 0.0, 0.0),
+        ("publish", "outbox", "broker", 0.0, 0.005),
+        ("deliver", "broker", "inventory", 0.005, 0.009),
+        ("deliver", "broker", "redis-stock", 0.005, 0.012),
+    ]
     assert arrows.loc[arrows["kind"] == "write", "label"].item() == "ORDER_CREATED"
 
 
@@ -63,8 +82,11 @@ def test_broker_time_is_never_after_a_module_handled_the_event():
 
 
 def test_duplicates_are_dashed_and_tagged():
-    rows = CREATED[:2] + [("e1", "ORDER_CREATED", "broker", 700, 0), ("e1", "ORDER_CREATED", "inventory", 9, 1),
-                          ("e1", "ORDER_CREATED", "redis-stock", 12, 0)]
+    rows = CREATED[:2] + [
+        ("e1", "ORDER_CREATED", "broker", 700, 0),
+        ("e1", "ORDER_CREATED", "inventory", 9, 1),
+        ("e1", "ORDER_CREATED", "redis-stock", 12, 0),
+    ]
     arrows = charts.sequence_arrows(timeline(rows))
     republish = arrows[arrows["kind"] == "republish"]
     assert len(republish) == 1 and republish.iloc[0]["label"] == "dup" and republish.iloc[0]["dashed"]
@@ -97,14 +119,33 @@ def test_empty_timeline_gives_no_arrows_and_a_one_line_panel():
 
 
 def samples(rows) -> pd.DataFrame:
-    return pd.DataFrame([{"t": t, "product_id": p, "name": n, "db_stock": 5, "redis_stock": None,
-                          "db_reserved": 0, "redis_reserved": 0, "stock_drift": sd, "reserved_drift": rd}
-                         for t, p, n, sd, rd in rows])
+    return pd.DataFrame(
+        [
+            {
+                "t": t,
+                "product_id": p,
+                "name": n,
+                "db_stock": 5,
+                "redis_stock": None,
+                "db_reserved": 0,
+                "redis_reserved": 0,
+                "stock_drift": sd,
+                "reserved_drift": rd,
+            }
+            for t, p, n, sd, rd in rows
+        ]
+    )
 
 
 def test_drift_series_one_column_per_product_with_gaps_for_missing_keys():
-    df = samples([(0.0, "p-1", "Kindle", 0, 0), (0.0, "p-2", "Widget", 0, 1),
-                  (0.5, "p-1", "Kindle", None, 0), (0.5, "p-2", "Widget", 2, 1)])
+    df = samples(
+        [
+            (0.0, "p-1", "Kindle", 0, 0),
+            (0.0, "p-2", "Widget", 0, 1),
+            (0.5, "p-1", "Kindle", None, 0),
+            (0.5, "p-2", "Widget", 2, 1),
+        ]
+    )
     stock = charts.drift_series(df, "stock_drift")
     assert list(stock.columns) == ["Kindle", "Widget"] and list(stock.index) == [0.0, 0.5]
     assert math.isnan(stock.loc[0.5, "Kindle"]) and stock.loc[0.5, "Widget"] == 2
@@ -122,16 +163,20 @@ def test_missing_spans_close_when_keys_return():
 
 
 def test_strikes_grouped_per_fault():
-    strikes = pd.DataFrame({"t": [1.0, 2.5, 4.0], "name": ["consumer.lose", "consumer.lose", "redis.flush"],
-                            "action": ["drop", "drop", "trigger"]})
+    strikes = pd.DataFrame(
+        {
+            "t": [1.0, 2.5, 4.0],
+            "name": ["consumer.lose", "consumer.lose", "redis.flush"],
+            "action": ["drop", "drop", "trigger"],
+        }
+    )
     g = charts.strike_groups(strikes).set_index("name")
     assert g.loc["consumer.lose", "count"] == 2 and g.loc["consumer.lose", "last"] == 2.5
     assert charts.strike_groups(strikes.iloc[:0]).empty
 
 
 def test_drift_figure_without_samples_is_one_line():
-    fig = charts.drift_figure(samples([]).reindex(columns=["t", "product_id", "name", "stock_drift",
-                                                           "reserved_drift"]))
+    fig = charts.drift_figure(samples([]).reindex(columns=["t", "product_id", "name", "stock_drift", "reserved_drift"]))
     assert len(fig.axes) == 1 and len(fig.axes[0].texts) == 1
 
 
@@ -148,10 +193,21 @@ def test_drift_figure_marks_strikes_and_passes():
 
 def snapshot(**overrides) -> dict:
     empty_cumulative = pd.DataFrame(index=pd.DatetimeIndex([], tz="UTC", name="t"))
-    base = {"start": T0, "terminal": empty_cumulative, "compensations": empty_cumulative,
-            "drift": pd.DataFrame({"name": ["Kindle"], "redis_stock": pd.array([5], dtype="Int64"),
-                                   "stock_drift": pd.array([0], dtype="Int64"), "reserved_drift": [0]}),
-            "reconcile_runs": [], "lag_frame": pd.DataFrame(columns=["t", "rows", "oldest_age_s"])}
+    base = {
+        "start": T0,
+        "terminal": empty_cumulative,
+        "compensations": empty_cumulative,
+        "drift": pd.DataFrame(
+            {
+                "name": ["Kindle"],
+                "redis_stock": pd.array([5], dtype="Int64"),
+                "stock_drift": pd.array([0], dtype="Int64"),
+                "reserved_drift": [0],
+            }
+        ),
+        "reconcile_runs": [],
+        "lag_frame": pd.DataFrame(columns=["t", "rows", "oldest_age_s"]),
+    }
     return {**base, **overrides}
 
 
@@ -174,8 +230,12 @@ def test_panels_with_data_are_drawn_on_a_seconds_axis():
 
 
 def test_invariants_panel_lights_up_per_invariant():
-    html = invariants_html([{"name": "no-oversell", "passed": True, "count": 0, "details": "ok"},
-                            {"name": "cart-promise-kept", "passed": False, "count": 3, "details": "3 broken"}])
+    html = invariants_html(
+        [
+            {"name": "no-oversell", "passed": True, "count": 0, "details": "ok"},
+            {"name": "cart-promise-kept", "passed": False, "count": 3, "details": "3 broken"},
+        ]
+    )
     assert "1 broken" in html and "cart-promise-kept ✗ 3" in html and "#2e7d32" in html and "#c62828" in html
     assert "not checked yet" in invariants_html([])
 
@@ -188,18 +248,32 @@ def test_a_single_cumulative_count_steps_up_from_zero():
 
 
 def test_missing_stock_keys_alone_do_not_make_a_drift_panel():
-    d = pd.DataFrame({"name": ["Kindle"], "redis_stock": pd.array([None], dtype="Int64"),
-                      "stock_drift": pd.array([None], dtype="Int64"), "reserved_drift": [0]})
+    d = pd.DataFrame(
+        {
+            "name": ["Kindle"],
+            "redis_stock": pd.array([None], dtype="Int64"),
+            "stock_drift": pd.array([None], dtype="Int64"),
+            "reserved_drift": [0],
+        }
+    )
     shown, notes = charts.dashboard_panels(snapshot(drift=d))
     assert "drift" not in [n for n, _ in shown]
     assert any("1 stock: key(s) not loaded" in note for note in notes)
 
 
 def test_restarts_figure_shades_each_outage_and_leaves_a_gap_where_the_database_was_away():
-    timeline = pd.DataFrame({"t": [0.0, 1.0, 2.0, 3.0, 4.0], "placed": [1, 2, 3, 3, 3],
-                             "settled": [0, 1, math.nan, 2, 3], "outbox": [1, 1, math.nan, 1, 0]})
-    restarts = [{"service": "RabbitMQ", "began": 0.5, "down": 0.8, "up": 1.8},
-                {"service": "PostgreSQL", "began": 1.8, "down": 1.9, "up": 2.6}]
+    timeline = pd.DataFrame(
+        {
+            "t": [0.0, 1.0, 2.0, 3.0, 4.0],
+            "placed": [1, 2, 3, 3, 3],
+            "settled": [0, 1, math.nan, 2, 3],
+            "outbox": [1, 1, math.nan, 1, 0],
+        }
+    )
+    restarts = [
+        {"service": "RabbitMQ", "began": 0.5, "down": 0.8, "up": 1.8},
+        {"service": "PostgreSQL", "began": 1.8, "down": 1.9, "up": 2.6},
+    ]
     fig = charts.restarts_figure(timeline, restarts)
     ax = fig.axes[0]
     labels = ax.get_legend_handles_labels()[1]

@@ -49,8 +49,12 @@ def _port_binding(port) -> tuple[str | None, str, str]:
 
 def _exposed(services: dict) -> list[str]:
     """Every "service: entry" whose published port listens on something other than loopback."""
-    return [f"{name}: {port}" for name, service in services.items() for port in service.get("ports", [])
-            if _port_binding(port)[0] not in LOOPBACK]
+    return [
+        f"{name}: {port}"
+        for name, service in services.items()
+        for port in service.get("ports", [])
+        if _port_binding(port)[0] not in LOOPBACK
+    ]
 
 
 def test_the_three_services_of_the_system(services):
@@ -71,25 +75,37 @@ def test_every_port_is_published_on_loopback_only(services):
     assert _exposed(services) == []
 
 
-@pytest.mark.parametrize("entry, binding", [
-    ("5432", (None, "", "5432")),
-    ("5432:5432", (None, "5432", "5432")),
-    ("0.0.0.0:5432:5432", ("0.0.0.0", "5432", "5432")),
-    ("127.0.0.1:5432:5432", ("127.0.0.1", "5432", "5432")),
-    ("127.0.0.1::5432", ("127.0.0.1", "", "5432")),
-    ("[::1]:6379:6379/tcp", ("[::1]", "6379", "6379")),
-    ("9000-9001:9000-9001", (None, "9000-9001", "9000-9001")),
-    ({"target": 5672, "published": "5672"}, (None, "5672", "5672")),
-    ({"target": 5672, "published": 5672, "host_ip": "127.0.0.1"}, ("127.0.0.1", "5672", "5672")),
-])
+@pytest.mark.parametrize(
+    "entry, binding",
+    [
+        ("5432", (None, "", "5432")),
+        ("5432:5432", (None, "5432", "5432")),
+        ("0.0.0.0:5432:5432", ("0.0.0.0", "5432", "5432")),
+        ("127.0.0.1:5432:5432", ("127.0.0.1", "5432", "5432")),
+        ("127.0.0.1::5432", ("127.0.0.1", "", "5432")),
+        ("[::1]:6379:6379/tcp", ("[::1]", "6379", "6379")),
+        ("9000-9001:9000-9001", (None, "9000-9001", "9000-9001")),
+        ({"target": 5672, "published": "5672"}, (None, "5672", "5672")),
+        ({"target": 5672, "published": 5672, "host_ip": "127.0.0.1"}, ("127.0.0.1", "5672", "5672")),
+    ],
+)
 def test_port_entries_are_read_in_both_syntaxes(entry, binding):
     assert _port_binding(entry) == binding
 
 
 def test_the_loopback_check_catches_every_way_of_opening_a_port():
-    opened = {"a": {"ports": ["5432", "5432:5432", "0.0.0.0:1:1", {"target": 2, "published": 2},
-                               {"target": 3, "host_ip": "0.0.0.0"}]},
-              "b": {"ports": ["127.0.0.1:4:4", "[::1]:5:5", {"target": 6, "host_ip": "127.0.0.1"}]}}
+    opened = {
+        "a": {
+            "ports": [
+                "5432",
+                "5432:5432",
+                "0.0.0.0:1:1",
+                {"target": 2, "published": 2},
+                {"target": 3, "host_ip": "0.0.0.0"},
+            ]
+        },
+        "b": {"ports": ["127.0.0.1:4:4", "[::1]:5:5", {"target": 6, "host_ip": "127.0.0.1"}]},
+    }
     assert len(_exposed(opened)) == 5 and all(e.startswith("a: ") for e in _exposed(opened))
 
 
@@ -119,8 +135,12 @@ def test_docker_compose_accepts_the_file():
     version = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, timeout=30)
     if version.returncode != 0:
         pytest.skip("the docker CLI has no compose plugin here (`docker compose version` fails)")
-    result = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--format", "json"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     rendered = json.loads(result.stdout)["services"]
     assert set(rendered) == {"postgres", "redis", "rabbitmq"}

@@ -31,17 +31,35 @@ def test_empty_values_count_as_unset():
 
 
 def test_every_variable_is_read():
-    s = from_env({
-        "PULSE_DATABASE_URL": "postgresql://u@db:5433/x", "PULSE_REDIS_URL": "redis://r:6380/3",
-        "PULSE_AMQP_URL": "amqp://a:b@mq:5673/v", "PULSE_STRATEGY": "post-payment", "PULSE_OUTBOX_MODE": "cdc",
-        "PULSE_PAYMENT_DECLINE_RATE": "0.25", "PULSE_PAYMENT_LATENCY_MS": "12.5", "PULSE_PAYMENT_ERROR_RATE": "0.1",
-        "PULSE_PAYMENT_SEED": "7", "PULSE_CART_TTL_S": "30", "PULSE_SWEEP_INTERVAL_S": "5",
-        "PULSE_RECONCILE_INTERVAL_S": "6", "PULSE_RECONCILE_COOLDOWN_S": "2", "PULSE_CONSUMER_PREFETCH": "10",
-        "PULSE_CONSUMER_THREADS": "3", "PULSE_RELAY_BATCH": "100", "PULSE_RELAY_POLL_S": "0.5",
-        "PULSE_CDC_SLOT": "slot_x", "PULSE_CDC_PUBLICATION": "pub_x", "PULSE_NAIVE": " no-inbox, unguarded-state ,,",
-    })
-    assert (s.database_url, s.redis_url, s.amqp_url) == ("postgresql://u@db:5433/x", "redis://r:6380/3",
-                                                         "amqp://a:b@mq:5673/v")
+    s = from_env(
+        {
+            "PULSE_DATABASE_URL": "postgresql://u@db:5433/x",
+            "PULSE_REDIS_URL": "redis://r:6380/3",
+            "PULSE_AMQP_URL": "amqp://a:b@mq:5673/v",
+            "PULSE_STRATEGY": "post-payment",
+            "PULSE_OUTBOX_MODE": "cdc",
+            "PULSE_PAYMENT_DECLINE_RATE": "0.25",
+            "PULSE_PAYMENT_LATENCY_MS": "12.5",
+            "PULSE_PAYMENT_ERROR_RATE": "0.1",
+            "PULSE_PAYMENT_SEED": "7",
+            "PULSE_CART_TTL_S": "30",
+            "PULSE_SWEEP_INTERVAL_S": "5",
+            "PULSE_RECONCILE_INTERVAL_S": "6",
+            "PULSE_RECONCILE_COOLDOWN_S": "2",
+            "PULSE_CONSUMER_PREFETCH": "10",
+            "PULSE_CONSUMER_THREADS": "3",
+            "PULSE_RELAY_BATCH": "100",
+            "PULSE_RELAY_POLL_S": "0.5",
+            "PULSE_CDC_SLOT": "slot_x",
+            "PULSE_CDC_PUBLICATION": "pub_x",
+            "PULSE_NAIVE": " no-inbox, unguarded-state ,,",
+        }
+    )
+    assert (s.database_url, s.redis_url, s.amqp_url) == (
+        "postgresql://u@db:5433/x",
+        "redis://r:6380/3",
+        "amqp://a:b@mq:5673/v",
+    )
     assert s.strategy == "post-payment" and s.strategy_name == "POST_PAYMENT" and s.outbox_mode == "cdc"
     assert (s.payment_decline_rate, s.payment_latency_ms, s.payment_error_rate, s.payment_seed) == (0.25, 12.5, 0.1, 7)
     assert (s.cart_ttl_s, s.sweep_interval_s, s.reconcile_interval_s, s.reconcile_cooldown_s) == (30, 5, 6, 2)
@@ -59,16 +77,19 @@ def test_outbox_mode_is_case_insensitive():
     assert from_env({"PULSE_OUTBOX_MODE": "POLLING"}).outbox_mode == "polling"
 
 
-@pytest.mark.parametrize("env, variable", [
-    ({"PULSE_STRATEGY": "pessimistic"}, "PULSE_STRATEGY"),
-    ({"PULSE_OUTBOX_MODE": "kafka"}, "PULSE_OUTBOX_MODE"),
-    ({"PULSE_PAYMENT_DECLINE_RATE": "lots"}, "PULSE_PAYMENT_DECLINE_RATE"),
-    ({"PULSE_PAYMENT_DECLINE_RATE": "1.5"}, "PULSE_PAYMENT_DECLINE_RATE"),
-    ({"PULSE_PAYMENT_DECLINE_RATE": "-0.1"}, "PULSE_PAYMENT_DECLINE_RATE"),
-    ({"PULSE_PAYMENT_ERROR_RATE": "2"}, "PULSE_PAYMENT_ERROR_RATE"),
-    ({"PULSE_CART_TTL_S": "15 minutes"}, "PULSE_CART_TTL_S"),
-    ({"PULSE_PAYMENT_SEED": "abc"}, "PULSE_PAYMENT_SEED"),
-])
+@pytest.mark.parametrize(
+    "env, variable",
+    [
+        ({"PULSE_STRATEGY": "pessimistic"}, "PULSE_STRATEGY"),
+        ({"PULSE_OUTBOX_MODE": "kafka"}, "PULSE_OUTBOX_MODE"),
+        ({"PULSE_PAYMENT_DECLINE_RATE": "lots"}, "PULSE_PAYMENT_DECLINE_RATE"),
+        ({"PULSE_PAYMENT_DECLINE_RATE": "1.5"}, "PULSE_PAYMENT_DECLINE_RATE"),
+        ({"PULSE_PAYMENT_DECLINE_RATE": "-0.1"}, "PULSE_PAYMENT_DECLINE_RATE"),
+        ({"PULSE_PAYMENT_ERROR_RATE": "2"}, "PULSE_PAYMENT_ERROR_RATE"),
+        ({"PULSE_CART_TTL_S": "15 minutes"}, "PULSE_CART_TTL_S"),
+        ({"PULSE_PAYMENT_SEED": "abc"}, "PULSE_PAYMENT_SEED"),
+    ],
+)
 def test_bad_values_are_one_sentence_naming_the_variable(env, variable):
     with pytest.raises(ConfigError) as err:
         from_env(env)
@@ -101,17 +122,20 @@ def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
 
 
-@pytest.mark.parametrize("variable, value", [
-    ("PULSE_CONSUMER_THREADS", "0"),  # no consumer at all: every saga would stall silently
-    ("PULSE_RELAY_BATCH", "0"),
-    ("PULSE_CONSUMER_PREFETCH", "-1"),
-    ("PULSE_CART_TTL_S", "-5"),
-    ("PULSE_SWEEP_INTERVAL_S", "0"),  # a scheduler that never sleeps
-    ("PULSE_RECONCILE_INTERVAL_S", "-1"),
-    ("PULSE_RECONCILE_COOLDOWN_S", "-1"),
-    ("PULSE_RELAY_POLL_S", "-0.1"),
-    ("PULSE_PAYMENT_LATENCY_MS", "-10"),
-])
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("PULSE_CONSUMER_THREADS", "0"),  # no consumer at all: every saga would stall silently
+        ("PULSE_RELAY_BATCH", "0"),
+        ("PULSE_CONSUMER_PREFETCH", "-1"),
+        ("PULSE_CART_TTL_S", "-5"),
+        ("PULSE_SWEEP_INTERVAL_S", "0"),  # a scheduler that never sleeps
+        ("PULSE_RECONCILE_INTERVAL_S", "-1"),
+        ("PULSE_RECONCILE_COOLDOWN_S", "-1"),
+        ("PULSE_RELAY_POLL_S", "-0.1"),
+        ("PULSE_PAYMENT_LATENCY_MS", "-10"),
+    ],
+)
 def test_counts_and_durations_out_of_range_are_rejected(variable, value):
     with pytest.raises(ConfigError) as err:
         from_env({variable: value})
@@ -119,8 +143,14 @@ def test_counts_and_durations_out_of_range_are_rejected(variable, value):
 
 
 def test_zero_where_zero_makes_sense_is_accepted():
-    s = from_env({"PULSE_RECONCILE_COOLDOWN_S": "0", "PULSE_RELAY_POLL_S": "0", "PULSE_PAYMENT_LATENCY_MS": "0",
-                  "PULSE_CONSUMER_PREFETCH": "0"})
+    s = from_env(
+        {
+            "PULSE_RECONCILE_COOLDOWN_S": "0",
+            "PULSE_RELAY_POLL_S": "0",
+            "PULSE_PAYMENT_LATENCY_MS": "0",
+            "PULSE_CONSUMER_PREFETCH": "0",
+        }
+    )
     assert (s.reconcile_cooldown_s, s.relay_poll_s, s.payment_latency_ms, s.consumer_prefetch) == (0, 0, 0, 0)
 
 

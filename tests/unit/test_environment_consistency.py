@@ -41,8 +41,11 @@ def differences(pyproject: list[str], environment: list[str]) -> list[str]:
     present = {name: bound for name, bound in map(normalized, environment) if name not in NOT_PACKAGES}
     problems = [f"{n} is in pyproject.toml but not in environment.yml" for n in sorted(wanted.keys() - present.keys())]
     problems += [f"{n} is in environment.yml but not in pyproject.toml" for n in sorted(present.keys() - wanted.keys())]
-    problems += [f"{n}: pyproject.toml wants >={wanted[n]}, environment.yml >={present[n]}"
-                 for n in sorted(wanted.keys() & present.keys()) if present[n] and present[n] != wanted[n]]
+    problems += [
+        f"{n}: pyproject.toml wants >={wanted[n]}, environment.yml >={present[n]}"
+        for n in sorted(wanted.keys() & present.keys())
+        if present[n] and present[n] != wanted[n]
+    ]
     return problems
 
 
@@ -62,23 +65,39 @@ def test_environment_yml_is_a_conda_environment_with_python_311_that_installs_th
 
 def test_design_card_packages_are_all_there():
     names = {normalized(r)[0] for r in environment_requirements((PROJECT_ROOT / "environment.yml").read_text())}
-    assert {"jupyterlab", "ipywidgets", "sqlalchemy", "psycopg", "pika", "redis", "pandas", "matplotlib",
-            "papermill", "pytest"} <= names
+    assert {
+        "jupyterlab",
+        "ipywidgets",
+        "sqlalchemy",
+        "psycopg",
+        "pika",
+        "redis",
+        "pandas",
+        "matplotlib",
+        "papermill",
+        "pytest",
+    } <= names
 
 
-@pytest.mark.parametrize("requirement, expected", [
-    ("psycopg[binary]>=3.1", ("psycopg", "3.1")),
-    ("psycopg_pool >= 3.2", ("psycopg-pool", "3.2")),
-    ("PyYAML", ("pyyaml", None)),
-    ("ruamel.yaml>=0.18,<1", ("ruamel-yaml", "0.18")),
-])
+@pytest.mark.parametrize(
+    "requirement, expected",
+    [
+        ("psycopg[binary]>=3.1", ("psycopg", "3.1")),
+        ("psycopg_pool >= 3.2", ("psycopg-pool", "3.2")),
+        ("PyYAML", ("pyyaml", None)),
+        ("ruamel.yaml>=0.18,<1", ("ruamel-yaml", "0.18")),
+    ],
+)
 def test_names_are_normalized(requirement, expected):
     assert normalized(requirement) == expected
 
 
 def test_a_mismatch_is_reported_both_ways_and_by_version():
-    problems = differences(["fastapi>=0.110", "pika>=1.3", "redis>=5.0"],
-                           ["python=3.11", "pip", "fastapi>=0.100", "redis>=5.0", "numpy"])
-    assert problems == ["pika is in pyproject.toml but not in environment.yml",
-                        "numpy is in environment.yml but not in pyproject.toml",
-                        "fastapi: pyproject.toml wants >=0.110, environment.yml >=0.100"]
+    problems = differences(
+        ["fastapi>=0.110", "pika>=1.3", "redis>=5.0"], ["python=3.11", "pip", "fastapi>=0.100", "redis>=5.0", "numpy"]
+    )
+    assert problems == [
+        "pika is in pyproject.toml but not in environment.yml",
+        "numpy is in environment.yml but not in pyproject.toml",
+        "fastapi: pyproject.toml wants >=0.110, environment.yml >=0.100",
+    ]

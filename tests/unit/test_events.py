@@ -10,20 +10,39 @@ import pytest
 
 from pulse import events
 from pulse.events import Envelope, EventType, MalformedEnvelope, dumps
-from pulse.status import (DisplayStatus, FailureReason, InventoryStatus, OrderStatus, PaymentStatus,
-                          ReservationStatus, Strategy)
+from pulse.status import (
+    DisplayStatus,
+    FailureReason,
+    InventoryStatus,
+    OrderStatus,
+    PaymentStatus,
+    ReservationStatus,
+    Strategy,
+)
 
 
 def sample(**changes):
-    fields = dict(id=uuid.uuid4(), event_type="ORDER_CREATED", aggregate_id=str(uuid.uuid4()),
-                  payload={"orderId": "o", "items": [{"productId": "p", "quantity": 2}], "totalPrice": "19.98"})
+    fields = dict(
+        id=uuid.uuid4(),
+        event_type="ORDER_CREATED",
+        aggregate_id=str(uuid.uuid4()),
+        payload={"orderId": "o", "items": [{"productId": "p", "quantity": 2}], "totalPrice": "19.98"},
+    )
     fields.update(changes)
     return Envelope(**fields)
 
 
 def test_event_types_are_the_spec_names():
-    assert {e.value for e in EventType} == {"ORDER_CREATED", "ORDER_UPDATED", "STOCK_RESERVED", "STOCK_RELEASED",
-                                            "STOCK_FAILED", "PAYMENT_PROCESSED", "PAYMENT_FAILED", "PAYMENT_REFUNDED"}
+    assert {e.value for e in EventType} == {
+        "ORDER_CREATED",
+        "ORDER_UPDATED",
+        "STOCK_RESERVED",
+        "STOCK_RELEASED",
+        "STOCK_FAILED",
+        "PAYMENT_PROCESSED",
+        "PAYMENT_FAILED",
+        "PAYMENT_REFUNDED",
+    }
     assert EventType.STOCK_FAILED == "STOCK_FAILED"
 
 
@@ -43,7 +62,7 @@ def test_decimals_uuids_and_times_travel_as_strings():
     import datetime
 
     pid = uuid.uuid4()
-    when = datetime.datetime(2024, 5, 1, 12, 0, tzinfo=datetime.timezone.utc)
+    when = datetime.datetime(2024, 5, 1, 12, 0, tzinfo=datetime.UTC)
     env = sample(payload={"totalPrice": Decimal("1299.10"), "productId": pid, "updatedAt": when})
     back = Envelope.from_json(env.to_json()).payload
     assert back == {"totalPrice": "1299.10", "productId": str(pid), "updatedAt": when.isoformat()}
@@ -55,15 +74,24 @@ def test_unknown_types_are_not_silently_serialised():
         dumps({"x": object()})
 
 
-@pytest.mark.parametrize("body", [
-    b"", b"not json", b"\xff\xfe", b"null", b"[]", b'"text"', b"42",
-    b'{"eventType": "ORDER_CREATED", "aggregateId": "a", "payload": {}}',  # no id
-    b'{"id": "not-a-uuid", "eventType": "ORDER_CREATED", "aggregateId": "a", "payload": {}}',
-    b'{"id": "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60", "aggregateId": "a", "payload": {}}',  # no type
-    b'{"id": "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60", "eventType": "X", "aggregateId": "a"}',  # no payload
-    b'{"id": "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60", "eventType": "X", "aggregateId": "a", "payload": null}',
-    b'{"id": "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60", "eventType": "X", "aggregateId": "a", "payload": 5}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"\xff\xfe",
+        b"null",
+        b"[]",
+        b'"text"',
+        b"42",
+        b'{"eventType": "ORDER_CREATED", "aggregateId": "a", "payload": {}}',  # no id
+        b'{"id": "not-a-uuid", "eventType": "ORDER_CREATED", "aggregateId": "a", "payload": {}}',
+        b'{"id": "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60", "aggregateId": "a", "payload": {}}',  # no type
+        b'{"id": "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60", "eventType": "X", "aggregateId": "a"}',  # no payload
+        b'{"id": "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60", "eventType": "X", "aggregateId": "a", "payload": null}',
+        b'{"id": "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60", "eventType": "X", "aggregateId": "a", "payload": 5}',
+    ],
+)
 def test_malformed_bodies_raise_malformed_envelope(body):
     with pytest.raises(MalformedEnvelope, match="not an event envelope"):
         Envelope.from_json(body)
@@ -84,39 +112,76 @@ ORDER_FIELDS = {"orderId": ORDER, "userId": USER, "items": ITEMS, "totalPrice": 
 WIRE = {
     "ORDER_CREATED": dict(ORDER_FIELDS),
     "STOCK_RESERVED": dict(ORDER_FIELDS),
-    "STOCK_FAILED": {**ORDER_FIELDS, "reason": "OUT_OF_STOCK",
-                     "shortages": [{"productId": PRODUCT, "requested": 2, "available": 1}]},
+    "STOCK_FAILED": {
+        **ORDER_FIELDS,
+        "reason": "OUT_OF_STOCK",
+        "shortages": [{"productId": PRODUCT, "requested": 2, "available": 1}],
+    },
     "PAYMENT_PROCESSED": {**ORDER_FIELDS, "paymentId": PAYMENT},
     "PAYMENT_FAILED": {**ORDER_FIELDS, "reason": "DECLINED"},
-    "STOCK_RELEASED": {"orderId": ORDER, "userId": USER, "items": ITEMS, "strategy": "OPTIMISTIC",
-                       "reason": "PAYMENT_FAILED"},
-    "PAYMENT_REFUNDED": {"orderId": ORDER, "userId": USER, "totalPrice": "1998.00", "strategy": "POST_PAYMENT",
-                         "reason": "OUT_OF_STOCK", "paymentId": PAYMENT},
-    "ORDER_UPDATED": {"orderId": ORDER, "userId": USER, "status": "FAILED", "paymentStatus": "DECLINED",
-                      "inventoryStatus": "RELEASED", "failureReason": "PAYMENT_FAILED", "strategy": "OPTIMISTIC",
-                      "totalAmount": "1998.00", "updatedAt": WHEN.isoformat()},
+    "STOCK_RELEASED": {
+        "orderId": ORDER,
+        "userId": USER,
+        "items": ITEMS,
+        "strategy": "OPTIMISTIC",
+        "reason": "PAYMENT_FAILED",
+    },
+    "PAYMENT_REFUNDED": {
+        "orderId": ORDER,
+        "userId": USER,
+        "totalPrice": "1998.00",
+        "strategy": "POST_PAYMENT",
+        "reason": "OUT_OF_STOCK",
+        "paymentId": PAYMENT,
+    },
+    "ORDER_UPDATED": {
+        "orderId": ORDER,
+        "userId": USER,
+        "status": "FAILED",
+        "paymentStatus": "DECLINED",
+        "inventoryStatus": "RELEASED",
+        "failureReason": "PAYMENT_FAILED",
+        "strategy": "OPTIMISTIC",
+        "totalAmount": "1998.00",
+        "updatedAt": WHEN.isoformat(),
+    },
 }
 
 
 def typed(event_type: str) -> events.Event:
     """The event of WIRE[event_type] built in code, the way the handlers build them."""
-    order = {"order_id": ORDER, "user_id": uuid.UUID(USER), "items": [events.Item(product_id=PRODUCT, quantity=2)],
-             "total_price": Decimal("1998.00"), "strategy": Strategy.OPTIMISTIC}
+    order = {
+        "order_id": ORDER,
+        "user_id": uuid.UUID(USER),
+        "items": [events.Item(product_id=PRODUCT, quantity=2)],
+        "total_price": Decimal("1998.00"),
+        "strategy": Strategy.OPTIMISTIC,
+    }
     return {
         "ORDER_CREATED": lambda: events.OrderCreated(**order),
         "STOCK_RESERVED": lambda: events.StockReserved(**order),
-        "STOCK_FAILED": lambda: events.StockFailed(**order, shortages=[
-            events.Shortage(product_id=PRODUCT, requested=2, available=1)]),
+        "STOCK_FAILED": lambda: events.StockFailed(
+            **order, shortages=[events.Shortage(product_id=PRODUCT, requested=2, available=1)]
+        ),
         "PAYMENT_PROCESSED": lambda: events.PaymentProcessed(**order, payment_id=PAYMENT),
         "PAYMENT_FAILED": lambda: events.PaymentFailed(**order),
-        "STOCK_RELEASED": lambda: events.StockReleased(order_id=ORDER, user_id=USER, strategy="OPTIMISTIC",
-                                                       items=[{"productId": PRODUCT, "quantity": 2}]),
-        "PAYMENT_REFUNDED": lambda: events.PaymentRefunded(order_id=ORDER, user_id=USER, total_price="1998.00",
-                                                           strategy="POST_PAYMENT", payment_id=PAYMENT),
+        "STOCK_RELEASED": lambda: events.StockReleased(
+            order_id=ORDER, user_id=USER, strategy="OPTIMISTIC", items=[{"productId": PRODUCT, "quantity": 2}]
+        ),
+        "PAYMENT_REFUNDED": lambda: events.PaymentRefunded(
+            order_id=ORDER, user_id=USER, total_price="1998.00", strategy="POST_PAYMENT", payment_id=PAYMENT
+        ),
         "ORDER_UPDATED": lambda: events.OrderUpdated(
-            order_id=ORDER, user_id=USER, status=OrderStatus.FAILED, payment_status="DECLINED",
-            inventory_status=InventoryStatus.RELEASED, failure_reason="PAYMENT_FAILED", strategy="OPTIMISTIC",
-            total_amount=Decimal("1998.00"), updated_at=WHEN),
+            order_id=ORDER,
+            user_id=USER,
+            status=OrderStatus.FAILED,
+            payment_status="DECLINED",
+            inventory_status=InventoryStatus.RELEASED,
+            failure_reason="PAYMENT_FAILED",
+            strategy="OPTIMISTIC",
+            total_amount=Decimal("1998.00"),
+            updated_at=WHEN,
+        ),
     }[event_type]()
 
 
@@ -149,8 +214,9 @@ def test_each_event_round_trips_through_the_wire_envelope(event_type):
 def test_the_spec_fields_travel_with_their_spec_names_and_formats(event_type):
     payload = json.loads(Envelope.of(typed(event_type)).to_json())["payload"]
     assert {"orderId", "userId", "items", "strategy"} <= set(payload)
-    assert all(set(item) == {"productId", "quantity"} and isinstance(item["quantity"], int)
-               for item in payload["items"])
+    assert all(
+        set(item) == {"productId", "quantity"} and isinstance(item["quantity"], int) for item in payload["items"]
+    )
     if "totalPrice" in payload:
         assert payload["totalPrice"] == "1998.00"  # a decimal string, never a binary float
 
@@ -188,18 +254,21 @@ def test_a_payload_missing_a_required_field_is_malformed_and_names_it(event_type
             events.parse(event_type, payload)
 
 
-@pytest.mark.parametrize("event_type, change", [
-    ("ORDER_CREATED", {"totalPrice": "lots"}),
-    ("ORDER_CREATED", {"totalPrice": None}),
-    ("ORDER_CREATED", {"items": [{"productId": PRODUCT, "quantity": "2"}]}),
-    ("ORDER_CREATED", {"items": [{"productId": PRODUCT}]}),
-    ("ORDER_CREATED", {"items": "none"}),
-    ("ORDER_CREATED", {"strategy": "PESSIMISTIC"}),
-    ("ORDER_CREATED", {"userId": 42}),
-    ("ORDER_UPDATED", {"paymentStatus": "MAYBE"}),
-    ("ORDER_UPDATED", {"updatedAt": "yesterday"}),
-    ("STOCK_RESERVED", {"redriven": "yes"}),
-])
+@pytest.mark.parametrize(
+    "event_type, change",
+    [
+        ("ORDER_CREATED", {"totalPrice": "lots"}),
+        ("ORDER_CREATED", {"totalPrice": None}),
+        ("ORDER_CREATED", {"items": [{"productId": PRODUCT, "quantity": "2"}]}),
+        ("ORDER_CREATED", {"items": [{"productId": PRODUCT}]}),
+        ("ORDER_CREATED", {"items": "none"}),
+        ("ORDER_CREATED", {"strategy": "PESSIMISTIC"}),
+        ("ORDER_CREATED", {"userId": 42}),
+        ("ORDER_UPDATED", {"paymentStatus": "MAYBE"}),
+        ("ORDER_UPDATED", {"updatedAt": "yesterday"}),
+        ("STOCK_RESERVED", {"redriven": "yes"}),
+    ],
+)
 def test_a_payload_with_an_ill_typed_field_is_malformed(event_type, change):
     with pytest.raises(MalformedEnvelope, match=f"malformed {event_type} payload"):
         events.parse(event_type, {**WIRE[event_type], **change})
@@ -225,16 +294,31 @@ def test_a_failure_reason_may_be_null_but_must_be_present():
 
 # ----- status vocabularies (SPEC §3) ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("enum_type, words", [
-    (Strategy, {"OPTIMISTIC", "POST_PAYMENT"}),
-    (OrderStatus, {"CREATED", "PROCESSING", "COMPLETED", "FAILED"}),
-    (PaymentStatus, {"NOT_STARTED", "SUCCESS", "DECLINED", "REFUNDED"}),
-    (InventoryStatus, {"NOT_STARTED", "RESERVED", "RELEASED", "OUT_OF_STOCK"}),
-    (ReservationStatus, {"RESERVED", "RELEASED", "FAILED"}),
-    (FailureReason, {"PAYMENT_FAILED", "OUT_OF_STOCK"}),
-    (DisplayStatus, {"REFUNDED", "FAILED_PAYMENT", "REFUND_IN_PROGRESS", "FAILED_OUT_OF_STOCK", "AWAITING_INVENTORY",
-                     "COMPLETED", "AWAITING_PAYMENT", "PROCESSING"}),
-])
+
+@pytest.mark.parametrize(
+    "enum_type, words",
+    [
+        (Strategy, {"OPTIMISTIC", "POST_PAYMENT"}),
+        (OrderStatus, {"CREATED", "PROCESSING", "COMPLETED", "FAILED"}),
+        (PaymentStatus, {"NOT_STARTED", "SUCCESS", "DECLINED", "REFUNDED"}),
+        (InventoryStatus, {"NOT_STARTED", "RESERVED", "RELEASED", "OUT_OF_STOCK"}),
+        (ReservationStatus, {"RESERVED", "RELEASED", "FAILED"}),
+        (FailureReason, {"PAYMENT_FAILED", "OUT_OF_STOCK"}),
+        (
+            DisplayStatus,
+            {
+                "REFUNDED",
+                "FAILED_PAYMENT",
+                "REFUND_IN_PROGRESS",
+                "FAILED_OUT_OF_STOCK",
+                "AWAITING_INVENTORY",
+                "COMPLETED",
+                "AWAITING_PAYMENT",
+                "PROCESSING",
+            },
+        ),
+    ],
+)
 def test_status_enums_are_the_spec_words_and_behave_as_plain_strings(enum_type, words):
     assert {m.value for m in enum_type} == words
     for member in enum_type:

@@ -22,20 +22,34 @@ def checked_invariants() -> set[str]:
     """The names reported by the invariants that ``check_all`` (what ``pulse check`` runs) calls."""
     tree = ast.parse(INVARIANTS.read_text())
     functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    called = {c.func.id for c in ast.walk(functions["check_all"])
-              if isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id in functions}
+    called = {
+        c.func.id
+        for c in ast.walk(functions["check_all"])
+        if isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id in functions
+    }
     names = set()
     for name in called:
         for c in ast.walk(functions[name]):
-            if (isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id in ("_result", "Result")
-                    and c.args and isinstance(c.args[0], ast.Constant) and isinstance(c.args[0].value, str)):
+            if (
+                isinstance(c, ast.Call)
+                and isinstance(c.func, ast.Name)
+                and c.func.id in ("_result", "Result")
+                and c.args
+                and isinstance(c.args[0], ast.Constant)
+                and isinstance(c.args[0].value, str)
+            ):
                 names.add(c.args[0].value)
     return names
 
 
 def test_cli_prints_the_catalogue_as_json():
-    done = subprocess.run([sys.executable, "-m", "pulse", "faults", "catalogue"], capture_output=True, text=True,
-                          timeout=60, cwd=PROJECT_ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "pulse", "faults", "catalogue"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PROJECT_ROOT,
+    )
     assert done.returncode == 0, done.stderr
     table = json.loads(done.stdout)
     assert table == faults_catalogue.as_json() and len(table) == len(faults_catalogue.CATALOGUE)
@@ -67,10 +81,13 @@ def test_the_release_on_order_created_switch_is_listed():
 def test_derived_tables_agree_with_the_catalogue():
     points = {e.name: e for e in faults_catalogue.entries("point")}
     naive = tuple(e.name for e in faults_catalogue.entries("naive"))
-    assert faults.POINTS == {n: e.action for n, e in points.items()}
+    assert {n: e.action for n, e in points.items()} == faults.POINTS
     assert faults.NAIVE_SWITCHES == naive == lab_faults.NAIVE_SWITCHES
-    assert set(faults.ENVIRONMENT_FAULTS) == set(faults.ENVIRONMENT_ACTIONS) == {n for n, e in points.items()
-                                                                                  if e.environment}
+    assert (
+        set(faults.ENVIRONMENT_FAULTS)
+        == set(faults.ENVIRONMENT_ACTIONS)
+        == {n for n, e in points.items() if e.environment}
+    )
     assert set(lab_faults.KNOWN_FAULTS) <= set(points)
     assert set(chaos.FAULT_PLANS) <= set(points)
     for name, (action, probability, params) in chaos.FAULT_PLANS.items():
@@ -80,13 +97,14 @@ def test_derived_tables_agree_with_the_catalogue():
 
 def test_every_point_is_a_hook_in_the_code():
     """A point in the table that no component calls would be armed and never strike."""
-    sources = "\n".join(p.read_text() for p in (PROJECT_ROOT / "pulse").rglob("*.py")
-                        if p.name != "faults_catalogue.py")
+    sources = "\n".join(
+        p.read_text() for p in (PROJECT_ROOT / "pulse").rglob("*.py") if p.name != "faults_catalogue.py"
+    )
     missing = [e.name for e in faults_catalogue.entries("point") if f'"{e.name}"' not in sources]
     assert not missing, missing
 
 
 def test_the_database_accepts_every_action():
     sql = Path(PROJECT_ROOT / "sql" / "060_faults.sql").read_text()
-    check = sql[sql.index("action IN ("):].split(")", 1)[0]
+    check = sql[sql.index("action IN (") :].split(")", 1)[0]
     assert all(f"'{a}'" in check for a in faults.ACTIONS)

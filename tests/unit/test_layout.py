@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 PULSE = Path(__file__).resolve().parents[2] / "pulse"
-FORBIDDEN = {"core": ("pulse.lab", "pulse.tools", "pulse.cli"), "tools": ("pulse.lab", "pulse.cli"),
-             "lab": ("pulse.cli",)}
+FORBIDDEN = {
+    "core": ("pulse.lab", "pulse.tools", "pulse.cli"),
+    "tools": ("pulse.lab", "pulse.cli"),
+    "lab": ("pulse.cli",),
+}
 
 
 def module_name(path: Path) -> str:
@@ -41,7 +44,7 @@ def imported(source: str, package: str) -> set[str]:
             base = node.module or ""
             if node.level:
                 parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return names

@@ -18,8 +18,15 @@ from pulse.infra.relay_cdc import confirmed_prefix
 
 CAPTURED = json.loads((Path(__file__).parent / "fixtures" / "pgoutput_stream.json").read_text())
 
-OUTBOX_COLUMNS = [("id", 2950), ("aggregate_type", 25), ("aggregate_id", 25), ("event_type", 25), ("payload", 3802),
-                  ("created_at", 1184), ("seq", 20)]
+OUTBOX_COLUMNS = [
+    ("id", 2950),
+    ("aggregate_type", 25),
+    ("aggregate_id", 25),
+    ("event_type", 25),
+    ("payload", 3802),
+    ("created_at", 1184),
+    ("seq", 20),
+]
 
 
 def outbox_relation(relid=16401):
@@ -27,8 +34,7 @@ def outbox_relation(relid=16401):
 
 
 def outbox_insert(event_id, event_type="ORDER_CREATED", payload='{"orderId": "o-1"}', relid=16401, seq="1"):
-    return pg.encode_insert(relid, [str(event_id), "order", "o-1", event_type, payload,
-                                    "2024-05-01 10:00:00+00", seq])
+    return pg.encode_insert(relid, [str(event_id), "order", "o-1", event_type, payload, "2024-05-01 10:00:00+00", seq])
 
 
 def test_begin_fields_are_big_endian():
@@ -68,17 +74,31 @@ def test_insert_before_its_relation_is_an_error():
         pg.RowDecoder().row(pg.parse(outbox_insert(uuid.uuid4())))
 
 
-@pytest.mark.parametrize("raw", [pg.encode_delete(1, ["x"]), pg.encode_update(1, ["x", "y"]),
-                                 b"T" + struct.pack(">iBI", 1, 0, 1),
-                                 b"Y" + struct.pack(">I", 25) + b"pg_catalog\0text\0",
-                                 b"O" + struct.pack(">Q", 5) + b"origin\0",
-                                 b"M" + struct.pack(">BQ", 0, 5) + b"prefix\0" + struct.pack(">I", 0)])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pg.encode_delete(1, ["x"]),
+        pg.encode_update(1, ["x", "y"]),
+        b"T" + struct.pack(">iBI", 1, 0, 1),
+        b"Y" + struct.pack(">I", 25) + b"pg_catalog\0text\0",
+        b"O" + struct.pack(">Q", 5) + b"origin\0",
+        b"M" + struct.pack(">BQ", 0, 5) + b"prefix\0" + struct.pack(">I", 0),
+    ],
+)
 def test_other_messages_are_passed_over_by_kind(raw):
     assert pg.parse(raw) == pg.Other(kind=chr(raw[0]))
 
 
-@pytest.mark.parametrize("raw", [b"", b"B\x00\x01", b"C" + b"\x00" * 10, pg.encode_insert(1, ["abc"])[:-1],
-                                 b"R" + struct.pack(">I", 1) + b"shared"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"B\x00\x01",
+        b"C" + b"\x00" * 10,
+        pg.encode_insert(1, ["abc"])[:-1],
+        b"R" + struct.pack(">I", 1) + b"shared",
+    ],
+)
 def test_truncated_messages_raise_decode_error(raw):
     with pytest.raises(pg.DecodeError):
         pg.parse(raw)
@@ -127,17 +147,28 @@ def test_stream_keeps_commit_order_and_skips_other_tables_and_deletes():
     a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     other = pg.encode_relation(500, "infra", "relay_heartbeat", [("slot", 25)])
     messages = [
-        pg.encode_begin(200, 1, 10), outbox_relation(), outbox_insert(a, "ORDER_CREATED"),
-        outbox_insert(b, "ORDER_UPDATED", payload='{"n": 2}'), pg.encode_commit(190, 200, 1),
-        pg.encode_begin(300, 2, 11), other, pg.encode_insert(500, ["s"]), pg.encode_delete(16401, [str(a)]),
+        pg.encode_begin(200, 1, 10),
+        outbox_relation(),
+        outbox_insert(a, "ORDER_CREATED"),
+        outbox_insert(b, "ORDER_UPDATED", payload='{"n": 2}'),
+        pg.encode_commit(190, 200, 1),
+        pg.encode_begin(300, 2, 11),
+        other,
+        pg.encode_insert(500, ["s"]),
+        pg.encode_delete(16401, [str(a)]),
         pg.encode_commit(290, 300, 2),
-        pg.encode_begin(400, 3, 12), outbox_insert(c, "STOCK_RESERVED"), pg.encode_commit(390, 400, 3),
+        pg.encode_begin(400, 3, 12),
+        outbox_insert(c, "STOCK_RESERVED"),
+        pg.encode_commit(390, 400, 3),
     ]
     decoder = TransactionDecoder()
     txns = feed_all(decoder, [encode_xlog_data(m) for m in messages])
     assert [end for end, _ in txns] == [200, 300, 400] and decoder.wal_end == 400
     assert [[(e.id, e.event_type) for e in envs] for _, envs in txns] == [
-        [(a, "ORDER_CREATED"), (b, "ORDER_UPDATED")], [], [(c, "STOCK_RESERVED")]]
+        [(a, "ORDER_CREATED"), (b, "ORDER_UPDATED")],
+        [],
+        [(c, "STOCK_RESERVED")],
+    ]
     assert txns[0][1][1].payload == {"n": 2} and txns[0][1][0].aggregate_id == "o-1"
 
 
@@ -169,8 +200,10 @@ def test_unknown_copy_data_is_ignored_and_a_broken_message_raises():
 
 def test_peeked_messages_decode_like_streamed_ones():
     decoder, eid = TransactionDecoder(), uuid.uuid4()
-    out = [decoder.message(m) for m in (pg.encode_begin(20, 1, 1), outbox_relation(), outbox_insert(eid),
-                                        pg.encode_commit(10, 20, 1))]
+    out = [
+        decoder.message(m)
+        for m in (pg.encode_begin(20, 1, 1), outbox_relation(), outbox_insert(eid), pg.encode_commit(10, 20, 1))
+    ]
     assert out[:3] == [None, None, None] and out[3][0] == 20 and out[3][1][0].id == eid
 
 

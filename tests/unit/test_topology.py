@@ -5,7 +5,8 @@ import uuid
 import pytest
 
 from pulse import topology
-from pulse.events import Envelope, EventType as E, MalformedEnvelope, OrderCreated
+from pulse.events import Envelope, MalformedEnvelope, OrderCreated
+from pulse.events import EventType as E
 from pulse.infra import broker
 from pulse.inventory import handlers as inventory
 from pulse.orders import handlers as orders
@@ -18,19 +19,23 @@ EXPECTED = {
     "OPTIMISTIC": {
         "inventory.queue": {"ORDER_CREATED": inventory.on_reserve, "PAYMENT_FAILED": inventory.on_restock},
         "payment.queue": {"STOCK_RESERVED": payment.on_charge},
-        "redis-stock.queue": {"ORDER_CREATED": redisstock.on_order_created,
-                              "STOCK_RESERVED": redisstock.on_stock_decided,
-                              "STOCK_FAILED": redisstock.on_stock_decided,
-                              "STOCK_RELEASED": redisstock.on_stock_released},
+        "redis-stock.queue": {
+            "ORDER_CREATED": redisstock.on_order_created,
+            "STOCK_RESERVED": redisstock.on_stock_decided,
+            "STOCK_FAILED": redisstock.on_stock_decided,
+            "STOCK_RELEASED": redisstock.on_stock_released,
+        },
     },
     "POST_PAYMENT": {
         "inventory.queue": {"PAYMENT_PROCESSED": inventory.on_reserve},
         "payment.queue": {"ORDER_CREATED": payment.on_charge, "STOCK_FAILED": payment.on_refund},
-        "redis-stock.queue": {"ORDER_CREATED": redisstock.on_order_created,
-                              "STOCK_RESERVED": redisstock.on_stock_decided,
-                              "STOCK_FAILED": redisstock.on_stock_decided,
-                              "PAYMENT_FAILED": redisstock.on_stock_decided,
-                              "STOCK_RELEASED": redisstock.on_stock_released},
+        "redis-stock.queue": {
+            "ORDER_CREATED": redisstock.on_order_created,
+            "STOCK_RESERVED": redisstock.on_stock_decided,
+            "STOCK_FAILED": redisstock.on_stock_decided,
+            "PAYMENT_FAILED": redisstock.on_stock_decided,
+            "STOCK_RELEASED": redisstock.on_stock_released,
+        },
     },
 }
 COMMON = {"order-view.queue": {"ORDER_UPDATED": views.on_order_updated}}
@@ -47,11 +52,20 @@ def handlers(strategy: str) -> dict[str, dict[str, object]]:
 
 def test_the_spec_queues_inboxes_and_exchange():
     assert broker.EXCHANGE == "outbox-exchange"
-    assert topology.QUEUES == ("order.queue", "inventory.queue", "payment.queue", "order-view.queue",
-                               "redis-stock.queue")
-    assert topology.QUEUE_INBOX == {"order.queue": "orders.inbox", "inventory.queue": "inventory.inbox",
-                                    "payment.queue": "payment.inbox", "order-view.queue": "orders.order_view_inbox",
-                                    "redis-stock.queue": "infra.redis_stock_inbox"}
+    assert topology.QUEUES == (
+        "order.queue",
+        "inventory.queue",
+        "payment.queue",
+        "order-view.queue",
+        "redis-stock.queue",
+    )
+    assert topology.QUEUE_INBOX == {
+        "order.queue": "orders.inbox",
+        "inventory.queue": "inventory.inbox",
+        "payment.queue": "payment.inbox",
+        "order-view.queue": "orders.order_view_inbox",
+        "redis-stock.queue": "infra.redis_stock_inbox",
+    }
     assert broker.dead_letter_queue("order.queue") == "order.queue.dlq"
 
 
@@ -100,9 +114,19 @@ def _envelope(event_type, **payload):
 
 def test_the_dispatcher_acts_by_the_order_strategy_and_skips_other_queues_re_drives():
     calls = []
-    queue = topology.Queue("payment.queue", "payment", "payment.inbox", routes=(
-        topology.Route(E.ORDER_CREATED, lambda deps, event_id, event: calls.append((event_id, event)), topology.POST,
-                       claims_inbox=False),))
+    queue = topology.Queue(
+        "payment.queue",
+        "payment",
+        "payment.inbox",
+        routes=(
+            topology.Route(
+                E.ORDER_CREATED,
+                lambda deps, event_id, event: calls.append((event_id, event)),
+                topology.POST,
+                claims_inbox=False,
+            ),
+        ),
+    )
     dispatch = topology.Dispatcher(queue, Deps())
     dispatch(_envelope("ORDER_CREATED", strategy="OPTIMISTIC"))  # the other strategy's event: not ours
     dispatch(_envelope("ORDER_CREATED", strategy="POST_PAYMENT", redriveFor="inventory.queue"))
@@ -114,16 +138,33 @@ def test_the_dispatcher_acts_by_the_order_strategy_and_skips_other_queues_re_dri
 
 def test_the_dispatcher_refuses_a_payload_its_module_cannot_read_before_claiming_anything():
     calls = []
-    queue = topology.Queue("payment.queue", "payment", "payment.inbox", routes=(
-        topology.Route(E.ORDER_CREATED, lambda deps, event_id, event: calls.append(event_id), topology.POST,
-                       claims_inbox=False),))
+    queue = topology.Queue(
+        "payment.queue",
+        "payment",
+        "payment.inbox",
+        routes=(
+            topology.Route(
+                E.ORDER_CREATED, lambda deps, event_id, event: calls.append(event_id), topology.POST, claims_inbox=False
+            ),
+        ),
+    )
     dispatch = topology.Dispatcher(queue, Deps())
-    broken = Envelope(id=uuid.uuid4(), event_type="ORDER_CREATED", aggregate_id="o",
-                      payload={"orderId": "o", "strategy": "POST_PAYMENT", "items": []})
+    broken = Envelope(
+        id=uuid.uuid4(),
+        event_type="ORDER_CREATED",
+        aggregate_id="o",
+        payload={"orderId": "o", "strategy": "POST_PAYMENT", "items": []},
+    )
     with pytest.raises(MalformedEnvelope, match="ORDER_CREATED payload: missing 'userId', 'totalPrice'"):
         dispatch(broken)
-    dispatch(Envelope(id=uuid.uuid4(), event_type="ORDER_CREATED", aggregate_id="o",
-                      payload={"orderId": "o", "strategy": "OPTIMISTIC"}))  # not this module's: dropped unread
+    dispatch(
+        Envelope(
+            id=uuid.uuid4(),
+            event_type="ORDER_CREATED",
+            aggregate_id="o",
+            payload={"orderId": "o", "strategy": "OPTIMISTIC"},
+        )
+    )  # not this module's: dropped unread
     assert calls == [] and dispatch.skipped == 1
 
 

@@ -28,28 +28,31 @@ def spec(s, p, i):
     return next(status for rule, status in SPEC_RULES if rule(s, p, i))
 
 
-@pytest.mark.parametrize("strategy, payment, inventory, expected", [
-    ("POST_PAYMENT", "REFUNDED", "OUT_OF_STOCK", "REFUNDED"),
-    ("OPTIMISTIC", "REFUNDED", "RESERVED", "REFUNDED"),
-    ("OPTIMISTIC", "DECLINED", "RELEASED", "FAILED_PAYMENT"),
-    ("OPTIMISTIC", "DECLINED", "RESERVED", "FAILED_PAYMENT"),
-    ("POST_PAYMENT", "DECLINED", "NOT_STARTED", "FAILED_PAYMENT"),
-    ("POST_PAYMENT", "DECLINED", "OUT_OF_STOCK", "FAILED_PAYMENT"),  # declined wins over out of stock
-    ("POST_PAYMENT", "SUCCESS", "OUT_OF_STOCK", "REFUND_IN_PROGRESS"),
-    ("POST_PAYMENT", "NOT_STARTED", "OUT_OF_STOCK", "FAILED_OUT_OF_STOCK"),
-    ("POST_PAYMENT", "SUCCESS", "NOT_STARTED", "AWAITING_INVENTORY"),
-    ("OPTIMISTIC", "SUCCESS", "NOT_STARTED", "PROCESSING"),  # awaiting inventory is post-payment only
-    ("OPTIMISTIC", "SUCCESS", "RESERVED", "COMPLETED"),
-    ("POST_PAYMENT", "SUCCESS", "RESERVED", "COMPLETED"),
-    ("OPTIMISTIC", "NOT_STARTED", "OUT_OF_STOCK", "FAILED_OUT_OF_STOCK"),
-    ("OPTIMISTIC", "SUCCESS", "OUT_OF_STOCK", "FAILED_OUT_OF_STOCK"),  # refund in progress is post-payment only
-    ("OPTIMISTIC", "NOT_STARTED", "RESERVED", "AWAITING_PAYMENT"),
-    ("POST_PAYMENT", "NOT_STARTED", "RESERVED", "AWAITING_PAYMENT"),
-    ("OPTIMISTIC", "NOT_STARTED", "NOT_STARTED", "PROCESSING"),
-    ("POST_PAYMENT", "NOT_STARTED", "NOT_STARTED", "PROCESSING"),
-    ("OPTIMISTIC", "SUCCESS", "RELEASED", "PROCESSING"),
-    ("OPTIMISTIC", "NOT_STARTED", "RELEASED", "PROCESSING"),
-])
+@pytest.mark.parametrize(
+    "strategy, payment, inventory, expected",
+    [
+        ("POST_PAYMENT", "REFUNDED", "OUT_OF_STOCK", "REFUNDED"),
+        ("OPTIMISTIC", "REFUNDED", "RESERVED", "REFUNDED"),
+        ("OPTIMISTIC", "DECLINED", "RELEASED", "FAILED_PAYMENT"),
+        ("OPTIMISTIC", "DECLINED", "RESERVED", "FAILED_PAYMENT"),
+        ("POST_PAYMENT", "DECLINED", "NOT_STARTED", "FAILED_PAYMENT"),
+        ("POST_PAYMENT", "DECLINED", "OUT_OF_STOCK", "FAILED_PAYMENT"),  # declined wins over out of stock
+        ("POST_PAYMENT", "SUCCESS", "OUT_OF_STOCK", "REFUND_IN_PROGRESS"),
+        ("POST_PAYMENT", "NOT_STARTED", "OUT_OF_STOCK", "FAILED_OUT_OF_STOCK"),
+        ("POST_PAYMENT", "SUCCESS", "NOT_STARTED", "AWAITING_INVENTORY"),
+        ("OPTIMISTIC", "SUCCESS", "NOT_STARTED", "PROCESSING"),  # awaiting inventory is post-payment only
+        ("OPTIMISTIC", "SUCCESS", "RESERVED", "COMPLETED"),
+        ("POST_PAYMENT", "SUCCESS", "RESERVED", "COMPLETED"),
+        ("OPTIMISTIC", "NOT_STARTED", "OUT_OF_STOCK", "FAILED_OUT_OF_STOCK"),
+        ("OPTIMISTIC", "SUCCESS", "OUT_OF_STOCK", "FAILED_OUT_OF_STOCK"),  # refund in progress is post-payment only
+        ("OPTIMISTIC", "NOT_STARTED", "RESERVED", "AWAITING_PAYMENT"),
+        ("POST_PAYMENT", "NOT_STARTED", "RESERVED", "AWAITING_PAYMENT"),
+        ("OPTIMISTIC", "NOT_STARTED", "NOT_STARTED", "PROCESSING"),
+        ("POST_PAYMENT", "NOT_STARTED", "NOT_STARTED", "PROCESSING"),
+        ("OPTIMISTIC", "SUCCESS", "RELEASED", "PROCESSING"),
+        ("OPTIMISTIC", "NOT_STARTED", "RELEASED", "PROCESSING"),
+    ],
+)
 def test_each_rule(strategy, payment, inventory, expected):
     assert display_status(strategy, payment, inventory) == expected
 

@@ -43,8 +43,13 @@ def test_a_dead_thread_is_replaced_in_place_and_counted_with_its_reason():
     fresh = supervisor.slots[0].current
     assert fresh is not dead and threads == ["relay", fresh, alive]
     a, b = supervisor.status()
-    assert (a["queue"], a["restarts"], a["lastError"], a["handled"], a["deadLettered"]) == \
-        ("a.queue", 1, "KeyError: 'boom'", 3, 2)
+    assert (a["queue"], a["restarts"], a["lastError"], a["handled"], a["deadLettered"]) == (
+        "a.queue",
+        1,
+        "KeyError: 'boom'",
+        3,
+        2,
+    )
     assert (b["restarts"], b["alive"]) == (0, True)
     assert supervisor.restarts() == {"a.queue": 1, "b.queue": 0}
     release.set()
