@@ -14,6 +14,7 @@ from pulse.deps import Deps
 from pulse import faults as fault_registry
 from pulse.infra import broker, db, redis_scripts
 from pulse.infra.consumer import Consumer
+from pulse.infra.threadname import set_os_thread_name
 from pulse.infra.workers import ConsumerSupervisor
 from pulse.inventory.products import ProductService
 from pulse.orders.service import OrderService
@@ -97,7 +98,7 @@ class System:
         return self.supervisor.status()
 
     def _spawn(self, name, target, *args):
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        t = threading.Thread(target=_named(name, target), args=args, name=name, daemon=True)
         t.start()
         self.threads.append(t)
 
@@ -109,6 +110,14 @@ class System:
         self.deps.pool.close()
         self.deps.redis.close()
         self.deps.faults.close()
+
+
+def _named(name: str, target):
+    """``target`` run under the OS thread name ``name`` (15 bytes), so /proc tells the relay from the API."""
+    def run(*args):
+        set_os_thread_name(name)
+        return target(*args)
+    return run
 
 
 def every(interval_s: float, job, stop: threading.Event) -> None:

@@ -14,6 +14,7 @@ from pika.exceptions import AMQPError, NackError, UnroutableError
 from pulse.events import Envelope, MalformedEnvelope
 from pulse.faults import NO_FAULTS
 from pulse.infra import broker, db
+from pulse.infra.threadname import set_os_thread_name
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class Consumer(threading.Thread):
         The error that ended it is kept in ``last_error`` (and logged) for the supervisor that restarts
         it (pulse.infra.workers); messages it held unacked go back to the queue with its connection.
         """
+        # "c:<queue>:<n>" in /proc: bench/cpu.py charges this thread's CPU to the consumers, not the API.
+        set_os_thread_name("c:" + self.name.removeprefix("consumer:").replace(".queue", ""))
         backoff = 0.5
         while not self.stop.is_set():
             try:
