@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from bench.cpu import SERVE, CpuMeter
 from bench.pgserver import per_checkout
-from pulse import bootstrap
+from pulse import bootstrap, topology
 from pulse.infra import broker, db
 from pulse.lab.launcher import ServeProcess
 from pulse.load import LatencyHistogram, run_load
@@ -152,7 +152,7 @@ def relay_throughput(p, *, events: int) -> dict:
     from pulse.infra.relay_polling import PollingRelay
 
     s = p.settings
-    broker.setup(s.amqp_url, s.strategy)
+    broker.setup(s.amqp_url, topology.bindings())
     _fill_outbox(s.database_url, events)
     relay = PollingRelay(s.database_url, broker.ConfirmingPublisher(s.amqp_url), batch=s.relay_batch)
     try:
@@ -200,7 +200,7 @@ def relay_latency(p, *, mode: str, rate: float, duration_s: float) -> dict:
     receives the message; both ends run in this process, so the clocks agree.
     """
     s = p.settings.replace(outbox_mode=mode)
-    broker.setup(s.amqp_url, s.strategy)
+    broker.setup(s.amqp_url, topology.bindings())
     committed: dict[str, float] = {}
     received: dict[str, float] = {}
     stop = threading.Event()

@@ -152,7 +152,7 @@ class StatementCounter:
         return {"xmax": xmax, "statements": {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}}
 
 
-def per_checkout(before: dict, after: dict, checkouts: int, top: int = 12) -> dict | None:
+def per_checkout(before: dict, after: dict, checkouts: int, top: int = 40) -> dict | None:
     """Statements, explicit commits, write transactions and outbox rows per checkout between two snapshots."""
     if not checkouts:
         return None

@@ -129,7 +129,7 @@ def per_checkout_lines(r: dict) -> list[str]:
                      f"{_fmt(pg.get('write_transactions_per_checkout'))} | "
                      f"{_fmt(pg.get('explicit_commits_per_checkout'))} | {_fmt(pg.get('outbox_messages_per_checkout'))}"
                      f" | {_fmt((e.get('routing') or {}).get('deliveries_per_checkout'))} |")
-    top = (e2e.get(r.get("e2e_config")) or {}).get("postgres_per_checkout", {}).get("top_statements")
+    top = ((e2e.get(r.get("e2e_config")) or {}).get("postgres_per_checkout", {}).get("top_statements") or [])[:20]
     if top:
         lines += ["", f"Statements per checkout, {r['e2e_config']} (pg_stat_statements, most frequent first):", "",
                   "| per checkout | rows | exec ms | statement |", "|---|---|---|---|"]
