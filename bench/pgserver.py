@@ -137,7 +137,7 @@ class PrivatePostgres:
 
 
 class StatementCounter:
-    """Statements, rows and write transactions the server (every role but the probe's) ran in one database."""
+    """Statements and rows the server (every role but the probe's) ran in one database, and the xids assigned."""
 
     def __init__(self, url: str):
         self.url = url  # the probe role's URL of the measured database
@@ -153,7 +153,11 @@ class StatementCounter:
 
 
 def per_checkout(before: dict, after: dict, checkouts: int, top: int = 40) -> dict | None:
-    """Statements, explicit commits, write transactions and outbox rows per checkout between two snapshots."""
+    """Statements, explicit commits, xids and outbox rows per checkout between two snapshots.
+
+    Statements leave out BEGIN/COMMIT/ROLLBACK but count SAVEPOINT/RELEASE (each is a round trip). Xids are the
+    whole cluster's (private to the run): one per writing transaction plus one per savepoint that wrote.
+    """
     if not checkouts:
         return None
     deltas = []
@@ -172,7 +176,7 @@ def per_checkout(before: dict, after: dict, checkouts: int, top: int = 40) -> di
         "checkouts": checkouts,
         "statements_per_checkout": round(statements / checkouts, 2),
         "explicit_commits_per_checkout": round(commits / checkouts, 2),
-        "write_transactions_per_checkout": round((after["xmax"] - before["xmax"]) / checkouts, 2),
+        "xids_per_checkout": round((after["xmax"] - before["xmax"]) / checkouts, 2),
         "outbox_messages_per_checkout": round(outbox_rows / checkouts, 2),
         "exec_ms_per_checkout": round(sum(d[3] for d in deltas) / checkouts, 3),
         "top_statements": [{"per_checkout": round(c / checkouts, 2), "rows_per_checkout": round(r / checkouts, 2),

@@ -113,11 +113,11 @@ def per_checkout_lines(r: dict) -> list[str]:
              "are threads of the one `pulse serve` process told apart by their OS thread names (API children of "
              "`--processes` count as API). PostgreSQL is the run's private cluster only (the load generator's "
              "completion queries run as their own role and are left out); RabbitMQ and Redis are the shared "
-             "servers, so other sessions' work on them is included. Statements and write transactions "
-             "(xids) come from pg_stat_statements and pg_current_snapshot; messages published are outbox rows, "
+             "servers, so other sessions' work on them is included. Statements (BEGIN/COMMIT left out, SAVEPOINT/RELEASE counted) come from "
+             "pg_stat_statements; xids (one per writing transaction and per savepoint that wrote) from pg_current_snapshot; messages published are outbox rows, "
              "delivered are consumer deliveries.", "",
              "| configuration | total ms | " + " | ".join(COMPONENTS) + " | load generator ms | statements | "
-             "write txns | COMMITs | messages published | delivered |",
+             "xids | COMMITs | messages published | delivered |",
              "|---|---|" + "---|" * len(COMPONENTS) + "---|---|---|---|---|---|"]
     for name, e in e2e.items():
         c = e["cpu_ms_per_checkout"]
@@ -126,7 +126,7 @@ def per_checkout_lines(r: dict) -> list[str]:
         lines.append(f"| {name} | {_fmt(c['total'])} | " + " | ".join(_fmt(c["by_component"].get(k))
                                                                         for k in COMPONENTS)
                      + f" | {_fmt(load)} | {_fmt(pg.get('statements_per_checkout'))} | "
-                     f"{_fmt(pg.get('write_transactions_per_checkout'))} | "
+                     f"{_fmt(pg.get('xids_per_checkout'))} | "
                      f"{_fmt(pg.get('explicit_commits_per_checkout'))} | {_fmt(pg.get('outbox_messages_per_checkout'))}"
                      f" | {_fmt((e.get('routing') or {}).get('deliveries_per_checkout'))} |")
     top = ((e2e.get(r.get("e2e_config")) or {}).get("postgres_per_checkout", {}).get("top_statements") or [])[:20]

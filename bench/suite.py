@@ -217,7 +217,9 @@ def headline(results: dict, cdc_reason: str | None) -> None:
     h["cpu_ms_per_checkout"] = e2e.get("cpu_ms_per_checkout")
     stmts = e2e.get("postgres_per_checkout") or {}
     h["statements_per_checkout"] = stmts.get("statements_per_checkout")
-    h["transactions_per_checkout"] = stmts.get("write_transactions_per_checkout")
+    h["transactions_per_checkout"] = ({"explicit_commits": stmts.get("explicit_commits_per_checkout"),
+                                        "xids": stmts.get("xids_per_checkout")} if stmts.get("xids_per_checkout")
+                                       is not None else None)
     h["messages_per_checkout"] = {"published": stmts.get("outbox_messages_per_checkout"),
                                   "delivered": (e2e.get("routing") or {}).get("deliveries_per_checkout")}
     for key in ("cpu_ms_per_checkout", "statements_per_checkout", "transactions_per_checkout"):

@@ -59,7 +59,7 @@ def test_statements_transactions_and_messages_per_checkout():
     r = pgserver.per_checkout(before, after, 20)
     assert r["statements_per_checkout"] == 3.0  # 20 inserts + 40 updates; BEGIN/COMMIT are not statements
     assert r["explicit_commits_per_checkout"] == 1.0
-    assert r["write_transactions_per_checkout"] == 2.0
+    assert r["xids_per_checkout"] == 2.0
     assert r["outbox_messages_per_checkout"] == 2.0  # rows, not calls: a batched insert writes several
     assert [t["query"] for t in r["top_statements"]][:1] == ["UPDATE orders.orders SET x = $1"]
     assert all(t["query"] != "SELECT 1" for t in r["top_statements"])  # unchanged in the window
