@@ -16,8 +16,9 @@ import httpx
 import pika
 from psycopg.conninfo import conninfo_to_dict
 
-from bench.cpu import CpuMeter
-from pulse import bootstrap
+from bench.cpu import SERVE, CpuMeter
+from bench.pgserver import per_checkout
+from pulse import bootstrap, topology
 from pulse.infra import broker, db
 from pulse.tools.launcher import ServeProcess
 from pulse.tools.load import LatencyHistogram, run_load
@@ -37,7 +38,7 @@ def pgbench_tps(p, *, concurrency: int, duration_s: float) -> dict:
                        env=env, timeout=120)
         command = ["pgbench", *conn_args, "-N", "-n", "-c", str(concurrency), "-j", "2", "-T",
                    str(int(duration_s)), name]
-        with CpuMeter() as cpu:
+        with CpuMeter(pg=p.pg_cpu) as cpu:
             out = subprocess.run(command, check=True, capture_output=True, text=True, env=env,
                                  timeout=duration_s + 60).stdout
     finally:
@@ -60,8 +61,8 @@ def serve(p, *, strategy="optimistic", outbox_mode="polling", extra_env=None, lo
 
 
 def server_pids(server: ServeProcess) -> dict[int, str]:
-    """The server's pid and its API children's (``--processes``), all counted as "pulse serve" by CpuMeter."""
-    pids = {server.proc.pid: "pulse serve"}
+    """The server's pid (split per thread by CpuMeter) and its API children's (``--processes``), all API."""
+    pids = {server.proc.pid: SERVE}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -69,7 +70,7 @@ def server_pids(server: ServeProcess) -> dict[int, str]:
             except OSError:
                 continue
             if int(stat[stat.rindex(")") + 2:].split()[1]) == server.proc.pid:
-                pids[int(entry.name)] = "pulse serve"
+                pids[int(entry.name)] = SERVE + ": API"
     return pids
 
 
@@ -78,7 +79,7 @@ def cart_adds(p, *, concurrency: int, duration_s: float, log=None, api_processes
     with serve(p, log=log, api_processes=api_processes) as server:
         products = run_load(server.url, concurrency=concurrency, duration_s=1.5, mix="adds=1,abandon=1",
                             track="off", progress=False)  # warm-up: connections, prepared statements, Lua
-        with CpuMeter(server_pids(server)) as cpu:
+        with CpuMeter(server_pids(server), pg=p.pg_cpu) as cpu:
             r = run_load(server.url, concurrency=concurrency, duration_s=duration_s, mix="adds=1,abandon=1",
                          track="off", progress=False, products=products["products"])
     return {"cart_adds_per_s": r["cart_adds_per_s"], "api_processes": max(1, api_processes),
@@ -105,7 +106,7 @@ def reservations(p, *, concurrency: int, duration_s: float, requests: int) -> di
                 counts[i] += 1
 
         threads = [threading.Thread(target=loop, args=(i,)) for i in range(concurrency)]
-        with CpuMeter() as py_cpu:
+        with CpuMeter(pg=p.pg_cpu) as py_cpu:
             started = time.perf_counter()
             for t in threads:
                 t.start()
@@ -120,7 +121,7 @@ def reservations(p, *, concurrency: int, duration_s: float, requests: int) -> di
         command = ["redis-benchmark", "-h", host, "-p", port or "6379", "--dbnum", str(p.redis_db),
                    "-c", str(concurrency), "-n", str(requests), "--csv",
                    "EVALSHA", sha, "2", stock_key, reserved_key, "1"]
-        with CpuMeter() as rb_cpu:
+        with CpuMeter(pg=p.pg_cpu) as rb_cpu:
             out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120).stdout
         rps = float(out.strip().splitlines()[-1].split('","')[1])
     finally:
@@ -151,11 +152,11 @@ def relay_throughput(p, *, events: int) -> dict:
     from pulse.infra.relay_polling import PollingRelay
 
     s = p.settings
-    broker.setup(s.amqp_url, s.strategy)
+    broker.setup(s.amqp_url, topology.bindings())
     _fill_outbox(s.database_url, events)
     relay = PollingRelay(s.database_url, broker.ConfirmingPublisher(s.amqp_url), batch=s.relay_batch)
     try:
-        with CpuMeter() as relay_cpu:
+        with CpuMeter(pg=p.pg_cpu) as relay_cpu:
             started, done, empty_passes = time.perf_counter(), 0, 0
             deadline = started + 120
             while done < events and time.perf_counter() < deadline:
@@ -176,7 +177,7 @@ def relay_throughput(p, *, events: int) -> dict:
     try:
         channel = conn.channel()
         props = pika.BasicProperties(content_type="application/json", delivery_mode=2)
-        with CpuMeter() as raw_cpu:
+        with CpuMeter(pg=p.pg_cpu) as raw_cpu:
             started = time.perf_counter()
             for _ in range(events):
                 channel.basic_publish(broker.EXCHANGE, "ORDER_UPDATED", body, props)
@@ -199,7 +200,7 @@ def relay_latency(p, *, mode: str, rate: float, duration_s: float) -> dict:
     receives the message; both ends run in this process, so the clocks agree.
     """
     s = p.settings.replace(outbox_mode=mode)
-    broker.setup(s.amqp_url, s.strategy)
+    broker.setup(s.amqp_url, topology.bindings())
     committed: dict[str, float] = {}
     received: dict[str, float] = {}
     stop = threading.Event()
@@ -281,22 +282,26 @@ def end_to_end(p, *, strategy: str, outbox_mode: str, concurrency: int, duration
     p.purge_queues()  # a previous configuration's late messages must not reach this one's handlers
     with serve(p, strategy=strategy, outbox_mode=outbox_mode, log=log, api_processes=api_processes) as server:
         warm = run_load(server.url, concurrency=4, duration_s=1.5, track="db", progress=False,
-                        database_url=p.settings.database_url)
+                        database_url=p.probe_database_url)
         products = warm["products"]
         before = _deliveries(server.url)
-        with CpuMeter(server_pids(server)) as cpu:
+        # The window holds every statement and CPU tick of these checkouts: run_load returns once all are terminal.
+        stmts0 = p.statements.snapshot() if p.statements else None
+        with CpuMeter(server_pids(server), pg=p.pg_cpu) as cpu:
             sat = run_load(server.url, concurrency=concurrency, duration_s=duration_s, track="db", progress=False,
-                           database_url=p.settings.database_url, products=products, complete_timeout_s=120)
+                           database_url=p.probe_database_url, products=products, complete_timeout_s=120)
+        stmts = per_checkout(stmts0, p.statements.snapshot(), sat["checkouts"]) if p.statements else None
         routing = _routing_cost(before, _deliveries(server.url), sat["checkouts"])
         sustained = sat["completion"]["sustained_per_s"] or 0.0
         half = max(1.0, round(sustained / 2, 1))
         low = run_load(server.url, rate=half, duration_s=duration_s, track="db", progress=False,
-                       database_url=p.settings.database_url, products=products, complete_timeout_s=60)
+                       database_url=p.probe_database_url, products=products, complete_timeout_s=60)
     return {"strategy": strategy, "outbox_mode": outbox_mode, "api_processes": api_processes,
             "saturation": _brief(sat), "sustained_checkouts_per_s": sustained, "half_load_rate": half,
             "half_load": _brief(low), "p50_ms": low["completion"]["latency_ms"]["p50"],
             "p99_ms": low["completion"]["latency_ms"]["p99"], "cpu_at_saturation": cpu.result(),
-            "routing": routing}
+            "cpu_ms_per_checkout": cpu.per_unit(sat["checkouts"]),
+            "postgres_per_checkout": stmts or {"reason": p.statements_reason}, "routing": routing}
 
 
 def _deliveries(url: str) -> dict | None:

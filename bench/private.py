@@ -13,6 +13,7 @@ from urllib.parse import quote
 import psycopg
 import redis
 
+from bench.cpu import Postgres
 from pulse import config
 from pulse.infra import migrate
 from pulse.lab.private import LEASE_KEY, lease_redis_db, vhost
@@ -29,6 +30,17 @@ class Private:
         self.vhost = None
         self._lease_lock = None
         self.redis_db = None
+        # Set by bench/suite.py when the run has a private cluster (bench/pgserver.py): which PostgreSQL processes
+        # are this run's, the load generator's own role, and the statement counter.
+        self.pg_cpu = Postgres()
+        self.statements = None
+        self.statements_reason = "no private PostgreSQL, so no pg_stat_statements (bench/run --shared-pg)"
+        self._probe_url = None
+
+    @property
+    def probe_database_url(self) -> str:
+        """The measured database as the load generator's role (its queries are not the server's work)."""
+        return self._probe_url(self.settings.database_url) if self._probe_url else self.settings.database_url
 
     def __enter__(self) -> "Private":
         try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +37,29 @@ def top_functions(folded: Path, n: int = 40) -> list[tuple[float, str]]:
     return [(round(100 * c / total, 1), f) for f, c in inclusive.most_common(n)]
 
 
+PARTS = (("consumers", "Consumer.run "), ("relay", "Relay.run "), ("schedulers", "every "),
+         ("API", "Server.run "))
+
+
+def by_part(folded: Path) -> dict[str, float]:
+    """Share of samples per part of ``pulse serve`` (the thread's entry point in the stack), in %."""
+    parts, total = collections.Counter(), 0
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        total += int(count)
+        frames = [f.split(" (")[0] + " " for f in stack.split(";")]
+        parts[next((name for name, marker in PARTS if any(f.endswith(marker) for f in frames)), "other")] += int(count)
+    return {k: round(100 * v / total, 1) for k, v in parts.most_common()} if total else {}
+
+
+def py_spy() -> str:
+    """``$PY_SPY``, the project venv's, or the one on PATH (py-spy is a dev dependency; pip install py-spy)."""
+    for candidate in (os.environ.get("PY_SPY"), str(ROOT / ".venv" / "bin" / "py-spy"), shutil.which("py-spy")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise SystemExit("py-spy not found: pip install py-spy, or point PY_SPY at it.")
+
+
 def main() -> int:
     # SIGTERM (a timeout) unwinds like Ctrl-C, so the private database, vhost and Redis DB are dropped.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -49,7 +74,7 @@ def main() -> int:
     out = ROOT / "bench" / "results" / f"profile-{time.strftime('%Y%m%dT%H%M%S')}.folded"
     with Private() as p, measure.serve(p, strategy=args.strategy, outbox_mode=args.outbox_mode) as server:
         products = run_load(server.url, concurrency=4, duration_s=1.5, progress=False, track="off")["products"]
-        spy = subprocess.Popen([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-p", str(server.proc.pid),
+        spy = subprocess.Popen([py_spy(), "record", "-p", str(server.proc.pid),
                                 "-d", str(args.seconds + 1), "-r", "100", *(["--idle"] if args.idle else ["--gil"]),
                                 "--threads", "--format", "raw", "-o", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -59,7 +84,8 @@ def main() -> int:
                          products=products, progress=False, track="off")
         spy.wait(60)
     print(json.dumps({"cart_adds_per_s": r["cart_adds_per_s"], "checkouts_per_s": r["checkouts_per_s"],
-                      "cpu": cpu.result(), "profile": str(out.relative_to(ROOT))}, indent=2))
+                      "cpu": cpu.result(), "profile": str(out.relative_to(ROOT)),
+                      "samples_by_part_pct": by_part(out)}, indent=2))
     for share, frame in top_functions(out):
         print(f"{share:5.1f}%  {frame}")
     return 0

@@ -68,7 +68,8 @@ def write_markdown(r: dict, path: Path) -> None:
               "|---|---|---|---|---|---|---|"]
     for name, e in (r["sections"].get("e2e") or {}).items():
         if isinstance(e, dict) and "sustained_checkouts_per_s" in e:
-            cores = e["cpu_at_saturation"]["by_component_cores"].get("pulse serve")
+            cpu = e["cpu_at_saturation"]
+            cores = cpu.get("pulse serve (all threads)", cpu["by_component_cores"].get("pulse serve"))
             routing = e.get("routing") or {}
             deliveries = (f"{_fmt(routing.get('deliveries_per_checkout'))} ({_fmt(routing.get('skipped_per_checkout'))})"
                           if routing else "—")
@@ -76,6 +77,7 @@ def write_markdown(r: dict, path: Path) -> None:
                          f"{_fmt(e['p50_ms'])} | {_fmt(e['p99_ms'])} | {_fmt(cores, ' cores')} | {deliveries} |")
     lines += ["", "Skipped deliveries are the price of strategy belonging to the order: every queue hears both "
               "strategies' events and drops the other strategy's unhandled (pulse/topology.py)."]
+    lines += per_checkout_lines(r)
     lines += ["", "## Reconciliation vs catalogue size (1,000 changed rows)", "",
               "| products | delta run ms | full scan ms | speedup |", "|---|---|---|---|"]
     for size, rec in (r["sections"].get("reconcile") or {}).items():
@@ -84,7 +86,53 @@ def write_markdown(r: dict, path: Path) -> None:
                          f"{_fmt(rec['speedup'], '×')} |")
     lines += ["", "## Goals of issue 6", "", "| goal | met |", "|---|---|"]
     lines += [f"| {g} | {'yes' if ok else 'no' if ok is False else 'not measured'} |" for g, ok in r["goals"].items()]
+    if r.get("goals_13"):
+        lines += ["", "## Goals of issue 13 (each limit measured in this run)", "",
+                  "| goal | figure | limit | met | note |", "|---|---|---|---|---|"]
+        lines += [f"| {g['goal']} | {_fmt(g['figure'])} | {_fmt(g['limit'])} | "
+                  f"{'yes' if g['met'] else 'no' if g['met'] is False else 'not measured'} | {g['note']} |"
+                  for g in r["goals_13"]]
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():
         lines += ["", notes.read_text().strip()]
     path.write_text("\n".join(lines) + "\n")
+
+
+COMPONENTS = ("API", "consumers", "relay", "schedulers", "PostgreSQL", "RabbitMQ", "Redis")
+
+
+def per_checkout_lines(r: dict) -> list[str]:
+    """Issue 13's table: CPU ms per checkout per component, statements, transactions and messages per checkout,
+    from each e2e configuration's saturation phase."""
+    e2e = {k: v for k, v in (r["sections"].get("e2e") or {}).items()
+           if isinstance(v, dict) and v.get("cpu_ms_per_checkout")}
+    if not e2e:
+        return []
+    lines = ["", "## Work per checkout at saturation (issue 13)", "",
+             "CPU from /proc over the saturation phase divided by its checkouts; API / consumers / relay / schedulers "
+             "are threads of the one `pulse serve` process told apart by their OS thread names (API children of "
+             "`--processes` count as API). PostgreSQL is the run's private cluster only (the load generator's "
+             "completion queries run as their own role and are left out); RabbitMQ and Redis are the shared "
+             "servers, so other sessions' work on them is included. Statements (BEGIN/COMMIT left out, SAVEPOINT/RELEASE counted) come from "
+             "pg_stat_statements; xids (one per writing transaction and per savepoint that wrote) from pg_current_snapshot; messages published are outbox rows, "
+             "delivered are consumer deliveries.", "",
+             "| configuration | total ms | " + " | ".join(COMPONENTS) + " | load generator ms | statements | "
+             "xids | COMMITs | messages published | delivered |",
+             "|---|---|" + "---|" * len(COMPONENTS) + "---|---|---|---|---|---|"]
+    for name, e in e2e.items():
+        c = e["cpu_ms_per_checkout"]
+        pg = e.get("postgres_per_checkout") or {}
+        load = (c.get("outside_the_system") or {}).get("load generator")
+        lines.append(f"| {name} | {_fmt(c['total'])} | " + " | ".join(_fmt(c["by_component"].get(k))
+                                                                        for k in COMPONENTS)
+                     + f" | {_fmt(load)} | {_fmt(pg.get('statements_per_checkout'))} | "
+                     f"{_fmt(pg.get('xids_per_checkout'))} | "
+                     f"{_fmt(pg.get('explicit_commits_per_checkout'))} | {_fmt(pg.get('outbox_messages_per_checkout'))}"
+                     f" | {_fmt((e.get('routing') or {}).get('deliveries_per_checkout'))} |")
+    top = ((e2e.get(r.get("e2e_config")) or {}).get("postgres_per_checkout", {}).get("top_statements") or [])[:20]
+    if top:
+        lines += ["", f"Statements per checkout, {r['e2e_config']} (pg_stat_statements, most frequent first):", "",
+                  "| per checkout | rows | exec ms | statement |", "|---|---|---|---|"]
+        lines += [f"| {t['per_checkout']} | {t['rows_per_checkout']} | {t['exec_ms_per_checkout']} | "
+                  f"`{t['query'].replace('|', '/')}` |" for t in top]
+    return lines

@@ -7,6 +7,7 @@ A measurement that cannot run leaves its keys null with the reason in ``<key>_re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import signal
@@ -21,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import measure  # noqa: E402  (needs the project root on sys.path first)
+from bench import pgserver  # noqa: E402
+from bench.cpu import Postgres  # noqa: E402
 from bench.private import Private  # noqa: E402
 from pulse import config  # noqa: E402
 
@@ -56,7 +59,34 @@ def run_section(name: str, results: dict, fn) -> None:
     log(f"{name} done in {results['sections'][name]['section_s']}s")
 
 
-def run(plan_name: str, only: set[str]) -> dict:
+@contextlib.contextmanager
+def services(shared_pg: bool):
+    """Private services for the run: a private PostgreSQL cluster with pg_stat_statements when one can be started
+    (bench/pgserver.py), else a private database on the shared server (then no statement counts)."""
+    base = config.from_env()
+    reason = "--shared-pg was given" if shared_pg else pgserver.unavailable()
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if reason is None:
+            cluster = stack.enter_context(pgserver.PrivatePostgres(base.database_url))
+            base = base.replace(database_url=cluster.url)
+        p = stack.enter_context(Private(base))
+        p.postgres = {"private_cluster": cluster is not None, "reason": reason,
+                      "port": cluster.port if cluster else None}
+        if cluster is not None:
+            import psycopg
+            with psycopg.connect(p.settings.database_url, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            p.pg_cpu = Postgres(cluster.postmaster, pgserver.PROBE_ROLE)
+            p._probe_url = cluster.probe_url
+            p.statements = pgserver.StatementCounter(cluster.probe_url(p.settings.database_url))
+            p.statements_reason = None
+        else:
+            p.statements_reason = f"no private PostgreSQL ({reason}), so no pg_stat_statements"
+        yield p
+
+
+def run(plan_name: str, only: set[str], shared_pg: bool = False) -> dict:
     plan = PLANS[plan_name]
     d, c = plan["duration_s"], plan["concurrency"]
     logs = RESULTS / "logs"
@@ -64,8 +94,9 @@ def run(plan_name: str, only: set[str]) -> dict:
     serve_log = str(logs / "serve.log")
     results = {"started_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "plan": plan_name, "params": plan, "machine": machine(), "sections": {}}
-    with Private() as p:
-        results["private"] = {"database": p.tag, "vhost": p.vhost, "redis_db": p.redis_db}
+    with services(shared_pg) as p:
+        results["private"] = {"database": p.tag, "vhost": p.vhost, "redis_db": p.redis_db,
+                              "postgres": p.postgres}
         sections = {
             "cart": lambda: {"pgbench": measure.pgbench_tps(p, concurrency=c, duration_s=d),
                              "api": measure.cart_adds(p, concurrency=c, duration_s=d, log=serve_log),
@@ -169,6 +200,19 @@ def headline(results: dict) -> None:
         if value is None:
             h[f"{key}_reason"] = _why(results, sections[key], "not measured")
     h["e2e_config"] = f"optimistic/{default_mode}"
+    # Issue 13: work per checkout of the default configuration.
+    h["cpu_ms_per_checkout"] = e2e.get("cpu_ms_per_checkout")
+    stmts = e2e.get("postgres_per_checkout") or {}
+    h["statements_per_checkout"] = stmts.get("statements_per_checkout")
+    h["transactions_per_checkout"] = ({"explicit_commits": stmts.get("explicit_commits_per_checkout"),
+                                        "xids": stmts.get("xids_per_checkout")} if stmts.get("xids_per_checkout")
+                                       is not None else None)
+    h["messages_per_checkout"] = {"published": stmts.get("outbox_messages_per_checkout"),
+                                  "delivered": (e2e.get("routing") or {}).get("deliveries_per_checkout")}
+    for key in ("cpu_ms_per_checkout", "statements_per_checkout", "transactions_per_checkout"):
+        if h[key] is None:
+            h[f"{key}_reason"] = stmts.get("reason") if key != "cpu_ms_per_checkout" and stmts.get("reason") \
+                else _why(results, "e2e", "not measured")
     h["ratios"] = {
         "cart_adds_vs_pgbench": _ratio(h["cart_adds_per_s"], h["pgbench_tps"]),
         "cart_adds_2_api_processes_vs_pgbench": _ratio(h["cart_adds_per_s_2_api_processes"], h["pgbench_tps"]),
@@ -177,6 +221,7 @@ def headline(results: dict) -> None:
         "full_scan_vs_delta_1m": _ratio(h["full_scan_ms_1m_catalog"], h["reconcile_ms_1m_catalog"]),
     }
     h["goals"] = goals(h)
+    h["goals_13"] = goals_13(h, results)
     results.update(h)
 
 
@@ -204,6 +249,39 @@ def goals(h: dict) -> dict:
     }
 
 
+def goals_13(h: dict, results: dict) -> list[dict]:
+    """Issue 13's goals: each figure with its limit from this same run and met / missed / unknown (None)."""
+    def e2e(config_name, key):
+        return (_get(results, "e2e", config_name) or {}).get(key)
+
+    pg, cpu = h["pgbench_tps"], h["cpu_ms_per_checkout"] or {}
+    out = []
+
+    def goal(name, figure, limit, ok, note=""):
+        out.append({"goal": name, "figure": figure, "limit": limit,
+                    "met": None if figure is None or limit is None else bool(ok(figure, limit)), "note": note})
+
+    largest = sorted((cpu.get("by_component") or {}).items(), key=lambda kv: -kv[1])[:3]
+    goal(f"cpu_ms_per_checkout ({h['e2e_config']}), all processes <= 8 ms", cpu.get("total"), 8.0,
+         lambda f, lim: f <= lim, "largest: " + ", ".join(f"{k} {v} ms" for k, v in largest) if largest else "")
+    for config_name in ("optimistic/cdc", "post-payment/cdc"):
+        busy = (e2e(config_name, "cpu_at_saturation") or {}).get("machine_busy_cores")
+        ms = (e2e(config_name, "cpu_ms_per_checkout") or {}).get("total")
+        goal(f"e2e sustained checkouts/s ({config_name}) >= pgbench_tps / 25", e2e(config_name,
+             "sustained_checkouts_per_s"), round(pg / 25, 1) if pg else None, lambda f, lim: f >= lim,
+             f"{ms} ms per checkout; machine busy {busy} of {os.cpu_count()} cores" if busy is not None else "")
+    goal("cart adds >= 0.3 x pgbench_tps (same concurrency)", h["cart_adds_per_s"],
+         round(0.3 * pg, 1) if pg else None, lambda f, lim: f >= lim)
+    goal(f"half-load create->COMPLETED p99 ({h['e2e_config']}) <= 100 ms", h["e2e_p99_ms"], 100.0,
+         lambda f, lim: f <= lim, "quote the full plan: --quick's half-load phase is ~4 s" if
+         results.get("plan") == "quick" else "")
+    raw = h["raw_publish_per_s"]
+    goal("relay events/s >= 0.4 x raw unconfirmed publishes", h["relay_events_per_s"],
+         round(0.4 * raw, 1) if raw else None, lambda f, lim: f >= lim)
+    goal("cdc commit->consumer p99 at 1,000 events/s <= 15 ms", h["cdc_p99_ms"], 15.0, lambda f, lim: f <= lim)
+    return out
+
+
 def write(results: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = results["started_at"].replace(":", "").replace("-", "")[:15]
@@ -222,6 +300,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs (under 5 minutes)")
+    ap.add_argument("--shared-pg", action="store_true",
+                    help="use a database on the shared server, not a private cluster (no statement counts)")
     ap.add_argument("--only", default="", help=f"comma-separated sections: {', '.join(SECTIONS)}")
     args = ap.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -231,10 +311,12 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     started = time.perf_counter()
-    results = run("quick" if args.quick else "full", only)
+    results = run("quick" if args.quick else "full", only, args.shared_pg)
     results["total_s"] = round(time.perf_counter() - started, 1)
     path = write(results)
-    print(json.dumps({k: results.get(k) for k in (*HEADLINE, "ratios", "goals", "total_s")}, indent=2))
+    print(json.dumps({k: results.get(k) for k in (*HEADLINE, "cpu_ms_per_checkout", "statements_per_checkout",
+                                                  "transactions_per_checkout", "messages_per_checkout", "ratios",
+                                                  "goals", "goals_13", "total_s")}, indent=2))
     log(f"wrote {path.relative_to(ROOT)}, bench/results/latest.json and BENCHMARKS.md")
     return 0
 

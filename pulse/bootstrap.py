@@ -18,6 +18,7 @@ from pulse.deps import Clock, Deps, TransactionFactory
 from pulse.events import EventType
 from pulse.infra import broker, db, redis_scripts
 from pulse.infra.consumer import Consumer
+from pulse.infra.threadname import set_os_thread_name
 from pulse.infra.workers import ConsumerSupervisor
 from pulse.inventory.products import ProductService
 from pulse.orders.service import OrderService
@@ -120,7 +121,7 @@ class System:
         return self.supervisor.status()
 
     def _spawn(self, name: str, target: Callable[..., object], *args: object) -> None:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        t = threading.Thread(target=_named(name, target), args=args, name=name, daemon=True)
         t.start()
         self.threads.append(t)
 
@@ -132,6 +133,16 @@ class System:
         self.deps.pool.close()
         self.deps.redis.close()
         self.deps.faults.close()
+
+
+def _named(name: str, target: Callable[..., object]) -> Callable[..., object]:
+    """``target`` run under the OS thread name ``name`` (15 bytes), so /proc tells the relay from the API."""
+
+    def run(*args: object) -> object:
+        set_os_thread_name(name)
+        return target(*args)
+
+    return run
 
 
 def every(interval_s: float, job: Callable[[], object], stop: threading.Event) -> None:

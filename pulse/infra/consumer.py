@@ -8,14 +8,19 @@ import time
 import traceback
 
 import pika
-import psycopg
 from pika.exceptions import AMQPError, NackError, UnroutableError
 
 from pulse.events import Envelope, MalformedEnvelope
 from pulse.faults import NO_FAULTS
 from pulse.infra import broker, db
+from pulse.infra.threadname import set_os_thread_name
 
 log = logging.getLogger(__name__)
+
+
+class _HandlerFailed(Exception):
+    """A handler raised inside a batch: its partial statements are in the shared transaction, which must not
+    commit; the batch rolls back and its messages are handled one by one."""
 
 
 class Consumer(threading.Thread):
@@ -54,6 +59,8 @@ class Consumer(threading.Thread):
         The error that ended it is kept in ``last_error`` (and logged) for the supervisor that restarts
         it (pulse.infra.workers); messages it held unacked go back to the queue with its connection.
         """
+        # "c:<queue>:<n>" in /proc: bench/cpu.py charges this thread's CPU to the consumers, not the API.
+        set_os_thread_name("c:" + self.name.removeprefix("consumer:").replace(".queue", ""))
         backoff = 0.5
         while not self.stop.is_set():
             try:
@@ -151,11 +158,12 @@ class Consumer(threading.Thread):
         self.handled += 1
 
     def _process_batch(self, channel, taken: list) -> None:
-        """Handle several deliveries in one database transaction, each handler inside its own savepoint.
+        """Handle several deliveries in one database transaction.
 
         Exactly-once holds as for one message: inbox rows commit with the effects, acks follow the commit.
-        A handler that fails is undone to its savepoint and then takes the one-message path (retries, DLQ);
-        if the batch itself fails (e.g. the connection dropped), every message takes that path.
+        A handler that fails leaves its statements in the shared transaction (handlers take no savepoint in a
+        batch, see pulse.infra.db.unit), so the whole batch is rolled back and every message takes the
+        one-message path (retries, DLQ), as when the batch itself fails (e.g. the connection dropped).
         """
         if len(taken) == 1:
             self._process(channel, *taken[0])
@@ -184,13 +192,8 @@ class Consumer(threading.Thread):
                     current.callbacks = []
                     try:
                         self.dispatch(envelope)
-                    except Exception as exc:  # the handler's savepoint already undid its statements
-                        if current.conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
-                            raise  # the shared transaction itself is broken: the whole batch starts over
-                        log.info("%s: %s %s failed in a batch (%s); retrying it alone", self.name,
-                                 envelope.event_type, envelope.id, exc)
-                        failed.append((method, props, body))
-                        continue
+                    except Exception as exc:
+                        raise _HandlerFailed(f"{envelope.event_type} {envelope.id}: {exc}") from exc
                     done.append((method, props, body, current.callbacks))
         except Exception as exc:
             log.warning("%s: batch of %d failed (%s); handling its messages one by one", self.name, len(taken), exc)

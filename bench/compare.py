@@ -1,0 +1,69 @@
+"""Same-run A/B of two source trees: ``bench/compare.py --a /path/to/old/tree --b . [--config optimistic/cdc]``.
+
+One private PostgreSQL cluster, vhost and Redis DB; the saturation + half-load phases of bench/measure.end_to_end
+alternate between a ``pulse serve`` running tree A's code and one running tree B's (``PYTHONPATH``), ``--rounds``
+times, so both see the same machine load. Prints CPU ms, statements and xids per checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import measure  # noqa: E402
+from bench.suite import services  # noqa: E402
+
+
+def brief(e: dict) -> dict:
+    cpu, pg = e["cpu_ms_per_checkout"] or {}, e.get("postgres_per_checkout") or {}
+    return {"sustained_per_s": e["sustained_checkouts_per_s"], "half_load_p99_ms": e["p99_ms"],
+            "cpu_ms_total": cpu.get("total"), "cpu_ms": cpu.get("by_component"),
+            "statements": pg.get("statements_per_checkout"), "xids": pg.get("xids_per_checkout"),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--a", required=True, help="source tree A (its pulse/ is imported by A's server)")
+    ap.add_argument("--b", default=str(ROOT), help="source tree B (default: this one)")
+    ap.add_argument("--config", default="optimistic/cdc")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=4)
+    ap.add_argument("--concurrency", type=int, default=16)
+    args = ap.parse_args()
+    strategy, mode = args.config.split("/")
+    out = {"a": str(Path(args.a).resolve()), "b": str(Path(args.b).resolve()), "config": args.config, "runs": []}
+    with services(shared_pg=False) as p:
+        real_serve = measure.serve
+        for r in range(args.rounds):
+            for label in ("a", "b"):
+                tree = out[label]
+
+                def serve(p_, **kw):  # the same server, run from the other tree's code
+                    kw["extra_env"] = {**(kw.get("extra_env") or {}), "PYTHONPATH": tree}
+                    return real_serve(p_, **kw)
+                measure.serve = serve
+                # `python -m pulse` puts its working directory ahead of PYTHONPATH: run it from the tree itself.
+                os.chdir(tree)
+                try:
+                    e = measure.end_to_end(p, strategy=strategy, outbox_mode=mode, concurrency=args.concurrency,
+                                           duration_s=args.seconds)
+                finally:
+                    measure.serve = real_serve
+                    os.chdir(ROOT)
+                out["runs"].append({"round": r, "tree": label, **brief(e)})
+                print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
