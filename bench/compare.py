@@ -23,10 +23,15 @@ from bench.suite import services  # noqa: E402
 
 def brief(e: dict) -> dict:
     cpu, pg = e["cpu_ms_per_checkout"] or {}, e.get("postgres_per_checkout") or {}
-    return {"sustained_per_s": e["sustained_checkouts_per_s"], "half_load_p99_ms": e["p99_ms"],
-            "cpu_ms_total": cpu.get("total"), "cpu_ms": cpu.get("by_component"),
-            "statements": pg.get("statements_per_checkout"), "xids": pg.get("xids_per_checkout"),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "sustained_per_s": e["sustained_checkouts_per_s"],
+        "half_load_p99_ms": e["p99_ms"],
+        "cpu_ms_total": cpu.get("total"),
+        "cpu_ms": cpu.get("by_component"),
+        "statements": pg.get("statements_per_checkout"),
+        "xids": pg.get("xids_per_checkout"),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def main() -> int:
@@ -47,15 +52,17 @@ def main() -> int:
             for label in ("a", "b"):
                 tree = out[label]
 
-                def serve(p_, **kw):  # the same server, run from the other tree's code
+                def serve(p_, tree=tree, **kw):  # the same server, run from the other tree's code
                     kw["extra_env"] = {**(kw.get("extra_env") or {}), "PYTHONPATH": tree}
                     return real_serve(p_, **kw)
+
                 measure.serve = serve
                 # `python -m pulse` puts its working directory ahead of PYTHONPATH: run it from the tree itself.
                 os.chdir(tree)
                 try:
-                    e = measure.end_to_end(p, strategy=strategy, outbox_mode=mode, concurrency=args.concurrency,
-                                           duration_s=args.seconds)
+                    e = measure.end_to_end(
+                        p, strategy=strategy, outbox_mode=mode, concurrency=args.concurrency, duration_s=args.seconds
+                    )
                 finally:
                     measure.serve = real_serve
                     os.chdir(ROOT)

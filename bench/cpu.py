@@ -77,7 +77,7 @@ def _component(pid: int, ppid: int, comm: str, cmdline: str, mine: dict[int, str
 
 
 def _ticks(stat: str) -> tuple[str, list[str]]:
-    return stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
 
 
 def _threads(pid: int) -> Counter:
@@ -146,10 +146,14 @@ def ms_per_unit(before: Counter, after: Counter, units: int, machine_busy_s: flo
     for component in set(before) | set(after):
         by_group[group(component)] += max(0.0, after.get(component, 0) - before.get(component, 0))
     ms = {g: round(1000 * s / units, 2) for g, s in by_group.items()}
-    out = {"units": units, "total": round(sum(v for g, v in ms.items() if g in SYSTEM), 2),
-           "by_component": {g: ms.get(g, 0.0) for g in GROUPS},
-           "outside_the_system": dict(sorted(((g, v) for g, v in ms.items() if g not in SYSTEM and v),
-                                             key=lambda kv: -kv[1]))}
+    out = {
+        "units": units,
+        "total": round(sum(v for g, v in ms.items() if g in SYSTEM), 2),
+        "by_component": {g: ms.get(g, 0.0) for g in GROUPS},
+        "outside_the_system": dict(
+            sorted(((g, v) for g, v in ms.items() if g not in SYSTEM and v), key=lambda kv: -kv[1])
+        ),
+    }
     if machine_busy_s is not None:
         out["machine_busy"] = round(1000 * machine_busy_s / units, 2)
     return out
@@ -178,10 +182,12 @@ class CpuMeter:
         used = {k: round((self.c1[k] - self.c0.get(k, 0)) / wall, 2) for k in self.c1}
         busy = (self.m1[0] - self.m0[0]) / wall
         serve = sum(v for k, v in used.items() if k.startswith(SERVE + ": "))
-        return {"cores": os.cpu_count(), "machine_busy_cores": round(busy, 2),
-                "by_component_cores": dict(sorted(((k, v) for k, v in used.items() if v >= 0.01),
-                                                  key=lambda kv: -kv[1])),
-                SERVE + " (all threads)": round(serve, 2)}
+        return {
+            "cores": os.cpu_count(),
+            "machine_busy_cores": round(busy, 2),
+            "by_component_cores": dict(sorted(((k, v) for k, v in used.items() if v >= 0.01), key=lambda kv: -kv[1])),
+            SERVE + " (all threads)": round(serve, 2),
+        }
 
     def per_unit(self, units: int) -> dict | None:
         """CPU ms per unit of work in this window (see :func:`ms_per_unit`)."""

@@ -19,7 +19,6 @@ from pulse.infra import migrate
 from pulse.lab.private import LEASE_KEY, lease_redis_db, vhost
 
 
-
 class Private:
     """``with Private() as p:`` gives ``p.settings`` and ``p.env`` (for a ``pulse serve`` child) on private services."""
 
@@ -42,15 +41,21 @@ class Private:
         """The measured database as the load generator's role (its queries are not the server's work)."""
         return self._probe_url(self.settings.database_url) if self._probe_url else self.settings.database_url
 
-    def __enter__(self) -> "Private":
+    def __enter__(self) -> Private:
         try:
             self.redis_db = self._lease_redis()
             self.vhost = self._add_vhost(self.tag)
             amqp = self.base.amqp_url.rsplit("/", 1)[0] + "/" + quote(self.vhost, safe="")
             redis_url = self._redis_url(self.redis_db)
             self.settings = self.base.replace(
-                database_url=self.database_url(self.tag), amqp_url=amqp, redis_url=redis_url, cdc_slot=self.tag,
-                cdc_publication=f"{self.tag}_pub", sweep_interval_s=3600, reconcile_interval_s=3600)
+                database_url=self.database_url(self.tag),
+                amqp_url=amqp,
+                redis_url=redis_url,
+                cdc_slot=self.tag,
+                cdc_publication=f"{self.tag}_pub",
+                sweep_interval_s=3600,
+                reconcile_interval_s=3600,
+            )
             self.databases.append(self.tag)
             migrate.migrate(self.settings.database_url)
         except BaseException:
@@ -65,9 +70,15 @@ class Private:
     def env(self) -> dict:
         """Environment for a ``pulse serve`` child on these services (schedulers effectively off)."""
         s = self.settings
-        return {"PULSE_DATABASE_URL": s.database_url, "PULSE_REDIS_URL": s.redis_url, "PULSE_AMQP_URL": s.amqp_url,
-                "PULSE_CDC_SLOT": s.cdc_slot, "PULSE_CDC_PUBLICATION": s.cdc_publication,
-                "PULSE_SWEEP_INTERVAL_S": "3600", "PULSE_RECONCILE_INTERVAL_S": "3600"}
+        return {
+            "PULSE_DATABASE_URL": s.database_url,
+            "PULSE_REDIS_URL": s.redis_url,
+            "PULSE_AMQP_URL": s.amqp_url,
+            "PULSE_CDC_SLOT": s.cdc_slot,
+            "PULSE_CDC_PUBLICATION": s.cdc_publication,
+            "PULSE_SWEEP_INTERVAL_S": "3600",
+            "PULSE_RECONCILE_INTERVAL_S": "3600",
+        }
 
     def database_url(self, name: str) -> str:
         return psycopg.conninfo.make_conninfo(self.base.database_url, dbname=name)
@@ -117,8 +128,11 @@ class Private:
         for name in list(self.databases):
             try:
                 with self._admin() as conn:
-                    conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                                 "WHERE slot_name LIKE %s AND NOT active", (self.tag + "%",))
+                    conn.execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                        "WHERE slot_name LIKE %s AND NOT active",
+                        (self.tag + "%",),
+                    )
                 self.drop_database(name)
             except psycopg.Error as exc:
                 print(f"bench: could not drop database {name}: {exc}")

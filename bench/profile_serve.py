@@ -37,8 +37,7 @@ def top_functions(folded: Path, n: int = 40) -> list[tuple[float, str]]:
     return [(round(100 * c / total, 1), f) for f, c in inclusive.most_common(n)]
 
 
-PARTS = (("consumers", "Consumer.run "), ("relay", "Relay.run "), ("schedulers", "every "),
-         ("API", "Server.run "))
+PARTS = (("consumers", "Consumer.run "), ("relay", "Relay.run "), ("schedulers", "every "), ("API", "Server.run "))
 
 
 def by_part(folded: Path) -> dict[str, float]:
@@ -74,18 +73,50 @@ def main() -> int:
     out = ROOT / "bench" / "results" / f"profile-{time.strftime('%Y%m%dT%H%M%S')}.folded"
     with Private() as p, measure.serve(p, strategy=args.strategy, outbox_mode=args.outbox_mode) as server:
         products = run_load(server.url, concurrency=4, duration_s=1.5, progress=False, track="off")["products"]
-        spy = subprocess.Popen([py_spy(), "record", "-p", str(server.proc.pid),
-                                "-d", str(args.seconds + 1), "-r", "100", *(["--idle"] if args.idle else ["--gil"]),
-                                "--threads", "--format", "raw", "-o", str(out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        spy = subprocess.Popen(
+            [
+                py_spy(),
+                "record",
+                "-p",
+                str(server.proc.pid),
+                "-d",
+                str(args.seconds + 1),
+                "-r",
+                "100",
+                *(["--idle"] if args.idle else ["--gil"]),
+                "--threads",
+                "--format",
+                "raw",
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         time.sleep(0.5)
         with CpuMeter({server.proc.pid: "pulse serve"}) as cpu:
-            r = run_load(server.url, concurrency=args.concurrency, duration_s=args.seconds, mix=args.mix,
-                         products=products, progress=False, track="off")
+            r = run_load(
+                server.url,
+                concurrency=args.concurrency,
+                duration_s=args.seconds,
+                mix=args.mix,
+                products=products,
+                progress=False,
+                track="off",
+            )
         spy.wait(60)
-    print(json.dumps({"cart_adds_per_s": r["cart_adds_per_s"], "checkouts_per_s": r["checkouts_per_s"],
-                      "cpu": cpu.result(), "profile": str(out.relative_to(ROOT)),
-                      "samples_by_part_pct": by_part(out)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "cart_adds_per_s": r["cart_adds_per_s"],
+                "checkouts_per_s": r["checkouts_per_s"],
+                "cpu": cpu.result(),
+                "profile": str(out.relative_to(ROOT)),
+                "samples_by_part_pct": by_part(out),
+            },
+            indent=2,
+        )
+    )
     for share, frame in top_functions(out):
         print(f"{share:5.1f}%  {frame}")
     return 0

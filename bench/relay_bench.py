@@ -82,9 +82,15 @@ class Relay:
         self.proc: subprocess.Popen | None = None
 
     def start(self):
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pulse", "serve", "--role", "relay"], cwd=ROOT,
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes to it for as long as it runs
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pulse", "serve", "--role", "relay"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
     def stop(self):
@@ -151,10 +157,18 @@ def measure_latency(p: Private, tap: Tap, rate: float, seconds: float) -> dict:
     achieved = len(committed) / (time.monotonic() - t0)
     tap.wait_for(list(committed), 60)
     lat = [(tap.arrived[i] - c) * 1000 for i, c in committed.items() if i in tap.arrived]
-    return {"offeredPerS": rate, "achievedPerS": round(achieved, 1), "seconds": seconds, "events": len(committed),
-            "received": len(lat), "p50Ms": round(percentile(lat, 50), 2), "p90Ms": round(percentile(lat, 90), 2),
-            "p99Ms": round(percentile(lat, 99), 2), "maxMs": round(max(lat), 2),
-            "meanMs": round(statistics.fmean(lat), 2)}
+    return {
+        "offeredPerS": rate,
+        "achievedPerS": round(achieved, 1),
+        "seconds": seconds,
+        "events": len(committed),
+        "received": len(lat),
+        "p50Ms": round(percentile(lat, 50), 2),
+        "p90Ms": round(percentile(lat, 90), 2),
+        "p99Ms": round(percentile(lat, 99), 2),
+        "maxMs": round(max(lat), 2),
+        "meanMs": round(statistics.fmean(lat), 2),
+    }
 
 
 def measure_drain(p: Private, tap: Tap, relay: Relay, burst: int) -> dict:
@@ -176,8 +190,12 @@ def measure_drain(p: Private, tap: Tap, relay: Relay, burst: int) -> dict:
             time.sleep(0.02)
     all_received = tap.wait_for(ids, 120)
     seconds = (last - first) if first and last else float("nan")
-    return {"events": len(ids), "seconds": round(seconds, 3), "eventsPerS": round(len(ids) / seconds, 0),
-            "allReceived": all_received}
+    return {
+        "events": len(ids),
+        "seconds": round(seconds, 3),
+        "eventsPerS": round(len(ids) / seconds, 0),
+        "allReceived": all_received,
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -189,8 +207,12 @@ def cpu_seconds(pid: int) -> float:
 def measure_idle(p: Private, relay: Relay, seconds: float) -> dict:
     with psycopg.connect(p.settings.database_url, autocommit=True) as conn:
         # The relay process's own sessions are the only other ones in the private database.
-        backends = [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                                               "AND pid <> pg_backend_pid()")]
+        backends = [
+            r[0]
+            for r in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ]
     pids = [relay.proc.pid, *backends]
     try:
         before = sum(cpu_seconds(x) for x in pids)
@@ -204,8 +226,11 @@ def measure_idle(p: Private, relay: Relay, seconds: float) -> dict:
 def run_mode(p: Private, mode: str, args) -> dict:
     tap = Tap(p.settings.amqp_url)
     tap.start()
-    relay = Relay(p.env | {"PULSE_RELAY_POLL_S": str(args.poll_s)}, mode,
-                  Path(tempfile.gettempdir()) / f"pulse-relay-bench-{mode}.log").start()
+    relay = Relay(
+        p.env | {"PULSE_RELAY_POLL_S": str(args.poll_s)},
+        mode,
+        Path(tempfile.gettempdir()) / f"pulse-relay-bench-{mode}.log",
+    ).start()
     try:
         wait_ready(p.settings.database_url, tap)
         idle = measure_idle(p, relay, args.idle)
@@ -238,12 +263,19 @@ def main(argv=None) -> int:
             print(f"relay bench: {mode} ...", flush=True)
             results[mode] = run_mode(p, mode, args)
             p.purge_queues()
-    doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(), "python": platform.python_version(),
-           "postgres": pg_version, "pollS": args.poll_s, "relayBatch": p.settings.relay_batch,
-           "latencyMeasures": "COMMIT returned -> message received by a consumer of the exchange",
-           "cdcReader": "logical replication stream (START_REPLICATION over psycopg.pq), pgoutput protocol 1",
-           "loadAverage1m": round(os.getloadavg()[0], 2),
-           "goal": {"cdcP99Ms": 50, "eventsPerS": 5000}, "modes": results}
+    doc = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "postgres": pg_version,
+        "pollS": args.poll_s,
+        "relayBatch": p.settings.relay_batch,
+        "latencyMeasures": "COMMIT returned -> message received by a consumer of the exchange",
+        "cdcReader": "logical replication stream (START_REPLICATION over psycopg.pq), pgoutput protocol 1",
+        "loadAverage1m": round(os.getloadavg()[0], 2),
+        "goal": {"cdcP99Ms": 50, "eventsPerS": 5000},
+        "modes": results,
+    }
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
     print(table(doc))
     print(f"written to {RESULTS.relative_to(ROOT)}")
@@ -255,8 +287,10 @@ def table(doc: dict) -> str:
     lines = [head, "-" * len(head)]
     for mode, r in doc["modes"].items():
         lat, thr = r["latency"], r["throughput"]
-        lines.append(f"{mode:8} {lat['achievedPerS']:>9.0f} {lat['p50Ms']:>8.1f} {lat['p99Ms']:>8.1f} "
-                     f"{lat['maxMs']:>8.1f} {thr['eventsPerS']:>11.0f} {str(r['idle'].get('cpuPercent')):>9}")
+        lines.append(
+            f"{mode:8} {lat['achievedPerS']:>9.0f} {lat['p50Ms']:>8.1f} {lat['p99Ms']:>8.1f} "
+            f"{lat['maxMs']:>8.1f} {thr['eventsPerS']:>11.0f} {str(r['idle'].get('cpuPercent')):>9}"
+        )
     return "\n".join(lines)
 
 

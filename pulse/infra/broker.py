@@ -16,6 +16,8 @@ from pulse.events import EventType as E
 log = logging.getLogger(__name__)
 
 EXCHANGE = "outbox-exchange"
+
+
 class BrokerUnavailable(RuntimeError):
     """RabbitMQ did not answer at the configured URL."""
 
@@ -34,8 +36,9 @@ def connect(url: str, *, heartbeat: int = 30) -> pika.BlockingConnection:
     try:
         return pika.BlockingConnection(params)
     except AMQPError as exc:
-        raise BrokerUnavailable(f"RabbitMQ is not reachable at {params.host}:{params.port} "
-                                f"({type(exc).__name__}).") from exc
+        raise BrokerUnavailable(
+            f"RabbitMQ is not reachable at {params.host}:{params.port} ({type(exc).__name__})."
+        ) from exc
 
 
 def declare_topology(channel, bindings: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -110,8 +113,9 @@ class ConfirmingPublisher:
         self._channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
         self._channel._impl.add_on_return_callback(self._on_return)
         ready = []
-        self._channel._impl.confirm_delivery(ack_nack_callback=self._on_confirm,
-                                             callback=lambda _frame: ready.append(True))
+        self._channel._impl.confirm_delivery(
+            ack_nack_callback=self._on_confirm, callback=lambda _frame: ready.append(True)
+        )
         self._channel._flush_output(lambda: bool(ready))
         self._next_tag, self._acked, self._nacked, self._ack_floor = 1, set(), set(), 0
         self._returned = set()
@@ -123,15 +127,24 @@ class ConfirmingPublisher:
         method = frame.method
         target = self._acked if isinstance(method, pika.spec.Basic.Ack) else self._nacked
         if method.multiple:
-            target.update(t for t in range(self._ack_floor + 1, method.delivery_tag + 1)
-                          if t not in self._acked and t not in self._nacked)
+            target.update(
+                t
+                for t in range(self._ack_floor + 1, method.delivery_tag + 1)
+                if t not in self._acked and t not in self._nacked
+            )
         else:
             target.add(method.delivery_tag)
         while self._ack_floor + 1 in self._acked or self._ack_floor + 1 in self._nacked:
             self._ack_floor += 1
 
-    def publish_batch(self, envelopes: list[Envelope], *, exchange: str = EXCHANGE,
-                      routing_key: str | None = None, headers: dict | None = None) -> list[Delivery]:
+    def publish_batch(
+        self,
+        envelopes: list[Envelope],
+        *,
+        exchange: str = EXCHANGE,
+        routing_key: str | None = None,
+        headers: dict | None = None,
+    ) -> list[Delivery]:
         """Publish all (mandatory), wait for the broker's answers; element i is what became of envelope i.
 
         Raises BrokerUnavailable if the connection is lost: nothing in the batch counts as confirmed.
@@ -143,10 +156,16 @@ class ConfirmingPublisher:
             self._returned.clear()
             tags = []
             for env in envelopes:
-                props = pika.BasicProperties(content_type="application/json", delivery_mode=2,
-                                             message_id=str(env.id), type=env.event_type, headers=headers)
-                self._channel._impl.basic_publish(exchange, routing_key or env.event_type, env.to_json(), props,
-                                                  mandatory=True)
+                props = pika.BasicProperties(
+                    content_type="application/json",
+                    delivery_mode=2,
+                    message_id=str(env.id),
+                    type=env.event_type,
+                    headers=headers,
+                )
+                self._channel._impl.basic_publish(
+                    exchange, routing_key or env.event_type, env.to_json(), props, mandatory=True
+                )
                 tags.append(self._next_tag)
                 self._next_tag += 1
             last = tags[-1]
@@ -155,17 +174,26 @@ class ConfirmingPublisher:
             while self._ack_floor < last and time.monotonic() < deadline:
                 self._conn.process_data_events(time_limit=0.05)
             returned = self._returned
-            result = [Delivery.UNCONFIRMED if t not in self._acked else
-                      Delivery.UNROUTABLE if str(env.id) in returned else Delivery.CONFIRMED
-                      for t, env in zip(tags, envelopes, strict=True)]
+            result = [
+                Delivery.UNCONFIRMED
+                if t not in self._acked
+                else Delivery.UNROUTABLE
+                if str(env.id) in returned
+                else Delivery.CONFIRMED
+                for t, env in zip(tags, envelopes, strict=True)
+            ]
             self._acked.difference_update(tags)
             self._nacked.difference_update(tags)
             self._returned = set()
             if self._ack_floor < last:
                 # No answer in time (a connection the broker no longer serves, e.g. after a fault): start the
                 # next batch on a fresh channel whose delivery tags we know, rather than wait on this one.
-                log.warning("broker did not confirm %d of %d events within %.0fs; reconnecting",
-                            result.count(Delivery.UNCONFIRMED), len(result), self.confirm_timeout_s)
+                log.warning(
+                    "broker did not confirm %d of %d events within %.0fs; reconnecting",
+                    result.count(Delivery.UNCONFIRMED),
+                    len(result),
+                    self.confirm_timeout_s,
+                )
                 self.close()
             return result
         except (AMQPError, OSError) as exc:

@@ -88,8 +88,10 @@ def wal_level_problem(wal_level: str) -> str | None:
     """The one-sentence fix when the server's wal_level cannot feed the CDC relay, else None."""
     if wal_level == "logical":
         return None
-    return (f"PostgreSQL runs with wal_level={wal_level}, but PULSE_OUTBOX_MODE=cdc needs logical: run "
-            "ALTER SYSTEM SET wal_level = logical and restart PostgreSQL, or set PULSE_OUTBOX_MODE=polling.")
+    return (
+        f"PostgreSQL runs with wal_level={wal_level}, but PULSE_OUTBOX_MODE=cdc needs logical: run "
+        "ALTER SYSTEM SET wal_level = logical and restart PostgreSQL, or set PULSE_OUTBOX_MODE=polling."
+    )
 
 
 def wal_level(conn) -> str:
@@ -129,9 +131,11 @@ def ensure_slot(conn, slot: str) -> bool:
     dbname = conn.info.dbname
     if row is not None:
         if row["database"] != dbname or row["plugin"] != "pgoutput":
-            raise CdcUnavailable(f"Replication slot {slot} belongs to database {row['database']} (plugin "
-                                 f"{row['plugin']}), not to {dbname} with pgoutput: set PULSE_CDC_SLOT to another "
-                                 "name.")
+            raise CdcUnavailable(
+                f"Replication slot {slot} belongs to database {row['database']} (plugin "
+                f"{row['plugin']}), not to {dbname} with pgoutput: set PULSE_CDC_SLOT to another "
+                "name."
+            )
         return False
     try:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
@@ -150,8 +154,12 @@ def prepare(database_url: str, slot: str, publication: str) -> dict:
         if problem:
             log.warning("%s", problem)
             return {"publication": publication, "publicationCreated": created_pub, "slot": None, "problem": problem}
-        return {"publication": publication, "publicationCreated": created_pub, "slot": slot,
-                "slotCreated": ensure_slot(conn, slot)}
+        return {
+            "publication": publication,
+            "publicationCreated": created_pub,
+            "slot": slot,
+            "slotCreated": ensure_slot(conn, slot),
+        }
 
 
 def try_lock(conn, slot: str) -> bool:
@@ -177,8 +185,11 @@ def slot_lost_reason(conn, slot: str) -> str | None:
 
 def confirmed_lsn(conn, slot: str) -> int:
     """The slot's confirmed position: every change before it is done with."""
-    return lsn_int(_row(conn, "SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots "
-                              "WHERE slot_name = %s", (slot,))["lsn"])
+    return lsn_int(
+        _row(conn, "SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = %s", (slot,))[
+            "lsn"
+        ]
+    )
 
 
 def flush_lsn(conn) -> int:
@@ -190,8 +201,10 @@ def wait_released(conn, slot: str, timeout_s: float = 5.0) -> None:
     """A previous stream's walsender (ours after a broker error, or a dead holder's) exits a moment after
     its client; until then the slot is active and START_REPLICATION would be refused."""
     deadline = time.monotonic() + timeout_s
-    while _row(conn, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,))["active"] \
-            and time.monotonic() < deadline:
+    while (
+        _row(conn, "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,))["active"]
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
 
 
@@ -202,8 +215,10 @@ def recreate(conn, slot: str, reason: str) -> int:
     conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
     ensure_slot(conn, slot)
     try:
-        conn.execute("INSERT INTO infra.relay_slot_losses (slot, reason, outbox_rows, pid, host) "
-                     "VALUES (%s, %s, %s, %s, %s)", (slot, reason, rows, os.getpid(), socket.gethostname()))
+        conn.execute(
+            "INSERT INTO infra.relay_slot_losses (slot, reason, outbox_rows, pid, host) VALUES (%s, %s, %s, %s, %s)",
+            (slot, reason, rows, os.getpid(), socket.gethostname()),
+        )
     except psycopg.errors.UndefinedTable:
         log.info("cdc relay: no infra.relay_slot_losses table to record that in (run `pulse db migrate`)")
     return rows
@@ -213,17 +228,29 @@ def last_slot_loss(conn, slot: str) -> dict | None:
     """The last time the cdc relay found ``slot`` lost and created it again (``infra.relay_slot_losses``), or None."""
     if not _row(conn, "SELECT to_regclass('infra.relay_slot_losses') IS NOT NULL AS ok")["ok"]:
         return None
-    row = _one(conn, "SELECT recreated_at, reason, outbox_rows, pid, host, extract(epoch FROM now() - recreated_at) "
-                     "AS age_s, count(*) OVER () AS times FROM infra.relay_slot_losses WHERE slot = %s "
-                     "ORDER BY recreated_at DESC LIMIT 1", (slot,))
+    row = _one(
+        conn,
+        "SELECT recreated_at, reason, outbox_rows, pid, host, extract(epoch FROM now() - recreated_at) "
+        "AS age_s, count(*) OVER () AS times FROM infra.relay_slot_losses WHERE slot = %s "
+        "ORDER BY recreated_at DESC LIMIT 1",
+        (slot,),
+    )
     if row is None:
         return None
-    return {"at": row["recreated_at"].isoformat(), "reason": row["reason"], "outboxRows": row["outbox_rows"],
-            "pid": row["pid"], "host": row["host"], "ageS": round(float(row["age_s"]), 1), "times": row["times"]}
+    return {
+        "at": row["recreated_at"].isoformat(),
+        "reason": row["reason"],
+        "outboxRows": row["outbox_rows"],
+        "pid": row["pid"],
+        "host": row["host"],
+        "ageS": round(float(row["age_s"]), 1),
+        "times": row["times"],
+    }
 
 
-def write_heartbeat(conn, slot: str, *, started_at: float, published: int, rate: float,
-                    last_publish_at: float | None) -> None:
+def write_heartbeat(
+    conn, slot: str, *, started_at: float, published: int, rate: float, last_publish_at: float | None
+) -> None:
     """Upsert the holder's ``infra.relay_heartbeat`` row: who relays the slot, how fast, and when it last published."""
     conn.execute(
         "INSERT INTO infra.relay_heartbeat AS h (slot, mode, pid, host, started_at, updated_at, published, "
@@ -232,15 +259,19 @@ def write_heartbeat(conn, slot: str, *, started_at: float, published: int, rate:
         "host = EXCLUDED.host, started_at = EXCLUDED.started_at, updated_at = now(), "
         "published = EXCLUDED.published, events_per_s = EXCLUDED.events_per_s, "
         "last_publish_at = coalesce(EXCLUDED.last_publish_at, h.last_publish_at)",
-        (slot, os.getpid(), socket.gethostname(), started_at, published, rate, last_publish_at))
+        (slot, os.getpid(), socket.gethostname(), started_at, published, rate, last_publish_at),
+    )
 
 
 def heartbeat(conn, slot: str) -> dict | None:
     """The relay heartbeat of ``slot`` with its age in seconds, or None (no row, or no table yet)."""
     if not _row(conn, "SELECT to_regclass('infra.relay_heartbeat') IS NOT NULL AS ok")["ok"]:
         return None
-    return _one(conn, "SELECT *, extract(epoch FROM now() - updated_at) AS age_s FROM infra.relay_heartbeat "
-                      "WHERE slot = %s", (slot,))
+    return _one(
+        conn,
+        "SELECT *, extract(epoch FROM now() - updated_at) AS age_s FROM infra.relay_heartbeat WHERE slot = %s",
+        (slot,),
+    )
 
 
 def drop(conn, slot: str) -> dict:

@@ -38,8 +38,17 @@ class CatchUp:
         return now > self.deadline
 
 
-def sweep(conn, publisher: broker.ConfirmingPublisher, *, batch: int, naive: bool, faults, retry_s: float,
-          count, logger: logging.Logger) -> int:
+def sweep(
+    conn,
+    publisher: broker.ConfirmingPublisher,
+    *,
+    batch: int,
+    naive: bool,
+    faults,
+    retry_s: float,
+    count,
+    logger: logging.Logger,
+) -> int:
     """Publish every row up to the current highest ``seq``, marked unroutable or not, and delete the confirmed
     ones; returns how many were published. Bounded by that ``seq``, so a busy outbox cannot keep it going.
 
@@ -74,6 +83,10 @@ def sweep(conn, publisher: broker.ConfirmingPublisher, *, batch: int, naive: boo
         if len(ids) + len(unroutable) < len(envs):
             raise broker.BrokerUnavailable("RabbitMQ refused events of the start-up sweep; they stay in the outbox.")
     if published or kept:
-        logger.info("cdc relay published %d outbox rows the slot does not cover (left by polling mode, a crash or "
-                    "no queue bound before); %d are still unroutable", published, kept)
+        logger.info(
+            "cdc relay published %d outbox rows the slot does not cover (left by polling mode, a crash or "
+            "no queue bound before); %d are still unroutable",
+            published,
+            kept,
+        )
     return published

@@ -30,9 +30,21 @@ class Consumer(threading.Thread):
     returns gives exactly-once effects on top of the broker's at-least-once delivery.
     """
 
-    def __init__(self, url: str, queue: str, dispatch, *, stop: threading.Event, prefetch: int = 50,
-                 retries: int = 5, faults=None, name: str | None = None, pool=None, batch: int = 50,
-                 prelock=None):
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        dispatch,
+        *,
+        stop: threading.Event,
+        prefetch: int = 50,
+        retries: int = 5,
+        faults=None,
+        name: str | None = None,
+        pool=None,
+        batch: int = 50,
+        prelock=None,
+    ):
         super().__init__(name=name or f"consumer:{queue}", daemon=True)
         self.url, self.queue, self.dispatch = url, queue, dispatch
         self.stop, self.prefetch, self.retries = stop, prefetch, retries
@@ -73,18 +85,38 @@ class Consumer(threading.Thread):
                 backoff = min(backoff * 2, 5.0)
             except BaseException as exc:  # noqa: BLE001 -- recorded for the restart log, then the thread ends
                 self.last_error = exc
-                log.error("%s: consumer thread stopped by %s: %s\n%s", self.name, type(exc).__name__, exc,
-                          "".join(traceback.format_exception(exc)))
+                log.error(
+                    "%s: consumer thread stopped by %s: %s\n%s",
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                    "".join(traceback.format_exception(exc)),
+                )
                 return
         # How well batching worked (messages per transaction) is the first thing to know about a slow queue.
-        log.info("%s: handled %d messages in %d batches, %d dead-lettered", self.name, self.handled, self.batches,
-                 self.dead_lettered)
+        log.info(
+            "%s: handled %d messages in %d batches, %d dead-lettered",
+            self.name,
+            self.handled,
+            self.batches,
+            self.dead_lettered,
+        )
 
     def fresh_copy(self) -> Consumer:
         """A new, unstarted consumer with this one's arguments (a thread cannot be started twice)."""
-        return Consumer(self.url, self.queue, self.dispatch, stop=self.stop, prefetch=self.prefetch,
-                        retries=self.retries, faults=self.faults, name=self.name, pool=self.pool, batch=self.batch,
-                        prelock=self.prelock)
+        return Consumer(
+            self.url,
+            self.queue,
+            self.dispatch,
+            stop=self.stop,
+            prefetch=self.prefetch,
+            retries=self.retries,
+            faults=self.faults,
+            name=self.name,
+            pool=self.pool,
+            batch=self.batch,
+            prelock=self.prelock,
+        )
 
     def _consume(self):
         conn = broker.connect(self.url)
@@ -143,14 +175,26 @@ class Consumer(threading.Thread):
                 break
             except Exception as exc:  # a handler failure must never kill the consumer thread
                 error = exc
-                log.warning("%s: %s %s failed (attempt %d/%d): %s", self.name, envelope.event_type,
-                            envelope.id, attempt, self.retries, exc)
+                log.warning(
+                    "%s: %s %s failed (attempt %d/%d): %s",
+                    self.name,
+                    envelope.event_type,
+                    envelope.id,
+                    attempt,
+                    self.retries,
+                    exc,
+                )
                 if attempt < self.retries:
-                    self.stop.wait(min(0.05 * 2 ** attempt, 2.0))
+                    self.stop.wait(min(0.05 * 2**attempt, 2.0))
         if error is not None:
             reason = f"{type(error).__name__}: {error}"
-            log.error("%s: dead-lettering %s after %d attempts\n%s", self.name, envelope.id, self.retries,
-                      "".join(traceback.format_exception(error)))
+            log.error(
+                "%s: dead-lettering %s after %d attempts\n%s",
+                self.name,
+                envelope.id,
+                self.retries,
+                "".join(traceback.format_exception(error)),
+            )
             self._dead_letter(channel, method, props, body, reason)
             return
         self.faults.point("consumer.before_ack", queue=self.queue)
@@ -232,24 +276,39 @@ class Consumer(threading.Thread):
             # The lab's naive switch: the poison message is acked with no copy anywhere. Dropped rather than
             # requeued forever, because a requeue loop is loud (a busy consumer, a queue that never drains)
             # while a drop is the silent failure the dead-letter queue exists to prevent.
-            log.error("%s: dropping %s after it failed (%s); no dead-letter copy", self.name, props.message_id,
-                      reason)
+            log.error("%s: dropping %s after it failed (%s); no dead-letter copy", self.name, props.message_id, reason)
             channel.basic_ack(method.delivery_tag)
             return False
         headers = dict(props.headers or {})
-        headers.update({"x-pulse-reason": reason[:1000], "x-pulse-queue": self.queue,
-                        # AMQP tables have no float type (pika refuses to encode one): whole epoch ms.
-                        "x-pulse-failed-at": int(time.time() * 1000)})
-        dlq_props = pika.BasicProperties(content_type=props.content_type, delivery_mode=2,
-                                         message_id=props.message_id, type=props.type, headers=headers)
+        headers.update(
+            {
+                "x-pulse-reason": reason[:1000],
+                "x-pulse-queue": self.queue,
+                # AMQP tables have no float type (pika refuses to encode one): whole epoch ms.
+                "x-pulse-failed-at": int(time.time() * 1000),
+            }
+        )
+        dlq_props = pika.BasicProperties(
+            content_type=props.content_type,
+            delivery_mode=2,
+            message_id=props.message_id,
+            type=props.type,
+            headers=headers,
+        )
         dlq = broker.dead_letter_queue(self.queue)
         try:
             # Confirmed and mandatory: a plain publish to a missing DLQ is dropped without a word, and the ack
             # that followed it lost the message. A crash between confirm and ack leaves a duplicate, not a loss.
             self._confirming_channel(channel).basic_publish("", dlq, body, dlq_props, mandatory=True)
         except (UnroutableError, NackError) as exc:
-            log.error("%s: %s could not be dead-lettered to %s (%s); it stays in %s", self.name,
-                      props.message_id, dlq, type(exc).__name__, self.queue)
+            log.error(
+                "%s: %s could not be dead-lettered to %s (%s); it stays in %s",
+                self.name,
+                props.message_id,
+                dlq,
+                type(exc).__name__,
+                self.queue,
+            )
             self.stop.wait(1.0)  # requeued at once it would come straight back: no busy loop on a missing DLQ
             channel.basic_nack(method.delivery_tag, requeue=True)
             return False

@@ -47,15 +47,24 @@ def ensure_database(url: str) -> bool:
 def make_pool(url: str, *, min_size: int = 1, max_size: int = 20, name: str = "pulse") -> Pool:
     """An opened pool whose connections return rows as dicts."""
     # check: a connection killed by a database restart is replaced before use instead of failing one request.
-    pool: Pool = ConnectionPool(url, min_size=min_size, max_size=max_size, name=name, open=False,
-                          check=check_connection,
-                          kwargs={"row_factory": dict_row, "connect_timeout": 5,
-                                  # A lock holder or stuck session in pg_stat_activity then names its process.
-                                  "application_name": f"{name}:{os.getpid()}",
-                                  # Bounded waits: a lock held by a stuck or leaked transaction fails the handler
-                                  # (which is retried) instead of stalling its queue, and the server ends a
-                                  # transaction left idle by a client that lost track of it.
-                                  "options": "-c lock_timeout=5s -c idle_in_transaction_session_timeout=20s"})
+    pool: Pool = ConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        name=name,
+        open=False,
+        check=check_connection,
+        kwargs={
+            "row_factory": dict_row,
+            "connect_timeout": 5,
+            # A lock holder or stuck session in pg_stat_activity then names its process.
+            "application_name": f"{name}:{os.getpid()}",
+            # Bounded waits: a lock held by a stuck or leaked transaction fails the handler
+            # (which is retried) instead of stalling its queue, and the server ends a
+            # transaction left idle by a client that lost track of it.
+            "options": "-c lock_timeout=5s -c idle_in_transaction_session_timeout=20s",
+        },
+    )
     try:
         pool.open(wait=True, timeout=10)
     except Exception as exc:

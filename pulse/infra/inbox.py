@@ -17,8 +17,10 @@ def claim(conn: psycopg.Connection[Any], table: str, event_id: object, *, enable
     if not enabled:
         return True
     # A duplicate bumps the row's counter (the delivery check reports it); xmax = 0 only on a fresh insert.
-    row = conn.execute(f"INSERT INTO {table} AS t (event_id) VALUES (%s) ON CONFLICT (event_id) "
-                       "DO UPDATE SET duplicates = t.duplicates + 1 RETURNING (xmax = 0) AS inserted",
-                       (event_id,)).fetchone()
+    row = conn.execute(
+        f"INSERT INTO {table} AS t (event_id) VALUES (%s) ON CONFLICT (event_id) "
+        "DO UPDATE SET duplicates = t.duplicates + 1 RETURNING (xmax = 0) AS inserted",
+        (event_id,),
+    ).fetchone()
     assert row is not None  # INSERT ... ON CONFLICT DO UPDATE ... RETURNING returns its row either way
     return bool(row[0] if isinstance(row, tuple) else row["inserted"])

@@ -39,18 +39,30 @@ def migrate(url: str, directory: Path = SQL_DIR, *, settings: Settings | None = 
     log.info("applied %d migration files", len(applied))
     if settings is not None and settings.outbox_mode == "cdc":
         from pulse.infra import relay_cdc  # only cdc mode needs it
+
         relay_cdc.prepare(url, settings.cdc_slot, settings.cdc_publication)
     return applied
 
 
 def seed(url: str, *, reset: bool = False) -> int:
     """Insert the five seed products; with ``reset``, also put their stock back to the seed quantities."""
-    on_conflict = ("DO UPDATE SET available_quantity = EXCLUDED.available_quantity, "
-                   "version = inventory.inventory_items.version + 1, updated_at = now()") if reset else "DO NOTHING"
+    on_conflict = (
+        (
+            "DO UPDATE SET available_quantity = EXCLUDED.available_quantity, "
+            "version = inventory.inventory_items.version + 1, updated_at = now()"
+        )
+        if reset
+        else "DO NOTHING"
+    )
     with db.connect(url) as conn, conn.transaction():
         for pid, name, price, qty in SEED_PRODUCTS:
-            conn.execute("INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s) "
-                         "ON CONFLICT (id) DO NOTHING", (pid, name, price))
-            conn.execute("INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s) "
-                         f"ON CONFLICT (product_id) {on_conflict}", (pid, qty))
+            conn.execute(
+                "INSERT INTO inventory.products (id, name, base_price) VALUES (%s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                (pid, name, price),
+            )
+            conn.execute(
+                "INSERT INTO inventory.inventory_items (product_id, available_quantity) VALUES (%s, %s) "
+                f"ON CONFLICT (product_id) {on_conflict}",
+                (pid, qty),
+            )
     return len(SEED_PRODUCTS)

@@ -25,13 +25,15 @@ COLUMNS = "id, aggregate_type, aggregate_id, event_type, payload, seq"
 # a handler that ran after the previous step's event was published, so the events of one order are
 # always in both insert and commit order. Exact commit order across unrelated transactions needs the
 # WAL (the cdc relay) or serialising every writer on one lock, which the polling relay does not pay for.
-CLAIM = (f"SELECT {COLUMNS} FROM shared.outbox "
-         "WHERE unroutable_at IS NULL ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
-CLAIM_UNROUTABLE = (f"SELECT {COLUMNS} FROM shared.outbox "
-                    "WHERE unroutable_at IS NOT NULL AND seq > %s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
+CLAIM = f"SELECT {COLUMNS} FROM shared.outbox WHERE unroutable_at IS NULL ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED"
+CLAIM_UNROUTABLE = (
+    f"SELECT {COLUMNS} FROM shared.outbox "
+    "WHERE unroutable_at IS NOT NULL AND seq > %s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED"
+)
 # The CDC relay's start-up sweep: every row up to the highest seq seen at start, marked or not, by seq.
-CLAIM_SWEEP = (f"SELECT {COLUMNS} FROM shared.outbox "
-               "WHERE seq <= %s AND seq > %s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED")
+CLAIM_SWEEP = (
+    f"SELECT {COLUMNS} FROM shared.outbox WHERE seq <= %s AND seq > %s ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED"
+)
 
 
 def append(conn, event_type: str, aggregate_type: str, aggregate_id, payload: dict) -> uuid.UUID:
@@ -40,7 +42,9 @@ def append(conn, event_type: str, aggregate_type: str, aggregate_id, payload: di
     kind = str(event_type.value if hasattr(event_type, "value") else event_type)
     conn.execute(
         "INSERT INTO shared.outbox (id, aggregate_type, aggregate_id, event_type, payload) "
-        "VALUES (%s, %s, %s, %s, %s::jsonb)", (event_id, aggregate_type, str(aggregate_id), kind, dumps(payload)))
+        "VALUES (%s, %s, %s, %s, %s::jsonb)",
+        (event_id, aggregate_type, str(aggregate_id), kind, dumps(payload)),
+    )
     return event_id
 
 
@@ -51,8 +55,12 @@ def append_event(conn, event: Event) -> uuid.UUID:
 
 def envelope_of(row: dict) -> Envelope:
     """The wire envelope of an outbox row (as read by the polling relay or decoded by the CDC relay)."""
-    return Envelope(id=row["id"] if isinstance(row["id"], uuid.UUID) else uuid.UUID(str(row["id"])),
-                    event_type=row["event_type"], aggregate_id=row["aggregate_id"], payload=row["payload"])
+    return Envelope(
+        id=row["id"] if isinstance(row["id"], uuid.UUID) else uuid.UUID(str(row["id"])),
+        event_type=row["event_type"],
+        aggregate_id=row["aggregate_id"],
+        payload=row["payload"],
+    )
 
 
 def _rows(conn, query: str, params) -> list[dict]:
@@ -94,8 +102,11 @@ def mark_unroutable(conn, ids) -> set:
     ids = list(ids)
     if not ids:
         return set()
-    return _ids(conn, "UPDATE shared.outbox SET unroutable_at = coalesce(unroutable_at, now()) "
-                "WHERE id = ANY(%s) RETURNING id", ids)
+    return _ids(
+        conn,
+        "UPDATE shared.outbox SET unroutable_at = coalesce(unroutable_at, now()) WHERE id = ANY(%s) RETURNING id",
+        ids,
+    )
 
 
 def max_seq(conn) -> int | None:
@@ -112,11 +123,19 @@ def late_count(conn, older_than_s: float) -> int:
     """Routable rows older than ``older_than_s``: events the relay has not published yet although it should have.
 
     Unroutable rows wait for a binding, not for the relay, so they are not counted."""
-    return _rows(conn, "SELECT count(*) AS n FROM shared.outbox WHERE unroutable_at IS NULL AND "
-                 "created_at < now() - make_interval(secs => %s)", (older_than_s,))[0]["n"]
+    return _rows(
+        conn,
+        "SELECT count(*) AS n FROM shared.outbox WHERE unroutable_at IS NULL AND "
+        "created_at < now() - make_interval(secs => %s)",
+        (older_than_s,),
+    )[0]["n"]
 
 
 def unroutable_by_type(conn) -> list[dict]:
     """Rows kept because no queue is bound to their type: ``[{event_type, n, oldest}]``, oldest mark first."""
-    return _rows(conn, "SELECT event_type, count(*) AS n, min(unroutable_at) AS oldest FROM shared.outbox "
-                 "WHERE unroutable_at IS NOT NULL GROUP BY event_type ORDER BY min(unroutable_at)", ())
+    return _rows(
+        conn,
+        "SELECT event_type, count(*) AS n, min(unroutable_at) AS oldest FROM shared.outbox "
+        "WHERE unroutable_at IS NOT NULL GROUP BY event_type ORDER BY min(unroutable_at)",
+        (),
+    )

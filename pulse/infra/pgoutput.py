@@ -17,8 +17,8 @@ _U8 = struct.Struct(">B")
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
 _U32 = struct.Struct(">I")
-_BEGIN = struct.Struct(">QqI")      # final LSN, commit time, xid
-_COMMIT = struct.Struct(">BQQq")    # flags, commit LSN, end LSN, commit time
+_BEGIN = struct.Struct(">QqI")  # final LSN, commit time, xid
+_COMMIT = struct.Struct(">BQQq")  # flags, commit LSN, end LSN, commit time
 
 # Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01 UTC).
 PG_EPOCH_OFFSET_US = 946_684_800_000_000
@@ -107,7 +107,7 @@ class _Reader:
         end = self.data.find(b"\0", self.pos)
         if end < 0:
             raise DecodeError(f"unterminated string at byte {self.pos}")
-        text = self.data[self.pos:end].decode()
+        text = self.data[self.pos : end].decode()
         self.pos = end + 1
         return text
 
@@ -115,7 +115,7 @@ class _Reader:
         end = self.pos + n
         if n < 0 or end > len(self.data):
             raise DecodeError(f"value of {n} bytes truncated at byte {self.pos}")
-        chunk = self.data[self.pos:end]
+        chunk = self.data[self.pos : end]
         self.pos = end
         return chunk
 
@@ -173,7 +173,7 @@ def _tuple(r: _Reader) -> tuple[str | None, ...]:
                 pos += 4
                 if length < 0 or pos + length > len(data):
                     raise DecodeError(f"value of {length} bytes truncated at byte {pos}")
-                values.append(data[pos:pos + length].decode())
+                values.append(data[pos : pos + length].decode())
                 pos += length
             elif kind == 0x6E:  # 'n'
                 values.append(None)
@@ -208,12 +208,15 @@ class RowDecoder:
         if relation is None:
             raise DecodeError(f"insert into relation {insert.relid} before its Relation message")
         if len(relation.columns) != len(insert.values):
-            raise DecodeError(f"insert into {relation.qualified_name} has {len(insert.values)} values "
-                              f"for {len(relation.columns)} columns")
+            raise DecodeError(
+                f"insert into {relation.qualified_name} has {len(insert.values)} values "
+                f"for {len(relation.columns)} columns"
+            )
         return relation, {c.name: v for c, v in zip(relation.columns, insert.values, strict=True)}
 
 
 # --- encoders: used by the unit tests to build messages byte by byte, and handy in the lab to show the format ---
+
 
 def _cstr(text: str) -> bytes:
     return text.encode() + b"\0"
@@ -227,8 +230,14 @@ def encode_commit(commit_lsn: int, end_lsn: int, commit_time_us: int, flags: int
     return b"C" + _COMMIT.pack(flags, commit_lsn, end_lsn, commit_time_us)
 
 
-def encode_relation(relid: int, namespace: str, name: str, columns: list[tuple[str, int]],
-                    replica_identity: str = "d", key_columns: tuple[str, ...] = ()) -> bytes:
+def encode_relation(
+    relid: int,
+    namespace: str,
+    name: str,
+    columns: list[tuple[str, int]],
+    replica_identity: str = "d",
+    key_columns: tuple[str, ...] = (),
+) -> bytes:
     out = [b"R", _U32.pack(relid), _cstr(namespace), _cstr(name), replica_identity.encode(), _I16.pack(len(columns))]
     for col_name, type_oid in columns:
         out += [_I8.pack(1 if col_name in key_columns else 0), _cstr(col_name), _U32.pack(type_oid), _I32.pack(-1)]

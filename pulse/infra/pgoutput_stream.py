@@ -52,8 +52,12 @@ class StreamEnded(RuntimeError):
 
 
 def _envelope(row: dict) -> Envelope:
-    return Envelope(id=uuid.UUID(row["id"]), event_type=row["event_type"], aggregate_id=row["aggregate_id"],
-                    payload=json.loads(row["payload"]))
+    return Envelope(
+        id=uuid.UUID(row["id"]),
+        event_type=row["event_type"],
+        aggregate_id=row["aggregate_id"],
+        payload=json.loads(row["payload"]),
+    )
 
 
 class TransactionDecoder:
@@ -86,7 +90,7 @@ class TransactionDecoder:
             return None
         if kind != b"w":
             return None
-        return self.message(data[1 + _XLOG_HEADER.size:])
+        return self.message(data[1 + _XLOG_HEADER.size :])
 
     def message(self, data: bytes) -> Transaction | None:
         """One pgoutput message (an XLogData body, or a row of ``pg_logical_slot_peek_binary_changes``)."""
@@ -114,15 +118,18 @@ class WalStream:
     """
 
     def __init__(self, database_url: str, slot: str, publication: str, start_lsn: int, application_name: str):
-        conninfo = make_conninfo(database_url, replication="database", connect_timeout=5,
-                                 application_name=application_name, **KEEPALIVES)
+        conninfo = make_conninfo(
+            database_url, replication="database", connect_timeout=5, application_name=application_name, **KEEPALIVES
+        )
         self.pgconn = pq.PGconn.connect(conninfo.encode())
         if self.pgconn.status != pq.ConnStatus.OK:
             error = self._error()
             self.pgconn.finish()
             raise db.DatabaseUnavailable(f"PostgreSQL refused a replication connection: {error}")
-        command = (f"START_REPLICATION SLOT {sql.Identifier(slot).as_string(None)} LOGICAL {lsn_text(start_lsn)} "
-                   f"(proto_version '1', publication_names {sql.Literal(publication).as_string(None)})")
+        command = (
+            f"START_REPLICATION SLOT {sql.Identifier(slot).as_string(None)} LOGICAL {lsn_text(start_lsn)} "
+            f"(proto_version '1', publication_names {sql.Literal(publication).as_string(None)})"
+        )
         result = self.pgconn.exec_(command.encode())
         if result.status != pq.ExecStatus.COPY_BOTH:
             error = self._error()
@@ -187,6 +194,7 @@ class WalStream:
 
 
 # --- encoders of the stream's framing, for tests and the lab (the messages inside are pgoutput's encoders) ---
+
 
 def encode_xlog_data(message: bytes, start_lsn: int = 0, end_lsn: int = 0, clock_us: int = 0) -> bytes:
     """An XLogData CopyData message carrying one pgoutput message."""

@@ -61,8 +61,14 @@ class Scripts:
 
 def make_client(url: str) -> redis.Redis:
     """A Redis client with decoded strings; raises :class:`RedisUnavailable` if the server does not answer."""
-    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=3, socket_timeout=10,
-                                  health_check_interval=30, max_connections=64)
+    client = redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=3,
+        socket_timeout=10,
+        health_check_interval=30,
+        max_connections=64,
+    )
     try:
         client.ping()
     except redis.exceptions.ConnectionError as exc:

@@ -47,7 +47,7 @@ def confirmed_prefix(transactions, confirmed: list[bool]) -> tuple[int | None, l
     target, i = None, 0
     ids: list[object] = []
     for end_lsn, envelopes in transactions:
-        flags = confirmed[i:i + len(envelopes)]
+        flags = confirmed[i : i + len(envelopes)]
         i += len(envelopes)
         if not all(flags):
             break
@@ -154,12 +154,19 @@ class CdcRelay:
             self._unflushed_lsn = target
         refused = refused_count > 0
         if (self._unflushed_lsn is not None or self._unflushed or self._undeleted) and (
-                not transactions or refused or len(self._unflushed) >= self.batch
-                or time.monotonic() - self._last_flush >= self.flush_s):
+            not transactions
+            or refused
+            or len(self._unflushed) >= self.batch
+            or time.monotonic() - self._last_flush >= self.flush_s
+        ):
             self._flush(conn)
-        if (not refused and self._unflushed_lsn is None and not stream.in_transaction
-                and stream.wal_end > self._confirmed_lsn
-                and (stream.reply_requested or time.monotonic() - self._last_confirm >= self.idle_confirm_s)):
+        if (
+            not refused
+            and self._unflushed_lsn is None
+            and not stream.in_transaction
+            and stream.wal_end > self._confirmed_lsn
+            and (stream.reply_requested or time.monotonic() - self._last_confirm >= self.idle_confirm_s)
+        ):
             # Every transaction that committed before wal_end has reached us, been published and flushed.
             self._confirm(stream.wal_end)
         elif stream.reply_requested:
@@ -167,8 +174,10 @@ class CdcRelay:
         if refused:
             # The stream already moved past the refused events: start a new one from the confirmed position.
             self._close_stream()
-            raise broker.BrokerUnavailable(f"RabbitMQ refused {refused_count} of {len(envelopes)} "
-                                           "events; they stay in the slot and are published again.")
+            raise broker.BrokerUnavailable(
+                f"RabbitMQ refused {refused_count} of {len(envelopes)} "
+                "events; they stay in the slot and are published again."
+            )
         return len(ids)
 
     def _mark_unroutable(self, conn, envelopes) -> None:
@@ -260,23 +269,41 @@ class CdcRelay:
         # Read the slot up to the present before sweeping the table, so the sweep sees only what the slot misses.
         now_lsn = cdc_slot.flush_lsn(conn)
         self._sweep_after = cdc_sweep.CatchUp(now_lsn, self._confirmed_lsn, self.catch_up_limit_s)
-        self._stream = WalStream(self.settings.database_url, self.slot, self.publication, self._confirmed_lsn,
-                                 self.app_name)
-        log.info("cdc relay streaming slot %s (publication %s) from %s", self.slot, self.publication,
-                 lsn_text(self._confirmed_lsn))
+        self._stream = WalStream(
+            self.settings.database_url, self.slot, self.publication, self._confirmed_lsn, self.app_name
+        )
+        log.info(
+            "cdc relay streaming slot %s (publication %s) from %s",
+            self.slot,
+            self.publication,
+            lsn_text(self._confirmed_lsn),
+        )
 
     def _recreate_slot(self, conn, reason: str) -> None:
         """Drop the lost slot and create it at the present. The events it still held are rows of the outbox
         (a row goes only after its confirm), and the start-up sweep publishes those: duplicates, never a loss."""
         rows = cdc_slot.recreate(conn, self.slot, reason)
         self.slot_recreated_at = time.time()
-        log.warning("cdc relay: replication slot %s was lost, the server removed WAL it still needed (see "
-                    "max_slot_wal_keep_size; %s). Created it again; the %d rows still in shared.outbox are "
-                    "published again, so no event is lost.", self.slot, reason, rows)
+        log.warning(
+            "cdc relay: replication slot %s was lost, the server removed WAL it still needed (see "
+            "max_slot_wal_keep_size; %s). Created it again; the %d rows still in shared.outbox are "
+            "published again, so no event is lost.",
+            self.slot,
+            reason,
+            rows,
+        )
 
     def _sweep(self, conn) -> int:
-        return cdc_sweep.sweep(conn, self.publisher, batch=self.batch, naive=self._naive(), faults=self.faults,
-                               retry_s=self.unroutable_retry_s, count=self._count, logger=log)
+        return cdc_sweep.sweep(
+            conn,
+            self.publisher,
+            batch=self.batch,
+            naive=self._naive(),
+            faults=self.faults,
+            retry_s=self.unroutable_retry_s,
+            count=self._count,
+            logger=log,
+        )
 
     # --- the worker loop ---
 
@@ -300,8 +327,12 @@ class CdcRelay:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
             except Exception as exc:  # a relay must never die silently: log, drop the sessions, start over
-                log.warning("cdc relay: %s; reconnecting in %.1fs.", db.first_line(exc), backoff,
-                            exc_info=not isinstance(exc, (psycopg.Error, db.DatabaseUnavailable, StreamEnded)))
+                log.warning(
+                    "cdc relay: %s; reconnecting in %.1fs.",
+                    db.first_line(exc),
+                    backoff,
+                    exc_info=not isinstance(exc, (psycopg.Error, db.DatabaseUnavailable, StreamEnded)),
+                )
                 self._reset()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
@@ -324,11 +355,17 @@ class CdcRelay:
         if self._conn is None or self._conn.closed:
             self._reset()
             try:
-                self._conn = psycopg.connect(self.settings.database_url, autocommit=True, connect_timeout=5,
-                                             application_name=self.app_name, **cdc_slot.KEEPALIVES)
+                self._conn = psycopg.connect(
+                    self.settings.database_url,
+                    autocommit=True,
+                    connect_timeout=5,
+                    application_name=self.app_name,
+                    **cdc_slot.KEEPALIVES,
+                )
             except psycopg.OperationalError as exc:
-                raise db.DatabaseUnavailable(f"PostgreSQL is not reachable at {db.redact(self.settings.database_url)}:"
-                                             f" {db.first_line(exc)}") from exc
+                raise db.DatabaseUnavailable(
+                    f"PostgreSQL is not reachable at {db.redact(self.settings.database_url)}: {db.first_line(exc)}"
+                ) from exc
         return self._conn
 
     def _try_lock(self, conn) -> bool:
@@ -345,8 +382,14 @@ class CdcRelay:
             return
         rate = (self.published - last_count) / (now - last_at) if last_at else 0.0
         self._beat = (now, self.published)
-        cdc_slot.write_heartbeat(conn, self.slot, started_at=self.started_at, published=self.published, rate=rate,
-                                 last_publish_at=self.last_publish_at)
+        cdc_slot.write_heartbeat(
+            conn,
+            self.slot,
+            started_at=self.started_at,
+            published=self.published,
+            rate=rate,
+            last_publish_at=self.last_publish_at,
+        )
 
     def _check_wal_level(self) -> None:
         try:

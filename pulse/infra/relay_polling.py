@@ -32,9 +32,17 @@ class PollingRelay:
     never lost.
     """
 
-    def __init__(self, database_url: str, publisher: broker.ConfirmingPublisher, *, batch: int = 500,
-                 poll_s: float = 0.05, faults=None, naive: frozenset = frozenset(),
-                 unroutable_retry_s: float = UNROUTABLE_RETRY_S):
+    def __init__(
+        self,
+        database_url: str,
+        publisher: broker.ConfirmingPublisher,
+        *,
+        batch: int = 500,
+        poll_s: float = 0.05,
+        faults=None,
+        naive: frozenset = frozenset(),
+        unroutable_retry_s: float = UNROUTABLE_RETRY_S,
+    ):
         self.database_url, self.publisher = database_url, publisher
         self.batch, self.poll_s, self.faults = batch, poll_s, faults or NO_FAULTS
         self.naive = naive
@@ -97,10 +105,18 @@ class PollingRelay:
                     stop.wait(self.poll_s)
                 backoff = 0.5
             except Exception as exc:  # the relay thread must outlive any single failed batch (outage, fault)
-                level = logging.WARNING if isinstance(exc, (broker.BrokerUnavailable, psycopg.Error,
-                                                            db.DatabaseUnavailable, FaultInjected)) else logging.ERROR
-                log.log(level, "polling relay: %s; retrying in %.1fs", db.first_line(exc), backoff,
-                        exc_info=level == logging.ERROR)
+                level = (
+                    logging.WARNING
+                    if isinstance(exc, (broker.BrokerUnavailable, psycopg.Error, db.DatabaseUnavailable, FaultInjected))
+                    else logging.ERROR
+                )
+                log.log(
+                    level,
+                    "polling relay: %s; retrying in %.1fs",
+                    db.first_line(exc),
+                    backoff,
+                    exc_info=level == logging.ERROR,
+                )
                 self._reset()
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -114,9 +130,12 @@ class PollingRelay:
         if self._conn is None or self._conn.closed:
             # Bounded waits: a claim stuck behind a lock (DDL of a restarting peer) fails and is retried
             # instead of silently stopping the relay.
-            self._conn = db.connect(self.database_url, autocommit=True,
-                                    options="-c lock_timeout=5s -c statement_timeout=30s",
-                                    application_name=f"pulse-relay-polling:{os.getpid()}")
+            self._conn = db.connect(
+                self.database_url,
+                autocommit=True,
+                options="-c lock_timeout=5s -c statement_timeout=30s",
+                application_name=f"pulse-relay-polling:{os.getpid()}",
+            )
         return self._conn
 
     def _reset(self):

@@ -30,12 +30,21 @@ def report_unroutable(event_types, retry_s: float, logger: logging.Logger = log)
         return
     counts = collections.Counter(event_types)
     kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-    logger.warning("unroutable: %s event(s) returned by RabbitMQ, no queue is bound to it; they stay in the outbox "
-                   "(unroutable_at) and are retried every %gs", kinds, retry_s)
+    logger.warning(
+        "unroutable: %s event(s) returned by RabbitMQ, no queue is bound to it; they stay in the outbox "
+        "(unroutable_at) and are retried every %gs",
+        kinds,
+        retry_s,
+    )
 
 
-def retry_unroutable(conn, publisher: broker.ConfirmingPublisher, batch: int,
-                     retry_s: float = UNROUTABLE_RETRY_S, logger: logging.Logger = log) -> int:
+def retry_unroutable(
+    conn,
+    publisher: broker.ConfirmingPublisher,
+    batch: int,
+    retry_s: float = UNROUTABLE_RETRY_S,
+    logger: logging.Logger = log,
+) -> int:
     """Publish the rows marked unroutable again, oldest first, and delete those the broker now routed and confirmed.
 
     Rows still unroutable keep their first mark (how long the event has waited); rows the broker did not confirm
@@ -52,8 +61,9 @@ def retry_unroutable(conn, publisher: broker.ConfirmingPublisher, batch: int,
             after = rows[-1]["seq"]
         delivered += len(confirmed)
         if confirmed:
-            logger.info("delivered %d event(s) that were unroutable before: a queue is bound to them now",
-                        len(confirmed))
+            logger.info(
+                "delivered %d event(s) that were unroutable before: a queue is bound to them now", len(confirmed)
+            )
         if unroutable:
             report_unroutable([r["event_type"] for r in unroutable], retry_s, logger)
         if len(rows) < batch:
@@ -69,8 +79,9 @@ def publish_unconfirmed(publisher: broker.ConfirmingPublisher, envelopes) -> Cal
     publisher._ensure_open()
     channel = publisher._channel
     for env in envelopes:
-        props = pika.BasicProperties(content_type="application/json", delivery_mode=2, message_id=str(env.id),
-                                     type=env.event_type)
+        props = pika.BasicProperties(
+            content_type="application/json", delivery_mode=2, message_id=str(env.id), type=env.event_type
+        )
         channel._impl.basic_publish(broker.EXCHANGE, env.event_type, env.to_json(), props)
         publisher._next_tag += 1
     return lambda: channel._flush_output(lambda: True)

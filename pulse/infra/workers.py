@@ -30,12 +30,17 @@ class Slot:
 
     def status(self) -> dict[str, Any]:
         c = self.current
-        return {"queue": getattr(c, "queue", None), "thread": c.name, "alive": c.is_alive(),
-                "restarts": self.restarts, "handled": self.handled_before + getattr(c, "handled", 0),
-                "deadLettered": self.dead_lettered_before + getattr(c, "dead_lettered", 0),
-                # Deliveries dropped unhandled: the other strategy's events, and re-drives meant for another queue.
-                "skipped": self.skipped_before + _skipped(c),
-                "lastError": self.last_reason}
+        return {
+            "queue": getattr(c, "queue", None),
+            "thread": c.name,
+            "alive": c.is_alive(),
+            "restarts": self.restarts,
+            "handled": self.handled_before + getattr(c, "handled", 0),
+            "deadLettered": self.dead_lettered_before + getattr(c, "dead_lettered", 0),
+            # Deliveries dropped unhandled: the other strategy's events, and re-drives meant for another queue.
+            "skipped": self.skipped_before + _skipped(c),
+            "lastError": self.last_reason,
+        }
 
 
 def _fresh_copy(consumer: threading.Thread) -> threading.Thread:
@@ -55,8 +60,9 @@ class ConsumerSupervisor:
     predecessor's place there, so shutdown joins the thread that is running now.
     """
 
-    def __init__(self, stop: threading.Event, *, interval_s: float = 1.0,
-                 threads: list[threading.Thread] | None = None) -> None:
+    def __init__(
+        self, stop: threading.Event, *, interval_s: float = 1.0, threads: list[threading.Thread] | None = None
+    ) -> None:
         self.stop, self.interval_s = stop, interval_s
         self.threads = threads if threads is not None else []
         self.slots: list[Slot] = []
@@ -96,9 +102,14 @@ class ConsumerSupervisor:
                 except ValueError:
                     self.threads.append(fresh)
                 restarted += 1
-                log.warning("%s died (%s); restarted it (restart %d of this consumer, %d on %s)", dead.name, reason,
-                            slot.restarts, self.restarts().get(getattr(dead, "queue", None), 0),
-                            getattr(dead, "queue", "its queue"))
+                log.warning(
+                    "%s died (%s); restarted it (restart %d of this consumer, %d on %s)",
+                    dead.name,
+                    reason,
+                    slot.restarts,
+                    self.restarts().get(getattr(dead, "queue", None), 0),
+                    getattr(dead, "queue", "its queue"),
+                )
         return restarted
 
     def run(self) -> None:
