@@ -164,7 +164,7 @@ class Consumer(threading.Thread):
         if self._lost(envelope, props):
             channel.basic_ack(method.delivery_tag)  # acked, never handled
             return
-        error = None
+        error: Exception | None = None
         for attempt in range(1, self.retries + 1):
             try:
                 self.dispatch(envelope)
