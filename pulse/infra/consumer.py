@@ -189,10 +189,10 @@ class Consumer(threading.Thread):
         if error is not None:
             reason = f"{type(error).__name__}: {error}"
             log.error(
-                "%s: dead-lettering %s after %d attempts\n%s",
+                "%s: dead-lettering %s after %d attempt(s)\n%s",
                 self.name,
                 envelope.id,
-                self.retries,
+                attempt,
                 "".join(traceback.format_exception(error)),
             )
             self._dead_letter(channel, method, props, body, reason)
