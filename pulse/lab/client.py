@@ -24,6 +24,7 @@ from pulse.status import (
 from pulse.status import (
     PaymentStatus as Pay,
 )
+from pulse.tools.checkout import Request, add_item_request, cart_request, order_request, order_status_request
 
 
 class PulseError(RuntimeError):
@@ -53,7 +54,13 @@ class PulseClient:
         return str(uuid.uuid4())
 
     def _call(self, method: str, path: str, **kwargs):
-        response = self.http.request(method, path, **kwargs)
+        return self._answer(self.http.request(method, path, **kwargs))
+
+    def _send(self, request: Request):
+        return self._answer(self.http.request(request.method, request.path, json=request.body))
+
+    @staticmethod
+    def _answer(response: httpx.Response):
         if response.status_code >= 400:
             raise PulseError(response.status_code, response.json().get("error", response.text))
         return response.json()
@@ -66,18 +73,18 @@ class PulseClient:
 
     def add_item(self, user_id: str, product_id: str, quantity: int = 1) -> dict:
         """PUT /api/cart/{userId}/items: reserve ``quantity`` more units in the user's cart."""
-        return self._call("PUT", f"/api/cart/{user_id}/items", json={"productId": product_id, "quantity": quantity})
+        return self._send(add_item_request(user_id, product_id, quantity))
 
     def cart(self, user_id: str) -> dict:
-        return self._call("GET", f"/api/cart/{user_id}")
+        return self._send(cart_request(user_id))
 
     def checkout(self, user_id: str, idempotency_key: str | None = None) -> dict:
         """POST /api/orders; a random idempotency key unless you pass one (pass the same to retry safely)."""
         key = idempotency_key or str(uuid.uuid4())
-        return self._call("POST", "/api/orders", json={"userId": user_id, "idempotencyKey": key})
+        return self._send(order_request(user_id, key))
 
     def order(self, order_id: str) -> dict:
-        return self._call("GET", f"/api/orders/{order_id}")
+        return self._send(order_status_request(order_id))
 
     def wait_settled(self, order_id: str, timeout_s: float = 30.0, poll_s: float = 0.05) -> dict:
         """Poll the order until the saga is over: terminal status, compensation finished, view caught up."""

@@ -5,12 +5,10 @@ from __future__ import annotations
 import random
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
-
-from pulse.lab.client import PulseClient, PulseError
+from pulse.lab.client import PulseClient
+from pulse.tools.checkout import LAB_WORDS, NO_RETRY, Shopper, wait_out_restarts
 
 
 def one_checkout(
@@ -24,31 +22,12 @@ def one_checkout(
     With ``wait_up`` (a function that waits for the restarted server) it behaves as a careful shop
     front-end: after a request got no answer it waits, then places the order with the same
     idempotency key until it gets an answer (a 409 "in flight" from the dead attempt's lock is
-    retried too), so no cart is left behind by a crash. Without it, the first failure is the outcome.
+    retried too, for ``retry_for_s``), so no cart is left behind by a crash. Without it, the first
+    failure is the outcome. The driver is :class:`pulse.tools.checkout.Shopper`.
     """
-    user, key = client.new_user(), str(uuid.uuid4())
-    try:
-        client.add_item(user, product, quantity)
-    except PulseError as exc:
-        return ("cart-rejected" if exc.status == 409 else "error"), None
-    except httpx.TransportError:
-        if wait_up is None:
-            return "no-answer", None
-        wait_up()  # the add may have committed or not: the order below finds out (404: no cart)
-    deadline = time.monotonic() + retry_for_s
-    while True:
-        try:
-            return "placed", client.checkout(user, key)["orderId"]
-        except PulseError as exc:
-            if exc.status == 404:
-                return "no-answer", None  # the add that got no answer never reached the database
-            if exc.status != 409 or wait_up is None or time.monotonic() > deadline:
-                return "error", None
-            time.sleep(0.5)
-        except httpx.TransportError:
-            if wait_up is None or time.monotonic() > deadline:
-                return "no-answer", None
-            wait_up()
+    policy = NO_RETRY if wait_up is None else wait_out_restarts(wait_up, retry_for_s)
+    done = Shopper(client.http, policy).checkout(product, quantity)
+    return LAB_WORDS[done.outcome], done.order_id
 
 
 def run_orders(

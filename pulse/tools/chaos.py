@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -30,6 +31,7 @@ import httpx
 from pulse import config, faults, faults_catalogue
 from pulse.infra import db, migrate, outbox
 from pulse.tools.check import invariants as inv
+from pulse.tools.checkout import CHAOS_WORDS, Checkout, Outcome, Shopper, through_faults
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ EXPIRY = {"stock": 5, "shoppers": 3, "ttl_s": 2}  # carts left to expire once th
 SWEEP_EVERY_S = 1.0  # the campaign's server sweeps expired carts this often
 RECONCILE_EVERY_S = 1.0  # the campaign's server reconciles Redis this often, so passes meet adds in flight
 DECISIONS = ("STOCK_RESERVED", "STOCK_FAILED", "PAYMENT_PROCESSED", "PAYMENT_FAILED")
+SHOPPER = through_faults()  # the drive's checkouts: every request retried through crashes for up to a minute
+# The contention phase's order submits: a slow creation that outlives its lock answers 409 for longer, and an
+# order whose retries through faults ran out is given up at once.
+SUBMITTER = dataclasses.replace(SHOPPER, order_retry_on=frozenset({409}), order_attempts=100)
 
 
 class Campaign:
@@ -96,7 +102,6 @@ class Campaign:
         self.rng = random.Random(seed)
         self.outcomes: collections.Counter = collections.Counter()
         self.order_ids: list[str] = []
-        self._last_order: dict[str, str] = {}  # idempotency key -> order id (the contention phase's)
         self._lock = threading.Lock()
         # Two events, because Event.wait() sleeps only until its event is SET: waiting on ``_driving`` (set for
         # the whole drive) returned at once, so the injector neither paused nor held a kind until it struck,
@@ -432,21 +437,13 @@ class Campaign:
             return list(pool.map(run, calls))
 
     def _add(self, http, product: str, quantity: int, user: str | None = None) -> int:
-        return self._call(
-            http, "PUT", f"/api/cart/{user or uuid.uuid4()}/items", {"productId": product, "quantity": quantity}
-        )
+        return Shopper(http, SHOPPER).add(user or str(uuid.uuid4()), product, quantity)
 
     def _order(self, http, user: str, key: str) -> str | None:
         """Submit the order (retrying through 409 and 5xx like a shopper); its id, or None."""
-        for _ in range(100):
-            status = self._call(http, "POST", "/api/orders", {"userId": user, "idempotencyKey": key}, order=True)
-            if status == 200:
-                with self._lock:
-                    return self._last_order.get(key)
-            if status != 409:
-                return None
-            time.sleep(0.2)
-        return None
+        done = Shopper(http, SUBMITTER).order(user, key)
+        self._placed(done)
+        return done.order_id
 
     def _new_product(self, label: str, stock: int) -> str:
         pid = str(uuid.uuid4())
@@ -550,56 +547,22 @@ class Campaign:
 
     def _shop(self, http, product: str, quantity: int) -> str:
         if self._drive_deadline is not None and time.monotonic() > self._drive_deadline:
-            return "not-started"  # --max-drive-s spent: the campaign settles and checks what it did
-        user, key = str(uuid.uuid4()), str(uuid.uuid4())
+            return CHAOS_WORDS[Outcome.NOT_STARTED]  # --max-drive-s spent: the campaign settles and checks what it did
+        user = str(uuid.uuid4())
         if self.pace_s:
             time.sleep(self.rng_for(user).uniform(0, 2 * self.pace_s))
-        added = self._call(http, "PUT", f"/api/cart/{user}/items", {"productId": product, "quantity": quantity})
-        if added != 200 and not self._has_cart(http, user):
-            # A retried add may find the shelf empty although an earlier attempt, whose answer was lost to a
-            # crash, did fill the cart: like a real shopper, look before walking away.
-            return "cart-rejected" if added == 409 else "cart-failed"
-        for _ in range(60):
-            status = self._call(http, "POST", "/api/orders", {"userId": user, "idempotencyKey": key}, order=True)
-            if status == 200:
-                return "ordered"
-            if status == 404:
-                return "no-cart"
-            time.sleep(0.2)  # 409: our own earlier attempt still holds the lock
-        return "order-failed"
-
-    def _has_cart(self, http, user: str) -> bool:
-        for _ in range(20):
-            try:
-                response = http.get(f"/api/cart/{user}")
-                if response.status_code == 200:
-                    return bool(response.json()["items"])
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        return False
+        done = Shopper(http, SHOPPER).checkout(product, quantity, user=user)
+        self._placed(done)
+        return CHAOS_WORDS[done.outcome]
 
     @staticmethod
     def rng_for(user: str) -> random.Random:
         return random.Random(user)
 
-    def _call(self, http, method: str, path: str, body: dict, order: bool = False) -> int:
-        """Retry through crashes and restarts (connection errors, 5xx) for up to a minute."""
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                response = http.request(method, path, json=body)
-                if response.status_code < 500:
-                    if order and response.status_code == 200:
-                        with self._lock:
-                            self.order_ids.append(response.json()["orderId"])
-                            self._last_order[body["idempotencyKey"]] = response.json()["orderId"]
-                    return response.status_code
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                return 599
-            time.sleep(0.3)
+    def _placed(self, done: Checkout) -> None:
+        if done.order_id is not None:
+            with self._lock:
+                self.order_ids.append(done.order_id)
 
     # -- faults ---------------------------------------------------------------------------------------
     def _inject(self) -> None:

@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 import httpx
 from hdrh.histogram import HdrHistogram
 
-ADD = "PUT /api/cart/{userId}/items"
-ORDER = "POST /api/orders"
-GET_ORDER = "GET /api/orders/{orderId}"
+from pulse.tools import checkout
+from pulse.tools.checkout import Outcome
+
 TERMINAL = ("COMPLETED", "FAILED")
 LOAD_STOCK = 1_000_000_000  # so that a long run never sells out and every checkout can complete
 
@@ -233,6 +233,10 @@ class _Tally:
         return sum(sum(c.values()) for c in self.requests.values())
 
 
+def _status(response) -> int | None:
+    return None if response is None else response.status_code
+
+
 class _Load:
     def __init__(self, products, *, mix, track, track_fraction, poll_s, complete_timeout_s, seed):
         self.products, self.mix = products, mix
@@ -243,37 +247,40 @@ class _Load:
         self.pollers: set[asyncio.Task] = set()
         self._next_url = 0
 
-    async def call(self, client, route, method, path, **kwargs):
+    async def call(self, client, request: checkout.Request):
+        """Send ``request`` once, recording its latency and status under its route; None when unanswered."""
         started = time.perf_counter()
         try:
-            response = await client.request(method, path, **kwargs)
+            response = await client.request(request.method, request.path, json=request.body)
         except (httpx.HTTPError, RawHttpError) as exc:
-            self.tally.requests[route][f"error:{type(exc).__name__}"] += 1
+            self.tally.requests[request.route][f"error:{type(exc).__name__}"] += 1
             return None
-        self.tally.latency[route].record(time.perf_counter() - started)
-        self.tally.requests[route][str(response.status_code)] += 1
+        self.tally.latency[request.route].record(time.perf_counter() - started)
+        self.tally.requests[request.route][str(response.status_code)] += 1
         return response
 
-    async def session(self, clients):
-        """One shopper: ``adds`` cart adds of random products, then (unless abandoned) an order."""
+    async def session(self, clients) -> Outcome:
+        """One shopper: ``adds`` cart adds of random products, then (unless abandoned) an order.
+
+        Its outcome comes from the sync driver's classification (:func:`checkout.after_add`,
+        :func:`checkout.after_order`), with no retries: each answer is what the run measures."""
         client = clients[self._next_url % len(clients)]
         self._next_url += 1
         self.tally.sessions += 1
         user = str(uuid.uuid4())
         for _ in range(self.mix["adds"]):
-            body = {"productId": self.rng.choice(self.products), "quantity": 1}
-            response = await self.call(client, ADD, "PUT", f"/api/cart/{user}/items", json=body)
-            if response is None or response.status_code != 200:
-                return
+            response = await self.call(client, checkout.add_item_request(user, self.rng.choice(self.products), 1))
+            outcome = checkout.after_add(_status(response))
+            if outcome is not None:
+                return outcome
             self.tally.cart_adds += 1
         if self.rng.random() < self.mix["abandon"]:
-            return
+            return Outcome.ABANDONED
         sent = time.perf_counter()
-        response = await self.call(
-            client, ORDER, "POST", "/api/orders", json={"userId": user, "idempotencyKey": str(uuid.uuid4())}
-        )
-        if response is None or response.status_code != 200:
-            return
+        response = await self.call(client, checkout.order_request(user, str(uuid.uuid4())))
+        outcome = checkout.after_order(_status(response))
+        if outcome is not Outcome.ORDERED:
+            return outcome
         self.tally.checkouts += 1
         order_id = response.json()["orderId"]
         self.tally.orders.append(order_id)
@@ -281,13 +288,14 @@ class _Load:
             task = asyncio.create_task(self.follow(client, order_id, sent))
             self.pollers.add(task)
             task.add_done_callback(self.pollers.discard)
+        return outcome
 
     async def follow(self, client, order_id, sent):
         """Poll the order until its status is terminal; record create→COMPLETED as the client saw it."""
         deadline = sent + self.complete_timeout_s
         while time.perf_counter() < deadline:
             await asyncio.sleep(self.poll_s)
-            response = await self.call(client, GET_ORDER, "GET", f"/api/orders/{order_id}")
+            response = await self.call(client, checkout.order_status_request(order_id))
             if response is None or response.status_code != 200:
                 continue
             status = response.json()["status"]
