@@ -28,7 +28,9 @@ from typing import ClassVar
 from pulse.status import FailureReason, InventoryStatus, OrderStatus, PaymentStatus, Strategy
 
 
-class EventType(str, enum.Enum):
+# Not enum.StrEnum: its str() and f-strings give the value, these give 'EventType.X' (orders.model's error
+# message shows one); JSON, psycopg and equality with the wire's strings are the same for both.
+class EventType(str, enum.Enum):  # noqa: UP042
     ORDER_CREATED = "ORDER_CREATED"
     ORDER_UPDATED = "ORDER_UPDATED"
     STOCK_RESERVED = "STOCK_RESERVED"

@@ -17,6 +17,7 @@ a crash is counted even though the process is gone a moment later.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -370,10 +371,9 @@ def crash(name: str) -> None:
     """Exit at once, as if killed: no cleanup, no flush, no finally blocks (the fault's whole point)."""
     log.critical("fault %s: crashing process %d", name, os.getpid())
     for handler in logging.getLogger().handlers:
-        try:
+        # A crash must happen even if the log cannot be written.
+        with contextlib.suppress(Exception):
             handler.flush()
-        except Exception:  # a crash must happen even if the log cannot be written
-            pass
     os._exit(CRASH_STATUS)
 
 

@@ -4,6 +4,7 @@ commands in this package's modules (relay, supervise, faults, check and chaos, l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -78,10 +79,8 @@ def cmd_serve(args) -> int:
             server.run(sockets=sockets)  # returns after SIGINT/SIGTERM, which uvicorn turns into a graceful shutdown
         else:
             signal.signal(signal.SIGTERM, lambda *_: system.stop.set())
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 system.stop.wait()
-            except KeyboardInterrupt:
-                pass
     finally:
         system.close()
     return 0

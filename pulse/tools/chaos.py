@@ -247,7 +247,9 @@ class Campaign:
             late = [str(uuid.uuid4()) for _ in range(SOLD_OUT["late_shoppers"])]
             accepted = [
                 u
-                for u, status in zip(late, self._together([lambda u=u: self._add(http, product, 1, u) for u in late]))
+                for u, status in zip(
+                    late, self._together([lambda u=u: self._add(http, product, 1, u) for u in late]), strict=True
+                )
                 if status == 200
             ]
             if accepted:
@@ -603,7 +605,6 @@ class Campaign:
 
     # -- faults ---------------------------------------------------------------------------------------
     def _inject(self) -> None:
-        url = self.settings.database_url
         try:
             self._inject_rounds()
         finally:

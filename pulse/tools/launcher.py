@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -56,14 +57,15 @@ class ServeProcess:
 
     def start(self, timeout_s: float = 60.0) -> ServeProcess:
         """Start the child and wait until its /health answers; raises RuntimeError with its log tail if not."""
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pulse", "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # The log is closed here once the child has started: it holds its own descriptor.
+        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pulse", "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -104,7 +106,7 @@ class ServeProcess:
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
-        if self.alive():
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -342,10 +343,8 @@ async def _progress(tally: _Tally, started: float, duration_s: float, enabled: b
         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}",
     ) as bar:
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
-            except TimeoutError:
-                pass
             elapsed = min(time.perf_counter() - started, duration_s)
             bar.n = round(elapsed, 1)
             errors = sum(n for c in tally.requests.values() for s, n in c.items() if not s.startswith("2"))

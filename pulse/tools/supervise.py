@@ -8,6 +8,7 @@ for a while), forwards SIGTERM/SIGINT to the child for a clean shutdown, and cou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -56,8 +57,8 @@ class CommandSupervisor:
         self._lock = threading.Lock()
 
     def _spawn(self) -> subprocess.Popen:
-        out = open(self.log_path, "ab") if self.log_path else None
-        try:
+        # The log is closed here once the child has started: it holds its own descriptor.
+        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext() as out:
             return subprocess.Popen(
                 self.command,
                 env=self.env,
@@ -65,9 +66,6 @@ class CommandSupervisor:
                 stderr=subprocess.STDOUT if out else None,
                 start_new_session=True,
             )
-        finally:
-            if out is not None:
-                out.close()  # the child holds its own descriptor
 
     def run(self) -> int:
         """Supervise until stopped (returns 0) or until the restart budget is spent (the last status)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as dt
+import itertools
 import logging
 from decimal import Decimal
 
@@ -466,7 +467,7 @@ def idempotency_lock_exclusive(conn, scope: Scope) -> Result:
         scope.sql(),
     ).fetchall()
     offending, examples = [], []
-    for before, after in zip(rows, rows[1:]):
+    for before, after in itertools.pairwise(rows):
         if before["key"] != after["key"] or not before["held"]:
             continue
         hold = min(before["ttl"], before["held"])
@@ -544,9 +545,11 @@ def redis_matches_db(conn, redis, scope: Scope) -> Result:
     offending = []
     if ids:
         cached = redis.mget([keys.stock(p) for p in ids])
-        offending += [keys.stock(r["p"]) for r, v in zip(stock, cached) if v is not None and int(v) != r["q"]]
+        offending += [
+            keys.stock(r["p"]) for r, v in zip(stock, cached, strict=True) if v is not None and int(v) != r["q"]
+        ]
         reserved = redis.mget([keys.reserved(p) for p in ids])
-        offending += [keys.reserved(p) for p, v in zip(ids, reserved) if int(v or 0) != held.get(p, 0)]
+        offending += [keys.reserved(p) for p, v in zip(ids, reserved, strict=True) if int(v or 0) != held.get(p, 0)]
     carts = collections.defaultdict(dict)
     for r in conn.execute(
         "SELECT c.user_id::text AS u, ci.product_id::text AS p, ci.quantity AS q FROM inventory.carts c "
@@ -606,7 +609,7 @@ def reserved_before_repair(conn, redis, scope: Scope) -> Result:
     current = redis.mget([keys.reserved(p) for p in ids]) if ids else []
     drift = {
         r["p"]: (int(v or 0), held.get(r["p"], 0), r["explained"])
-        for r, v in zip(rows, current)
+        for r, v in zip(rows, current, strict=True)
         if int(v or 0) != held.get(r["p"], 0)
     }
     offending = [p for p, (_, _, explained) in drift.items() if not explained]
