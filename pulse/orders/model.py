@@ -13,7 +13,7 @@ from pulse.status import PaymentStatus as Pay
 # OUT_OF_STOCK) is taken once; only a compensation (REFUNDED, RELEASED) may follow it. NOT_STARTED may jump straight
 # to a compensation because with several consumer threads order.queue can hand over a compensation before the
 # decision it undoes; the decision then arrives late and must not move the sub-status back.
-FORWARD = {
+FORWARD: dict[str, dict[str, frozenset[str]]] = {
     "payment_status": {
         Pay.NOT_STARTED: frozenset({Pay.SUCCESS, Pay.DECLINED, Pay.REFUNDED}),
         Pay.SUCCESS: frozenset({Pay.REFUNDED}),

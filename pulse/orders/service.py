@@ -108,7 +108,7 @@ class OrderService:
                 user_id=str(user_id),
                 strategy=strategy,
                 total_price=total,
-                items=[Item(product_id=str(i["product_id"]), quantity=i["quantity"]) for i in items],
+                items=tuple(Item(product_id=str(i["product_id"]), quantity=i["quantity"]) for i in items),
             ),
         )
         outbox.append_event(conn, snapshot(order))

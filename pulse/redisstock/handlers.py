@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 
-from pulse.events import Event, OrderCreated
 from pulse.events import EventType as E
+from pulse.events import OrderCreated, PaymentFailed, StockFailed, StockReleased, StockReserved
 from pulse.infra import inbox, keys
 
 INBOX = "infra.redis_stock_inbox"
@@ -56,6 +56,9 @@ ON CONFLICT (order_id) DO UPDATE SET released_at = clock_timestamp(), updated_at
 WHERE h.released_at IS NULL
 """
 
+# The events that decide an order's stock (the hold ends), see topology.
+Decision = StockReserved | StockFailed | PaymentFailed
+
 # What each deciding event does to the order's hold and to stock: (step, release the hold, stock direction).
 SETTLE = {
     E.STOCK_RESERVED.value: ("decided", True, -1),
@@ -65,7 +68,7 @@ SETTLE = {
 }
 
 
-def _items(event: Event) -> list[dict]:
+def _items(event: OrderCreated | Decision | StockReleased) -> list[dict]:
     """The event's items as the hold rows and the Lua scripts take them (every event here carries items)."""
     return [i.to_payload() for i in event.items]
 
@@ -96,17 +99,17 @@ def on_order_created(deps, event_id, event: OrderCreated) -> None:
     )
 
 
-def on_stock_decided(deps, event_id, event: Event) -> None:
+def on_stock_decided(deps, event_id, event: Decision) -> None:
     """STOCK_RESERVED, STOCK_FAILED, or PAYMENT_FAILED before any reservation: the order's hold ends."""
     _settle(deps, event_id, event, RELEASE)
 
 
-def on_stock_released(deps, event_id, event: Event) -> None:
+def on_stock_released(deps, event_id, event: StockReleased) -> None:
     """STOCK_RELEASED (restock after a declined payment): the units are back in ``stock:``."""
     _settle(deps, event_id, event, None)
 
 
-def _settle(deps, event_id, event: Event, statement: str | None) -> None:
+def _settle(deps, event_id, event: Decision | StockReleased, statement: str | None) -> None:
     items, order_id = _items(event), event.order_id
     step, release, direction = SETTLE[event.TYPE.value]
     _claimed(deps, event_id, statement, {"order": order_id, "user": event.user_id, "items": json.dumps(items)})

@@ -28,9 +28,9 @@ import psycopg
 
 from pulse import topology
 from pulse.infra import broker, keys
-from pulse.orders.model import TERMINAL
 from pulse.orders.watchdog import next_event
 from pulse.redisstock.handlers import HELD_BY_PRODUCT
+from pulse.status import TERMINAL
 
 QUEUE_INBOX = topology.QUEUE_INBOX
 MAX_IDS = 20
