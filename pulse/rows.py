@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import psycopg
+if TYPE_CHECKING:
+    import psycopg
 
 Row = TypeVar("Row")
 
