@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +41,23 @@ class CommandSupervisor:
         self,
         command: list[str],
         *,
-        env: dict | None = None,
+        env: dict[str, str] | None = None,
         backoff_s: float = 0.2,
         max_backoff_s: float = 5.0,
         stable_s: float = 10.0,
         max_restarts: int | None = None,
         log_path: str | None = None,
-    ):
+    ) -> None:
         self.command, self.env = command, env
         self.backoff_s, self.max_backoff_s, self.stable_s = backoff_s, max_backoff_s, stable_s
         self.max_restarts, self.log_path = max_restarts, log_path
         self.restarts = 0
         self.exits: list[Exit] = []
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
-    def _spawn(self) -> subprocess.Popen:
+    def _spawn(self) -> subprocess.Popen[bytes]:
         # The log is closed here once the child has started: it holds its own descriptor.
         with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext() as out:
             return subprocess.Popen(
@@ -104,7 +105,7 @@ class CommandSupervisor:
             proc.kill()
             proc.wait()
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {"restarts": self.restarts, "exits": [dataclasses.asdict(e) for e in self.exits]}
 
 
