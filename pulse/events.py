@@ -23,12 +23,14 @@ import types
 import typing
 import uuid
 from decimal import Decimal
-from typing import ClassVar
+from typing import Any, ClassVar, Self, TypeVar
 
 from pulse.status import FailureReason, InventoryStatus, OrderStatus, PaymentStatus, Strategy
 
 
-class EventType(str, enum.Enum):
+# Not enum.StrEnum: its str() and f-strings give the value, these give 'EventType.X' (orders.model's error
+# message shows one); JSON, psycopg and equality with the wire's strings are the same for both.
+class EventType(str, enum.Enum):  # noqa: UP042
     ORDER_CREATED = "ORDER_CREATED"
     ORDER_UPDATED = "ORDER_UPDATED"
     STOCK_RESERVED = "STOCK_RESERVED"
@@ -52,13 +54,13 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-def _text(value) -> str:
+def _text(value: object) -> str:
     if isinstance(value, (str, uuid.UUID)):
         return str(value)
     raise TypeError(f"expected a string, got {type(value).__name__}")
 
 
-def _decimal(value) -> Decimal:
+def _decimal(value: object) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, (str, int, float, Decimal)):
         raise TypeError(f"expected a decimal string, got {type(value).__name__}")
     try:
@@ -67,19 +69,19 @@ def _decimal(value) -> Decimal:
         raise ValueError(f"{value!r} is not a decimal number") from None
 
 
-def _integer(value) -> int:
+def _integer(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an integer, got {type(value).__name__}")
     return value
 
 
-def _flag(value) -> bool:
+def _flag(value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"expected true or false, got {type(value).__name__}")
     return value
 
 
-def _time(value) -> dt.datetime:
+def _time(value: object) -> dt.datetime:
     if isinstance(value, dt.datetime):
         return value
     if isinstance(value, str):
@@ -87,7 +89,10 @@ def _time(value) -> dt.datetime:
     raise TypeError(f"expected an ISO 8601 time, got {type(value).__name__}")
 
 
-def _codec(hint):
+Coerce = typing.Callable[[Any], Any]
+
+
+def _codec(hint: Any) -> tuple[Coerce, Coerce]:
     """(coerce, dump) for one annotated type: coerce checks and normalises a value given in code or read from
     JSON; dump gives the JSON value."""
     args = typing.get_args(hint)
@@ -97,7 +102,7 @@ def _codec(hint):
     if typing.get_origin(hint) is tuple:  # ``tuple[Item, ...]``: a JSON list of nested payloads
         part = args[0]
 
-        def coerce_all(v):
+        def coerce_all(v: object) -> tuple[Any, ...]:
             if not isinstance(v, (list, tuple)):
                 raise TypeError(f"expected a list, got {type(v).__name__}")
             return tuple(x if isinstance(x, part) else part.from_payload(x) for x in v)
@@ -107,13 +112,14 @@ def _codec(hint):
         return hint, str
     if isinstance(hint, type) and issubclass(hint, Payload):
         return (lambda v: v if isinstance(v, hint) else hint.from_payload(v)), (lambda v: v.to_payload())
-    return {
+    scalars: dict[type, tuple[Coerce, Coerce]] = {
         str: (_text, str),
         Decimal: (_decimal, str),
         int: (_integer, int),
         bool: (_flag, bool),
         dt.datetime: (_time, dt.datetime.isoformat),
-    }[hint]
+    }
+    return scalars[hint]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +128,8 @@ class _Field:
     key: str
     required: bool
     omit_none: bool
-    coerce: typing.Callable
-    dump: typing.Callable
+    coerce: Coerce
+    dump: Coerce
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,7 +147,7 @@ class Payload:
             out.append(_Field(f.name, _camel(f.name), required, not required and f.default is None, coerce, dump))
         return tuple(out)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in self._fields():
             try:
                 value = f.coerce(getattr(self, f.name))
@@ -154,7 +160,7 @@ class Payload:
         kind = getattr(cls, "TYPE", None)
         return f"malformed {kind.value if kind else cls.__name__} payload"
 
-    def to_payload(self) -> dict:
+    def to_payload(self) -> dict[str, Any]:
         """The JSON object (plain JSON values only) that travels as this event's payload."""
         out = {}
         for f in self._fields():
@@ -165,7 +171,7 @@ class Payload:
         return out
 
     @classmethod
-    def from_payload(cls, payload):
+    def from_payload(cls, payload: object) -> Self:
         """The event of this payload; unknown keys are ignored, a missing or ill-typed field is malformed."""
         if not isinstance(payload, dict):
             raise MalformedEnvelope(f"{cls._what()}: expected a JSON object, got {type(payload).__name__}")
@@ -213,7 +219,7 @@ class _OrderStep(Event):
     total_price: Decimal
     items: tuple[Item, ...]
 
-    def follow(self, cls, **fields):
+    def follow(self, cls: type[_Step], **fields: Any) -> _Step:
         """The next step of this order's saga: carries the order (not this event's re-drive marks)."""
         return cls(
             order_id=self.order_id,
@@ -223,6 +229,9 @@ class _OrderStep(Event):
             items=self.items,
             **fields,
         )
+
+
+_Step = TypeVar("_Step", bound=_OrderStep)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -308,7 +317,7 @@ EVENTS: dict[str, type[Event]] = {
 }
 
 
-def parse(event_type: str, payload) -> Event:
+def parse(event_type: str, payload: object) -> Event:
     """The typed event of a payload of ``event_type``; :class:`MalformedEnvelope` if it is not one."""
     cls = EVENTS.get(str(getattr(event_type, "value", event_type)))
     if cls is None:
@@ -326,7 +335,7 @@ class Envelope:
     id: uuid.UUID
     event_type: str
     aggregate_id: str
-    payload: dict
+    payload: dict[str, Any]
 
     @classmethod
     def of(cls, event: Event, id: uuid.UUID | None = None) -> Envelope:
@@ -341,12 +350,13 @@ class Envelope:
         return parse(self.event_type, self.payload)
 
     # Read before parsing, to route: an event no module here acts on is dropped unparsed.
+    # Raw JSON values, not validated until the payload is parsed.
     @property
-    def strategy(self):
+    def strategy(self) -> Any:
         return self.payload.get(_camel("strategy"))
 
     @property
-    def redrive_for(self):
+    def redrive_for(self) -> Any:
         return self.payload.get(_camel("redrive_for"))
 
     @property
@@ -378,7 +388,7 @@ class Envelope:
             raise MalformedEnvelope(f"not an event envelope: {exc}") from exc
 
 
-def _json_default(value):
+def _json_default(value: object) -> object:
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, uuid.UUID):
@@ -388,6 +398,6 @@ def _json_default(value):
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-def dumps(payload: dict) -> str:
+def dumps(payload: dict[str, Any]) -> str:
     """JSON for payloads: Decimals as strings so money never turns into binary floats."""
     return json.dumps(payload, default=_json_default)

@@ -17,16 +17,28 @@ a crash is counted even though the process is gone a moment later.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime as dt
 import json
 import logging
 import os
 import random
 import threading
 import time
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
 
 from pulse import faults_catalogue
 from pulse.errors import Invalid
+from pulse.rows import one
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from pulse.config import Settings
+
+    Connection = psycopg.Connection[tuple[Any, ...]]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +62,7 @@ class UnknownFault(Invalid):
     """A fault name, action or parameter that the registry does not accept."""
 
 
-def naive_on(name: str, configured, faults) -> bool:
+def naive_on(name: str, configured: Collection[str], faults: NoFaults) -> bool:
     """A naive switch is on when configured at start (``PULSE_NAIVE``, kept only in lab mode) or switched on at
     run time in the registry."""
     return name in configured or faults.naive(name)
@@ -62,18 +74,18 @@ class NoFaults:
 
     lab = False
 
-    def point(self, name: str, **context) -> None:
+    def point(self, name: str, **context: object) -> None:
         """Where a named fault may strike (crash, error, delay) when armed."""
 
-    def fires(self, name: str, **context) -> bool:
+    def fires(self, name: str, **context: object) -> bool:
         """True when an armed fault of this name strikes now (for faults that change a decision)."""
         return False
 
-    def strike_params(self, name: str, **context) -> dict | None:
+    def strike_params(self, name: str, **context: object) -> dict[str, Any] | None:
         """The armed fault's params when a fault of this name strikes now (it changes a value), else None."""
         return None
 
-    def lose_message(self, queue: str, **context) -> bool:
+    def lose_message(self, queue: str, **context: object) -> bool:
         """True when the consumer should ack this message without handling it (a lost event)."""
         return False
 
@@ -103,7 +115,7 @@ class IgnoredFaults(NoFaults):
     on a short connection of its own; when the database cannot answer it keeps the last answer.
     """
 
-    def __init__(self, database_url: str, *, refresh_s: float = 5.0):
+    def __init__(self, database_url: str, *, refresh_s: float = 5.0) -> None:
         self.database_url, self.refresh_s = database_url, refresh_s
         self._names: list[str] = []
         self._loaded_at: float | None = None
@@ -138,7 +150,7 @@ class Fault:
     name: str
     action: str
     probability: float
-    params: dict
+    params: dict[str, Any]
     seed: int
     armed_at: str
     rng: random.Random
@@ -165,17 +177,17 @@ class FaultRegistry(NoFaults):
 
     def __init__(
         self, database_url: str, *, refresh_s: float = 0.5, redis_url: str | None = None, amqp_url: str | None = None
-    ):
+    ) -> None:
         self.database_url, self.refresh_s = database_url, refresh_s
         self.redis_url, self.amqp_url = redis_url, amqp_url
         self._armed: dict[str, Fault] = {}
         self._loaded_at = float("-inf")  # the first call reads, whatever the monotonic clock says
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
-        self._conn = None
+        self._conn: Connection | None = None
 
     # -- the hooks ------------------------------------------------------------------------------
-    def point(self, name: str, **context) -> None:
+    def point(self, name: str, **context: object) -> None:
         fault = self._strike(name, context)
         if fault is None:
             return
@@ -186,14 +198,14 @@ class FaultRegistry(NoFaults):
         elif fault.action in ("error", "drop"):
             raise FaultInjected(f"fault {name} injected")
 
-    def fires(self, name: str, **context) -> bool:
+    def fires(self, name: str, **context: object) -> bool:
         return self._strike(name, context) is not None
 
-    def strike_params(self, name: str, **context) -> dict | None:
+    def strike_params(self, name: str, **context: object) -> dict[str, Any] | None:
         fault = self._strike(name, context)
         return None if fault is None else dict(fault.params)
 
-    def lose_message(self, queue: str, **context) -> bool:
+    def lose_message(self, queue: str, **context: object) -> bool:
         fault = self._current().get("consumer.lose")
         if fault is None or not _queue_matches(fault.params, queue):
             return False
@@ -219,7 +231,7 @@ class FaultRegistry(NoFaults):
                 self._conn = None
 
     # -- internals ------------------------------------------------------------------------------
-    def _strike(self, name: str, context: dict) -> Fault | None:
+    def _strike(self, name: str, context: dict[str, object]) -> Fault | None:
         fault = self._current().get(name)
         if fault is None or fault.action == "naive":
             return None
@@ -260,7 +272,8 @@ class FaultRegistry(NoFaults):
             log.debug("fault registry refresh failed: %s", exc)
             self._drop_connection()
             return
-        armed, now = {}, time.monotonic()
+        armed: dict[str, Fault] = {}
+        now = time.monotonic()
         for name, action, probability, params, seed, armed_at, fired, left_s in rows:
             # The database's clock says how long is left; counted down on ours (the two may differ).
             expires = now + float(left_s)
@@ -312,27 +325,26 @@ class FaultRegistry(NoFaults):
         self._current()
         self._environment_tick()
 
-    def _log(self, fault: Fault, context: dict):
+    def _log(self, fault: Fault, context: dict[str, object]) -> int | None:
         """Record a strike; returns the log row's id, or None when it could not be written."""
         payload = json.dumps({k: str(v) for k, v in context.items()})
         try:
             with self._log_lock:
-                row = (
-                    self._connection()
-                    .execute(
+                row = one(
+                    self._connection().execute(
                         "INSERT INTO infra.fault_log (name, action, pid, context) VALUES (%s, %s, %s, %s::jsonb) "
                         "RETURNING id",
                         (fault.name, fault.action, os.getpid(), payload),
                     )
-                    .fetchone()
                 )
-            return row[0]
+            entry: int = row[0]
+            return entry
         except Exception as exc:
             log.warning("could not log fault %s: %s", fault.name, exc)
             self._drop_connection()
             return None
 
-    def _update_log(self, entry, context: dict) -> None:
+    def _update_log(self, entry: int | None, context: dict[str, object]) -> None:
         if entry is None:
             return
         payload = json.dumps({k: str(v) for k, v in context.items()})
@@ -345,7 +357,7 @@ class FaultRegistry(NoFaults):
             log.warning("could not record the outcome of a fault: %s", exc)
             self._drop_connection()
 
-    def _connection(self):
+    def _connection(self) -> Connection:
         if self._conn is None or self._conn.closed:
             import psycopg
 
@@ -370,14 +382,13 @@ def crash(name: str) -> None:
     """Exit at once, as if killed: no cleanup, no flush, no finally blocks (the fault's whole point)."""
     log.critical("fault %s: crashing process %d", name, os.getpid())
     for handler in logging.getLogger().handlers:
-        try:
+        # A crash must happen even if the log cannot be written.
+        with contextlib.suppress(Exception):
             handler.flush()
-        except Exception:  # a crash must happen even if the log cannot be written
-            pass
     os._exit(CRASH_STATUS)
 
 
-def _queue_matches(params: dict, queue: str) -> bool:
+def _queue_matches(params: dict[str, Any], queue: str) -> bool:
     wanted = params.get("queue") or params.get("queues")
     if not wanted:
         return True
@@ -385,10 +396,12 @@ def _queue_matches(params: dict, queue: str) -> bool:
 
 
 # -- environment faults ------------------------------------------------------------------------------
-def flush_redis(registry: FaultRegistry, params: dict) -> dict:
+def flush_redis(registry: FaultRegistry, params: dict[str, Any]) -> dict[str, Any]:
     """FLUSHDB on the configured Redis database only (never FLUSHALL: other databases are not ours)."""
     import redis
 
+    if registry.redis_url is None:  # environment faults strike only in a registry given one (see tick)
+        raise ValueError("this registry has no Redis URL")
     client = redis.Redis.from_url(registry.redis_url, socket_connect_timeout=3)
     try:
         keys = client.dbsize()
@@ -398,7 +411,7 @@ def flush_redis(registry: FaultRegistry, params: dict) -> dict:
     return {"keysLost": keys}
 
 
-def restart_broker_connections(registry: FaultRegistry, params: dict) -> dict:
+def restart_broker_connections(registry: FaultRegistry, params: dict[str, Any]) -> dict[str, Any]:
     """What clients see of a broker restart: RabbitMQ closes every connection of our virtual host.
 
     The broker itself is shared with other users of this machine, so it is never restarted; the
@@ -425,7 +438,7 @@ def restart_broker_connections(registry: FaultRegistry, params: dict) -> dict:
     return {"vhost": vhost, "connectionsClosed": numbers[0] if numbers else out.strip()[:100]}
 
 
-def restart_database_connections(registry: FaultRegistry, params: dict) -> dict:
+def restart_database_connections(registry: FaultRegistry, params: dict[str, Any]) -> dict[str, Any]:
     """What clients see of a PostgreSQL restart: every session on our database is terminated.
 
     The server is shared, so it is not restarted; ``pg_terminate_backend`` ends the sessions of this
@@ -465,8 +478,8 @@ def arm(
     probability: float = 1.0,
     seed: int = 0,
     ttl_s: float = DEFAULT_TTL_S,
-    **params,
-) -> dict:
+    **params: Any,
+) -> dict[str, Any]:
     """Arm (or re-arm) fault ``name`` for ``ttl_s`` seconds; lab processes pick it up within half a second.
 
     ``action`` defaults to the point's natural one (see ``POINTS``); a naive switch's action is ``naive``.
@@ -485,14 +498,16 @@ def arm(
     with _connect(database_url) as conn:
         # Expired rows are dead weight (every reader ignores them); arming is a good moment to drop them.
         conn.execute("DELETE FROM infra.faults WHERE NOT " + UNEXPIRED)
-        armed_at, expires_at = conn.execute(
-            "INSERT INTO infra.faults (name, action, probability, params, seed, expires_at) "
-            "VALUES (%s, %s, %s, %s::jsonb, %s, clock_timestamp() + make_interval(secs => %s)) "
-            "ON CONFLICT (name) DO UPDATE SET action = EXCLUDED.action, probability = EXCLUDED.probability, "
-            "params = EXCLUDED.params, seed = EXCLUDED.seed, armed_at = clock_timestamp(), "
-            "expires_at = EXCLUDED.expires_at RETURNING armed_at, expires_at",
-            (name, action, float(probability), json.dumps(params), int(seed), float(ttl_s)),
-        ).fetchone()
+        armed_at, expires_at = one(  # an upsert without a WHERE: it returns its row
+            conn.execute(
+                "INSERT INTO infra.faults (name, action, probability, params, seed, expires_at) "
+                "VALUES (%s, %s, %s, %s::jsonb, %s, clock_timestamp() + make_interval(secs => %s)) "
+                "ON CONFLICT (name) DO UPDATE SET action = EXCLUDED.action, probability = EXCLUDED.probability, "
+                "params = EXCLUDED.params, seed = EXCLUDED.seed, armed_at = clock_timestamp(), "
+                "expires_at = EXCLUDED.expires_at RETURNING armed_at, expires_at",
+                (name, action, float(probability), json.dumps(params), int(seed), float(ttl_s)),
+            )
+        )
     return {
         "name": name,
         "action": action,
@@ -512,7 +527,7 @@ def disarm(database_url: str, name: str | None = None) -> int:
         return conn.execute("DELETE FROM infra.faults WHERE name = %s", (name,)).rowcount
 
 
-def list_armed(database_url: str) -> list[dict]:
+def list_armed(database_url: str) -> list[dict[str, Any]]:
     """The armed faults that have not expired, each with how often it struck since it was armed and the
     seconds it has left (``ttlLeftS``)."""
     with _connect(database_url) as conn:
@@ -538,7 +553,7 @@ def list_armed(database_url: str) -> list[dict]:
     ]
 
 
-def fired_counts(database_url: str, since=None) -> dict[str, int]:
+def fired_counts(database_url: str, since: dt.datetime | None = None) -> dict[str, int]:
     """How many times each fault struck (since ``since``, a datetime, when given), from ``infra.fault_log``."""
     with _connect(database_url) as conn:
         rows = conn.execute(
@@ -549,7 +564,7 @@ def fired_counts(database_url: str, since=None) -> dict[str, int]:
     return {name: n for name, n in rows}
 
 
-def _connect(database_url: str):
+def _connect(database_url: str) -> Connection:
     import psycopg
 
     # Hooks run on the system's hot paths: a registry query must never hang them.
@@ -562,7 +577,7 @@ def _connect(database_url: str):
     )
 
 
-def from_settings(settings, *, environment: bool = True) -> NoFaults:
+def from_settings(settings: Settings, *, environment: bool = True) -> NoFaults:
     """The registry a process built from ``settings`` uses: a :class:`FaultRegistry` in lab mode (``environment``
     lets it execute environment faults), else :class:`IgnoredFaults`, which obeys nothing."""
     if not settings.lab:
@@ -574,7 +589,7 @@ def from_settings(settings, *, environment: bool = True) -> NoFaults:
     )
 
 
-def for_process(settings, faults: NoFaults | None = None):
+def for_process(settings: Settings, faults: NoFaults | None = None) -> tuple[Settings, NoFaults]:
     """The settings and registry a process runs with; returns ``(settings, faults)``.
 
     Outside lab mode, ``PULSE_NAIVE`` is dropped and armed faults are ignored, each said in one log line, so an

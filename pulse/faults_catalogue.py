@@ -8,6 +8,8 @@ campaign's plans (``pulse.tools.chaos``) and ``pulse faults catalogue``. A new f
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,12 +27,12 @@ class Entry:
     breaks: str
     caught_by: tuple[str, ...]
     environment: bool = False  # an event of the environment, fired from the registry's tick, not a place in code
-    chaos: tuple[float, dict] | None = None
+    chaos: tuple[float, dict[str, Any]] | None = None
     # Offered by the lab's dashboard. Not the two restarts: each takes seconds (rabbitmqctl boots an Erlang VM)
     # and broker.restart refuses the shared default vhost without a parameter; notebooks arm them by name.
     lab: bool = True
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """The entry as ``pulse faults catalogue`` prints it."""
         return {
             "name": self.name,
@@ -41,11 +43,20 @@ class Entry:
         }
 
 
-def _point(name, action, breaks, caught_by, *, environment=False, chaos=None, lab=True) -> Entry:
+def _point(
+    name: str,
+    action: str,
+    breaks: str,
+    caught_by: Iterable[str],
+    *,
+    environment: bool = False,
+    chaos: tuple[float, dict[str, Any]] | None = None,
+    lab: bool = True,
+) -> Entry:
     return Entry(name, "point", action, breaks, tuple(caught_by), environment, chaos, lab)
 
 
-def _naive(name, breaks, caught_by) -> Entry:
+def _naive(name: str, breaks: str, caught_by: Iterable[str]) -> Entry:
     return Entry(name, "naive", "naive", breaks, tuple(caught_by))
 
 
@@ -240,6 +251,6 @@ def entries(kind: str | None = None) -> tuple[Entry, ...]:
     return tuple(e for e in CATALOGUE if kind is None or e.kind == kind)
 
 
-def as_json() -> list[dict]:
+def as_json() -> list[dict[str, Any]]:
     """The table as ``pulse faults catalogue`` prints it."""
     return [e.to_json() for e in CATALOGUE]

@@ -6,8 +6,9 @@ import logging
 import math
 import re
 import uuid
+from collections.abc import Mapping
 from decimal import Decimal
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import psycopg
 import psycopg_pool
@@ -25,6 +26,9 @@ from pulse.errors import PulseError
 from pulse.infra.db import DatabaseUnavailable
 from pulse.infra.redis_scripts import RedisUnavailable
 
+if TYPE_CHECKING:
+    from pulse.bootstrap import System
+
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +45,7 @@ class Camel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
-def _cents(value):
+def _cents(value: object) -> object:
     """A price as a JSON number, or as a plain decimal string ("12.50"); booleans and other text are not prices.
 
     A client that computes a price in binary floating point may send 0.5700000000000001 for 0.57
@@ -76,7 +80,7 @@ Price = Annotated[
 ]
 
 
-def _json_integer(value):
+def _json_integer(value: object) -> object:
     """JSON Schema's integer: a number without a fraction (2.0 is one), never a boolean or a string."""
     if isinstance(value, (bool, str)):
         raise PydanticCustomError("int_type", "Input should be a valid integer")
@@ -158,13 +162,13 @@ _WHY = {
 }
 
 
-def _answers(ok: int, model, *errors: int, links: dict | None = None) -> dict:
+def _answers(ok: int, model: Any, *errors: int, links: dict[str, Any] | None = None) -> dict[int | str, dict[str, Any]]:
     """The ``responses`` of a route: its success body (and OpenAPI links) and each error status, all with ``Error``.
 
     FastAPI adds a 422 with its own ``HTTPValidationError`` body unless a route declares 422 itself;
     ours is an ``Error`` too, so every route that validates input declares it.
     """
-    answers = {ok: {"model": model, **({"links": links} if links else {})}}
+    answers: dict[int | str, dict[str, Any]] = {ok: {"model": model, **({"links": links} if links else {})}}
     answers.update({code: {"model": Error, "description": _WHY[code]} for code in (*errors, 500, 503)})
     return answers
 
@@ -208,7 +212,7 @@ LINKS = {
 }
 
 
-def _sentence(error: dict) -> str:
+def _sentence(error: Mapping[str, Any]) -> str:
     # Path parameters are snake_case in Python; the client spells every field in camelCase.
     where = ".".join(
         to_camel(p) if isinstance(p, str) else str(p)
@@ -225,13 +229,14 @@ def _sentence(error: dict) -> str:
     return f"{where + ': ' if where else ''}{msg.rstrip('.')}."
 
 
-def consumer_status(system) -> list[dict]:
+def consumer_status(system: System) -> list[dict[str, Any]]:
     """The consumer threads of this process for /health (none in a process that runs only the API)."""
     status = getattr(system, "consumer_status", None)
-    return status() if status is not None else []
+    threads: list[dict[str, Any]] = status() if status is not None else []
+    return threads
 
 
-def create_app(system) -> FastAPI:
+def create_app(system: System) -> FastAPI:
     """The FastAPI application over a built :class:`pulse.bootstrap.System` (OpenAPI docs at /docs)."""
     app = FastAPI(
         title="Checkout Pulse",
@@ -240,15 +245,15 @@ def create_app(system) -> FastAPI:
     )
 
     @app.exception_handler(PulseError)
-    async def pulse_error(_: Request, exc: PulseError):
+    async def pulse_error(_: Request, exc: PulseError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError):
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": _sentence(exc.errors()[0])}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             text = "No such route."
         elif exc.status_code == 405:
@@ -274,7 +279,7 @@ def create_app(system) -> FastAPI:
         return JSONResponse({"error": text}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(psycopg.DataError)
-    async def data_error(_: Request, exc: psycopg.DataError):
+    async def data_error(_: Request, exc: psycopg.DataError) -> JSONResponse:
         # Validation should have stopped it; if a value still does not fit its column, it is the
         # request's fault (nothing was written: the statement failed), not the server's.
         log.warning("a value was refused by PostgreSQL: %s", str(exc).splitlines()[0] if str(exc) else exc)
@@ -288,59 +293,72 @@ def create_app(system) -> FastAPI:
     @app.exception_handler(RedisUnavailable)
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
-    async def unavailable(_: Request, exc: Exception):
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.error("a backing service is unavailable: %s: %s", type(exc).__name__, exc)
         return JSONResponse({"error": "PostgreSQL or Redis is unavailable; retry in a moment."}, status_code=503)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception):
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return JSONResponse({"error": "The server failed to handle this request; see its log."}, status_code=500)
 
+    # response_model=None: FastAPI would otherwise take each return annotation (there for mypy) as a response model
+    # and validate the answers against it; the routes return the services' dicts as they are, and `responses`
+    # documents their bodies.
     @app.post(
         "/api/products",
         status_code=201,
         operation_id="createProduct",
+        response_model=None,
         responses=_answers(201, Product, 400, 422, links=LINKS["product"]),
     )
-    def create_product(body: ProductIn):
+    def create_product(body: ProductIn) -> dict[str, Any]:
         return system.products.create(body.name, body.base_price, body.stock)
 
-    @app.get("/api/products", operation_id="listProducts", responses=_answers(200, list[Product]))
-    def list_products():
+    @app.get("/api/products", operation_id="listProducts", response_model=None, responses=_answers(200, list[Product]))
+    def list_products() -> list[dict[str, Any]]:
         return system.products.list()
 
     # Path parameters carry the SPEC's camelCase names, so /docs matches the contract.
-    @app.get("/api/products/{productId}", operation_id="getProduct", responses=_answers(200, Product, 404, 422))
-    def get_product(product_id: uuid.UUID = Path(alias="productId")):
+    @app.get(
+        "/api/products/{productId}",
+        operation_id="getProduct",
+        response_model=None,
+        responses=_answers(200, Product, 404, 422),
+    )
+    def get_product(product_id: uuid.UUID = Path(alias="productId")) -> dict[str, Any]:
         return system.products.get(product_id)
 
     @app.put(
         "/api/cart/{userId}/items",
         operation_id="addCartItem",
+        response_model=None,
         responses=_answers(200, Cart, 400, 404, 409, 422, links=LINKS["cart"]),
     )
-    def add_cart_item(body: CartItemIn, user_id: uuid.UUID = Path(alias="userId")):
+    def add_cart_item(body: CartItemIn, user_id: uuid.UUID = Path(alias="userId")) -> dict[str, Any]:
         return system.carts.add_item(user_id, body.product_id, body.quantity)
 
-    @app.get("/api/cart/{userId}", operation_id="getCart", responses=_answers(200, Cart, 422))
-    def get_cart(user_id: uuid.UUID = Path(alias="userId")):
+    @app.get("/api/cart/{userId}", operation_id="getCart", response_model=None, responses=_answers(200, Cart, 422))
+    def get_cart(user_id: uuid.UUID = Path(alias="userId")) -> dict[str, Any]:
         return system.carts.get(user_id)
 
     @app.post(
         "/api/orders",
         operation_id="createOrder",
+        response_model=None,
         responses=_answers(200, OrderCreated, 400, 404, 409, 422, links=LINKS["order"]),
     )
-    def create_order(body: OrderIn):
+    def create_order(body: OrderIn) -> dict[str, Any]:
         return system.orders.create(body.user_id, body.idempotency_key)
 
-    @app.get("/api/orders/{orderId}", operation_id="getOrder", responses=_answers(200, Order, 404, 422))
-    def get_order(order_id: uuid.UUID = Path(alias="orderId")):
+    @app.get(
+        "/api/orders/{orderId}", operation_id="getOrder", response_model=None, responses=_answers(200, Order, 404, 422)
+    )
+    def get_order(order_id: uuid.UUID = Path(alias="orderId")) -> dict[str, Any]:
         return system.orders.get(order_id)
 
-    @app.get("/health")
-    def health():
+    @app.get("/health", response_model=None)
+    def health() -> dict[str, Any]:
         # faultsArmed: the registry's cached view (lab mode), or at most one SELECT every few seconds otherwise.
         return {
             "status": "ok",

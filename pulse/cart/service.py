@@ -6,10 +6,11 @@ import logging
 import time
 import uuid
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
+from pulse import replies
 from pulse.errors import Conflict, NotFound, Unavailable
 from pulse.infra import db, keys
 
@@ -39,14 +40,15 @@ class Catalogue:
     seen at once. It saves a cart add the two product queries it would otherwise make.
     """
 
-    def __init__(self, pool, ttl_s: float = CATALOGUE_TTL_S):
+    def __init__(self, pool: db.Pool, ttl_s: float = CATALOGUE_TTL_S) -> None:
         self.pool, self.ttl_s = pool, ttl_s
-        self._rows: dict[str, tuple[float, dict]] = {}
+        self._rows: dict[str, tuple[float, dict[str, Any]]] = {}
 
-    def get_many(self, ids: list[str]) -> dict[str, dict]:
+    def get_many(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         """``{id: {"name", "base_price"}}`` for the ids that exist."""
         now = time.monotonic()
-        found, missing = {}, []
+        found: dict[str, dict[str, Any]] = {}
+        missing: list[str] = []
         for pid in ids:
             entry = self._rows.get(pid)
             if entry is not None and entry[0] > now:
@@ -76,7 +78,7 @@ class CartService:
         self.deps = deps
         self.catalogue = Catalogue(deps.pool)
 
-    def add_item(self, user_id: uuid.UUID, product_id: uuid.UUID, quantity: int) -> dict:
+    def add_item(self, user_id: uuid.UUID, product_id: uuid.UUID, quantity: int) -> dict[str, Any]:
         """Reserve ``quantity`` more units of a product for this user's cart; returns the cart.
 
         Redis is written first because the reservation must be atomic across all users; the hold and the
@@ -102,7 +104,9 @@ class CartService:
             raise Unavailable("The cart could not be saved; nothing was reserved, please retry.") from exc
         return self._describe(user_id, {pid: int(q) for pid, q in raw.items() if int(q) > 0})
 
-    def _reserve_into_cart(self, user_id, product_id, quantity: int, expires_ms: int) -> dict:
+    def _reserve_into_cart(
+        self, user_id: uuid.UUID, product_id: uuid.UUID, quantity: int, expires_ms: int
+    ) -> dict[str, str]:
         """Hold the units and record them in the cart hash in one Lua step; returns the cart hash after it."""
         r, cart_key = self.deps.redis, keys.cart(user_id)
         if self.deps.naive("reserve-get-set"):
@@ -111,11 +115,13 @@ class CartService:
             pipe.hincrby(cart_key, str(product_id), quantity)
             pipe.zadd(keys.CLEANUP_QUEUE, {str(user_id): expires_ms})
             pipe.hgetall(cart_key)
-            return pipe.execute()[-1]
+            cart: dict[str, str] = pipe.execute()[-1]
+            return cart
         script = self.deps.scripts.reserve_stock
         lua_keys = [keys.stock(product_id), keys.reserved(product_id), cart_key, keys.CLEANUP_QUEUE]
-        lua_args = [quantity, str(product_id), str(user_id), expires_ms]
-        result, raw = CACHE_MISS, {}
+        lua_args: list[int | str] = [quantity, str(product_id), str(user_id), expires_ms]
+        result = CACHE_MISS
+        raw: dict[str, str] = {}
         for _ in range(3):
             # One round trip: the script, then the cart for the answer (nothing runs between them that matters:
             # a concurrent add to the same cart only makes the answer fresher).
@@ -135,7 +141,7 @@ class CartService:
             raise Conflict(f"Not enough stock of product {product_id} for {quantity} more unit(s).")
         return raw
 
-    def reserve(self, product_id, quantity: int) -> None:
+    def reserve(self, product_id: uuid.UUID, quantity: int) -> None:
         """Hold units in ``reserved:{productId}`` if ``stock - reserved`` allows it, atomically (no cart)."""
         stock_key, reserved_key = keys.stock(product_id), keys.reserved(product_id)
         if self.deps.naive("reserve-get-set"):
@@ -147,27 +153,29 @@ class CartService:
         if result != RESERVED:
             raise Conflict(f"Not enough stock of product {product_id} for {quantity} more unit(s).")
 
-    def _reserve_get_set(self, product_id, quantity: int) -> None:
+    def _reserve_get_set(self, product_id: uuid.UUID, quantity: int) -> None:
         """The naive race the Lua script prevents: read, decide, write, with a gap between."""
         r = self.deps.redis
-        stock = r.get(keys.stock(product_id))
+        stock = replies.text(r.get(keys.stock(product_id)))
         if stock is None:
             r.set(keys.stock(product_id), self._db_stock(product_id), nx=True)
-            stock = r.get(keys.stock(product_id))
+            stock = replies.text(r.get(keys.stock(product_id)))
+            if stock is None:
+                raise Unavailable("Redis lost the stock count while it was being loaded; please retry.")
         reserved = int(r.get(keys.reserved(product_id)) or 0)
         if int(stock) - reserved < quantity:
             raise Conflict(f"Not enough stock of product {product_id} for {quantity} more unit(s).")
         time.sleep(0.02)  # widens the window so the lab shows the oversell reliably (naive mode only)
         r.set(keys.reserved(product_id), reserved + quantity)
 
-    def _ttl_s(self, user_id) -> float:
+    def _ttl_s(self, user_id: uuid.UUID) -> float:
         """The cart's time to live: the setting, or a few seconds when the lab's ``cart.short_ttl`` strikes."""
         short = self.deps.faults.strike_params("cart.short_ttl", user=str(user_id))
         if short is None:
             return self.deps.settings.cart_ttl_s
         return min(float(short.get("s", 2)), self.deps.settings.cart_ttl_s)
 
-    def _save_db(self, user_id, product_id, quantity: int, ttl_s: float | None = None) -> None:
+    def _save_db(self, user_id: uuid.UUID, product_id: uuid.UUID, quantity: int, ttl_s: float | None = None) -> None:
         with db.autocommit(self.deps.pool) as conn:
             conn.execute(SAVE_ITEM, {"user": user_id, "product": product_id, "qty": quantity})
             if ttl_s is not None and ttl_s < self.deps.settings.cart_ttl_s:
@@ -178,7 +186,7 @@ class CartService:
                     (self.deps.settings.cart_ttl_s - ttl_s, user_id),
                 )
 
-    def _undo(self, user_id, product_id, quantity: int) -> None:
+    def _undo(self, user_id: uuid.UUID, product_id: uuid.UUID, quantity: int) -> None:
         r, cart_key = self.deps.redis, keys.cart(user_id)
         try:
             self.deps.scripts.release_reservation([keys.reserved(product_id)], [quantity])
@@ -189,15 +197,15 @@ class CartService:
         except Exception as exc:  # Redis itself failing: reconciliation will restore it from the DB
             log.error("undo of the Redis reservation for %s failed: %s", user_id, exc)
 
-    def get(self, user_id: uuid.UUID) -> dict:
+    def get(self, user_id: uuid.UUID) -> dict[str, Any]:
         """The cart with names, prices and totals; read from Redis, else from the DB (and cached again)."""
-        raw = self.deps.redis.hgetall(keys.cart(user_id))
+        raw = replies.text_map(self.deps.redis.hgetall(keys.cart(user_id)))
         quantities = {pid: int(q) for pid, q in raw.items() if int(q) > 0}
         if not quantities:
             quantities = self._load_and_cache(user_id)
         return self._describe(user_id, quantities)
 
-    def _load_and_cache(self, user_id) -> dict[str, int]:
+    def _load_and_cache(self, user_id: uuid.UUID) -> dict[str, int]:
         with self.deps.pool.connection() as conn:
             rows = conn.execute(
                 "SELECT ci.product_id, ci.quantity, c.updated_at FROM inventory.carts c "
@@ -213,14 +221,15 @@ class CartService:
             # sweeper's next pass would release the same units a second time.
             return {}
         pipe = self.deps.redis.pipeline(transaction=True)
-        pipe.hset(keys.cart(user_id), mapping=quantities)
+        pipe.hset(keys.cart(user_id), mapping=replies.fields(quantities))
         pipe.zadd(keys.CLEANUP_QUEUE, {str(user_id): expires_ms}, nx=True)
         pipe.execute()
         return quantities
 
-    def _describe(self, user_id, quantities: dict[str, int]) -> dict:
+    def _describe(self, user_id: uuid.UUID, quantities: dict[str, int]) -> dict[str, Any]:
         products = self._products(list(quantities))
-        items, total = [], Decimal("0.00")
+        items: list[dict[str, Any]] = []
+        total = Decimal("0.00")
         for pid, qty in sorted(quantities.items()):
             product = products.get(pid)
             if product is None:
@@ -238,14 +247,14 @@ class CartService:
             )
         return {"userId": str(user_id), "items": items, "total": float(total)}
 
-    def _products(self, ids: list[str]) -> dict[str, dict]:
+    def _products(self, ids: list[str]) -> dict[str, dict[str, Any]]:
         return self.catalogue.get_many(ids) if ids else {}
 
-    def _require_product(self, product_id) -> None:
+    def _require_product(self, product_id: uuid.UUID) -> None:
         if not self.catalogue.get_many([str(product_id)]):
             raise NotFound(f"Product {product_id} does not exist.")
 
-    def _db_stock(self, product_id) -> int:
+    def _db_stock(self, product_id: uuid.UUID) -> int:
         with db.autocommit(self.deps.pool) as conn:
             row = conn.execute(
                 "SELECT available_quantity FROM inventory.inventory_items WHERE product_id = %s", (product_id,)

@@ -4,15 +4,24 @@ commands in this package's modules (relay, supervise, faults, check and chaos, l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from pulse import config
 from pulse.cli import chaos, faults, load, relay, supervise
 from pulse.errors import PulseError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from pulse.bootstrap import System
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 log = logging.getLogger("pulse")
 
@@ -24,7 +33,7 @@ PULSE_AMQP_URL, PULSE_STRATEGY (optimistic | post-payment), PULSE_OUTBOX_MODE (c
 PULSE_PAYMENT_DECLINE_RATE (0..1). Options given here override them."""
 
 
-def _settings(args) -> config.Settings:
+def _settings(args: argparse.Namespace) -> config.Settings:
     s = config.from_env()
     changes = {
         k: v
@@ -34,7 +43,7 @@ def _settings(args) -> config.Settings:
     return s.replace(**changes) if changes else s
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pulse import bootstrap
@@ -78,16 +87,14 @@ def cmd_serve(args) -> int:
             server.run(sockets=sockets)  # returns after SIGINT/SIGTERM, which uvicorn turns into a graceful shutdown
         else:
             signal.signal(signal.SIGTERM, lambda *_: system.stop.set())
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 system.stop.wait()
-            except KeyboardInterrupt:
-                pass
     finally:
         system.close()
     return 0
 
 
-def _start_workers(system, roles: set[str]) -> None:
+def _start_workers(system: System, roles: set[str]) -> None:
     """Start the background workers the roles ask for (``workers`` means relay, consumers and schedulers)."""
     if roles & {"workers", "relay", "consumers", "schedulers"}:
         every = "workers" in roles
@@ -98,7 +105,7 @@ def _start_workers(system, roles: set[str]) -> None:
         )
 
 
-def _serve_api_processes(args, roles: set[str]) -> int:
+def _serve_api_processes(args: argparse.Namespace, roles: set[str]) -> int:
     """``--processes N``: the API in N child processes listening on the same port, and the workers (if their
     roles are asked for) in this process.
 
@@ -130,7 +137,7 @@ def _serve_api_processes(args, roles: set[str]) -> int:
     rest = roles - {"api"}
     status = 0
 
-    def stop_children(*_):
+    def stop_children(*_: object) -> None:
         for child in children:
             if child.poll() is None:
                 child.terminate()
@@ -171,7 +178,7 @@ def _serve_api_processes(args, roles: set[str]) -> int:
     return status
 
 
-def cmd_db(args) -> int:
+def cmd_db(args: argparse.Namespace) -> int:
     from pulse.infra import migrate
 
     settings = config.from_env()
@@ -184,13 +191,13 @@ def cmd_db(args) -> int:
     return 0
 
 
-def _build_light(settings):
+def _build_light(settings: config.Settings) -> System:
     from pulse import bootstrap
 
     return bootstrap.build(settings, pool_size=4)
 
 
-def cmd_reconcile(args) -> int:
+def cmd_reconcile(args: argparse.Namespace) -> int:
     system = _build_light(config.from_env())
     try:
         print(json.dumps(system.reconciler.run_once(args.cooldown)))
@@ -199,7 +206,7 @@ def cmd_reconcile(args) -> int:
     return 0
 
 
-def cmd_sweep(args) -> int:
+def cmd_sweep(args: argparse.Namespace) -> int:
     from pulse.cart.sweeper import sweep_once
 
     system = _build_light(config.from_env())
@@ -210,13 +217,13 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     from pulse.lab.demo import run_demo
 
     return run_demo(outbox_mode=args.outbox_mode)
 
 
-def cmd_lab(args) -> int:
+def cmd_lab(args: argparse.Namespace) -> int:
     """``pulse lab provision|cleanup``: a class's namespaces on shared services (pulse.lab.classroom)."""
     from pulse.lab import classroom
 
@@ -376,7 +383,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -386,7 +393,8 @@ def main(argv=None) -> int:
     logging.getLogger("pika").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except (PulseError, config.ConfigError) as exc:
         print(f"pulse: {exc}", file=sys.stderr)
         return 2

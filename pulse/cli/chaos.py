@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
+from typing import TYPE_CHECKING
 
 from pulse import config
 
+if TYPE_CHECKING:
+    from pulse.cli import Subparsers
 
-def cmd_check(args) -> int:
+
+def cmd_check(args: argparse.Namespace) -> int:
     from pulse.tools.check.invariants import Scope, check_all
 
     settings = config.from_env()
@@ -42,7 +47,7 @@ def cmd_check(args) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
-def cmd_chaos(args) -> int:
+def cmd_chaos(args: argparse.Namespace) -> int:
     from pulse.tools.chaos import Campaign
 
     summary = Campaign.from_args(args).run()
@@ -50,7 +55,7 @@ def cmd_chaos(args) -> int:
     return 0 if not summary["violations"] else 1
 
 
-def register(subparsers) -> None:
+def register(subparsers: Subparsers) -> None:
     """Add ``pulse check`` and ``pulse chaos`` to the CLI."""
     c = subparsers.add_parser(
         "check",

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from typing import TYPE_CHECKING, Any
 
 from pulse import config, faults, faults_catalogue
 
+if TYPE_CHECKING:
+    from pulse.cli import Subparsers
 
-def _value(text: str):
+
+def _value(text: str) -> Any:
     """``--param`` values: JSON when they parse (numbers, true, lists), else the plain string."""
     try:
         return json.loads(text)
@@ -15,8 +20,8 @@ def _value(text: str):
         return text
 
 
-def _params(pairs) -> dict:
-    params = {}
+def _params(pairs: list[str] | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
     for pair in pairs or ():
         if "=" not in pair:
             raise faults.UnknownFault(f"A parameter must look like key=value, got {pair!r}.")
@@ -25,7 +30,7 @@ def _params(pairs) -> dict:
     return params
 
 
-def cmd_arm(args) -> int:
+def cmd_arm(args: argparse.Namespace) -> int:
     settings = config.from_env()
     _migrate(settings)
     armed = faults.arm(
@@ -41,7 +46,7 @@ def cmd_arm(args) -> int:
     return 0
 
 
-def cmd_disarm(args) -> int:
+def cmd_disarm(args: argparse.Namespace) -> int:
     settings = config.from_env()
     if not args.all and not args.name:
         raise faults.UnknownFault("Name the fault to disarm, or pass --all.")
@@ -50,33 +55,33 @@ def cmd_disarm(args) -> int:
     return 0
 
 
-def cmd_list(args) -> int:
+def cmd_list(args: argparse.Namespace) -> int:
     settings = config.from_env()
     _migrate(settings)
     print(json.dumps(faults.list_armed(settings.database_url), default=str))
     return 0
 
 
-def cmd_catalogue(args) -> int:
+def cmd_catalogue(args: argparse.Namespace) -> int:
     """Print the fault catalogue: every point and naive switch, what it breaks, which invariants report it."""
     print(json.dumps(faults_catalogue.as_json(), indent=2, ensure_ascii=False))
     return 0
 
 
-def cmd_log(args) -> int:
+def cmd_log(args: argparse.Namespace) -> int:
     settings = config.from_env()
     _migrate(settings)
     print(json.dumps(faults.fired_counts(settings.database_url)))
     return 0
 
 
-def _migrate(settings) -> None:
+def _migrate(settings: config.Settings) -> None:
     from pulse.infra import migrate
 
     migrate.migrate(settings.database_url)
 
 
-def register(subparsers) -> None:
+def register(subparsers: Subparsers) -> None:
     """Add ``pulse faults`` to the CLI."""
     p = subparsers.add_parser(
         "faults",

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from pulse import config
 
+if TYPE_CHECKING:
+    from pulse.cli import Subparsers
 
-def cmd_load(args) -> int:
+
+def cmd_load(args: argparse.Namespace) -> int:
     """Run the load, print the JSON result; exit 1 when the server answered 5xx or connections failed."""
     from pulse.tools.load import parse_mix, run_load
 
@@ -40,7 +45,7 @@ def cmd_load(args) -> int:
     return 1 if result["server_errors"] or result["transport_errors"] else 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: Subparsers) -> None:
     """Add ``pulse load`` to the ``pulse`` command."""
     p = subparsers.add_parser(
         "load",

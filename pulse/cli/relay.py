@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from typing import TYPE_CHECKING, Any
 
 from pulse import config
 from pulse.infra import cdc_slot, db, outbox
+
+if TYPE_CHECKING:
+    from pulse.cli import Subparsers
+
+Row = dict[str, Any]
 
 RETAINED_WARN_BYTES = 1 << 30  # an unread slot retained ~10 GB/hour at 4k transactions/s here
 RECREATED_WARN_S = 86_400  # a slot recreated after a loss is worth a WARNING line for a day, then a plain field
@@ -16,7 +23,7 @@ def _settings() -> config.Settings:
     return config.from_env()
 
 
-def relay_status(settings: config.Settings) -> dict:
+def relay_status(settings: config.Settings) -> dict[str, Any]:
     """Mode, lock holder, slot lag and retained WAL, heartbeat (events/s, last publish) and warnings."""
     with db.connect(settings.database_url, autocommit=True) as conn:
         slot = cdc_slot.slot_info(conn, settings.cdc_slot)
@@ -27,7 +34,7 @@ def relay_status(settings: config.Settings) -> dict:
         outbox_rows = outbox.count(conn)
         recreated = cdc_slot.last_slot_loss(conn, settings.cdc_slot)
         unroutable = outbox.unroutable_by_type(conn)
-    status = {
+    status: dict[str, Any] = {
         "mode": settings.outbox_mode,
         "walLevel": wal_level,
         "outboxRows": outbox_rows,
@@ -42,7 +49,7 @@ def relay_status(settings: config.Settings) -> dict:
     return status
 
 
-def _slot(name: str, row) -> dict:
+def _slot(name: str, row: Row | None) -> dict[str, Any]:
     if row is None:
         return {"name": name, "exists": False}
     return {
@@ -59,7 +66,7 @@ def _slot(name: str, row) -> dict:
     }
 
 
-def _unroutable(rows) -> dict:
+def _unroutable(rows: list[Row]) -> dict[str, Any]:
     oldest = min((r["oldest"] for r in rows), default=None)
     return {
         "rows": sum(r["n"] for r in rows),
@@ -68,7 +75,7 @@ def _unroutable(rows) -> dict:
     }
 
 
-def _holder(row) -> dict | None:
+def _holder(row: Row | None) -> dict[str, Any] | None:
     if row is None:
         return None
     return {
@@ -79,7 +86,7 @@ def _holder(row) -> dict | None:
     }
 
 
-def _heartbeat(row) -> dict | None:
+def _heartbeat(row: Row | None) -> dict[str, Any] | None:
     if row is None:
         return None
     return {
@@ -94,9 +101,9 @@ def _heartbeat(row) -> dict | None:
     }
 
 
-def warnings(status: dict, wal_problem: str | None) -> list[str]:
+def warnings(status: dict[str, Any], wal_problem: str | None) -> list[str]:
     """Plain sentences about conditions that lose events or fill the disk."""
-    out = []
+    out: list[str] = []
     slot = status["slot"]
     if status["mode"] == "cdc" and wal_problem:
         out.append(wal_problem)
@@ -141,7 +148,7 @@ def warnings(status: dict, wal_problem: str | None) -> list[str]:
     return out
 
 
-def _size(n: int | None) -> str:
+def _size(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "kB", "MB", "GB", "TB"):
@@ -151,7 +158,7 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
-def render(status: dict) -> str:
+def render(status: dict[str, Any]) -> str:
     """The status as a small human-readable table, warnings last."""
     slot, holder, beat = status["slot"], status["holder"], status["heartbeat"]
     rows = [
@@ -195,20 +202,20 @@ def render(status: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_status(args) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings()
     status = relay_status(settings)
     print(json.dumps(status, indent=2) if args.json else render(status))
     return 0
 
 
-def drop_slot(settings: config.Settings) -> dict:
+def drop_slot(settings: config.Settings) -> dict[str, Any]:
     """Drop the configured slot unless a relay is using it; returns what was dropped."""
     with db.connect(settings.database_url, autocommit=True) as conn:
         return cdc_slot.drop(conn, settings.cdc_slot)
 
 
-def cmd_drop_slot(args) -> int:
+def cmd_drop_slot(args: argparse.Namespace) -> int:
     settings = _settings()
     if not args.yes:
         if not sys.stdin.isatty():
@@ -225,7 +232,7 @@ def cmd_drop_slot(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: Subparsers) -> None:
     """Add ``pulse relay status`` and ``pulse relay drop-slot``."""
     r = subparsers.add_parser("relay", help="outbox relay: status, drop an abandoned replication slot")
     sub = r.add_subparsers(dest="relay_command", required=True, metavar="ACTION")

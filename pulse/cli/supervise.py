@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import signal
 import threading
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from pulse.tools.supervise import CommandSupervisor, serve_command
+
+if TYPE_CHECKING:
+    from pulse.cli import Subparsers
 
 log = logging.getLogger(__name__)
 
 
-def cmd_supervise(args) -> int:
+def cmd_supervise(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if args.lab:  # the supervised server obeys faults: that is what keeping it alive through crashes is for
         env["PULSE_LAB"] = "1"
@@ -21,7 +27,7 @@ def cmd_supervise(args) -> int:
         serve_command(args.serve_args), env=env, backoff_s=args.backoff, max_restarts=args.max_restarts
     )
 
-    def forward(signum, _frame):
+    def forward(signum: int, _frame: FrameType | None) -> None:
         log.info("supervise: signal %d, stopping pulse serve", signum)
         threading.Thread(target=supervisor.stop, daemon=True).start()
 
@@ -32,7 +38,7 @@ def cmd_supervise(args) -> int:
     return status
 
 
-def register(subparsers) -> None:
+def register(subparsers: Subparsers) -> None:
     """Add ``pulse supervise`` to the CLI."""
     p = subparsers.add_parser(
         "supervise",

@@ -6,8 +6,12 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from pulse.events import (
+    Envelope,
+    Item,
     MalformedEnvelope,
     OrderCreated,
     PaymentFailed,
@@ -17,8 +21,11 @@ from pulse.events import (
     StockReleased,
     StockReserved,
 )
-from pulse.infra import outbox
+from pulse.infra import db, outbox
 from pulse.status import FailureReason
+
+if TYPE_CHECKING:
+    from pulse.deps import Deps
 
 log = logging.getLogger(__name__)
 MAX_VERSION_RETRIES = 8
@@ -30,12 +37,12 @@ class VersionConflict(Exception):
 
 
 class OutOfStock(Exception):
-    def __init__(self, shortages: list[Shortage]):
+    def __init__(self, shortages: list[Shortage]) -> None:
         super().__init__(f"not enough stock for {len(shortages)} product(s)")
         self.shortages = shortages
 
 
-def _with_version_retries(work):
+def _with_version_retries(work: Callable[[], None]) -> None:
     """Run ``work()`` again on VersionConflict, with jitter, a bounded number of times."""
     for attempt in range(1, MAX_VERSION_RETRIES + 1):
         try:
@@ -46,13 +53,13 @@ def _with_version_retries(work):
             time.sleep(random.uniform(0, 0.004 * attempt))
 
 
-def _take(conn, items, *, checked: bool = True) -> None:
+def _take(conn: db.Conn, items: Iterable[Item], *, checked: bool = True) -> None:
     """Decrement every item's stock or none: the caller's savepoint undoes a partial reservation.
 
     ``checked=False`` is the lab's naive ``no-version-check``: the stock read is written back minus the
     quantity with no version condition, so a concurrent reservation's decrement in between is overwritten.
     """
-    shortages = []
+    shortages: list[Shortage] = []
     for item in sorted(items, key=lambda i: i.product_id):  # a fixed order keeps concurrent reservers deadlock-free
         row = conn.execute(
             "SELECT available_quantity, version FROM inventory.inventory_items WHERE product_id = %s",
@@ -86,7 +93,7 @@ def _take(conn, items, *, checked: bool = True) -> None:
         raise OutOfStock(shortages)
 
 
-def lock_batch(conn, envelopes, naive=None) -> None:
+def lock_batch(conn: db.Conn, envelopes: Iterable[Envelope], naive: Callable[[str], bool] | None = None) -> None:
     """A consumer batch's pre-lock (see Consumer.prelock): the inventory rows of every order in the batch, in
     product order, before any handler runs. The handlers then only re-take locks they hold, so two inventory
     consumers (two `pulse serve` processes) queue behind each other instead of deadlocking.
@@ -103,15 +110,16 @@ def lock_batch(conn, envelopes, naive=None) -> None:
         )
 
 
-def _items_of(envelope):
+def _items_of(envelope: Envelope) -> tuple[Item, ...] | None:
     """The envelope's items, or None when its payload does not parse (the dispatcher dead-letters it)."""
     try:
-        return getattr(envelope.event, "items", None)
+        items: tuple[Item, ...] | None = getattr(envelope.event, "items", None)
+        return items
     except MalformedEnvelope:
         return None
 
 
-def on_reserve(deps, conn, event: OrderCreated | PaymentProcessed) -> None:
+def on_reserve(deps: Deps, conn: db.Conn, event: OrderCreated | PaymentProcessed) -> None:
     """ORDER_CREATED (optimistic) or PAYMENT_PROCESSED (post-payment): reserve the order's items."""
     order_id = event.order_id
     if conn.execute(
@@ -121,7 +129,7 @@ def on_reserve(deps, conn, event: OrderCreated | PaymentProcessed) -> None:
     deps.faults.point("inventory.reserve", order=order_id)
     items = json.dumps([i.to_payload() for i in event.items])
 
-    def attempt():
+    def attempt() -> None:
         with conn.transaction():  # a savepoint: a version conflict undoes this attempt only
             _take(conn, event.items, checked=not deps.naive("no-version-check"))
             conn.execute(
@@ -144,7 +152,7 @@ def on_reserve(deps, conn, event: OrderCreated | PaymentProcessed) -> None:
     outbox.append_event(conn, event.follow(StockReserved))
 
 
-def on_restock(deps, conn, event: PaymentFailed) -> None:
+def on_restock(deps: Deps, conn: db.Conn, event: PaymentFailed) -> None:
     """PAYMENT_FAILED (optimistic): give back exactly what this order reserved, once."""
     reservation = conn.execute(
         "SELECT items FROM inventory.reservations WHERE order_id = %s AND status = 'RESERVED' FOR UPDATE",

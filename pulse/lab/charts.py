@@ -265,7 +265,7 @@ def sequence(
         return rows[t] + (0.5 if kind in ("redeliver", "lost") else 0.0)
 
     height = len(rows)
-    for lane, i in x.items():
+    for i in x.values():
         ax.axvline(i, color="#bbbbbb", linewidth=1, zorder=0)
     ax.set_xlim(-0.6, len(SEQUENCE_LANES) - 0.4)
     ax.set_ylim(height, -1)
@@ -389,7 +389,7 @@ def drift_timeline(
     strikes = strikes if strikes is not None else pd.DataFrame(columns=["t", "name", "action"])
     passes = passes if passes is not None else pd.DataFrame(columns=["t", "source", "stock", "reserved", "carts"])
     palette = {}
-    for ax, column, key in zip(axes, ("stock_drift", "reserved_drift"), ("stock:", "reserved:")):
+    for ax, column, key in zip(axes, ("stock_drift", "reserved_drift"), ("stock:", "reserved:"), strict=True):
         wide = drift_series(samples, column)
         for label in wide.columns:
             color = palette.setdefault(label, f"C{len(palette) % 10}")
@@ -526,7 +526,7 @@ def drift(ax, df: pd.DataFrame, reconcile_runs: list[dict]) -> None:
     ax.bar(
         [i + 0.2 for i in x], shown["reserved_drift"].astype(float), width=0.4, label="reserved:", color="tab:orange"
     )
-    for i, miss in zip(x, missing):
+    for i, miss in zip(x, missing, strict=True):
         if miss:
             ax.text(i - 0.2, 0, "missing", rotation=90, fontsize=7, ha="center", va="bottom", color="grey")
     ax.axhline(0, color="black", linewidth=0.6)
@@ -557,7 +557,7 @@ def reconcile_fixes(ax, runs: list[dict]) -> None:
     for kind in kinds:
         values = [r.get(kind, 0) for r in runs]
         ax.bar(range(len(runs)), values, bottom=bottom, label=kind)
-        bottom = [b + v for b, v in zip(bottom, values)]
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     ax.plot(range(len(runs)), [r.get("deferred", 0) for r in runs], "kx", label="deferred")
     ax.set_xticks(
         range(len(runs)), [f"#{i + 1}{' full' if r.get('full') else ''}" for i, r in enumerate(runs)], fontsize=7
@@ -630,7 +630,8 @@ def dashboard_figure(snapshot: dict) -> Figure:
     n_rows = max(1, -(-len(shown) // columns))
     fig = Figure(figsize=(5 * columns, 3.4 * n_rows + (0.3 if notes else 0)), layout="constrained")
     axes = fig.subplots(n_rows, columns, squeeze=False).ravel()
-    for ax, (_, draw) in zip(axes, shown):
+    # The grid may have more cells than panels; the spare ones are switched off below.
+    for ax, (_, draw) in zip(axes, shown, strict=False):
         draw(ax)
     for ax in axes[len(shown) :]:
         ax.set_axis_off()

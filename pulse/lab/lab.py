@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import tempfile
@@ -418,15 +419,16 @@ class Lab:
 
         from pulse.infra import db
 
-        with db.connect(self.settings.database_url, autocommit=True) as conn:
-            try:
-                conn.execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                    "WHERE slot_name = %s AND database = current_database() AND NOT active",
-                    (self.settings.cdc_slot,),
-                )
-            except psycopg.errors.ObjectInUse:  # a relay started streaming it meanwhile: it reads on from there
-                pass
+        # ObjectInUse: a relay started streaming it meanwhile; it reads on from there.
+        with (
+            db.connect(self.settings.database_url, autocommit=True) as conn,
+            contextlib.suppress(psycopg.errors.ObjectInUse),
+        ):
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name = %s AND database = current_database() AND NOT active",
+                (self.settings.cdc_slot,),
+            )
 
     def _purge_queues(self) -> None:
         from pulse.infra import broker

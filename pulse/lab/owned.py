@@ -258,8 +258,7 @@ class OwnedServices:
             )
             (rabbit / "enabled_plugins").write_text("[].\n")
             self._chown(rabbit, "rabbitmq")
-        log = open(rabbit / "server.log", "ab")
-        try:
+        with open(rabbit / "server.log", "ab") as log:  # the node holds its own descriptor once started
             self._rabbit = subprocess.Popen(
                 [*self._as("rabbitmq"), _rabbit_bin("rabbitmq-server")],
                 env=self._rabbit_env(),
@@ -268,8 +267,6 @@ class OwnedServices:
                 start_new_session=True,
                 cwd=str(rabbit),
             )
-        finally:
-            log.close()
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self._rabbit.poll() is not None:

@@ -48,7 +48,8 @@ def lease_redis_db(base_url: str, token: str):
 
     root = base_url.rsplit("/", 1)[0]
     for index in range(1, 16):
-        lock = open(os.path.join(tempfile.gettempdir(), f"pulse-test-redis-{index}.lock"), "a")
+        # Not a with block: the open file is the lease, returned to the caller.
+        lock = open(os.path.join(tempfile.gettempdir(), f"pulse-test-redis-{index}.lock"), "a")  # noqa: SIM115
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -600,7 +600,7 @@ def restarts_mid_saga(
         try:
             for _ in range(orders):
                 user, key, added = client.new_user(), str(uuid.uuid4()), False
-                for attempt in range(100):  # a shopper keeps trying while the database is away
+                for _attempt in range(100):  # a shopper keeps trying while the database is away
                     try:
                         # A failed add may have been applied: look before adding again.
                         if not added and not client.cart(user)["items"]:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
+from pulse import rows
 from pulse.events import Event, OrderUpdated
 from pulse.events import EventType as E
-from pulse.infra import outbox
+from pulse.infra import db, outbox
 from pulse.orders.model import apply_event
+
+if TYPE_CHECKING:
+    from pulse.deps import Deps
 
 log = logging.getLogger(__name__)
 
 
-def snapshot(order: dict, **marks) -> OrderUpdated:
+def snapshot(order: dict[str, Any], **marks: Any) -> OrderUpdated:
     """The ORDER_UPDATED event of an ``orders.orders`` row (``marks``: a watchdog's re-drive marks)."""
     return OrderUpdated(
         order_id=str(order["id"]),
@@ -28,7 +33,7 @@ def snapshot(order: dict, **marks) -> OrderUpdated:
     )
 
 
-def on_saga_event(deps, conn, event: Event) -> None:
+def on_saga_event(deps: Deps, conn: db.Conn, event: Event) -> None:
     """Apply one saga event to its order (the dispatcher claimed orders.inbox), announcing the new state."""
     order_id = event.order_id
     order = conn.execute("SELECT * FROM orders.orders WHERE id = %s FOR UPDATE", (order_id,)).fetchone()
@@ -38,10 +43,12 @@ def on_saga_event(deps, conn, event: Event) -> None:
     if not changes:
         return
     assignments = ", ".join(f"{column} = %({column})s" for column in changes)
-    updated = conn.execute(
-        f"UPDATE orders.orders SET {assignments}, updated_at = clock_timestamp() WHERE id = %(id)s RETURNING *",
-        {**changes, "id": order_id},
-    ).fetchone()
+    updated = rows.one(  # the row is locked above: it is there
+        conn.execute(
+            f"UPDATE orders.orders SET {assignments}, updated_at = clock_timestamp() WHERE id = %(id)s RETURNING *",
+            {**changes, "id": order_id},
+        )
+    )
     outbox.append_event(conn, snapshot(updated))
     log.debug("order %s: %s -> %s", order_id, event.TYPE.value, changes)
 

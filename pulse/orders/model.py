@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pulse.events import EventType as E
 from pulse.status import TERMINAL
 from pulse.status import FailureReason as R
@@ -13,7 +15,7 @@ from pulse.status import PaymentStatus as Pay
 # OUT_OF_STOCK) is taken once; only a compensation (REFUNDED, RELEASED) may follow it. NOT_STARTED may jump straight
 # to a compensation because with several consumer threads order.queue can hand over a compensation before the
 # decision it undoes; the decision then arrives late and must not move the sub-status back.
-FORWARD = {
+FORWARD: dict[str, dict[str, frozenset[str]]] = {
     "payment_status": {
         Pay.NOT_STARTED: frozenset({Pay.SUCCESS, Pay.DECLINED, Pay.REFUNDED}),
         Pay.SUCCESS: frozenset({Pay.REFUNDED}),
@@ -40,7 +42,7 @@ def moves_forward(field: str, current: str, new: str) -> bool:
     return current == new or new in FORWARD[field].get(current, ())
 
 
-def apply_event(order: dict, event_type: str, *, guarded: bool = True) -> dict:
+def apply_event(order: dict[str, Any], event_type: str, *, guarded: bool = True) -> dict[str, Any]:
     """The order's fields after ``event_type``; only changed keys are returned (empty: nothing to do).
 
     Completion needs both halves of the saga (payment SUCCESS and inventory RESERVED), whatever order
@@ -56,7 +58,7 @@ def apply_event(order: dict, event_type: str, *, guarded: bool = True) -> dict:
         raise ValueError(f"orders do not react to {event_type}") from None
     if guarded and not moves_forward(field, order[field], value):
         return {}
-    new: dict = {field: value}
+    new: dict[str, Any] = {field: value}
     if event_type == E.PAYMENT_PROCESSED:
         new["status"] = O.COMPLETED if inv == Inv.RESERVED else O.PROCESSING
     elif event_type == E.STOCK_RESERVED:

@@ -6,14 +6,19 @@ import decimal
 import json
 import logging
 import uuid
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from pulse import rows
 from pulse.errors import Conflict, KeyTaken, NotFound
 from pulse.events import Item, OrderCreated
 from pulse.infra import db, keys, outbox
 from pulse.orders.handlers import snapshot
-from pulse.status import OrderStatus
+from pulse.status import OrderStatus, Strategy
+
+if TYPE_CHECKING:
+    from pulse.deps import Deps
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +29,10 @@ MAX_TOTAL = decimal.Decimal("9999999999.99")
 class OrderService:
     """Creates orders and reads them back with their CQRS display status."""
 
-    def __init__(self, deps):
+    def __init__(self, deps: Deps) -> None:
         self.deps = deps
 
-    def create(self, user_id: uuid.UUID, idempotency_key: str) -> dict:
+    def create(self, user_id: uuid.UUID, idempotency_key: str) -> dict[str, Any]:
         """Turn the user's cart into an order; a repeated key returns the first response and creates nothing.
 
         The Redis lock only keeps concurrent duplicates apart (409); the truth is the idempotency
@@ -55,7 +60,7 @@ class OrderService:
             else:
                 self.deps.scripts.release_lock([lock_key], [token])
 
-    def _create_locked(self, user_id, idempotency_key) -> dict:
+    def _create_locked(self, user_id: uuid.UUID, idempotency_key: str) -> dict[str, Any]:
         try:
             with db.transaction(self.deps.pool) as conn:
                 items = conn.execute(
@@ -75,9 +80,11 @@ class OrderService:
                 raise
             return stored
 
-    def _insert_order(self, conn, user_id, idempotency_key, items) -> dict:
+    def _insert_order(
+        self, conn: db.Conn, user_id: uuid.UUID, idempotency_key: str, items: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         order_id = uuid.uuid4()
-        strategy = self.deps.settings.strategy_name
+        strategy = Strategy(self.deps.settings.strategy_name)
         total = sum((i["base_price"] * i["quantity"] for i in items), decimal.Decimal("0.00"))
         if total > MAX_TOTAL:
             # Checked before any write, so the transaction rolls back empty and create() releases the lock.
@@ -85,11 +92,13 @@ class OrderService:
                 f"The cart's total of {total} is more than an order can hold ({MAX_TOTAL}); "
                 "remove some items and order again."
             )
-        order = conn.execute(
-            "INSERT INTO orders.orders (id, user_id, status, strategy, total_amount) "
-            "VALUES (%s, %s, 'CREATED', %s, %s) RETURNING *",
-            (order_id, user_id, strategy, total),
-        ).fetchone()
+        order = rows.one(
+            conn.execute(
+                "INSERT INTO orders.orders (id, user_id, status, strategy, total_amount) "
+                "VALUES (%s, %s, 'CREATED', %s, %s) RETURNING *",
+                (order_id, user_id, strategy, total),
+            )
+        )
         with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO orders.order_items (order_id, product_id, quantity, unit_price) VALUES (%s, %s, %s, %s)",
@@ -108,13 +117,13 @@ class OrderService:
                 user_id=str(user_id),
                 strategy=strategy,
                 total_price=total,
-                items=[Item(product_id=str(i["product_id"]), quantity=i["quantity"]) for i in items],
+                items=tuple(Item(product_id=str(i["product_id"]), quantity=i["quantity"]) for i in items),
             ),
         )
         outbox.append_event(conn, snapshot(order))
         return response
 
-    def _stored_response(self, idempotency_key: str, user_id) -> dict | None:
+    def _stored_response(self, idempotency_key: str, user_id: uuid.UUID) -> dict[str, Any] | None:
         with db.autocommit(self.deps.pool) as conn:  # one statement: no BEGIN/COMMIT round trips around it
             row = conn.execute(
                 "SELECT response_body, user_id FROM orders.idempotency_records WHERE key = %s", (idempotency_key,)
@@ -123,9 +132,10 @@ class OrderService:
             return None
         if row["user_id"] is not None and str(row["user_id"]) != str(user_id):
             raise KeyTaken("This idempotency key was already used by another user; choose a new key.")
-        return row["response_body"]
+        response: dict[str, Any] = row["response_body"]  # jsonb, decoded by psycopg
+        return response
 
-    def get(self, order_id: uuid.UUID) -> dict:
+    def get(self, order_id: uuid.UUID) -> dict[str, Any]:
         """The order with its display status from the CQRS view (null until the view has caught up)."""
         with db.autocommit(self.deps.pool) as conn:
             row = conn.execute(

@@ -14,8 +14,12 @@ re-drives. One step per order per deadline: the next run sees the effect of the 
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import logging
 import os
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pulse.events import EVENTS, Event
 from pulse.events import EventType as E
@@ -26,6 +30,9 @@ from pulse.status import PaymentStatus as Pay
 from pulse.status import ReservationStatus as Res
 from pulse.status import Strategy
 from pulse.views.model import display_status
+
+if TYPE_CHECKING:
+    from pulse.deps import Deps
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +61,11 @@ ORDER, INVENTORY, PAYMENT, REDIS_STOCK, VIEW = (
     "redis-stock.queue",
     "order-view.queue",
 )
-Step = tuple  # (event type, the one queue whose module missed it)
+Step = tuple[E, str]  # (event type, the one queue whose module missed it)
+Row = dict[str, Any]  # a CANDIDATES row
 
 
-def _optimistic(o: dict) -> Step | None:
+def _optimistic(o: Row) -> Step | None:
     inv, pay = o["inv_decision"], o["pay_decision"]
     if inv is None:
         return E.ORDER_CREATED, INVENTORY
@@ -78,7 +86,7 @@ def _optimistic(o: dict) -> Step | None:
     return None
 
 
-def _post_payment(o: dict) -> Step | None:
+def _post_payment(o: Row) -> Step | None:
     inv, pay = o["inv_decision"], o["pay_decision"]
     if pay is None:
         return E.ORDER_CREATED, PAYMENT
@@ -99,7 +107,7 @@ def _post_payment(o: dict) -> Step | None:
     return None
 
 
-def _hold(o: dict) -> Step | None:
+def _hold(o: Row) -> Step | None:
     """redis-stock's part: the cart's hold moved to the order, and released once the order's stock was decided."""
     if o["hold_moved"] is None:
         return E.ORDER_CREATED, REDIS_STOCK
@@ -114,7 +122,7 @@ def _hold(o: dict) -> Step | None:
     return None
 
 
-def next_step(o: dict) -> Step | None:
+def next_step(o: Row) -> Step | None:
     """The event that moves this order's saga on and the one queue that missed it; None when it is settled."""
     step = (_optimistic if o["strategy"] == Strategy.OPTIMISTIC else _post_payment)(o) or _hold(o)
     if step is not None:
@@ -124,7 +132,7 @@ def next_step(o: dict) -> Step | None:
     return None
 
 
-def next_event(o: dict):
+def next_event(o: Row) -> E | None:
     """The event of :func:`next_step` alone (the checker asks only whether an order is settled)."""
     step = next_step(o)
     return None if step is None else step[0]
@@ -136,29 +144,37 @@ def topology_queues() -> tuple[str, ...]:
     return QUEUES
 
 
+class QueueDepth(Protocol):
+    """Messages ready in queues (:class:`pulse.infra.broker.QueueDepth`); None when the broker cannot tell."""
+
+    def ready(self, queues: list[str]) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
 class Watchdog:
     """Finds stalled sagas and re-drives them; ``run_once()`` is one pass, the server runs it periodically."""
 
     def __init__(
         self,
-        deps,
+        deps: Deps,
         *,
         deadline_s: float | None = None,
         interval_s: float | None = None,
         lookback_s: float = 86400.0,
         limit: int = 500,
         max_pages: int = 40,
-        depth=None,
-        unsettled=None,
-    ):
+        depth: QueueDepth | None = None,
+        unsettled: Callable[[], int] | None = None,
+    ) -> None:
         env = os.environ
         self.deps, self.depth, self.unsettled = deps, depth, unsettled
         self.deadline_s = float(deadline_s if deadline_s is not None else env.get("PULSE_WATCHDOG_DEADLINE_S", 30))
         self.interval_s = float(interval_s if interval_s is not None else env.get("PULSE_WATCHDOG_INTERVAL_S", 5))
         self.lookback_s, self.limit, self.max_pages = lookback_s, limit, max_pages
-        self.redriven: collections.Counter = collections.Counter()
+        self.redriven: collections.Counter[str] = collections.Counter()
 
-    def run_once(self) -> dict:
+    def run_once(self) -> dict[str, Any]:
         """One pass; returns how many orders were examined and which events were re-emitted."""
         if self.deps.naive("no-watchdog"):
             return {"examined": 0, "redriven": {}, "disabled": "no-watchdog"}  # the lab's naive switch
@@ -170,8 +186,9 @@ class Watchdog:
             # A lost event is found once the queues are drained.
             log.info("saga watchdog waits: %s", waiting)
             return {"examined": 0, "redriven": {}, "deferred": waiting}
-        emitted: collections.Counter = collections.Counter()
-        examined, after = 0, (None, None)
+        emitted: collections.Counter[str] = collections.Counter()
+        examined = 0
+        after: tuple[dt.datetime | None, uuid.UUID | None] = (None, None)
         # Every candidate, a page at a time: settled FAILED orders stay candidates (telling them from a FAILED
         # order whose refund is pending takes next_event), and with one page of the oldest only, a campaign's
         # first 500 failures hid every order that stalled after them.
@@ -224,7 +241,7 @@ class Watchdog:
         if self.depth is not None:
             self.depth.close()
 
-    def _redrive(self, order: dict, event, queue: str) -> bool:
+    def _redrive(self, order: Row, event: E, queue: str) -> bool:
         with db.transaction(self.deps.pool) as conn:
             # The upsert's WHERE is the guard: of two watchdogs (two servers) only one re-drives per deadline.
             won = conn.execute(
@@ -242,10 +259,10 @@ class Watchdog:
         log.info("order %s re-driven with %s for %s (attempt %d)", order["id"], event.value, queue, won["attempts"])
         return True
 
-    def _event(self, conn, order: dict, event, queue: str) -> Event:
+    def _event(self, conn: db.Conn, order: Row, event: E, queue: str) -> Event:
         """The event re-built from what the database knows, marked as a re-drive for ``queue`` alone; each
         type's ``reason`` is its default (the one its module writes)."""
-        marks = {"redriven": True, "redrive_for": queue}
+        marks: dict[str, Any] = {"redriven": True, "redrive_for": queue}
         if event == E.ORDER_UPDATED:
             return snapshot(order, **marks)
         items = [
@@ -255,7 +272,7 @@ class Watchdog:
                 (order["id"],),
             ).fetchall()
         ]
-        fields = {
+        fields: dict[str, Any] = {
             "order_id": str(order["id"]),
             "user_id": str(order["user_id"]),
             "items": items,

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
+from typing import TYPE_CHECKING
+
 from pulse.events import OrderCreated, PaymentFailed, PaymentProcessed, PaymentRefunded, StockFailed, StockReserved
 from pulse.infra import db, inbox, outbox
 from pulse.status import FailureReason, PaymentStatus
 
+if TYPE_CHECKING:
+    from pulse.deps import Deps
 
-def on_charge(deps, event_id, event: StockReserved | OrderCreated) -> None:
+
+def on_charge(deps: Deps, event_id: uuid.UUID, event: StockReserved | OrderCreated) -> None:
     """STOCK_RESERVED (optimistic) or ORDER_CREATED (post-payment): charge the order's total.
 
     The provider is called before our transaction, with the order id as its idempotency key: if we
@@ -38,12 +44,12 @@ def on_charge(deps, event_id, event: StockReserved | OrderCreated) -> None:
             outbox.append_event(conn, event.follow(PaymentFailed, reason=PaymentStatus.DECLINED))
 
 
-def _claim_only(deps, event_id):
+def _claim_only(deps: Deps, event_id: uuid.UUID) -> None:
     with deps.transaction() as conn:
         inbox.claim(conn, "payment.inbox", event_id)
 
 
-def on_refund(deps, conn, event: StockFailed) -> None:
+def on_refund(deps: Deps, conn: db.Conn, event: StockFailed) -> None:
     """STOCK_FAILED (post-payment): refund the successful charge of this order, once."""
     payment = conn.execute(
         "SELECT id, provider_payment_id FROM payment.payments WHERE order_id = %s AND status = 'SUCCESS' FOR UPDATE",

@@ -6,8 +6,9 @@ import dataclasses
 import hashlib
 import random
 import time
+from decimal import Decimal
 
-from pulse.faults import NO_FAULTS
+from pulse.faults import NO_FAULTS, NoFaults
 
 
 class ProviderError(Exception):
@@ -33,18 +34,18 @@ class SimulatedProvider:
         latency_ms: float = 0.0,
         error_rate: float = 0.0,
         seed: int = 42,
-        faults=None,
-    ):
+        faults: NoFaults | None = None,
+    ) -> None:
         self.decline_rate, self.latency_ms, self.error_rate = decline_rate, latency_ms, error_rate
         self.seed = seed
         self.faults = faults or NO_FAULTS
         self._errors = random.Random(seed)
 
-    def _draw(self, order_id, salt: str) -> float:
+    def _draw(self, order_id: str, salt: str) -> float:
         digest = hashlib.sha256(f"{self.seed}:{salt}:{order_id}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
-    def charge(self, order_id, amount) -> ChargeResult:
+    def charge(self, order_id: str, amount: Decimal | str) -> ChargeResult:
         """Charge ``amount`` for ``order_id``; raises ProviderError on a simulated transient failure."""
         if self.latency_ms:
             time.sleep(self.latency_ms * (0.5 + self._draw(order_id, "latency")) / 1000)
@@ -57,6 +58,6 @@ class SimulatedProvider:
             declined = True
         return ChargeResult(approved=not declined, provider_payment_id=f"sim_{order_id}")
 
-    def refund(self, order_id, provider_payment_id: str) -> str:
+    def refund(self, order_id: str, provider_payment_id: str) -> str:
         """Refund a charge; refunds of the simulator always succeed."""
         return f"re_{provider_payment_id}"

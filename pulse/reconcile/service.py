@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
+from pulse import replies
 from pulse.infra import db, keys
 from pulse.redisstock.handlers import APPLIED_TTL_S, HELD_BY_PRODUCT
+from pulse.rows import one
 
 if TYPE_CHECKING:
     from pulse.deps import Deps
@@ -36,12 +39,12 @@ class Reconciler:
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
-        self.upper = None
+        self.upper: dt.datetime | None = None
         self.deferred_products: set[str] = set()
         self.deferred_users: set[str] = set()
         self._marker = uuid.uuid4().hex
 
-    def run_once(self, cooldown_s: float | None = None, *, full: bool = False) -> dict:
+    def run_once(self, cooldown_s: float | None = None, *, full: bool = False) -> dict[str, Any]:
         """One pass; returns counts of fixes per kind and the window it covered."""
         started = time.perf_counter()
         naive = self.deps.naive("reconcile-full-scan")
@@ -52,7 +55,7 @@ class Reconciler:
         # transaction held open across a 1M-product pass's Redis writes ran into the pool's
         # idle_in_transaction_session_timeout on a loaded machine.
         with db.autocommit(self.deps.pool) as conn:
-            upper = conn.execute("SELECT now() - make_interval(secs => %s) AS t", (cooldown,)).fetchone()["t"]
+            upper: dt.datetime = one(conn.execute("SELECT now() - make_interval(secs => %s) AS t", (cooldown,)))["t"]
             fixes = self._reconcile(conn, lower, upper, full)
         self.upper = upper
         self._mark()
@@ -77,7 +80,7 @@ class Reconciler:
         r, now = self.deps.redis, int(self.deps.clock())
         if r.type(MARKER_KEY) not in ("hash", "none"):
             r.delete(MARKER_KEY)
-        stale = [k for k, v in r.hgetall(MARKER_KEY).items() if now - int(v) > MARKER_TTL_S]
+        stale = [k for k, v in replies.text_map(r.hgetall(MARKER_KEY)).items() if now - int(v) > MARKER_TTL_S]
         pipe = r.pipeline(transaction=False)
         if stale:
             pipe.hdel(MARKER_KEY, *stale)
@@ -85,7 +88,7 @@ class Reconciler:
         pipe.expire(MARKER_KEY, MARKER_TTL_S)
         pipe.execute()
 
-    def _reconcile(self, conn, lower, upper, full: bool) -> dict:
+    def _reconcile(self, conn: db.Conn, lower: dt.datetime | None, upper: dt.datetime, full: bool) -> dict[str, int]:
         ttl_ms = int(self.deps.settings.cart_ttl_s * 1000)
 
         def window(alias: str = "") -> str:
@@ -96,7 +99,7 @@ class Reconciler:
         stock_rows = conn.execute(
             f"SELECT product_id, available_quantity FROM inventory.inventory_items WHERE {window()}", args
         ).fetchall()
-        if full:
+        if full or lower is None:  # lower is None only when full (run_once)
             products = {str(r["product_id"]) for r in stock_rows}
             users = {
                 str(r["user_id"])
@@ -115,7 +118,11 @@ class Reconciler:
             users = {str(r["user_id"]) for r in changed}
             lo_ms = int(lower.timestamp() * 1000) + ttl_ms
             users |= set(
-                self.deps.redis.zrangebyscore(keys.CLEANUP_QUEUE, f"({lo_ms}", int(upper.timestamp() * 1000) + ttl_ms)
+                replies.texts(
+                    self.deps.redis.zrangebyscore(
+                        keys.CLEANUP_QUEUE, f"({lo_ms}", int(upper.timestamp() * 1000) + ttl_ms
+                    )
+                )
             )
         users |= self.deferred_users
         redis_carts = self._redis_carts(users)
@@ -134,7 +141,7 @@ class Reconciler:
         }
         return fixes
 
-    def _in_flight(self, conn, upper, ttl_ms) -> tuple[set[str], set[str]]:
+    def _in_flight(self, conn: db.Conn, upper: dt.datetime, ttl_ms: int) -> tuple[set[str], set[str]]:
         """Products and users with activity newer than the window: in the DB, or only in Redis so far."""
         rows = conn.execute(
             "SELECT c.user_id, ci.product_id FROM inventory.cart_items ci JOIN inventory.carts c "
@@ -145,14 +152,18 @@ class Reconciler:
         products = {str(r["product_id"]) for r in rows} | self._hold_products(
             conn, "h.updated_at > %(upper)s", {"upper": upper}
         )
-        recent = self.deps.redis.zrangebyscore(keys.CLEANUP_QUEUE, f"({int(upper.timestamp() * 1000) + ttl_ms}", "+inf")
-        users |= set(recent)
-        for items in self._redis_carts(set(recent)).values():
+        recent = set(
+            replies.texts(
+                self.deps.redis.zrangebyscore(keys.CLEANUP_QUEUE, f"({int(upper.timestamp() * 1000) + ttl_ms}", "+inf")
+            )
+        )
+        users |= recent
+        for items in self._redis_carts(recent).values():
             products |= set(items)
         return products, users
 
     @staticmethod
-    def _hold_products(conn, condition: str, args: dict) -> set[str]:
+    def _hold_products(conn: db.Conn, condition: str, args: dict[str, Any]) -> set[str]:
         """Products of order holds moved or released where ``condition`` holds (on infra.order_holds)."""
         return {
             str(r["p"])
@@ -163,7 +174,7 @@ class Reconciler:
             )
         }
 
-    def _fix_stock(self, rows) -> int:
+    def _fix_stock(self, rows: list[dict[str, Any]]) -> int:
         if not rows:
             return 0
         r = self.deps.redis
@@ -177,7 +188,7 @@ class Reconciler:
             r.mset(wrong)
         return len(wrong)
 
-    def _fix_reserved(self, conn, products: set[str], full: bool, busy: set[str]) -> int:
+    def _fix_reserved(self, conn: db.Conn, products: set[str], full: bool, busy: set[str]) -> int:
         """``reserved:`` = units held by carts + units of orders whose hold inventory has not released yet."""
         if not full and not products:
             return 0
@@ -197,7 +208,7 @@ class Reconciler:
             self.deps.redis.mset(wrong)
         return len(wrong)
 
-    def _mark_settled_holds(self, conn, upper, busy: set[str]) -> int:
+    def _mark_settled_holds(self, conn: db.Conn, upper: dt.datetime, busy: set[str]) -> int:
         """Record in each order's ``pulse:hold:`` marker the steps the database says are done (moved, released,
         decided, restocked), for holds settled before ``upper`` on products this pass may have repaired.
 
@@ -227,14 +238,16 @@ class Reconciler:
                 if done
             }
             if steps:
-                pipe.hset(keys.hold(row["order_id"]), mapping=steps)
+                pipe.hset(keys.hold(row["order_id"]), mapping=replies.fields(steps))
                 pipe.expire(keys.hold(row["order_id"]), APPLIED_TTL_S)
                 marked += 1
         if marked:
             pipe.execute()
         return marked
 
-    def _fix_carts(self, conn, users: set[str], redis_carts: dict, ttl_ms: int) -> dict:
+    def _fix_carts(
+        self, conn: db.Conn, users: set[str], redis_carts: dict[str, dict[str, int]], ttl_ms: int
+    ) -> dict[str, int]:
         if not users:
             return {"carts": 0, "cleanupQueue": 0}
         rows = conn.execute(
@@ -257,7 +270,7 @@ class Reconciler:
                 carts += 1
                 pipe.delete(keys.cart(user))
                 if want:
-                    pipe.hset(keys.cart(user), mapping=want)
+                    pipe.hset(keys.cart(user), mapping=replies.fields(want))
             if want and queued.get(user) is None:
                 queue += 1
                 pipe.zadd(keys.CLEANUP_QUEUE, {user: int(touched[user] * 1000) + ttl_ms})
@@ -284,7 +297,7 @@ class Reconciler:
             for k in self.deps.redis.scan_iter(match="cart:*", count=1000)
             if k != keys.CLEANUP_QUEUE and k.count(":") == 1
         }
-        users |= set(self.deps.redis.zrange(keys.CLEANUP_QUEUE, 0, -1))
+        users |= set(replies.texts(self.deps.redis.zrange(keys.CLEANUP_QUEUE, 0, -1)))
         return {u for u in users if _is_uuid(u)}
 
 

@@ -16,10 +16,15 @@ Redis first would open a window where a cart read finds Redis empty and caches t
 from __future__ import annotations
 
 import json
+import uuid
+from typing import TYPE_CHECKING, Any
 
-from pulse.events import Event, OrderCreated
 from pulse.events import EventType as E
+from pulse.events import OrderCreated, PaymentFailed, StockFailed, StockReleased, StockReserved
 from pulse.infra import inbox, keys
+
+if TYPE_CHECKING:
+    from pulse.deps import Deps
 
 INBOX = "infra.redis_stock_inbox"
 APPLIED_TTL_S = 7 * 24 * 3600
@@ -56,6 +61,9 @@ ON CONFLICT (order_id) DO UPDATE SET released_at = clock_timestamp(), updated_at
 WHERE h.released_at IS NULL
 """
 
+# The events that decide an order's stock (the hold ends), see topology.
+Decision = StockReserved | StockFailed | PaymentFailed
+
 # What each deciding event does to the order's hold and to stock: (step, release the hold, stock direction).
 SETTLE = {
     E.STOCK_RESERVED.value: ("decided", True, -1),
@@ -65,18 +73,18 @@ SETTLE = {
 }
 
 
-def _items(event: Event) -> list[dict]:
+def _items(event: OrderCreated | Decision | StockReleased) -> list[dict[str, Any]]:
     """The event's items as the hold rows and the Lua scripts take them (every event here carries items)."""
     return [i.to_payload() for i in event.items]
 
 
-def _claimed(deps, event_id, statement: str | None, args: dict) -> None:
+def _claimed(deps: Deps, event_id: uuid.UUID, statement: str | None, args: dict[str, Any]) -> None:
     with deps.transaction() as conn:
         if inbox.claim(conn, INBOX, event_id, enabled=not deps.naive("no-inbox")) and statement:
             conn.execute(statement, args)
 
 
-def on_order_created(deps, event_id, event: OrderCreated) -> None:
+def on_order_created(deps: Deps, event_id: uuid.UUID, event: OrderCreated) -> None:
     """ORDER_CREATED: the ordered units leave the user's cart (DB and Redis); their hold moves to the order."""
     items, user_id, order_id = _items(event), event.user_id, event.order_id
     naive = deps.naive("release-on-order-created")
@@ -96,17 +104,17 @@ def on_order_created(deps, event_id, event: OrderCreated) -> None:
     )
 
 
-def on_stock_decided(deps, event_id, event: Event) -> None:
+def on_stock_decided(deps: Deps, event_id: uuid.UUID, event: Decision) -> None:
     """STOCK_RESERVED, STOCK_FAILED, or PAYMENT_FAILED before any reservation: the order's hold ends."""
     _settle(deps, event_id, event, RELEASE)
 
 
-def on_stock_released(deps, event_id, event: Event) -> None:
+def on_stock_released(deps: Deps, event_id: uuid.UUID, event: StockReleased) -> None:
     """STOCK_RELEASED (restock after a declined payment): the units are back in ``stock:``."""
     _settle(deps, event_id, event, None)
 
 
-def _settle(deps, event_id, event: Event, statement: str | None) -> None:
+def _settle(deps: Deps, event_id: uuid.UUID, event: Decision | StockReleased, statement: str | None) -> None:
     items, order_id = _items(event), event.order_id
     step, release, direction = SETTLE[event.TYPE.value]
     _claimed(deps, event_id, statement, {"order": order_id, "user": event.user_id, "items": json.dumps(items)})

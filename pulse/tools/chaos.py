@@ -11,6 +11,7 @@ every invariant on the campaign's orders and products. The summary is one JSON d
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import dataclasses
@@ -22,16 +23,24 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from pulse import config, faults, faults_catalogue
 from pulse.infra import db, migrate, outbox
+from pulse.rows import one
 from pulse.tools.check import invariants as inv
 from pulse.tools.checkout import CHAOS_WORDS, Checkout, Outcome, Shopper, through_faults
+
+if TYPE_CHECKING:
+    from pulse.tools.supervise import CommandSupervisor
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +77,7 @@ class Campaign:
         *,
         orders: int = 200,
         seed: int = 1,
-        fault_kinds=DEFAULT_FAULTS,
+        fault_kinds: Iterable[str] = DEFAULT_FAULTS,
         strategy: str | None = None,
         outbox_mode: str | None = None,
         url: str | None = None,
@@ -77,12 +86,12 @@ class Campaign:
         quiesce_timeout_s: float = 120.0,
         naive: str = "",
         progress: bool = True,
-        env: dict | None = None,
+        env: dict[str, str] | None = None,
         fault_every_s: float = 1.5,
         log_dir: str | None = None,
         strike_wait_s: float = 10.0,
         max_drive_s: float | None = None,
-    ):
+    ) -> None:
         self.env = {**os.environ, **(env or {})}
         base = config.from_env(self.env)
         changes = {k: v for k, v in (("strategy", strategy), ("outbox_mode", outbox_mode)) if v}
@@ -100,7 +109,7 @@ class Campaign:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="pulse-chaos-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.rng = random.Random(seed)
-        self.outcomes: collections.Counter = collections.Counter()
+        self.outcomes: collections.Counter[str] = collections.Counter()
         self.order_ids: list[str] = []
         self._lock = threading.Lock()
         # Two events, because Event.wait() sleeps only until its event is SET: waiting on ``_driving`` (set for
@@ -114,13 +123,14 @@ class Campaign:
         self.kinds_done, self._tokens = 0, 0  # fault kinds whose turn ended; extra checkouts let in (_wait_turn)
         self._first_round_done = False  # every kind had its turn (and its retry): the last share may start
         self._in_flight, self._started = 0, 0  # checkouts past their turn and not finished; all past their turn
-        self.turns: list[dict] = []  # each fault kind's turn: struck or not, how long, what traffic it met
+        self.turns: list[dict[str, Any]] = []  # each fault kind's turn: struck or not, how long, what traffic it met
         self.strike_wait_s = strike_wait_s
-        self.max_drive_s, self._drive_deadline = max_drive_s, None
+        self.max_drive_s = max_drive_s
+        self._drive_deadline: float | None = None
         self.pace_s = 0.0
 
     @classmethod
-    def from_args(cls, args) -> Campaign:
+    def from_args(cls, args: argparse.Namespace) -> Campaign:
         kinds = args.faults.split(",") if args.faults else DEFAULT_FAULTS
         return cls(
             orders=args.orders,
@@ -138,7 +148,7 @@ class Campaign:
         )
 
     # -- the campaign ---------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> dict[str, Any]:
         started = time.monotonic()
         url = self.settings.database_url
         migrate.migrate(url)
@@ -163,7 +173,7 @@ class Campaign:
         finally:
             self._end_drive()
             faults.disarm(url)
-            if supervisor is not None:
+            if supervisor is not None and thread is not None:  # both or neither
                 supervisor.stop()
                 thread.join(30)
         return self._summary(since, outcome, quiet, supervisor, time.monotonic() - started)
@@ -232,14 +242,14 @@ class Campaign:
             for user in shoppers:
                 self._add(http, crowd, 1, user)
             # Their events reach inventory together, where two consumers reserve the same row at once.
-            self._settle(self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in shoppers]))
+            self._settle(self._together([self._order_call(http, u) for u in shoppers]))
 
             phase.append(self._poison(http))
             phase.append(self._lost(http))
         log.info("chaos: contention phase done on %s", phase)
         return phase
 
-    def _shop_while_in_flight(self, http, product: str) -> None:
+    def _shop_while_in_flight(self, http: httpx.Client, product: str) -> None:
         """Orders take every unit of ``product``; while inventory decides slowly, other shoppers try to add it.
         A hold that lapses before the decision (``release-on-order-created``) lets them in, and their orders
         then fail out of stock: the promise ``cart-promise-kept`` watches."""
@@ -247,34 +257,38 @@ class Campaign:
         for user in first:
             self._add(http, product, 1, user)
         with self._armed("inventory.reserve", action="delay", ms=SOLD_OUT["decision_delay_ms"], max=len(first)):
-            placed = self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in first])
+            placed = self._together([self._order_call(http, u) for u in first])
             self._holds_moved(placed)  # redis-stock has moved the holds to the orders; inventory is still deciding
             late = [str(uuid.uuid4()) for _ in range(SOLD_OUT["late_shoppers"])]
             accepted = [
                 u
-                for u, status in zip(late, self._together([lambda u=u: self._add(http, product, 1, u) for u in late]))
+                for u, status in zip(
+                    late, self._together([self._add_call(http, product, u) for u in late]), strict=True
+                )
                 if status == 200
             ]
             if accepted:
-                placed += self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in accepted])
+                placed += self._together([self._order_call(http, u) for u in accepted])
         self._settle(placed)
 
-    def _holds_moved(self, order_ids, timeout_s: float = 10.0) -> None:
+    def _holds_moved(self, order_ids: Iterable[str | None], timeout_s: float = 10.0) -> None:
         """Wait until redis-stock has handled these orders' ORDER_CREATED (their holds left the carts)."""
         ids = [o for o in order_ids if o]
         deadline = time.monotonic() + timeout_s
         with db.connect(self.settings.database_url, autocommit=True) as conn:
             while time.monotonic() < deadline:
-                moved = conn.execute(
-                    "SELECT count(*) AS n FROM infra.order_holds WHERE order_id = ANY(%s::uuid[]) "
-                    "AND moved_at IS NOT NULL",
-                    (ids,),
-                ).fetchone()["n"]
+                moved = one(
+                    conn.execute(
+                        "SELECT count(*) AS n FROM infra.order_holds WHERE order_id = ANY(%s::uuid[]) "
+                        "AND moved_at IS NOT NULL",
+                        (ids,),
+                    )
+                )["n"]
                 if moved >= len(ids):
                     return
                 time.sleep(0.05)
 
-    def _failed_orders(self, http, product: str, phase: list[str]) -> list[str]:
+    def _failed_orders(self, http: httpx.Client, product: str, phase: list[str]) -> list[str]:
         """Orders that fail after a module decided for them: two declined cards (optimistic: after the stock
         was reserved), and an order whose cart Redis forgot (redis.flush), so inventory refuses it (post-payment:
         after the charge)."""
@@ -282,7 +296,7 @@ class Campaign:
         for user in shoppers:
             self._add(http, product, 1, user)
         with self._armed("payment.decline", action="drop", max=len(shoppers)):
-            placed = self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in shoppers])
+            placed = self._together([self._order_call(http, u) for u in shoppers])
             self._settle(placed)
         forgotten = self._new_product("forgotten", 1)
         phase.append(forgotten)
@@ -291,7 +305,7 @@ class Campaign:
         with self._armed("redis.flush", action="trigger", max=1, wait_strike=True):
             pass
         self._add(http, forgotten, 1, second)  # Redis forgot the first hold, so it promises the unit again
-        both = self._together([lambda u=u: self._order(http, u, str(uuid.uuid4())) for u in (first, second)])
+        both = self._together([self._order_call(http, u) for u in (first, second)])
         self._settle(both)
         with db.connect(self.settings.database_url, autocommit=True) as conn:
             rows = conn.execute(
@@ -300,7 +314,7 @@ class Campaign:
             ).fetchall()
         return [r["id"] for r in rows]
 
-    def _poison(self, http) -> str:
+    def _poison(self, http: httpx.Client) -> str:
         """An order whose payment event fails every retry (the provider times out each time), so the consumer
         gives up on it: it belongs in the dead-letter queue, and the watchdog re-drives the order later."""
         product = self._new_product("poison", 5)
@@ -319,7 +333,7 @@ class Campaign:
                 time.sleep(0.2)
         return product
 
-    def _lost(self, http) -> str:
+    def _lost(self, http: httpx.Client) -> str:
         """An order one of whose events a consumer acks without handling, so only the watchdog can finish it."""
         product = self._new_product("lost", 5)
         user = str(uuid.uuid4())
@@ -374,7 +388,7 @@ class Campaign:
                         (order_id,),
                     )
                 ]
-                payload = {
+                payload: dict[str, Any] = {
                     "orderId": order_id,
                     "userId": str(order["user_id"]),
                     "items": items,
@@ -393,7 +407,7 @@ class Campaign:
         log.info("chaos: announced the first decision of %d failed order(s) again", len(order_ids))
 
     @contextlib.contextmanager
-    def _armed(self, name: str, *, action: str, wait_strike: bool = False, **params):
+    def _armed(self, name: str, *, action: str, wait_strike: bool = False, **params: Any) -> Iterator[dict[str, Any]]:
         """Arm one fault for the ``with`` block (every process sees it within half a second), then disarm."""
         url = self.settings.database_url
         armed = faults.arm(url, name, action=action, seed=self._phase_rng.randrange(1 << 30), **params)
@@ -408,38 +422,48 @@ class Campaign:
             faults.disarm(url, name)
             time.sleep(0.8)
 
-    def _settle(self, order_ids, timeout_s: float = 20.0) -> None:
+    def _settle(self, order_ids: Iterable[str | None], timeout_s: float = 20.0) -> None:
         """Wait until these orders are COMPLETED or FAILED with their compensation done (or the timeout)."""
         ids = [o for o in order_ids if o]
         deadline = time.monotonic() + timeout_s
         while ids and time.monotonic() < deadline:
             with db.connect(self.settings.database_url, autocommit=True) as conn:
-                busy = conn.execute(
-                    "SELECT count(*) AS n FROM orders.orders WHERE id = ANY(%s::uuid[]) AND (status NOT IN "
-                    "('COMPLETED', 'FAILED') OR (status = 'FAILED' AND (payment_status = 'SUCCESS' OR "
-                    "inventory_status = 'RESERVED')))",
-                    (ids,),
-                ).fetchone()["n"]
+                busy = one(
+                    conn.execute(
+                        "SELECT count(*) AS n FROM orders.orders WHERE id = ANY(%s::uuid[]) AND (status NOT IN "
+                        "('COMPLETED', 'FAILED') OR (status = 'FAILED' AND (payment_status = 'SUCCESS' OR "
+                        "inventory_status = 'RESERVED')))",
+                        (ids,),
+                    )
+                )["n"]
             if not busy:
                 return
             time.sleep(0.2)
 
     @staticmethod
-    def _together(calls) -> list:
+    def _together(calls: list[Callable[[], T]]) -> list[T]:
         """Run the calls at the same moment (one thread each, released by a barrier); their results in order."""
         barrier = threading.Barrier(len(calls))
 
-        def run(call):
+        def run(call: Callable[[], T]) -> T:
             barrier.wait()
             return call()
 
         with ThreadPoolExecutor(len(calls)) as pool:
             return list(pool.map(run, calls))
 
-    def _add(self, http, product: str, quantity: int, user: str | None = None) -> int:
+    def _order_call(self, http: httpx.Client, user: str) -> Callable[[], str | None]:
+        """For :meth:`_together`: submit ``user``'s order with a key of its own, when called."""
+        return lambda: self._order(http, user, str(uuid.uuid4()))
+
+    def _add_call(self, http: httpx.Client, product: str, user: str) -> Callable[[], int | None]:
+        """For :meth:`_together`: add one unit of ``product`` to ``user``'s cart, when called."""
+        return lambda: self._add(http, product, 1, user)
+
+    def _add(self, http: httpx.Client, product: str, quantity: int, user: str | None = None) -> int | None:
         return Shopper(http, SHOPPER).add(user or str(uuid.uuid4()), product, quantity)
 
-    def _order(self, http, user: str, key: str) -> str | None:
+    def _order(self, http: httpx.Client, user: str, key: str) -> str | None:
         """Submit the order (retrying through 409 and 5xx like a shopper); its id, or None."""
         done = Shopper(http, SUBMITTER).order(user, key)
         self._placed(done)
@@ -464,7 +488,7 @@ class Campaign:
         # (consumer.before_ack, payment.*) met only rejected carts, no events, and missed their turn.
         demand = self.orders * 4 / 3 / self.n_products  # quantities 1, 1 or 2, products chosen evenly
         scarce = max(3, int(self.orders * 0.15)) if self.n_products > 1 else max(3, int(demand * 0.6))
-        ids = []
+        ids: list[str] = []
         with db.connect(self.settings.database_url) as conn, conn.transaction():
             for i in range(self.n_products):
                 stock = scarce if i == 0 else int(demand * 2) + 10
@@ -480,7 +504,7 @@ class Campaign:
                 ids.append(pid)
         return ids
 
-    def _start_server(self):
+    def _start_server(self) -> tuple[CommandSupervisor, threading.Thread]:
         from pulse.tools.launcher import free_port
         from pulse.tools.supervise import CommandSupervisor, serve_command
 
@@ -533,7 +557,7 @@ class Campaign:
                 bar.update(1)
         bar.close()
 
-    def _checkout(self, http, index: int, product: str, quantity: int) -> str:
+    def _checkout(self, http: httpx.Client, index: int, product: str, quantity: int) -> str:
         self._wait_turn(index)
         with self._turns:
             self._in_flight += 1
@@ -545,7 +569,7 @@ class Campaign:
                 self._in_flight -= 1
                 self._turns.notify_all()
 
-    def _shop(self, http, product: str, quantity: int) -> str:
+    def _shop(self, http: httpx.Client, product: str, quantity: int) -> str:
         if self._drive_deadline is not None and time.monotonic() > self._drive_deadline:
             return CHAOS_WORDS[Outcome.NOT_STARTED]  # --max-drive-s spent: the campaign settles and checks what it did
         user = str(uuid.uuid4())
@@ -566,7 +590,6 @@ class Campaign:
 
     # -- faults ---------------------------------------------------------------------------------------
     def _inject(self) -> None:
-        url = self.settings.database_url
         try:
             self._inject_rounds()
         finally:
@@ -580,7 +603,9 @@ class Campaign:
 
     def _inject_rounds(self) -> None:
         url = self.settings.database_url
-        kinds, queue, retried = list(self.fault_kinds), [], set()
+        kinds = list(self.fault_kinds)
+        queue: list[str] = []
+        retried: set[str] = set()
         while self._driving.is_set() and kinds:
             if not queue:
                 if self.turns:
@@ -616,7 +641,7 @@ class Campaign:
                 self._turns.notify_all()
             self._pause(0.3)
 
-    def _hold_until_struck(self, name: str, armed: dict) -> bool:
+    def _hold_until_struck(self, name: str, armed: dict[str, Any]) -> bool:
         """Keep ``name`` armed until it struck once, for at most ``strike_wait_s``. A fixed window missed whole
         kinds: an environment fault strikes only from a live server's ticker, and after a crash fault the
         server is down for the seconds a restart takes, which used to be the whole window."""
@@ -646,12 +671,12 @@ class Campaign:
         kinds = len(self.fault_kinds)
         need = int(index * (kinds + 1) / max(self.orders, 1))
 
-        def turn_come():
+        def turn_come() -> bool:
             if not self._driving.is_set() or self._injector_done.is_set():
                 return True
             return self.kinds_done >= need if need < kinds else self._first_round_done
 
-        def token():
+        def token() -> bool:
             return self._tokens > 0 and (need < kinds or self.kinds_done >= kinds)
 
         with self._turns:
@@ -660,14 +685,15 @@ class Campaign:
                 self._tokens -= 1
 
     # -- the end --------------------------------------------------------------------------------------
-    def _quiesce(self, since, products) -> bool:
+    def _quiesce(self, since: dt.datetime, products: list[str]) -> bool:
         """Wait until the outbox is empty and every campaign order is settled; False once nothing moved for
         ``quiesce_timeout_s``. The clock restarts whenever fewer orders are left: a large campaign ends with
         thousands of orders queued behind the faults, and the saga working through them is not a hang."""
         from tqdm import tqdm
 
         deadline = time.monotonic() + self.quiesce_timeout_s
-        scope, fewest = inv.Scope(since=since, products=products), None
+        scope = inv.Scope(since=since, products=products)
+        fewest: int | None = None
         with tqdm(desc="settling", unit="order", disable=not self.progress, leave=False) as bar:
             while time.monotonic() < deadline:
                 try:
@@ -687,7 +713,14 @@ class Campaign:
                 time.sleep(SETTLED_CHECK_S if fewest is None or fewest < 1000 else 5 * SETTLED_CHECK_S)
         return False
 
-    def _summary(self, since, outcome, quiet, supervisor, duration_s: float) -> dict:
+    def _summary(
+        self,
+        since: dt.datetime,
+        outcome: dict[str, Any],
+        quiet: bool,
+        supervisor: CommandSupervisor | None,
+        duration_s: float,
+    ) -> dict[str, Any]:
         results = outcome["results"]
         with db.connect(self.settings.database_url, autocommit=True) as conn:
             states = conn.execute(
@@ -695,9 +728,11 @@ class Campaign:
                 "FROM orders.orders o WHERE o.id = ANY(%s::uuid[]) GROUP BY 1 ORDER BY 1",
                 (list(set(self.order_ids)),),
             ).fetchall()
-            redrives = conn.execute(
-                "SELECT COALESCE(SUM(attempts), 0) AS n FROM infra.saga_redrives WHERE redriven_at >= %s", (since,)
-            ).fetchone()["n"]
+            redrives = one(
+                conn.execute(
+                    "SELECT COALESCE(SUM(attempts), 0) AS n FROM infra.saga_redrives WHERE redriven_at >= %s", (since,)
+                )
+            )["n"]
         delivery = next(r for r in results if r.name == "delivery")
         injected = faults.fired_counts(self.settings.database_url, since)
         reconcile = outcome["reconcile"] or {}
@@ -727,7 +762,8 @@ class Campaign:
 
     def _db_now(self) -> dt.datetime:
         with db.connect(self.settings.database_url) as conn:
-            return conn.execute("SELECT now() AS t").fetchone()["t"]
+            now: dt.datetime = one(conn.execute("SELECT now() AS t"))["t"]
+            return now
 
     @staticmethod
     def _wait_healthy(url: str, timeout_s: float) -> None:

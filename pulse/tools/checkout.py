@@ -31,7 +31,7 @@ import enum
 import time
 import uuid
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -46,7 +46,7 @@ class Request(NamedTuple):
     route: str  # the route template, what latencies are recorded under
     method: str
     path: str
-    body: dict | None
+    body: dict[str, Any] | None
 
 
 def add_item_request(user: str, product: str, quantity: int) -> Request:
@@ -197,6 +197,7 @@ class Shopper:
             attempts += 1
             outcome = after_order(status)
             if outcome is Outcome.ORDERED:
+                assert response is not None  # a 200 came with its body
                 return Checkout(outcome, user, key, response.json()["orderId"])
             again = policy.wait_up is not None if status is None else status in policy.order_retry_on
             spent = (policy.order_attempts is not None and attempts >= policy.order_attempts) or (
@@ -204,10 +205,10 @@ class Shopper:
             )
             if outcome is Outcome.NO_CART or not again or spent:
                 return Checkout(outcome, user, key)
-            if status is None:
-                policy.wait_up()
-            else:
+            if status is not None:
                 time.sleep(policy.order_pause_s)
+            elif policy.wait_up is not None:  # no answer: retried only by a policy that can wait the server up
+                policy.wait_up()
 
     def has_cart(self, user: str) -> bool:
         """Whether ``user``'s cart holds anything, asking up to ``cart_checks`` times through errors."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import TracebackType
 
 import httpx
 
@@ -17,7 +19,8 @@ def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class ServeProcess:
@@ -36,11 +39,11 @@ class ServeProcess:
         strategy: str = "optimistic",
         outbox_mode: str | None = None,
         port: int | None = None,
-        env: dict | None = None,
+        env: dict[str, str] | None = None,
         log_path: str | Path | None = None,
-        args: tuple = (),
+        args: tuple[str, ...] = (),
         lab: bool = True,
-    ):
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -52,18 +55,19 @@ class ServeProcess:
         }
         self.log_path = Path(log_path) if log_path else None
         self.args = args
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60.0) -> ServeProcess:
         """Start the child and wait until its /health answers; raises RuntimeError with its log tail if not."""
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pulse", "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # The log is closed here once the child has started: it holds its own descriptor.
+        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pulse", "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -104,7 +108,7 @@ class ServeProcess:
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
-        if self.alive():
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
 
@@ -114,8 +118,10 @@ class ServeProcess:
             return ":\n" + "\n".join(lines)
         return ""
 
-    def __enter__(self):
+    def __enter__(self) -> ServeProcess:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,6 +17,8 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -24,8 +27,29 @@ from hdrh.histogram import HdrHistogram
 from pulse.tools import checkout
 from pulse.tools.checkout import Outcome
 
+if TYPE_CHECKING:
+    from pulse.tools.launcher import ServeProcess
+
 TERMINAL = ("COMPLETED", "FAILED")
 LOAD_STOCK = 1_000_000_000  # so that a long run never sells out and every checkout can complete
+T = TypeVar("T")
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class Response(Protocol):
+    """What the load reads of an answer: :class:`RawResponse` or ``httpx.Response``."""
+
+    status_code: int
+
+    def json(self) -> Any: ...
+
+
+class Client(Protocol):
+    """What the load asks of a client: :class:`RawClient` or ``httpx.AsyncClient``."""
+
+    async def request(self, method: str, url: str, /, *, json: Any = None) -> Response: ...
+
+    async def aclose(self) -> None: ...
 
 
 class LatencyHistogram:
@@ -33,7 +57,7 @@ class LatencyHistogram:
 
     LOWEST_US, HIGHEST_US, DIGITS = 1, 600_000_000, 3
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._h = HdrHistogram(self.LOWEST_US, self.HIGHEST_US, self.DIGITS)
 
     def record(self, seconds: float) -> None:
@@ -43,13 +67,15 @@ class LatencyHistogram:
 
     @property
     def count(self) -> int:
-        return self._h.get_total_count()
+        count: int = self._h.get_total_count()
+        return count
 
     def percentile_ms(self, percentile: float) -> float | None:
         """The latency below which ``percentile`` % of the recorded values fall, in ms (None when empty)."""
         if self.count == 0:
             return None
-        return self._h.get_value_at_percentile(percentile) / 1000.0
+        value: int = self._h.get_value_at_percentile(percentile)
+        return value / 1000.0
 
     def max_ms(self) -> float | None:
         return None if self.count == 0 else self._h.get_max_value() / 1000.0
@@ -61,10 +87,10 @@ class LatencyHistogram:
         self._h.add(other._h)
         return self
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """count, p50, p90, p99, max and mean (ms, rounded to µs)."""
 
-        def r(v):
+        def r(v: float | None) -> float | None:
             return None if v is None else round(v, 3)
 
         return {
@@ -84,10 +110,10 @@ class RawHttpError(OSError):
 class RawResponse:
     __slots__ = ("status_code", "content")
 
-    def __init__(self, status_code: int, content: bytes):
+    def __init__(self, status_code: int, content: bytes) -> None:
         self.status_code, self.content = status_code, content
 
-    def json(self):
+    def json(self) -> Any:
         return json.loads(self.content)
 
 
@@ -100,17 +126,17 @@ class RawClient:
     or chunked bodies, keep-alive, ``Connection: close``.
     """
 
-    def __init__(self, base_url: str, *, timeout: float = 30.0, max_connections: int = 100):
+    def __init__(self, base_url: str, *, timeout: float = 30.0, max_connections: int = 100) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http":
             raise ValueError(f"The load generator's fast client speaks plain http only, not {parts.scheme}.")
         self.host, self.port = parts.hostname, parts.port or 80
         self.prefix = parts.path.rstrip("/")
         self.timeout = timeout
-        self._idle: list = []
+        self._idle: list[Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
 
-    async def request(self, method: str, path: str, json=None) -> RawResponse:
+    async def request(self, method: str, path: str, json: Any = None) -> RawResponse:
         async with self._slots:
             body = b"" if json is None else _json_bytes(json)
             head = (
@@ -138,14 +164,14 @@ class RawClient:
                 return response
         raise AssertionError("unreachable")
 
-    async def _open(self):
+    async def _open(self) -> Connection:
         try:
             return await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
         except (TimeoutError, OSError) as exc:
             raise RawHttpError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
 
     @staticmethod
-    async def _exchange(conn, request: bytes):
+    async def _exchange(conn: Connection, request: bytes) -> tuple[RawResponse, bool]:
         reader, writer = conn
         writer.write(request)
         await writer.drain()
@@ -157,7 +183,7 @@ class RawClient:
             raise
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
-        headers = {}
+        headers: dict[str, str] = {}
         for line in lines[1:]:
             if line:
                 name, _, value = line.partition(":")
@@ -171,7 +197,7 @@ class RawClient:
             content, keep = await reader.read(), False
         return RawResponse(status, content), keep
 
-    async def aclose(self):
+    async def aclose(self) -> None:
         for _, writer in self._idle:
             writer.close()
         self._idle.clear()
@@ -181,8 +207,8 @@ class _Stale(Exception):
     pass
 
 
-async def _read_chunked(reader) -> bytes:
-    parts = []
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    parts: list[bytes] = []
     while True:
         size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
         if size == 0:
@@ -192,13 +218,13 @@ async def _read_chunked(reader) -> bytes:
         await reader.readexactly(2)
 
 
-def _json_bytes(value) -> bytes:
+def _json_bytes(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def parse_mix(text: str | None) -> dict:
+def parse_mix(text: str | None) -> dict[str, Any]:
     """``"adds=2,abandon=0.1"``: cart adds per session, and the share of sessions that never check out."""
-    mix = {"adds": 2, "abandon": 0.0}
+    mix: dict[str, Any] = {"adds": 2, "abandon": 0.0}
     for part in (text or "").split(","):
         if not part.strip():
             continue
@@ -219,11 +245,13 @@ def parse_mix(text: str | None) -> dict:
 class _Tally:
     """Counters and histograms the sessions of one run write into (one event loop, so no locks)."""
 
-    requests: dict = dataclasses.field(default_factory=lambda: defaultdict(Counter))
-    latency: dict = dataclasses.field(default_factory=lambda: defaultdict(LatencyHistogram))
+    requests: defaultdict[str, Counter[str]] = dataclasses.field(default_factory=lambda: defaultdict(Counter))
+    latency: defaultdict[str, LatencyHistogram] = dataclasses.field(
+        default_factory=lambda: defaultdict(LatencyHistogram)
+    )
     completion: LatencyHistogram = dataclasses.field(default_factory=LatencyHistogram)
-    outcomes: Counter = dataclasses.field(default_factory=Counter)
-    orders: list = dataclasses.field(default_factory=list)
+    outcomes: Counter[str] = dataclasses.field(default_factory=Counter)
+    orders: list[str] = dataclasses.field(default_factory=list)
     sessions: int = 0
     skipped: int = 0
     cart_adds: int = 0
@@ -233,21 +261,31 @@ class _Tally:
         return sum(sum(c.values()) for c in self.requests.values())
 
 
-def _status(response) -> int | None:
+def _status(response: Response | None) -> int | None:
     return None if response is None else response.status_code
 
 
 class _Load:
-    def __init__(self, products, *, mix, track, track_fraction, poll_s, complete_timeout_s, seed):
+    def __init__(
+        self,
+        products: list[str],
+        *,
+        mix: dict[str, Any],
+        track: str,
+        track_fraction: float,
+        poll_s: float,
+        complete_timeout_s: float,
+        seed: int | None,
+    ) -> None:
         self.products, self.mix = products, mix
         self.track, self.track_fraction = track, track_fraction
         self.poll_s, self.complete_timeout_s = poll_s, complete_timeout_s
         self.rng = random.Random(seed)
         self.tally = _Tally()
-        self.pollers: set[asyncio.Task] = set()
+        self.pollers: set[asyncio.Task[None]] = set()
         self._next_url = 0
 
-    async def call(self, client, request: checkout.Request):
+    async def call(self, client: Client, request: checkout.Request) -> Response | None:
         """Send ``request`` once, recording its latency and status under its route; None when unanswered."""
         started = time.perf_counter()
         try:
@@ -259,7 +297,7 @@ class _Load:
         self.tally.requests[request.route][str(response.status_code)] += 1
         return response
 
-    async def session(self, clients) -> Outcome:
+    async def session(self, clients: list[Client]) -> Outcome:
         """One shopper: ``adds`` cart adds of random products, then (unless abandoned) an order.
 
         Its outcome comes from the sync driver's classification (:func:`checkout.after_add`,
@@ -282,6 +320,7 @@ class _Load:
         if outcome is not Outcome.ORDERED:
             return outcome
         self.tally.checkouts += 1
+        assert response is not None  # ORDERED: a 200 came with its body
         order_id = response.json()["orderId"]
         self.tally.orders.append(order_id)
         if self.track == "poll" and self.rng.random() < self.track_fraction:
@@ -290,7 +329,7 @@ class _Load:
             task.add_done_callback(self.pollers.discard)
         return outcome
 
-    async def follow(self, client, order_id, sent):
+    async def follow(self, client: Client, order_id: str, sent: float) -> None:
         """Poll the order until its status is terminal; record create→COMPLETED as the client saw it."""
         deadline = sent + self.complete_timeout_s
         while time.perf_counter() < deadline:
@@ -307,18 +346,18 @@ class _Load:
         self.tally.outcomes["TIMED_OUT"] += 1
 
 
-async def _closed_loop(load: _Load, clients, concurrency: int, until: float):
-    async def worker():
+async def _closed_loop(load: _Load, clients: list[Client], concurrency: int, until: float) -> None:
+    async def worker() -> None:
         while time.perf_counter() < until:
             await load.session(clients)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def _open_loop(load: _Load, clients, rate: float, until: float, max_inflight: int):
+async def _open_loop(load: _Load, clients: list[Client], rate: float, until: float, max_inflight: int) -> None:
     """Start sessions on a fixed schedule whatever the latency (no coordinated omission); sessions that
     would exceed ``max_inflight`` are counted as skipped: the server is not keeping up."""
-    inflight: set[asyncio.Task] = set()
+    inflight: set[asyncio.Task[Outcome]] = set()
     start = time.perf_counter()
     started = 0
     while (now := time.perf_counter()) < until:
@@ -336,7 +375,7 @@ async def _open_loop(load: _Load, clients, rate: float, until: float, max_inflig
         await asyncio.gather(*inflight)
 
 
-async def _progress(tally: _Tally, started: float, duration_s: float, enabled: bool, stop: asyncio.Event):
+async def _progress(tally: _Tally, started: float, duration_s: float, enabled: bool, stop: asyncio.Event) -> None:
     if not enabled:
         await stop.wait()
         return
@@ -350,10 +389,8 @@ async def _progress(tally: _Tally, started: float, duration_s: float, enabled: b
         bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}",
     ) as bar:
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
-            except TimeoutError:
-                pass
             elapsed = min(time.perf_counter() - started, duration_s)
             bar.n = round(elapsed, 1)
             errors = sum(n for c in tally.requests.values() for s, n in c.items() if not s.startswith("2"))
@@ -366,9 +403,9 @@ async def _progress(tally: _Tally, started: float, duration_s: float, enabled: b
             bar.refresh()
 
 
-async def _create_products(client, count: int) -> list[str]:
+async def _create_products(client: Client, count: int) -> list[str]:
     tag = uuid.uuid4().hex[:8]
-    ids = []
+    ids: list[str] = []
     for i in range(count):
         response = await client.request(
             "POST", "/api/products", json={"name": f"load {tag} #{i}", "basePrice": 10, "stock": LOAD_STOCK}
@@ -379,7 +416,7 @@ async def _create_products(client, count: int) -> list[str]:
     return ids
 
 
-def _client(kind: str, url: str, width: int, timeout_s: float):
+def _client(kind: str, url: str, width: int, timeout_s: float) -> Client:
     if kind == "httpx":
         limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
         return httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits)
@@ -387,23 +424,23 @@ def _client(kind: str, url: str, width: int, timeout_s: float):
 
 
 async def _run(
-    urls,
+    urls: list[str],
     *,
-    rate,
-    concurrency,
-    duration_s,
-    mix,
-    products,
-    track,
-    track_fraction,
-    poll_s,
-    complete_timeout_s,
-    max_inflight,
-    progress,
-    seed,
-    timeout_s,
-    client,
-):
+    rate: float | None,
+    concurrency: int | None,
+    duration_s: float,
+    mix: dict[str, Any],
+    products: int | list[str],
+    track: str,
+    track_fraction: float,
+    poll_s: float,
+    complete_timeout_s: float,
+    max_inflight: int,
+    progress: bool,
+    seed: int | None,
+    timeout_s: float,
+    client: str,
+) -> tuple[_Load, float, list[str]]:
     width = concurrency or max_inflight
     clients = [_client(client, u, width, timeout_s) for u in urls]
     try:
@@ -424,6 +461,8 @@ async def _run(
         if rate:
             await _open_loop(load, clients, rate, until, max_inflight)
         else:
+            if concurrency is None:  # run_load refuses this before
+                raise ValueError("Give either a rate or a concurrency, not both and not neither.")
             await _closed_loop(load, clients, concurrency, until)
         elapsed = time.perf_counter() - started
         stop.set()
@@ -436,7 +475,7 @@ async def _run(
             await c.aclose()
 
 
-def _in_fresh_loop(coro):
+def _in_fresh_loop(coro: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, also from inside a running loop (a Jupyter kernel): then on a helper thread."""
     try:
         asyncio.get_running_loop()
@@ -452,11 +491,11 @@ def run_load(
     rate: float | None = None,
     concurrency: int | None = None,
     duration_s: float = 10.0,
-    mix: str | dict | None = None,
+    mix: str | dict[str, Any] | None = None,
     products: int | list[str] = 20,
     strategy: str | None = None,
     outbox_mode: str | None = None,
-    env: dict | None = None,
+    env: dict[str, str] | None = None,
     track: str = "poll",
     track_fraction: float = 0.2,
     poll_s: float = 0.01,
@@ -468,7 +507,7 @@ def run_load(
     timeout_s: float = 30.0,
     serve_log: str | None = None,
     client: str = "raw",
-) -> dict:
+) -> dict[str, Any]:
     """Drive ``pulse serve`` with real HTTP shoppers and return the measurements as a dict.
 
     Give exactly one of ``rate`` (sessions started per second, open loop) or ``concurrency`` (shoppers
@@ -489,7 +528,7 @@ def run_load(
     if track not in ("poll", "db", "off"):
         raise ValueError(f"track must be poll, db or off, got {track!r}.")
     mix = mix if isinstance(mix, dict) else parse_mix(mix)
-    server = None
+    server: ServeProcess | None = None
     if url is None:
         from pulse.tools.launcher import ServeProcess
 
@@ -546,7 +585,7 @@ def run_load(
     )
 
 
-def _completion_from_poll(tally: _Tally) -> dict:
+def _completion_from_poll(tally: _Tally) -> dict[str, Any]:
     return {
         "method": "poll",
         "tracked": sum(tally.outcomes.values()),
@@ -557,7 +596,7 @@ def _completion_from_poll(tally: _Tally) -> dict:
 
 def completion_from_db(
     database_url: str | None, order_ids: list[str], *, timeout_s: float = 30.0, poll_s: float = 0.2
-) -> dict:
+) -> dict[str, Any]:
     """Wait until these orders are terminal, then measure create→terminal from their own timestamps.
 
     ``sustained_per_s`` is the completed orders divided by the span from the first creation to the
@@ -581,7 +620,8 @@ def completion_from_db(
             if pending == 0 or time.monotonic() > deadline:
                 break
             time.sleep(poll_s)
-    hist, outcomes = LatencyHistogram(), Counter()
+    hist = LatencyHistogram()
+    outcomes: Counter[str] = Counter()
     completed = [r for r in rows if r["status"] == "COMPLETED"]
     for r in rows:
         outcomes[r["status"] if r["status"] in TERMINAL else "TIMED_OUT"] += 1
@@ -599,8 +639,19 @@ def completion_from_db(
 
 
 def _result(
-    load: _Load, elapsed: float, urls, health, *, rate, concurrency, duration_s, mix, products, completion, client
-) -> dict:
+    load: _Load,
+    elapsed: float,
+    urls: list[str],
+    health: dict[str, Any],
+    *,
+    rate: float | None,
+    concurrency: int | None,
+    duration_s: float,
+    mix: dict[str, Any],
+    products: int,
+    completion: dict[str, Any] | None,
+    client: str,
+) -> dict[str, Any]:
     t = load.tally
     server_errors = sum(n for c in t.requests.values() for s, n in c.items() if s.startswith("5"))
     transport_errors = sum(n for c in t.requests.values() for s, n in c.items() if s.startswith("error:"))

@@ -8,6 +8,7 @@ for a while), forwards SIGTERM/SIGINT to the child for a clean shutdown, and cou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +41,25 @@ class CommandSupervisor:
         self,
         command: list[str],
         *,
-        env: dict | None = None,
+        env: dict[str, str] | None = None,
         backoff_s: float = 0.2,
         max_backoff_s: float = 5.0,
         stable_s: float = 10.0,
         max_restarts: int | None = None,
         log_path: str | None = None,
-    ):
+    ) -> None:
         self.command, self.env = command, env
         self.backoff_s, self.max_backoff_s, self.stable_s = backoff_s, max_backoff_s, stable_s
         self.max_restarts, self.log_path = max_restarts, log_path
         self.restarts = 0
         self.exits: list[Exit] = []
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
-    def _spawn(self) -> subprocess.Popen:
-        out = open(self.log_path, "ab") if self.log_path else None
-        try:
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # The log is closed here once the child has started: it holds its own descriptor.
+        with open(self.log_path, "ab") if self.log_path else contextlib.nullcontext() as out:
             return subprocess.Popen(
                 self.command,
                 env=self.env,
@@ -65,9 +67,6 @@ class CommandSupervisor:
                 stderr=subprocess.STDOUT if out else None,
                 start_new_session=True,
             )
-        finally:
-            if out is not None:
-                out.close()  # the child holds its own descriptor
 
     def run(self) -> int:
         """Supervise until stopped (returns 0) or until the restart budget is spent (the last status)."""
@@ -106,7 +105,7 @@ class CommandSupervisor:
             proc.kill()
             proc.wait()
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return {"restarts": self.restarts, "exits": [dataclasses.asdict(e) for e in self.exits]}
 
 

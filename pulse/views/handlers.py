@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pulse.events import OrderUpdated
+from pulse.infra import db
 from pulse.views.model import display_status
 
+if TYPE_CHECKING:
+    from pulse.deps import Deps
 
-def on_order_updated(deps, conn, event: OrderUpdated) -> None:
+
+def on_order_updated(deps: Deps, conn: db.Conn, event: OrderUpdated) -> None:
     """Upsert the order's display status unless a newer update was already projected.
 
     Two ORDER_UPDATED events of one order can arrive out of order (several consumers, redelivery);

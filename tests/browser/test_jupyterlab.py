@@ -68,27 +68,27 @@ def jupyterlab(serve_env, tmp_path):
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"),
         "PULSE_LAB_RECORD_DIR": str(tmp_path / "records"),
     }
-    log = open(tmp_path / "jupyterlab.log", "wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jupyterlab",
-            "--no-browser",
-            f"--port={port}",
-            "--ip=127.0.0.1",
-            f"--IdentityProvider.token={token}",
-            f"--ServerApp.root_dir={work}",
-            "--ServerApp.open_browser=False",
-            "--ServerApp.allow_root=True",
-            "--LabApp.news_url=",
-            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(tmp_path / "jupyterlab.log", "wb") as log:  # the server holds its own descriptor once started
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jupyterlab",
+                "--no-browser",
+                f"--port={port}",
+                "--ip=127.0.0.1",
+                f"--IdentityProvider.token={token}",
+                f"--ServerApp.root_dir={work}",
+                "--ServerApp.open_browser=False",
+                "--ServerApp.allow_root=True",
+                "--LabApp.news_url=",
+                "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:
@@ -106,7 +106,6 @@ def jupyterlab(serve_env, tmp_path):
         proc.wait(20)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
 
 
 ERRORS_JS = """() => [...document.querySelectorAll(

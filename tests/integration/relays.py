@@ -157,15 +157,15 @@ class RelayChildren:
 
     def spawn(self, outbox_mode: str, block_marker: Path | None = None) -> subprocess.Popen:
         env = {**os.environ, **self.serve_env, "PULSE_OUTBOX_MODE": outbox_mode}
-        log = open(self.log_dir / f"relay-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.relays", str(block_marker or "")],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(self.log_dir / f"relay-{len(self.procs)}.log", "wb") as log:  # the child holds its own descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.integration.relays", str(block_marker or "")],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 

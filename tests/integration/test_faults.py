@@ -96,9 +96,9 @@ def test_naive_switch_from_registry(settings, registry, make_system):
 def test_crash_exits_like_sigkill_and_is_counted(settings, db):
     faults.arm(settings.database_url, "relay.after_publish", action="crash")
     code = (
-        "from pulse import faults; r = faults.FaultRegistry(%r, refresh_s=0); r.point('relay.after_publish'); "
-        "print('survived')"
-    ) % settings.database_url
+        f"from pulse import faults; r = faults.FaultRegistry({settings.database_url!r}, refresh_s=0); "
+        "r.point('relay.after_publish'); print('survived')"
+    )
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     finally:

@@ -30,13 +30,14 @@ def test_supervise_restarts_a_crashed_server(settings, serve_env, new_product, t
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, **serve_env}
     env.pop("PULSE_LAB")  # `supervise --lab` puts its server in lab mode, or the crash fault would be ignored
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pulse", "supervise", "--lab", "--", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=open(tmp_path / "supervise.log", "wb"),
-        text=True,
-    )
+    with open(tmp_path / "supervise.log", "wb") as log:  # the child holds its own descriptor once started
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pulse", "supervise", "--lab", "--", "--port", str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
     try:
         wait_for(lambda: _healthy(url), 60, 0.2, message="pulse serve up")
         # Other tests of this session log cart.after_redis strikes too: count only this test's.

@@ -22,7 +22,9 @@ def _checkouts(system, products, n=4):
         orders.append(system.orders.create(user, f"k-{user}")["orderId"])
     for order_id in orders:
         wait_for(
-            lambda: system.orders.get(uuid.UUID(order_id))["displayStatus"] in ("COMPLETED", "FAILED_PAYMENT"),
+            lambda order_id=order_id: (
+                system.orders.get(uuid.UUID(order_id))["displayStatus"] in ("COMPLETED", "FAILED_PAYMENT")
+            ),
             30,
             message=f"order {order_id} settled",
         )

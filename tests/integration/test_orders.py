@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def cart_for(system, new_product, quantities=(2,), price="10.00"):
     user = uuid.uuid4()
     products = [new_product(stock=20, price=price) for _ in quantities]
-    for product, qty in zip(products, quantities):
+    for product, qty in zip(products, quantities, strict=True):
         system.carts.add_item(user, uuid.UUID(product), qty)
     return user, products
 

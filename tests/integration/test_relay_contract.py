@@ -12,6 +12,7 @@ Crash and failover tests run relays in child processes (tests/integration/relays
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -55,17 +56,13 @@ class Proxy:
         threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
     def cut(self):
-        try:
+        with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone would not on Linux
-        except OSError:
-            pass
         self.listener.close()
         with self.lock:
             for s in self.sockets:
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 s.close()
             self.sockets.clear()
 
@@ -94,10 +91,8 @@ class Proxy:
             return
         finally:
             for s in (a, b):
-                try:
+                with contextlib.suppress(OSError):
                     s.close()
-                except OSError:
-                    pass
 
 
 @pytest.fixture(params=["polling", "cdc"])

@@ -37,7 +37,7 @@ def test_queue_depth_counts_ready_messages_on_the_real_broker(settings):
     depth = broker.QueueDepth(settings.amqp_url)
     try:
         assert depth.ready([queue]) == 0
-        for i in range(3):
+        for _ in range(3):
             channel.basic_publish("", queue, b"x")
         wait_for(lambda: depth.ready([queue]) == 3, 5, message="three ready messages")
         assert depth.ready([f"{queue}-missing"]) is None  # unknown, not zero: nobody should wait on it
@@ -104,4 +104,8 @@ def test_every_page_of_candidates_is_examined(settings, make_system, new_product
         }
     assert redriven == set(stalled)
     for order_id in stalled:
-        wait_for(lambda: system.orders.get(order_id)["displayStatus"] == "COMPLETED", 20, message="re-driven")
+        wait_for(
+            lambda order_id=order_id: system.orders.get(order_id)["displayStatus"] == "COMPLETED",
+            20,
+            message="re-driven",
+        )

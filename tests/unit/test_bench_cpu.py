@@ -26,14 +26,38 @@ def test_postgres_processes_of_the_private_cluster_only():
 
 
 def test_ms_per_checkout_from_tick_deltas():
-    before = Counter({"pulse serve: API": 1.0, "pulse serve: consumers": 2.0, "postgres": 5.0, "rabbitmq": 3.0,
-                      "load generator": 1.0, "postgres (load generator)": 0.1})
-    after = Counter({"pulse serve: API": 1.5, "pulse serve: consumers": 2.3, "pulse serve: relay": 0.1,
-                     "postgres": 5.4, "rabbitmq": 3.1, "redis": 0.05, "load generator": 1.2,
-                     "postgres (load generator)": 0.12})
+    before = Counter(
+        {
+            "pulse serve: API": 1.0,
+            "pulse serve: consumers": 2.0,
+            "postgres": 5.0,
+            "rabbitmq": 3.0,
+            "load generator": 1.0,
+            "postgres (load generator)": 0.1,
+        }
+    )
+    after = Counter(
+        {
+            "pulse serve: API": 1.5,
+            "pulse serve: consumers": 2.3,
+            "pulse serve: relay": 0.1,
+            "postgres": 5.4,
+            "rabbitmq": 3.1,
+            "redis": 0.05,
+            "load generator": 1.2,
+            "postgres (load generator)": 0.12,
+        }
+    )
     r = cpu.ms_per_unit(before, after, 100, machine_busy_s=1.6)
-    assert r["by_component"] == {"API": 5.0, "consumers": 3.0, "relay": 1.0, "schedulers": 0.0,
-                                 "PostgreSQL": 4.0, "RabbitMQ": 1.0, "Redis": 0.5}
+    assert r["by_component"] == {
+        "API": 5.0,
+        "consumers": 3.0,
+        "relay": 1.0,
+        "schedulers": 0.0,
+        "PostgreSQL": 4.0,
+        "RabbitMQ": 1.0,
+        "Redis": 0.5,
+    }
     assert r["total"] == 14.5  # the system under test only
     assert r["outside_the_system"] == {"load generator": 2.0, "postgres (load generator)": 0.2}
     assert r["machine_busy"] == 16.0
@@ -50,12 +74,24 @@ def test_no_checkouts_no_figure():
 
 
 def test_statements_transactions_and_messages_per_checkout():
-    before = {"xmax": 1000, "statements": {
-        1: ("INSERT INTO shared.outbox (id) VALUES ($1)", 10, 10, 1.0), 2: ("COMMIT", 50, 0, 0.5),
-        3: ("SELECT 1", 7, 7, 0.1)}}
-    after = {"xmax": 1040, "statements": {
-        1: ("INSERT INTO shared.outbox (id) VALUES ($1)", 30, 50, 3.0), 2: ("COMMIT", 70, 0, 0.7),
-        3: ("SELECT 1", 7, 7, 0.1), 4: ("BEGIN", 20, 0, 0.2), 5: ("UPDATE orders.orders SET x = $1", 40, 40, 4.0)}}
+    before = {
+        "xmax": 1000,
+        "statements": {
+            1: ("INSERT INTO shared.outbox (id) VALUES ($1)", 10, 10, 1.0),
+            2: ("COMMIT", 50, 0, 0.5),
+            3: ("SELECT 1", 7, 7, 0.1),
+        },
+    }
+    after = {
+        "xmax": 1040,
+        "statements": {
+            1: ("INSERT INTO shared.outbox (id) VALUES ($1)", 30, 50, 3.0),
+            2: ("COMMIT", 70, 0, 0.7),
+            3: ("SELECT 1", 7, 7, 0.1),
+            4: ("BEGIN", 20, 0, 0.2),
+            5: ("UPDATE orders.orders SET x = $1", 40, 40, 4.0),
+        },
+    }
     r = pgserver.per_checkout(before, after, 20)
     assert r["statements_per_checkout"] == 3.0  # 20 inserts + 40 updates; BEGIN/COMMIT are not statements
     assert r["explicit_commits_per_checkout"] == 1.0
@@ -66,10 +102,20 @@ def test_statements_transactions_and_messages_per_checkout():
 
 
 def test_issue_13_goals_take_their_limits_from_the_same_run():
-    e2e = {"optimistic/cdc": {"sustained_checkouts_per_s": 150.0}, "post-payment/cdc": {"sustained_checkouts_per_s": 90.0}}
-    h = {"pgbench_tps": 3000.0, "cpu_ms_per_checkout": {"total": 9.5}, "e2e_config": "optimistic/cdc",
-         "cart_adds_per_s": 950.0, "e2e_p99_ms": 80.0, "raw_publish_per_s": 10_000.0, "relay_events_per_s": 4200.0,
-         "cdc_p99_ms": None}
+    e2e = {
+        "optimistic/cdc": {"sustained_checkouts_per_s": 150.0},
+        "post-payment/cdc": {"sustained_checkouts_per_s": 90.0},
+    }
+    h = {
+        "pgbench_tps": 3000.0,
+        "cpu_ms_per_checkout": {"total": 9.5},
+        "e2e_config": "optimistic/cdc",
+        "cart_adds_per_s": 950.0,
+        "e2e_p99_ms": 80.0,
+        "raw_publish_per_s": 10_000.0,
+        "relay_events_per_s": 4200.0,
+        "cdc_p99_ms": None,
+    }
     goals = {g["goal"]: g for g in goals_13(h, {"plan": "full", "sections": {"e2e": e2e}})}
     cpu_goal = goals["cpu_ms_per_checkout (optimistic/cdc), all processes <= 8 ms"]
     assert (cpu_goal["figure"], cpu_goal["met"]) == (9.5, False)

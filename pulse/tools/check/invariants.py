@@ -20,16 +20,26 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as dt
+import itertools
 import logging
+from collections.abc import Collection
 from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from pulse import topology
 from pulse.infra import broker, keys
-from pulse.orders.model import TERMINAL
 from pulse.orders.watchdog import next_event
 from pulse.redisstock.handlers import HELD_BY_PRODUCT
+from pulse.rows import one
+from pulse.status import TERMINAL
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from pulse.config import Settings
+    from pulse.infra import db
 
 QUEUE_INBOX = topology.QUEUE_INBOX
 MAX_IDS = 20
@@ -41,10 +51,10 @@ class Result:
     name: str
     passed: bool
     details: str
-    offending: list = dataclasses.field(default_factory=list)
-    data: dict = dataclasses.field(default_factory=dict)
+    offending: list[Any] = dataclasses.field(default_factory=list)
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "passed": self.passed,
@@ -62,7 +72,7 @@ class Scope:
     since: dt.datetime | None = None
     products: list[str] | None = None
 
-    def sql(self) -> dict:
+    def sql(self) -> dict[str, Any]:
         return {
             "since": self.since or dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
             "products": None if self.products is None else [str(p) for p in self.products],
@@ -72,14 +82,14 @@ class Scope:
 PRODUCT_FILTER = "(%(products)s::uuid[] IS NULL OR {col} = ANY(%(products)s::uuid[]))"
 
 
-def _result(name, offending, ok_text, bad_text, **data) -> Result:
+def _result(name: str, offending: Collection[Any], ok_text: str, bad_text: str, **data: Any) -> Result:
     return Result(
         name, not offending, ok_text if not offending else bad_text.format(n=len(offending)), list(offending), data
     )
 
 
 # -- stock --------------------------------------------------------------------------------------------
-def no_oversell(conn, scope: Scope) -> Result:
+def no_oversell(conn: db.Conn, scope: Scope) -> Result:
     """available_quantity >= 0, and carts never hold more units than the database has available."""
     args = scope.sql()
     negative = [
@@ -111,7 +121,7 @@ def no_oversell(conn, scope: Scope) -> Result:
     )
 
 
-def stock_conservation(conn, scope: Scope) -> Result:
+def stock_conservation(conn: db.Conn, scope: Scope) -> Result:
     """initial stock = available + units held by RESERVED reservations, per product."""
     rows = conn.execute(
         "WITH held AS (SELECT (item->>'productId')::uuid AS product_id, SUM((item->>'quantity')::int) AS units "
@@ -146,7 +156,7 @@ ORDERS_IN_SCOPE = (
 )
 
 
-def one_charge_per_order(conn, scope: Scope) -> Result:
+def one_charge_per_order(conn: db.Conn, scope: Scope) -> Result:
     rows = conn.execute(
         f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT p.order_id FROM payment.payments p JOIN o "
         "ON o.id = p.order_id WHERE p.status IN ('SUCCESS', 'REFUNDED') GROUP BY p.order_id "
@@ -161,7 +171,7 @@ def one_charge_per_order(conn, scope: Scope) -> Result:
     )
 
 
-def failed_orders_refunded(conn, scope: Scope) -> Result:
+def failed_orders_refunded(conn: db.Conn, scope: Scope) -> Result:
     rows = conn.execute(
         f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT o.id FROM o JOIN payment.payments p ON p.order_id = o.id "
         "WHERE o.status = 'FAILED' AND p.status = 'SUCCESS'",
@@ -175,18 +185,20 @@ def failed_orders_refunded(conn, scope: Scope) -> Result:
     )
 
 
-def money_balance(conn, scope: Scope) -> Result:
+def money_balance(conn: db.Conn, scope: Scope) -> Result:
     """Σ charged − Σ refunded = Σ totals of COMPLETED orders."""
     args = scope.sql()
-    totals = conn.execute(
-        f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT "
-        "COALESCE((SELECT SUM(p.amount) FROM payment.payments p JOIN o ON o.id = p.order_id "
-        "          WHERE p.status IN ('SUCCESS', 'REFUNDED')), 0) AS charged, "
-        "COALESCE((SELECT SUM(p.amount) FROM payment.payments p JOIN o ON o.id = p.order_id "
-        "          WHERE p.status = 'REFUNDED'), 0) AS refunded, "
-        "COALESCE((SELECT SUM(total_amount) FROM o WHERE status = 'COMPLETED'), 0) AS completed",
-        args,
-    ).fetchone()
+    totals = one(
+        conn.execute(
+            f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT "
+            "COALESCE((SELECT SUM(p.amount) FROM payment.payments p JOIN o ON o.id = p.order_id "
+            "          WHERE p.status IN ('SUCCESS', 'REFUNDED')), 0) AS charged, "
+            "COALESCE((SELECT SUM(p.amount) FROM payment.payments p JOIN o ON o.id = p.order_id "
+            "          WHERE p.status = 'REFUNDED'), 0) AS refunded, "
+            "COALESCE((SELECT SUM(total_amount) FROM o WHERE status = 'COMPLETED'), 0) AS completed",
+            args,
+        )
+    )
     offending = [
         r["id"]
         for r in conn.execute(
@@ -212,7 +224,7 @@ def money_balance(conn, scope: Scope) -> Result:
 
 
 # -- sagas --------------------------------------------------------------------------------------------
-def orders_terminal(conn, scope: Scope, older_than_s: float = 0.0) -> Result:
+def orders_terminal(conn: db.Conn, scope: Scope, older_than_s: float = 0.0) -> Result:
     """Every order COMPLETED or FAILED with compensation done, its view and its user's cart caught up."""
     rows = conn.execute(
         f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT o.*, r.status AS inv_decision, pay.status AS pay_decision, "
@@ -247,7 +259,7 @@ FORGETTING_FAULTS = (("redis.flush", "trigger"), ("cart.after_redis", "crash"))
 FORGETTING_WINDOW_S = 60  # how long before its order a campaign's shopper took the hold, at most
 
 
-def cart_promise_kept(conn, scope: Scope) -> Result:
+def cart_promise_kept(conn: db.Conn, scope: Scope) -> Result:
     """No order whose cart hold Redis granted failed out of stock, unless a fault made Redis forget holds.
 
     Every order comes from a cart whose every unit Redis accepted (the Lua reservation), so an order that
@@ -286,7 +298,7 @@ EFFECT_TYPES = (
 )
 
 
-def effects_once(conn, scope: Scope) -> Result:
+def effects_once(conn: db.Conn, scope: Scope) -> Result:
     """Each module's effect on an order happened at most once (a second effect = a duplicate processed twice)."""
     rows = conn.execute(
         f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT e.aggregate_id, e.event_type, count(*) AS n FROM infra.event_log e "
@@ -303,12 +315,12 @@ def effects_once(conn, scope: Scope) -> Result:
     )
 
 
-def outbox_drained(conn, scope: Scope) -> Result:
-    n = conn.execute("SELECT count(*) AS n FROM shared.outbox").fetchone()["n"]
+def outbox_drained(conn: db.Conn, scope: Scope) -> Result:
+    n = one(conn.execute("SELECT count(*) AS n FROM shared.outbox"))["n"]
     return Result("outbox-drained", n == 0, "the outbox is empty" if n == 0 else f"{n} event(s) still in the outbox")
 
 
-def events_routed(conn, scope: Scope) -> Result:
+def events_routed(conn: db.Conn, scope: Scope) -> Result:
     """No outbox event that RabbitMQ returned as unroutable (no queue bound to its type) waits in the outbox."""
     rows = conn.execute(
         "SELECT id, event_type FROM shared.outbox WHERE unroutable_at IS NOT NULL ORDER BY seq"
@@ -327,7 +339,7 @@ def events_routed(conn, scope: Scope) -> Result:
 
 
 # -- delivery -----------------------------------------------------------------------------------------
-def delivery(conn, scope: Scope, dead_lettered: dict[str, set[str]] | None = None) -> Result:
+def delivery(conn: db.Conn, scope: Scope, dead_lettered: dict[str, set[str]] | None = None) -> Result:
     """Every published event consumed by each module bound to it: lost = 0, unexpected = 0, duplicates counted."""
     args = scope.sql()
     explained = collections.defaultdict(set)
@@ -369,9 +381,9 @@ def delivery(conn, scope: Scope, dead_lettered: dict[str, set[str]] | None = Non
                 args,
             )
         ]
-        duplicates += conn.execute(
-            f"SELECT COALESCE(SUM(duplicates), 0) AS n FROM {table} WHERE processed_at >= %(since)s", args
-        ).fetchone()["n"]
+        duplicates += one(
+            conn.execute(f"SELECT COALESCE(SUM(duplicates), 0) AS n FROM {table} WHERE processed_at >= %(since)s", args)
+        )["n"]
     data = {
         "expected": expected,
         "lost": len(lost),
@@ -404,7 +416,7 @@ CHECKED_TABLES = (
 )
 
 
-def _fresh_statistics(conn) -> None:
+def _fresh_statistics(conn: db.Conn) -> None:
     conn.execute("SET jit = off")  # these are one-off queries; compiling them cost 0.3 s each
     try:
         conn.execute("ANALYZE " + ", ".join(CHECKED_TABLES))
@@ -412,12 +424,12 @@ def _fresh_statistics(conn) -> None:
         log.info("pulse check: not allowed to ANALYZE; the checks may run slowly on stale statistics")
 
 
-def replication_slot(conn, scope: Scope, slot: str) -> Result:
+def replication_slot(conn: db.Conn, scope: Scope, slot: str) -> Result:
     """The CDC slot can still stream. A slot lost now fails; one the relay recreated after a loss (within the
     scope) passes, since the outbox rows it missed were published again, but says so and when."""
     row = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,)).fetchone()
     recreated = []
-    if conn.execute("SELECT to_regclass('infra.relay_slot_losses') IS NOT NULL AS ok").fetchone()["ok"]:
+    if one(conn.execute("SELECT to_regclass('infra.relay_slot_losses') IS NOT NULL AS ok"))["ok"]:
         recreated = [
             r["recreated_at"].isoformat()
             for r in conn.execute(
@@ -451,7 +463,7 @@ def replication_slot(conn, scope: Scope, slot: str) -> Result:
 LOCK_MARGIN = 0.25  # share of the lock's hold left for the moments between taking the lock and the log entry
 
 
-def idempotency_lock_exclusive(conn, scope: Scope) -> Result:
+def idempotency_lock_exclusive(conn: db.Conn, scope: Scope) -> Result:
     """An idempotency key's lock has one holder at a time (a late owner never frees a newer owner's lock).
 
     The trace is the lab fault ``orders.create``: each strike is a request inside order creation, logged with
@@ -466,7 +478,7 @@ def idempotency_lock_exclusive(conn, scope: Scope) -> Result:
         scope.sql(),
     ).fetchall()
     offending, examples = [], []
-    for before, after in zip(rows, rows[1:]):
+    for before, after in itertools.pairwise(rows):
         if before["key"] != after["key"] or not before["held"]:
             continue
         hold = min(before["ttl"], before["held"])
@@ -485,14 +497,16 @@ def idempotency_lock_exclusive(conn, scope: Scope) -> Result:
 
 
 # -- dead letters -------------------------------------------------------------------------------------
-def peek_dead_letters(amqp_url: str, limit: int = 1000, since_epoch: float | None = None) -> dict[str, list[dict]]:
+def peek_dead_letters(
+    amqp_url: str, limit: int = 1000, since_epoch: float | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """Read (without removing) the dead-lettered messages of every queue: id and reason."""
     conn = broker.connect(amqp_url)
-    found: dict[str, list[dict]] = {}
+    found: dict[str, list[dict[str, Any]]] = {}
     try:
         for queue in topology.QUEUES:
             channel = conn.channel()
-            messages = []
+            messages: list[dict[str, Any]] = []
             try:
                 while len(messages) < limit:
                     method, props, _body = channel.basic_get(broker.dead_letter_queue(queue), auto_ack=False)
@@ -514,7 +528,7 @@ def peek_dead_letters(amqp_url: str, limit: int = 1000, since_epoch: float | Non
     return found
 
 
-def dlq_explained(dead: dict[str, list[dict]]) -> Result:
+def dlq_explained(dead: dict[str, list[dict[str, Any]]]) -> Result:
     unexplained = [f"{q}:{m['id']}" for q, ms in dead.items() for m in ms if "FaultInjected" not in m["reason"]]
     total = sum(len(ms) for ms in dead.values())
     reasons = collections.Counter(m["reason"][:120] for ms in dead.values() for m in ms)
@@ -528,7 +542,7 @@ def dlq_explained(dead: dict[str, list[dict]]) -> Result:
 
 
 # -- Redis --------------------------------------------------------------------------------------------
-def redis_matches_db(conn, redis, scope: Scope) -> Result:
+def redis_matches_db(conn: db.Conn, redis: Redis, scope: Scope) -> Result:
     """``stock:``, ``reserved:`` and ``cart:`` equal the database (run after a reconcile with cooldown 0).
 
     ``reserved:`` is held by carts and by orders whose hold inventory has not released yet (infra.order_holds).
@@ -544,10 +558,12 @@ def redis_matches_db(conn, redis, scope: Scope) -> Result:
     offending = []
     if ids:
         cached = redis.mget([keys.stock(p) for p in ids])
-        offending += [keys.stock(r["p"]) for r, v in zip(stock, cached) if v is not None and int(v) != r["q"]]
+        offending += [
+            keys.stock(r["p"]) for r, v in zip(stock, cached, strict=True) if v is not None and int(v) != r["q"]
+        ]
         reserved = redis.mget([keys.reserved(p) for p in ids])
-        offending += [keys.reserved(p) for p, v in zip(ids, reserved) if int(v or 0) != held.get(p, 0)]
-    carts = collections.defaultdict(dict)
+        offending += [keys.reserved(p) for p, v in zip(ids, reserved, strict=True) if int(v or 0) != held.get(p, 0)]
+    carts: collections.defaultdict[str, dict[str, int]] = collections.defaultdict(dict)
     for r in conn.execute(
         "SELECT c.user_id::text AS u, ci.product_id::text AS p, ci.quantity AS q FROM inventory.carts c "
         "JOIN inventory.cart_items ci ON ci.cart_id = c.id WHERE ci.quantity > 0 AND "
@@ -579,7 +595,7 @@ def redis_matches_db(conn, redis, scope: Scope) -> Result:
 DRIFTING_FAULTS = ("redis.flush",)
 
 
-def reserved_before_repair(conn, redis, scope: Scope) -> Result:
+def reserved_before_repair(conn: db.Conn, redis: Redis, scope: Scope) -> Result:
     """``reserved:`` equals the units carts and unreleased order holds keep in the database, judged BEFORE the
     checker's own reconciliation repairs Redis; drift that a fault explains is forgiven.
 
@@ -606,7 +622,7 @@ def reserved_before_repair(conn, redis, scope: Scope) -> Result:
     current = redis.mget([keys.reserved(p) for p in ids]) if ids else []
     drift = {
         r["p"]: (int(v or 0), held.get(r["p"], 0), r["explained"])
-        for r, v in zip(rows, current)
+        for r, v in zip(rows, current, strict=True)
         if int(v or 0) != held.get(r["p"], 0)
     }
     offending = [p for p, (_, _, explained) in drift.items() if not explained]
@@ -624,7 +640,9 @@ def reserved_before_repair(conn, redis, scope: Scope) -> Result:
 
 
 # -- all of them --------------------------------------------------------------------------------------
-def check_all(settings, scope: Scope | None = None, *, reconcile: bool = True, older_than_s: float = 0.0) -> dict:
+def check_all(
+    settings: Settings, scope: Scope | None = None, *, reconcile: bool = True, older_than_s: float = 0.0
+) -> dict[str, Any]:
     """Run every invariant; returns ``{"results": [Result...], "reconcile": fixes or None}``.
 
     With ``reconcile`` a full reconciliation pass with cooldown 0 runs first (the checker's own, with
@@ -638,7 +656,7 @@ def check_all(settings, scope: Scope | None = None, *, reconcile: bool = True, o
     from pulse.infra import db
 
     scope = scope or Scope()
-    fixes = None
+    fixes: dict[str, Any] | None = None
     r = redis_lib.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=3)
     try:
         with db.connect(settings.database_url, autocommit=True) as conn:
