@@ -117,6 +117,7 @@ class CdcRelay:
         if self._stream is None:
             self._start_up(conn)
         count = self._relay_batch(conn)
+        assert self._stream is not None, "opened above; _relay_batch raises when it closes it"
         if self._sweep_after is not None and self._sweep_after.reached(self._stream):
             count += self._sweep(conn)
             self._sweep_after = None
