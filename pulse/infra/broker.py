@@ -5,9 +5,14 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
 
 import pika
+import pika.channel
+import pika.frame
+import pika.spec
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.exceptions import AMQPError
 
 from pulse.events import Envelope
@@ -16,6 +21,8 @@ from pulse.events import EventType as E
 log = logging.getLogger(__name__)
 
 EXCHANGE = "outbox-exchange"
+
+T = TypeVar("T")
 
 
 class BrokerUnavailable(RuntimeError):
@@ -26,7 +33,7 @@ def dead_letter_queue(queue: str) -> str:
     return f"{queue}.dlq"
 
 
-def connect(url: str, *, heartbeat: int = 30) -> pika.BlockingConnection:
+def connect(url: str, *, heartbeat: int = 30) -> BlockingConnection:
     """A blocking connection; raises :class:`BrokerUnavailable` with one readable sentence."""
     params = pika.URLParameters(url)
     params.heartbeat = heartbeat
@@ -41,7 +48,7 @@ def connect(url: str, *, heartbeat: int = 30) -> pika.BlockingConnection:
         ) from exc
 
 
-def declare_topology(channel, bindings: dict[str, list[str]]) -> dict[str, list[str]]:
+def declare_topology(channel: BlockingChannel, bindings: dict[str, list[str]]) -> dict[str, list[str]]:
     """Declare the exchange, each queue with its dead-letter queue, and bind each queue's routing keys.
 
     ``bindings`` comes from :func:`pulse.topology.bindings` (both strategies' keys: the order's strategy picks
@@ -95,35 +102,42 @@ class ConfirmingPublisher:
     def __init__(self, url: str, *, confirm_timeout_s: float = 5.0):
         self.url = url
         self.confirm_timeout_s = confirm_timeout_s
-        # pika has no type information, and this class reaches into the channel's implementation anyway.
-        self._conn: Any = None
-        self._channel: Any = None
+        # Set by _ensure_open, cleared together by close. pika has no type information, so mypy sees Any in
+        # them; the channel's implementation (_impl) and _flush_output, used below, are private anyway.
+        self._conn: BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
         self._next_tag = 1
         self._acked: set[int] = set()
         self._nacked: set[int] = set()
         self._returned: set[str] = set()  # message ids the broker returned as unroutable in this batch
         self._ack_floor = 0
 
-    def _ensure_open(self):
-        if self._conn is not None and self._conn.is_open and self._channel.is_open:
-            return
+    def _ensure_open(self) -> tuple[BlockingConnection, BlockingChannel]:
+        """The open connection and channel, opened (in confirm mode) if they are not."""
+        if self._conn is not None and self._channel is not None and self._conn.is_open and self._channel.is_open:
+            return self._conn, self._channel
         self.close()
-        self._conn = connect(self.url)
-        self._channel = self._conn.channel()
-        self._channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
-        self._channel._impl.add_on_return_callback(self._on_return)
-        ready = []
-        self._channel._impl.confirm_delivery(
-            ack_nack_callback=self._on_confirm, callback=lambda _frame: ready.append(True)
-        )
-        self._channel._flush_output(lambda: bool(ready))
+        conn = self._conn = connect(self.url)
+        channel = self._channel = conn.channel()
+        channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
+        channel._impl.add_on_return_callback(self._on_return)
+        ready: list[bool] = []
+        channel._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=lambda _frame: ready.append(True))
+        channel._flush_output(lambda: bool(ready))
         self._next_tag, self._acked, self._nacked, self._ack_floor = 1, set(), set(), 0
         self._returned = set()
+        return conn, channel
 
-    def _on_return(self, _channel, _method, properties, _body):
+    def _on_return(
+        self,
+        _channel: pika.channel.Channel,
+        _method: pika.spec.Basic.Return,
+        properties: pika.spec.BasicProperties,
+        _body: bytes,
+    ) -> None:
         self._returned.add(properties.message_id)
 
-    def _on_confirm(self, frame):
+    def _on_confirm(self, frame: pika.frame.Method) -> None:
         method = frame.method
         target = self._acked if isinstance(method, pika.spec.Basic.Ack) else self._nacked
         if method.multiple:
@@ -143,7 +157,7 @@ class ConfirmingPublisher:
         *,
         exchange: str = EXCHANGE,
         routing_key: str | None = None,
-        headers: dict | None = None,
+        headers: dict[str, Any] | None = None,
     ) -> list[Delivery]:
         """Publish all (mandatory), wait for the broker's answers; element i is what became of envelope i.
 
@@ -152,7 +166,7 @@ class ConfirmingPublisher:
         if not envelopes:
             return []
         try:
-            self._ensure_open()
+            conn, channel = self._ensure_open()
             self._returned.clear()
             tags = []
             for env in envelopes:
@@ -163,16 +177,16 @@ class ConfirmingPublisher:
                     type=env.event_type,
                     headers=headers,
                 )
-                self._channel._impl.basic_publish(
+                channel._impl.basic_publish(
                     exchange, routing_key or env.event_type, env.to_json(), props, mandatory=True
                 )
                 tags.append(self._next_tag)
                 self._next_tag += 1
             last = tags[-1]
             deadline = time.monotonic() + self.confirm_timeout_s
-            self._channel._flush_output(lambda: self._ack_floor >= last or time.monotonic() > deadline)
+            channel._flush_output(lambda: self._ack_floor >= last or time.monotonic() > deadline)
             while self._ack_floor < last and time.monotonic() < deadline:
-                self._conn.process_data_events(time_limit=0.05)
+                conn.process_data_events(time_limit=0.05)
             returned = self._returned
             result = [
                 Delivery.UNCONFIRMED
@@ -200,15 +214,15 @@ class ConfirmingPublisher:
             self.close()
             raise BrokerUnavailable(f"lost RabbitMQ while publishing ({type(exc).__name__}).") from exc
 
-    def close(self):
+    def close(self) -> None:
         conn, self._conn, self._channel = self._conn, None, None
         close_quietly(conn)
 
 
-def sort_out(items: list, outcomes: list[Delivery]) -> tuple[list, list, list]:
+def sort_out(items: Sequence[T], outcomes: list[Delivery]) -> tuple[list[T], list[T], list[T]]:
     """``items`` (rows, envelopes, ids: one per published envelope) split by outcome: (confirmed, unroutable,
     unconfirmed)."""
-    out: dict[Delivery, list] = {d: [] for d in Delivery}
+    out: dict[Delivery, list[T]] = {d: [] for d in Delivery}
     for item, outcome in zip(items, outcomes, strict=True):
         out[outcome].append(item)
     return out[Delivery.CONFIRMED], out[Delivery.UNROUTABLE], out[Delivery.UNCONFIRMED]
@@ -223,9 +237,9 @@ class QueueDepth:
 
     def __init__(self, url: str):
         self.url = url
-        self._conn: Any = None  # a pika BlockingConnection once asked (pika has no type information)
+        self._conn: BlockingConnection | None = None  # opened once asked
 
-    def ready(self, queues) -> int | None:
+    def ready(self, queues: Iterable[str]) -> int | None:
         """The sum of ready messages, or None when the broker cannot be asked (then nobody should wait on it)."""
         for attempt in (1, 2):  # the connection may have died between two calls (heartbeat, broker restart)
             try:
@@ -233,7 +247,9 @@ class QueueDepth:
                     self._conn = connect(self.url)
                 channel = self._conn.channel()
                 try:
-                    return sum(channel.queue_declare(q, passive=True).method.message_count for q in queues)
+                    # pika has no type information: the frames' counts are Any to mypy.
+                    depth: int = sum(channel.queue_declare(q, passive=True).method.message_count for q in queues)
+                    return depth
                 finally:
                     if channel.is_open:
                         channel.close()
@@ -243,12 +259,12 @@ class QueueDepth:
                     log.debug("queue depth unknown: %s", exc)
         return None
 
-    def close(self):
+    def close(self) -> None:
         conn, self._conn = self._conn, None
         close_quietly(conn)
 
 
-def close_quietly(conn) -> None:
+def close_quietly(conn: BlockingConnection | None) -> None:
     if conn is not None:
         try:
             if conn.is_open:

@@ -24,9 +24,10 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 
 from pulse.infra import outbox
+from pulse.infra.outbox import AnyConn
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,11 @@ class SlotLost(psycopg.OperationalError):
     """START_REPLICATION was refused because the slot was invalidated or the WAL it needs is gone."""
 
 
-def _one(conn, query, params=()) -> dict[str, Any] | None:
+def _one(conn: AnyConn, query: str, params: tuple[object, ...] = ()) -> DictRow | None:
     return conn.cursor(row_factory=dict_row).execute(query, params).fetchone()
 
 
-def _row(conn, query, params=()) -> dict[str, Any]:
+def _row(conn: AnyConn, query: str, params: tuple[object, ...] = ()) -> DictRow:
     """The row of a query that always returns one (a setting, a function's result, an existing slot)."""
     row = _one(conn, query, params)
     if row is None:
@@ -94,19 +95,20 @@ def wal_level_problem(wal_level: str) -> str | None:
     )
 
 
-def wal_level(conn) -> str:
+def wal_level(conn: AnyConn) -> str:
     """The server's ``wal_level`` setting."""
-    return _row(conn, "SHOW wal_level")["wal_level"]
+    level: str = _row(conn, "SHOW wal_level")["wal_level"]
+    return level
 
 
-def check_server(conn) -> None:
+def check_server(conn: AnyConn) -> None:
     """Raise :class:`CdcUnavailable` if this server cannot do logical decoding."""
     problem = wal_level_problem(wal_level(conn))
     if problem:
         raise CdcUnavailable(problem)
 
 
-def ensure_publication(conn, publication: str) -> bool:
+def ensure_publication(conn: AnyConn, publication: str) -> bool:
     """Create the insert-only publication of ``shared.outbox`` if missing (or fix its table and actions)."""
     name = sql.Identifier(publication)
     if publication_exists(conn, publication):
@@ -120,12 +122,12 @@ def ensure_publication(conn, publication: str) -> bool:
     return True
 
 
-def publication_exists(conn, publication: str) -> bool:
+def publication_exists(conn: AnyConn, publication: str) -> bool:
     """True if the publication exists in this database."""
     return _one(conn, "SELECT 1 AS ok FROM pg_publication WHERE pubname = %s", (publication,)) is not None
 
 
-def ensure_slot(conn, slot: str) -> bool:
+def ensure_slot(conn: AnyConn, slot: str) -> bool:
     """Create the pgoutput logical slot in this database if missing; True when it was created."""
     row = _one(conn, "SELECT database, plugin FROM pg_replication_slots WHERE slot_name = %s", (slot,))
     dbname = conn.info.dbname
@@ -146,7 +148,7 @@ def ensure_slot(conn, slot: str) -> bool:
     return True
 
 
-def prepare(database_url: str, slot: str, publication: str) -> dict:
+def prepare(database_url: str, slot: str, publication: str) -> dict[str, Any]:
     """What `pulse db migrate` does in cdc mode: the publication, and the slot when wal_level allows it."""
     with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
         created_pub = ensure_publication(conn, publication)
@@ -162,28 +164,29 @@ def prepare(database_url: str, slot: str, publication: str) -> dict:
         }
 
 
-def try_lock(conn, slot: str) -> bool:
+def try_lock(conn: AnyConn, slot: str) -> bool:
     """Take the relay lock of ``slot`` on this session if it is free (held until the session ends)."""
-    return _row(conn, f"SELECT pg_try_advisory_lock(%s, {LOCK_KEY_SQL}) AS got", (LOCK_CLASS, slot))["got"]
+    got: bool = _row(conn, f"SELECT pg_try_advisory_lock(%s, {LOCK_KEY_SQL}) AS got", (LOCK_CLASS, slot))["got"]
+    return got
 
 
-def holder(conn, slot: str) -> dict | None:
+def holder(conn: AnyConn, slot: str) -> DictRow | None:
     """The backend holding the relay lock of ``slot`` (pid, application, client address, since), or None."""
     return _one(conn, HOLDER_SQL, (LOCK_CLASS, slot))
 
 
-def slot_info(conn, slot: str) -> dict | None:
+def slot_info(conn: AnyConn, slot: str) -> DictRow | None:
     """The slot's row with its lag and retained WAL in bytes, or None when there is no such slot."""
     return _one(conn, SLOT_SQL, (slot,))
 
 
-def slot_lost_reason(conn, slot: str) -> str | None:
+def slot_lost_reason(conn: AnyConn, slot: str) -> str | None:
     """Why the slot can no longer stream (``wal_status = 'lost'``), else None (also when there is no slot)."""
     row = _one(conn, "SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,))
     return "wal_status = lost" if row is not None and row["wal_status"] == "lost" else None
 
 
-def confirmed_lsn(conn, slot: str) -> int:
+def confirmed_lsn(conn: AnyConn, slot: str) -> int:
     """The slot's confirmed position: every change before it is done with."""
     return lsn_int(
         _row(conn, "SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = %s", (slot,))[
@@ -192,12 +195,12 @@ def confirmed_lsn(conn, slot: str) -> int:
     )
 
 
-def flush_lsn(conn) -> int:
+def flush_lsn(conn: AnyConn) -> int:
     """The server's WAL flush position now."""
     return lsn_int(_row(conn, "SELECT pg_current_wal_flush_lsn()::text AS lsn")["lsn"])
 
 
-def wait_released(conn, slot: str, timeout_s: float = 5.0) -> None:
+def wait_released(conn: AnyConn, slot: str, timeout_s: float = 5.0) -> None:
     """A previous stream's walsender (ours after a broker error, or a dead holder's) exits a moment after
     its client; until then the slot is active and START_REPLICATION would be refused."""
     deadline = time.monotonic() + timeout_s
@@ -208,7 +211,7 @@ def wait_released(conn, slot: str, timeout_s: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def recreate(conn, slot: str, reason: str) -> int:
+def recreate(conn: AnyConn, slot: str, reason: str) -> int:
     """Drop the lost slot, create it at the present and record the loss; returns the outbox rows then waiting
     (the events the slot still held are among them: a row goes only after its confirm)."""
     rows = outbox.count(conn)
@@ -224,7 +227,7 @@ def recreate(conn, slot: str, reason: str) -> int:
     return rows
 
 
-def last_slot_loss(conn, slot: str) -> dict | None:
+def last_slot_loss(conn: AnyConn, slot: str) -> dict[str, Any] | None:
     """The last time the cdc relay found ``slot`` lost and created it again (``infra.relay_slot_losses``), or None."""
     if not _row(conn, "SELECT to_regclass('infra.relay_slot_losses') IS NOT NULL AS ok")["ok"]:
         return None
@@ -249,7 +252,7 @@ def last_slot_loss(conn, slot: str) -> dict | None:
 
 
 def write_heartbeat(
-    conn, slot: str, *, started_at: float, published: int, rate: float, last_publish_at: float | None
+    conn: AnyConn, slot: str, *, started_at: float, published: int, rate: float, last_publish_at: float | None
 ) -> None:
     """Upsert the holder's ``infra.relay_heartbeat`` row: who relays the slot, how fast, and when it last published."""
     conn.execute(
@@ -263,7 +266,7 @@ def write_heartbeat(
     )
 
 
-def heartbeat(conn, slot: str) -> dict | None:
+def heartbeat(conn: AnyConn, slot: str) -> DictRow | None:
     """The relay heartbeat of ``slot`` with its age in seconds, or None (no row, or no table yet)."""
     if not _row(conn, "SELECT to_regclass('infra.relay_heartbeat') IS NOT NULL AS ok")["ok"]:
         return None
@@ -274,7 +277,7 @@ def heartbeat(conn, slot: str) -> dict | None:
     )
 
 
-def drop(conn, slot: str) -> dict:
+def drop(conn: AnyConn, slot: str) -> dict[str, Any]:
     """Drop ``slot`` unless a relay holds its lock or streams it; returns what was dropped."""
     info = slot_info(conn, slot)
     if info is None:

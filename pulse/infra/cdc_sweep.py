@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 
 from pulse.events import Envelope
+from pulse.faults import NoFaults
 from pulse.infra import broker, outbox
+from pulse.infra.pgoutput_stream import WalStream
 from pulse.infra.relay_publish import publish_unconfirmed, report_unroutable
 
 
@@ -23,11 +25,11 @@ class CatchUp:
     ``limit_s`` (the walsender may decode other databases' WAL for seconds without sending anything; late is
     fine, the sweep may then repeat some events, never lose any)."""
 
-    def __init__(self, target_lsn: int, start_lsn: int, limit_s: float):
+    def __init__(self, target_lsn: int, start_lsn: int, limit_s: float) -> None:
         self.target, self.progress, self.limit_s = target_lsn, start_lsn, limit_s
         self.deadline = time.monotonic() + limit_s
 
-    def reached(self, stream) -> bool:
+    def reached(self, stream: WalStream) -> bool:
         """True once ``stream`` (its ``wal_end`` and ``in_transaction``) has caught up or stopped progressing."""
         now = time.monotonic()
         if stream.wal_end >= self.target and not stream.in_transaction:
@@ -39,14 +41,14 @@ class CatchUp:
 
 
 def sweep(
-    conn,
+    conn: outbox.AnyConn,
     publisher: broker.ConfirmingPublisher,
     *,
     batch: int,
     naive: bool,
-    faults,
+    faults: NoFaults,
     retry_s: float,
-    count,
+    count: Callable[[int], object],
     logger: logging.Logger,
 ) -> int:
     """Publish every row up to the current highest ``seq``, marked unroutable or not, and delete the confirmed

@@ -6,16 +6,29 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from typing import Protocol
 
 import pika
+import pika.spec
+from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError, NackError, UnroutableError
 
 from pulse.events import Envelope, MalformedEnvelope
-from pulse.faults import NO_FAULTS
+from pulse.faults import NO_FAULTS, NoFaults
 from pulse.infra import broker, db
 from pulse.infra.threadname import set_os_thread_name
 
 log = logging.getLogger(__name__)
+
+# One delivery as a BlockingChannel yields it (pika has no type information: these are Any to mypy).
+Message = tuple[pika.spec.Basic.Deliver, pika.spec.BasicProperties, bytes]
+
+
+class Prelock(Protocol):
+    """Takes the row locks a batch's handlers will take, in one fixed order (see ``Consumer.prelock``)."""
+
+    def __call__(self, conn: db.Conn, envelopes: list[Envelope], *, naive: Callable[[str], bool]) -> object: ...
 
 
 class _HandlerFailed(Exception):
@@ -34,17 +47,17 @@ class Consumer(threading.Thread):
         self,
         url: str,
         queue: str,
-        dispatch,
+        dispatch: Callable[[Envelope], object],
         *,
         stop: threading.Event,
         prefetch: int = 50,
         retries: int = 5,
-        faults=None,
+        faults: NoFaults | None = None,
         name: str | None = None,
-        pool=None,
+        pool: db.Pool | None = None,
         batch: int = 50,
-        prelock=None,
-    ):
+        prelock: Prelock | None = None,
+    ) -> None:
         super().__init__(name=name or f"consumer:{queue}", daemon=True)
         self.url, self.queue, self.dispatch = url, queue, dispatch
         self.stop, self.prefetch, self.retries = stop, prefetch, retries
@@ -63,9 +76,10 @@ class Consumer(threading.Thread):
         self.handled = 0
         self.dead_lettered = 0
         self.last_error: BaseException | None = None  # what last interrupted run (read by pulse.infra.workers)
-        self._dlq_channel = None  # confirm-mode channel for dead letters, see _confirming_channel
+        # Confirm-mode channel for dead letters, see _confirming_channel.
+        self._dlq_channel: BlockingChannel | None = None
 
-    def run(self):
+    def run(self) -> None:
         """Consume until ``stop``, reconnecting after broker trouble; anything else ends the thread.
 
         The error that ended it is kept in ``last_error`` (and logged) for the supervisor that restarts
@@ -118,7 +132,7 @@ class Consumer(threading.Thread):
             prelock=self.prelock,
         )
 
-    def _consume(self):
+    def _consume(self) -> None:
         conn = broker.connect(self.url)
         try:
             channel = conn.channel()
@@ -134,7 +148,7 @@ class Consumer(threading.Thread):
                     self.unsettled = 1 + channel.get_waiting_message_count()
                     self._process(channel, method, props, body)
                     continue
-                taken = [(method, props, body)]
+                taken: list[Message] = [(method, props, body)]
                 # Only what has already arrived: a batch never waits for messages, so latency stays put.
                 conn.process_data_events(time_limit=0)
                 while len(taken) < self.batch and channel.get_waiting_message_count() > 0:
@@ -147,7 +161,7 @@ class Consumer(threading.Thread):
             if conn.is_open:
                 conn.close()
 
-    def _lost(self, envelope, props) -> bool:
+    def _lost(self, envelope: Envelope, props: pika.spec.BasicProperties) -> bool:
         """The lab's "lost event" fault, for events this queue's module would act on (a queue also hears the
         other strategy's events and drops them unhandled; losing one of those would lose nothing)."""
         wants = getattr(self.dispatch, "wants", None)
@@ -155,7 +169,13 @@ class Consumer(threading.Thread):
             return False
         return self.faults.lose_message(self.queue, event_id=props.message_id)
 
-    def _process(self, channel, method, props, body):
+    def _process(
+        self,
+        channel: BlockingChannel,
+        method: pika.spec.Basic.Deliver,
+        props: pika.spec.BasicProperties,
+        body: bytes,
+    ) -> None:
         try:
             envelope = Envelope.from_json(body)
         except MalformedEnvelope as exc:
@@ -201,7 +221,7 @@ class Consumer(threading.Thread):
         channel.basic_ack(method.delivery_tag)
         self.handled += 1
 
-    def _process_batch(self, channel, taken: list) -> None:
+    def _process_batch(self, channel: BlockingChannel, taken: list[Message]) -> None:
         """Handle several deliveries in one database transaction.
 
         Exactly-once holds as for one message: inbox rows commit with the effects, acks follow the commit.
@@ -228,6 +248,7 @@ class Consumer(threading.Thread):
             parsed.append((method, props, body, envelope))
         if not parsed:
             return
+        assert self.pool is not None, "_consume batches only with a pool"
         try:
             with db.batch(self.pool) as current:
                 if self.prelock is not None:
@@ -264,7 +285,14 @@ class Consumer(threading.Thread):
             channel.basic_ack(max(acked), multiple=True)
             self.handled += len(acked)
 
-    def _dead_letter(self, channel, method, props, body, reason: str) -> bool:
+    def _dead_letter(
+        self,
+        channel: BlockingChannel,
+        method: pika.spec.Basic.Deliver,
+        props: pika.spec.BasicProperties,
+        body: bytes,
+        reason: str,
+    ) -> bool:
         """Copy the message to ``<queue>.dlq`` with its reason; ack the original only once the broker confirmed it.
 
         Returns whether it was dead-lettered. If the copy is refused (nacked, or returned because the DLQ does
@@ -321,7 +349,7 @@ class Consumer(threading.Thread):
         deps = getattr(self.dispatch, "deps", None)
         return deps is not None and deps.naive(name)
 
-    def _confirming_channel(self, channel):
+    def _confirming_channel(self, channel: BlockingChannel) -> BlockingChannel:
         """A confirm-mode channel on the consuming channel's connection, for dead letters (opened on first use).
 
         Kept apart from the consuming channel: confirm mode there would turn every ack into a wait.

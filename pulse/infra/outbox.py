@@ -12,10 +12,16 @@ connection) and the CDC relay (tuple-row control connection) share them.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
+from typing import Any
 
-from psycopg.rows import dict_row, tuple_row
+import psycopg
+from psycopg.rows import DictRow, dict_row, tuple_row
 
 from pulse.events import Envelope, Event, dumps
+
+# Any row factory: every statement here sets its own cursor's.
+AnyConn = psycopg.Connection[Any]
 
 COLUMNS = "id, aggregate_type, aggregate_id, event_type, payload, seq"
 
@@ -36,7 +42,9 @@ CLAIM_SWEEP = (
 )
 
 
-def append(conn, event_type: str, aggregate_type: str, aggregate_id, payload: dict) -> uuid.UUID:
+def append(
+    conn: AnyConn, event_type: str, aggregate_type: str, aggregate_id: object, payload: dict[str, Any]
+) -> uuid.UUID:
     """Add one event to ``shared.outbox`` inside the caller's transaction; returns its id (the dedup key)."""
     event_id = uuid.uuid4()
     kind = str(event_type.value if hasattr(event_type, "value") else event_type)
@@ -48,12 +56,12 @@ def append(conn, event_type: str, aggregate_type: str, aggregate_id, payload: di
     return event_id
 
 
-def append_event(conn, event: Event) -> uuid.UUID:
+def append_event(conn: AnyConn, event: Event) -> uuid.UUID:
     """Add one typed saga event (its order is the aggregate) to ``shared.outbox`` inside the caller's transaction."""
     return append(conn, event.TYPE, "ORDER", event.order_id, event.to_payload())
 
 
-def envelope_of(row: dict) -> Envelope:
+def envelope_of(row: DictRow) -> Envelope:
     """The wire envelope of an outbox row (as read by the polling relay or decoded by the CDC relay)."""
     return Envelope(
         id=row["id"] if isinstance(row["id"], uuid.UUID) else uuid.UUID(str(row["id"])),
@@ -63,32 +71,32 @@ def envelope_of(row: dict) -> Envelope:
     )
 
 
-def _rows(conn, query: str, params) -> list[dict]:
+def _rows(conn: AnyConn, query: str, params: tuple[object, ...]) -> list[DictRow]:
     return conn.cursor(row_factory=dict_row).execute(query, params).fetchall()
 
 
-def _ids(conn, query: str, ids: list) -> set:
+def _ids(conn: AnyConn, query: str, ids: list[uuid.UUID]) -> set[uuid.UUID]:
     return {r[0] for r in conn.cursor(row_factory=tuple_row).execute(query, (ids,))}
 
 
-def claim(conn, limit: int) -> list[dict]:
+def claim(conn: AnyConn, limit: int) -> list[DictRow]:
     """Lock up to ``limit`` routable rows, oldest ``seq`` first, skipping rows another relay holds.
 
     Call inside a transaction: the rows stay claimed until it ends, and are deleted in it once confirmed."""
     return _rows(conn, CLAIM, (limit,))
 
 
-def claim_unroutable(conn, after_seq: int, limit: int) -> list[dict]:
+def claim_unroutable(conn: AnyConn, after_seq: int, limit: int) -> list[DictRow]:
     """Lock up to ``limit`` rows marked unroutable with ``seq`` above ``after_seq`` (a retry pass pages by seq)."""
     return _rows(conn, CLAIM_UNROUTABLE, (after_seq, limit))
 
 
-def claim_sweep(conn, top_seq: int, after_seq: int, limit: int) -> list[dict]:
+def claim_sweep(conn: AnyConn, top_seq: int, after_seq: int, limit: int) -> list[DictRow]:
     """Lock up to ``limit`` rows with ``after_seq < seq <= top_seq``, marked or not: the CDC start-up sweep."""
     return _rows(conn, CLAIM_SWEEP, (top_seq, after_seq, limit))
 
 
-def delete(conn, ids) -> set:
+def delete(conn: AnyConn, ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
     """Delete the rows of events the broker confirmed; returns the ids that were found (and so deleted)."""
     ids = list(ids)
     if not ids:
@@ -96,7 +104,7 @@ def delete(conn, ids) -> set:
     return _ids(conn, "DELETE FROM shared.outbox WHERE id = ANY(%s) RETURNING id", ids)
 
 
-def mark_unroutable(conn, ids) -> set:
+def mark_unroutable(conn: AnyConn, ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
     """Mark the rows of events the broker returned as unroutable, keeping the first mark (how long the event has
     waited for a binding); returns the ids found."""
     ids = list(ids)
@@ -109,29 +117,32 @@ def mark_unroutable(conn, ids) -> set:
     )
 
 
-def max_seq(conn) -> int | None:
+def max_seq(conn: AnyConn) -> int | None:
     """The highest ``seq`` in the table now (None when it is empty): where a sweep stops."""
-    return _rows(conn, "SELECT max(seq) AS top FROM shared.outbox", ())[0]["top"]
+    top: int | None = _rows(conn, "SELECT max(seq) AS top FROM shared.outbox", ())[0]["top"]
+    return top
 
 
-def count(conn) -> int:
+def count(conn: AnyConn) -> int:
     """How many rows wait in the outbox, unroutable ones included."""
-    return _rows(conn, "SELECT count(*) AS n FROM shared.outbox", ())[0]["n"]
+    n: int = _rows(conn, "SELECT count(*) AS n FROM shared.outbox", ())[0]["n"]
+    return n
 
 
-def late_count(conn, older_than_s: float) -> int:
+def late_count(conn: AnyConn, older_than_s: float) -> int:
     """Routable rows older than ``older_than_s``: events the relay has not published yet although it should have.
 
     Unroutable rows wait for a binding, not for the relay, so they are not counted."""
-    return _rows(
+    n: int = _rows(
         conn,
         "SELECT count(*) AS n FROM shared.outbox WHERE unroutable_at IS NULL AND "
         "created_at < now() - make_interval(secs => %s)",
         (older_than_s,),
     )[0]["n"]
+    return n
 
 
-def unroutable_by_type(conn) -> list[dict]:
+def unroutable_by_type(conn: AnyConn) -> list[DictRow]:
     """Rows kept because no queue is bound to their type: ``[{event_type, n, oldest}]``, oldest mark first."""
     return _rows(
         conn,

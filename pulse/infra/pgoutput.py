@@ -92,7 +92,8 @@ class _Reader:
         self.data = data
         self.pos = 0
 
-    def unpack(self, st: struct.Struct):
+    def unpack(self, st: struct.Struct) -> tuple[int, ...]:
+        # Every format of this module is made of integers only.
         end = self.pos + st.size
         if end > len(self.data):
             raise DecodeError(f"message truncated at byte {self.pos} (need {st.size} more)")
@@ -100,7 +101,7 @@ class _Reader:
         self.pos = end
         return values
 
-    def one(self, st: struct.Struct):
+    def one(self, st: struct.Struct) -> int:
         return self.unpack(st)[0]
 
     def string(self) -> str:
@@ -196,7 +197,7 @@ class RowDecoder:
     again after its schema changes); every SQL peek is a new session, so keep one decoder per peek.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.relations: dict[int, Relation] = {}
 
     def add(self, relation: Relation) -> None:

@@ -51,13 +51,21 @@ class StreamEnded(RuntimeError):
     """The server ended the replication stream (slot dropped, walsender terminated, server shutdown)."""
 
 
-def _envelope(row: dict) -> Envelope:
+def _envelope(row: dict[str, str | None]) -> Envelope:
     return Envelope(
-        id=uuid.UUID(row["id"]),
-        event_type=row["event_type"],
-        aggregate_id=row["aggregate_id"],
-        payload=json.loads(row["payload"]),
+        id=uuid.UUID(_value(row, "id")),
+        event_type=_value(row, "event_type"),
+        aggregate_id=_value(row, "aggregate_id"),
+        payload=json.loads(_value(row, "payload")),
     )
+
+
+def _value(row: dict[str, str | None], column: str) -> str:
+    """A column of an outbox row: these are NOT NULL, so a null is a decoding fault, not a value."""
+    value = row[column]
+    if value is None:
+        raise pgoutput.DecodeError(f"outbox row with a null {column}")
+    return value
 
 
 class TransactionDecoder:

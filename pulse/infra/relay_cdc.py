@@ -29,23 +29,31 @@ import os
 import socket
 import threading
 import time
+import uuid
+from collections.abc import Iterable, Sequence
 
 import psycopg
+from psycopg.rows import TupleRow
 
-from pulse.faults import NO_FAULTS, FaultInjected, naive_on
+from pulse.config import Settings
+from pulse.events import Envelope
+from pulse.faults import NO_FAULTS, FaultInjected, NoFaults, naive_on
 from pulse.infra import broker, cdc_slot, cdc_sweep, db, outbox
 from pulse.infra.cdc_slot import CdcUnavailable, SlotLost, lsn_text
 from pulse.infra.cdc_slot import prepare as prepare  # `pulse db migrate` calls relay_cdc.prepare
-from pulse.infra.pgoutput_stream import StreamEnded, WalStream
+from pulse.infra.pgoutput_stream import StreamEnded, Transaction, WalStream
 from pulse.infra.relay_publish import UNROUTABLE_RETRY_S, publish_unconfirmed, report_unroutable, retry_unroutable
 
 log = logging.getLogger(__name__)
 
+# The relay's control connection (lock, slot, outbox statements): plain tuple rows.
+ControlConn = psycopg.Connection[TupleRow]
 
-def confirmed_prefix(transactions, confirmed: list[bool]) -> tuple[int | None, list]:
+
+def confirmed_prefix(transactions: Sequence[Transaction], confirmed: list[bool]) -> tuple[int | None, list[uuid.UUID]]:
     """The end LSN of the last transaction such that it and all before it were confirmed, and their event ids."""
     target, i = None, 0
-    ids: list[object] = []
+    ids: list[uuid.UUID] = []
     for end_lsn, envelopes in transactions:
         flags = confirmed[i : i + len(envelopes)]
         i += len(envelopes)
@@ -76,7 +84,9 @@ class CdcRelay:
     # read, and a DELETE plus a commit per read cost PostgreSQL more than the saga's own writes.
     flush_s = 0.1
 
-    def __init__(self, settings, publisher: broker.ConfirmingPublisher, faults=None):
+    def __init__(
+        self, settings: Settings, publisher: broker.ConfirmingPublisher, faults: NoFaults | None = None
+    ) -> None:
         self.settings, self.publisher, self.faults = settings, publisher, faults or NO_FAULTS
         self.slot, self.publication = settings.cdc_slot, settings.cdc_publication
         self.batch = max(1, settings.relay_batch)
@@ -88,15 +98,15 @@ class CdcRelay:
         self.is_active = False
         self.started_at = time.time()
         self.app_name = f"pulse-relay pid={os.getpid()} host={socket.gethostname()}"[:63]
-        self._conn: psycopg.Connection | None = None
+        self._conn: ControlConn | None = None
         self._stream: WalStream | None = None
         self._confirmed_lsn = 0  # the slot's position: every event before it was confirmed by the broker
         self._last_confirm = 0.0
         # Until the start-up sweep has run: how far the stream must read first (None once swept).
         self._sweep_after: cdc_sweep.CatchUp | None = None
         self._beat = (0.0, 0)
-        self._undeleted: dict = {}  # event id -> when its DELETE first found no row (see _delete)
-        self._unflushed: list = []  # ids of events the broker confirmed whose rows are not deleted yet
+        self._undeleted: dict[uuid.UUID, float] = {}  # event id -> when its DELETE first found no row (see _delete)
+        self._unflushed: list[uuid.UUID] = []  # ids of events the broker confirmed whose rows are not deleted yet
         self._unflushed_lsn: int | None = None  # the slot may move here once those rows are deleted
         self._last_flush = 0.0
         self._unroutable_retry_at = 0.0
@@ -117,6 +127,7 @@ class CdcRelay:
         if self._stream is None:
             self._start_up(conn)
         count = self._relay_batch(conn)
+        assert self._stream is not None, "opened above; _relay_batch raises when it closes it"
         if self._sweep_after is not None and self._sweep_after.reached(self._stream):
             count += self._sweep(conn)
             self._sweep_after = None
@@ -129,7 +140,7 @@ class CdcRelay:
         self._heartbeat(conn)
         return count
 
-    def _relay_batch(self, conn) -> int:
+    def _relay_batch(self, conn: ControlConn) -> int:
         stream = self._stream
         assert stream is not None, "run_once opens the stream first"
         transactions = stream.read(self.poll_s, self.batch)
@@ -180,7 +191,7 @@ class CdcRelay:
             )
         return len(ids)
 
-    def _mark_unroutable(self, conn, envelopes) -> None:
+    def _mark_unroutable(self, conn: ControlConn, envelopes: list[Envelope]) -> None:
         """Mark the rows of events the broker returned as unroutable. As in ``_delete``, the walsender may send a
         transaction a moment before its commit is visible, so rows not found yet are looked for again briefly;
         one still missing after that is left unmarked (the start-up sweep still publishes it)."""
@@ -194,7 +205,7 @@ class CdcRelay:
             log.warning("cdc relay: %d unroutable event(s) have no outbox row to mark", len(wanted))
         report_unroutable([e.event_type for e in envelopes], self.unroutable_retry_s, log)
 
-    def _flush(self, conn) -> None:
+    def _flush(self, conn: ControlConn) -> None:
         """Delete the rows of the events published since the last flush, then move the slot past them.
 
         In that order: a crash in between republishes these events (duplicates the inboxes absorb), it does
@@ -206,7 +217,7 @@ class CdcRelay:
         if lsn is not None:
             self._confirm(lsn)
 
-    def _delete(self, conn, ids) -> None:
+    def _delete(self, conn: ControlConn, ids: Iterable[uuid.UUID]) -> None:
         """Delete the rows of published events. The walsender sends a transaction as soon as its commit record
         is flushed, a moment before the commit is visible to other sessions; a DELETE in that moment finds no
         row (seen under load: the row then stayed in the outbox for good). Ids not found are tried again with
@@ -223,7 +234,7 @@ class CdcRelay:
     def _naive(self) -> bool:
         return naive_on("publish-no-confirm", self.settings.naive, self.faults)
 
-    def _relay_unconfirmed(self, conn, transactions, envelopes) -> int:
+    def _relay_unconfirmed(self, conn: ControlConn, transactions: list[Transaction], envelopes: list[Envelope]) -> int:
         """The lab's naive mode (issue 4, ``publish-no-confirm``): hand the events to the client library, delete
         their rows and move the slot past them before anything reached the broker. A crash (or a cut
         connection) before the flush loses the whole batch: no row and no slot position is left to replay it."""
@@ -250,7 +261,7 @@ class CdcRelay:
 
     # --- start-up: slot, stream, rows the slot will never deliver ---
 
-    def _start_up(self, conn) -> None:
+    def _start_up(self, conn: ControlConn) -> None:
         cdc_slot.check_server(conn)
         cdc_slot.ensure_publication(conn, self.publication)
         cdc_slot.ensure_slot(conn, self.slot)
@@ -264,7 +275,7 @@ class CdcRelay:
             self._recreate_slot(conn, " ".join(str(exc).split()))
             self._start_stream(conn)
 
-    def _start_stream(self, conn) -> None:
+    def _start_stream(self, conn: ControlConn) -> None:
         self._confirmed_lsn = cdc_slot.confirmed_lsn(conn, self.slot)
         # Read the slot up to the present before sweeping the table, so the sweep sees only what the slot misses.
         now_lsn = cdc_slot.flush_lsn(conn)
@@ -279,7 +290,7 @@ class CdcRelay:
             lsn_text(self._confirmed_lsn),
         )
 
-    def _recreate_slot(self, conn, reason: str) -> None:
+    def _recreate_slot(self, conn: ControlConn, reason: str) -> None:
         """Drop the lost slot and create it at the present. The events it still held are rows of the outbox
         (a row goes only after its confirm), and the start-up sweep publishes those: duplicates, never a loss."""
         rows = cdc_slot.recreate(conn, self.slot, reason)
@@ -293,7 +304,7 @@ class CdcRelay:
             rows,
         )
 
-    def _sweep(self, conn) -> int:
+    def _sweep(self, conn: ControlConn) -> int:
         return cdc_sweep.sweep(
             conn,
             self.publisher,
@@ -351,7 +362,7 @@ class CdcRelay:
 
     # --- connections, lock, heartbeat ---
 
-    def _connection(self) -> psycopg.Connection:
+    def _connection(self) -> ControlConn:
         if self._conn is None or self._conn.closed:
             self._reset()
             try:
@@ -368,14 +379,14 @@ class CdcRelay:
                 ) from exc
         return self._conn
 
-    def _try_lock(self, conn) -> bool:
+    def _try_lock(self, conn: ControlConn) -> bool:
         got = cdc_slot.try_lock(conn, self.slot)
         if got:
             self.is_active = True
             log.info("cdc relay took the relay lock for slot %s", self.slot)
         return got
 
-    def _heartbeat(self, conn) -> None:
+    def _heartbeat(self, conn: ControlConn) -> None:
         now = time.monotonic()
         last_at, last_count = self._beat
         if now - last_at < self.heartbeat_s:

@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from pulse.faults import NO_FAULTS, FaultInjected, naive_on
+from pulse.faults import NO_FAULTS, FaultInjected, NoFaults, naive_on
 from pulse.infra import broker, db, outbox
 from pulse.infra.outbox import CLAIM, envelope_of  # noqa: F401 - CLAIM is shown in notebook 03
 from pulse.infra.relay_publish import UNROUTABLE_RETRY_S, publish_unconfirmed, report_unroutable, retry_unroutable
@@ -39,10 +39,10 @@ class PollingRelay:
         *,
         batch: int = 500,
         poll_s: float = 0.05,
-        faults=None,
-        naive: frozenset = frozenset(),
+        faults: NoFaults | None = None,
+        naive: frozenset[str] = frozenset(),
         unroutable_retry_s: float = UNROUTABLE_RETRY_S,
-    ):
+    ) -> None:
         self.database_url, self.publisher = database_url, publisher
         self.batch, self.poll_s, self.faults = batch, poll_s, faults or NO_FAULTS
         self.naive = naive
@@ -63,7 +63,7 @@ class PollingRelay:
             self._count(retried)
         return retried + self._relay_batch(conn)
 
-    def _relay_batch(self, conn) -> int:
+    def _relay_batch(self, conn: db.Conn) -> int:
         unroutable: list[dict[str, Any]] = []
         with conn.transaction():
             rows = outbox.claim(conn, self.batch)
@@ -96,7 +96,7 @@ class PollingRelay:
             self.published += n
             self.last_publish_at = time.time()
 
-    def run(self, stop: threading.Event):
+    def run(self, stop: threading.Event) -> None:
         """Relay until ``stop`` is set, backing off while PostgreSQL or RabbitMQ is down."""
         backoff = 0.5
         while not stop.is_set():
@@ -126,7 +126,7 @@ class PollingRelay:
     def _naive(self) -> bool:
         return naive_on("publish-no-confirm", self.naive, self.faults)
 
-    def _connection(self):
+    def _connection(self) -> db.Conn:
         if self._conn is None or self._conn.closed:
             # Bounded waits: a claim stuck behind a lock (DDL of a restarting peer) fails and is retried
             # instead of silently stopping the relay.
@@ -138,7 +138,7 @@ class PollingRelay:
             )
         return self._conn
 
-    def _reset(self):
+    def _reset(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):  # a dead connection may fail to close; we discard it anyway
                 self._conn.close()

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pika
 
+from pulse.events import Envelope
 from pulse.infra import broker, outbox
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 UNROUTABLE_RETRY_S = 30.0
 
 
-def report_unroutable(event_types, retry_s: float, logger: logging.Logger = log) -> None:
+def report_unroutable(event_types: Iterable[str], retry_s: float, logger: logging.Logger = log) -> None:
     """One WARNING line for a batch's unroutable events: their types and counts."""
     if not event_types:
         return
@@ -39,7 +40,7 @@ def report_unroutable(event_types, retry_s: float, logger: logging.Logger = log)
 
 
 def retry_unroutable(
-    conn,
+    conn: outbox.AnyConn,
     publisher: broker.ConfirmingPublisher,
     batch: int,
     retry_s: float = UNROUTABLE_RETRY_S,
@@ -71,13 +72,12 @@ def retry_unroutable(
     return delivered
 
 
-def publish_unconfirmed(publisher: broker.ConfirmingPublisher, envelopes) -> Callable[[], object]:
+def publish_unconfirmed(publisher: broker.ConfirmingPublisher, envelopes: Iterable[Envelope]) -> Callable[[], object]:
     """The lab's naive publish (issue 4, ``publish-no-confirm``): hand the messages to the client library
     and return at once; the returned ``flush()`` writes them to the socket. Whoever deletes the outbox
     rows before that (as the original did, trusting "publish returned") loses the batch in a crash.
     Delivery tags are still counted so the confirming path stays in step when the switch goes off."""
-    publisher._ensure_open()
-    channel = publisher._channel
+    _, channel = publisher._ensure_open()
     for env in envelopes:
         props = pika.BasicProperties(
             content_type="application/json", delivery_mode=2, message_id=str(env.id), type=env.event_type
