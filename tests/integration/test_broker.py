@@ -75,7 +75,12 @@ def test_a_poison_message_is_dead_lettered_with_its_reason_after_bounded_retries
     system = make_system(workers=True, handler_retries=3)
     order_consumer = next(c for c in system.threads if getattr(c, "queue", None) == "order.queue")
     missing = str(uuid.uuid4())
-    poison = envelope("STOCK_RESERVED", {"orderId": missing, "items": [], "strategy": "OPTIMISTIC"})
+    # A well-formed event for an order that does not exist: the handler fails on every attempt (a payload that
+    # does not parse would be dead-lettered at once, see test_consumer_dead_letter.py).
+    poison = envelope(
+        "STOCK_RESERVED",
+        {"orderId": missing, "userId": str(uuid.uuid4()), "totalPrice": "1.00", "items": [], "strategy": "OPTIMISTIC"},
+    )
     started = time.monotonic()
     publish(settings, [poison], exchange="", routing_key="order.queue")
     props, body = fetch(channel, "order.queue.dlq", str(poison.id))
