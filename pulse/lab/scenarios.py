@@ -448,7 +448,7 @@ def poison_message(lab, *, redrive_deadline_s: float = 1.0, wait_s: float = 20.0
     Returns whether the given-up message is in ``payment.queue.dlq`` (its copy kept for a human to look at)
     and how the order ended.
     """
-    from pulse import faults
+    from pulse import faults_control
     from pulse.tools.check import invariants
 
     product = lab.new_product(stock=5, name="Poison")
@@ -462,14 +462,14 @@ def poison_message(lab, *, redrive_deadline_s: float = 1.0, wait_s: float = 20.0
         order_id = lab.client.checkout(user)["orderId"]
         deadline = time.monotonic() + wait_s
         while (
-            faults.fired_counts(lab.settings.database_url, since).get("payment.timeout", 0) < retries
+            faults_control.fired_counts(lab.settings.database_url, since).get("payment.timeout", 0) < retries
             and time.monotonic() < deadline
         ):
             time.sleep(0.1)
         time.sleep(0.3)  # no backoff after the last attempt: the consumer dead-letters (or drops) it at once
     finally:
         lab.disarm("payment.timeout")
-    attempts = faults.fired_counts(lab.settings.database_url, since).get("payment.timeout", 0)
+    attempts = faults_control.fired_counts(lab.settings.database_url, since).get("payment.timeout", 0)
     dead = invariants.peek_dead_letters(lab.settings.amqp_url, since_epoch=since.timestamp())
     in_dlq = sum(1 for m in dead.get("payment.queue", []) if m["id"])
     order = _redrive_until_settled(lab, order_id, redrive_deadline_s, wait_s)
@@ -485,7 +485,7 @@ def lost_event(lab, *, deadline_s: float = 2.0, wait_s: float = 6.0) -> dict:
     """One order's event is acked by ``order.queue`` without being handled (``consumer.lose``); for ``wait_s``
     seconds the saga watchdog passes (the server's, run here with deadline ``deadline_s``) look for stalled
     orders and re-drive them. Returns the order's status when the stall was noticed and at the end."""
-    from pulse import faults
+    from pulse import faults_control
 
     product = lab.new_product(stock=5, name="Lost event")
     since = lab.now()
@@ -494,7 +494,7 @@ def lost_event(lab, *, deadline_s: float = 2.0, wait_s: float = 6.0) -> dict:
         order_id = lab.checkout({product: 1}, wait=False)["orderId"]
         deadline = time.monotonic() + wait_s
         while (
-            not faults.fired_counts(lab.settings.database_url, since).get("consumer.lose")
+            not faults_control.fired_counts(lab.settings.database_url, since).get("consumer.lose")
             and time.monotonic() < deadline
         ):
             time.sleep(0.1)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from pulse import config, faults, faults_catalogue
+from pulse import config, faults, faults_catalogue, faults_control
 from pulse.infra import db, migrate
 from pulse.rows import one
 from pulse.tools.check import invariants as inv
@@ -135,7 +135,7 @@ class Campaign:
         started = time.monotonic()
         url = self.settings.database_url
         migrate.migrate(url)
-        faults.disarm(url)
+        faults_control.disarm(url)
         since = self._db_now()
         products = self._create_products()
         supervisor, thread = self._start_server() if self.url is None else (None, None)
@@ -152,13 +152,13 @@ class Campaign:
             self._drive(server_url, products)
             self._end_drive()
             injector.join()
-            faults.disarm(url)
+            faults_control.disarm(url)
             quiet = self._quiesce(since, checked)
             checked.append(contention.expire_carts(server_url))
             outcome = inv.check_all(self.settings, inv.Scope(since=since, products=checked))
         finally:
             self._end_drive()
-            faults.disarm(url)
+            faults_control.disarm(url)
             if supervisor is not None and thread is not None:  # both or neither
                 supervisor.stop()
                 thread.join(30)
@@ -303,12 +303,12 @@ class Campaign:
             action, probability, params = FAULT_PLANS[name]
             turn_started, started_before, struck = time.monotonic(), self._started, False
             try:
-                armed = faults.arm(
+                armed = faults_control.arm(
                     url, name, action=action, probability=probability, seed=self.rng.randrange(1 << 30), **params
                 )
                 self._pause(self.fault_every_s)
                 struck = self._hold_until_struck(name, armed)
-                faults.disarm(url, name)
+                faults_control.disarm(url, name)
             except Exception as exc:  # db.restart may cut this very connection; the next round goes on
                 log.info("chaos: arming %s failed: %s", name, exc)
             turn = {
@@ -336,7 +336,7 @@ class Campaign:
         deadline = time.monotonic() + self.strike_wait_s
         while self._driving.is_set() and time.monotonic() < deadline:
             try:
-                if faults.fired_counts(self.settings.database_url, armed["armedAt"]).get(name):
+                if faults_control.fired_counts(self.settings.database_url, armed["armedAt"]).get(name):
                     return True
             except Exception as exc:  # db.restart cuts this probe too; try again
                 log.debug("chaos: strike probe failed: %s", exc)
@@ -422,7 +422,7 @@ class Campaign:
                 )
             )["n"]
         delivery = next(r for r in results if r.name == "delivery")
-        injected = faults.fired_counts(self.settings.database_url, since)
+        injected = faults_control.fired_counts(self.settings.database_url, since)
         reconcile = outcome["reconcile"] or {}
         return {
             "strategy": self.settings.strategy,

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from pulse import config, faults
+from pulse import config, faults_control
 from pulse.infra import db, outbox
 from pulse.rows import one
 from pulse.tools.checkout import Checkout, Shopper, through_faults
@@ -216,7 +216,7 @@ class Contention:
             deadline = time.monotonic() + self.strike_wait_s + 5
             while (
                 time.monotonic() < deadline
-                and faults.fired_counts(self.settings.database_url, armed["armedAt"]).get("payment.timeout", 0)
+                and faults_control.fired_counts(self.settings.database_url, armed["armedAt"]).get("payment.timeout", 0)
                 < retries
             ):
                 time.sleep(0.2)
@@ -230,7 +230,7 @@ class Contention:
             with self._armed("consumer.lose", action="drop", max=1) as armed:
                 self._order(http, user, str(uuid.uuid4()))
                 deadline = time.monotonic() + self.strike_wait_s
-                while time.monotonic() < deadline and not faults.fired_counts(
+                while time.monotonic() < deadline and not faults_control.fired_counts(
                     self.settings.database_url, armed["armedAt"]
                 ).get("consumer.lose"):
                     time.sleep(0.2)
@@ -299,16 +299,16 @@ class Contention:
     def _armed(self, name: str, *, action: str, wait_strike: bool = False, **params: Any) -> Iterator[dict[str, Any]]:
         """Arm one fault for the ``with`` block (every process sees it within half a second), then disarm."""
         url = self.settings.database_url
-        armed = faults.arm(url, name, action=action, seed=self.rng.randrange(1 << 30), **params)
+        armed = faults_control.arm(url, name, action=action, seed=self.rng.randrange(1 << 30), **params)
         time.sleep(0.8)  # the registries refresh every 0.5 s
         try:
             if wait_strike:
                 deadline = time.monotonic() + self.strike_wait_s
-                while time.monotonic() < deadline and not faults.fired_counts(url, armed["armedAt"]).get(name):
+                while time.monotonic() < deadline and not faults_control.fired_counts(url, armed["armedAt"]).get(name):
                     time.sleep(0.2)
             yield armed
         finally:
-            faults.disarm(url, name)
+            faults_control.disarm(url, name)
             time.sleep(0.8)
 
     def _settle(self, order_ids: Iterable[str | None], timeout_s: float = 20.0) -> None:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pulse import faults, faults_catalogue
+from pulse import faults, faults_catalogue, faults_environment
 from pulse.config import PROJECT_ROOT
 from pulse.lab import faults as lab_faults
 from pulse.tools import chaos
@@ -85,7 +85,7 @@ def test_derived_tables_agree_with_the_catalogue():
     assert faults.NAIVE_SWITCHES == naive == lab_faults.NAIVE_SWITCHES
     assert (
         set(faults.ENVIRONMENT_FAULTS)
-        == set(faults.ENVIRONMENT_ACTIONS)
+        == set(faults_environment.ENVIRONMENT_ACTIONS)
         == {n for n, e in points.items() if e.environment}
     )
     assert set(lab_faults.KNOWN_FAULTS) <= set(points)
