@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pulse.lab import charts
+from pulse.lab import charts, sequence_chart
 from pulse.lab.client import PulseClient, PulseError
 
 
@@ -23,7 +23,7 @@ def show(fig: Figure) -> None:
 def show_sequence(lab, order_id: str, title: str | None = None) -> pd.DataFrame:
     """Draw one order's sequence diagram (module → outbox → broker → modules); returns its timeline."""
     timeline = lab.timeline(order_id)
-    show(charts.sequence_figure(timeline, title or f"Order {order_id[:8]}…"))
+    show(sequence_chart.sequence_figure(timeline, title or f"Order {order_id[:8]}…"))
     return timeline
 
 
