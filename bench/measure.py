@@ -21,7 +21,8 @@ from bench.pgserver import per_checkout
 from pulse import bootstrap, topology
 from pulse.infra import broker, db
 from pulse.tools.launcher import ServeProcess
-from pulse.tools.load import LatencyHistogram, run_load
+from pulse.tools.load import run_load
+from pulse.tools.load_report import LatencyHistogram
 
 # --- cart adds through the API vs pgbench -N -------------------------------------------------------------------
 

@@ -13,13 +13,15 @@ only tells (start log line, ``/health``) that faults are armed. Every armed faul
 so a notebook killed between arm and disarm cannot leave the next server declining cards for good.
 A fault that strikes is first logged in ``infra.fault_log`` on its own autocommit connection, then acts:
 a crash is counted even though the process is gone a moment later.
+
+Arming, disarming and reading the strike log from outside is :mod:`pulse.faults_control`; what the
+environment faults do is :mod:`pulse.faults_environment`; what faults exist is :mod:`pulse.faults_catalogue`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from pulse import faults_catalogue
 from pulse.errors import Invalid
+from pulse.faults_environment import ENVIRONMENT_ACTIONS
 from pulse.rows import one
 
 if TYPE_CHECKING:
@@ -126,7 +129,7 @@ class IgnoredFaults(NoFaults):
         if (self._loaded_at is None or now - self._loaded_at >= self.refresh_s) and self._lock.acquire(blocking=False):
             try:
                 self._loaded_at = now
-                with _connect(self.database_url) as conn:
+                with connect(self.database_url) as conn:
                     self._names = [
                         r[0]
                         for r in conn.execute(
@@ -225,10 +228,11 @@ class FaultRegistry(NoFaults):
         return sorted(self._current())
 
     def close(self) -> None:
+        # Under the lock: another thread may be mid-query on this connection (a refresh), and closing a socket
+        # under a thread that waits on it can leave that thread waiting on a reused descriptor, holding the
+        # registry's locks, so every armed hook (consumer.before_ack among them) blocks.
         with self._log_lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._drop_connection()
 
     # -- internals ------------------------------------------------------------------------------
     def _strike(self, name: str, context: dict[str, object]) -> Fault | None:
@@ -395,176 +399,8 @@ def _queue_matches(params: dict[str, Any], queue: str) -> bool:
     return queue in ([wanted] if isinstance(wanted, str) else wanted)
 
 
-# -- environment faults ------------------------------------------------------------------------------
-def flush_redis(registry: FaultRegistry, params: dict[str, Any]) -> dict[str, Any]:
-    """FLUSHDB on the configured Redis database only (never FLUSHALL: other databases are not ours)."""
-    import redis
-
-    if registry.redis_url is None:  # environment faults strike only in a registry given one (see tick)
-        raise ValueError("this registry has no Redis URL")
-    client = redis.Redis.from_url(registry.redis_url, socket_connect_timeout=3)
-    try:
-        keys = client.dbsize()
-        client.flushdb()
-    finally:
-        client.close()
-    return {"keysLost": keys}
-
-
-def restart_broker_connections(registry: FaultRegistry, params: dict[str, Any]) -> dict[str, Any]:
-    """What clients see of a broker restart: RabbitMQ closes every connection of our virtual host.
-
-    The broker itself is shared with other users of this machine, so it is never restarted; the
-    connections of our vhost are force-closed with ``rabbitmqctl close_connection`` instead. On the
-    default vhost ``/`` other programs may be connected too, so that is refused unless the fault was
-    armed with ``{"allow_default_vhost": true}`` (the lab's own broker).
-    """
-    import subprocess
-    from urllib.parse import unquote, urlparse
-
-    vhost = unquote(urlparse(registry.amqp_url).path[1:] or "/") or "/"
-    if vhost == "/" and not params.get("allow_default_vhost"):
-        return {"refused": "the default vhost may be shared; arm with allow_default_vhost=true to allow"}
-    # One command for the whole vhost: closing connections one rabbitmqctl call at a time took ~0.5 s each.
-    # rabbitmqctl boots an Erlang VM: seconds on a quiet machine, over 30 s at a load average of 10.
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "pulse fault broker.restart"],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=True,
-    ).stdout
-    numbers = [int(w) for w in out.split() if w.isdigit()]
-    return {"vhost": vhost, "connectionsClosed": numbers[0] if numbers else out.strip()[:100]}
-
-
-def restart_database_connections(registry: FaultRegistry, params: dict[str, Any]) -> dict[str, Any]:
-    """What clients see of a PostgreSQL restart: every session on our database is terminated.
-
-    The server is shared, so it is not restarted; ``pg_terminate_backend`` ends the sessions of this
-    database only (including a CDC relay's replication connection). Refused for ``postgres``.
-    """
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict
-
-    name = conninfo_to_dict(registry.database_url).get("dbname", "postgres")
-    if name in ("postgres", "template0", "template1"):
-        return {"refused": f"database {name} is not the lab's own"}
-    with psycopg.connect(registry.database_url, autocommit=True, connect_timeout=3) as conn:
-        rows = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-            (name,),
-        ).fetchall()
-    # Under the lock: another thread may be mid-query on this connection (a refresh), and closing a socket
-    # under a thread that waits on it can leave that thread waiting on a reused descriptor, holding the
-    # registry's locks, so every armed hook (consumer.before_ack among them) blocks.
-    with registry._log_lock:
-        registry._drop_connection()
-    return {"database": name, "sessionsTerminated": len(rows)}
-
-
-ENVIRONMENT_ACTIONS = {
-    "redis.flush": flush_redis,
-    "broker.restart": restart_broker_connections,
-    "db.restart": restart_database_connections,
-}
-
-
-# -- the Python API used by the CLI and the lab ------------------------------------------------------
-def arm(
-    database_url: str,
-    name: str,
-    action: str | None = None,
-    probability: float = 1.0,
-    seed: int = 0,
-    ttl_s: float = DEFAULT_TTL_S,
-    **params: Any,
-) -> dict[str, Any]:
-    """Arm (or re-arm) fault ``name`` for ``ttl_s`` seconds; lab processes pick it up within half a second.
-
-    ``action`` defaults to the point's natural one (see ``POINTS``); a naive switch's action is ``naive``.
-    ``params``: ``ms`` for delay, ``queue`` for consumer.lose, ``max`` to stop after that many strikes.
-    """
-    action = action or (POINTS.get(name) if name in POINTS else "naive" if name in NAIVE_SWITCHES else None)
-    if action not in ACTIONS:
-        raise UnknownFault(
-            f"Unknown fault {name!r}: name one of {', '.join(list(POINTS) + list(NAIVE_SWITCHES))}, "
-            f"or give an action ({', '.join(ACTIONS)})."
-        )
-    if not 0.0 <= float(probability) <= 1.0:
-        raise UnknownFault(f"The probability of {name} must be between 0 and 1, got {probability}.")
-    if not float(ttl_s) > 0:
-        raise UnknownFault(f"The time to live of {name} must be more than 0 seconds, got {ttl_s}.")
-    with _connect(database_url) as conn:
-        # Expired rows are dead weight (every reader ignores them); arming is a good moment to drop them.
-        conn.execute("DELETE FROM infra.faults WHERE NOT " + UNEXPIRED)
-        armed_at, expires_at = one(  # an upsert without a WHERE: it returns its row
-            conn.execute(
-                "INSERT INTO infra.faults (name, action, probability, params, seed, expires_at) "
-                "VALUES (%s, %s, %s, %s::jsonb, %s, clock_timestamp() + make_interval(secs => %s)) "
-                "ON CONFLICT (name) DO UPDATE SET action = EXCLUDED.action, probability = EXCLUDED.probability, "
-                "params = EXCLUDED.params, seed = EXCLUDED.seed, armed_at = clock_timestamp(), "
-                "expires_at = EXCLUDED.expires_at RETURNING armed_at, expires_at",
-                (name, action, float(probability), json.dumps(params), int(seed), float(ttl_s)),
-            )
-        )
-    return {
-        "name": name,
-        "action": action,
-        "probability": float(probability),
-        "params": params,
-        "seed": int(seed),
-        "armedAt": armed_at.isoformat(),
-        "expiresAt": expires_at.isoformat(),
-    }
-
-
-def disarm(database_url: str, name: str | None = None) -> int:
-    """Disarm fault ``name`` (every fault when ``name`` is None); returns how many were disarmed."""
-    with _connect(database_url) as conn:
-        if name is None:
-            return conn.execute("DELETE FROM infra.faults").rowcount
-        return conn.execute("DELETE FROM infra.faults WHERE name = %s", (name,)).rowcount
-
-
-def list_armed(database_url: str) -> list[dict[str, Any]]:
-    """The armed faults that have not expired, each with how often it struck since it was armed and the
-    seconds it has left (``ttlLeftS``)."""
-    with _connect(database_url) as conn:
-        rows = conn.execute(
-            "SELECT f.name, f.action, f.probability, f.params, f.seed, f.armed_at, "
-            "(SELECT count(*) FROM infra.fault_log l WHERE l.name = f.name AND l.fired_at >= f.armed_at) AS fired, "
-            "f.expires_at, extract(epoch FROM f.expires_at - clock_timestamp()) AS left_s "
-            f"FROM infra.faults f WHERE f.{UNEXPIRED} ORDER BY f.name"
-        ).fetchall()
-    return [
-        {
-            "name": r[0],
-            "action": r[1],
-            "probability": r[2],
-            "params": r[3],
-            "seed": r[4],
-            "armedAt": r[5].isoformat(),
-            "fired": r[6],
-            "expiresAt": r[7].isoformat(),
-            "ttlLeftS": round(float(r[8]), 1),
-        }
-        for r in rows
-    ]
-
-
-def fired_counts(database_url: str, since: dt.datetime | None = None) -> dict[str, int]:
-    """How many times each fault struck (since ``since``, a datetime, when given), from ``infra.fault_log``."""
-    with _connect(database_url) as conn:
-        rows = conn.execute(
-            "SELECT name, count(*) FROM infra.fault_log WHERE fired_at >= COALESCE(%s::timestamptz, '-infinity') "
-            "GROUP BY name ORDER BY name",
-            (since,),
-        ).fetchall()
-    return {name: n for name, n in rows}
-
-
-def _connect(database_url: str) -> Connection:
+def connect(database_url: str) -> Connection:
+    """A short connection to the fault tables, with timeouts (see below)."""
     import psycopg
 
     # Hooks run on the system's hot paths: a registry query must never hang them.

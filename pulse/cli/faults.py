@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from pulse import config, faults, faults_catalogue
+from pulse import config, faults, faults_catalogue, faults_control
 
 if TYPE_CHECKING:
     from pulse.cli import Subparsers
@@ -33,7 +33,7 @@ def _params(pairs: list[str] | None) -> dict[str, Any]:
 def cmd_arm(args: argparse.Namespace) -> int:
     settings = config.from_env()
     _migrate(settings)
-    armed = faults.arm(
+    armed = faults_control.arm(
         settings.database_url,
         args.name,
         action=args.action,
@@ -51,14 +51,14 @@ def cmd_disarm(args: argparse.Namespace) -> int:
     if not args.all and not args.name:
         raise faults.UnknownFault("Name the fault to disarm, or pass --all.")
     _migrate(settings)
-    print(json.dumps({"disarmed": faults.disarm(settings.database_url, None if args.all else args.name)}))
+    print(json.dumps({"disarmed": faults_control.disarm(settings.database_url, None if args.all else args.name)}))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     settings = config.from_env()
     _migrate(settings)
-    print(json.dumps(faults.list_armed(settings.database_url), default=str))
+    print(json.dumps(faults_control.list_armed(settings.database_url), default=str))
     return 0
 
 
@@ -71,7 +71,7 @@ def cmd_catalogue(args: argparse.Namespace) -> int:
 def cmd_log(args: argparse.Namespace) -> int:
     settings = config.from_env()
     _migrate(settings)
-    print(json.dumps(faults.fired_counts(settings.database_url)))
+    print(json.dumps(faults_control.fired_counts(settings.database_url)))
     return 0
 
 

@@ -16,7 +16,7 @@ import time
 
 import pandas as pd
 
-from pulse.lab import charts
+from pulse.lab import charts, drift_chart, sequence_chart
 from pulse.lab import faults as lab_faults
 from pulse.lab.load import LoadDriver
 
@@ -188,8 +188,8 @@ class Dashboard:
         """The dashboard's figures: ``panels``, ``drift`` (over time) and ``sequence``."""
         return {
             "panels": charts.dashboard_figure(snap),
-            "drift": charts.drift_figure(snap["samples"], snap["strikes"], snap["passes"]),
-            "sequence": charts.sequence_figure(snap["timeline"], snap["timeline_title"]),
+            "drift": drift_chart.drift_figure(snap["samples"], snap["strikes"], snap["passes"]),
+            "sequence": sequence_chart.sequence_figure(snap["timeline"], snap["timeline_title"]),
         }
 
     # ----- static output ----------------------------------------------------------------------------

@@ -3,7 +3,7 @@ called with the lab's settings, and the faults and switches the dashboard offers
 
 from __future__ import annotations
 
-from pulse import faults, faults_catalogue
+from pulse import faults_catalogue, faults_control
 
 # From the one catalogue (pulse.faults_catalogue): the points the dashboard offers a slider for, and the naive
 # switches it offers a checkbox for.
@@ -18,17 +18,17 @@ def arm(settings, name: str, probability: float = 1.0, **options) -> None:
 
     Only lab-mode processes obey it (the Lab starts its server and in-kernel systems with ``PULSE_LAB=1``), and it
     expires by itself after ``ttl_s`` (default 15 minutes)."""
-    faults.arm(settings.database_url, name, probability=probability, **options)
+    faults_control.arm(settings.database_url, name, probability=probability, **options)
 
 
 def disarm(settings, name: str) -> None:
-    faults.disarm(settings.database_url, name)
+    faults_control.disarm(settings.database_url, name)
 
 
 def disarm_all(settings) -> None:
     """Disarm every armed fault and naive switch."""
-    faults.disarm(settings.database_url, None)
+    faults_control.disarm(settings.database_url, None)
 
 
 def list_armed(settings) -> list:
-    return faults.list_armed(settings.database_url)
+    return faults_control.list_armed(settings.database_url)

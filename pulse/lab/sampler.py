@@ -6,7 +6,7 @@ A :class:`Sampler` is a background thread that reads the drift every ``interval_
 >>> with lab.sampler([IPHONE]) as s:       # or Sampler(lab, [IPHONE]).start() ... s.stop()
 ...     lab.flush_redis(); lab.reconcile_now(cooldown_s=0)
 >>> s.frame()                               # one row per product per sample, t in seconds since start
->>> charts.drift_figure(s)                  # the drift timeline, with fault strikes and passes marked
+>>> drift_chart.drift_figure(s)             # the drift timeline, with fault strikes and passes marked
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ def _box(x, y, color):
 
 def show(demo: dict, numbers: list[str] | None = None):
     """Display a demonstration's verdict chart and its report table (live or headless); returns the table."""
-    from pulse.lab.scenarios import show as show_figure
+    from pulse.lab.experiments import show as show_figure
 
     show_figure(verdict_figure(demo, numbers))
     return report_table(demo)

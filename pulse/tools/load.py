@@ -2,6 +2,9 @@
 
 Use it from a notebook as ``run_load(url, rate=50, duration_s=10, progress=True)`` (a dict comes back), or from a
 shell as ``pulse load``. Without a URL it starts its own ``pulse serve`` child and stops it afterwards.
+
+This module is the generator (sessions, open and closed loops, the run); it speaks HTTP through
+:mod:`pulse.tools.rawhttp` (or httpx) and measures and reports through :mod:`pulse.tools.load_report`.
 """
 
 from __future__ import annotations
@@ -9,217 +12,26 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
-import json
 import os
 import random
 import sys
 import time
 import uuid
-from collections import Counter, defaultdict
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
-from hdrh.histogram import HdrHistogram
 
 from pulse.tools import checkout
 from pulse.tools.checkout import Outcome
+from pulse.tools.load_report import TERMINAL, Tally, completion_from_db, completion_from_poll, report
+from pulse.tools.rawhttp import Client, RawClient, RawHttpError, Response
 
 if TYPE_CHECKING:
     from pulse.tools.launcher import ServeProcess
 
-TERMINAL = ("COMPLETED", "FAILED")
 LOAD_STOCK = 1_000_000_000  # so that a long run never sells out and every checkout can complete
 T = TypeVar("T")
-Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-class Response(Protocol):
-    """What the load reads of an answer: :class:`RawResponse` or ``httpx.Response``."""
-
-    status_code: int
-
-    def json(self) -> Any: ...
-
-
-class Client(Protocol):
-    """What the load asks of a client: :class:`RawClient` or ``httpx.AsyncClient``."""
-
-    async def request(self, method: str, url: str, /, *, json: Any = None) -> Response: ...
-
-    async def aclose(self) -> None: ...
-
-
-class LatencyHistogram:
-    """Latencies from 1 µs to 10 min with 3 significant digits (an HDR histogram), reported in milliseconds."""
-
-    LOWEST_US, HIGHEST_US, DIGITS = 1, 600_000_000, 3
-
-    def __init__(self) -> None:
-        self._h = HdrHistogram(self.LOWEST_US, self.HIGHEST_US, self.DIGITS)
-
-    def record(self, seconds: float) -> None:
-        """Add one latency given in seconds (clamped into the histogram's range)."""
-        us = int(round(seconds * 1_000_000))
-        self._h.record_value(min(max(us, self.LOWEST_US), self.HIGHEST_US))
-
-    @property
-    def count(self) -> int:
-        count: int = self._h.get_total_count()
-        return count
-
-    def percentile_ms(self, percentile: float) -> float | None:
-        """The latency below which ``percentile`` % of the recorded values fall, in ms (None when empty)."""
-        if self.count == 0:
-            return None
-        value: int = self._h.get_value_at_percentile(percentile)
-        return value / 1000.0
-
-    def max_ms(self) -> float | None:
-        return None if self.count == 0 else self._h.get_max_value() / 1000.0
-
-    def mean_ms(self) -> float | None:
-        return None if self.count == 0 else self._h.get_mean_value() / 1000.0
-
-    def merge(self, other: LatencyHistogram) -> LatencyHistogram:
-        self._h.add(other._h)
-        return self
-
-    def summary(self) -> dict[str, Any]:
-        """count, p50, p90, p99, max and mean (ms, rounded to µs)."""
-
-        def r(v: float | None) -> float | None:
-            return None if v is None else round(v, 3)
-
-        return {
-            "count": self.count,
-            "p50": r(self.percentile_ms(50)),
-            "p90": r(self.percentile_ms(90)),
-            "p99": r(self.percentile_ms(99)),
-            "max": r(self.max_ms()),
-            "mean": r(self.mean_ms()),
-        }
-
-
-class RawHttpError(OSError):
-    """The connection failed or the answer was not HTTP/1.1 as expected."""
-
-
-class RawResponse:
-    __slots__ = ("status_code", "content")
-
-    def __init__(self, status_code: int, content: bytes) -> None:
-        self.status_code, self.content = status_code, content
-
-    def json(self) -> Any:
-        return json.loads(self.content)
-
-
-class RawClient:
-    """A minimal keep-alive HTTP/1.1 client on asyncio streams, for generating load cheaply.
-
-    httpx costs about 1 ms of client CPU per request here, so on a 2-core machine the load generator
-    took a quarter of the CPU the server needed (GET /health: httpx 509 req/s using 0.57 cores,
-    this client 1,938 req/s using 0.08). It speaks just what the API answers with: Content-Length
-    or chunked bodies, keep-alive, ``Connection: close``.
-    """
-
-    def __init__(self, base_url: str, *, timeout: float = 30.0, max_connections: int = 100) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme != "http":
-            raise ValueError(f"The load generator's fast client speaks plain http only, not {parts.scheme}.")
-        self.host, self.port = parts.hostname, parts.port or 80
-        self.prefix = parts.path.rstrip("/")
-        self.timeout = timeout
-        self._idle: list[Connection] = []
-        self._slots = asyncio.Semaphore(max_connections)
-
-    async def request(self, method: str, path: str, json: Any = None) -> RawResponse:
-        async with self._slots:
-            body = b"" if json is None else _json_bytes(json)
-            head = (
-                f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            for attempt in (1, 2):
-                reused = bool(self._idle)
-                conn = self._idle.pop() if reused else await self._open()
-                try:
-                    response, keep = await asyncio.wait_for(self._exchange(conn, head + body), self.timeout)
-                except _Stale:
-                    # A keep-alive connection the server had already closed: the request never reached it.
-                    conn[1].close()
-                    if reused and attempt == 1:
-                        continue
-                    raise RawHttpError("the server closed the connection without answering") from None
-                except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
-                    conn[1].close()
-                    raise RawHttpError(f"{type(exc).__name__}: {exc}") from exc
-                if keep:
-                    self._idle.append(conn)
-                else:
-                    conn[1].close()
-                return response
-        raise AssertionError("unreachable")
-
-    async def _open(self) -> Connection:
-        try:
-            return await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
-        except (TimeoutError, OSError) as exc:
-            raise RawHttpError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
-
-    @staticmethod
-    async def _exchange(conn: Connection, request: bytes) -> tuple[RawResponse, bool]:
-        reader, writer = conn
-        writer.write(request)
-        await writer.drain()
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                raise _Stale() from None
-            raise
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip().lower()
-        keep = headers.get("connection") != "close"
-        if "content-length" in headers:
-            content = await reader.readexactly(int(headers["content-length"]))
-        elif headers.get("transfer-encoding") == "chunked":
-            content = await _read_chunked(reader)
-        else:
-            content, keep = await reader.read(), False
-        return RawResponse(status, content), keep
-
-    async def aclose(self) -> None:
-        for _, writer in self._idle:
-            writer.close()
-        self._idle.clear()
-
-
-class _Stale(Exception):
-    pass
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    parts: list[bytes] = []
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        if size == 0:
-            await reader.readuntil(b"\r\n")
-            return b"".join(parts)
-        parts.append(await reader.readexactly(size))
-        await reader.readexactly(2)
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def parse_mix(text: str | None) -> dict[str, Any]:
@@ -239,26 +51,6 @@ def parse_mix(text: str | None) -> dict[str, Any]:
     if mix["adds"] < 1 or not 0.0 <= mix["abandon"] <= 1.0:
         raise ValueError("--mix needs adds >= 1 and abandon between 0 and 1.")
     return mix
-
-
-@dataclasses.dataclass
-class _Tally:
-    """Counters and histograms the sessions of one run write into (one event loop, so no locks)."""
-
-    requests: defaultdict[str, Counter[str]] = dataclasses.field(default_factory=lambda: defaultdict(Counter))
-    latency: defaultdict[str, LatencyHistogram] = dataclasses.field(
-        default_factory=lambda: defaultdict(LatencyHistogram)
-    )
-    completion: LatencyHistogram = dataclasses.field(default_factory=LatencyHistogram)
-    outcomes: Counter[str] = dataclasses.field(default_factory=Counter)
-    orders: list[str] = dataclasses.field(default_factory=list)
-    sessions: int = 0
-    skipped: int = 0
-    cart_adds: int = 0
-    checkouts: int = 0
-
-    def total(self) -> int:
-        return sum(sum(c.values()) for c in self.requests.values())
 
 
 def _status(response: Response | None) -> int | None:
@@ -281,7 +73,7 @@ class _Load:
         self.track, self.track_fraction = track, track_fraction
         self.poll_s, self.complete_timeout_s = poll_s, complete_timeout_s
         self.rng = random.Random(seed)
-        self.tally = _Tally()
+        self.tally = Tally()
         self.pollers: set[asyncio.Task[None]] = set()
         self._next_url = 0
 
@@ -375,7 +167,7 @@ async def _open_loop(load: _Load, clients: list[Client], rate: float, until: flo
         await asyncio.gather(*inflight)
 
 
-async def _progress(tally: _Tally, started: float, duration_s: float, enabled: bool, stop: asyncio.Event) -> None:
+async def _progress(tally: Tally, started: float, duration_s: float, enabled: bool, stop: asyncio.Event) -> None:
     if not enabled:
         await stop.wait()
         return
@@ -562,7 +354,7 @@ def run_load(
                 client=client,
             )
         )
-        completion = _completion_from_poll(load.tally) if track == "poll" else None
+        completion = completion_from_poll(load.tally) if track == "poll" else None
         if track == "db":
             completion = completion_from_db(
                 database_url or os.environ.get("PULSE_DATABASE_URL"), load.tally.orders, timeout_s=complete_timeout_s
@@ -570,8 +362,8 @@ def run_load(
     finally:
         if server is not None:
             server.stop()
-    return _result(
-        load,
+    return report(
+        load.tally,
         elapsed,
         urls,
         health,
@@ -583,102 +375,3 @@ def run_load(
         completion=completion,
         client=client,
     )
-
-
-def _completion_from_poll(tally: _Tally) -> dict[str, Any]:
-    return {
-        "method": "poll",
-        "tracked": sum(tally.outcomes.values()),
-        **dict(tally.outcomes),
-        "latency_ms": tally.completion.summary(),
-    }
-
-
-def completion_from_db(
-    database_url: str | None, order_ids: list[str], *, timeout_s: float = 30.0, poll_s: float = 0.2
-) -> dict[str, Any]:
-    """Wait until these orders are terminal, then measure create→terminal from their own timestamps.
-
-    ``sustained_per_s`` is the completed orders divided by the span from the first creation to the
-    last completion: a server that builds a backlog during the run is charged for draining it.
-    """
-    if not database_url:
-        raise ValueError("Measuring completion from the database needs its URL (PULSE_DATABASE_URL).")
-    if not order_ids:
-        return {"method": "db", "tracked": 0, "latency_ms": LatencyHistogram().summary()}
-    from pulse.infra import db
-
-    deadline = time.monotonic() + timeout_s
-    with db.connect(database_url, autocommit=True) as conn:
-        while True:
-            rows = conn.execute(
-                "SELECT status, EXTRACT(EPOCH FROM created_at) AS created, EXTRACT(EPOCH FROM updated_at) AS updated "
-                "FROM orders.orders WHERE id = ANY(%s::uuid[])",
-                (order_ids,),
-            ).fetchall()
-            pending = sum(1 for r in rows if r["status"] not in TERMINAL) + len(order_ids) - len(rows)
-            if pending == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(poll_s)
-    hist = LatencyHistogram()
-    outcomes: Counter[str] = Counter()
-    completed = [r for r in rows if r["status"] == "COMPLETED"]
-    for r in rows:
-        outcomes[r["status"] if r["status"] in TERMINAL else "TIMED_OUT"] += 1
-    outcomes["TIMED_OUT"] += len(order_ids) - len(rows)
-    for r in completed:
-        hist.record(float(r["updated"] - r["created"]))
-    span = (float(max(r["updated"] for r in completed)) - float(min(r["created"] for r in rows))) if completed else 0
-    return {
-        "method": "db",
-        "tracked": len(order_ids),
-        **dict(outcomes),
-        "latency_ms": hist.summary(),
-        "sustained_per_s": round(len(completed) / span, 2) if span > 0 else None,
-    }
-
-
-def _result(
-    load: _Load,
-    elapsed: float,
-    urls: list[str],
-    health: dict[str, Any],
-    *,
-    rate: float | None,
-    concurrency: int | None,
-    duration_s: float,
-    mix: dict[str, Any],
-    products: int,
-    completion: dict[str, Any] | None,
-    client: str,
-) -> dict[str, Any]:
-    t = load.tally
-    server_errors = sum(n for c in t.requests.values() for s, n in c.items() if s.startswith("5"))
-    transport_errors = sum(n for c in t.requests.values() for s, n in c.items() if s.startswith("error:"))
-    return {
-        "mode": "open" if rate else "closed",
-        "client": client,
-        "rate": rate,
-        "concurrency": concurrency,
-        "duration_s": duration_s,
-        "elapsed_s": round(elapsed, 3),
-        "urls": urls,
-        "strategy": health.get("strategy"),
-        "outbox_mode": health.get("outboxMode"),
-        "mix": mix,
-        "products": products,
-        "sessions": t.sessions,
-        "skipped_sessions": t.skipped,
-        "requests": {route: dict(sorted(c.items())) for route, c in sorted(t.requests.items())},
-        "requests_total": t.total(),
-        "requests_per_s": round(t.total() / elapsed, 2),
-        "server_errors": server_errors,
-        "transport_errors": transport_errors,
-        "latency_ms": {route: h.summary() for route, h in sorted(t.latency.items())},
-        "cart_adds": t.cart_adds,
-        "cart_adds_per_s": round(t.cart_adds / elapsed, 2),
-        "checkouts": t.checkouts,
-        "checkouts_per_s": round(t.checkouts / elapsed, 2),
-        "completion": completion,
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
-    }

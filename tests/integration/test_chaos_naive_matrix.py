@@ -1,7 +1,7 @@
 """Issue 10, item 7: the checker sees every naive switch in a campaign, and nothing without one.
 
 The matrix is every naive switch × both strategies, plus a campaign without switches per strategy. The
-conditions each switch needs come from the campaign's contention phase (chaos.Campaign._contend), which every
+conditions each switch needs come from the campaign's contention phase (pulse.tools.contention), which every
 campaign runs whatever its size, so CI runs small campaigns without the fault rounds: a few orders, a short
 quiescence (an order a late event revived never settles, and waiting longer shows nothing more), and only the
 two fault kinds below. The full

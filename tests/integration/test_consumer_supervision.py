@@ -10,7 +10,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from pulse import faults, topology
+from pulse import faults, faults_control, topology
 from pulse.api.app import create_app
 from pulse.infra import broker
 from pulse.infra.consumer import Consumer
@@ -92,7 +92,7 @@ def test_a_fault_raised_before_the_ack_kills_a_consumer_that_is_restarted_and_sh
 ):
     registry = faults.FaultRegistry(settings.database_url, refresh_s=0.05)
     try:
-        faults.arm(settings.database_url, "consumer.before_ack", "error", max=1)
+        faults_control.arm(settings.database_url, "consumer.before_ack", "error", max=1)
         system = make_system(workers=True, faults=registry)
         health = TestClient(create_app(system)).get("/health").json()
         listed = {c["queue"] for c in health["consumers"]}
@@ -116,5 +116,5 @@ def test_a_fault_raised_before_the_ack_kills_a_consumer_that_is_restarted_and_sh
         # the restarted thread is the one shutdown joins
         assert sum(1 for t in system.threads if getattr(t, "queue", None)) == len(topology.QUEUES)
     finally:
-        faults.disarm(settings.database_url, "consumer.before_ack")
+        faults_control.disarm(settings.database_url, "consumer.before_ack")
         registry.close()

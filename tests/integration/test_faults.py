@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from pulse import faults
+from pulse import faults, faults_control
 from pulse.infra import keys
 from tests.conftest import wait_for
 
@@ -20,7 +20,7 @@ def registry(settings):
         settings.database_url, refresh_s=0.05, redis_url=settings.redis_url, amqp_url=settings.amqp_url
     )
     yield reg
-    faults.disarm(settings.database_url)
+    faults_control.disarm(settings.database_url)
     reg.close()
 
 
@@ -29,23 +29,23 @@ def _log_count(db, name):
 
 
 def test_arm_list_disarm_round_trip(settings):
-    faults.arm(settings.database_url, "payment.latency", probability=0.5, seed=7, ms=20)
-    armed = {f["name"]: f for f in faults.list_armed(settings.database_url)}
+    faults_control.arm(settings.database_url, "payment.latency", probability=0.5, seed=7, ms=20)
+    armed = {f["name"]: f for f in faults_control.list_armed(settings.database_url)}
     assert armed["payment.latency"]["action"] == "delay"
     assert armed["payment.latency"]["params"] == {"ms": 20}
-    assert faults.disarm(settings.database_url, "payment.latency") == 1
-    assert "payment.latency" not in {f["name"] for f in faults.list_armed(settings.database_url)}
+    assert faults_control.disarm(settings.database_url, "payment.latency") == 1
+    assert "payment.latency" not in {f["name"] for f in faults_control.list_armed(settings.database_url)}
 
 
 def test_unknown_fault_is_refused(settings):
     with pytest.raises(faults.UnknownFault):
-        faults.arm(settings.database_url, "no.such.point")
+        faults_control.arm(settings.database_url, "no.such.point")
 
 
 def test_error_fault_raises_and_is_logged_once_armed(settings, registry, db):
     registry.point("cart.after_redis")  # nothing armed: no effect
     before = _log_count(db, "cart.after_redis")
-    faults.arm(settings.database_url, "cart.after_redis", action="error", max=2)
+    faults_control.arm(settings.database_url, "cart.after_redis", action="error", max=2)
     time.sleep(0.1)
     for _ in range(2):
         with pytest.raises(faults.FaultInjected):
@@ -56,13 +56,13 @@ def test_error_fault_raises_and_is_logged_once_armed(settings, registry, db):
 
 def test_probability_is_seeded_and_reproducible(settings):
     def draws(seed):
-        faults.arm(settings.database_url, "payment.decline", probability=0.3, seed=seed)
+        faults_control.arm(settings.database_url, "payment.decline", probability=0.3, seed=seed)
         reg = faults.FaultRegistry(settings.database_url, refresh_s=60)
         try:
             return [reg.fires("payment.decline") for _ in range(40)]
         finally:
             reg.close()
-            faults.disarm(settings.database_url, "payment.decline")
+            faults_control.disarm(settings.database_url, "payment.decline")
 
     first = draws(11)
     assert 0 < sum(first) < 40
@@ -71,7 +71,7 @@ def test_probability_is_seeded_and_reproducible(settings):
 
 
 def test_consumer_lose_only_for_its_queue(settings, registry, db):
-    faults.arm(settings.database_url, "consumer.lose", probability=1.0, queue="payment.queue")
+    faults_control.arm(settings.database_url, "consumer.lose", probability=1.0, queue="payment.queue")
     time.sleep(0.1)
     assert not registry.lose_message("order.queue", event_id="x")
     event_id = str(uuid.uuid4())
@@ -83,18 +83,18 @@ def test_consumer_lose_only_for_its_queue(settings, registry, db):
 
 
 def test_naive_switch_from_registry(settings, registry, make_system):
-    faults.arm(settings.database_url, "no-inbox")
+    faults_control.arm(settings.database_url, "no-inbox")
     time.sleep(0.1)
     assert registry.naive("no-inbox")
     system = make_system(faults=registry)
     assert system.deps.naive("no-inbox")
-    faults.disarm(settings.database_url, "no-inbox")
+    faults_control.disarm(settings.database_url, "no-inbox")
     time.sleep(0.1)
     assert not system.deps.naive("no-inbox")
 
 
 def test_crash_exits_like_sigkill_and_is_counted(settings, db):
-    faults.arm(settings.database_url, "relay.after_publish", action="crash")
+    faults_control.arm(settings.database_url, "relay.after_publish", action="crash")
     code = (
         f"from pulse import faults; r = faults.FaultRegistry({settings.database_url!r}, refresh_s=0); "
         "r.point('relay.after_publish'); print('survived')"
@@ -102,7 +102,7 @@ def test_crash_exits_like_sigkill_and_is_counted(settings, db):
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     finally:
-        faults.disarm(settings.database_url)
+        faults_control.disarm(settings.database_url)
     assert done.returncode == faults.CRASH_STATUS
     assert "survived" not in done.stdout
     assert _log_count(db, "relay.after_publish") >= 1
@@ -110,7 +110,7 @@ def test_crash_exits_like_sigkill_and_is_counted(settings, db):
 
 def test_redis_flush_empties_only_our_database(settings, registry, rds):
     rds.set(keys.stock("x"), 5)
-    faults.arm(settings.database_url, "redis.flush", max=1)
+    faults_control.arm(settings.database_url, "redis.flush", max=1)
     time.sleep(0.1)
     registry.tick()
     wait_for(lambda: rds.get(keys.stock("x")) is None, 10, message="FLUSHDB")
@@ -119,7 +119,7 @@ def test_redis_flush_empties_only_our_database(settings, registry, rds):
 def test_db_restart_terminates_our_sessions_and_the_pool_recovers(settings, registry, system):
     import psycopg
 
-    faults.arm(settings.database_url, "db.restart", max=1)
+    faults_control.arm(settings.database_url, "db.restart", max=1)
     time.sleep(0.1)
     registry.tick()
     wait_for(lambda: _log_count_fresh(settings, "db.restart") >= 1, 15, message="db.restart logged")

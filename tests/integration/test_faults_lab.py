@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from pulse import faults
+from pulse import faults, faults_control
 from pulse.lab.client import PulseClient
 from pulse.tools.launcher import ServeProcess
 
@@ -18,14 +18,14 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def disarm_after(settings):
     yield
-    faults.disarm(settings.database_url)
+    faults_control.disarm(settings.database_url)
 
 
 def test_a_server_not_in_lab_mode_ignores_armed_faults_and_says_so(
     settings, serve_env, new_product, tmp_path, disarm_after
 ):
     """Written first: on the old code any `pulse serve` obeyed infra.faults, so this order FAILED (declined)."""
-    faults.arm(settings.database_url, "payment.decline", probability=1.0)
+    faults_control.arm(settings.database_url, "payment.decline", probability=1.0)
     log_path = tmp_path / "serve.log"
     env = {**serve_env, "PULSE_LAB": "0", "PULSE_NAIVE": "no-inbox"}
     with ServeProcess(env=env, log_path=log_path) as server:
@@ -56,7 +56,7 @@ def _checkout(system, new_product, bus_for) -> str:
 def test_in_process_lab_system_obeys_and_plain_system_ignores(
     settings, make_system, new_product, bus_for, caplog, disarm_after
 ):
-    faults.arm(settings.database_url, "payment.decline", probability=1.0)
+    faults_control.arm(settings.database_url, "payment.decline", probability=1.0)
     lab = make_system()  # the suite's settings are in lab mode
     assert isinstance(lab.deps.faults, faults.FaultRegistry)
     assert _checkout(lab, new_product, bus_for) == "FAILED"
@@ -71,16 +71,16 @@ def test_in_process_lab_system_obeys_and_plain_system_ignores(
 
 
 def test_an_expired_fault_is_not_obeyed(settings, make_system, new_product, bus_for, disarm_after):
-    armed = faults.arm(settings.database_url, "payment.decline", probability=1.0, ttl_s=0.5)
+    armed = faults_control.arm(settings.database_url, "payment.decline", probability=1.0, ttl_s=0.5)
     assert armed["expiresAt"] > armed["armedAt"]
     time.sleep(0.7)
-    assert faults.list_armed(settings.database_url) == []
+    assert faults_control.list_armed(settings.database_url) == []
     assert _checkout(make_system(), new_product, bus_for) == "COMPLETED"
 
 
 def test_a_registry_stops_obeying_at_expiry_without_reading_again(settings, disarm_after):
     """A lab process that cannot reach the database keeps its last view, but not past a fault's expiry."""
-    faults.arm(settings.database_url, "payment.decline", probability=1.0, ttl_s=1.0)
+    faults_control.arm(settings.database_url, "payment.decline", probability=1.0, ttl_s=1.0)
     registry = faults.FaultRegistry(settings.database_url, refresh_s=3600)
     try:
         assert registry.fires("payment.decline") and registry.armed_names() == ["payment.decline"]
@@ -91,13 +91,13 @@ def test_a_registry_stops_obeying_at_expiry_without_reading_again(settings, disa
 
 
 def test_list_shows_the_time_left_and_arm_refuses_a_ttl_of_zero(settings, disarm_after):
-    faults.arm(settings.database_url, "payment.latency", ttl_s=120, ms=10)
-    faults.arm(settings.database_url, "no-inbox")
-    listed = {f["name"]: f for f in faults.list_armed(settings.database_url)}
+    faults_control.arm(settings.database_url, "payment.latency", ttl_s=120, ms=10)
+    faults_control.arm(settings.database_url, "no-inbox")
+    listed = {f["name"]: f for f in faults_control.list_armed(settings.database_url)}
     assert 110 < listed["payment.latency"]["ttlLeftS"] <= 120
     assert faults.DEFAULT_TTL_S - 10 < listed["no-inbox"]["ttlLeftS"] <= faults.DEFAULT_TTL_S
     with pytest.raises(faults.UnknownFault):
-        faults.arm(settings.database_url, "payment.latency", ttl_s=0)
+        faults_control.arm(settings.database_url, "payment.latency", ttl_s=0)
 
 
 def test_health_reports_lab_mode_and_armed_faults(settings, make_system, disarm_after):
@@ -105,7 +105,7 @@ def test_health_reports_lab_mode_and_armed_faults(settings, make_system, disarm_
 
     from pulse.api.app import create_app
 
-    faults.arm(settings.database_url, "consumer.lose", probability=0.1)
+    faults_control.arm(settings.database_url, "consumer.lose", probability=0.1)
     with TestClient(create_app(make_system())) as client:
         lab = client.get("/health").json()
     with TestClient(create_app(make_system(lab=False))) as client:
@@ -116,7 +116,7 @@ def test_health_reports_lab_mode_and_armed_faults(settings, make_system, disarm_
 
 def test_serve_with_the_lab_flag_obeys(settings, serve_env, new_product, tmp_path, disarm_after):
     """`pulse serve --lab` is in lab mode although PULSE_LAB is unset."""
-    faults.arm(settings.database_url, "payment.decline", probability=1.0)
+    faults_control.arm(settings.database_url, "payment.decline", probability=1.0)
     with ServeProcess(env={**serve_env, "PULSE_LAB": ""}, args=("--lab",), log_path=tmp_path / "serve.log") as server:
         api = PulseClient(server.url)
         health = httpx.get(server.url + "/health", timeout=5).json()

@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from pulse import faults
+from pulse import faults, faults_control
 from pulse.tools.launcher import free_port
 from tests.conftest import wait_for
 
@@ -42,7 +42,7 @@ def test_supervise_restarts_a_crashed_server(settings, serve_env, new_product, t
         wait_for(lambda: _healthy(url), 60, 0.2, message="pulse serve up")
         # Other tests of this session log cart.after_redis strikes too: count only this test's.
         armed_at = db.execute("SELECT now() AS t").fetchone()["t"]
-        faults.arm(settings.database_url, "cart.after_redis", action="crash", max=1)
+        faults_control.arm(settings.database_url, "cart.after_redis", action="crash", max=1)
         time.sleep(0.8)  # the server's registry refreshes every 0.5 s
         product = new_product(stock=5)
         with pytest.raises(httpx.HTTPError):
@@ -53,7 +53,7 @@ def test_supervise_restarts_a_crashed_server(settings, serve_env, new_product, t
         )
         assert response.status_code == 200  # max=1: the fault struck once and the restarted server works
     finally:
-        faults.disarm(settings.database_url)
+        faults_control.disarm(settings.database_url)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     summary = json.loads(out.strip().splitlines()[-1])
@@ -78,7 +78,7 @@ def test_broker_restart_closes_our_connections_and_consumers_come_back(settings,
         settings.database_url, refresh_s=0.0, redis_url=settings.redis_url, amqp_url=settings.amqp_url
     )
     try:
-        faults.arm(settings.database_url, "broker.restart", max=1)
+        faults_control.arm(settings.database_url, "broker.restart", max=1)
         registry.tick()
         # The strike is logged as "striking" first; the outcome replaces that context once rabbitmqctl is done.
         wait_for(
@@ -93,7 +93,7 @@ def test_broker_restart_closes_our_connections_and_consumers_come_back(settings,
         assert "connectionsClosed" in context, context  # else rabbitmqctl failed: the context says how
         assert int(context["connectionsClosed"]) >= 5, context  # at least one consumer per queue
     finally:
-        faults.disarm(settings.database_url)
+        faults_control.disarm(settings.database_url)
         registry.close()
     product = new_product(stock=3)
     user = uuid.uuid4()

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from pulse import faults
+from pulse import faults_control
 from pulse.orders.watchdog import Watchdog
 from pulse.tools.check.invariants import Scope, check_all
 from tests.conftest import wait_for
@@ -40,7 +40,7 @@ def test_a_lost_event_is_re_driven_and_every_invariant_holds(settings, make_syst
 
 def order_with_a_lost_event(settings, system, product: str) -> uuid.UUID:
     """An order whose STOCK_RESERVED a consumer.lose fault dropped on its way to payment: stalled in PROCESSING."""
-    faults.arm(settings.database_url, "consumer.lose", queue="payment.queue", max=1)
+    faults_control.arm(settings.database_url, "consumer.lose", queue="payment.queue", max=1)
     time.sleep(0.7)  # the workers' registry refreshes every 0.5 s
     try:
         user = uuid.uuid4()
@@ -50,7 +50,7 @@ def order_with_a_lost_event(settings, system, product: str) -> uuid.UUID:
         time.sleep(1.0)
         assert system.orders.get(order_id)["status"] == "PROCESSING"  # STOCK_RESERVED never reached payment
     finally:
-        faults.disarm(settings.database_url)
+        faults_control.disarm(settings.database_url)
     return order_id
 
 

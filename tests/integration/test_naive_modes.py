@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from pulse import faults
+from pulse import faults, faults_control
 from pulse.errors import Conflict, Unavailable
 from pulse.events import Envelope
 from pulse.infra import db as pulse_db
@@ -81,7 +81,7 @@ def test_no_inbox_applies_a_redelivered_event_twice(settings, make_system, new_p
 def test_reconcile_full_scan_overwrites_an_in_flight_reservation(settings, make_system, new_product, naive):
     system = make_system(naive=_naive(naive, "reconcile-full-scan"))
     product = uuid.UUID(new_product(stock=2))
-    faults.arm(settings.database_url, "cart.after_redis", action="delay", ms=800)
+    faults_control.arm(settings.database_url, "cart.after_redis", action="delay", ms=800)
     try:
         time.sleep(0.7)  # the system's registry refreshes every 0.5 s
         slow = threading.Thread(target=system.carts.add_item, args=(uuid.uuid4(), product, 1))
@@ -90,7 +90,7 @@ def test_reconcile_full_scan_overwrites_an_in_flight_reservation(settings, make_
         system.reconciler.run_once()
         slow.join()
     finally:
-        faults.disarm(settings.database_url, "cart.after_redis")
+        faults_control.disarm(settings.database_url, "cart.after_redis")
     time.sleep(0.6)
     for _ in range(2):
         with contextlib.suppress(Conflict):
@@ -228,14 +228,14 @@ def test_publish_no_confirm_loses_events_in_a_relay_crash(
     first = relay()
     try:
         wait_for(lambda: _outbox_empty(settings), 30, message="leftovers of earlier tests relayed")
-        faults.arm(settings.database_url, "relay.after_publish", action="crash", max=1)
+        faults_control.arm(settings.database_url, "relay.after_publish", action="crash", max=1)
         time.sleep(0.8)  # the relay's registry reads the fault
         user = uuid.uuid4()
         system.carts.add_item(user, uuid.UUID(product), 1)
         order_id = system.orders.create(user, f"k-{user}")["orderId"]
         assert first.wait(30) == faults.CRASH_STATUS
     finally:
-        faults.disarm(settings.database_url, "relay.after_publish")
+        faults_control.disarm(settings.database_url, "relay.after_publish")
         if first.poll() is None:
             first.kill()
     second = relay()  # the supervisor's restart
@@ -274,7 +274,7 @@ def test_relay_survives_an_error_after_publish_and_publishes_again(settings, mak
     tap = _Tap(settings.amqp_url)
     system = make_system(faults=registry, outbox_mode=mode)
     try:
-        faults.arm(settings.database_url, "relay.after_publish", action="error", max=2)
+        faults_control.arm(settings.database_url, "relay.after_publish", action="error", max=2)
         system.start_workers(consumers=False, schedulers=False)
         with pulse_db.connect(settings.database_url) as conn, conn.transaction():
             ids = [str(outbox.append(conn, "NAIVE_TEST_EVENT", "order", uuid.uuid4(), {"n": i})) for i in range(3)]
@@ -289,7 +289,7 @@ def test_relay_survives_an_error_after_publish_and_publishes_again(settings, mak
         )
         assert tap.ids().count(ids[0]) >= 2  # the batch the first error interrupted went out again
     finally:
-        faults.disarm(settings.database_url, "relay.after_publish")
+        faults_control.disarm(settings.database_url, "relay.after_publish")
         system.close()
         tap.close()
         if mode == "cdc":
@@ -357,13 +357,13 @@ def test_cart_native_ttl_leaves_an_expired_carts_hold_in_reserved(settings, make
     registry = _registry(settings)
     system = make_system(faults=registry, naive=_naive(naive, "cart-native-ttl"))
     product = new_product(stock=5)
-    faults.arm(settings.database_url, "cart.short_ttl", action="trigger", s=1)
+    faults_control.arm(settings.database_url, "cart.short_ttl", action="trigger", s=1)
     try:
         time.sleep(0.3)  # the registry refreshes every 0.1 s
         for _ in range(2):
             system.carts.add_item(uuid.uuid4(), uuid.UUID(product), 1)
     finally:
-        faults.disarm(settings.database_url, "cart.short_ttl")
+        faults_control.disarm(settings.database_url, "cart.short_ttl")
     assert int(rds.get(f"reserved:{product}")) == 2
     time.sleep(1.3)  # both carts expired
     sweep_once(system.deps)
@@ -423,17 +423,17 @@ def test_dlq_drop_loses_a_poison_message(settings, make_system, new_product, db,
     product = new_product(stock=5)
     user = uuid.uuid4()
     system.carts.add_item(user, uuid.UUID(product), 1)
-    armed = faults.arm(settings.database_url, "payment.timeout", action="error", max=3)  # every attempt fails
+    armed = faults_control.arm(settings.database_url, "payment.timeout", action="error", max=3)  # every attempt fails
     try:
         time.sleep(0.3)
         order_id = system.orders.create(user, f"k-{user}")["orderId"]
         wait_for(
-            lambda: faults.fired_counts(settings.database_url, armed["armedAt"]).get("payment.timeout", 0) >= 2,
+            lambda: faults_control.fired_counts(settings.database_url, armed["armedAt"]).get("payment.timeout", 0) >= 2,
             30,
             message="the payment event failed every retry",
         )
     finally:
-        faults.disarm(settings.database_url, "payment.timeout")
+        faults_control.disarm(settings.database_url, "payment.timeout")
 
     def judged():
         dead = inv.peek_dead_letters(settings.amqp_url)
@@ -454,17 +454,17 @@ def test_no_watchdog_leaves_an_order_whose_event_was_lost_hanging(settings, make
     product = new_product(stock=5)
     user = uuid.uuid4()
     system.carts.add_item(user, uuid.UUID(product), 1)
-    faults.arm(settings.database_url, "consumer.lose", action="drop", max=1, queue="payment.queue")
+    faults_control.arm(settings.database_url, "consumer.lose", action="drop", max=1, queue="payment.queue")
     try:
         time.sleep(0.3)
         system.orders.create(user, f"k-{user}")
         wait_for(
-            lambda: faults.fired_counts(settings.database_url, since).get("consumer.lose"),
+            lambda: faults_control.fired_counts(settings.database_url, since).get("consumer.lose"),
             20,
             message="an event was lost",
         )
     finally:
-        faults.disarm(settings.database_url, "consumer.lose")
+        faults_control.disarm(settings.database_url, "consumer.lose")
     watchdog = Watchdog(system.deps, deadline_s=0.5)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from pulse.lab import charts
+from pulse.lab import charts, drift_chart, sequence_chart
 from pulse.lab.dashboard import invariants_html
 
 T0 = pd.Timestamp("2025-03-01 12:00:00", tz="UTC")
@@ -62,7 +62,7 @@ def test_seconds_index_replaces_a_datetime_index():
 
 
 def test_arrows_go_emitter_to_outbox_to_broker_to_each_consumer():
-    arrows = charts.sequence_arrows(timeline(CREATED))
+    arrows = sequence_chart.sequence_arrows(timeline(CREATED))
     hops = [(a.kind, a.src, a.dst, a.t0, a.t1) for a in arrows.itertuples()]
     assert hops == [
         ("write", "orders", "outbox", 0.0, 0.0),
@@ -75,7 +75,7 @@ def test_arrows_go_emitter_to_outbox_to_broker_to_each_consumer():
 
 def test_broker_time_is_never_after_a_module_handled_the_event():
     late_tap = [r if r[2] != "broker" else ("e1", "ORDER_CREATED", "broker", 20, 0) for r in CREATED]
-    arrows = charts.sequence_arrows(timeline(late_tap))
+    arrows = sequence_chart.sequence_arrows(timeline(late_tap))
     publish = arrows[arrows["kind"] == "publish"].iloc[0]
     assert publish["t1"] == pytest.approx(0.009)
     assert (arrows["t1"] >= arrows["t0"]).all()
@@ -87,7 +87,7 @@ def test_duplicates_are_dashed_and_tagged():
         ("e1", "ORDER_CREATED", "inventory", 9, 1),
         ("e1", "ORDER_CREATED", "redis-stock", 12, 0),
     ]
-    arrows = charts.sequence_arrows(timeline(rows))
+    arrows = sequence_chart.sequence_arrows(timeline(rows))
     republish = arrows[arrows["kind"] == "republish"]
     assert len(republish) == 1 and republish.iloc[0]["label"] == "dup" and republish.iloc[0]["dashed"]
     redeliver = arrows[arrows["kind"] == "redeliver"]
@@ -98,21 +98,21 @@ def test_duplicates_are_dashed_and_tagged():
 
 def test_a_consumer_that_should_have_acted_is_marked_lost():
     rows = [r for r in CREATED if r[2] != "redis-stock"]
-    arrows = charts.sequence_arrows(timeline(rows), strategy="OPTIMISTIC")
+    arrows = sequence_chart.sequence_arrows(timeline(rows), strategy="OPTIMISTIC")
     assert list(arrows.loc[arrows["kind"] == "lost", "dst"]) == ["redis-stock"]
-    assert charts.sequence_arrows(timeline(CREATED), strategy="OPTIMISTIC")["kind"].ne("lost").all()
-    assert charts.sequence_arrows(timeline(rows))["kind"].ne("lost").all()  # strategy unknown: no judgement
+    assert sequence_chart.sequence_arrows(timeline(CREATED), strategy="OPTIMISTIC")["kind"].ne("lost").all()
+    assert sequence_chart.sequence_arrows(timeline(rows))["kind"].ne("lost").all()  # strategy unknown: no judgement
 
 
 def test_rows_follow_time_order_one_per_moment():
-    rows = charts.sequence_rows(charts.sequence_arrows(timeline(CREATED)))
+    rows = sequence_chart.sequence_rows(sequence_chart.sequence_arrows(timeline(CREATED)))
     assert rows == {0.0: 0, 0.005: 1, 0.009: 2, 0.012: 3}
 
 
 def test_empty_timeline_gives_no_arrows_and_a_one_line_panel():
     empty = pd.DataFrame(columns=["eventId", "eventType", "stage", "at", "derived"])
-    assert charts.sequence_arrows(empty).empty
-    fig = charts.sequence_figure(empty)
+    assert sequence_chart.sequence_arrows(empty).empty
+    fig = sequence_chart.sequence_figure(empty)
     ax = fig.axes[0]
     assert not ax.axison and len(ax.texts) == 1
     assert fig.get_size_inches()[1] < 1
@@ -146,20 +146,20 @@ def test_drift_series_one_column_per_product_with_gaps_for_missing_keys():
             (0.5, "p-2", "Widget", 2, 1),
         ]
     )
-    stock = charts.drift_series(df, "stock_drift")
+    stock = drift_chart.drift_series(df, "stock_drift")
     assert list(stock.columns) == ["Kindle", "Widget"] and list(stock.index) == [0.0, 0.5]
     assert math.isnan(stock.loc[0.5, "Kindle"]) and stock.loc[0.5, "Widget"] == 2
-    assert charts.missing_spans(stock) == [(0.5, 0.5)]
+    assert drift_chart.missing_spans(stock) == [(0.5, 0.5)]
 
 
 def test_drift_series_names_clashing_products_by_id():
     df = samples([(0.0, "aaaa-0001", "Lab product", 0, 0), (0.0, "bbbb-0002", "Lab product", 1, 0)])
-    assert list(charts.drift_series(df, "stock_drift").columns) == ["Lab product …0001", "Lab product …0002"]
+    assert list(drift_chart.drift_series(df, "stock_drift").columns) == ["Lab product …0001", "Lab product …0002"]
 
 
 def test_missing_spans_close_when_keys_return():
     wide = pd.DataFrame({"a": [0, None, None, 1, None]}, index=[0.0, 1.0, 2.0, 3.0, 4.0], dtype=float)
-    assert charts.missing_spans(wide) == [(1.0, 3.0), (4.0, 4.0)]
+    assert drift_chart.missing_spans(wide) == [(1.0, 3.0), (4.0, 4.0)]
 
 
 def test_strikes_grouped_per_fault():
@@ -170,13 +170,15 @@ def test_strikes_grouped_per_fault():
             "action": ["drop", "drop", "trigger"],
         }
     )
-    g = charts.strike_groups(strikes).set_index("name")
+    g = drift_chart.strike_groups(strikes).set_index("name")
     assert g.loc["consumer.lose", "count"] == 2 and g.loc["consumer.lose", "last"] == 2.5
-    assert charts.strike_groups(strikes.iloc[:0]).empty
+    assert drift_chart.strike_groups(strikes.iloc[:0]).empty
 
 
 def test_drift_figure_without_samples_is_one_line():
-    fig = charts.drift_figure(samples([]).reindex(columns=["t", "product_id", "name", "stock_drift", "reserved_drift"]))
+    fig = drift_chart.drift_figure(
+        samples([]).reindex(columns=["t", "product_id", "name", "stock_drift", "reserved_drift"])
+    )
     assert len(fig.axes) == 1 and len(fig.axes[0].texts) == 1
 
 
@@ -184,7 +186,7 @@ def test_drift_figure_marks_strikes_and_passes():
     df = samples([(0.0, "p-1", "Kindle", 0, 0), (1.0, "p-1", "Kindle", 0, 2), (2.0, "p-1", "Kindle", 0, 0)])
     strikes = pd.DataFrame({"t": [0.8], "name": ["cart.after_redis"], "action": ["crash"]})
     passes = pd.DataFrame({"t": [1.9], "source": ["lab"], "stock": [0], "reserved": [2], "carts": [0]})
-    fig = charts.drift_figure(df, strikes, passes)
+    fig = drift_chart.drift_figure(df, strikes, passes)
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "fault cart.after_redis ×1" in labels and "reconcile pass" in labels
     assert "equal at every sample" in fig.axes[0].get_title(loc="left")  # stock never drifted

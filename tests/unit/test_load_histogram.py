@@ -3,7 +3,8 @@ import statistics
 import numpy as np
 import pytest
 
-from pulse.tools.load import LatencyHistogram, parse_mix
+from pulse.tools.load import parse_mix
+from pulse.tools.load_report import LatencyHistogram
 
 # 3 significant digits: a value is stored within 0.1 % of itself (plus the 1 µs floor).
 REL = 2e-3
