@@ -240,3 +240,108 @@ def test_cart_expiry_follows_the_injected_clock(system, new_product, rds):
     past_expiry = CartService(dataclasses.replace(system.deps, clock=lambda: time.time() + ttl_s + 60))
     assert past_expiry.get(user)["items"] == []
     assert [i["quantity"] for i in system.carts.get(user)["items"]] == [2]
+
+
+# The product reference of cart_items is kept by triggers, not a foreign key (sql/080): same guarantees.
+
+
+def _cart_row(conn, user) -> str:
+    return str(conn.execute("INSERT INTO inventory.carts (user_id) VALUES (%s) RETURNING id", (user,)).fetchone()["id"])
+
+
+def test_a_cart_item_cannot_name_a_missing_product(db):
+    import psycopg
+
+    cart = _cart_row(db, uuid.uuid4())
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        db.execute(
+            "INSERT INTO inventory.cart_items (cart_id, product_id, quantity) VALUES (%s, %s, 1)", (cart, uuid.uuid4())
+        )
+    assert db.execute("SELECT count(*) AS n FROM inventory.cart_items WHERE cart_id = %s", (cart,)).fetchone()["n"] == 0
+
+
+def test_a_product_in_a_cart_cannot_be_deleted_or_renumbered(db, new_product):
+    import psycopg
+
+    product, cart = new_product(), _cart_row(db, uuid.uuid4())
+    db.execute("INSERT INTO inventory.cart_items (cart_id, product_id, quantity) VALUES (%s, %s, 0)", (cart, product))
+    db.execute("DELETE FROM inventory.inventory_items WHERE product_id = %s", (product,))
+    for statement in (
+        "DELETE FROM inventory.products WHERE id = %s",
+        "UPDATE inventory.products SET id = gen_random_uuid() WHERE id = %s",
+    ):
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            db.execute(statement, (product,))
+    db.execute("DELETE FROM inventory.cart_items WHERE cart_id = %s", (cart,))
+    db.execute("DELETE FROM inventory.products WHERE id = %s", (product,))  # unreferenced: allowed
+
+
+def _in_thread(fn):
+    """Run ``fn`` in a thread; returns a joiner giving its exception (or None)."""
+    box: list = []
+
+    def run():
+        try:
+            fn()
+            box.append(None)
+        except Exception as exc:  # noqa: BLE001 - handed back to the test
+            box.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def join():
+        t.join(10)
+        assert box, "the blocked statement did not finish"
+        return box[0]
+
+    return join, t
+
+
+def test_a_delete_waits_for_an_uncommitted_cart_item_then_fails(settings, db, new_product):
+    import psycopg
+
+    from pulse.infra import db as pulse_db
+
+    product, cart = new_product(), _cart_row(db, uuid.uuid4())
+    db.execute("DELETE FROM inventory.inventory_items WHERE product_id = %s", (product,))
+    with pulse_db.connect(settings.database_url) as writer, pulse_db.connect(settings.database_url) as deleter:
+        writer.execute(
+            "INSERT INTO inventory.cart_items (cart_id, product_id, quantity) VALUES (%s, %s, 1)", (cart, product)
+        )  # open transaction: the item is not committed yet
+
+        def delete():
+            with deleter.transaction():
+                deleter.execute("DELETE FROM inventory.products WHERE id = %s", (product,))
+
+        join, t = _in_thread(delete)
+        time.sleep(0.3)
+        assert t.is_alive(), "the delete must wait for the uncommitted item"
+        writer.commit()
+        assert isinstance(join(), psycopg.errors.ForeignKeyViolation)
+    assert db.execute("SELECT count(*) AS n FROM inventory.products WHERE id = %s", (product,)).fetchone()["n"] == 1
+
+
+def test_a_cart_item_waits_for_an_uncommitted_delete_then_fails(settings, db, new_product):
+    import psycopg
+
+    from pulse.infra import db as pulse_db
+
+    product, cart = new_product(), _cart_row(db, uuid.uuid4())
+    db.execute("DELETE FROM inventory.inventory_items WHERE product_id = %s", (product,))
+    with pulse_db.connect(settings.database_url) as deleter, pulse_db.connect(settings.database_url) as writer:
+        deleter.execute("DELETE FROM inventory.products WHERE id = %s", (product,))  # open transaction
+
+        def insert():
+            with writer.transaction():
+                writer.execute(
+                    "INSERT INTO inventory.cart_items (cart_id, product_id, quantity) VALUES (%s, %s, 1)",
+                    (cart, product),
+                )
+
+        join, t = _in_thread(insert)
+        time.sleep(0.3)
+        assert t.is_alive(), "the item must wait for the uncommitted delete"
+        deleter.commit()
+        assert isinstance(join(), psycopg.errors.ForeignKeyViolation)
+    assert db.execute("SELECT count(*) AS n FROM inventory.cart_items WHERE cart_id = %s", (cart,)).fetchone()["n"] == 0
