@@ -23,6 +23,7 @@ from bench.suite import services  # noqa: E402
 
 def brief(e: dict) -> dict:
     cpu, pg = e["cpu_ms_per_checkout"] or {}, e.get("postgres_per_checkout") or {}
+    top = pg.get("top_statements") or []
     return {
         "sustained_per_s": e["sustained_checkouts_per_s"],
         "half_load_p99_ms": e["p99_ms"],
@@ -30,6 +31,12 @@ def brief(e: dict) -> dict:
         "cpu_ms": cpu.get("by_component"),
         "statements": pg.get("statements_per_checkout"),
         "xids": pg.get("xids_per_checkout"),
+        # Executor time of the statements (pg_stat_statements' top list), and the heaviest five: where it went.
+        "exec_ms": round(sum(t["exec_ms_per_checkout"] for t in top), 3),
+        "top_exec_ms": {
+            t["query"][:60]: t["exec_ms_per_checkout"]
+            for t in sorted(top, key=lambda t: -t["exec_ms_per_checkout"])[:5]
+        },
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
