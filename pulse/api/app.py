@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -13,6 +14,7 @@ import psycopg
 import psycopg_pool
 import redis
 from fastapi import FastAPI, Path, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
@@ -225,6 +227,19 @@ def _sentence(error: dict) -> str:
     return f"{where + ': ' if where else ''}{msg.rstrip('.')}."
 
 
+class Plain(JSONResponse):
+    """A route's answer, encoded as FastAPI would have but without walking it through ``jsonable_encoder`` first.
+
+    The services answer in JSON types already (``jsonable_encoder`` copied every dict and list of every answer,
+    ≈ 50 µs a cart); a value that is not (a Decimal, a UUID) still gets ``jsonable_encoder``'s form, via ``default``.
+    """
+
+    def render(self, content) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"), default=jsonable_encoder
+        ).encode("utf-8")
+
+
 def consumer_status(system) -> list[dict]:
     """The consumer threads of this process for /health (none in a process that runs only the API)."""
     status = getattr(system, "consumer_status", None)
@@ -304,16 +319,16 @@ def create_app(system) -> FastAPI:
         responses=_answers(201, Product, 400, 422, links=LINKS["product"]),
     )
     def create_product(body: ProductIn):
-        return system.products.create(body.name, body.base_price, body.stock)
+        return Plain(system.products.create(body.name, body.base_price, body.stock), status_code=201)
 
     @app.get("/api/products", operation_id="listProducts", responses=_answers(200, list[Product]))
     def list_products():
-        return system.products.list()
+        return Plain(system.products.list())
 
     # Path parameters carry the SPEC's camelCase names, so /docs matches the contract.
     @app.get("/api/products/{productId}", operation_id="getProduct", responses=_answers(200, Product, 404, 422))
     def get_product(product_id: uuid.UUID = Path(alias="productId")):
-        return system.products.get(product_id)
+        return Plain(system.products.get(product_id))
 
     @app.put(
         "/api/cart/{userId}/items",
@@ -321,11 +336,11 @@ def create_app(system) -> FastAPI:
         responses=_answers(200, Cart, 400, 404, 409, 422, links=LINKS["cart"]),
     )
     def add_cart_item(body: CartItemIn, user_id: uuid.UUID = Path(alias="userId")):
-        return system.carts.add_item(user_id, body.product_id, body.quantity)
+        return Plain(system.carts.add_item(user_id, body.product_id, body.quantity))
 
     @app.get("/api/cart/{userId}", operation_id="getCart", responses=_answers(200, Cart, 422))
     def get_cart(user_id: uuid.UUID = Path(alias="userId")):
-        return system.carts.get(user_id)
+        return Plain(system.carts.get(user_id))
 
     @app.post(
         "/api/orders",
@@ -333,11 +348,11 @@ def create_app(system) -> FastAPI:
         responses=_answers(200, OrderCreated, 400, 404, 409, 422, links=LINKS["order"]),
     )
     def create_order(body: OrderIn):
-        return system.orders.create(body.user_id, body.idempotency_key)
+        return Plain(system.orders.create(body.user_id, body.idempotency_key))
 
     @app.get("/api/orders/{orderId}", operation_id="getOrder", responses=_answers(200, Order, 404, 422))
     def get_order(order_id: uuid.UUID = Path(alias="orderId")):
-        return system.orders.get(order_id)
+        return Plain(system.orders.get(order_id))
 
     @app.get("/health")
     def health():
