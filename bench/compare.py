@@ -23,6 +23,7 @@ from bench.suite import services  # noqa: E402
 
 def brief(e: dict) -> dict:
     cpu, pg = e["cpu_ms_per_checkout"] or {}, e.get("postgres_per_checkout") or {}
+    top = pg.get("top_statements") or []
     return {
         "sustained_per_s": e["sustained_checkouts_per_s"],
         "half_load_p99_ms": e["p99_ms"],
@@ -30,8 +31,28 @@ def brief(e: dict) -> dict:
         "cpu_ms": cpu.get("by_component"),
         "statements": pg.get("statements_per_checkout"),
         "xids": pg.get("xids_per_checkout"),
+        # Executor time of the statements (pg_stat_statements' top list), and the heaviest five: where it went.
+        "exec_ms": round(sum(t["exec_ms_per_checkout"] for t in top), 3),
+        "top_exec_ms": {
+            t["query"][:60]: t["exec_ms_per_checkout"]
+            for t in sorted(top, key=lambda t: -t["exec_ms_per_checkout"])[:5]
+        },
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def per_tree_database(p, label: str):
+    """(settings, statement counter) of a new database of the run's cluster, for one tree's server."""
+    import psycopg
+
+    from bench import pgserver
+
+    name, url = p.extra_database(label)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    settings = p.settings.replace(database_url=url, cdc_slot=name, cdc_publication=f"{name}_pub")
+    counter = pgserver.StatementCounter(p._probe_url(url)) if p._probe_url else None
+    return settings, counter
 
 
 def main() -> int:
@@ -43,11 +64,19 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument(
+        "--db-per-tree",
+        action="store_true",
+        help="each tree its own database (and cdc slot) in the cluster: for trees whose migrations differ",
+    )
     args = ap.parse_args()
     strategy, mode = args.config.split("/")
     out = {"a": str(Path(args.a).resolve()), "b": str(Path(args.b).resolve()), "config": args.config, "runs": []}
     with services(shared_pg=False) as p:
         real_serve = measure.serve
+        # Each `pulse serve` migrates its database with its own tree's sql/ at start; a tree's schema change would
+        # otherwise stay in the shared database and be measured under the other tree too.
+        per_tree = {label: per_tree_database(p, label) for label in ("a", "b")} if args.db_per_tree else {}
         for r in range(args.rounds):
             for label in ("a", "b"):
                 tree = out[label]
@@ -57,6 +86,8 @@ def main() -> int:
                     return real_serve(p_, **kw)
 
                 measure.serve = serve
+                if per_tree:
+                    p.settings, p.statements = per_tree[label]
                 # `python -m pulse` puts its working directory ahead of PYTHONPATH: run it from the tree itself.
                 os.chdir(tree)
                 try:

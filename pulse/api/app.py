@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -14,6 +15,7 @@ import psycopg
 import psycopg_pool
 import redis
 from fastapi import FastAPI, Path, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
@@ -229,6 +231,19 @@ def _sentence(error: Mapping[str, Any]) -> str:
     return f"{where + ': ' if where else ''}{msg.rstrip('.')}."
 
 
+class Plain(JSONResponse):
+    """A route's answer, encoded as FastAPI would have but without walking it through ``jsonable_encoder`` first.
+
+    The services answer in JSON types already (``jsonable_encoder`` copied every dict and list of every answer,
+    ≈ 50 µs a cart); a value that is not (a Decimal, a UUID) still gets ``jsonable_encoder``'s form, via ``default``.
+    """
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(
+            content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"), default=jsonable_encoder
+        ).encode("utf-8")
+
+
 def consumer_status(system: System) -> list[dict[str, Any]]:
     """The consumer threads of this process for /health (none in a process that runs only the API)."""
     status = getattr(system, "consumer_status", None)
@@ -312,12 +327,12 @@ def create_app(system: System) -> FastAPI:
         response_model=None,
         responses=_answers(201, Product, 400, 422, links=LINKS["product"]),
     )
-    def create_product(body: ProductIn) -> dict[str, Any]:
-        return system.products.create(body.name, body.base_price, body.stock)
+    def create_product(body: ProductIn) -> Plain:
+        return Plain(system.products.create(body.name, body.base_price, body.stock), status_code=201)
 
     @app.get("/api/products", operation_id="listProducts", response_model=None, responses=_answers(200, list[Product]))
-    def list_products() -> list[dict[str, Any]]:
-        return system.products.list()
+    def list_products() -> Plain:
+        return Plain(system.products.list())
 
     # Path parameters carry the SPEC's camelCase names, so /docs matches the contract.
     @app.get(
@@ -326,8 +341,8 @@ def create_app(system: System) -> FastAPI:
         response_model=None,
         responses=_answers(200, Product, 404, 422),
     )
-    def get_product(product_id: uuid.UUID = Path(alias="productId")) -> dict[str, Any]:
-        return system.products.get(product_id)
+    def get_product(product_id: uuid.UUID = Path(alias="productId")) -> Plain:
+        return Plain(system.products.get(product_id))
 
     @app.put(
         "/api/cart/{userId}/items",
@@ -335,12 +350,12 @@ def create_app(system: System) -> FastAPI:
         response_model=None,
         responses=_answers(200, Cart, 400, 404, 409, 422, links=LINKS["cart"]),
     )
-    def add_cart_item(body: CartItemIn, user_id: uuid.UUID = Path(alias="userId")) -> dict[str, Any]:
-        return system.carts.add_item(user_id, body.product_id, body.quantity)
+    def add_cart_item(body: CartItemIn, user_id: uuid.UUID = Path(alias="userId")) -> Plain:
+        return Plain(system.carts.add_item(user_id, body.product_id, body.quantity))
 
     @app.get("/api/cart/{userId}", operation_id="getCart", response_model=None, responses=_answers(200, Cart, 422))
-    def get_cart(user_id: uuid.UUID = Path(alias="userId")) -> dict[str, Any]:
-        return system.carts.get(user_id)
+    def get_cart(user_id: uuid.UUID = Path(alias="userId")) -> Plain:
+        return Plain(system.carts.get(user_id))
 
     @app.post(
         "/api/orders",
@@ -348,14 +363,14 @@ def create_app(system: System) -> FastAPI:
         response_model=None,
         responses=_answers(200, OrderCreated, 400, 404, 409, 422, links=LINKS["order"]),
     )
-    def create_order(body: OrderIn) -> dict[str, Any]:
-        return system.orders.create(body.user_id, body.idempotency_key)
+    def create_order(body: OrderIn) -> Plain:
+        return Plain(system.orders.create(body.user_id, body.idempotency_key))
 
     @app.get(
         "/api/orders/{orderId}", operation_id="getOrder", response_model=None, responses=_answers(200, Order, 404, 422)
     )
-    def get_order(order_id: uuid.UUID = Path(alias="orderId")) -> dict[str, Any]:
-        return system.orders.get(order_id)
+    def get_order(order_id: uuid.UUID = Path(alias="orderId")) -> Plain:
+        return Plain(system.orders.get(order_id))
 
     @app.get("/health", response_model=None)
     def health() -> dict[str, Any]:

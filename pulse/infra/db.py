@@ -57,6 +57,9 @@ def make_pool(url: str, *, min_size: int = 1, max_size: int = 20, name: str = "p
         kwargs={
             "row_factory": dict_row,
             "connect_timeout": 5,
+            # Prepare a statement on its second run on a connection, not its sixth: the pool opens connections as
+            # load grows, and every statement's first runs on a new one were each parsed and planned again.
+            "prepare_threshold": 1,
             # A lock holder or stuck session in pg_stat_activity then names its process.
             "application_name": f"{name}:{os.getpid()}",
             # Bounded waits: a lock held by a stuck or leaked transaction fails the handler

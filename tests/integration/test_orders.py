@@ -87,6 +87,33 @@ def test_a_repeated_idempotency_key_returns_the_same_order_and_creates_nothing(
     assert not rds.exists(f"lock:k-{user}")  # released by its owner after each request
 
 
+def test_a_key_committed_by_a_request_whose_lock_expired_returns_its_order_and_writes_nothing(
+    system, new_product, db, tidy_outbox
+):
+    # The lock only keeps concurrent duplicates apart; past its TTL the idempotency record's primary key decides,
+    # and its UniqueViolation (raised from the pipelined writes) must roll back the whole second order.
+    user, _ = cart_for(system, new_product)
+    first = system.orders.create(user, f"k-{user}")
+    tidy_outbox.append(first["orderId"])
+    again = system.orders._create_locked(user, f"k-{user}")  # as if its lock had expired: straight to the insert
+    assert again == first
+    assert db.execute("SELECT count(*) AS n FROM orders.orders WHERE user_id = %s", (user,)).fetchone()["n"] == 1
+    assert (
+        db.execute(
+            "SELECT count(*) AS n FROM orders.order_items i JOIN orders.orders o ON o.id = i.order_id WHERE o.user_id = %s",
+            (user,),
+        ).fetchone()["n"]
+        == 1
+    )
+    assert len(outbox_rows(db, first["orderId"])) == 2
+    assert (
+        db.execute("SELECT count(*) AS n FROM shared.outbox WHERE payload->>'userId' = %s", (str(user),)).fetchone()[
+            "n"
+        ]
+        == 2
+    )
+
+
 def test_a_key_used_by_another_user_is_rejected(system, new_product, tidy_outbox):
     user, _ = cart_for(system, new_product)
     tidy_outbox.append(system.orders.create(user, f"k-{user}")["orderId"])
