@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from pulse import faults_catalogue
 from pulse.errors import Invalid
 from pulse.faults_environment import ENVIRONMENT_ACTIONS
-from pulse.rows import one
+from pulse.infra.db import one
 
 if TYPE_CHECKING:
     import psycopg

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from pulse.faults import ACTIONS, DEFAULT_TTL_S, NAIVE_SWITCHES, POINTS, UNEXPIRED, UnknownFault, connect
-from pulse.rows import one
+from pulse.infra.db import one
 
 
 def arm(

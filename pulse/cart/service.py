@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from pulse import replies
 from pulse.errors import Conflict, NotFound, Unavailable
-from pulse.infra import db, keys
+from pulse.infra import db, keys, replies
 
 if TYPE_CHECKING:
     from pulse.deps import Deps

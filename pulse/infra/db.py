@@ -8,7 +8,7 @@ import os
 import select
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -185,3 +185,16 @@ def redact(url: str) -> str:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+Row = TypeVar("Row")
+
+
+def one(cursor: psycopg.Cursor[Row]) -> Row:
+    """The row of a statement that always returns one (``UPDATE ... RETURNING`` of a locked row, an aggregate,
+    ``INSERT ... RETURNING`` without ON CONFLICT): psycopg types ``fetchone()`` as Optional for every query, and a
+    missing row here is a bug, not a case to handle."""
+    row = cursor.fetchone()
+    if row is None:
+        raise LookupError("the statement returned no row")
+    return row

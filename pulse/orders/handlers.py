@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from pulse import rows
 from pulse.events import Event, OrderUpdated
 from pulse.events import EventType as E
 from pulse.infra import db, outbox
@@ -43,7 +42,7 @@ def on_saga_event(deps: Deps, conn: db.Conn, event: Event) -> None:
     if not changes:
         return
     assignments = ", ".join(f"{column} = %({column})s" for column in changes)
-    updated = rows.one(  # the row is locked above: it is there
+    updated = db.one(  # the row is locked above: it is there
         conn.execute(
             f"UPDATE orders.orders SET {assignments}, updated_at = clock_timestamp() WHERE id = %(id)s RETURNING *",
             {**changes, "id": order_id},

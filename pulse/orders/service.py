@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from pulse import rows
 from pulse.errors import Conflict, KeyTaken, NotFound
 from pulse.events import Item, OrderCreated
 from pulse.infra import db, keys, outbox
@@ -92,7 +91,7 @@ class OrderService:
                 f"The cart's total of {total} is more than an order can hold ({MAX_TOTAL}); "
                 "remove some items and order again."
             )
-        order = rows.one(
+        order = db.one(
             conn.execute(
                 "INSERT INTO orders.orders (id, user_id, status, strategy, total_amount) "
                 "VALUES (%s, %s, 'CREATED', %s, %s) RETURNING *",

@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from pulse import replies
-from pulse.infra import db, keys
+from pulse.infra import db, keys, replies
+from pulse.infra.db import one
 from pulse.redisstock.handlers import APPLIED_TTL_S, HELD_BY_PRODUCT
-from pulse.rows import one
 
 if TYPE_CHECKING:
     from pulse.deps import Deps

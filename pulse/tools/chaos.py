@@ -31,7 +31,7 @@ import httpx
 
 from pulse import config, faults, faults_catalogue, faults_control
 from pulse.infra import db, migrate
-from pulse.rows import one
+from pulse.infra.db import one
 from pulse.tools.check import invariants as inv
 from pulse.tools.checkout import CHAOS_WORDS, Checkout, Outcome, Shopper, through_faults
 from pulse.tools.contention import CONSUMER_THREADS, SERVER_ENV, Contention

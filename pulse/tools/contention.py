@@ -29,7 +29,7 @@ import httpx
 
 from pulse import config, faults_control
 from pulse.infra import db, outbox
-from pulse.rows import one
+from pulse.infra.db import one
 from pulse.tools.checkout import Checkout, Shopper, through_faults
 
 T = TypeVar("T")

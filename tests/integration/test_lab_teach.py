@@ -107,3 +107,30 @@ def test_predictions_are_read_from_the_parameter_and_compared():
     teach.predict("How many carts?", ["3", "more than 3"], "carts", answers={"carts": "3"})
     result = teach.reveal("carts", "more than 3")
     assert result == {"key": "carts", "predicted": "3", "actual": "more than 3", "correct": False}
+
+
+def test_stepper_walks_a_post_payment_refund_under_cdc_then_the_relay_takes_over(campaign_env, tmp_path):
+    # The stepper relays in the kernel while the cdc slot also records those rows; once released, the cdc relay
+    # starts from a new slot (lab.release drops the idle one) and carries the next saga.
+    lab = Lab(strategy="post-payment", outbox_mode="cdc", log_dir=tmp_path, env=campaign_env).start(tap=False)
+    try:
+        since = lab.now()
+        product = lab.new_product(stock=1)
+        stepper = lab.hold()
+        order = lab.checkout({product: 1}, wait=False)
+        # The warehouse finds the last unit damaged after the cart reserved it: charged first, then out of stock.
+        lab.execute("UPDATE inventory.inventory_items SET available_quantity = 0 WHERE product_id = %s", (product,))
+        steps = stepper.run(show=False)
+        acted = [(s["module"], s["event"]) for s in steps if s["acted"]]
+        assert ("payment", "ORDER_CREATED") in acted and ("inventory", "PAYMENT_PROCESSED") in acted, acted
+        refund = next(s for s in steps if (s["module"], s["event"]) == ("payment", "STOCK_FAILED"))
+        assert "PAYMENT_REFUNDED" in refund["emitted"]
+        lab.release()
+        assert lab.client.wait_settled(order["orderId"])["displayStatus"] == "REFUNDED"
+        lab.checkout({IPHONE: 1})  # a saga through the cdc relay after the release: the relay streams again
+        payments = lab.execute("SELECT status FROM payment.payments WHERE order_id = %s", (order["orderId"],))
+        assert [p["status"] for p in payments] == ["REFUNDED"]
+        violations = [c["name"] for c in lab.check(since=since, products=[product]) if not c["ok"]]
+        assert violations == []
+    finally:
+        lab.stop()

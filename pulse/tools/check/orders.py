@@ -8,8 +8,8 @@ import itertools
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+from pulse.infra.db import one
 from pulse.orders.watchdog import next_event
-from pulse.rows import one
 from pulse.status import TERMINAL
 from pulse.tools.check.base import MAX_IDS, ORDERS_IN_SCOPE, Result, Scope, result
 

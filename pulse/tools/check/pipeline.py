@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from pulse import topology
 from pulse.infra import broker
-from pulse.rows import one
+from pulse.infra.db import one
 from pulse.tools.check.base import ORDERS_IN_SCOPE, Result, Scope, result
 
 if TYPE_CHECKING:
