@@ -187,9 +187,9 @@ def new_product(settings):
     return make
 
 
-@pytest.fixture
-def serve_env(settings):
-    """Environment variables that point a `pulse serve` child at this session's private services."""
+def serve_environment(settings) -> dict[str, str]:
+    """Environment variables that point a `pulse serve` child at this session's private services (schedulers
+    slowed to once an hour, so a test decides when to sweep and reconcile)."""
     return {
         "PULSE_DATABASE_URL": settings.database_url,
         "PULSE_REDIS_URL": settings.redis_url,
@@ -200,5 +200,10 @@ def serve_env(settings):
         "PULSE_SWEEP_INTERVAL_S": "3600",
         "PULSE_RECONCILE_INTERVAL_S": "3600",
         "PULSE_RELAY_POLL_S": "0.02",
-        "PULSE_LAB": "1",
     }
+
+
+@pytest.fixture
+def serve_env(settings):
+    """:func:`serve_environment` in lab mode: these tests arm faults."""
+    return {**serve_environment(settings), "PULSE_LAB": "1"}

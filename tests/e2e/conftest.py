@@ -10,22 +10,13 @@ import httpx
 import pytest
 
 from pulse.tools.launcher import ServeProcess
+from tests.conftest import serve_environment
 
 
 @pytest.fixture(scope="session")
 def e2e_env(settings):
-    """Like ``serve_env`` (which is per test), for servers that live for a whole module."""
-    return {
-        "PULSE_DATABASE_URL": settings.database_url,
-        "PULSE_REDIS_URL": settings.redis_url,
-        "PULSE_AMQP_URL": settings.amqp_url,
-        "PULSE_CDC_SLOT": settings.cdc_slot,
-        "PULSE_CDC_PUBLICATION": settings.cdc_publication,
-        "PULSE_OUTBOX_MODE": settings.outbox_mode,
-        "PULSE_SWEEP_INTERVAL_S": "3600",
-        "PULSE_RECONCILE_INTERVAL_S": "3600",
-        "PULSE_RELAY_POLL_S": "0.02",
-    }
+    """Like ``serve_env`` (which is per test), for servers that live for a whole module; not in lab mode."""
+    return serve_environment(settings)
 
 
 @pytest.fixture(scope="module")
