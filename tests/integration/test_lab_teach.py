@@ -127,10 +127,13 @@ def test_stepper_walks_a_post_payment_refund_under_cdc_then_the_relay_takes_over
         assert "PAYMENT_REFUNDED" in refund["emitted"]
         lab.release()
         assert lab.client.wait_settled(order["orderId"])["displayStatus"] == "REFUNDED"
-        lab.checkout({IPHONE: 1})  # a saga through the cdc relay after the release: the relay streams again
+        after = lab.checkout({IPHONE: 1})  # a saga through the cdc relay after the release: the relay streams again
+        assert after["displayStatus"] == "COMPLETED", after
         payments = lab.execute("SELECT status FROM payment.payments WHERE order_id = %s", (order["orderId"],))
         assert [p["status"] for p in payments] == ["REFUNDED"]
-        violations = [c["name"] for c in lab.check(since=since, products=[product]) if not c["ok"]]
-        assert violations == []
+        violations = {c["name"] for c in lab.check(since=since, products=[product]) if not c["ok"]}
+        # The write-off happened outside the system, and the checker rightly says so (units gone, a held cart
+        # refused); nothing else: no effect twice, no delivery missing, the money refunded.
+        assert violations <= {"stock-conservation", "cart-promise-kept"}, violations
     finally:
         lab.stop()
