@@ -7,15 +7,30 @@ import dataclasses
 import threading
 import time
 import uuid
+from decimal import Decimal
 
 import pytest
 
 from pulse import topology
+from pulse.events import Envelope, Item, OrderCreated
 from pulse.infra import db as pulse_db
 from pulse.inventory.handlers import MAX_VERSION_RETRIES, VersionConflict, lock_batch
-from tests.integration.support import db_stock, envelope
+from pulse.status import Strategy
+from tests.integration.support import db_stock
 
 pytestmark = pytest.mark.integration
+
+
+def order_created(order_id: str, product: str, total: str) -> Envelope:
+    """ORDER_CREATED of one unit of ``product`` for an optimistic order, as the relay would deliver it."""
+    event = OrderCreated(
+        order_id=order_id,
+        user_id=str(uuid.uuid4()),
+        strategy=Strategy.OPTIMISTIC,
+        total_price=Decimal(total),
+        items=(Item(product_id=product, quantity=1),),
+    )
+    return Envelope.of(event)
 
 
 def test_concurrent_reservations_of_one_product_all_succeed_or_fail_cleanly(system, new_product, db, tidy_outbox):
@@ -23,19 +38,7 @@ def test_concurrent_reservations_of_one_product_all_succeed_or_fail_cleanly(syst
     reserve = system.dispatcher("inventory.queue")
     orders = [str(uuid.uuid4()) for _ in range(20)]
     tidy_outbox.extend(orders)
-    events = {
-        o: envelope(
-            "ORDER_CREATED",
-            {
-                "orderId": o,
-                "userId": str(uuid.uuid4()),
-                "strategy": "OPTIMISTIC",
-                "totalPrice": "10.00",
-                "items": [{"productId": product, "quantity": 1}],
-            },
-        )
-        for o in orders
-    }
+    events = {o: order_created(o, product, "10.00") for o in orders}
     start, conflicts, errors = threading.Barrier(len(orders)), [], []
 
     def run(order_id):
@@ -81,16 +84,7 @@ def test_a_version_conflict_is_retried_and_then_gives_up(system, new_product, db
     """Another writer bumps the version between our read and our write on every attempt."""
     product, order_id = new_product(stock=5), str(uuid.uuid4())
     tidy_outbox.append(order_id)
-    event = envelope(
-        "ORDER_CREATED",
-        {
-            "orderId": order_id,
-            "userId": str(uuid.uuid4()),
-            "strategy": "OPTIMISTIC",
-            "totalPrice": "1.00",
-            "items": [{"productId": product, "quantity": 1}],
-        },
-    )
+    event = order_created(order_id, product, "1.00")
     attempts = []
 
     class Interfered:
@@ -138,16 +132,7 @@ def test_two_batches_taking_the_same_products_in_opposite_orders_do_not_deadlock
     def order(product):
         o = str(uuid.uuid4())
         tidy_outbox.append(o)
-        return envelope(
-            "ORDER_CREATED",
-            {
-                "orderId": o,
-                "userId": str(uuid.uuid4()),
-                "strategy": "OPTIMISTIC",
-                "totalPrice": "10.00",
-                "items": [{"productId": product, "quantity": 1}],
-            },
-        )
+        return order_created(o, product, "10.00")
 
     batches = {"a": [order(p1), order(p2)], "b": [order(p2), order(p1)]}
     a_holds_first, errors = threading.Event(), []
