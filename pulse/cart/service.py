@@ -164,7 +164,9 @@ class CartService:
         reserved = int(r.get(keys.reserved(product_id)) or 0)
         if int(stock) - reserved < quantity:
             raise Conflict(f"Not enough stock of product {product_id} for {quantity} more unit(s).")
-        time.sleep(0.02)  # widens the window so the lab shows the oversell reliably (naive mode only)
+        # Stands for the network hop or the bit of work naive code does between its read and its write. Wide
+        # enough that the lab's rush shows the oversell on a loaded CI machine too (naive mode only).
+        time.sleep(0.1)
         r.set(keys.reserved(product_id), reserved + quantity)
 
     def _ttl_s(self, user_id: uuid.UUID) -> float:

@@ -65,6 +65,9 @@ class PulseClient:
             raise PulseError(response.status_code, response.json().get("error", response.text))
         return response.json()
 
+    def health(self) -> dict:
+        return self._call("GET", "/health")
+
     def products(self) -> list[dict]:
         return self._call("GET", "/api/products")
 

@@ -5,6 +5,7 @@ publish latency and inbox duplicates, each returning plain numbers; and ``show*`
 
 from __future__ import annotations
 
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,17 +45,23 @@ def show_bars(
     show(fig)
 
 
-def concurrent_adds(lab, product: str, users: int, *, quantity: int = 1, workers: int = 16) -> dict:
+def concurrent_adds(lab, product: str, users: int, *, quantity: int = 1) -> dict:
     """``users`` different users each add ``quantity`` of one product at the same moment.
 
     Returns ``{'accepted', 'rejected', 'users': [ids of accepted carts], 'redisReserved', 'dbCartUnits'}``:
     with the Lua script, accepted × quantity never exceeds the stock; with the naive GET/SET it can.
     """
     ids = [str(uuid.uuid4()) for _ in range(users)]
+    # "The same moment" must hold on a loaded machine too: every shopper has an open connection (warmed by a
+    # health call) and waits at a barrier, so the adds leave together instead of trickling out as threads
+    # start and connect, which could let a naive GET/SET finish before the next one reads.
+    start = threading.Barrier(users)
 
     def add(user):
         client = PulseClient(lab.url)
         try:
+            client.health()
+            start.wait(timeout=30)
             client.add_item(user, product, quantity)
             return user
         except PulseError:
@@ -62,7 +69,7 @@ def concurrent_adds(lab, product: str, users: int, *, quantity: int = 1, workers
         finally:
             client.close()
 
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(users) as pool:
         accepted = [u for u in pool.map(add, ids) if u]
     drift = lab.q.drift([product]).iloc[0]
     return {

@@ -3,6 +3,8 @@ the stepper walking a saga, predictions and the generated summary."""
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 
 from pulse.lab import Lab, teach
@@ -48,6 +50,27 @@ def test_each_switch_is_demonstrated_off_and_on(lab, pattern, switch, scenario):
     assert lab.demonstrations == [demo]
     text = teach.what_you_saw(lab.demonstrations, display=False)
     assert pattern in text and demo["off"]["violations"][0] in text
+
+
+def _burn(stop):
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+def test_the_rush_shoppers_arrive_together_on_a_busy_machine(lab):
+    # CI once saw the naive rush accept no more carts than there were units: the shoppers trickled in as their
+    # threads started and connected. On a machine kept busy, every naive add must still read the same count.
+    stop = multiprocessing.Event()
+    hogs = [multiprocessing.Process(target=_burn, args=(stop,), daemon=True) for _ in range(4)]
+    for hog in hogs:
+        hog.start()
+    try:
+        demo = lab.demonstrate("lua-reservation", "reserve-get-set", lambda lab: sc.rush(lab, stock=3, shoppers=16))
+    finally:
+        stop.set()
+        for hog in hogs:
+            hog.join()
+    assert demo["off"]["accepted"] == 16 and demo["on"]["accepted"] == 3, demo
 
 
 def test_lost_updates_are_demonstrated_with_two_inventory_consumers(lab):
