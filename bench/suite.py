@@ -1,7 +1,22 @@
-"""``bench/run [--quick] [--only NAME,...]``: every figure of issue 6 next to a limit measured in the same run.
+"""``bench/run [--quick] [--only NAME,...]``: every performance figure of the project next to a limit measured in
+the same run on the same machine, so a busy day moves both and the ratio still says something.
 
-Results go to ``bench/results/<timestamp>.json`` and ``bench/results/latest.json``; BENCHMARKS.md gets the table.
-A measurement that cannot run leaves its keys null with the reason in ``<key>_reason``; nothing is made up.
+Sections (all by default, in this order; ``--only`` picks some):
+  cart       PUT /api/cart adds/s (1 and 2 API processes) against pgbench -N at equal concurrency
+  redis      CartService.reserve/s against redis-benchmark EVALSHA of the same script
+  relay      outbox relay events/s against raw unconfirmed publishes; polling and cdc p99 at 1,000 events/s
+  e2e        checkouts/s at saturation, then create->COMPLETED p50/p99 at half that rate, for both strategies
+             and both relays; CPU ms, statements, transactions and messages per checkout, per component
+  reconcile  delta reconciliation against a full scan, 10k/100k/1M products
+  scaling    1 against 2 `pulse serve` processes
+
+Plans: the default (full) plan runs 15 s phases and takes 15-25 minutes; ``--quick`` runs 4 s phases in under 5
+minutes, enough to see a change but too short to quote a p99 from. The run uses private services: its own
+PostgreSQL cluster with pg_stat_statements (bench/pgserver.py), a vhost and a Redis DB; nothing shared is flushed.
+
+Results go to ``bench/results/<timestamp>.json`` and ``bench/results/latest.json``; BENCHMARKS.md gets the tables,
+``goals`` and ``goals_13`` say which limits were met. A measurement that cannot run leaves its keys null with the
+reason in ``<key>_reason``; nothing is made up. Compare two source trees in one run with bench/compare.py.
 """
 
 from __future__ import annotations
