@@ -273,6 +273,7 @@ def relay_latency(p, *, mode: str, rate: float, duration_s: float) -> dict:
     receives the message; both ends run in this process, so the clocks agree.
     """
     s = p.settings.replace(outbox_mode=mode)
+    p.drop_slot()  # a cdc relay starts at the present, not replaying the throughput run's 100,000 events
     broker.setup(s.amqp_url, topology.bindings())
     committed: dict[str, float] = {}
     received: dict[str, float] = {}
@@ -363,6 +364,7 @@ def end_to_end(
 ) -> dict:
     """Saturation (closed loop) gives the sustained checkouts/s; half that rate (open loop) gives the latency."""
     p.purge_queues()  # a previous configuration's late messages must not reach this one's handlers
+    p.drop_slot()  # nor its WAL this one's relay (see Private.drop_slot)
     with serve(p, strategy=strategy, outbox_mode=outbox_mode, log=log, api_processes=api_processes) as server:
         warm = run_load(
             server.url, concurrency=4, duration_s=1.5, track="db", progress=False, database_url=p.probe_database_url
@@ -463,6 +465,7 @@ def scaling(p, *, concurrency: int, duration_s: float, log=None) -> dict:
     result = {}
     for n in (1, 2):
         p.purge_queues()
+        p.drop_slot()
         servers = []
         try:
             for _ in range(n):

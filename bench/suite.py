@@ -10,7 +10,7 @@ Sections (all by default, in this order; ``--only`` picks some):
   reconcile  delta reconciliation against a full scan, 10k/100k/1M products
   scaling    1 against 2 `pulse serve` processes
 
-Plans: the default (full) plan runs 15 s phases and takes 15-25 minutes; ``--quick`` runs 4 s phases in under 5
+Plans: the default (full) plan runs 15 s phases and takes about 8 minutes; ``--quick`` runs 4 s phases in under 5
 minutes, enough to see a change but too short to quote a p99 from. The run uses private services: its own
 PostgreSQL cluster with pg_stat_statements (bench/pgserver.py), a vhost and a Redis DB; nothing shared is flushed.
 
