@@ -200,6 +200,21 @@ def flush_lsn(conn: AnyConn) -> int:
     return lsn_int(_row(conn, "SELECT pg_current_wal_flush_lsn()::text AS lsn")["lsn"])
 
 
+def advance(conn: AnyConn, slot: str, lsn: int) -> int:
+    """Move the slot's confirmed position to ``lsn`` (never back), as a client confirming it would; returns the
+    new position. The server decodes the WAL in between without sending it."""
+    try:
+        row = _row(
+            conn,
+            "SELECT end_lsn::text AS lsn FROM pg_replication_slot_advance(%s, GREATEST(%s::pg_lsn, "
+            "(SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s)))",
+            (slot, lsn_text(lsn), slot),
+        )
+    except psycopg.errors.ObjectNotInPrerequisiteState as exc:  # "cannot be advanced": invalidated meanwhile
+        raise SlotLost(f"could not advance slot {slot}: {exc}") from exc
+    return lsn_int(row["lsn"])
+
+
 def wait_released(conn: AnyConn, slot: str, timeout_s: float = 5.0) -> None:
     """A previous stream's walsender (ours after a broker error, or a dead holder's) exits a moment after
     its client; until then the slot is active and START_REPLICATION would be refused."""

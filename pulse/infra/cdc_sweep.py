@@ -1,10 +1,11 @@
 """The CDC relay's start-up sweep: publish the outbox rows its slot will never deliver.
 
-A slot streams only what was committed after it existed, and only from its confirmed position on. Rows written
-before that (polling mode, a slot dropped and created again after a loss) or already past the position but not
-deleted (a crash between the slot's advance and the DELETE) are in the table only. The relay first reads the
-slot up to the WAL position of its start (:class:`CatchUp`), so a row the slot delivered is gone by then, and
-then sweeps the table once: a row committed meanwhile may go out twice, never zero times.
+A relay that takes the lock moves its slot to the present (``cdc_slot.advance``), so every event committed
+before that is in the table only: rows left by polling mode, by a relay that stopped or crashed before deleting
+them, or by a slot dropped and created again after a loss. Rows already deleted were confirmed by the broker, so
+skipping their WAL loses nothing. A stream restarted while the lock is held resumes from the slot instead. The
+stream is read up to the WAL position of the start (:class:`CatchUp`), so a row the slot delivered is gone by
+then, and then the table is swept once: a row committed meanwhile may go out twice, never zero times.
 """
 
 from __future__ import annotations

@@ -110,6 +110,7 @@ class CdcRelay:
         self._unflushed_lsn: int | None = None  # the slot may move here once those rows are deleted
         self._last_flush = 0.0
         self._unroutable_retry_at = 0.0
+        self._skip_to_present = False  # set when the lock is taken: see _start_stream
         self._check_wal_level()
 
     @property
@@ -276,9 +277,17 @@ class CdcRelay:
             self._start_stream(conn)
 
     def _start_stream(self, conn: ControlConn) -> None:
-        self._confirmed_lsn = cdc_slot.confirmed_lsn(conn, self.slot)
-        # Read the slot up to the present before sweeping the table, so the sweep sees only what the slot misses.
         now_lsn = cdc_slot.flush_lsn(conn)
+        if self._skip_to_present:
+            # A relay that has just taken the lock starts at the present, not where the slot was left: every
+            # event committed before now is a row still in the table, which the start-up sweep publishes, or a
+            # row already deleted, which happens only after the broker confirmed it. Replaying the slot would
+            # publish again everything a polling relay sent since the slot last moved (a whole polling stretch
+            # after a switch back to cdc). A stream restarted while holding the lock (a broker outage) resumes
+            # from the slot, so the slot never moves past an event this relay has not had confirmed.
+            cdc_slot.advance(conn, self.slot, now_lsn)
+            self._skip_to_present = False
+        self._confirmed_lsn = cdc_slot.confirmed_lsn(conn, self.slot)
         self._sweep_after = cdc_sweep.CatchUp(now_lsn, self._confirmed_lsn, self.catch_up_limit_s)
         self._stream = WalStream(
             self.settings.database_url, self.slot, self.publication, self._confirmed_lsn, self.app_name
@@ -382,7 +391,7 @@ class CdcRelay:
     def _try_lock(self, conn: ControlConn) -> bool:
         got = cdc_slot.try_lock(conn, self.slot)
         if got:
-            self.is_active = True
+            self.is_active, self._skip_to_present = True, True
             log.info("cdc relay took the relay lock for slot %s", self.slot)
         return got
 
