@@ -5,6 +5,7 @@ publish latency and inbox duplicates, each returning plain numbers; and ``show*`
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -60,8 +61,11 @@ def concurrent_adds(lab, product: str, users: int, *, quantity: int = 1) -> dict
     def add(user):
         client = PulseClient(lab.url)
         try:
-            client.health()
-            start.wait(timeout=30)
+            try:
+                client.health()
+            finally:  # at the barrier even when the warm-up failed, so nobody waits for this shopper in vain
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    start.wait(timeout=30)
             client.add_item(user, product, quantity)
             return user
         except PulseError:
