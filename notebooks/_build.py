@@ -251,10 +251,11 @@ can read `reserved:`. This is the script the cart runs:"""),
     code("_ = teach.lua('reserve_stock')"),
     md("""## The naive version, as the `reserve-get-set` switch runs it
 Read `stock:` and `reserved:`, decide, write `reserved:` back: three commands, with other requests free to run
-between them. Note the `time.sleep(0.02)` — it is **there on purpose, in naive mode only**: on one machine the
+between them. Note the `time.sleep(0.1)` — it is **there on purpose, in naive mode only**: on one machine the
 gap between GET and SET is well under a millisecond, so the race is real but would show only now and then. The
-sleep widens the window so that every run of this notebook shows it; production code under real load and
-network latency has windows of that size without any sleep."""),
+sleep widens the window to 100 ms so that every run of this notebook shows it, even on a busy machine;
+production code under real load, with a network hop or a slow step between its read and its write, has
+windows of that size without any sleep."""),
     code("from pulse.cart.service import CartService\n_ = teach.source(CartService._reserve_get_set)"),
     code(
         "teach.predict(f'{SHOPPERS} shoppers add 1 unit of a product with {STOCK} in stock, at the same moment, '\n"
