@@ -62,7 +62,9 @@ class System:
         """Let another handler take ``event`` on ``queue`` in this system (a workshop plugs the learner's in)."""
         spec = self.queues[queue]
         routes = tuple(
-            dataclasses.replace(r, handler=handler, claims_inbox=claims_inbox) if r.event == event else r
+            dataclasses.replace(r, handler=handler, claims_inbox=claims_inbox, claims_always=False)
+            if r.event == event
+            else r
             for r in spec.routes
         )
         self.queues[queue] = dataclasses.replace(spec, routes=routes)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pulse.events import Envelope
 from pulse.events import EventType as E
-from pulse.infra import inbox
+from pulse.infra import db, inbox
 from pulse.inventory import handlers as inventory
 from pulse.orders import handlers as orders
 from pulse.payment import handlers as payment
@@ -49,6 +49,14 @@ class Route:
     handler: Callable[..., Any]
     strategies: frozenset[str] = STRATEGIES
     claims_inbox: bool = True
+    # A ``claims_inbox=False`` handler that always claims the inbox in its consumer's transaction (redis-stock)
+    # lets a batch claim for it up front too; one that may skip its claim or take its own transaction must not.
+    claims_always: bool = False
+
+    @property
+    def claimed_up_front(self) -> bool:
+        """Whether a consumer batch claims this event's inbox row for the whole batch (Dispatcher.claim_batch)."""
+        return self.claims_inbox or self.claims_always
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +121,12 @@ TOPOLOGY: tuple[Queue, ...] = (
         "redis-stock",
         "infra.redis_stock_inbox",
         routes=(
-            Route(E.ORDER_CREATED, redisstock.on_order_created, claims_inbox=False),
-            Route(E.STOCK_RESERVED, redisstock.on_stock_decided, claims_inbox=False),
-            Route(E.STOCK_FAILED, redisstock.on_stock_decided, claims_inbox=False),
+            Route(E.ORDER_CREATED, redisstock.on_order_created, claims_inbox=False, claims_always=True),
+            Route(E.STOCK_RESERVED, redisstock.on_stock_decided, claims_inbox=False, claims_always=True),
+            Route(E.STOCK_FAILED, redisstock.on_stock_decided, claims_inbox=False, claims_always=True),
             # Post-payment only: an optimistic decline comes after the reservation, whose hold is gone already.
-            Route(E.PAYMENT_FAILED, redisstock.on_stock_decided, POST, claims_inbox=False),
-            Route(E.STOCK_RELEASED, redisstock.on_stock_released, claims_inbox=False),
+            Route(E.PAYMENT_FAILED, redisstock.on_stock_decided, POST, claims_inbox=False, claims_always=True),
+            Route(E.STOCK_RELEASED, redisstock.on_stock_released, claims_inbox=False, claims_always=True),
         ),
     ),
 )
@@ -164,6 +172,22 @@ class Dispatcher:
         return self.queue.route(envelope.event_type, envelope.strategy) is not None and (
             target is None or target == self.queue.name
         )
+
+    def claim_batch(self, batch: db.Batch, envelopes: list[Envelope]) -> None:
+        """Claim the inbox rows of a consumer batch's envelopes in one statement, in the batch's transaction;
+        each handler's :func:`inbox.claim` then reads its answer instead of running its own INSERT."""
+        if self.deps.naive("no-inbox"):
+            return
+        ids = [e.id for e in envelopes if (r := self._route(e)) is not None and r.claimed_up_front]
+        claims = inbox.claim_batch(batch.conn, self.queue.inbox, ids)
+        batch.claims.update({(self.queue.inbox, event_id): new for event_id, new in claims.items()})
+
+    def _route(self, envelope: Envelope) -> Route | None:
+        """The route this queue's module takes the envelope by, if it acts on it at all."""
+        target = envelope.redrive_for
+        if target is not None and target != self.queue.name:
+            return None
+        return self.queue.route(envelope.event_type, envelope.strategy)
 
     def __call__(self, envelope: Envelope) -> None:
         strategy = envelope.strategy

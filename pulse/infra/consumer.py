@@ -251,8 +251,13 @@ class Consumer(threading.Thread):
         assert self.pool is not None, "_consume batches only with a pool"
         try:
             with db.batch(self.pool) as current:
+                envelopes = [envelope for *_, envelope in parsed]
                 if self.prelock is not None:
-                    self.prelock(current.conn, [envelope for *_, envelope in parsed], naive=self._naive)
+                    self.prelock(current.conn, envelopes, naive=self._naive)
+                # After the pre-lock, as the handlers' own claims came after it: every batch takes rows, then ids.
+                claim_batch = getattr(self.dispatch, "claim_batch", None)
+                if claim_batch is not None:
+                    claim_batch(current, envelopes)
                 for method, props, body, envelope in parsed:
                     current.callbacks = []
                     try:

@@ -118,6 +118,11 @@ class Batch:
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
         self.callbacks: list[Callable[[], object]] = []
+        # Inbox claims taken for the whole batch up front (pulse.infra.inbox.claim_batch): (table, event id) → new.
+        self.claims: dict[tuple[str, object], bool] = {}
+        # Outbox rows the batch's handlers appended, written in one INSERT just before the commit (pulse.infra.outbox).
+        self.outbox: list[tuple[object, ...]] = []
+        self.before_commit: list[Callable[[Conn], object]] = []
 
 
 # The batch a consumer thread has open; handlers find it here so their signatures stay handler(deps, envelope).
@@ -128,7 +133,8 @@ _local = threading.local()
 def batch(pool: Pool) -> Iterator[Batch]:
     """One transaction for many messages on this thread: :func:`unit` inside it neither commits nor takes a savepoint.
 
-    Committed when the block exits normally (one WAL flush and one pool checkout for the whole batch). A handler
+    Committed when the block exits normally (one WAL flush and one pool checkout for the whole batch), after the
+    batch's ``before_commit`` work (the buffered outbox rows). A handler
     that raises leaves its statements in the transaction, so the batch's owner must not commit after one: it rolls
     the whole batch back and takes each message alone (pulse.infra.consumer._process_batch).
     """
@@ -137,8 +143,16 @@ def batch(pool: Pool) -> Iterator[Batch]:
         _local.batch = current
         try:
             yield current
+            for fn in current.before_commit:
+                fn(conn)
         finally:
             _local.batch = None
+
+
+def open_batch(conn: object) -> Batch | None:
+    """The consumer batch open on this thread, if ``conn`` is its connection (None otherwise)."""
+    current: Batch | None = getattr(_local, "batch", None)
+    return current if current is not None and current.conn is conn else None
 
 
 @contextlib.contextmanager
@@ -165,6 +179,14 @@ def after_commit(fn: Callable[[], object]) -> None:
         fn()
     else:
         current.callbacks.append(fn)
+
+
+def take_claim(table: str, event_id: object) -> bool | None:
+    """The batch's up-front inbox claim of this event, used once (None: not claimed up front, or no batch)."""
+    current: Batch | None = getattr(_local, "batch", None)
+    if current is None or not current.claims:
+        return None
+    return current.claims.pop((table, event_id), None)
 
 
 def connect(url: str, **kwargs: Any) -> Conn:

@@ -19,6 +19,7 @@ import psycopg
 from psycopg.rows import DictRow, dict_row, tuple_row
 
 from pulse.events import Envelope, Event, dumps
+from pulse.infra import db
 
 # Any row factory: every statement here sets its own cursor's.
 AnyConn = psycopg.Connection[Any]
@@ -45,15 +46,33 @@ CLAIM_SWEEP = (
 def append(
     conn: AnyConn, event_type: str, aggregate_type: str, aggregate_id: object, payload: dict[str, Any]
 ) -> uuid.UUID:
-    """Add one event to ``shared.outbox`` inside the caller's transaction; returns its id (the dedup key)."""
+    """Add one event to ``shared.outbox`` inside the caller's transaction; returns its id (the dedup key).
+
+    Inside a consumer batch the row is buffered and the batch writes all its rows in one INSERT just before it
+    commits (rows of one batch keep their order): one statement per batch instead of one per event. The row is
+    then outside any savepoint the handler takes, so a handler must not append inside a savepoint it may roll
+    back (none does: inventory appends after its retried savepoint).
+    """
     event_id = uuid.uuid4()
-    kind = _kind(event_type)
-    conn.execute(
-        "INSERT INTO shared.outbox (id, aggregate_type, aggregate_id, event_type, payload) "
-        "VALUES (%s, %s, %s, %s, %s::jsonb)",
-        (event_id, aggregate_type, str(aggregate_id), kind, dumps(payload)),
-    )
+    row = (event_id, aggregate_type, str(aggregate_id), _kind(event_type), dumps(payload))
+    current = db.open_batch(conn)
+    if current is None:
+        _insert(conn, [row])
+        return event_id
+    if not current.outbox:
+        pending = current.outbox
+        current.before_commit.append(lambda c: _insert(c, pending))
+    current.outbox.append(row)
     return event_id
+
+
+def _insert(conn: AnyConn | psycopg.Cursor[Any], rows: list[tuple[object, ...]]) -> None:
+    """One INSERT of ``rows`` (``seq`` follows the list's order, as separate inserts in that order would give)."""
+    conn.execute(
+        "INSERT INTO shared.outbox (id, aggregate_type, aggregate_id, event_type, payload) VALUES "
+        + ", ".join(["(%s, %s, %s, %s, %s::jsonb)"] * len(rows)),
+        [value for row in rows for value in row],
+    )
 
 
 def _kind(event_type: object) -> str:
@@ -66,17 +85,13 @@ def append_event(conn: AnyConn, event: Event) -> uuid.UUID:
 
 
 def append_events(conn: AnyConn | psycopg.Cursor[Any], events: list[Event]) -> list[uuid.UUID]:
-    """Add several typed saga events in one INSERT (one statement and round trip, not one each); ``seq`` follows
-    the list's order, as separate appends in that order would give."""
+    """Add several typed saga events in one INSERT (one statement and round trip, not one each)."""
     ids = [uuid.uuid4() for _ in events]
-    params: list[object] = []
-    for event_id, event in zip(ids, events, strict=True):
-        params += [event_id, "ORDER", str(event.order_id), _kind(event.TYPE), dumps(event.to_payload())]
-    conn.execute(
-        "INSERT INTO shared.outbox (id, aggregate_type, aggregate_id, event_type, payload) VALUES "
-        + ", ".join(["(%s, %s, %s, %s, %s::jsonb)"] * len(events)),
-        params,
-    )
+    rows: list[tuple[object, ...]] = [
+        (event_id, "ORDER", str(e.order_id), _kind(e.TYPE), dumps(e.to_payload()))
+        for event_id, e in zip(ids, events, strict=True)
+    ]
+    _insert(conn, rows)
     return ids
 
 

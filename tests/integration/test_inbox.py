@@ -9,6 +9,7 @@ import pytest
 from pulse.events import Envelope
 from pulse.events import EventType as E
 from pulse.infra import broker
+from pulse.infra import db as pulse_db
 from tests.conftest import wait_for
 from tests.integration.support import (
     db_cart,
@@ -241,3 +242,32 @@ def test_the_naive_unguarded_mode_shows_why_the_guard_exists(make_system, new_pr
     bus.pending.clear()
     bus.run(order_id, hold={"inventory.queue", "payment.queue"})
     bus.pending.clear()
+
+
+def test_a_consumer_batch_claims_its_events_in_one_statement_and_once_each(system, new_product, db, bus_for):
+    """A batch claims its inbox rows up front (one INSERT): a fresh event takes effect, an event already handled
+    and the second copy of an event within the batch do not, and both count as the duplicates they are."""
+    bus, other_bus = bus_for(system), bus_for(system)
+    fresh_order, _, _ = checkout(system, new_product)
+    seen_order, _, _ = checkout(system, new_product)
+    fresh = take(bus, fresh_order, "ORDER_UPDATED")
+    seen = take(other_bus, seen_order, "ORDER_UPDATED")
+    project = system.dispatcher("order-view.queue")
+    project(seen)  # handled on its own, before the batch
+    db.execute("DELETE FROM orders.order_views WHERE order_id = %s", (seen_order,))  # a second effect would show
+    inbox = "orders.order_view_inbox"
+    with pulse_db.batch(system.deps.pool) as current:
+        project.claim_batch(current, [fresh, seen, fresh])
+        assert current.claims == {(inbox, fresh.id): True, (inbox, seen.id): False}
+        for event in (fresh, seen, fresh):
+            project(event)
+        assert current.claims == {}  # each up-front claim was used, once
+    assert view_status(db, fresh_order) == "PROCESSING"
+    assert view_status(db, seen_order) is None
+    duplicates = db.execute(
+        f"SELECT event_id, duplicates FROM {inbox} WHERE event_id = ANY(%s)", ([fresh.id, seen.id],)
+    ).fetchall()
+    assert {r["event_id"]: r["duplicates"] for r in duplicates} == {fresh.id: 1, seen.id: 1}
+    for b, order_id in ((bus, fresh_order), (other_bus, seen_order)):
+        b.pending = [(q, e) for q, e in b.pending if q != "order-view.queue"]
+        b.run(order_id)
