@@ -114,6 +114,21 @@ def test_a_key_committed_by_a_request_whose_lock_expired_returns_its_order_and_w
     )
 
 
+def test_a_key_whose_order_already_emptied_the_cart_returns_that_order_not_a_404(system, new_product, db, tidy_outbox):
+    # The request before us held the lock, committed, and its ORDER_CREATED already moved the cart into the order.
+    user, _ = cart_for(system, new_product)
+    first = system.orders.create(user, f"k-{user}")
+    tidy_outbox.append(first["orderId"])
+    db.execute(
+        "DELETE FROM inventory.cart_items ci USING inventory.carts c WHERE ci.cart_id = c.id AND c.user_id = %s",
+        (user,),
+    )
+    assert system.orders._create_locked(user, f"k-{user}") == first  # as if our lock came right after its release
+    other, _ = cart_for(system, new_product)
+    with pytest.raises(Invalid, match="another user"):
+        system.orders._create_locked(other, f"k-{user}")
+
+
 def test_a_key_used_by_another_user_is_rejected(system, new_product, tidy_outbox):
     user, _ = cart_for(system, new_product)
     tidy_outbox.append(system.orders.create(user, f"k-{user}")["orderId"])
