@@ -31,6 +31,7 @@ def brief(e: dict) -> dict:
         "cpu_ms": cpu.get("by_component"),
         "statements": pg.get("statements_per_checkout"),
         "xids": pg.get("xids_per_checkout"),
+        "commits": pg.get("explicit_commits_per_checkout"),
         # Executor time of the statements (pg_stat_statements' top list), and the heaviest five: where it went.
         "exec_ms": round(sum(t["exec_ms_per_checkout"] for t in top), 3),
         "top_exec_ms": {
@@ -69,6 +70,7 @@ def main() -> int:
         action="store_true",
         help="each tree its own database (and cdc slot) in the cluster: for trees whose migrations differ",
     )
+    ap.add_argument("--log-dir", help="keep each server's log here, as <tree>-<round>.log (batch failures, warnings)")
     args = ap.parse_args()
     strategy, mode = args.config.split("/")
     out = {"a": str(Path(args.a).resolve()), "b": str(Path(args.b).resolve()), "config": args.config, "runs": []}
@@ -81,8 +83,9 @@ def main() -> int:
             for label in ("a", "b"):
                 tree = out[label]
 
-                def serve(p_, tree=tree, **kw):  # the same server, run from the other tree's code
-                    kw["extra_env"] = {**(kw.get("extra_env") or {}), "PYTHONPATH": tree}
+                def serve(p_, tree=tree, log_to=f"{args.log_dir}/{label}-{r}.log" if args.log_dir else None, **kw):
+                    kw["extra_env"] = {**(kw.get("extra_env") or {}), "PYTHONPATH": tree}  # the other tree's code
+                    kw["log"] = kw.get("log") or log_to
                     return real_serve(p_, **kw)
 
                 measure.serve = serve
