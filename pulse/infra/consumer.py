@@ -265,6 +265,11 @@ class Consumer(threading.Thread):
                     except Exception as exc:
                         raise _HandlerFailed(f"{envelope.event_type} {envelope.id}: {exc}") from exc
                     done.append((method, props, body, current.callbacks))
+                # A claim taken up front that no handler read would commit "handled" for an event whose effect
+                # never ran, and its redelivery would be dropped as a duplicate: never commit that.
+                unused = [event_id for (_, event_id), new in current.claims.items() if new]
+                if unused:
+                    raise _HandlerFailed(f"inbox claimed up front but never read by a handler for {unused}")
         except Exception as exc:
             log.warning("%s: batch of %d failed (%s); handling its messages one by one", self.name, len(taken), exc)
             for method, props, body in taken:

@@ -179,3 +179,13 @@ def test_an_unknown_event_type_is_refused():
     dispatch = topology.Dispatcher(topology.BY_NAME["payment.queue"], Deps())
     with pytest.raises(topology.UnroutableEvent):
         dispatch(_envelope("ORDER_UPDATED", strategy="OPTIMISTIC"))
+
+
+def test_a_handler_claimed_for_up_front_claims_the_inbox_of_its_own_queue():
+    """A batch claims ``claims_always`` routes' events in the queue's inbox; a handler claiming another table would
+    leave that claim unread (the consumer then refuses to commit the batch)."""
+    always = [(q, r) for q in topology.TOPOLOGY for r in q.routes if r.claims_always]
+    assert always, "redis-stock's routes are claimed up front"
+    for queue, route in always:
+        assert queue.batched and not route.claims_inbox
+        assert route.handler.__module__ == redisstock.__name__ and queue.inbox == redisstock.INBOX
