@@ -168,10 +168,7 @@ class Dispatcher:
 
     def wants(self, envelope: Envelope) -> bool:
         """Whether this queue's module acts on the envelope (the lab's lost-event fault loses only those)."""
-        target = envelope.redrive_for
-        return self.queue.route(envelope.event_type, envelope.strategy) is not None and (
-            target is None or target == self.queue.name
-        )
+        return self._route(envelope) is not None
 
     def claim_batch(self, batch: db.Batch, envelopes: list[Envelope]) -> None:
         """Claim the inbox rows of a consumer batch's envelopes in one statement, in the batch's transaction;
