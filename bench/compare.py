@@ -73,6 +73,8 @@ def main() -> int:
     ap.add_argument("--log-dir", help="keep each server's log here, as <tree>-<round>.log (batch failures, warnings)")
     args = ap.parse_args()
     strategy, mode = args.config.split("/")
+    if args.log_dir:
+        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     out = {"a": str(Path(args.a).resolve()), "b": str(Path(args.b).resolve()), "config": args.config, "runs": []}
     with services(shared_pg=False) as p:
         real_serve = measure.serve

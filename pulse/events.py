@@ -327,6 +327,9 @@ def parse(event_type: str, payload: object) -> Event:
 
 # ----- the wire envelope ---------------------------------------------------------------------------------
 
+# The payload keys an envelope is routed by, spelled once (every delivery reads them, some several times).
+_STRATEGY, _REDRIVE_FOR, _ORDER_ID = _camel("strategy"), _camel("redrive_for"), _camel("order_id")
+
 
 @dataclasses.dataclass(frozen=True)
 class Envelope:
@@ -353,15 +356,15 @@ class Envelope:
     # Raw JSON values, not validated until the payload is parsed.
     @property
     def strategy(self) -> Any:
-        return self.payload.get(_camel("strategy"))
+        return self.payload.get(_STRATEGY)
 
     @property
     def redrive_for(self) -> Any:
-        return self.payload.get(_camel("redrive_for"))
+        return self.payload.get(_REDRIVE_FOR)
 
     @property
     def order_id(self) -> str:
-        return str(self.payload.get(_camel("order_id")) or self.aggregate_id)
+        return str(self.payload.get(_ORDER_ID) or self.aggregate_id)
 
     def to_json(self) -> bytes:
         return json.dumps(

@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
+from pulse.api.hot import HotRoutes
 from pulse.errors import PulseError
 from pulse.infra.db import DatabaseUnavailable
 from pulse.infra.redis_scripts import RedisUnavailable
@@ -251,8 +252,12 @@ def consumer_status(system: System) -> list[dict[str, Any]]:
     return threads
 
 
-def create_app(system: System) -> FastAPI:
-    """The FastAPI application over a built :class:`pulse.bootstrap.System` (OpenAPI docs at /docs)."""
+def create_app(system: System, *, hot: bool = True) -> FastAPI:
+    """The FastAPI application over a built :class:`pulse.bootstrap.System` (OpenAPI docs at /docs).
+
+    ``hot=False`` leaves out the short path of the checkout's two hot requests (pulse.api.hot): every request then
+    takes FastAPI's own path, which the tests compare it with.
+    """
     app = FastAPI(
         title="Checkout Pulse",
         version="0.1.0",
@@ -384,4 +389,6 @@ def create_app(system: System) -> FastAPI:
             "consumers": consumer_status(system),
         }
 
+    if hot:
+        app.add_middleware(HotRoutes, fastapi=app)
     return app
