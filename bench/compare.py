@@ -2,7 +2,8 @@
 
 One private PostgreSQL cluster, vhost and Redis DB; the saturation + half-load phases of bench/measure.end_to_end
 alternate between a ``pulse serve`` running tree A's code and one running tree B's (``PYTHONPATH``), ``--rounds``
-times, so both see the same machine load. Prints CPU ms, statements and xids per checkout.
+times, so both see the same machine load. Prints CPU ms, statements and xids per checkout. ``--config cart``
+compares the cart section instead (bench/measure.cart_adds): cart adds/s and the cores each component used.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", required=True, help="source tree A (its pulse/ is imported by A's server)")
     ap.add_argument("--b", default=str(ROOT), help="source tree B (default: this one)")
-    ap.add_argument("--config", default="optimistic/cdc")
+    ap.add_argument("--config", default="optimistic/cdc", help="STRATEGY/OUTBOX_MODE of the e2e phases, or cart")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -72,7 +73,7 @@ def main() -> int:
     )
     ap.add_argument("--log-dir", help="keep each server's log here, as <tree>-<round>.log (batch failures, warnings)")
     args = ap.parse_args()
-    strategy, mode = args.config.split("/")
+    strategy, mode = args.config.split("/") if args.config != "cart" else (None, None)
     if args.log_dir:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     out = {"a": str(Path(args.a).resolve()), "b": str(Path(args.b).resolve()), "config": args.config, "runs": []}
@@ -96,13 +97,22 @@ def main() -> int:
                 # `python -m pulse` puts its working directory ahead of PYTHONPATH: run it from the tree itself.
                 os.chdir(tree)
                 try:
-                    e = measure.end_to_end(
-                        p, strategy=strategy, outbox_mode=mode, concurrency=args.concurrency, duration_s=args.seconds
-                    )
+                    if args.config == "cart":
+                        c = measure.cart_adds(p, concurrency=args.concurrency, duration_s=args.seconds)
+                        run = {"cart_adds_per_s": c["cart_adds_per_s"], "cpu": c["cpu"]}
+                    else:
+                        e = measure.end_to_end(
+                            p,
+                            strategy=strategy,
+                            outbox_mode=mode,
+                            concurrency=args.concurrency,
+                            duration_s=args.seconds,
+                        )
+                        run = brief(e)
                 finally:
                     measure.serve = real_serve
                     os.chdir(ROOT)
-                out["runs"].append({"round": r, "tree": label, **brief(e)})
+                out["runs"].append({"round": r, "tree": label, **run})
                 print(json.dumps(out["runs"][-1]), file=sys.stderr, flush=True)
     print(json.dumps(out, indent=2))
     return 0

@@ -48,6 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from pulse import bootstrap
     from pulse.api.app import create_app
+    from pulse.api.http import OneWriteHttpToolsProtocol
 
     if args.lab:
         # Through the environment, so --processes' API children and anything else this server starts are in
@@ -70,7 +71,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if "api" in roles:
             server = uvicorn.Server(
                 uvicorn.Config(
-                    create_app(system), host=args.host, port=args.port, log_level="warning", access_log=False
+                    create_app(system),
+                    host=args.host,
+                    port=args.port,
+                    http=OneWriteHttpToolsProtocol,
+                    log_level="warning",
+                    access_log=False,
                 )
             )
             sockets = None
