@@ -86,7 +86,11 @@ class Queue:
 
 TOPOLOGY: tuple[Queue, ...] = (
     Queue(
-        "order.queue", "orders", "orders.inbox", routes=tuple(Route(e, orders.on_saga_event) for e in orders.HANDLED)
+        "order.queue",
+        "orders",
+        "orders.inbox",
+        prelock=orders.lock_batch,
+        routes=tuple(Route(e, orders.on_saga_event) for e in orders.HANDLED),
     ),
     Queue(
         "inventory.queue",

@@ -120,9 +120,21 @@ class Batch:
         self.callbacks: list[Callable[[], object]] = []
         # Inbox claims taken for the whole batch up front (pulse.infra.inbox.claim_batch): (table, event id) → new.
         self.claims: dict[tuple[str, object], bool] = {}
-        # Outbox rows the batch's handlers appended, written in one INSERT just before the commit (pulse.infra.outbox).
-        self.outbox: list[tuple[object, ...]] = []
+        # Rows the batch's pre-lock read and locked, by (table, id), for its handlers to use instead of reading
+        # them again; a handler that changes one keeps it current here.
+        self.locked: dict[tuple[str, str], Any] = {}
+        # Rows the batch's handlers wrote, by kind, each kind written in one statement just before the commit.
+        self.rows: dict[str, list[tuple[object, ...]]] = {}
         self.before_commit: list[Callable[[Conn], object]] = []
+
+    def buffer(self, kind: str, write: Callable[[Conn, list[tuple[object, ...]]], object]) -> list[tuple[object, ...]]:
+        """The rows of ``kind`` this batch holds, which ``write(conn, rows)`` writes in one go just before the commit
+        (kinds in the order first used, rows in the order appended)."""
+        rows = self.rows.get(kind)
+        if rows is None:
+            rows = self.rows[kind] = []
+            self.before_commit.append(lambda conn: write(conn, rows))
+        return rows
 
 
 # The batch a consumer thread has open; handlers find it here so their signatures stay handler(deps, envelope).
@@ -134,7 +146,7 @@ def batch(pool: Pool) -> Iterator[Batch]:
     """One transaction for many messages on this thread: :func:`unit` inside it neither commits nor takes a savepoint.
 
     Committed when the block exits normally (one WAL flush and one pool checkout for the whole batch), after the
-    batch's ``before_commit`` work (the buffered outbox rows). A handler
+    batch's ``before_commit`` work (the buffered rows: outbox, order view). A handler
     that raises leaves its statements in the transaction, so the batch's owner must not commit after one: it rolls
     the whole batch back and takes each message alone (pulse.infra.consumer._process_batch).
     """

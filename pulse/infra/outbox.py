@@ -59,10 +59,7 @@ def append(
     if current is None:
         _insert(conn, [row])
         return event_id
-    if not current.outbox:
-        pending = current.outbox
-        current.before_commit.append(lambda c: _insert(c, pending))
-    current.outbox.append(row)
+    current.buffer("outbox", _insert).append(row)
     return event_id
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -56,39 +57,62 @@ def _with_version_retries(work: Callable[[], None]) -> None:
 def _take(conn: db.Conn, items: Iterable[Item], *, checked: bool = True) -> None:
     """Decrement every item's stock or none: the caller's savepoint undoes a partial reservation.
 
+    One read of every item's row, then a versioned update of each, in product order so concurrent reservers
+    take the row locks in the same order and cannot deadlock. (The updates stay one round trip each: a psycopg
+    pipeline saved wall time but cost more Python CPU than it saved, 52 against 32 µs for one item.)
+
     ``checked=False`` is the lab's naive ``no-version-check``: the stock read is written back minus the
     quantity with no version condition, so a concurrent reservation's decrement in between is overwritten.
     """
-    shortages: list[Shortage] = []
-    for item in sorted(items, key=lambda i: i.product_id):  # a fixed order keeps concurrent reservers deadlock-free
-        row = conn.execute(
-            "SELECT available_quantity, version FROM inventory.inventory_items WHERE product_id = %s",
-            (item.product_id,),
-        ).fetchone()
-        if row is None or row["available_quantity"] < item.quantity:
-            shortages.append(
-                Shortage(
-                    product_id=item.product_id,
-                    requested=item.quantity,
-                    available=0 if row is None else row["available_quantity"],
-                )
-            )
-            continue
-        if not checked:
-            time.sleep(NAIVE_WINDOW_S)  # widens the read-to-write window so the lab shows the lost update reliably
-            conn.execute(
-                "UPDATE inventory.inventory_items SET available_quantity = %s, version = version + 1, "
-                "updated_at = now() WHERE product_id = %s",
-                (row["available_quantity"] - item.quantity, item.product_id),
-            )
-            continue
+    if not checked:
+        _take_unchecked(conn, items)
+        return
+    wanted: dict[str, int] = {}
+    for item in sorted(items, key=lambda i: i.product_id):
+        wanted[item.product_id] = wanted.get(item.product_id, 0) + item.quantity
+    rows = {
+        str(r["product_id"]): r
+        for r in conn.execute(
+            "SELECT product_id, available_quantity, version FROM inventory.inventory_items "
+            "WHERE product_id = ANY(%s::uuid[])",
+            (list(wanted),),
+        ).fetchall()
+    }
+    found = [(pid, quantity, rows.get(str(uuid.UUID(pid)))) for pid, quantity in wanted.items()]
+    shortages = [
+        Shortage(product_id=pid, requested=quantity, available=0 if row is None else row["available_quantity"])
+        for pid, quantity, row in found
+        if row is None or row["available_quantity"] < quantity
+    ]
+    if shortages:
+        raise OutOfStock(shortages)
+    for pid, quantity, row in found:
         updated = conn.execute(
             "UPDATE inventory.inventory_items SET available_quantity = available_quantity - %s, "
             "version = version + 1, updated_at = now() WHERE product_id = %s AND version = %s",
-            (item.quantity, item.product_id, row["version"]),
+            (quantity, pid, row["version"]),  # type: ignore[index]  # a missing row is a shortage, raised above
         )
         if updated.rowcount == 0:
-            raise VersionConflict(item.product_id)
+            raise VersionConflict(pid)
+
+
+def _take_unchecked(conn: db.Conn, items: Iterable[Item]) -> None:
+    """The naive ``no-version-check`` path of :func:`_take`: read, wait, write back, one item at a time."""
+    shortages: list[Shortage] = []
+    for item in sorted(items, key=lambda i: i.product_id):
+        row = conn.execute(
+            "SELECT available_quantity FROM inventory.inventory_items WHERE product_id = %s", (item.product_id,)
+        ).fetchone()
+        if row is None or row["available_quantity"] < item.quantity:
+            available = 0 if row is None else row["available_quantity"]
+            shortages.append(Shortage(product_id=item.product_id, requested=item.quantity, available=available))
+            continue
+        time.sleep(NAIVE_WINDOW_S)  # widens the read-to-write window so the lab shows the lost update reliably
+        conn.execute(
+            "UPDATE inventory.inventory_items SET available_quantity = %s, version = version + 1, "
+            "updated_at = now() WHERE product_id = %s",
+            (row["available_quantity"] - item.quantity, item.product_id),
+        )
     if shortages:
         raise OutOfStock(shortages)
 

@@ -118,3 +118,92 @@ def test_a_batch_whose_handler_never_reads_its_up_front_claim_is_not_committed(s
     ids = [e.id for e in envelopes]
     assert set(calls) == set(ids)
     assert db.execute(f"SELECT count(*) AS n FROM {inbox} WHERE event_id = ANY(%s)", (ids,)).fetchone()["n"] == 0
+
+
+def _updated(order_id: str, payment: str, inventory: str, at: dt.datetime) -> OrderUpdated:
+    return OrderUpdated(
+        order_id=order_id,
+        user_id=str(uuid.uuid4()),
+        strategy="OPTIMISTIC",
+        status="PROCESSING",
+        payment_status=payment,
+        inventory_status=inventory,
+        failure_reason=None,
+        total_amount="10.00",
+        updated_at=at,
+    )
+
+
+def test_a_batch_upserts_the_order_view_once_keeping_what_one_by_one_upserts_would(system, db):
+    from pulse.views.handlers import on_order_updated
+
+    t0 = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
+    late, mixed, tie = (str(uuid.uuid4()) for _ in range(3))
+    events = [
+        _updated(late, "NOT_STARTED", "RESERVED", t0 + dt.timedelta(seconds=2)),  # AWAITING_PAYMENT, the newest
+        _updated(late, "SUCCESS", "RESERVED", t0 + dt.timedelta(seconds=1)),  # COMPLETED but stale: must lose
+        _updated(mixed, "NOT_STARTED", "NOT_STARTED", t0),
+        _updated(mixed, "SUCCESS", "RESERVED", t0 + dt.timedelta(seconds=1)),
+        _updated(tie, "NOT_STARTED", "RESERVED", t0),
+        _updated(tie, "SUCCESS", "RESERVED", t0),  # same time: the later one wins, as a second upsert would
+    ]
+    try:
+        with pulse_db.batch(system.deps.pool) as current:
+            for e in events:
+                on_order_updated(system.deps, current.conn, e)
+            views = current.conn.execute(
+                "SELECT count(*) AS n FROM orders.order_views WHERE order_id = ANY(%s::uuid[])", ([late, mixed, tie],)
+            ).fetchone()
+            assert views["n"] == 0  # buffered until the batch ends
+        shown = {
+            str(r["order_id"]): r["display_status"]
+            for r in db.execute(
+                "SELECT order_id, display_status FROM orders.order_views WHERE order_id = ANY(%s::uuid[])",
+                ([late, mixed, tie],),
+            ).fetchall()
+        }
+        assert shown == {late: "AWAITING_PAYMENT", mixed: "COMPLETED", tie: "COMPLETED"}
+        with pulse_db.transaction(system.deps.pool) as conn:  # and a stale update after the batch changes nothing
+            on_order_updated(system.deps, conn, _updated(late, "SUCCESS", "RESERVED", t0))
+        row = db.execute("SELECT display_status FROM orders.order_views WHERE order_id = %s", (late,)).fetchone()
+        assert row["display_status"] == "AWAITING_PAYMENT"
+    finally:
+        db.execute("DELETE FROM orders.order_views WHERE order_id = ANY(%s::uuid[])", ([late, mixed, tie],))
+
+
+def test_a_batch_reads_and_locks_its_orders_once_and_each_event_starts_from_the_last(system, new_product, db):
+    """The orders queue's pre-lock reads every order row of the batch in one statement; the second event of an
+    order in the batch must see what the first one wrote (a stale row would leave it PROCESSING)."""
+    from pulse.events import PaymentProcessed, StockReserved
+    from pulse.orders.handlers import lock_batch
+
+    product, user = new_product(stock=5, price="2.00"), uuid.uuid4()
+    system.carts.add_item(user, uuid.UUID(product), 1)
+    order_id = system.orders.create(user, f"k-{user}")["orderId"]
+    created = outbox.envelope_of(
+        db.execute(
+            "SELECT * FROM shared.outbox WHERE aggregate_id = %s AND event_type = 'ORDER_CREATED'", (order_id,)
+        ).fetchone()
+    ).event
+    steps = [Envelope.of(created.follow(StockReserved)), Envelope.of(created.follow(PaymentProcessed, payment_id="p"))]
+    try:
+        with pulse_db.batch(system.deps.pool) as current:
+            lock_batch(current.conn, [*steps, Envelope.of(created.follow(StockReserved))])
+            assert list(current.locked) == [("orders.orders", order_id)]
+            for step in steps:
+                system.dispatcher("order.queue")(step)
+            assert current.locked[("orders.orders", order_id)]["status"] == "COMPLETED"
+        row = db.execute(
+            "SELECT status, payment_status, inventory_status FROM orders.orders WHERE id = %s", (order_id,)
+        )
+        assert row.fetchone() == {"status": "COMPLETED", "payment_status": "SUCCESS", "inventory_status": "RESERVED"}
+        updates = [
+            r["payload"]["status"]
+            for r in db.execute(
+                "SELECT payload FROM shared.outbox WHERE aggregate_id = %s AND event_type = 'ORDER_UPDATED' ORDER BY seq",
+                (order_id,),
+            ).fetchall()
+        ]
+        assert updates[-2:] == ["PROCESSING", "COMPLETED"]
+    finally:
+        db.execute("DELETE FROM shared.outbox WHERE aggregate_id = %s", (order_id,))

@@ -98,7 +98,7 @@ def test_a_version_conflict_is_retried_and_then_gives_up(system, new_product, db
 
         def execute(self, query, params=None, *args, **kwargs):
             result = self._conn.execute(query, params, *args, **kwargs)
-            if query.startswith("SELECT available_quantity, version"):
+            if query.startswith("SELECT") and "available_quantity, version FROM inventory.inventory_items" in query:
                 attempts.append(1)
                 db.execute(
                     "UPDATE inventory.inventory_items SET version = version + 1 WHERE product_id = %s", (product,)
