@@ -59,6 +59,10 @@ def on_saga_event(deps: Deps, conn: db.Conn, event: Event) -> None:
     log.debug("order %s: %s -> %s", order_id, event.TYPE.value, changes)
 
 
+# The batch keys the rows its pre-lock read by (table, id) (db.Batch.locked).
+TABLE = "orders.orders"
+
+
 def lock_batch(conn: db.Conn, envelopes: Iterable[Envelope], naive: Callable[[str], bool] | None = None) -> None:
     """A consumer batch's pre-lock (see Consumer.prelock): its orders' rows, read and locked in id order in one
     statement and kept in the batch, so each handler neither reads its row again nor locks rows in message
@@ -71,9 +75,6 @@ def lock_batch(conn: db.Conn, envelopes: Iterable[Envelope], naive: Callable[[st
         "SELECT * FROM orders.orders WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE", (ids,)
     ).fetchall()
     current.locked.update({(TABLE, str(r["id"])): r for r in rows})
-
-
-TABLE = "orders.orders"
 
 
 def _key(order_id: object) -> tuple[str, str] | None:

@@ -16,34 +16,11 @@ from pulse.api.app import create_app
 from pulse.api.hot import _replay
 from pulse.errors import Conflict, KeyTaken, NotFound, Unavailable
 from pulse.seed import IPHONE as PRODUCT
+from tests.unit.test_api_errors import FakeSystem  # services that record each call and answer as told
 
 USER = "6f1c2b8e-9d7a-4f0e-8a51-1d2c3b4a5f60"
 CART = f"/api/cart/{USER}/items"
 JSON = {"content-type": "application/json"}
-
-
-class Service:
-    """Records each call, and returns or raises what the test chose."""
-
-    def __init__(self, outcome):
-        self.outcome, self.calls = outcome, []
-
-    def __getattr__(self, name):
-        def method(*args):
-            self.calls.append((name, args))
-            if isinstance(self.outcome, BaseException):
-                raise self.outcome
-            return self.outcome
-
-        return method
-
-
-class FakeSystem:
-    class settings:
-        strategy_name, outbox_mode = "OPTIMISTIC", "polling"
-
-    def __init__(self, outcome):
-        self.products = self.carts = self.orders = Service(outcome)
 
 
 def answer(hot, outcome, method, path, **kwargs):
@@ -51,7 +28,7 @@ def answer(hot, outcome, method, path, **kwargs):
     with TestClient(create_app(system, hot=hot), raise_server_exceptions=False) as http:
         r = http.request(method, path, **kwargs)
     headers = {k: v for k, v in r.headers.items() if k not in ("date", "server")}
-    return (r.status_code, r.content, headers), system.carts.calls
+    return (r.status_code, r.content, headers), system.calls
 
 
 OK_CART = {"userId": USER, "items": [], "totalPrice": "0.00"}
