@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pulse.tools.launcher import free_port
 
 # Copied from the shared server so the two differ only where the bench needs them to.
 COPIED = (
@@ -68,12 +69,6 @@ def _value(setting: str, unit: str | None) -> str:
     return f"{setting}{unit}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PrivatePostgres:
     """``with PrivatePostgres(shared_url) as pg:`` gives ``pg.url`` (superuser ``postgres``, database ``postgres``),
     ``pg.postmaster`` (pid) and ``pg.probe_url(dbname)`` for the load generator's own role."""
@@ -119,7 +114,7 @@ class PrivatePostgres:
                 ],
                 timeout=120,
             )
-            self.port = _free_port()
+            self.port = free_port()
             options = {
                 **self._settings(),
                 "port": str(self.port),

@@ -19,22 +19,17 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
+from pulse.tools.launcher import free_port
+
 
 class OwnedServicesError(RuntimeError):
     """The lab could not start (or restart) a service of its own; the message says what is missing."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pg_bin(name: str) -> str:
@@ -209,7 +204,7 @@ class OwnedServices:
         )
         if done.returncode != 0:
             raise OwnedServicesError(f"initdb failed: {done.stderr.strip()[-300:]}")
-        self.pg_port = _free_port()
+        self.pg_port = free_port()
         self._pg_ctl("start", "-w", "-t", "60", "-l", str(pg / "pg.log"), "-o", self._pg_options())
         self._pg_started = True
 
@@ -250,7 +245,7 @@ class OwnedServices:
         rabbit = self.root / "rabbit"
         if not rabbit.exists():
             rabbit.mkdir()
-            self.amqp_port, self.dist_port = _free_port(), _free_port()
+            self.amqp_port, self.dist_port = free_port(), free_port()
             (rabbit / "rabbitmq-env.conf").write_text("")
             # guest may log in over the loopback only by default; it is all the lab uses, so say so plainly.
             (rabbit / "rabbitmq.conf").write_text(

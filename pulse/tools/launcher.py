@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,13 +15,40 @@ from types import TracebackType
 
 import httpx
 
+# Ports below this are left to well-known services.
+_LOWEST_PORT = 10000
+
+
+def _ephemeral_range() -> tuple[int, int] | None:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that nothing uses right now, chosen outside the kernel's ephemeral range.
+
+    A port from that range (what binding port 0 gives) can be handed to any outgoing connection between the
+    moment it is chosen and the moment a server binds it; the server's own connections to PostgreSQL, made
+    while it migrates, are enough, and its bind then fails with "address already in use".
+    """
+    span = _ephemeral_range()
+    if span and span[0] - _LOWEST_PORT >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(_LOWEST_PORT, span[0])
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as s:  # no range to stay out of (not Linux), or no room below it
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        found: int = s.getsockname()[1]
+        return found
 
 
 class ServeProcess:

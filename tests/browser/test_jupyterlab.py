@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from pulse.tools.launcher import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -38,12 +39,6 @@ NOTEBOOK = "browser_dashboard.ipynb"
 HERE = Path(__file__).resolve().parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def jupyterlab(serve_env, tmp_path):
     """JupyterLab on a free port with a token, serving a copy of the browser test's notebook."""
@@ -60,7 +55,7 @@ def jupyterlab(serve_env, tmp_path):
     news = tmp_path / "jupyter-config" / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
     news.mkdir(parents=True)
     (news / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
-    port, token = _free_port(), uuid.uuid4().hex
+    port, token = free_port(), uuid.uuid4().hex
     env = {
         **os.environ,
         **serve_env,

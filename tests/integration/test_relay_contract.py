@@ -27,6 +27,7 @@ import psycopg
 import pytest
 
 from pulse.infra import outbox
+from pulse.tools.launcher import free_port
 from tests.conftest import wait_for
 from tests.integration.relays import TEST_EVENT, RelayChildren, RelayThreads, heartbeat_pid, outbox_ids, slot_is_before
 
@@ -39,10 +40,7 @@ class Proxy:
 
     def __init__(self, target: tuple[str, int]):
         self.target = target
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
+        self.port = free_port()  # outside the ephemeral range: restore() binds it again after a cut
         self.sockets: list[socket.socket] = []
         self.listener = None
         self.lock = threading.Lock()
