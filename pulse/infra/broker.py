@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import time
@@ -84,6 +85,15 @@ class Delivery(enum.Enum):
     UNCONFIRMED = "unconfirmed"  # nacked, or no answer in time: publish it again
 
 
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A batch :meth:`ConfirmingPublisher.publish` sent whose answers :meth:`ConfirmingPublisher.confirm` collects."""
+
+    envelopes: list[Envelope]
+    tags: list[int]
+    channel: BlockingChannel | None  # the channel it went out on: no answer comes once the publisher has replaced it
+
+
 class ConfirmingPublisher:
     """Publishes envelopes, mandatory and with publisher confirms, waiting once per batch rather than once per message.
 
@@ -109,7 +119,9 @@ class ConfirmingPublisher:
         self._next_tag = 1
         self._acked: set[int] = set()
         self._nacked: set[int] = set()
-        self._returned: set[str] = set()  # message ids the broker returned as unroutable in this batch
+        self._returned: set[str] = (
+            set()
+        )  # message ids the broker returned as unroutable, until their batch is confirmed
         self._ack_floor = 0
 
     def _ensure_open(self) -> tuple[BlockingConnection, BlockingChannel]:
@@ -163,11 +175,25 @@ class ConfirmingPublisher:
 
         Raises BrokerUnavailable if the connection is lost: nothing in the batch counts as confirmed.
         """
+        return self.confirm(self.publish(envelopes, exchange=exchange, routing_key=routing_key, headers=headers))
+
+    def publish(
+        self,
+        envelopes: list[Envelope],
+        *,
+        exchange: str = EXCHANGE,
+        routing_key: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> Pending:
+        """Publish all (mandatory) and return without waiting; :meth:`confirm` collects the broker's answers.
+
+        Several batches may be out at once (their answers are told apart by delivery tag and message id), so a
+        relay can send its next batch while the broker is still confirming the last one.
+        """
         if not envelopes:
-            return []
+            return Pending([], [], None)
         try:
-            conn, channel = self._ensure_open()
-            self._returned.clear()
+            _, channel = self._ensure_open()
             tags = []
             for env in envelopes:
                 props = pika.BasicProperties(
@@ -182,23 +208,42 @@ class ConfirmingPublisher:
                 )
                 tags.append(self._next_tag)
                 self._next_tag += 1
+            channel._flush_output()  # on the socket now; answers that already arrived are recorded on the way
+            return Pending(envelopes, tags, channel)
+        except (AMQPError, OSError) as exc:
+            self.close()
+            raise BrokerUnavailable(f"lost RabbitMQ while publishing ({type(exc).__name__}).") from exc
+
+    def confirm(self, pending: Pending) -> list[Delivery]:
+        """Wait (up to ``confirm_timeout_s``) for the broker's answers to a published batch; element i is what
+        became of its envelope i. A batch whose channel has been replaced since is unconfirmed as a whole: its
+        answers will never come."""
+        envelopes, tags = pending.envelopes, pending.tags
+        if not tags:
+            return []
+        conn, channel = self._conn, pending.channel
+        replaced = channel is not self._channel
+        if conn is None or channel is None or replaced:
+            return [Delivery.UNCONFIRMED] * len(tags)
+        try:
             last = tags[-1]
             deadline = time.monotonic() + self.confirm_timeout_s
             channel._flush_output(lambda: self._ack_floor >= last or time.monotonic() > deadline)
             while self._ack_floor < last and time.monotonic() < deadline:
                 conn.process_data_events(time_limit=0.05)
             returned = self._returned
+            ids = [str(env.id) for env in envelopes]
             result = [
                 Delivery.UNCONFIRMED
                 if t not in self._acked
                 else Delivery.UNROUTABLE
-                if str(env.id) in returned
+                if message_id in returned
                 else Delivery.CONFIRMED
-                for t, env in zip(tags, envelopes, strict=True)
+                for t, message_id in zip(tags, ids, strict=True)
             ]
             self._acked.difference_update(tags)
             self._nacked.difference_update(tags)
-            self._returned = set()
+            returned.difference_update(ids)
             if self._ack_floor < last:
                 # No answer in time (a connection the broker no longer serves, e.g. after a fault): start the
                 # next batch on a fresh channel whose delivery tags we know, rather than wait on this one.
@@ -213,6 +258,13 @@ class ConfirmingPublisher:
         except (AMQPError, OSError) as exc:
             self.close()
             raise BrokerUnavailable(f"lost RabbitMQ while publishing ({type(exc).__name__}).") from exc
+
+    def forget(self, pending: Pending) -> None:
+        """Drop what was recorded for a batch whose answers nobody will collect (its relay gave it up): a return
+        kept for one of its message ids would otherwise mark that event unroutable when it is published again."""
+        self._acked.difference_update(pending.tags)
+        self._nacked.difference_update(pending.tags)
+        self._returned.difference_update(str(env.id) for env in pending.envelopes)
 
     def close(self) -> None:
         conn, self._conn, self._channel = self._conn, None, None

@@ -222,3 +222,24 @@ def test_cdc_start_up_sweep_marks_leftover_unroutable_rows_and_finishes(cdc, db,
         assert row(db, lost_id)["unroutable_at"] is not None
     finally:
         relay.close()
+
+
+def test_two_batches_out_at_once_get_their_own_answers(settings, queue, keys):
+    routable, unroutable = keys
+    queue.bind(routable)
+
+    def envs(*types):
+        return [Envelope(id=uuid.uuid4(), event_type=t, aggregate_id="a", payload={}) for t in types]
+
+    first, second = envs(routable, unroutable), envs(routable, routable)
+    publisher = broker.ConfirmingPublisher(settings.amqp_url)
+    try:
+        D = broker.Delivery
+        a, b = publisher.publish(first), publisher.publish(second)
+        assert publisher.confirm(b) == [D.CONFIRMED, D.CONFIRMED]  # answered out of order: no return of `first`
+        assert publisher.confirm(a) == [D.CONFIRMED, D.UNROUTABLE]
+        stale = publisher.publish(envs(routable))
+        publisher.close()  # the channel it went out on is gone: its answers never come
+        assert publisher.confirm(stale) == [D.UNCONFIRMED]
+    finally:
+        publisher.close()
