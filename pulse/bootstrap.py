@@ -92,7 +92,7 @@ class System:
                         retries=s.handler_retries,
                         faults=self.deps.faults,
                         name=f"consumer:{queue.name}:{n}",
-                        pool=self.deps.pool if queue.batched else None,
+                        pool=self.deps.pool,
                         prelock=queue.prelock,
                     )
                     self.supervisor.add(c)  # started now, and restarted with the same arguments if it dies

@@ -52,6 +52,10 @@ class Route:
     # A ``claims_inbox=False`` handler that always claims the inbox in its consumer's transaction (redis-stock)
     # lets a batch claim for it up front too; one that may skip its claim or take its own transaction must not.
     claims_always: bool = False
+    # ``prepare(deps, events) -> {key: value}``: work a consumer batch does for this route's events before its
+    # transaction opens (payment's provider calls: never inside an open transaction). Handlers find the values
+    # with :func:`pulse.infra.db.prepared`; a message handled alone skips this and does the work itself.
+    prepare: Callable[[Deps, list[Any]], dict[tuple[str, str], Any]] | None = None
 
     @property
     def claimed_up_front(self) -> bool:
@@ -67,9 +71,6 @@ class Queue:
     module: str
     inbox: str
     routes: tuple[Route, ...]
-    # One transaction per consumer batch; payment keeps one per message (its provider call must not
-    # happen inside an open transaction).
-    batched: bool = True
     # Takes, in one order, the row locks the batch's handlers will take (see Consumer.prelock).
     prelock: Callable[..., None] | None = None
 
@@ -83,6 +84,8 @@ class Queue:
                 return r
         return None
 
+
+CHARGE: dict[str, Any] = {"claims_inbox": False, "claims_always": True, "prepare": payment.prepare_charges}
 
 TOPOLOGY: tuple[Queue, ...] = (
     Queue(
@@ -107,10 +110,10 @@ TOPOLOGY: tuple[Queue, ...] = (
         "payment.queue",
         "payment",
         "payment.inbox",
-        batched=False,
         routes=(
-            Route(E.STOCK_RESERVED, payment.on_charge, OPT, claims_inbox=False),
-            Route(E.ORDER_CREATED, payment.on_charge, POST, claims_inbox=False),
+            # Claimed in the batch's transaction always, after the batch's provider calls (prepare).
+            Route(E.STOCK_RESERVED, payment.on_charge, OPT, **CHARGE),
+            Route(E.ORDER_CREATED, payment.on_charge, POST, **CHARGE),
             Route(E.STOCK_FAILED, payment.on_refund, POST),
         ),
     ),
@@ -182,6 +185,18 @@ class Dispatcher:
         ids = [e.id for e in envelopes if (r := self._route(e)) is not None and r.claimed_up_front]
         claims = inbox.claim_batch(batch.conn, self.queue.inbox, ids)
         batch.claims.update({(self.queue.inbox, event_id): new for event_id, new in claims.items()})
+
+    def prepare_batch(self, envelopes: list[Envelope]) -> dict[tuple[str, str], Any]:
+        """Run the prepare steps of a consumer batch's routes, before its transaction opens (see Route.prepare)."""
+        steps: dict[Callable[..., dict[tuple[str, str], Any]], list[Any]] = {}
+        for envelope in envelopes:
+            route = self._route(envelope)
+            if route is not None and route.prepare is not None:
+                steps.setdefault(route.prepare, []).append(envelope.event)
+        prepared: dict[tuple[str, str], Any] = {}
+        for prepare, events in steps.items():
+            prepared.update(prepare(self.deps, events))
+        return prepared
 
     def _route(self, envelope: Envelope) -> Route | None:
         """The route this queue's module takes the envelope by, if it acts on it at all."""

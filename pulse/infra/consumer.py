@@ -250,8 +250,12 @@ class Consumer(threading.Thread):
             return
         assert self.pool is not None, "_consume batches only with a pool"
         try:
+            envelopes = [envelope for *_, envelope in parsed]
+            # Before the transaction opens: work no handler may do inside one (payment's provider calls).
+            prepare = getattr(self.dispatch, "prepare_batch", None)
+            prepared = prepare(envelopes) if prepare is not None else {}
             with db.batch(self.pool) as current:
-                envelopes = [envelope for *_, envelope in parsed]
+                current.prepared.update(prepared)
                 if self.prelock is not None:
                     self.prelock(current.conn, envelopes, naive=self._naive)
                 # After the pre-lock, as the handlers' own claims came after it: every batch takes rows, then ids.

@@ -123,6 +123,8 @@ class Batch:
         # Rows the batch's pre-lock read and locked, by (table, id), for its handlers to use instead of reading
         # them again; a handler that changes one keeps it current here.
         self.locked: dict[tuple[str, str], Any] = {}
+        # What the batch's prepare step (Route.prepare) found or did before the transaction opened, by key.
+        self.prepared: dict[tuple[str, str], Any] = {}
         # Rows the batch's handlers wrote, by kind, each kind written in one statement just before the commit.
         self.rows: dict[str, list[tuple[object, ...]]] = {}
         self.before_commit: list[Callable[[Conn], object]] = []
@@ -199,6 +201,12 @@ def take_claim(table: str, event_id: object) -> bool | None:
     if current is None or not current.claims:
         return None
     return current.claims.pop((table, event_id), None)
+
+
+def prepared(key: tuple[str, str]) -> Any:
+    """What the open batch's prepare step left under ``key`` (None: nothing, or no batch open on this thread)."""
+    current: Batch | None = getattr(_local, "batch", None)
+    return None if current is None else current.prepared.get(key)
 
 
 def connect(url: str, **kwargs: Any) -> Conn:

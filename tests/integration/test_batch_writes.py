@@ -3,6 +3,7 @@ never commits an inbox claim taken up front that no handler read."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 import uuid
@@ -207,3 +208,84 @@ def test_a_batch_reads_and_locks_its_orders_once_and_each_event_starts_from_the_
         assert updates[-2:] == ["PROCESSING", "COMPLETED"]
     finally:
         db.execute("DELETE FROM shared.outbox WHERE aggregate_id = %s", (order_id,))
+
+
+class _WatchedProvider:
+    """The system's provider, noting each charge and whether a consumer batch (its transaction) was open then."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.charges = inner, inner.name, []
+
+    def charge(self, order_id, amount):
+        self.charges.append((str(order_id), getattr(pulse_db._local, "batch", None) is not None))
+        return self.inner.charge(order_id, amount)
+
+    def refund(self, order_id, provider_payment_id):
+        return self.inner.refund(order_id, provider_payment_id)
+
+
+def test_a_payment_batch_calls_the_provider_before_its_transaction_once_per_order(
+    settings, system, new_product, db, channel, tidy_outbox
+):
+    """payment.queue handles a batch in one transaction, but its provider calls are made for the whole batch
+    before that transaction opens; an order charged already is not charged again, an order twice in the batch is
+    charged once, and each event's effect is what handling it alone would have left."""
+    from pulse.events import StockReserved
+    from pulse.payment.handlers import on_charge
+
+    product = new_product(stock=10, price="3.00")
+    created = []
+    for _ in range(3):
+        user = uuid.uuid4()
+        system.carts.add_item(user, uuid.UUID(product), 1)
+        order_id = system.orders.create(user, f"k-{user}")["orderId"]
+        tidy_outbox.append(order_id)
+        row = db.execute(
+            "SELECT * FROM shared.outbox WHERE aggregate_id = %s AND event_type = 'ORDER_CREATED'", (order_id,)
+        ).fetchone()
+        created.append(outbox.envelope_of(row).event)
+    first, second, before = created
+    provider = system.deps.provider = _WatchedProvider(system.deps.provider)
+    on_charge(system.deps, uuid.uuid4(), before.follow(StockReserved))  # charged before the batch, alone
+    assert provider.charges == [(before.order_id, False)]
+    provider.charges.clear()
+
+    envelopes = [Envelope.of(e.follow(StockReserved)) for e in (first, second, before, first)]
+    queue = f"test-payment-{uuid.uuid4().hex[:10]}"
+    channel.queue_declare(queue, durable=True)
+    spec = dataclasses.replace(topology.BY_NAME["payment.queue"], name=queue)
+    publish(settings, envelopes, exchange="", routing_key=queue)  # all waiting: the consumer takes them as one batch
+    consumer = Consumer(
+        settings.amqp_url,
+        queue,
+        topology.Dispatcher(spec, system.deps),
+        stop=threading.Event(),
+        pool=system.deps.pool,
+        batch=10,
+        prefetch=10,
+    )
+    consumer.start()
+    try:
+        wait_for(lambda: consumer.handled == 4, message="the 4 messages acked")
+    finally:
+        consumer.stop.set()
+        consumer.join(10)
+        channel.queue_delete(queue)
+    assert consumer.batches == 1, "handled as one batch (not one by one after a failed batch)"
+    assert sorted(provider.charges) == sorted([(first.order_id, False), (second.order_id, False)])
+    ids = [first.order_id, second.order_id, before.order_id]
+    payments = db.execute(
+        "SELECT order_id::text AS o, count(*) AS n FROM payment.payments WHERE order_id = ANY(%s::uuid[]) GROUP BY 1",
+        (ids,),
+    ).fetchall()
+    assert {r["o"]: r["n"] for r in payments} == dict.fromkeys(ids, 1)
+    processed = db.execute(
+        "SELECT aggregate_id, count(*) AS n FROM shared.outbox WHERE aggregate_id = ANY(%s) "
+        "AND event_type = 'PAYMENT_PROCESSED' GROUP BY 1",
+        (ids,),
+    ).fetchall()
+    assert {r["aggregate_id"]: r["n"] for r in processed} == {first.order_id: 1, second.order_id: 1, before.order_id: 1}
+    claimed = db.execute(
+        "SELECT count(*) AS n FROM payment.inbox WHERE event_id = ANY(%s)", ([e.id for e in envelopes],)
+    ).fetchone()
+    assert claimed["n"] == 4  # every event handled, the duplicate order's second one included
