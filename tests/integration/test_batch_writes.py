@@ -289,3 +289,63 @@ def test_a_payment_batch_calls_the_provider_before_its_transaction_once_per_orde
         "SELECT count(*) AS n FROM payment.inbox WHERE event_id = ANY(%s)", ([e.id for e in envelopes],)
     ).fetchone()
     assert claimed["n"] == 4  # every event handled, the duplicate order's second one included
+
+
+def test_an_inventory_batch_works_from_the_rows_it_locked_and_keeps_them_current(system, new_product, db, tidy_outbox):
+    """Inventory's pre-lock reads and locks the batch's stock rows and its orders' decisions once; each reservation
+    or restock in the batch must then see what the ones before it wrote: a stale copy would fail a version check
+    (two orders of one product, a restock before a reservation) or reserve an order twice."""
+    from pulse.events import PaymentFailed
+    from pulse.inventory.handlers import lock_batch
+
+    product = new_product(stock=5, price="2.00")
+
+    def order(quantity: int):
+        user = uuid.uuid4()
+        system.carts.add_item(user, uuid.UUID(product), quantity)
+        order_id = system.orders.create(user, f"k-{user}")["orderId"]
+        tidy_outbox.append(order_id)
+        row = db.execute(
+            "SELECT * FROM shared.outbox WHERE aggregate_id = %s AND event_type = 'ORDER_CREATED'", (order_id,)
+        ).fetchone()
+        return outbox.envelope_of(row).event
+
+    declined, first, second = order(2), order(1), order(1)
+    inventory = system.dispatcher("inventory.queue")
+    inventory(Envelope.of(declined))  # reserved before the batch: 5 - 2
+    assert (
+        db.execute(
+            "SELECT available_quantity AS n FROM inventory.inventory_items WHERE product_id = %s", (product,)
+        ).fetchone()["n"]
+        == 3
+    )
+    steps = [
+        Envelope.of(declined.follow(PaymentFailed, reason="DECLINED")),  # restock: 3 + 2
+        Envelope.of(first),  # 5 - 1
+        Envelope.of(second),  # 4 - 1
+        Envelope.of(first),  # the same order again, under another event id: decided already
+    ]
+    with pulse_db.batch(system.deps.pool) as current:
+        lock_batch(current.conn, steps)
+        assert current.locked[("inventory.inventory_items", product)]["available_quantity"] == 3
+        assert current.locked[("inventory.reservations", first.order_id)] is False
+        for step in steps:
+            inventory(step)
+    stock = db.execute(
+        "SELECT available_quantity AS n FROM inventory.inventory_items WHERE product_id = %s", (product,)
+    ).fetchone()["n"]
+    assert stock == 3
+    reservations = db.execute(
+        "SELECT order_id::text AS o, status FROM inventory.reservations WHERE order_id = ANY(%s::uuid[])",
+        ([declined.order_id, first.order_id, second.order_id],),
+    ).fetchall()
+    assert {r["o"]: r["status"] for r in reservations} == {
+        declined.order_id: "RELEASED",
+        first.order_id: "RESERVED",
+        second.order_id: "RESERVED",
+    }
+    reserved = db.execute(
+        "SELECT count(*) AS n FROM shared.outbox WHERE aggregate_id = %s AND event_type = 'STOCK_RESERVED'",
+        (first.order_id,),
+    ).fetchone()["n"]
+    assert reserved == 1
