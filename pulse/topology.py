@@ -49,8 +49,9 @@ class Route:
     handler: Callable[..., Any]
     strategies: frozenset[str] = STRATEGIES
     claims_inbox: bool = True
-    # A ``claims_inbox=False`` handler that always claims the inbox in its consumer's transaction (redis-stock)
-    # lets a batch claim for it up front too; one that may skip its claim or take its own transaction must not.
+    # A ``claims_inbox=False`` handler that always claims the inbox in its consumer's transaction (redis-stock;
+    # payment's charge, whose provider call a batch makes beforehand) lets a batch claim for it up front too; one
+    # that may skip its claim or take its own transaction must not.
     claims_always: bool = False
     # ``prepare(deps, events) -> {key: value}``: work a consumer batch does for this route's events before its
     # transaction opens (payment's provider calls: never inside an open transaction). Handlers find the values
