@@ -27,6 +27,7 @@ def brief(e: dict) -> dict:
     top = pg.get("top_statements") or []
     return {
         "sustained_per_s": e["sustained_checkouts_per_s"],
+        "half_load_p50_ms": e["p50_ms"],
         "half_load_p99_ms": e["p99_ms"],
         "cpu_ms_total": cpu.get("total"),
         "cpu_ms": cpu.get("by_component"),
@@ -66,6 +67,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument(
+        "--rate",
+        type=float,
+        help="checkouts/s of the latency phase for both trees (default: half of each tree's own saturation rate)",
+    )
     ap.add_argument(
         "--db-per-tree",
         action="store_true",
@@ -107,6 +113,7 @@ def main() -> int:
                             outbox_mode=mode,
                             concurrency=args.concurrency,
                             duration_s=args.seconds,
+                            half_rate=args.rate,
                         )
                         run = brief(e)
                 finally:

@@ -360,9 +360,19 @@ def _wait_relay_ready(url: str, received: dict, timeout_s: float) -> None:
 
 
 def end_to_end(
-    p, *, strategy: str, outbox_mode: str, concurrency: int, duration_s: float, log=None, api_processes: int = 0
+    p,
+    *,
+    strategy: str,
+    outbox_mode: str,
+    concurrency: int,
+    duration_s: float,
+    log=None,
+    api_processes: int = 0,
+    half_rate: float | None = None,
 ) -> dict:
-    """Saturation (closed loop) gives the sustained checkouts/s; half that rate (open loop) gives the latency."""
+    """Saturation (closed loop) gives the sustained checkouts/s; half that rate (open loop) gives the latency.
+
+    ``half_rate`` fixes the latency phase's rate instead (bench/compare.py --rate: two trees at one load)."""
     p.purge_queues()  # a previous configuration's late messages must not reach this one's handlers
     p.drop_slot()  # nor its WAL this one's relay (see Private.drop_slot)
     with serve(p, strategy=strategy, outbox_mode=outbox_mode, log=log, api_processes=api_processes) as server:
@@ -387,7 +397,7 @@ def end_to_end(
         stmts = per_checkout(stmts0, p.statements.snapshot(), sat["checkouts"]) if p.statements else None
         routing = _routing_cost(before, _deliveries(server.url), sat["checkouts"])
         sustained = sat["completion"]["sustained_per_s"] or 0.0
-        half = max(1.0, round(sustained / 2, 1))
+        half = half_rate or max(1.0, round(sustained / 2, 1))
         low = run_load(
             server.url,
             rate=half,
