@@ -31,6 +31,30 @@ def rows_of(conn, aggregate_id) -> list[str]:
     ]
 
 
+def consume_as_one_batch(settings, system, channel, spec, envelopes) -> Consumer:
+    """Publish ``envelopes`` to ``spec``'s (private, declared) queue, then run one consumer until all are acked and
+    delete the queue; all waiting when it starts, the consumer takes them as one batch."""
+    publish(settings, envelopes, exchange="", routing_key=spec.name)
+    consumer = Consumer(
+        settings.amqp_url,
+        spec.name,
+        topology.Dispatcher(spec, system.deps),
+        stop=threading.Event(),
+        pool=system.deps.pool,
+        batch=10,
+        prefetch=10,
+    )
+    consumer.start()
+    n = len(envelopes)
+    try:
+        wait_for(lambda: consumer.handled == n, message=f"the {n} messages acked")
+    finally:
+        consumer.stop.set()
+        consumer.join(10)
+        channel.queue_delete(spec.name)
+    return consumer
+
+
 def test_a_batch_writes_its_outbox_rows_once_at_its_end_in_order(system, db, tidy_outbox):
     aggregate = str(uuid.uuid4())
     tidy_outbox.append(aggregate)
@@ -99,23 +123,7 @@ def test_a_batch_whose_handler_never_reads_its_up_front_claim_is_not_committed(s
         )
         for _ in range(4)
     ]
-    publish(settings, envelopes, exchange="", routing_key=queue)  # all waiting: the consumer takes them as one batch
-    consumer = Consumer(
-        settings.amqp_url,
-        queue,
-        topology.Dispatcher(spec, system.deps),
-        stop=threading.Event(),
-        pool=system.deps.pool,
-        batch=10,
-        prefetch=10,
-    )
-    consumer.start()
-    try:
-        wait_for(lambda: consumer.handled == 4, message="the 4 messages acked")
-    finally:
-        consumer.stop.set()
-        consumer.join(10)
-        channel.queue_delete(queue)
+    consume_as_one_batch(settings, system, channel, spec, envelopes)
     ids = [e.id for e in envelopes]
     assert set(calls) == set(ids)
     assert db.execute(f"SELECT count(*) AS n FROM {inbox} WHERE event_id = ANY(%s)", (ids,)).fetchone()["n"] == 0
@@ -254,23 +262,7 @@ def test_a_payment_batch_calls_the_provider_before_its_transaction_once_per_orde
     queue = f"test-payment-{uuid.uuid4().hex[:10]}"
     channel.queue_declare(queue, durable=True)
     spec = dataclasses.replace(topology.BY_NAME["payment.queue"], name=queue)
-    publish(settings, envelopes, exchange="", routing_key=queue)  # all waiting: the consumer takes them as one batch
-    consumer = Consumer(
-        settings.amqp_url,
-        queue,
-        topology.Dispatcher(spec, system.deps),
-        stop=threading.Event(),
-        pool=system.deps.pool,
-        batch=10,
-        prefetch=10,
-    )
-    consumer.start()
-    try:
-        wait_for(lambda: consumer.handled == 4, message="the 4 messages acked")
-    finally:
-        consumer.stop.set()
-        consumer.join(10)
-        channel.queue_delete(queue)
+    consumer = consume_as_one_batch(settings, system, channel, spec, envelopes)
     assert consumer.batches == 1, "handled as one batch (not one by one after a failed batch)"
     assert sorted(provider.charges) == sorted([(first.order_id, False), (second.order_id, False)])
     ids = [first.order_id, second.order_id, before.order_id]
