@@ -129,3 +129,20 @@ def test_cli_check_prints_and_exits(settings, serve_env, campaign):
     assert report["passed"] and len(names) == len(set(names)) and set(names) >= EXPECTED_INVARIANTS, names
     plain = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert plain.stdout.count("PASS") == len(names)
+
+
+def test_an_order_moved_while_the_check_runs_is_still_judged(settings, campaign, db):
+    """``updated_at`` is the clock of the statement that moved the order, which can be later than the
+    check's ``now()``: such an order must still be in the check, or a moving order passes as settled."""
+    from pulse.infra import db as pulse_db
+    from pulse.tools.check import invariants as inv
+
+    since, products, orders, _ = campaign
+    with pulse_db.connect(settings.database_url) as checker:
+        checker.execute("SELECT 1")  # the checker's transaction, and its now(), start here
+        db.execute(
+            "UPDATE orders.orders SET status = 'PROCESSING', updated_at = clock_timestamp() WHERE id = %s",
+            (orders[2],),
+        )
+        result = inv.orders_terminal(checker, Scope(since=since, products=products))
+    assert [str(i) for i in result.offending] == [orders[2]], result.to_dict()

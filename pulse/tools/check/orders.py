@@ -88,13 +88,15 @@ def money_balance(conn: db.Conn, scope: Scope) -> Result:
 # -- sagas ------------------------------------------------------------------------------------------
 def orders_terminal(conn: db.Conn, scope: Scope, older_than_s: float = 0.0) -> Result:
     """Every order COMPLETED or FAILED with compensation done, its view and its user's cart caught up."""
+    # The cutoff is clock_timestamp(), not now(): a handler stamps updated_at with its statement's clock, which
+    # can be later than this statement's start, and an order moving right now must be judged, not skipped.
     rows = conn.execute(
         f"WITH o AS ({ORDERS_IN_SCOPE}) SELECT o.*, r.status AS inv_decision, pay.status AS pay_decision, "
         "v.display_status AS view_status, h.moved_at AS hold_moved, h.released_at AS hold_released "
         "FROM o LEFT JOIN inventory.reservations r ON r.order_id = o.id LEFT JOIN infra.order_holds h "
         "ON h.order_id = o.id "
         "LEFT JOIN payment.payments pay ON pay.order_id = o.id LEFT JOIN orders.order_views v ON v.order_id = o.id "
-        "WHERE o.updated_at < now() - make_interval(secs => %(older)s)",
+        "WHERE o.updated_at < clock_timestamp() - make_interval(secs => %(older)s)",
         {**scope.sql(), "older": older_than_s},
     ).fetchall()
     stuck = {}
