@@ -140,6 +140,7 @@ def write_markdown(r: dict, path: Path) -> None:
         "Skipped deliveries are the price of strategy belonging to the order: every queue hears both "
         "strategies' events and drops the other strategy's unhandled (pulse/topology.py).",
     ]
+    lines += step_lines(r)
     lines += per_checkout_lines(r)
     lines += [
         "",
@@ -173,6 +174,34 @@ def write_markdown(r: dict, path: Path) -> None:
     if notes.exists():
         lines += ["", notes.read_text().strip()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def step_lines(r: dict) -> list[str]:
+    """Where the half-load create→COMPLETED goes: p50 / p99 of each saga step, per e2e configuration."""
+    found = {
+        name: steps
+        for name, e in (r["sections"].get("e2e") or {}).items()
+        if isinstance(e, dict)
+        and (steps := (e.get("half_load", {}).get("completion") or {}).get("steps"))
+        and steps.get("steps")
+    }
+    if not found:
+        return []
+    lines = [
+        "",
+        "## Where the half-load latency goes, step by step",
+        "",
+        "Each step runs from the one before it to its event's row in `infra.event_log` (stamped by the transaction "
+        "that emitted it), the last to the order's COMPLETED update; so a step holds the relay, the broker, the "
+        "consumer and the handler. Completed orders on their strategy's usual path; p50 / p99 ms.",
+        "",
+        "| configuration | orders | steps (p50 / p99 ms) |",
+        "|---|---|---|",
+    ]
+    for name, steps in found.items():
+        text = " · ".join(f"{s['from']}→{s['to']} {_fmt(s['p50_ms'])} / {_fmt(s['p99_ms'])}" for s in steps["steps"])
+        lines.append(f"| {name} | {steps['orders']} | {text} |")
+    return lines
 
 
 COMPONENTS = ("API", "consumers", "relay", "schedulers", "PostgreSQL", "RabbitMQ", "Redis")
