@@ -381,6 +381,9 @@ def goals_13(h: dict, results: dict) -> list[dict]:
         h["cart_adds_per_s"],
         round(0.3 * pg, 1) if pg else None,
         lambda f, lim: f >= lim,
+        f"with the API on 2 processes (--processes 2): {two:,.1f}/s, {two / pg:.2f} x pgbench"
+        if (two := h["cart_adds_per_s_2_api_processes"]) and pg
+        else "",
     )
     goal(
         f"half-load create->COMPLETED p99 ({h['e2e_config']}) <= 100 ms",
