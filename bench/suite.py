@@ -382,7 +382,7 @@ def goals_13(h: dict, results: dict) -> list[dict]:
         round(0.3 * pg, 1) if pg else None,
         lambda f, lim: f >= lim,
         f"with the API on 2 processes (--processes 2): {two:,.1f}/s, {two / pg:.2f} x pgbench"
-        if (two := h["cart_adds_per_s_2_api_processes"]) and pg
+        if (two := h.get("cart_adds_per_s_2_api_processes")) and pg
         else "",
     )
     goal(

@@ -123,5 +123,8 @@ def test_issue_13_goals_take_their_limits_from_the_same_run():
     assert (opt["limit"], opt["met"]) == (120.0, True)
     assert goals["e2e sustained checkouts/s (post-payment/cdc) >= pgbench_tps / 25"]["met"] is False
     assert goals["cart adds >= 0.3 x pgbench_tps (same concurrency)"]["met"] is True
+    assert goals["cart adds >= 0.3 x pgbench_tps (same concurrency)"]["note"] == ""
+    two = goals_13({**h, "cart_adds_per_s_2_api_processes": 1200.0}, {"plan": "full", "sections": {"e2e": e2e}})
+    assert "1,200.0/s, 0.40 x pgbench" in next(g["note"] for g in two if g["goal"].startswith("cart adds"))
     assert goals["relay events/s >= 0.4 x raw unconfirmed publishes"]["met"] is True
     assert goals["cdc commit->consumer p99 at 1,000 events/s <= 15 ms"]["met"] is None
