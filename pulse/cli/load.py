@@ -81,7 +81,8 @@ def register(subparsers: Subparsers) -> None:
         choices=("poll", "db", "off"),
         default="poll",
         help="measure create->COMPLETED by polling a sample of orders over HTTP, from the database "
-        "(PULSE_DATABASE_URL) for every order, or not at all (default poll)",
+        "(PULSE_DATABASE_URL) for every order, with the time each saga step took (completion.steps), "
+        "or not at all (default poll)",
     )
     p.add_argument("--track-fraction", type=float, default=0.2, help="share of orders polled (default 0.2)")
     p.add_argument("--seed", type=int, help="random seed for product choice and abandonment")

@@ -161,7 +161,7 @@ def saga_steps(conn: Any, order_ids: list[str]) -> dict[str, Any]:
     A step runs from the one before it (the order's creation first) to its event's row in ``infra.event_log``,
     stamped when the emitting transaction wrote it; the last step ends at the order's COMPLETED update. So a step
     holds the relay, the broker, the consumer and the handler of its event. A tail that shows in every step at
-    once is the machine, not one module."""
+    once comes from what they share (a process's GIL, the machine), not from one module."""
     rows = conn.execute(
         "SELECT o.id, EXTRACT(EPOCH FROM o.created_at) AS created, EXTRACT(EPOCH FROM o.updated_at) AS updated, "
         "e.event_type, EXTRACT(EPOCH FROM min(e.created_at)) AS at FROM orders.orders o "

@@ -37,12 +37,11 @@ def test_three_second_closed_loop_run_checks_out_without_server_errors(server, s
     completion = r["completion"]
     assert completion["tracked"] == r["checkouts"] and completion.get("COMPLETED") == r["checkouts"]
     assert completion["latency_ms"]["p99"] > 0
-    # The default strategy's saga, step by step; the steps of an order add up to its create→COMPLETED.
+    # The default strategy's saga, step by step; a step is a part of its order's create→COMPLETED.
     steps = completion["steps"]
     assert steps["path"] == ["placed", "ORDER_CREATED", "STOCK_RESERVED", "PAYMENT_PROCESSED", "COMPLETED"]
     assert steps["orders"] + steps["other_paths"] == r["checkouts"] and steps["orders"] > r["checkouts"] / 2
-    assert all(s["p50_ms"] > 0 for s in steps["steps"])
-    assert sum(s["p50_ms"] for s in steps["steps"]) <= completion["latency_ms"]["max"]
+    assert all(0 < s["p50_ms"] <= s["p99_ms"] <= completion["latency_ms"]["max"] for s in steps["steps"])
     json.dumps(r)  # the result is plain JSON
 
 
