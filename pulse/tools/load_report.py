@@ -166,9 +166,11 @@ def saga_steps(conn: Any, order_ids: list[str]) -> dict[str, Any]:
         "SELECT o.id, EXTRACT(EPOCH FROM o.created_at) AS created, EXTRACT(EPOCH FROM o.updated_at) AS updated, "
         "e.event_type, EXTRACT(EPOCH FROM min(e.created_at)) AS at FROM orders.orders o "
         "JOIN infra.event_log e ON e.aggregate_id = o.id::text "
-        "WHERE o.id = ANY(%s::uuid[]) AND o.status = 'COMPLETED' AND e.event_type = ANY(%s) AND NOT e.redriven "
+        # Also on aggregate_id itself, so the event log is read through its index, not scanned whole.
+        "WHERE o.id = ANY(%(ids)s::uuid[]) AND e.aggregate_id = ANY(%(ids)s::text[]) AND o.status = 'COMPLETED' "
+        "AND e.event_type = ANY(%(types)s) AND NOT e.redriven "
         "GROUP BY o.id, o.created_at, o.updated_at, e.event_type",
-        (order_ids, list(STEP_EVENTS)),
+        {"ids": [str(i) for i in order_ids], "types": list(STEP_EVENTS)},
     ).fetchall()
     marks: dict[Any, list[tuple[float, str]]] = defaultdict(list)
     for r in rows:
@@ -176,9 +178,9 @@ def saga_steps(conn: Any, order_ids: list[str]) -> dict[str, Any]:
     ends = {r["id"]: (float(r["created"]), float(r["updated"])) for r in rows}
     paths: dict[tuple[str, ...], list[list[float]]] = defaultdict(list)
     for order, events in marks.items():
-        created, updated = ends[order]
-        times = [created] + [t for t, _ in sorted(events)] + [updated]
-        paths[tuple(e for _, e in sorted(events))].append([b - a for a, b in zip(times, times[1:], strict=False)])
+        events.sort()
+        times = [ends[order][0], *(t for t, _ in events), ends[order][1]]
+        paths[tuple(e for _, e in events)].append([b - a for a, b in zip(times, times[1:], strict=False)])
     if not paths:
         return {"orders": 0, "path": [], "steps": []}
     path, gaps = max(paths.items(), key=lambda item: len(item[1]))
