@@ -19,6 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 from bench.cpu import SERVE, CpuMeter
 from bench.pgserver import per_checkout
 from pulse import bootstrap, topology
+from pulse.cli.serve_split import api_process_count
 from pulse.infra import broker, db
 from pulse.tools.launcher import ServeProcess
 from pulse.tools.load import run_load
@@ -74,14 +75,15 @@ def pgbench_tps(p, *, concurrency: int, duration_s: float) -> dict:
 
 
 def serve(
-    p, *, strategy="optimistic", outbox_mode="polling", extra_env=None, log=None, api_processes: int = 0
+    p, *, strategy="optimistic", outbox_mode="polling", extra_env=None, log=None, api_processes: int | None = None
 ) -> ServeProcess:
     """A ``pulse serve`` on the private services, not started yet: use it in ``with`` (which starts it once).
 
-    ``api_processes`` > 0 runs the API in that many child processes (``--processes``), the workers in the parent.
+    ``api_processes`` is ``--processes``: the API in that many child processes, the workers in the parent (0:
+    everything in one process); None is the server's default (one API child).
     """
     env = {**p.env, "PULSE_OUTBOX_MODE": outbox_mode, **(extra_env or {})}
-    args = ("--processes", str(api_processes)) if api_processes else ()
+    args = ("--processes", str(api_processes)) if api_processes is not None else ()
     return ServeProcess(strategy=strategy, outbox_mode=outbox_mode, env=env, log_path=log, args=args)
 
 
@@ -99,7 +101,7 @@ def server_pids(server: ServeProcess) -> dict[int, str]:
     return pids
 
 
-def cart_adds(p, *, concurrency: int, duration_s: float, log=None, api_processes: int = 0) -> dict:
+def cart_adds(p, *, concurrency: int, duration_s: float, log=None, api_processes: int | None = None) -> dict:
     """Closed-loop cart adds only (one add per session, never ordering) through the HTTP API."""
     with serve(p, log=log, api_processes=api_processes) as server:
         products = run_load(
@@ -117,7 +119,7 @@ def cart_adds(p, *, concurrency: int, duration_s: float, log=None, api_processes
             )
     return {
         "cart_adds_per_s": r["cart_adds_per_s"],
-        "api_processes": max(1, api_processes),
+        "api_processes": max(1, api_process_count(api_processes, {"api", "workers"})),
         "latency_ms": r["latency_ms"],
         "requests": r["requests"],
         "server_errors": r["server_errors"],
@@ -367,7 +369,7 @@ def end_to_end(
     concurrency: int,
     duration_s: float,
     log=None,
-    api_processes: int = 0,
+    api_processes: int | None = None,
     half_rate: float | None = None,
 ) -> dict:
     """Saturation (closed loop) gives the sustained checkouts/s; half that rate (open loop) gives the latency.
@@ -411,7 +413,7 @@ def end_to_end(
     return {
         "strategy": strategy,
         "outbox_mode": outbox_mode,
-        "api_processes": api_processes,
+        "api_processes": api_process_count(api_processes, {"api", "workers"}),
         "saturation": _brief(sat),
         "sustained_checkouts_per_s": sustained,
         "half_load_rate": half,
@@ -429,7 +431,7 @@ def _deliveries(url: str) -> dict | None:
     """Handled and skipped deliveries so far, summed over the server's consumers (its /health)."""
     consumers = httpx.get(f"{url}/health", timeout=10).json().get("consumers") or []
     if not consumers:
-        return None  # the API answered from a process without consumers (--processes)
+        return None  # a server without consumers (--role api)
     return {k: sum(c.get(k, 0) for c in consumers) for k in ("handled", "skipped")}
 
 

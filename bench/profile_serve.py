@@ -85,6 +85,7 @@ def main() -> int:
                 "100",
                 *(["--idle"] if args.idle else ["--gil"]),
                 "--threads",
+                "--subprocesses",  # the API children (pulse serve runs the API in its own process by default)
                 "--format",
                 "raw",
                 "-o",
@@ -94,7 +95,7 @@ def main() -> int:
             stderr=subprocess.PIPE,
         )
         time.sleep(0.5)
-        with CpuMeter({server.proc.pid: "pulse serve"}) as cpu:
+        with CpuMeter(measure.server_pids(server)) as cpu:
             r = run_load(
                 server.url,
                 concurrency=args.concurrency,

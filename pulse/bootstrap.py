@@ -181,6 +181,7 @@ def build(
     *,
     faults: fault_registry.NoFaults | None = None,
     migrate: bool = True,
+    say_ignored: bool = True,
     pool_size: int = 20,
     clock: Clock | None = None,
     transaction_factory: TransactionFactory = db.unit,
@@ -188,7 +189,8 @@ def build(
     """Connect to PostgreSQL, Redis and RabbitMQ as configured and wire the whole system.
 
     ``clock`` and ``transaction_factory`` are what a test substitutes for the wall clock and for the handlers'
-    transactions (:class:`pulse.deps.Deps`); the defaults are the real ones.
+    transactions (:class:`pulse.deps.Deps`); the defaults are the real ones. ``say_ignored``: see
+    :func:`pulse.faults.for_process`.
     """
     from pulse.infra import migrate as migrations
 
@@ -196,7 +198,7 @@ def build(
     if migrate:
         migrations.migrate(settings.database_url)
     # Outside lab mode armed faults and PULSE_NAIVE are ignored (issue 10): a plain server obeys none of them.
-    settings, faults = fault_registry.for_process(settings, faults)
+    settings, faults = fault_registry.for_process(settings, faults, say_ignored=say_ignored)
     pool = db.make_pool(settings.database_url, max_size=pool_size)
     client = redis_scripts.make_client(settings.redis_url)
     deps = Deps(

@@ -425,24 +425,27 @@ def from_settings(settings: Settings, *, environment: bool = True) -> NoFaults:
     )
 
 
-def for_process(settings: Settings, faults: NoFaults | None = None) -> tuple[Settings, NoFaults]:
+def for_process(
+    settings: Settings, faults: NoFaults | None = None, *, say_ignored: bool = True
+) -> tuple[Settings, NoFaults]:
     """The settings and registry a process runs with; returns ``(settings, faults)``.
 
     Outside lab mode, ``PULSE_NAIVE`` is dropped and armed faults are ignored, each said in one log line, so an
-    operator who finds a server behaving normally while faults are armed knows why. A registry passed in (a
-    test's own hooks) is used as given.
+    operator who finds a server behaving normally while faults are armed knows why (``say_ignored=False``: a
+    server's API child, whose parent has said it). A registry passed in (a test's own hooks) is used as given.
     """
     lab = settings.lab
     if not lab and settings.naive:
-        log.warning(
-            "PULSE_NAIVE=%s is ignored: naive switches are honoured only in lab mode "
-            "(pulse serve --lab or PULSE_LAB=1)",
-            ",".join(sorted(settings.naive)),
-        )
+        if say_ignored:
+            log.warning(
+                "PULSE_NAIVE=%s is ignored: naive switches are honoured only in lab mode "
+                "(pulse serve --lab or PULSE_LAB=1)",
+                ",".join(sorted(settings.naive)),
+            )
         settings = settings.replace(naive=frozenset())
     if faults is None:
         faults = from_settings(settings)
-        armed = [] if lab else faults.armed_names()
+        armed = [] if lab or not say_ignored else faults.armed_names()
         if armed:
             log.warning(
                 "%d fault(s) armed in infra.faults are ignored because this process is not in lab mode: %s "

@@ -7,7 +7,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -245,19 +245,23 @@ class Plain(JSONResponse):
         ).encode("utf-8")
 
 
-def consumer_status(system: System) -> list[dict[str, Any]]:
+def _consumer_status(system: System) -> list[dict[str, Any]]:
     """The consumer threads of this process for /health (none in a process that runs only the API)."""
     status = getattr(system, "consumer_status", None)
     threads: list[dict[str, Any]] = status() if status is not None else []
     return threads
 
 
-def create_app(system: System, *, hot: bool = True) -> FastAPI:
+def create_app(
+    system: System, *, hot: bool = True, consumer_status: Callable[[], list[dict[str, Any]]] | None = None
+) -> FastAPI:
     """The FastAPI application over a built :class:`pulse.bootstrap.System` (OpenAPI docs at /docs).
 
     ``hot=False`` leaves out the short path of the checkout's two hot requests (pulse.api.hot): every request then
-    takes FastAPI's own path, which the tests compare it with.
+    takes FastAPI's own path, which the tests compare it with. ``consumer_status`` is what /health lists as the
+    consumers, when they run in another process (pulse.cli.serve_split); by default this process's own.
     """
+    consumers = consumer_status or (lambda: _consumer_status(system))
     app = FastAPI(
         title="Checkout Pulse",
         version="0.1.0",
@@ -386,7 +390,7 @@ def create_app(system: System, *, hot: bool = True) -> FastAPI:
             "outboxMode": system.settings.outbox_mode,
             "labMode": system.settings.lab,
             "faultsArmed": system.deps.faults.armed_names(),
-            "consumers": consumer_status(system),
+            "consumers": consumers(),
         }
 
     if hot:

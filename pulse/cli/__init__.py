@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from pulse import config
-from pulse.cli import chaos, faults, load, relay, supervise
+from pulse.cli import chaos, faults, load, relay, serve_split, supervise
 from pulse.errors import PulseError
 
 if TYPE_CHECKING:
@@ -56,9 +56,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["PULSE_LAB"] = "1"
     settings = _settings(args)
     roles = set(args.role.split(","))
-    if args.processes and "api" in roles:
-        return _serve_api_processes(args, roles)
-    system = bootstrap.build(settings)
+    if args.child_of:
+        serve_split.die_with_parent(args.child_of)
+    count = serve_split.api_process_count(args.processes, roles)
+    if count and "api" in roles:
+
+        def build(rest: set[str]) -> System:
+            system = bootstrap.build(settings)
+            _start_workers(system, rest)
+            return system
+
+        return serve_split.serve_split(args, roles, count, build)
+    # An API child's parent has migrated and said what it ignores, before starting it.
+    system = bootstrap.build(settings, migrate=not args.child_of, say_ignored=not args.child_of)
     _start_workers(system, roles)
     log.info(
         "pulse serve: strategy=%s outbox=%s roles=%s%s",
@@ -71,7 +81,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if "api" in roles:
             server = uvicorn.Server(
                 uvicorn.Config(
-                    create_app(system),
+                    create_app(
+                        system,
+                        consumer_status=serve_split.read_status(args.consumer_status) if args.consumer_status else None,
+                    ),
                     host=args.host,
                     port=args.port,
                     http=OneWriteHttpToolsProtocol,
@@ -109,79 +122,6 @@ def _start_workers(system: System, roles: set[str]) -> None:
             consumers=every or "consumers" in roles,
             schedulers=every or "schedulers" in roles,
         )
-
-
-def _serve_api_processes(args: argparse.Namespace, roles: set[str]) -> int:
-    """``--processes N``: the API in N child processes listening on the same port, and the workers (if their
-    roles are asked for) in this process.
-
-    One process serves HTTP with one GIL, which the API's Python work saturates near one core. Each child
-    binds its own socket with SO_REUSEPORT, so the kernel spreads new connections across them; with one
-    inherited socket instead, the first child to wake accepted nearly all of a load generator's keep-alive
-    connections (measured: 0.26 vs 0.06 cores) and the second process sat idle.
-    """
-    import subprocess
-    import threading
-
-    command = [
-        sys.executable,
-        "-m",
-        "pulse",
-        *(["-v"] if args.verbose else []),
-        "serve",
-        "--role",
-        "api",
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-        "--reuse-port",
-        *(["--strategy", args.strategy] if args.strategy else []),
-        *(["--outbox-mode", args.outbox_mode] if args.outbox_mode else []),
-    ]
-    children = [subprocess.Popen(command) for _ in range(args.processes)]
-    rest = roles - {"api"}
-    status = 0
-
-    def stop_children(*_: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.terminate()
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    system = None
-    try:
-        if rest:
-            from pulse import bootstrap
-
-            system = bootstrap.build(_settings(args))
-            _start_workers(system, rest)
-        log.info(
-            "pulse serve: %d API processes (pids %s), roles here: %s",
-            len(children),
-            ", ".join(str(c.pid) for c in children),
-            ",".join(sorted(rest)) or "none",
-        )
-        while not stop.is_set():
-            dead = [c for c in children if c.poll() is not None]
-            if dead:  # no half-served port: a supervisor (pulse supervise) restarts the whole server
-                log.error("API process %d exited with status %s; stopping", dead[0].pid, dead[0].returncode)
-                status = 1
-                break
-            stop.wait(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_children()
-        for child in children:
-            try:
-                child.wait(20)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        if system is not None:
-            system.close()
-    return status
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -288,9 +228,12 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "serve",
-        help="run the HTTP API and every worker in one process (the modular monolith)",
+        help="run the HTTP API and every worker (the modular monolith)",
         description="Run the API (docs at /docs) with the outbox relay, the queue consumers, the "
-        "cart sweeper and the reconciler. SIGTERM or Ctrl-C shuts down cleanly.",
+        "cart sweeper, the reconciler and the saga watchdog. By default the API runs in a child process "
+        "and the workers in this one, so they do not share one Python GIL; if either dies, the whole "
+        "server stops (run it under `pulse supervise` to have it restarted). SIGTERM or Ctrl-C shuts "
+        "down cleanly.",
     )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
@@ -304,17 +247,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--processes",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
-        help="run the API in N child processes sharing the port (past one GIL); the other roles "
-        "stay in this process (default 0: everything in this one process)",
+        help="run the API in N child processes sharing the port; the other roles stay in this process "
+        "(default: 1 when this server also runs workers, else 0; 0 runs everything in this one process)",
     )
     s.add_argument(
         "--lab",
         action="store_true",
         help="lab mode: obey armed faults and naive switches (same as PULSE_LAB=1); without it they are ignored",
     )
-    s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set for --processes' children
+    # Set by serve_split for its API children only.
+    s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--child-of", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--consumer-status", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("db", help="create the database and schema, or load the seed catalogue")

@@ -56,4 +56,4 @@ def test_api_on_two_processes_serves_a_checkout_and_stops_cleanly(e2e_env, tmp_p
         status = server.stop(timeout_s=20)
     assert status == 0, server._tail()
     log = server.log_path.read_text(errors="replace")
-    assert "2 API processes" in log and "Traceback" not in log, log[-3000:]
+    assert "API in 2 processes" in log and "Traceback" not in log, log[-3000:]
