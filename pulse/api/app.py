@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -252,16 +253,14 @@ def _consumer_status(system: System) -> list[dict[str, Any]]:
     return threads
 
 
-def create_app(
-    system: System, *, hot: bool = True, consumer_status: Callable[[], list[dict[str, Any]]] | None = None
-) -> FastAPI:
+def create_app(system: System, *, hot: bool = True, workers: Callable[[], dict[str, Any]] | None = None) -> FastAPI:
     """The FastAPI application over a built :class:`pulse.bootstrap.System` (OpenAPI docs at /docs).
 
     ``hot=False`` leaves out the short path of the checkout's two hot requests (pulse.api.hot): every request then
-    takes FastAPI's own path, which the tests compare it with. ``consumer_status`` is what /health lists as the
-    consumers, when they run in another process (pulse.cli.serve_split); by default this process's own.
+    takes FastAPI's own path, which the tests compare it with. ``workers`` reports the workers of this server that
+    run in another process (pulse.cli.serve_split.read_status): /health then lists their consumers and what they
+    obey instead of this process's own.
     """
-    consumers = consumer_status or (lambda: _consumer_status(system))
     app = FastAPI(
         title="Checkout Pulse",
         version="0.1.0",
@@ -384,13 +383,23 @@ def create_app(
     @app.get("/health", response_model=None)
     def health() -> dict[str, Any]:
         # faultsArmed: the registry's cached view (lab mode), or at most one SELECT every few seconds otherwise.
+        armed = system.deps.faults.armed_names()
+        here = {"pid": os.getpid(), "role": "api" if workers else "all", "faultsArmed": armed}
+        # processes: what each process of the server obeys, which the Lab waits on after arming a fault.
+        if workers is None:
+            consumers, processes = _consumer_status(system), [here]
+        else:
+            other = workers()
+            consumers = other["consumers"]
+            processes = [here, {"pid": other["pid"], "role": "workers", "faultsArmed": other["faultsArmed"]}]
         return {
             "status": "ok",
             "strategy": system.settings.strategy_name,
             "outboxMode": system.settings.outbox_mode,
             "labMode": system.settings.lab,
-            "faultsArmed": system.deps.faults.armed_names(),
-            "consumers": consumers(),
+            "faultsArmed": armed,
+            "consumers": consumers,
+            "processes": processes,
         }
 
     if hot:

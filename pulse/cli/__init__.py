@@ -83,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 uvicorn.Config(
                     create_app(
                         system,
-                        consumer_status=serve_split.read_status(args.consumer_status) if args.consumer_status else None,
+                        workers=serve_split.read_status(args.worker_status) if args.worker_status else None,
                     ),
                     host=args.host,
                     port=args.port,
@@ -260,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
     # Set by serve_split for its API children only.
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--child-of", type=int, help=argparse.SUPPRESS)
-    s.add_argument("--consumer-status", help=argparse.SUPPRESS)
+    s.add_argument("--worker-status", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("db", help="create the database and schema, or load the seed catalogue")

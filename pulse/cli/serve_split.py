@@ -9,8 +9,9 @@ Three things the split must not lose, and how it keeps them:
 - a crash is still a crash: a child that dies stops the whole server with the child's status, and the
   children die with the parent (``PR_SET_PDEATHSIG``), so a SIGKILL of the server leaves no orphan holding
   the port;
-- ``/health`` still lists the consumers, which live in the parent: the parent writes their status to a file
-  a few times a second and the children answer from it;
+- ``/health`` still lists the consumers and what every part obeys: the parent writes its consumers' status
+  and the faults its registry sees to a file a few times a second, and the children answer from it (the Lab
+  waits on /health until every process has seen a fault it arms);
 - "answers /health" still means "ready": the children start after the parent's workers have.
 """
 
@@ -58,23 +59,27 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def read_status(path: str) -> Callable[[], list[dict[str, Any]]]:
-    """The consumer status the parent last wrote to ``path`` (what a child's /health lists)."""
+def read_status(path: str) -> Callable[[], dict[str, Any]]:
+    """What the parent last wrote to ``path``: ``{"pid", "consumers", "faultsArmed"}`` (for a child's /health)."""
 
-    def status() -> list[dict[str, Any]]:
+    def status() -> dict[str, Any]:
         try:
-            found: list[dict[str, Any]] = json.loads(Path(path).read_text())
+            found: dict[str, Any] = json.loads(Path(path).read_text())
         except (OSError, ValueError):  # not written yet, or the parent is gone
-            return []
+            return {"pid": None, "consumers": [], "faultsArmed": []}
         return found
 
     return status
 
 
 def _write_status(system: System | None, path: Path) -> None:
-    rows = system.consumer_status() if system is not None else []
+    status = {
+        "pid": os.getpid(),
+        "consumers": system.consumer_status() if system is not None else [],
+        "faultsArmed": system.deps.faults.armed_names() if system is not None else [],
+    }
     spare = path.with_name(path.name + ".new")
-    spare.write_text(json.dumps(rows))
+    spare.write_text(json.dumps(status))
     os.replace(spare, path)  # atomic: a child never reads half a file
 
 
@@ -96,7 +101,7 @@ def serve_split(
     children: list[subprocess.Popen[bytes]] = []
     system = None
     status = 0
-    fd, name = tempfile.mkstemp(prefix="pulse-consumers-", suffix=".json")
+    fd, name = tempfile.mkstemp(prefix="pulse-workers-", suffix=".json")
     os.close(fd)
     status_path = Path(name)
     try:
@@ -120,7 +125,7 @@ def serve_split(
             "--reuse-port",
             "--child-of",
             str(os.getpid()),
-            "--consumer-status",
+            "--worker-status",
             str(status_path),
             *(["--strategy", args.strategy] if args.strategy else []),
             *(["--outbox-mode", args.outbox_mode] if args.outbox_mode else []),

@@ -591,10 +591,12 @@ class Lab:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                armed = set(httpx.get(f"{self.url}/health", timeout=5).json().get("faultsArmed") or ())
-            except (httpx.HTTPError, ValueError):  # restarting after a crash fault: ask again
-                armed = None
-            if armed is not None and seen(armed):
+                health = httpx.get(f"{self.url}/health", timeout=5).json()
+                # Every process of the server (the API and the workers run apart by default) must have seen it.
+                views = [set(p["faultsArmed"]) for p in health.get("processes") or [health]]
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):  # restarting after a crash fault: ask again
+                views = None
+            if views is not None and all(seen(armed) for armed in views):
                 return
             time.sleep(0.2)
         log.warning("the lab's server did not show the fault change within %.0fs", timeout_s)

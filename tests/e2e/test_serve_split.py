@@ -69,6 +69,7 @@ def test_the_api_runs_in_a_child_and_health_lists_the_parents_consumers(server):
     health = httpx.get(server.url + "/health").json()
     assert {c["queue"] for c in health["consumers"]} == set(topology.QUEUES), health
     assert all(c["alive"] for c in health["consumers"]), health
+    assert [(p["role"], p["pid"]) for p in health["processes"]] == [("api", child), ("workers", server.proc.pid)]
     api = client(server)
     try:
         product = new_product(api, stock=5)
@@ -90,7 +91,8 @@ def test_a_sigkill_of_the_server_takes_its_api_child_and_the_port_with_it(server
     [child] = children_of(server.proc.pid)
     server.kill()
     wait_until(lambda: not running(child), 5, f"API child {child} to die with its parent")
-    assert not port_open(server.port)
+    # A dying process is a zombie before its last thread has let go of its files, the listening socket among them.
+    wait_until(lambda: not port_open(server.port), 5, "the port to close")
 
 
 def test_a_crash_of_the_api_child_stops_the_server_with_the_crash_status(server):
