@@ -37,7 +37,14 @@ def top_functions(folded: Path, n: int = 40) -> list[tuple[float, str]]:
     return [(round(100 * c / total, 1), f) for f, c in inclusive.most_common(n)]
 
 
-PARTS = (("consumers", "Consumer.run "), ("relay", "Relay.run "), ("schedulers", "every "), ("API", "Server.run "))
+# The API's sync handlers run on anyio's worker threads (WorkerThread.run), not under uvicorn's Server.run.
+PARTS = (
+    ("consumers", "Consumer.run "),
+    ("relay", "Relay.run "),
+    ("schedulers", "every "),
+    ("API", "Server.run "),
+    ("API", "WorkerThread.run "),
+)
 
 
 def by_part(folded: Path) -> dict[str, float]:
