@@ -2,8 +2,13 @@
 schedulers) in the parent, which supervises the children.
 
 Why by default: with everything in one process, the API's request handling and the consumers' and relay's
-work share one GIL. Under half load that made the create→COMPLETED p99 about twice what it is with the API
-in its own process (6 of 6 paired runs, bench/NOTES.md, 2026-11-30), at no extra CPU per checkout.
+work share one GIL. Under half load that made the create→COMPLETED p99 up to twice what it is with the API
+in its own process (lower in 9 of 9 paired runs, bench/NOTES.md and bench/split_pairs.py), at no extra CPU per
+checkout.
+
+With ``--processes N`` each child binds its own socket with SO_REUSEPORT, so the kernel spreads new connections
+across them; with one inherited socket instead, the first child to wake accepted nearly all of a load
+generator's keep-alive connections (measured: 0.26 against 0.06 cores) and the second sat idle.
 
 Three things the split must not lose, and how it keeps them:
 - a crash is still a crash: a child that dies stops the whole server with the child's status, and the
@@ -72,15 +77,41 @@ def read_status(path: str) -> Callable[[], dict[str, Any]]:
     return status
 
 
-def _write_status(system: System | None, path: Path) -> None:
+def _write_status(system: System, path: Path) -> None:
     status = {
         "pid": os.getpid(),
-        "consumers": system.consumer_status() if system is not None else [],
-        "faultsArmed": system.deps.faults.armed_names() if system is not None else [],
+        "consumers": system.consumer_status(),
+        "faultsArmed": system.deps.faults.armed_names(),
     }
     spare = path.with_name(path.name + ".new")
-    spare.write_text(json.dumps(status))
-    os.replace(spare, path)  # atomic: a child never reads half a file
+    try:
+        spare.write_text(json.dumps(status))
+        os.replace(spare, path)  # atomic: a child never reads half a file
+    except OSError as exc:  # a full /tmp must not stop the server; /health is only out of date meanwhile
+        log.warning("could not write the workers' status for /health: %s", exc)
+
+
+def status_file(directory: Path) -> Path:
+    """This server's status file in ``directory``, after removing those of servers that are gone.
+
+    A server killed outright (SIGKILL, a crash fault) cannot remove its own file; named by pid, the next server
+    to start finds it and does.
+    """
+    for stale in directory.glob("pulse-workers-*.json*"):
+        pid = stale.name.removeprefix("pulse-workers-").split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    return directory / f"pulse-workers-{os.getpid()}.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _exit_status(code: int) -> int:
@@ -101,13 +132,12 @@ def serve_split(
     children: list[subprocess.Popen[bytes]] = []
     system = None
     status = 0
-    fd, name = tempfile.mkstemp(prefix="pulse-workers-", suffix=".json")
-    os.close(fd)
-    status_path = Path(name)
+    status_path = status_file(Path(tempfile.gettempdir()))
     try:
         # Workers first: a child answering /health means the whole server is ready.
         system = build(rest) if rest else None
-        _write_status(system, status_path)
+        if system is not None:
+            _write_status(system, status_path)
         command = [
             sys.executable,
             "-m",
@@ -125,8 +155,8 @@ def serve_split(
             "--reuse-port",
             "--child-of",
             str(os.getpid()),
-            "--worker-status",
-            str(status_path),
+            # No workers here (--role api): the children's /health speaks for themselves alone.
+            *(["--worker-status", str(status_path)] if system is not None else []),
             *(["--strategy", args.strategy] if args.strategy else []),
             *(["--outbox-mode", args.outbox_mode] if args.outbox_mode else []),
         ]
@@ -145,7 +175,8 @@ def serve_split(
                 log.error("API process %d exited with status %s; stopping", dead[0].pid, dead[0].returncode)
                 status = _exit_status(dead[0].returncode)
                 break
-            _write_status(system, status_path)
+            if system is not None:
+                _write_status(system, status_path)
             stop.wait(STATUS_EVERY_S)
     except KeyboardInterrupt:
         pass

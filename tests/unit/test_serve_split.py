@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pulse.cli import parser
-from pulse.cli.serve_split import _exit_status, api_process_count
+from pulse.cli.serve_split import _exit_status, api_process_count, status_file
 
 
 @pytest.mark.parametrize(
@@ -31,3 +31,19 @@ def test_the_default_command_line_asks_for_no_count():
 @pytest.mark.parametrize(("code", "expected"), [(137, 137), (3, 3), (-9, 137), (-15, 143), (0, 1)])
 def test_a_childs_exit_is_reported_as_a_shell_would(code, expected):
     assert _exit_status(code) == expected  # 0 too: a child that left on its own still ends the server
+
+
+def test_a_killed_servers_status_file_is_removed_by_the_next_server(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    stale = tmp_path / f"pulse-workers-{dead_pid}.json"
+    half_written = tmp_path / f"pulse-workers-{dead_pid}.json.new"
+    live = tmp_path / f"pulse-workers-{os.getppid()}.json"  # a running server's: kept
+    for f in (stale, half_written, live):
+        f.write_text("{}")
+    assert status_file(tmp_path) == tmp_path / f"pulse-workers-{os.getpid()}.json"
+    assert not stale.exists() and not half_written.exists() and live.exists()
