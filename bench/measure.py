@@ -10,7 +10,6 @@ import subprocess
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pika
@@ -89,16 +88,7 @@ def serve(
 
 def server_pids(server: ServeProcess) -> dict[int, str]:
     """The server's pid (split per thread by CpuMeter) and its API children's (``--processes``), all API."""
-    pids = {server.proc.pid: SERVE}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == server.proc.pid:
-                pids[int(entry.name)] = SERVE + ": API"
-    return pids
+    return {server.proc.pid: SERVE} | {pid: SERVE + ": API" for pid in server.children()}
 
 
 def cart_adds(p, *, concurrency: int, duration_s: float, log=None, api_processes: int | None = None) -> dict:

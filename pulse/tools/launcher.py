@@ -114,6 +114,22 @@ class ServeProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def children(self) -> list[int]:
+        """The pids of the server's running child processes (its API processes, pulse.cli.serve_split)."""
+        if self.proc is None:
+            return []
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:  # it ended between the listing and the read
+                    continue
+                state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+                if int(ppid) == self.proc.pid and state != "Z":
+                    found.append(int(entry.name))
+        return found
+
     def healthy(self) -> bool:
         """True when the child answers on /health right now."""
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import httpx
@@ -17,23 +16,10 @@ import pytest
 
 from pulse import topology
 from pulse.tools.launcher import ServeProcess
+from tests.conftest import wait_for
 from tests.e2e.support import client, new_product
 
 pytestmark = pytest.mark.e2e
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
 
 
 def running(pid: int) -> bool:
@@ -42,13 +28,6 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
-
-
-def wait_until(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def port_open(port: int) -> bool:
@@ -64,7 +43,7 @@ def server(e2e_env, tmp_path):
 
 
 def test_the_api_runs_in_a_child_and_health_lists_the_parents_consumers(server):
-    [child] = children_of(server.proc.pid)
+    [child] = server.children()
     assert "--role api" in Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ")
     health = httpx.get(server.url + "/health").json()
     assert {c["queue"] for c in health["consumers"]} == set(topology.QUEUES), health
@@ -75,30 +54,30 @@ def test_the_api_runs_in_a_child_and_health_lists_the_parents_consumers(server):
         product = new_product(api, stock=5)
         user = api.new_user()
         api.add_item(user, product, 1)
-        order = api.checkout(user)
-        wait_until(lambda: api.order(order["orderId"])["status"] == "COMPLETED", 30, "the saga to complete")
+        order = api.wait_settled(api.checkout(user)["orderId"], timeout_s=30)
+        assert order["status"] == "COMPLETED", order
     finally:
         api.close()
     # The parent's counts reach the child's /health within a moment.
-    wait_until(
+    wait_for(
         lambda: sum(c["handled"] for c in httpx.get(server.url + "/health").json()["consumers"]) > 0,
         5,
-        "the consumers' handled counts in /health",
+        message="the consumers' handled counts in /health",
     )
 
 
 def test_a_sigkill_of_the_server_takes_its_api_child_and_the_port_with_it(server):
-    [child] = children_of(server.proc.pid)
+    [child] = server.children()
     server.kill()
-    wait_until(lambda: not running(child), 5, f"API child {child} to die with its parent")
+    wait_for(lambda: not running(child), 5, message=f"API child {child} to die with its parent")
     # A dying process is a zombie before its last thread has let go of its files, the listening socket among them.
-    wait_until(lambda: not port_open(server.port), 5, "the port to close")
+    wait_for(lambda: not port_open(server.port), 5, message="the port to close")
 
 
 def test_a_crash_of_the_api_child_stops_the_server_with_the_crash_status(server):
-    [child] = children_of(server.proc.pid)
+    [child] = server.children()
     os.kill(child, signal.SIGKILL)
-    wait_until(lambda: not server.alive(), 15, "the server to stop")
+    wait_for(lambda: not server.alive(), 15, message="the server to stop")
     assert server.proc.returncode == 128 + signal.SIGKILL
     log = server.log_path.read_text(errors="replace")
     assert f"API process {child} exited" in log and "Traceback" not in log, log[-3000:]
