@@ -18,12 +18,14 @@ import datetime as dt
 import decimal
 import enum
 import functools
-import json
 import types
 import typing
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, ClassVar, Self, TypeVar
+
+import orjson
 
 from pulse.status import FailureReason, InventoryStatus, OrderStatus, PaymentStatus, Strategy
 
@@ -122,6 +124,15 @@ def _codec(hint: Any) -> tuple[Coerce, Coerce]:
     return scalars[hint]
 
 
+def _exact(hint: Any) -> tuple[type | None, ...]:
+    """The types whose values ``_codec(hint)``'s coerce returns unchanged (None for ``X | None``); empty when every
+    value must go through coerce (a tuple of nested payloads is rebuilt)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = _exact(next(a for a in typing.get_args(hint) if a is not type(None)))
+        return (None, *inner) if inner else ()
+    return () if typing.get_origin(hint) is tuple else (hint,)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Field:
     name: str
@@ -130,6 +141,8 @@ class _Field:
     omit_none: bool
     coerce: Coerce
     dump: Coerce
+    exact: tuple[type | None, ...]
+    default: Any
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -142,18 +155,34 @@ class Payload:
         hints = typing.get_type_hints(cls)
         out = []
         for f in dataclasses.fields(cls):
+            if f.default_factory is not dataclasses.MISSING:
+                raise TypeError(f"{cls.__name__}.{f.name}: a payload field takes a default value, not a factory")
             coerce, dump = _codec(hints[f.name])
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            out.append(_Field(f.name, _camel(f.name), required, not required and f.default is None, coerce, dump))
+            required = f.default is dataclasses.MISSING
+            out.append(
+                _Field(
+                    f.name,
+                    _camel(f.name),
+                    required,
+                    not required and f.default is None,
+                    coerce,
+                    dump,
+                    _exact(hints[f.name]),
+                    f.default,
+                )
+            )
         return tuple(out)
 
     def __post_init__(self) -> None:
-        for f in self._fields():
-            try:
-                value = f.coerce(getattr(self, f.name))
-            except (TypeError, ValueError) as exc:
-                raise MalformedEnvelope(f"{self._what()}: {f.key}: {exc}") from None
-            object.__setattr__(self, f.name, value)
+        cls = type(self)
+        (_CHECKS.get(cls) or _compile(cls)[0])(self)
+
+    def _coerce(self, f: _Field) -> None:
+        try:
+            value = f.coerce(getattr(self, f.name))
+        except (TypeError, ValueError) as exc:
+            raise MalformedEnvelope(f"{self._what()}: {f.key}: {exc}") from None
+        object.__setattr__(self, f.name, value)
 
     @classmethod
     def _what(cls) -> str:
@@ -173,12 +202,54 @@ class Payload:
     @classmethod
     def from_payload(cls, payload: object) -> Self:
         """The event of this payload; unknown keys are ignored, a missing or ill-typed field is malformed."""
+        event: Self = (_PARSERS.get(cls) or _compile(cls)[1])(cls, payload)
+        return event
+
+    @classmethod
+    def _from_payload(cls, payload: object) -> Self:
         if not isinstance(payload, dict):
             raise MalformedEnvelope(f"{cls._what()}: expected a JSON object, got {type(payload).__name__}")
         missing = [f.key for f in cls._fields() if f.required and f.key not in payload]
         if missing:
             raise MalformedEnvelope(f"{cls._what()}: missing {', '.join(map(repr, missing))}")
         return cls(**{f.name: payload[f.key] for f in cls._fields() if f.key in payload})
+
+
+# Every delivery parses its payload and every handler builds the next event: the per-field loops above, run as
+# written, were an eighth of the consumers' Python time (py-spy, bench/NOTES.md). So each class gets its own
+# check and parser, generated once from its fields as dataclasses generates __init__. They take the general path
+# above for anything that is not already plainly right: a value of another type, a missing key, not a dict.
+_CHECKS: dict[type, Callable[[Any], None]] = {}
+_PARSERS: dict[type, Callable[[Any, object], Any]] = {}
+
+
+def _compile(cls: type[Payload]) -> tuple[Callable[[Any], None], Callable[[Any, object], Any]]:
+    fields = cls._fields()
+    names: dict[str, Any] = {"_general": cls._from_payload}
+    check = ["def check(self):"]
+    for i, f in enumerate(fields):
+        names[f"f{i}"] = f
+        tests = ["v is not None" if t is None else f"type(v) is not t{i}_{j}" for j, t in enumerate(f.exact)]
+        names.update({f"t{i}_{j}": t for j, t in enumerate(f.exact) if t is not None})
+        check.append(f"    v = self.{f.name}")
+        check.append(f"    if {' and '.join(tests)}: self._coerce(f{i})" if tests else f"    self._coerce(f{i})")
+    required = " and ".join(f"{f.key!r} in p" for f in fields if f.required) or "True"
+    args = []
+    for i, f in enumerate(fields):
+        if f.required:
+            args.append(f"{f.name}=p[{f.key!r}]")
+        else:
+            names[f"d{i}"] = f.default  # absent key: the field's default, as the general path leaves it out
+            args.append(f"{f.name}=p.get({f.key!r}, d{i})")
+    parse = [
+        "def parse(cls, p):",
+        f"    if not isinstance(p, dict) or not ({required}):",
+        "        return _general(p)",
+        f"    return cls({', '.join(args)})",
+    ]
+    exec("\n".join(check + [""] + parse), names)  # the source is built above from the class's own fields
+    _CHECKS[cls], _PARSERS[cls] = names["check"], names["parse"]
+    return names["check"], names["parse"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -367,7 +438,7 @@ class Envelope:
         return str(self.payload.get(_ORDER_ID) or self.aggregate_id)
 
     def to_json(self) -> bytes:
-        return json.dumps(
+        return orjson.dumps(
             {
                 "id": str(self.id),
                 "eventType": self.event_type,
@@ -375,12 +446,12 @@ class Envelope:
                 "payload": self.payload,
             },
             default=_json_default,
-        ).encode()
+        )
 
     @classmethod
     def from_json(cls, body: bytes) -> Envelope:
         try:
-            raw = json.loads(body)
+            raw = orjson.loads(body)
             return cls(
                 id=uuid.UUID(raw["id"]),
                 event_type=str(raw["eventType"]),
@@ -403,4 +474,9 @@ def _json_default(value: object) -> object:
 
 def dumps(payload: dict[str, Any]) -> str:
     """JSON for payloads: Decimals as strings so money never turns into binary floats."""
-    return json.dumps(payload, default=_json_default)
+    return orjson.dumps(payload, default=_json_default).decode()
+
+
+def loads(text: str | bytes) -> Any:
+    """The JSON value of ``text`` (a payload read back from the outbox): orjson.JSONDecodeError is a ValueError."""
+    return orjson.loads(text)

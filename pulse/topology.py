@@ -17,6 +17,7 @@ the broker's bindings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -80,10 +81,16 @@ class Queue:
         return frozenset(r.event.value for r in self.routes)
 
     def route(self, event_type: str, strategy: str | None) -> Route | None:
+        return self._by_key.get((event_type, strategy))
+
+    @functools.cached_property
+    def _by_key(self) -> dict[tuple[str, str | None], Route]:
+        """(event type, strategy) → the first route that takes it: every delivery looks its route up twice."""
+        table: dict[tuple[str, str | None], Route] = {}
         for r in self.routes:
-            if r.event.value == event_type and strategy in r.strategies:
-                return r
-        return None
+            for strategy in r.strategies:
+                table.setdefault((r.event.value, str(strategy)), r)
+        return table
 
 
 CHARGE: dict[str, Any] = {"claims_inbox": False, "claims_always": True, "prepare": payment.prepare_charges}

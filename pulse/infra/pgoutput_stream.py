@@ -25,7 +25,6 @@ runs in production is the code the unit tests feed with captured and hand-built 
 from __future__ import annotations
 
 import contextlib
-import json
 import select
 import struct
 import time
@@ -35,7 +34,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.conninfo import make_conninfo
 
-from pulse.events import Envelope
+from pulse.events import Envelope, loads
 from pulse.infra import db, pgoutput
 from pulse.infra.cdc_slot import KEEPALIVES, SLOT_LOST_MARKERS, SlotLost, lsn_text
 
@@ -56,7 +55,7 @@ def _envelope(row: dict[str, str | None]) -> Envelope:
         id=uuid.UUID(_value(row, "id")),
         event_type=_value(row, "event_type"),
         aggregate_id=_value(row, "aggregate_id"),
-        payload=json.loads(_value(row, "payload")),
+        payload=loads(_value(row, "payload")),
     )
 
 
