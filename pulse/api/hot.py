@@ -14,19 +14,21 @@ they do still applies; the exception handlers that FastAPI would apply inside th
 
 from __future__ import annotations
 
+import asyncio
 import email.message
 import functools
-import json
+import queue
 import re
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -81,7 +83,7 @@ class _Hot:
                 return None
             kwargs[name] = uuid.UUID(text)
         try:
-            kwargs[self.body_param] = self.body_model.model_validate(json.loads(body))
+            kwargs[self.body_param] = self.body_model.model_validate(orjson.loads(body))
         except (ValueError, ValidationError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             return None
         return functools.partial(self.endpoint, **kwargs)
@@ -105,6 +107,7 @@ class HotRoutes:
         self.app, self.fastapi = app, fastapi
         routes = {r.operation_id: r for r in fastapi.routes if isinstance(r, APIRoute)}
         self.hot = [_Hot.of(routes[op]) for op in HOT]
+        self.hop = Hop()
 
     def _match(self, scope: Scope) -> tuple[_Hot, re.Match[str]] | None:
         for hot in self.hot:
@@ -124,9 +127,7 @@ class HotRoutes:
             await self.app(scope, _replay(body, message, receive), send)
             return
         try:
-            # In Starlette's thread pool, as FastAPI runs a sync endpoint. A plain executor saved another 0.1 ms a
-            # checkout but tripled the half-load p99 in 4 of 4 A/B rounds (bench/NOTES.md).
-            response = await run_in_threadpool(call)
+            response = await self.hop(call)
         except Exception as exc:
             handler = self._handler(exc)
             if handler is None:
@@ -144,6 +145,56 @@ class HotRoutes:
             if handler is not None:
                 return handler
         return None
+
+
+class Hop:
+    """Runs a sync endpoint on one of ``threads`` worker threads and resumes the request when it returns.
+
+    What Starlette's thread pool does for FastAPI's sync routes, minus anyio's per-call bookkeeping (capacity
+    limiter, cancel scope, run vars, a Condition-based queue): that was a fifth of the API's GIL samples
+    (bench/NOTES.md). Up to as many endpoints run at once as in anyio's default limiter, so a request that waits
+    on the database or a lab fault's sleep never queues behind fewer threads than before. Threads start as the
+    concurrent calls first need them and stay; an idle one waits in ``SimpleQueue.get``.
+    """
+
+    def __init__(self, threads: int = 40) -> None:
+        self.max_threads = threads
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._busy = 0
+
+    async def __call__(self, call: Callable[[], Any]) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._busy += 1
+            if self._busy > self._threads and self._threads < self.max_threads:
+                self._threads += 1
+                threading.Thread(target=self._work, name=f"api-hop-{self._threads}", daemon=True).start()
+        self._jobs.put((call, future))
+        return await future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            call, future = job
+            try:
+                result: Any = call()
+            except BaseException as exc:  # the request's coroutine re-raises it, as run_in_threadpool does
+                future.get_loop().call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                future.get_loop().call_soon_threadsafe(_settle, future, result, None)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.cancelled():  # the client went away: nobody awaits the answer any more
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 async def _read_body(receive: Receive) -> tuple[bytes, Message | None]:
