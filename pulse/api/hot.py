@@ -15,6 +15,7 @@ they do still applies; the exception handlers that FastAPI would apply inside th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.message
 import functools
 import queue
@@ -107,7 +108,7 @@ class HotRoutes:
         self.app, self.fastapi = app, fastapi
         routes = {r.operation_id: r for r in fastapi.routes if isinstance(r, APIRoute)}
         self.hot = [_Hot.of(routes[op]) for op in HOT]
-        self.hop = Hop()
+        self.hop = HOP
 
     def _match(self, scope: Scope) -> tuple[_Hot, re.Match[str]] | None:
         for hot in self.hot:
@@ -177,15 +178,21 @@ class Hop:
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             call, future = job
+            result: Any = None
+            error: BaseException | None = None
             try:
-                result: Any = call()
+                result = call()
             except BaseException as exc:  # the request's coroutine re-raises it, as run_in_threadpool does
-                future.get_loop().call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                future.get_loop().call_soon_threadsafe(_settle, future, result, None)
-            finally:
-                with self._lock:
-                    self._busy -= 1
+                error = exc
+            with self._lock:
+                self._busy -= 1
+            # RuntimeError: the loop closed meanwhile (the server stopped), and nobody waits for this answer.
+            with contextlib.suppress(RuntimeError):
+                future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+
+
+# One per process, as anyio keeps one thread pool per event loop: apps made by the tests share its idle threads.
+HOP = Hop()
 
 
 def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

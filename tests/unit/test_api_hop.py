@@ -83,3 +83,24 @@ def test_a_request_that_went_away_does_not_break_the_worker():
 
     assert asyncio.run(main()) == "next"
     assert errors == []  # settling a cancelled call's future would raise InvalidStateError in the loop
+
+
+def test_an_answer_for_a_loop_that_closed_does_not_kill_the_worker():
+    hop = Hop(threads=1)
+    started, release = threading.Event(), threading.Event()
+
+    def slow():
+        started.set()
+        release.wait(5)
+
+    async def first():
+        asyncio.ensure_future(hop(slow))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+
+    asyncio.run(first())  # returns, and closes its loop, while the call still runs
+    release.set()
+
+    async def second():
+        return await asyncio.wait_for(hop(lambda: "still serving"), 5)
+
+    assert asyncio.run(second()) == "still serving"
