@@ -37,12 +37,14 @@ def top_functions(folded: Path, n: int = 40) -> list[tuple[float, str]]:
     return [(round(100 * c / total, 1), f) for f, c in inclusive.most_common(n)]
 
 
-# The API's sync handlers run on anyio's worker threads (WorkerThread.run), not under uvicorn's Server.run.
+# The API's sync handlers run on worker threads, not under uvicorn's Server.run: the hot routes' on the API's own
+# hop (Hop._work), the others' on anyio's (WorkerThread.run).
 PARTS = (
     ("consumers", "Consumer.run "),
     ("relay", "Relay.run "),
     ("schedulers", "every "),
     ("API", "Server.run "),
+    ("API", "Hop._work "),
     ("API", "WorkerThread.run "),
 )
 
