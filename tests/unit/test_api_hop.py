@@ -62,15 +62,21 @@ def test_calls_run_concurrently_up_to_the_limit_and_no_further():
     assert hop._threads == 3
 
 
-def test_a_request_that_went_away_does_not_break_the_worker():
-    hop = Hop(threads=1)
+def _blocking_call():
+    """(started, release, call): ``call`` sets ``started`` and runs until ``release`` is set."""
     started, release = threading.Event(), threading.Event()
 
-    def slow():
+    def call():
         started.set()
         release.wait(5)
         return "late"
 
+    return started, release, call
+
+
+def test_a_request_that_went_away_does_not_break_the_worker():
+    hop = Hop(threads=1)
+    started, release, slow = _blocking_call()
     errors = []
 
     async def main():
@@ -87,11 +93,7 @@ def test_a_request_that_went_away_does_not_break_the_worker():
 
 def test_an_answer_for_a_loop_that_closed_does_not_kill_the_worker():
     hop = Hop(threads=1)
-    started, release = threading.Event(), threading.Event()
-
-    def slow():
-        started.set()
-        release.wait(5)
+    started, release, slow = _blocking_call()
 
     async def first():
         asyncio.ensure_future(hop(slow))
