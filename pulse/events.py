@@ -225,7 +225,7 @@ _PARSERS: dict[type, Callable[[Any, object], Any]] = {}
 
 def _compile(cls: type[Payload]) -> tuple[Callable[[Any], None], Callable[[Any, object], Any]]:
     fields = cls._fields()
-    names: dict[str, Any] = {"_general": cls._from_payload}
+    names: dict[str, Any] = {"_general": cls._from_payload, "_new": object.__new__}
     check = ["def check(self):"]
     for i, f in enumerate(fields):
         names[f"f{i}"] = f
@@ -245,7 +245,12 @@ def _compile(cls: type[Payload]) -> tuple[Callable[[Any], None], Callable[[Any, 
         "def parse(cls, p):",
         f"    if not isinstance(p, dict) or not ({required}):",
         "        return _general(p)",
-        f"    return cls({', '.join(args)})",
+        # What the dataclass __init__ does (set each field, then __post_init__'s check), minus its per-field
+        # object.__setattr__ calls: a frozen dataclass's instance dict may be filled directly.
+        "    self = _new(cls)",
+        f"    self.__dict__.update({', '.join(args)})",
+        "    check(self)",
+        "    return self",
     ]
     exec("\n".join(check + [""] + parse), names)  # the source is built above from the class's own fields
     _CHECKS[cls], _PARSERS[cls] = names["check"], names["parse"]
@@ -472,8 +477,9 @@ def _json_default(value: object) -> object:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-def dumps(payload: dict[str, Any]) -> str:
-    """JSON for payloads: Decimals as strings so money never turns into binary floats."""
+def dumps(payload: object) -> str:
+    """JSON for payloads (and the jsonb columns that copy them): Decimals as strings so money never turns into
+    binary floats."""
     return orjson.dumps(payload, default=_json_default).decode()
 
 

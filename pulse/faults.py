@@ -247,14 +247,16 @@ class FaultRegistry(NoFaults):
         return fault
 
     def _current(self) -> dict[str, Fault]:
-        if time.monotonic() - self._loaded_at >= self.refresh_s and self._lock.acquire(blocking=False):
+        now = time.monotonic()
+        if now - self._loaded_at >= self.refresh_s and self._lock.acquire(blocking=False):
             # One thread refreshes; the others keep using what was read last rather than wait.
             try:
                 self._refresh()
             finally:
                 self._lock.release()
-        armed, now = self._armed, time.monotonic()
-        if any(f.expires <= now for f in armed.values()):
+        # Every hot-path hook asks this, and almost always nothing is armed: no generator for an empty dict.
+        armed = self._armed
+        if armed and any(f.expires <= now for f in armed.values()):
             armed = self._armed = {n: f for n, f in armed.items() if f.expires > now}
         return armed
 

@@ -101,6 +101,17 @@ def transaction(pool: Pool) -> Iterator[Conn]:
 
 
 @contextlib.contextmanager
+def pipelined(pool: Pool) -> Iterator[Conn]:
+    """:func:`transaction` in pipeline mode: BEGIN travels with the first statement and COMMIT with the writes
+    before it, so only the statements whose rows are fetched cost a round trip each (plus one at the end).
+
+    A write that fails raises when its results are next read (a fetch, or the end of the block), still before
+    anything commits."""
+    with pool.connection() as conn, conn.pipeline(), conn.transaction():
+        yield conn
+
+
+@contextlib.contextmanager
 def autocommit(pool: Pool) -> Iterator[Conn]:
     """A pooled connection in autocommit, for a single statement that is atomic on its own (one round trip)."""
     with pool.connection() as conn:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -21,6 +20,7 @@ from pulse.events import (
     StockFailed,
     StockReleased,
     StockReserved,
+    dumps,
 )
 from pulse.infra import db, outbox
 from pulse.status import FailureReason
@@ -199,7 +199,7 @@ def on_reserve(deps: Deps, conn: db.Conn, event: OrderCreated | PaymentProcessed
     if decided and not deps.naive("no-inbox"):
         return  # decided already under another event id (e.g. a re-driven saga)
     deps.faults.point("inventory.reserve", order=order_id)
-    items = json.dumps([i.to_payload() for i in event.items])
+    items = dumps([i.to_payload() for i in event.items])
     checked = not deps.naive("no-version-check")
 
     def reserve() -> None:

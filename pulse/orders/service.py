@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import decimal
-import json
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from pulse.errors import Conflict, KeyTaken, NotFound
-from pulse.events import Item, OrderCreated
+from pulse.events import Item, OrderCreated, dumps
 from pulse.infra import db, keys, outbox
 from pulse.orders.handlers import snapshot
 from pulse.status import OrderStatus, Strategy
@@ -60,7 +59,7 @@ class OrderService:
 
     def _create_locked(self, user_id: uuid.UUID, idempotency_key: str) -> dict[str, Any]:
         try:
-            with db.transaction(self.deps.pool) as conn:
+            with db.pipelined(self.deps.pool) as conn:
                 items = conn.execute(
                     "SELECT ci.product_id, ci.quantity, p.base_price FROM inventory.carts c "
                     "JOIN inventory.cart_items ci ON ci.cart_id = c.id "
@@ -108,9 +107,9 @@ class OrderService:
             total_price=total,
             items=tuple(Item(product_id=str(i["product_id"]), quantity=i["quantity"]) for i in items),
         )
-        # These writes need no answer: one pipeline sends them in one round trip instead of three. A failure (the
-        # idempotency key's UniqueViolation) still raises when the block ends, before the commit.
-        with conn.pipeline(), conn.cursor() as cur:
+        # These writes need no answer: they travel with the COMMIT (db.pipelined), one round trip instead of four.
+        # A failure (the idempotency key's UniqueViolation) raises as the transaction ends, and nothing commits.
+        with conn.cursor() as cur:
             cur.executemany(
                 "INSERT INTO orders.order_items (order_id, product_id, quantity, unit_price) VALUES (%s, %s, %s, %s)",
                 [(order_id, i["product_id"], i["quantity"], i["base_price"]) for i in items],
@@ -118,7 +117,7 @@ class OrderService:
             cur.execute(
                 "INSERT INTO orders.idempotency_records (key, status, response_body, user_id) "
                 "VALUES (%s, 'COMPLETED', %s::jsonb, %s)",
-                (idempotency_key, json.dumps(response), user_id),
+                (idempotency_key, dumps(response), user_id),
             )
             outbox.append_events(cur, [created, snapshot(order)])
         return response

@@ -15,12 +15,11 @@ Redis first would open a window where a cart read finds Redis empty and caches t
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from pulse.events import EventType as E
-from pulse.events import OrderCreated, PaymentFailed, StockFailed, StockReleased, StockReserved
+from pulse.events import OrderCreated, PaymentFailed, StockFailed, StockReleased, StockReserved, dumps
 from pulse.infra import inbox, keys
 
 if TYPE_CHECKING:
@@ -92,7 +91,7 @@ def on_order_created(deps: Deps, event_id: uuid.UUID, event: OrderCreated) -> No
         deps,
         event_id,
         MOVE_FROM_CART,
-        {"order": order_id, "user": user_id, "items": json.dumps(items), "release": naive},
+        {"order": order_id, "user": user_id, "items": dumps(items), "release": naive},
     )
     held = [keys.reserved(i["productId"]) for i in items]
     # after_commit: inside a consumer batch the database side commits only with the whole batch.
@@ -117,7 +116,7 @@ def on_stock_released(deps: Deps, event_id: uuid.UUID, event: StockReleased) -> 
 def _settle(deps: Deps, event_id: uuid.UUID, event: Decision | StockReleased, statement: str | None) -> None:
     items, order_id = _items(event), event.order_id
     step, release, direction = SETTLE[event.TYPE.value]
-    _claimed(deps, event_id, statement, {"order": order_id, "user": event.user_id, "items": json.dumps(items)})
+    _claimed(deps, event_id, statement, {"order": order_id, "user": event.user_id, "items": dumps(items)})
     reserved = [keys.reserved(i["productId"]) for i in items]
     stock = [keys.stock(i["productId"]) for i in items]
     deps.after_commit(
