@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import threading
 import uuid
+from decimal import Decimal
 
 import pytest
 
 from pulse import topology
-from pulse.events import Envelope, OrderUpdated
+from pulse.events import Envelope, OrderUpdated, dumps
 from pulse.events import EventType as E
 from pulse.infra import db as pulse_db
 from pulse.infra import outbox
@@ -64,6 +66,29 @@ def test_a_batch_writes_its_outbox_rows_once_at_its_end_in_order(system, db, tid
         # Buffered: not even the batch's own transaction sees them before the end.
         assert rows_of(current.conn, aggregate) == []
     assert rows_of(db, aggregate) == ["FIRST", "SECOND", "THIRD"]
+
+
+@pytest.mark.parametrize("count", [outbox.VALUES_MAX_ROWS, outbox.VALUES_MAX_ROWS + 1, 3 * outbox.VALUES_MAX_ROWS])
+def test_a_batch_of_any_size_writes_its_rows_as_given_in_order(system, db, tidy_outbox, count):
+    # Past VALUES_MAX_ROWS the rows travel as one JSON array: same ids, columns, payloads and seq order as VALUES.
+    aggregate = str(uuid.uuid4())
+    tidy_outbox.append(aggregate)
+    payloads = [
+        {"orderId": aggregate, "n": i, "price": Decimal("1.10"), "note": 'a "quote", é and \\ ->>', "none": None}
+        for i in range(count)
+    ]
+    with pulse_db.batch(system.deps.pool) as current:
+        ids = [outbox.append(current.conn, f"KIND_{i}", "ORDER", aggregate, p) for i, p in enumerate(payloads)]
+    rows = db.execute(
+        "SELECT id, aggregate_type, event_type, payload FROM shared.outbox WHERE aggregate_id = %s ORDER BY seq",
+        (aggregate,),
+    ).fetchall()
+    assert [r["id"] for r in rows] == ids
+    assert {r["aggregate_type"] for r in rows} == {"ORDER"}
+    assert [r["event_type"] for r in rows] == [f"KIND_{i}" for i in range(count)]
+    assert [r["payload"] for r in rows] == [json.loads(dumps(p)) for p in payloads]
+    logged = db.execute("SELECT count(*) AS n FROM infra.event_log WHERE aggregate_id = %s", (aggregate,)).fetchone()
+    assert logged["n"] == count  # the row trigger fired for each
 
 
 def test_a_batch_that_fails_writes_no_outbox_row(system, db, tidy_outbox):
