@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import psycopg
@@ -80,7 +80,7 @@ def _insert(conn: AnyConn | psycopg.Cursor[Any], rows: list[tuple[object, ...]])
     """One INSERT of ``rows`` (``seq`` follows the list's order, as separate inserts in that order would give)."""
     if len(rows) > VALUES_MAX_ROWS:
         # The payload is JSON text already: a Fragment is copied into the array as it is.
-        array = [(str(i), a, g, k, orjson.Fragment(payload)) for i, a, g, k, payload in rows]
+        array = [(str(i), a, g, k, orjson.Fragment(cast(str, payload))) for i, a, g, k, payload in rows]
         conn.execute(INSERT_ROWS, (orjson.dumps(array).decode(),))
         return
     conn.execute(
