@@ -242,7 +242,8 @@ class Plain(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         # orjson writes what json.dumps(ensure_ascii=False, separators=(",", ":")) writes, in a fifth of the time;
-        # non-string keys become strings as json.dumps makes them.
+        # non-string keys become strings as json.dumps makes them. One difference: a NaN would be written as null
+        # rather than refused, and no answer holds one (prices and totals come from numeric columns checked >= 0).
         return orjson.dumps(content, default=jsonable_encoder, option=orjson.OPT_NON_STR_KEYS)
 
 
