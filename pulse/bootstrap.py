@@ -134,6 +134,7 @@ class System:
             t.join(timeout)
         self.deps.pool.close()
         self.deps.redis.close()
+        self.deps.scripts.close()
         self.deps.faults.close()
 
 

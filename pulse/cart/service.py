@@ -124,11 +124,9 @@ class CartService:
         for _ in range(3):
             # One round trip: the script, then the cart for the answer (nothing runs between them that matters:
             # a concurrent add to the same cart only makes the answer fresher).
-            pipe = r.pipeline(transaction=False)
-            pipe.evalsha(script.ensure_loaded(), len(lua_keys), *lua_keys, *lua_args)
-            pipe.hgetall(cart_key)
+            reserve = ("EVALSHA", script.ensure_loaded(), len(lua_keys), *lua_keys, *lua_args)
             try:
-                result, raw = pipe.execute()
+                result, raw = self.deps.scripts.trip(reserve, ("HGETALL", cart_key))
             except redis.exceptions.NoScriptError:
                 script.load()  # Redis restarted (it keeps nothing on disk here) and forgot the script
                 continue

@@ -42,7 +42,8 @@ class OrderService:
         if stored is not None:
             return stored
         lock_key, token = keys.lock(idempotency_key), uuid.uuid4().hex
-        if not self.deps.redis.set(lock_key, token, nx=True, ex=self.deps.settings.idempotency_lock_ttl_s):
+        lock = ("SET", lock_key, token, "NX", "EX", self.deps.settings.idempotency_lock_ttl_s)
+        if self.deps.scripts.trip(lock)[0] is None:
             raise Conflict("An order with this idempotency key is already being created; retry in a moment.")
         try:
             # The request that held the lock before us may have finished in between: its idempotency record then

@@ -175,19 +175,20 @@ def test_the_lock_has_a_ttl_so_a_key_stuck_in_progress_does_not_block_forever(
 def test_the_lock_taken_by_orders_expires_by_itself(system, new_product, rds, tidy_outbox):
     user, _ = cart_for(system, new_product)
     seen = {}
-    real_set = system.deps.redis.set
+    trip = system.deps.scripts.trip
+    real_call = type(trip).__call__
 
-    def spy(name, *args, **kwargs):  # observe the real SET the service sends, then send it unchanged
-        result = real_set(name, *args, **kwargs)
-        if name == f"lock:k-{user}":
-            seen["ttl"] = rds.ttl(name)
+    def spy(*commands):  # observe the real SET the service sends, then send it unchanged
+        result = real_call(trip, *commands)
+        if commands[0][:2] == ("SET", f"lock:k-{user}"):
+            seen["ttl"] = rds.ttl(f"lock:k-{user}")
         return result
 
-    system.deps.redis.set = spy
+    system.deps.scripts.trip = spy
     try:
         tidy_outbox.append(system.orders.create(user, f"k-{user}")["orderId"])
     finally:
-        system.deps.redis.set = real_set
+        system.deps.scripts.trip = trip
     assert 0 < seen["ttl"] <= 10
 
 
