@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -48,8 +49,9 @@ class OneTrip:
 
     def _connection(self) -> Any:
         conn = getattr(self._local, "conn", None)
-        if conn is None:
+        if conn is None or self._local.pid != os.getpid():  # a forked child must not share its parent's socket
             conn = self._local.conn = self._connection_class(**self._kwargs)
+            self._local.pid = os.getpid()
             self._opened.add(conn)
         try:
             # The pool's check: a server that restarted (or timed the client out) left EOF on the socket.

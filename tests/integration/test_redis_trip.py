@@ -75,3 +75,21 @@ def test_each_thread_keeps_its_own_connection_and_close_closes_them_all(scripts)
     (mine,) = scripts.trip(("CLIENT", "ID"))
     scripts.close()
     assert scripts.trip(("CLIENT", "ID")) != [mine]
+
+
+def test_a_forked_child_opens_its_own_connection(scripts):
+    import os
+
+    (parent,) = scripts.trip(("CLIENT", "ID"))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its connection's id, then leave without running the parent's cleanup
+        try:
+            os.write(write, str(scripts.trip(("CLIENT", "ID"))[0]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = int(os.read(read, 64) or b"0")
+    os.waitpid(pid, 0)
+    assert child not in (0, parent)
+    assert scripts.trip(("CLIENT", "ID")) == [parent]  # the parent's connection is untouched and still in step
