@@ -8,8 +8,6 @@ import uuid
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-import redis
-
 from pulse.errors import Conflict, NotFound, Unavailable
 from pulse.infra import db, keys, replies
 
@@ -121,15 +119,10 @@ class CartService:
         lua_args: list[int | str] = [quantity, str(product_id), str(user_id), expires_ms]
         result = CACHE_MISS
         raw: dict[str, str] = {}
-        for _ in range(3):
+        for _ in range(2):
             # One round trip: the script, then the cart for the answer (nothing runs between them that matters:
             # a concurrent add to the same cart only makes the answer fresher).
-            reserve = ("EVALSHA", script.ensure_loaded(), len(lua_keys), *lua_keys, *lua_args)
-            try:
-                result, raw = self.deps.scripts.trip(reserve, ("HGETALL", cart_key))
-            except redis.exceptions.NoScriptError:
-                script.load()  # Redis restarted (it keeps nothing on disk here) and forgot the script
-                continue
+            result, raw = script.run(lua_keys, lua_args, ("HGETALL", cart_key))
             if result != CACHE_MISS:
                 break
             # SET NX: of several requests missing together, the first load wins and none overwrites a newer value.

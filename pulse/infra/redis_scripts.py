@@ -70,28 +70,29 @@ class OneTrip:
 class Script:
     """One Lua file; ``script(keys, args)`` runs it by SHA and reloads it after a Redis restart."""
 
-    def __init__(self, client: redis.Redis, name: str, trip: OneTrip | None = None):
+    def __init__(self, client: redis.Redis, name: str, trip: OneTrip):
         self.client = client
-        self.trip = trip or OneTrip(client)
+        self.trip = trip
         self.name = name
         self.source = (LUA_DIR / f"{name}.lua").read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
         self._loaded = False
 
-    def ensure_loaded(self) -> str:
-        """The script's SHA, loading it first if this process has not (for callers that pipeline EVALSHA)."""
+    def __call__(self, keys: Sequence[str] = (), args: Sequence[str | int | float] = ()) -> Any:
+        return self.run(keys, args)[0]
+
+    def run(self, keys: Sequence[str], args: Sequence[str | int | float], *then: tuple[Any, ...]) -> list[Any]:
+        """The script's reply, then the replies of the commands ``then``, all in one round trip.
+
+        ``then`` must be reads: after a reload they are sent again."""
         if not self._loaded:
             self.load()
-        return self.sha
-
-    def __call__(self, keys: Sequence[str] = (), args: Sequence[str | int | float] = ()) -> Any:
-        self.ensure_loaded()
         try:
-            return self.trip(("EVALSHA", self.sha, len(keys), *keys, *args))[0]
+            return self.trip(("EVALSHA", self.sha, len(keys), *keys, *args), *then)
         except redis.exceptions.NoScriptError:
             # Redis restarted (it keeps nothing on disk here) and its script cache went with it.
             self.load()
-            return self.trip(("EVALSHA", self.sha, len(keys), *keys, *args))[0]
+            return self.trip(("EVALSHA", self.sha, len(keys), *keys, *args), *then)
 
     def load(self) -> None:
         self.sha = self.client.script_load(self.source)

@@ -112,18 +112,18 @@ def test_the_hold_and_the_cart_hash_are_written_in_one_redis_step(system, new_pr
     """reserve_stock.lua records the hold in the cart hash itself: no round trip between the two."""
     product, user = new_product(stock=3), uuid.uuid4()
     sent = []
-    trip = system.deps.scripts.trip
-    real_call = type(trip).__call__
+    script = system.deps.scripts.reserve_stock
+    trip = script.trip
 
     def spy(*commands):  # one call is one round trip
         sent.append([c[0] for c in commands])
-        return real_call(trip, *commands)
+        return trip(*commands)
 
-    system.deps.scripts.trip = spy
+    script.trip = spy
     try:
         system.carts.add_item(user, uuid.UUID(product), 2)
     finally:
-        system.deps.scripts.trip = trip
+        script.trip = trip
     # (twice on a cold cache: the first answer is "stock not cached", and the stock is loaded in between)
     assert sent and all(s == ["EVALSHA", "HGETALL"] for s in sent), sent
     assert reserved(rds, product) == 2 and redis_cart(rds, user) == {product: 2}

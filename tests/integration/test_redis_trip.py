@@ -59,6 +59,14 @@ def test_a_script_redis_forgot_is_loaded_again(scripts, rds):
     assert rds.exists(lock) == 0
 
 
+def test_a_script_and_the_reads_after_it_go_in_one_trip_also_after_a_reload(scripts, rds):
+    lock = f"lock:{uuid.uuid4()}"
+    assert scripts.release_lock([lock], ["token"]) == 0  # loaded, and nothing to release yet
+    rds.set(lock, "token")
+    rds.script_flush()
+    assert scripts.release_lock.run([lock], ["token"], ("EXISTS", lock), ("GET", lock)) == [1, 0, None]
+
+
 def test_each_thread_keeps_its_own_connection_and_close_closes_them_all(scripts):
     ids: list[int] = []
 
