@@ -125,9 +125,10 @@ remembers when it expires."""),
         "teach.reveal('reserved', cart_state['reserved'])\ncart_state"
     ),
     md(
-        "## The broker: one exchange, five queues\nEach queue is bound to every event its module may react to, "
-        "for orders of either strategy. Which events a module acts on depends on the order's strategy, "
-        "recorded with the order (`pulse/topology.py` declares it all in one table):"
+        "## The broker: one exchange, five queues\nEach queue is bound to the events its module acts on. "
+        "Which those are depends on the order's strategy, recorded with the order and carried by every event "
+        "(in its payload, and in a `strategy` header the broker routes by), so no module hears the other "
+        "strategy's events (`pulse/topology.py` declares it all in one table):"
     ),
     code(
         "from pulse import topology\n"

@@ -6,12 +6,12 @@ the batch pre-locks, the checker's queue↔inbox map and its expected deliveries
 A new saga step is one :class:`Route` here, its handler and its SQL (and a watchdog rule); a new event type
 also needs its dataclass in pulse/events.py.
 
-Strategy belongs to the order, not to the process: every queue is bound to the events of both strategies,
-and the dispatcher picks the route by the strategy the event carries. A process started under another
-``PULSE_STRATEGY`` therefore finishes the orders already in flight the way they began. The price is a few
-deliveries that a queue drops unhandled (an optimistic order's ORDER_CREATED also reaches payment.queue);
-``bench/run`` measures it. Routing keys stay the bare event types (SPEC §2), so the filter cannot move into
-the broker's bindings.
+Strategy belongs to the order, not to the process: the dispatcher picks the route by the strategy the event
+carries, and the broker delivers an event only to the queues that have a route for it under that strategy
+(:func:`bindings`; routing keys stay the bare event types of SPEC §2, so the strategy is matched on a header,
+see :class:`pulse.infra.broker.Bindings`). A process started under another ``PULSE_STRATEGY`` therefore
+finishes the orders already in flight the way they began, and no queue hears the other strategy's events
+(``bench/run`` counts the deliveries dropped unhandled per checkout: re-drives for another queue only).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pulse.events import Envelope
 from pulse.events import EventType as E
-from pulse.infra import db, inbox
+from pulse.infra import broker, db, inbox
 from pulse.inventory import handlers as inventory
 from pulse.orders import handlers as orders
 from pulse.payment import handlers as payment
@@ -152,9 +152,20 @@ INBOX_TABLES: dict[str, str] = {q.module: q.inbox for q in TOPOLOGY}
 BATCH_PRELOCKS = {q.name: q.prelock for q in TOPOLOGY if q.prelock is not None}
 
 
-def bindings() -> dict[str, list[str]]:
-    """Queue → the routing keys (event types) bound to it: those of both strategies."""
-    return {q.name: sorted(q.events) for q in TOPOLOGY}
+def bindings() -> broker.Bindings:
+    """What the broker delivers to each queue: an event type by its routing key where the queue's module acts on
+    it for every strategy, by (event type, strategy) where it acts for one strategy only."""
+    keys: dict[str, list[str]] = {}
+    by_strategy: dict[str, list[tuple[str, str]]] = {}
+    for q in TOPOLOGY:
+        keys[q.name], by_strategy[q.name] = [], []
+        for event_type in sorted(q.events):
+            strategies = {s for r in q.routes if r.event.value == event_type for s in r.strategies}
+            if strategies == STRATEGIES:
+                keys[q.name].append(event_type)
+            else:
+                by_strategy[q.name] += [(event_type, str(s)) for s in sorted(strategies)]
+    return broker.Bindings(keys, by_strategy)
 
 
 def consumers_of(event_type: str, strategy: str) -> list[str]:

@@ -7,7 +7,7 @@ import enum
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pika
 import pika.channel
@@ -18,10 +18,12 @@ from pika.exceptions import AMQPError
 
 from pulse.events import Envelope
 from pulse.events import EventType as E
+from pulse.status import Strategy
 
 log = logging.getLogger(__name__)
 
 EXCHANGE = "outbox-exchange"
+STRATEGY_EXCHANGE = f"{EXCHANGE}.by-strategy"  # see Bindings
 
 T = TypeVar("T")
 
@@ -49,26 +51,84 @@ def connect(url: str, *, heartbeat: int = 30) -> BlockingConnection:
         ) from exc
 
 
-def declare_topology(channel: BlockingChannel, bindings: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Declare the exchange, each queue with its dead-letter queue, and bind each queue's routing keys.
+@dataclasses.dataclass(frozen=True)
+class Bindings:
+    """What each queue takes from the exchange (built by :func:`pulse.topology.bindings`).
 
-    ``bindings`` comes from :func:`pulse.topology.bindings` (both strategies' keys: the order's strategy picks
-    the handler, not the binding). A key bound by an older version of the topology and no longer wanted is
-    unbound, because bindings outlive the process in the broker.
+    ``keys``: the event types a queue takes whatever the order's strategy, bound by routing key on the topic
+    exchange. ``by_strategy``: the (event type, strategy) pairs it takes for one strategy only. Routing keys
+    stay the bare event types (SPEC §2), so those go through a headers exchange that the topic exchange
+    forwards their event types to, matching the ``eventType`` and ``strategy`` headers every saga event is
+    published with: a queue does not hear the other strategy's events (SPEC §3, "bindings differ per strategy").
+    """
+
+    keys: dict[str, list[str]]
+    by_strategy: dict[str, list[tuple[str, str]]]
+
+    def queues_for(self, event_type: str, strategy: object) -> list[str]:
+        """The queues the broker delivers such an event to (in-process stand-ins for the broker route by this)."""
+        return sorted(
+            q
+            for q in {**self.keys, **self.by_strategy}
+            if event_type in self.keys.get(q, ()) or (event_type, strategy) in self.by_strategy.get(q, ())
+        )
+
+    def described(self) -> dict[str, list[str]]:
+        """Queue → what it is bound to, readable: ``EVENT`` for every strategy, ``EVENT (STRATEGY)`` for one."""
+        return {
+            q: sorted(self.keys.get(q, [])) + sorted(f"{e} ({s})" for e, s in self.by_strategy.get(q, []))
+            for q in {**self.keys, **self.by_strategy}
+        }
+
+
+def routing_headers(envelope: Envelope) -> dict[str, str] | None:
+    """The headers :data:`STRATEGY_EXCHANGE` routes by; an event without a strategy has none and reaches only
+    the queues bound to its type for every strategy (where an unknown strategy is dead-lettered)."""
+    strategy = envelope.strategy
+    if not isinstance(strategy, str):
+        return None
+    return {"eventType": envelope.event_type, "strategy": strategy}
+
+
+def _header_binding(event_type: str, strategy: str) -> dict[str, str]:
+    return {"x-match": "all", "eventType": event_type, "strategy": strategy}
+
+
+def declare_topology(channel: BlockingChannel, bindings: Bindings) -> dict[str, list[str]]:
+    """Declare the exchanges, each queue with its dead-letter queue, and bind each queue as ``bindings`` says.
+
+    A binding made by an older version of the topology and no longer wanted is removed, because bindings
+    outlive the process in the broker. Returns :meth:`Bindings.described`.
     """
     channel.exchange_declare(EXCHANGE, exchange_type="topic", durable=True)
-    known = {key for keys in bindings.values() for key in keys} | {e.value for e in E}
-    for queue, keys in bindings.items():
+    channel.exchange_declare(STRATEGY_EXCHANGE, exchange_type="headers", durable=True)
+    forwarded = {e for pairs in bindings.by_strategy.values() for e, _ in pairs}
+    for event_type in sorted(forwarded | {e.value for e in E}):
+        if event_type in forwarded:
+            channel.exchange_bind(STRATEGY_EXCHANGE, EXCHANGE, routing_key=event_type)
+        else:
+            channel.exchange_unbind(STRATEGY_EXCHANGE, EXCHANGE, routing_key=event_type)
+    known = {key for keys in bindings.keys.values() for key in keys} | {e.value for e in E}
+    pairs = {(e, s) for e in known for s in Strategy} | {p for ps in bindings.by_strategy.values() for p in ps}
+    for queue in sorted({**bindings.keys, **bindings.by_strategy}):
+        keys, wanted = set(bindings.keys.get(queue, [])), set(bindings.by_strategy.get(queue, []))
         channel.queue_declare(queue, durable=True)
         channel.queue_declare(dead_letter_queue(queue), durable=True)
-        for key in sorted(keys):
-            channel.queue_bind(queue, EXCHANGE, routing_key=key)
-        for key in sorted(known - set(keys)):
-            channel.queue_unbind(queue, EXCHANGE, routing_key=key)
-    return {q: sorted(keys) for q, keys in bindings.items()}
+        for key in sorted(known):
+            if key in keys:
+                channel.queue_bind(queue, EXCHANGE, routing_key=key)
+            else:
+                channel.queue_unbind(queue, EXCHANGE, routing_key=key)
+        for event_type, strategy in sorted(pairs):
+            args = _header_binding(event_type, strategy)
+            if (event_type, strategy) in wanted:
+                channel.queue_bind(queue, STRATEGY_EXCHANGE, arguments=args)
+            else:
+                channel.queue_unbind(queue, STRATEGY_EXCHANGE, arguments=args)
+    return bindings.described()
 
 
-def setup(url: str, bindings: dict[str, list[str]]) -> dict[str, list[str]]:
+def setup(url: str, bindings: Bindings) -> dict[str, list[str]]:
     """Open a connection, declare the topology and close it again."""
     conn = connect(url)
     try:
@@ -169,13 +229,12 @@ class ConfirmingPublisher:
         *,
         exchange: str = EXCHANGE,
         routing_key: str | None = None,
-        headers: dict[str, Any] | None = None,
     ) -> list[Delivery]:
         """Publish all (mandatory), wait for the broker's answers; element i is what became of envelope i.
 
         Raises BrokerUnavailable if the connection is lost: nothing in the batch counts as confirmed.
         """
-        return self.confirm(self.publish(envelopes, exchange=exchange, routing_key=routing_key, headers=headers))
+        return self.confirm(self.publish(envelopes, exchange=exchange, routing_key=routing_key))
 
     def publish(
         self,
@@ -183,7 +242,6 @@ class ConfirmingPublisher:
         *,
         exchange: str = EXCHANGE,
         routing_key: str | None = None,
-        headers: dict[str, Any] | None = None,
     ) -> Pending:
         """Publish all (mandatory) and return without waiting; :meth:`confirm` collects the broker's answers.
 
@@ -201,7 +259,7 @@ class ConfirmingPublisher:
                     delivery_mode=2,
                     message_id=str(env.id),
                     type=env.event_type,
-                    headers=headers,
+                    headers=routing_headers(env),
                 )
                 channel._impl.basic_publish(
                     exchange, routing_key or env.event_type, env.to_json(), props, mandatory=True

@@ -162,8 +162,8 @@ class Consumer(threading.Thread):
                 conn.close()
 
     def _lost(self, envelope: Envelope, props: pika.spec.BasicProperties) -> bool:
-        """The lab's "lost event" fault, for events this queue's module would act on (a queue also hears the
-        other strategy's events and drops them unhandled; losing one of those would lose nothing)."""
+        """The lab's "lost event" fault, for events this queue's module would act on (a queue also hears
+        re-drives meant for other queues and drops them unhandled; losing one of those would lose nothing)."""
         wants = getattr(self.dispatch, "wants", None)
         if wants is not None and not wants(envelope):
             return False

@@ -80,7 +80,11 @@ def publish_unconfirmed(publisher: broker.ConfirmingPublisher, envelopes: Iterab
     _, channel = publisher._ensure_open()
     for env in envelopes:
         props = pika.BasicProperties(
-            content_type="application/json", delivery_mode=2, message_id=str(env.id), type=env.event_type
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=str(env.id),
+            type=env.event_type,
+            headers=broker.routing_headers(env),
         )
         channel._impl.basic_publish(broker.EXCHANGE, env.event_type, env.to_json(), props)
         publisher._next_tag += 1

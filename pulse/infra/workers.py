@@ -37,7 +37,8 @@ class Slot:
             "restarts": self.restarts,
             "handled": self.handled_before + getattr(c, "handled", 0),
             "deadLettered": self.dead_lettered_before + getattr(c, "dead_lettered", 0),
-            # Deliveries dropped unhandled: the other strategy's events, and re-drives meant for another queue.
+            # Deliveries dropped unhandled: re-drives meant for another queue, and the other strategy's events if a
+            # binding from an older topology is still in place.
             "skipped": self.skipped_before + _skipped(c),
             "lastError": self.last_reason,
         }

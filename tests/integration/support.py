@@ -32,14 +32,14 @@ class Bus:
     """Does the relay's and the broker's job in-process, one order at a time, with holds.
 
     ``run(order_id)`` takes the order's outbox rows (deleting them, as the relay would), routes each
-    to every queue bound to its type (pulse.topology), and hands it to that queue's dispatcher (which acts
+    to every queue the broker would (pulse.topology's bindings), and hands it to that queue's dispatcher (which acts
     under the order's strategy), until nothing is left. Deliveries matching ``hold`` (queue names or (queue, event type) pairs)
     are kept back, so a test can look at the order between two steps of the saga.
     """
 
     def __init__(self, system, db):
         self.system, self.db = system, db
-        self.bindings = {q: set(keys) for q, keys in topology.bindings().items()}
+        self.bindings = topology.bindings()
         # handlers[queue][event type]: what a consumer of that queue calls (the queue's dispatcher, whatever the type).
         self.handlers = {q: collections.defaultdict(lambda q=q: system.dispatcher(q)) for q in topology.QUEUES}
         self.pending: list[tuple[str, Envelope]] = []
@@ -51,7 +51,7 @@ class Bus:
         ).fetchall()
         for row in sorted(rows, key=lambda r: r["seq"]):
             env = envelope_of(row)
-            self.pending += [(q, env) for q, keys in self.bindings.items() if env.event_type in keys]
+            self.pending += [(q, env) for q in self.bindings.queues_for(env.event_type, env.strategy)]
 
     def deliver(self, queue: str, env: Envelope) -> None:
         dispatcher = self.system.dispatcher(queue)

@@ -22,32 +22,16 @@ def ready(channel, queue) -> int:
 
 def test_setup_declares_every_queue_with_its_dead_letter_queue(settings, channel):
     bound = broker.setup(settings.amqp_url, topology.bindings())
-    assert bound["inventory.queue"] == ["ORDER_CREATED", "PAYMENT_FAILED", "PAYMENT_PROCESSED"]
+    assert bound["inventory.queue"] == [
+        "ORDER_CREATED (OPTIMISTIC)",
+        "PAYMENT_FAILED (OPTIMISTIC)",
+        "PAYMENT_PROCESSED (POST_PAYMENT)",
+    ]
     for queue in topology.QUEUES:
         assert channel.queue_declare(queue, passive=True).method.queue == queue
         assert channel.queue_declare(f"{queue}.dlq", passive=True).method.queue == f"{queue}.dlq"
     channel.exchange_declare(broker.EXCHANGE, exchange_type="topic", passive=True)
-
-
-def test_every_queue_hears_both_strategies_events(system, settings, new_product, channel, tidy_outbox):
-    """Bindings no longer depend on the process strategy: the order's strategy picks the handler."""
-    user = uuid.uuid4()
-    system.carts.add_item(user, uuid.UUID(new_product(stock=5)), 1)
-    order_id = system.orders.create(user, f"k-{user}")["orderId"]  # a real order: the events stay harmless
-    tidy_outbox.append(order_id)
-    broker.setup(settings.amqp_url, topology.bindings())
-    before = {q: ready(channel, q) for q in topology.QUEUES}
-    publish(
-        settings,
-        [
-            envelope(
-                "PAYMENT_FAILED",
-                {"orderId": order_id, "userId": str(user), "strategy": "POST_PAYMENT", "reason": "DECLINED"},
-            )
-        ],
-    )
-    got = {q for q in topology.QUEUES if ready(channel, q) == before[q] + 1}
-    assert got == {"order.queue", "inventory.queue", "redis-stock.queue"}
+    channel.exchange_declare(broker.STRATEGY_EXCHANGE, exchange_type="headers", passive=True)
 
 
 def fetch(channel, queue, message_id, timeout_s=15.0):
@@ -67,6 +51,31 @@ def fetch(channel, queue, message_id, timeout_s=15.0):
     finally:
         for tag in others:
             channel.basic_nack(tag, requeue=True)
+
+
+@pytest.mark.parametrize("strategy", ["OPTIMISTIC", "POST_PAYMENT"])
+def test_an_event_reaches_only_the_queues_whose_module_acts_on_it_for_the_order_strategy(
+    strategy, system, settings, new_product, channel, tidy_outbox
+):
+    """No queue hears the other strategy's events, and a switch of strategy strands nothing: the binding
+    follows the strategy the event carries. A binding an older topology made by routing key alone (payment.queue
+    took every ORDER_CREATED) is removed by setup."""
+    user = uuid.uuid4()
+    system.carts.add_item(user, uuid.UUID(new_product(stock=5)), 1)
+    order_id = system.orders.create(user, f"k-{user}")["orderId"]  # a real order: the events stay harmless
+    tidy_outbox.append(order_id)
+    broker.setup(settings.amqp_url, topology.bindings())
+    channel.queue_bind("payment.queue", broker.EXCHANGE, routing_key="ORDER_CREATED")
+    broker.setup(settings.amqp_url, topology.bindings())
+    payload = {"orderId": order_id, "userId": str(user), "strategy": strategy, "reason": "DECLINED", "items": []}
+    for event_type in ("ORDER_CREATED", "PAYMENT_FAILED", "PAYMENT_PROCESSED", "STOCK_RESERVED", "STOCK_FAILED"):
+        env = envelope(event_type, payload)
+        before = {q: ready(channel, q) for q in topology.QUEUES}
+        publish(settings, [env])
+        got = sorted(q for q in topology.QUEUES if ready(channel, q) == before[q] + 1)
+        assert got == sorted(topology.consumers_of(event_type, strategy)), event_type
+        for queue in got:  # taken off again: nothing consumes these events later
+            fetch(channel, queue, str(env.id))
 
 
 def test_a_poison_message_is_dead_lettered_with_its_reason_after_bounded_retries(

@@ -79,10 +79,19 @@ def test_each_module_gets_what_the_saga_of_its_strategy_sends_it(strategy):
     assert all(h is orders.on_saga_event for h in on["order.queue"].values())
 
 
-def test_every_queue_is_bound_to_what_any_strategy_routes_to_it():
+def test_the_broker_delivers_each_event_only_to_the_modules_that_act_on_it_for_its_strategy():
     bound = topology.bindings()
-    for queue in topology.QUEUES:
-        assert set(bound[queue]) == {e for s in STRATEGIES for e in handlers(s)[queue]}, queue
+    for strategy in STRATEGIES:
+        on = handlers(strategy)
+        for event_type in E:
+            wanted = sorted(q for q in topology.QUEUES if event_type.value in on[q])
+            assert bound.queues_for(event_type.value, strategy) == wanted, (event_type, strategy)
+
+
+def test_an_event_without_a_strategy_reaches_only_the_queues_bound_for_every_strategy():
+    bound = topology.bindings()
+    assert bound.queues_for("ORDER_CREATED", None) == ["redis-stock.queue"]
+    assert bound.queues_for("PAYMENT_FAILED", None) == ["order.queue"]
 
 
 def test_nobody_charges_or_reserves_twice_for_one_order():
