@@ -426,8 +426,9 @@ def _deliveries(url: str) -> dict | None:
 
 
 def _routing_cost(before: dict | None, after: dict | None, checkouts: int) -> dict | None:
-    """What routing both strategies' events to every queue costs: deliveries a queue drops unhandled, per
-    checkout and as a share of all deliveries (pulse.topology: strategy belongs to the order)."""
+    """Deliveries per checkout, and those a queue dropped unhandled (per checkout and as a share of all
+    deliveries): with routing by the order's strategy (pulse.topology.bindings) none should be the other
+    strategy's events."""
     if before is None or after is None or not checkouts:
         return None
     # A consumer's "handled" counts every delivery it acked, the skipped ones included.

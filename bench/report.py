@@ -137,8 +137,9 @@ def write_markdown(r: dict, path: Path) -> None:
             )
     lines += [
         "",
-        "Skipped deliveries are the price of strategy belonging to the order: every queue hears both "
-        "strategies' events and drops the other strategy's unhandled (pulse/topology.py).",
+        "Skipped deliveries are the ones a queue drops unhandled: since the broker routes by the order's "
+        "strategy (pulse/topology.py), only watchdog re-drives meant for another queue; before that, every "
+        "queue heard both strategies' events and each checkout cost two such deliveries.",
     ]
     lines += step_lines(r)
     lines += per_checkout_lines(r)
