@@ -125,9 +125,11 @@ remembers when it expires."""),
         "teach.reveal('reserved', cart_state['reserved'])\ncart_state"
     ),
     md(
-        "## The broker: one exchange, five queues\nEach queue is bound to the events its module acts on. "
-        "Which those are depends on the order's strategy, recorded with the order and carried by every event "
-        "(in its payload, and in a `strategy` header the broker routes by), so no module hears the other "
+        "## The broker: five queues, one per module\nThe relay publishes every event to `outbox-exchange`, "
+        "with its type as the routing key. Each queue is bound to the events its module acts on. Which those "
+        "are depends on the order's strategy, recorded with the order and carried by every event (in its "
+        "payload, and in a `strategy` header): where a module acts on an event for one strategy only, the event "
+        "passes through `outbox-exchange.by-strategy`, which routes by that header, so no module hears the other "
         "strategy's events (`pulse/topology.py` declares it all in one table):"
     ),
     code(
